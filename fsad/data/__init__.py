@@ -1,0 +1,37 @@
+"""Datasets: readers, protocols and the procedural test set."""
+
+from __future__ import annotations
+
+import os
+
+from fsad.data.cache import DEFAULT_CACHE
+from fsad.data.elpv import read_elpv
+from fsad.data.folders import read_folder
+from fsad.data.imageset import ImageSet
+from fsad.data.protocols import Split, make_split
+from fsad.data.synthetic import write_synthetic_dataset
+
+
+def load_imageset(data_cfg) -> ImageSet:
+    """Loads the dataset a config names.
+
+    data_cfg fields: name ("elpv", "folder" or "synthetic"), root (folder and
+    synthetic), subset (optional folder under root), img_size, cache_dir.
+    """
+    cache_dir = data_cfg.get("cache_dir")
+    if cache_dir is None:
+        cache_dir = os.environ.get("FSAD_CACHE", DEFAULT_CACHE)
+    if data_cfg.name == "elpv":
+        return read_elpv(data_cfg.img_size, cache_dir)
+    if data_cfg.name in ("folder", "synthetic"):
+        if not data_cfg.get("root"):
+            raise ValueError(f"data.name={data_cfg.name!r} needs --config.data.root=PATH")
+        root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
+        if data_cfg.name == "synthetic" and not os.path.isdir(root):
+            write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
+        return read_folder(root, data_cfg.img_size, cache_dir)
+    raise ValueError(f"unknown data.name {data_cfg.name!r}; use 'elpv', 'folder' or 'synthetic'")
+
+
+__all__ = ["ImageSet", "Split", "load_imageset", "make_split", "read_elpv", "read_folder",
+           "write_synthetic_dataset"]

@@ -1,0 +1,50 @@
+"""Decode once: decoded ImageSets are kept as .npz files keyed by their source."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+
+from fsad.data.imageset import ImageSet
+
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad")
+
+
+def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | None) -> ImageSet:
+    """Returns the cached ImageSet for `key`, building and storing it on a miss.
+
+    Args:
+      key: JSON-able description of the source (path, size, file listing hash...).
+      build: decodes the dataset from its source.
+      cache_dir: folder of .npz files; "" or None disables the cache.
+    """
+    if not cache_dir:
+        return build()
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir, f"{key.get('name', 'data')}-{key.get('size')}-{digest}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return ImageSet.from_arrays(dict(f))
+        except (OSError, ValueError, KeyError) as err:  # a torn write: rebuild it
+            logging.warning("ignoring unreadable cache %s (%s)", path, err)
+    data = build()
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = path + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, **data.to_arrays())
+    os.replace(tmp, path)
+    return data
+
+
+def listing_fingerprint(paths) -> str:
+    """Hash of file names, sizes and mtimes: changes when the folder changes."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+    return h.hexdigest()

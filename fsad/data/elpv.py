@@ -1,0 +1,51 @@
+"""ELPV from the `elpv-dataset` package (spec §1).
+
+2,624 300x300 grayscale solar cells with a defect probability and a cell type.
+Probability 0 is normal, 1 is an anomaly, 1/3 and 2/3 are dropped; normals are
+split 3:1 as the authors did; anomalies form the classes ``mono`` and ``poly``.
+Counts: 1,131 train normal, 377 test normal, 313 mono and 402 poly anomalies.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from fsad.data.cache import cached_imageset
+from fsad.data.decode import decode_many
+from fsad.data.folders import split_normals_3_to_1
+from fsad.data.imageset import NORMAL, ImageSet
+
+
+def elpv_labels() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """(data dir, relative paths [2624], probabilities [2624], types [2624]) from the package."""
+    try:
+        import elpv_dataset
+    except ImportError as err:
+        raise ImportError("ELPV needs the `elpv-dataset` package: pip install elpv-dataset") from err
+    data_dir = os.path.join(os.path.dirname(elpv_dataset.__file__), "data")
+    table = np.genfromtxt(os.path.join(data_dir, "labels.csv"), dtype=["|S19", "<f8", "|S4"],
+                          names=["path", "probability", "type"])
+    return (data_dir, np.char.decode(table["path"]), table["probability"],
+            np.char.decode(table["type"]))
+
+
+def read_elpv(size: int, cache_dir: str | None = None) -> ImageSet:
+    """Decodes ELPV at size x size into an ImageSet (cached)."""
+    data_dir, paths, probs, types = elpv_labels()
+
+    def build() -> ImageSet:
+        normal = np.flatnonzero(probs == 0.0)
+        anomaly = np.flatnonzero(probs == 1.0)
+        train, test = split_normals_3_to_1(len(normal))
+        order = np.concatenate([normal[train], normal[test], anomaly])
+        classes = np.array([NORMAL] * len(normal) + [str(t) for t in types[anomaly]])
+        split = np.array(["train"] * len(train) + ["test"] * (len(test) + len(anomaly)))
+        labels = (classes != NORMAL).astype(np.int8)
+        images = decode_many([os.path.join(data_dir, p) for p in paths[order]], size,
+                             desc="decoding ELPV")
+        return ImageSet("elpv", images, labels, classes, split, paths[order].astype(str))
+
+    return cached_imageset({"name": "elpv", "size": size, "n": len(paths), "v": 1}, build,
+                           cache_dir)

@@ -1,0 +1,115 @@
+"""The papers' protocols: general / hard settings, k shots, contamination (spec §1).
+
+All draws are seeded. The labelled anomalies are the first ``n_anomaly`` of a
+seeded draw of ``max(shot_pool, n_anomaly)`` anomalies (``shot_pool`` = 10), and
+the whole draw leaves the test set: so the 1-shot example is one of the 10-shot
+examples of the same seed, and both are scored on the same test set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from fsad.data.imageset import NORMAL, ImageSet
+
+SETTINGS = ("general", "hard")
+
+
+@dataclasses.dataclass
+class Split:
+    """Indices into an ImageSet.
+
+    Attributes:
+      train_normal: [Nn] normal training images, plus contamination (unlabelled anomalies).
+      train_anomaly: [Na] labelled (seen) anomalies.
+      test: [Nt] test images (labels from the ImageSet).
+      contamination: [Nc] test anomalies moved into train_normal.
+    """
+
+    train_normal: np.ndarray
+    train_anomaly: np.ndarray
+    test: np.ndarray
+    contamination: np.ndarray
+
+    def describe(self, data: ImageSet) -> dict:
+        """JSON-able record: counts and file ids of the seen anomalies."""
+        test_labels = data.labels[self.test]
+        return {
+            "train_normal": int(len(self.train_normal)),
+            "train_anomaly": int(len(self.train_anomaly)),
+            "test_normal": int(np.sum(test_labels == 0)),
+            "test_anomaly": int(np.sum(test_labels == 1)),
+            "test_anomaly_classes": sorted(set(data.classes[self.test][test_labels == 1].tolist())),
+            "seen_anomalies": data.file_ids[self.train_anomaly].tolist(),
+            "contamination": data.file_ids[self.contamination].tolist(),
+        }
+
+
+def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
+               known_class: str | None = None, contamination: float = 0.0, seed: int = 0,
+               shot_pool: int = 10) -> Split:
+    """Builds the train/test split of one seed.
+
+    Args:
+      data: the decoded dataset.
+      setting: "general" (shots from all anomaly classes) or "hard" (shots from
+        `known_class` only; every image of that class leaves the test set).
+      n_anomaly: number of labelled anomalies (1 to 10 in the papers).
+      known_class: the seen class in the hard setting.
+      contamination: rate r; floor(N / (1 - r) * r) test anomalies join the
+        normal training set unlabelled, N the number of training normals.
+      seed: fixes the anomaly and contamination draws.
+      shot_pool: size of the draw the shots are taken from.
+    Raises:
+      ValueError: an unknown setting or class, or more shots than anomalies.
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if n_anomaly < 1:
+        raise ValueError(f"n_anomaly must be at least 1, got {n_anomaly}")
+    if not 0.0 <= contamination < 1.0:
+        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
+    rng = np.random.default_rng(seed)
+    is_test = data.split == "test"
+    train_normal = np.flatnonzero((data.labels == 0) & ~is_test)
+    anomalies = np.flatnonzero(data.labels == 1)
+    if setting == "hard":
+        classes = data.anomaly_classes
+        if known_class not in classes:
+            raise ValueError(f"hard setting needs known_class, one of {classes}; got "
+                             f"{known_class!r} (set --config.data.known_class=...)")
+        if len(classes) < 2:
+            raise ValueError("the hard setting needs at least two anomaly classes")
+        pool_from = anomalies[data.classes[anomalies] == known_class]
+    else:
+        pool_from = anomalies
+    if n_anomaly > len(pool_from):
+        where = f"class {known_class!r}" if setting == "hard" else data.name
+        raise ValueError(f"n_anomaly={n_anomaly} but {where} has only {len(pool_from)} "
+                         f"anomalies; lower --config.data.n_anomaly")
+    pool = rng.choice(pool_from, size=min(len(pool_from), max(shot_pool, n_anomaly)),
+                      replace=False)
+    train_anomaly = np.sort(pool[:n_anomaly])
+    leaving = set(pool.tolist())
+    if setting == "hard":
+        leaving |= set(pool_from.tolist())
+    test = np.array([i for i in np.flatnonzero(is_test | (data.labels == 1))
+                     if i not in leaving], dtype=np.int64)
+    contam = np.zeros(0, np.int64)
+    if contamination > 0:
+        n_c = int(np.floor(len(train_normal) / (1.0 - contamination) * contamination))
+        test_anoms = test[data.labels[test] == 1]
+        if n_c > len(test_anoms):
+            raise ValueError(f"contamination {contamination} needs {n_c} anomalies, the test set "
+                             f"has {len(test_anoms)}")
+        contam = np.sort(rng.choice(test_anoms, size=n_c, replace=False))
+        test = np.setdiff1d(test, contam)
+        train_normal = np.concatenate([train_normal, contam])
+    if not np.any(data.labels[test] == 0) or not np.any(data.labels[test] == 1):
+        raise ValueError(f"{data.name}: the test set needs normals and anomalies; it has "
+                         f"{int(np.sum(data.labels[test] == 0))} and "
+                         f"{int(np.sum(data.labels[test] == 1))}")
+    assert NORMAL not in data.classes[train_anomaly]
+    return Split(train_normal, train_anomaly, test, contam)

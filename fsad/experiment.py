@@ -1,0 +1,156 @@
+"""One experiment: data, protocol, training and evaluation over seeds -> results.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+import time
+
+import jax
+import numpy as np
+
+from fsad.data import load_imageset, make_split
+from fsad.evaluate import image_metrics, mean_std, per_class_auroc
+from fsad.methods import build_method
+from fsad.train import (fit, init_state, make_mesh, make_score_fn, put_train_data, score_images,
+                        variables_of)
+
+
+def software_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version()}
+    for pkg in ("fsad", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                "scikit-learn"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    out["devices"] = [str(d) for d in jax.local_devices()]
+    return out
+
+
+def _config_json(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def _check_workdir(workdir: str, config) -> None:
+    """A workdir holds one config: refuse to resume a run made with another."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    current = _config_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        if stored != current:
+            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+            raise ValueError(f"{workdir!r} holds a run with a different config (fields {diff}); "
+                             f"use a new --workdir, or delete it to start over")
+    else:
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+
+
+def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
+    """Trains and evaluates one seed; returns its metrics and split record."""
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    done = os.path.join(seed_dir, "metrics.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            logging.info("seed %d already finished in %s", seed, seed_dir)
+            return json.load(f)
+    t0 = time.time()
+    d = config.data
+    split = make_split(data, d.setting, d.n_anomaly, d.known_class or None, d.contamination, seed,
+                       d.shot_pool)
+    method = build_method(config)
+    key = jax.random.key(seed)
+    k_init, k_train = jax.random.split(key)
+    tx = method.optimizer(config.steps_per_epoch)
+    pretrained = None
+    if config.model.pretrained:
+        from fsad.weights import backbone_variables
+        pretrained = backbone_variables(config.model.pretrained,
+                                        config.model.pretrained_sha256 or None)
+    state = init_state(method, k_init, data.images.shape[1:], tx, mesh, pretrained)
+    train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
+                                mesh)
+    state, train_info = fit(method, state, tx, train_data, mesh, k_train, config.batch_size,
+                            config.epochs, config.steps_per_epoch, seed_dir,
+                            config.keep_checkpoints, desc=f"{method.name} seed {seed}")
+    del train_data
+    t_eval = time.time()
+    scores = score_images(make_score_fn(method, mesh), variables_of(state),
+                          data.images[split.test], mesh, config.eval_batch_size)
+    labels = data.labels[split.test]
+    metrics = image_metrics(labels, scores["score"])
+    for head, s in scores.items():
+        if head != "score":
+            metrics[f"auroc_{head}"] = image_metrics(labels, s)["auroc"]
+    result = {"seed": seed, **metrics,
+              "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
+              "split": split.describe(data), **train_info,
+              "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
+    os.makedirs(seed_dir, exist_ok=True)
+    np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
+             labels=labels, **scores)
+    with open(done, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def run_experiment(config, workdir: str, devices=None) -> dict:
+    """Runs every seed of a config in `workdir` and writes workdir/results.json."""
+    t0 = time.time()
+    _check_workdir(workdir, config)
+    data = load_imageset(config.data)
+    mesh = make_mesh(devices)
+    runs = [run_seed(config, data, config.seed + i, workdir, mesh)
+            for i in range(config.num_seeds)]
+    results = {
+        "method": config.method,
+        "dataset": data.name,
+        "summary": mean_std(runs),
+        "runs": runs,
+        "dataset_counts": data.counts(),
+        "config": _config_json(config),
+        "versions": software_versions(),
+        "wall_seconds": time.time() - t0,
+    }
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def summary_text(results: dict) -> str:
+    """A one-screen summary of results.json."""
+    s = results["summary"]
+    r0 = results["runs"][0]
+    cfg = results["config"]
+    d = cfg["data"]
+    n = len(results["runs"])
+    pm = lambda k: f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if n > 1 else f"{s[k]['mean']:.3f}"  # noqa: E731
+    setting = d["setting"] + (f" (known: {d['known_class']})" if d["setting"] == "hard" else "")
+    lines = [
+        f"fsad {results['method']} on {results['dataset']}: {setting}, {d['n_anomaly']}-shot, "
+        f"{d['img_size']} px, {n} seed(s)",
+        f"  AUROC  {pm('auroc')}",
+        f"  AUPR   {pm('aupr')}",
+        f"  train: {r0['split']['train_normal']} normal + {r0['split']['train_anomaly']} seen "
+        f"anomalies; test: {r0['split']['test_normal']} normal + "
+        f"{r0['split']['test_anomaly']} anomalies ({', '.join(r0['split']['test_anomaly_classes'])})",
+    ]
+    for k in s:
+        if k.startswith("auroc_"):
+            lines.append(f"  {k:<14} {pm(k)}")
+    lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
+        f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
+    lines.append(f"  wall time {results['wall_seconds']:.1f} s "
+                 f"({s['wall_seconds']['mean']:.1f} s per seed) on {jax.default_backend()}")
+    return "\n".join(lines)
+
+
+def print_summary(results: dict) -> None:
+    print(summary_text(results), file=sys.stdout, flush=True)

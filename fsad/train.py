@@ -1,0 +1,252 @@
+"""The training loop shared by every method: device-resident data, a mesh, Orbax.
+
+Design:
+* The training images live on the devices (replicated) as uint8; every step
+  samples its batch inside the jitted function from the step key, so there is
+  no host round trip per step.
+* One `Mesh` over the local devices with a ``data`` axis: the sampled batch is
+  sharded along it, parameters and optimiser state are replicated. One device
+  is the degenerate case; results match to float tolerance.
+* `state` is a plain pytree; the step key is ``fold_in(seed_key, step)`` so a
+  resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm.auto import tqdm
+
+from fsad.models.resnet import normalize_uint8
+
+DATA_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainData:
+    """Device-resident training set; normals first, then labelled anomalies.
+
+    Attributes:
+      images: [N, H, W, 3] uint8.
+      n_normal: [] int32, rows [0, n_normal) are normal (label 0).
+      n_anomaly: [] int32, rows [n_normal, n_normal + n_anomaly) are seen anomalies.
+    """
+
+    images: jax.Array
+    n_normal: jax.Array
+    n_anomaly: jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step updates: step [], params, batch_stats, opt_state (pytrees)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a method (DevNet, DRA) supplies to the shared loop.
+
+    init(key, images [B,H,W,3] float) -> {"params", "batch_stats"}
+    sample_batch(data: TrainData, key, batch_size) -> dict of [B, ...] arrays
+    loss(params, batch_stats, batch, key) -> (loss [], (metrics dict, new batch_stats))
+    score(variables, images [B,H,W,3] float) -> dict of [B] scores; "score" is the image score
+    optimizer(steps_per_epoch) -> optax.GradientTransformation
+    """
+
+    name: str
+    init: Callable
+    sample_batch: Callable
+    loss: Callable
+    score: Callable
+    optimizer: Callable
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis "data" over `devices` (default: all local devices)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return Mesh(np.array(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: Mesh) -> TrainData:
+    """Copies the training images onto every device of the mesh.
+
+    Args:
+      images_normal: [Nn, H, W, 3] uint8.
+      images_anomaly: [Na, H, W, 3] uint8 (Na >= 1).
+    """
+    images = np.concatenate([images_normal, images_anomaly]).astype(np.uint8)
+    data = TrainData(images, np.int32(len(images_normal)), np.int32(len(images_anomaly)))
+    return jax.device_put(data, replicated(mesh))
+
+
+def sample_balanced(data: TrainData, key: jax.Array, batch_size: int,
+                    anomaly_fraction: float) -> tuple[jax.Array, jax.Array]:
+    """Draws a batch: normals, then anomalies (oversampled), both with replacement.
+
+    Returns:
+      images: [B, H, W, 3] uint8; labels: [B] int32 (0 normal, 1 seen anomaly).
+    """
+    n_anom = int(round(batch_size * anomaly_fraction))
+    n_norm = batch_size - n_anom
+    k_n, k_a = jax.random.split(key)
+    idx_n = jax.random.randint(k_n, (n_norm,), 0, data.n_normal)
+    idx_a = jax.random.randint(k_a, (n_anom,), data.n_normal, data.n_normal + data.n_anomaly)
+    idx = jnp.concatenate([idx_n, idx_a])
+    labels = jnp.concatenate([jnp.zeros(n_norm, jnp.int32), jnp.ones(n_anom, jnp.int32)])
+    return data.images[idx], labels
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
+                         f"mesh; set --config.batch_size to a multiple of {n}")
+
+
+def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh,
+                    batch_size: int) -> Callable:
+    """Builds the jitted step: (state, data, key) -> (state, metrics)."""
+    check_batch(batch_size, mesh)
+    shard = batch_sharded(mesh)
+
+    def step(state: TrainState, data: TrainData, key: jax.Array):
+        k_batch, k_loss = jax.random.split(key)
+        batch = method.sample_batch(data, k_batch, batch_size)
+        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, shard), batch)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
+                                                       k_loss)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+    rep = replicated(mesh)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=rep)
+
+
+def make_score_fn(method: Method, mesh: Mesh) -> Callable:
+    """Jitted eval-mode scorer: (variables, images uint8 [B,H,W,3]) -> dict of [B] scores."""
+    shard = batch_sharded(mesh)
+
+    def score(variables, images):
+        images = jax.lax.with_sharding_constraint(images, shard)
+        return method.score(variables, normalize_uint8(images))
+
+    return jax.jit(score)
+
+
+def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
+                 batch_size: int = 64, desc: str = "scoring") -> dict[str, np.ndarray]:
+    """Scores a uint8 array in fixed-size batches (last one padded). Returns dict of [N]."""
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
+                      disable=len(images) <= batch_size * 4):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        out = score_fn(variables, jax.device_put(chunk, batch_sharded(mesh)))
+        chunks.append(jax.tree.map(lambda a, k=len(chunk) - pad: np.asarray(a)[:k], out))
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def init_state(method: Method, key: jax.Array, image_shape, tx, mesh: Mesh,
+               pretrained: Mapping | None = None) -> TrainState:
+    """Initialises params (optionally overwritten by `pretrained` variables) and optimiser."""
+    variables = method.init(key, jnp.zeros((1, *image_shape), jnp.float32))
+    if pretrained is not None:
+        from fsad.weights import merge_variables
+        variables = merge_variables(variables, pretrained)
+    params = variables["params"]
+    state = TrainState(jnp.int32(0), params, variables.get("batch_stats", {}), tx.init(params))
+    return jax.device_put(state, replicated(mesh))
+
+
+def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+    """The latest checkpoint restored into `state`'s structure and shardings (or state)."""
+    step = mngr.latest_step()
+    if step is None:
+        return state
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
+        batch_size: int, epochs: int, steps_per_epoch: int, workdir: str | None,
+        keep_checkpoints: int = 3, desc: str = "train") -> tuple[TrainState, dict]:
+    """Runs (or resumes) training to epochs * steps_per_epoch steps.
+
+    Checkpoints go to ``workdir/checkpoints`` at the end of every epoch; when
+    one exists, training resumes from it.
+
+    Returns:
+      the final state and {"train_seconds", "steps", "resumed_from", "loss"}.
+    """
+    total = epochs * steps_per_epoch
+    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints) \
+        if workdir else None
+    if mngr is not None:
+        state = restore_latest(mngr, state)
+    start = int(state.step)
+    step_fn = make_train_step(method, tx, mesh, batch_size)
+    t0 = time.time()
+    losses = []
+    with tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        for step in range(start, total):
+            state, metrics = step_fn(state, data, jax.random.fold_in(key, step))
+            bar.update(1)
+            if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
+                loss = float(metrics["loss"])
+                losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower "
+                                             f"--config.optim.lr")
+                if mngr is not None:
+                    mngr.save(step + 1, args=ocp.args.StandardSave(state))
+    if mngr is not None:
+        mngr.wait_until_finished()
+        mngr.close()
+    jax.block_until_ready(state)
+    seconds = time.time() - t0
+    if start and start < total:
+        logging.info("resumed from step %d", start)
+    return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
+                   "loss": losses[-1] if losses else None}
+
+
+def variables_of(state: TrainState) -> dict:
+    return {"params": state.params, "batch_stats": state.batch_stats}

@@ -1,0 +1,145 @@
+"""torchvision / PyTorch ResNet state_dicts -> Flax variables.
+
+    sd = load_state_dict("resnet18-f37072fd.pth")          # or a URL + sha256
+    variables = torchvision_resnet_to_flax(sd)             # {"params", "batch_stats"}
+    model_vars = merge_variables(model_vars, {"params": {"backbone": variables["params"]},
+                                              "batch_stats": {"backbone": ...}})
+
+Conv kernels go from PyTorch's [out, in, kh, kw] to Flax's [kh, kw, in, out];
+BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import urllib.request
+from typing import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+DEFAULT_WEIGHTS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad", "weights")
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch(path_or_url: str, sha256: str | None = None,
+          cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> str:
+    """A local path for a weights file: a URL is downloaded once into cache_dir.
+
+    Raises:
+      FileNotFoundError: a local path that does not exist.
+      ValueError: the file's sha256 differs from `sha256`.
+    """
+    if re.match(r"^(https?|file)://", path_or_url):
+        os.makedirs(cache_dir, exist_ok=True)
+        local = os.path.join(cache_dir, os.path.basename(path_or_url.split("?")[0]))
+        if not os.path.exists(local):
+            tmp = local + ".part"
+            with urllib.request.urlopen(path_or_url) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.replace(tmp, local)
+    else:
+        local = path_or_url
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"weights file {local!r} does not exist")
+    if sha256:
+        actual = sha256_of(local)
+        if not actual.startswith(sha256.lower()):
+            raise ValueError(f"sha256 of {local!r} is {actual}, expected {sha256}; the file is "
+                             f"corrupt or not the one asked for (delete it to download again)")
+    return local
+
+
+def load_state_dict(path_or_url: str, sha256: str | None = None,
+                    cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> dict[str, np.ndarray]:
+    """Reads a state_dict (.pth/.pt via torch, or .npz) as {key: float32 ndarray}."""
+    local = fetch(path_or_url, sha256, cache_dir)
+    if local.endswith(".npz"):
+        with np.load(local) as f:
+            return {k: np.asarray(v) for k, v in f.items()}
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError("reading .pth checkpoints needs PyTorch: pip install 'fsad[torch]', "
+                          "or convert the state_dict to .npz") from err
+    sd = torch.load(local, map_location="cpu", weights_only=True)
+    if isinstance(sd, Mapping) and "state_dict" in sd:
+        sd = sd["state_dict"]
+    return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
+
+
+_BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+       "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def torchvision_resnet_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Maps torchvision ResNet keys onto `fsad.models.resnet.ResNet` variables.
+
+    The classifier (``fc.*``) and ``num_batches_tracked`` are dropped.
+
+    Returns:
+      {"params": nested dict, "batch_stats": nested dict} of float32 arrays.
+    """
+    flat: dict[tuple, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
+            continue
+        key = key.removeprefix("module.")
+        parts = key.split(".")
+        leaf = parts[-1]
+        path = parts[:-1]
+        # layerN.i.rest -> layerN_i/rest ; downsample.0/1 -> downsample_conv/bn
+        if path and path[0].startswith("layer"):
+            path = [f"{path[0]}_{path[1]}"] + path[2:]
+        if path[-2:-1] == ["downsample"]:
+            path = path[:-2] + ["downsample_conv" if path[-1] == "0" else "downsample_bn"]
+        value = np.asarray(value, np.float32)
+        module = path[-1]
+        if module.startswith("conv") or module == "downsample_conv":
+            if leaf != "weight":
+                raise ValueError(f"unexpected conv parameter {key!r}")
+            flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
+        elif module.startswith("bn") or module == "downsample_bn":
+            if leaf not in _BN:
+                raise ValueError(f"unexpected batch-norm entry {key!r}")
+            collection, name = _BN[leaf]
+            flat[(collection, *path, name)] = value
+        else:
+            raise ValueError(f"{key!r} is not a torchvision ResNet key")
+    nested = traverse_util.unflatten_dict(flat)
+    return {"params": nested.get("params", {}), "batch_stats": nested.get("batch_stats", {})}
+
+
+def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
+    """Overwrites leaves of `variables` with those of `pretrained` (same paths and shapes).
+
+    Raises:
+      ValueError: a pretrained leaf with no counterpart, or a shape mismatch.
+    """
+    flat = traverse_util.flatten_dict(dict(variables))
+    for path, value in traverse_util.flatten_dict(dict(pretrained)).items():
+        if path not in flat:
+            raise ValueError(f"pretrained weight {'/'.join(path)} has no place in the model "
+                             f"(wrong backbone depth?)")
+        if tuple(flat[path].shape) != tuple(np.shape(value)):
+            raise ValueError(f"pretrained weight {'/'.join(path)} has shape {np.shape(value)}, "
+                             f"the model wants {tuple(flat[path].shape)}")
+        flat[path] = np.asarray(value, flat[path].dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def backbone_variables(path_or_url: str, sha256: str | None = None,
+                       scope: str = "backbone") -> dict:
+    """Loads a torchvision ResNet checkpoint as variables under `scope`."""
+    converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256))
+    return {k: {scope: v} for k, v in converted.items()}
