@@ -144,7 +144,7 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
     rep = replicated(mesh)
     return jax.jit(step, donate_argnums=(0,), out_shardings=rep)

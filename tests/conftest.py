@@ -1,0 +1,54 @@
+"""Test set-up: 8 forced CPU devices (before JAX is imported), an isolated cache."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # configs/ is not a package
+    sys.path.insert(0, ROOT)
+
+SIZE = 32  # tiny images keep the suite fast on a 2-core CPU
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["FSAD_CACHE"] = str(tmp_path_factory.mktemp("fsad_cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The procedural MVTec-layout dataset at SIZE px (written once per session)."""
+    from fsad.data.synthetic import write_synthetic_dataset
+    return write_synthetic_dataset(str(tmp_path_factory.mktemp("synthetic")), size=SIZE,
+                                   n_train=60, n_test_good=20, n_per_class=12, seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic(synthetic_root):
+    from fsad.data import read_folder
+    return read_folder(synthetic_root, SIZE, cache_dir="")
+
+
+def tiny_config(**overrides):
+    """DevNet config for SIZE-px synthetic data, a few steps, batch 16."""
+    from configs.devnet import get_config
+    c = get_config()
+    c.data.name = "synthetic"
+    c.data.img_size = SIZE
+    c.data.cache_dir = ""
+    c.batch_size = 16
+    c.epochs = 3
+    c.steps_per_epoch = 10
+    c.eval_batch_size = 32
+    for key, value in overrides.items():
+        node = c
+        *path, leaf = key.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = value
+    return c

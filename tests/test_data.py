@@ -1,0 +1,118 @@
+"""Folder reader, ELPV reader, cache and the papers' protocols."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import SIZE
+from fsad.data import make_split, read_elpv, read_folder
+from fsad.data.decode import CorruptImageError
+from fsad.data.synthetic import DEFECTS, write_synthetic_dataset
+
+
+def test_synthetic_read(synthetic):
+    assert synthetic.images.shape == (60 + 20 + 36, SIZE, SIZE, 3)
+    assert synthetic.images.dtype == np.uint8
+    assert synthetic.anomaly_classes == sorted(DEFECTS)
+    assert synthetic.counts() == {"train_normal": 60, "test_normal": 20, "anomaly_scratch": 12,
+                                  "anomaly_spot": 12, "anomaly_stain": 12}
+    anom = synthetic.labels == 1
+    assert synthetic.masks is not None and synthetic.masks.shape == (116, SIZE, SIZE)
+    assert np.all(synthetic.masks[anom].reshape(36, -1).sum(1) > 0)
+    assert synthetic.masks[~anom].sum() == 0
+    # the defect changes pixels inside its mask far more than a normal texture varies
+    i = np.flatnonzero(synthetic.classes == "spot")[0]
+    inside = synthetic.images[i][synthetic.masks[i] == 1].mean()
+    assert inside < 40
+
+
+def test_cache_roundtrip(synthetic_root, tmp_path):
+    cache = str(tmp_path / "c")
+    a = read_folder(synthetic_root, SIZE, cache)
+    assert len(os.listdir(cache)) == 1
+    b = read_folder(synthetic_root, SIZE, cache)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    assert list(a.file_ids) == list(b.file_ids) and a.name == b.name
+
+
+def test_no_test_good_splits_normals_3_to_1(tmp_path):
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=30, n_test_good=10,
+                                   n_per_class=3, defects=("spot",), test_good=False)
+    assert not os.path.exists(os.path.join(root, "test", "good"))
+    data = read_folder(root, SIZE, "")
+    c = data.counts()
+    assert (c["train_normal"], c["test_normal"]) == (30, 10)
+
+
+def test_layout_errors(tmp_path, synthetic_root):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_folder(str(tmp_path / "nowhere"), SIZE, "")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(synthetic_root, bad)
+    os.makedirs(os.path.join(bad, "test", "crack"))
+    with pytest.raises(ValueError, match="crack.*no images"):
+        read_folder(bad, SIZE, "")
+    os.rmdir(os.path.join(bad, "test", "crack"))
+    with open(os.path.join(bad, "test", "spot", "999.png"), "wb") as f:
+        f.write(b"not a png")
+    with pytest.raises(CorruptImageError, match="999.png"):
+        read_folder(bad, SIZE, "")
+    shutil.rmtree(os.path.join(bad, "train"))
+    with pytest.raises(FileNotFoundError, match="train/good"):
+        read_folder(bad, SIZE, "")
+
+
+def test_general_split_one_shot_inside_ten_shot(synthetic):
+    ten = make_split(synthetic, "general", 10, seed=3)
+    one = make_split(synthetic, "general", 1, seed=3)
+    assert len(ten.train_anomaly) == 10 and len(one.train_anomaly) == 1
+    assert one.train_anomaly[0] in ten.train_anomaly
+    np.testing.assert_array_equal(one.test, ten.test)
+    assert not set(ten.train_anomaly) & set(ten.test)
+    assert len(ten.test) == 20 + 36 - 10
+    other = make_split(synthetic, "general", 10, seed=4)
+    assert set(other.train_anomaly) != set(ten.train_anomaly)
+    again = make_split(synthetic, "general", 10, seed=3)
+    np.testing.assert_array_equal(again.train_anomaly, ten.train_anomaly)
+
+
+def test_hard_split_removes_known_class(synthetic):
+    s = make_split(synthetic, "hard", 5, known_class="scratch", seed=0)
+    assert set(synthetic.classes[s.train_anomaly]) == {"scratch"}
+    test_classes = set(synthetic.classes[s.test])
+    assert "scratch" not in test_classes and {"spot", "stain", "good"} <= test_classes
+    rec = s.describe(synthetic)
+    assert rec["test_anomaly_classes"] == ["spot", "stain"]
+    assert all(f.startswith("test/scratch/") for f in rec["seen_anomalies"])
+
+
+def test_contamination_count(synthetic):
+    s = make_split(synthetic, "general", 2, contamination=0.1, seed=0)
+    n = int(np.floor(60 / 0.9 * 0.1))
+    assert len(s.contamination) == n == 6
+    assert len(s.train_normal) == 66 and not set(s.contamination) & set(s.test)
+    assert np.all(synthetic.labels[s.contamination] == 1)
+
+
+def test_protocol_errors(synthetic):
+    with pytest.raises(ValueError, match="only 12 anomalies"):
+        make_split(synthetic, "hard", 13, known_class="spot")
+    with pytest.raises(ValueError, match="known_class"):
+        make_split(synthetic, "hard", 1, known_class="crack")
+    with pytest.raises(ValueError, match="setting"):
+        make_split(synthetic, "easy", 1)
+
+
+def test_elpv_counts():
+    data = read_elpv(SIZE, os.environ["FSAD_CACHE"])
+    assert data.counts() == {"train_normal": 1131, "test_normal": 377, "anomaly_mono": 313,
+                             "anomaly_poly": 402}
+    assert data.images.shape == (2223, SIZE, SIZE, 3)
+    # grayscale decoded to RGB: the three channels agree
+    np.testing.assert_array_equal(data.images[..., 0], data.images[..., 2])
+    s = make_split(data, "hard", 10, known_class="mono", seed=0)
+    assert set(data.classes[s.test]) == {"good", "poly"}
+    assert s.describe(data)["test_normal"] == 377

@@ -1,0 +1,166 @@
+"""ResNet trunk shapes and torchvision checkpoint import, checked against NumPy."""
+
+import hashlib
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsad import weights
+from fsad.models.resnet import STAGES, BasicBlock, ResNet, _bn, _conv, feature_channels
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34", "resnet50"])
+def test_feature_map_shape(name):
+    x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+    shapes = jax.eval_shape(lambda x: ResNet(name).init_with_output(jax.random.key(0), x)[0], x)
+    assert shapes.shape == (2, 2, 2, feature_channels(name))
+
+
+def torchvision_state_dict(name="resnet18", seed=0):
+    """A state_dict with torchvision's keys and shapes, written from the architecture."""
+    rng = np.random.default_rng(seed)
+    kind, blocks = STAGES[name]
+    sd = {}
+
+    def conv(key, o, i, k):
+        sd[key + ".weight"] = rng.normal(0, np.sqrt(2 / (i * k * k)), (o, i, k, k)).astype(
+            np.float32)
+
+    def bn(key, c):
+        sd[key + ".weight"] = rng.uniform(0.5, 1.5, c).astype(np.float32)
+        sd[key + ".bias"] = rng.normal(0, 0.1, c).astype(np.float32)
+        sd[key + ".running_mean"] = rng.normal(0, 0.1, c).astype(np.float32)
+        sd[key + ".running_var"] = rng.uniform(0.5, 2.0, c).astype(np.float32)
+        sd[key + ".num_batches_tracked"] = np.array(7)
+
+    conv("conv1", 64, 3, 7)
+    bn("bn1", 64)
+    cin = 64
+    exp = 1 if kind == "basic" else 4
+    for s, (w, n) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+        for b in range(n):
+            p = f"layer{s}.{b}"
+            if kind == "basic":
+                conv(p + ".conv1", w, cin, 3); bn(p + ".bn1", w)  # noqa: E702
+                conv(p + ".conv2", w, w, 3); bn(p + ".bn2", w)  # noqa: E702
+            else:
+                conv(p + ".conv1", w, cin, 1); bn(p + ".bn1", w)  # noqa: E702
+                conv(p + ".conv2", w, w, 3); bn(p + ".bn2", w)  # noqa: E702
+                conv(p + ".conv3", w * 4, w, 1); bn(p + ".bn3", w * 4)  # noqa: E702
+            if b == 0 and (s > 1 or cin != w * exp):
+                conv(p + ".downsample.0", w * exp, cin, 1)
+                bn(p + ".downsample.1", w * exp)
+            cin = w * exp
+    sd["fc.weight"] = rng.normal(size=(1000, cin)).astype(np.float32)
+    sd["fc.bias"] = np.zeros(1000, np.float32)
+    return sd
+
+
+# ---- NumPy reference (NCHW, PyTorch weight layout) ----
+def np_conv(x, w, stride, pad):
+    n, c, h, wd = x.shape
+    o, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.zeros((n, o, ho, wo), np.float64)
+    for i in range(k):
+        for j in range(k):
+            patch = xp[:, :, i:i + stride * ho:stride, j:j + stride * wo:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j])
+    return out
+
+
+def np_bn(x, sd, key):
+    g, b, m, v = (sd[f"{key}.{n}"][None, :, None, None] for n in
+                  ("weight", "bias", "running_mean", "running_var"))
+    return (x - m) / np.sqrt(v + 1e-5) * g + b
+
+
+def np_stem_and_block(x, sd):
+    """conv1/bn1/relu/maxpool, then layer1.0 (a BasicBlock), eval mode."""
+    y = np.maximum(np_bn(np_conv(x, sd["conv1.weight"], 2, 3), sd, "bn1"), 0)
+    yp = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    h = (y.shape[2] - 1) // 2 + 1
+    y = np.max([yp[:, :, i:i + 2 * h:2, j:j + 2 * h:2] for i in range(3) for j in range(3)], 0)
+    out = np.maximum(np_bn(np_conv(y, sd["layer1.0.conv1.weight"], 1, 1), sd, "layer1.0.bn1"), 0)
+    out = np_bn(np_conv(out, sd["layer1.0.conv2.weight"], 1, 1), sd, "layer1.0.bn2")
+    return np.maximum(out + y, 0)
+
+
+class Layer1Probe(ResNet):
+    """The trunk truncated after layer1_0, sharing ResNet's parameter names."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(_bn(train, "bn1")(_conv(64, 7, 2, "conv1")(x)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return BasicBlock(64, 1, name="layer1_0")(x, train)
+
+
+def test_converted_block_matches_numpy_reference():
+    sd = torchvision_state_dict()
+    var = weights.torchvision_resnet_to_flax(sd)
+    x = np.random.default_rng(3).normal(size=(2, 3, 32, 32))
+    ref = np_stem_and_block(x, sd)
+    probe = Layer1Probe()
+    keep = ("conv1", "bn1", "layer1_0")
+    sub = {c: {k: v for k, v in var[c].items() if k in keep} for c in var}
+    got = probe.apply(sub, jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32))
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_conversion_covers_every_variable(name):
+    var = weights.torchvision_resnet_to_flax(torchvision_state_dict(name))
+    model_vars = jax.eval_shape(ResNet(name).init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    merged = weights.merge_variables(model_vars, var)  # raises on unknown paths / shapes
+    n_model = len(jax.tree.leaves(model_vars))
+    assert len(jax.tree.leaves(var)) == n_model
+    np.testing.assert_array_equal(merged["params"]["conv1"]["kernel"],
+                                  var["params"]["conv1"]["kernel"])
+
+
+def test_merge_rejects_wrong_depth():
+    var = weights.torchvision_resnet_to_flax(torchvision_state_dict("resnet50"))
+    model_vars = jax.eval_shape(ResNet("resnet18").init, jax.random.key(0),
+                                jnp.zeros((1, 32, 32, 3)))
+    with pytest.raises(ValueError, match="shape|no place"):
+        weights.merge_variables(model_vars, var)
+
+
+def test_pth_file_and_url_with_checksum(tmp_path):
+    torch = pytest.importorskip("torch")
+    sd = torchvision_state_dict()
+    path = str(tmp_path / "resnet18.pth")
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    loaded = weights.load_state_dict(path, digest)
+    np.testing.assert_array_equal(loaded["layer2.0.downsample.0.weight"],
+                                  sd["layer2.0.downsample.0.weight"])
+    cache = str(tmp_path / "cache")
+    via_url = weights.load_state_dict("file://" + path, digest, cache_dir=cache)
+    assert os.path.exists(os.path.join(cache, "resnet18.pth"))
+    np.testing.assert_array_equal(via_url["conv1.weight"], sd["conv1.weight"])
+    with pytest.raises(ValueError, match="sha256"):
+        weights.load_state_dict(path, "0" * 64)
+    with pytest.raises(FileNotFoundError):
+        weights.load_state_dict(str(tmp_path / "missing.pth"))
+
+
+def test_npz_checkpoint_into_devnet_backbone(tmp_path):
+    """The config path: model.pretrained -> backbone variables inside a DevNet model."""
+    from fsad.methods.devnet import DevNetModel
+    sd = torchvision_state_dict()
+    path = str(tmp_path / "r18.npz")
+    np.savez(path, **sd)
+    pre = weights.backbone_variables(path)
+    model = DevNetModel()
+    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    merged = weights.merge_variables(v, pre)
+    np.testing.assert_allclose(merged["batch_stats"]["backbone"]["layer4_1"]["bn2"]["var"],
+                               sd["layer4.1.bn2.running_var"])
+    assert "head" in merged["params"]

@@ -1,0 +1,79 @@
+"""The shared loop: sharded step == single-device step, on-device sampling, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import SIZE, tiny_config
+from fsad.methods import build_method
+from fsad.train import (fit, init_state, make_mesh, make_train_step, put_train_data,
+                        sample_balanced)
+
+
+def _setup(devices, synthetic, tx=None):
+    config = tiny_config()
+    method = build_method(config)
+    mesh = make_mesh(devices)
+    tx = tx or method.optimizer(config.steps_per_epoch)
+    state = init_state(method, jax.random.key(0), (SIZE, SIZE, 3), tx, mesh)
+    normal = synthetic.images[synthetic.labels == 0][:40]
+    anomaly = synthetic.images[synthetic.labels == 1][:5]
+    data = put_train_data(normal, anomaly, mesh)
+    return method, mesh, tx, state, data
+
+
+def test_eight_devices_match_one(synthetic):
+    """Plain SGD, so that the comparison sees the sharded forward/backward and BN
+    statistics; Adam's first steps are lr * sign(g), which turns reduction-order
+    noise in near-zero gradients into lr-sized differences."""
+    assert jax.device_count() == 8, "conftest forces 8 CPU devices"
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        method, mesh, tx, state, data = _setup(devices, synthetic, optax.sgd(0.05))
+        step = make_train_step(method, tx, mesh, 16)
+        state, metrics = step(state, data, jax.random.key(10))
+        results.append((jax.device_get(state), float(metrics["loss"])))
+        if len(devices) == 8:
+            leaf = jax.tree.leaves(state.params)[0]
+            assert len(leaf.sharding.device_set) == 8  # replicated over the mesh
+    (s1, l1), (s8, l8) = results
+    assert l1 == pytest.approx(l8, rel=1e-4, abs=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s8.batch_stats)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_not_divisible_is_refused(synthetic):
+    method, mesh, tx, state, data = _setup(jax.devices(), synthetic)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        make_train_step(method, tx, mesh, 12)
+
+
+def test_sample_balanced_draws_from_the_right_rows():
+    mesh = make_mesh(jax.devices()[:1])
+    normal = np.zeros((7, 4, 4, 3), np.uint8)
+    anomaly = np.full((3, 4, 4, 3), 255, np.uint8)
+    data = put_train_data(normal, anomaly, mesh)
+    images, labels = jax.jit(lambda d, k: sample_balanced(d, k, 48, 1 / 3))(data,
+                                                                          jax.random.key(0))
+    assert images.shape == (48, 4, 4, 3) and int(labels.sum()) == 16
+    np.testing.assert_array_equal(np.asarray(images).max(axis=(1, 2, 3)), 255 * labels)
+
+
+def test_resume_equals_uninterrupted(synthetic, tmp_path):
+    method, mesh, tx, state0, data = _setup(jax.devices()[:1], synthetic)
+    key = jax.random.key(5)
+    init = jax.device_get(state0)
+    full, _ = fit(method, jax.device_put(init), tx, data, mesh, key, 16, 2, 3, None)
+    work = str(tmp_path / "run")
+    half, info = fit(method, jax.device_put(init), tx, data, mesh, key, 16, 1, 3, work)
+    assert int(half.step) == 3 and info["resumed_from"] == 0
+    resumed, info = fit(method, jax.device_put(init), tx, data, mesh, key, 16, 2, 3, work)
+    assert info["resumed_from"] == 3 and info["steps"] == 3 and int(resumed.step) == 6
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(full.opt_state), jax.tree.leaves(resumed.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
