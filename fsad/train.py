@@ -128,9 +128,22 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
                          f"mesh; set --config.batch_size to a multiple of {n}")
 
 
+def _update(method: Method, tx, state: TrainState, batch: dict, key: jax.Array):
+    """One optimiser step on a given batch: (state, metrics)."""
+    grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+    (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, key)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+
+
 def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh,
                     batch_size: int) -> Callable:
-    """Builds the jitted step: (state, data, key) -> (state, metrics)."""
+    """Builds the jitted step: (state, data: TrainData, key) -> (state, metrics).
+
+    The batch is sampled on device from `data` and sharded over the mesh.
+    """
     check_batch(batch_size, mesh)
     shard = batch_sharded(mesh)
 
@@ -138,16 +151,17 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
         k_batch, k_loss = jax.random.split(key)
         batch = method.sample_batch(data, k_batch, batch_size)
         batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, shard), batch)
-        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-        (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
-                                                       k_loss)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
-        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
+        return _update(method, tx, state, batch, k_loss)
 
-    rep = replicated(mesh)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=rep)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=replicated(mesh))
+
+
+def make_host_fed_step(method: Method, tx: optax.GradientTransformation,
+                       mesh: Mesh) -> Callable:
+    """The conventional alternative, for benchmarks: (state, batch, key) -> (state, metrics)
+    with the batch sampled on the host and copied in every step."""
+    return jax.jit(lambda state, batch, key: _update(method, tx, state, batch, key),
+                   donate_argnums=(0,), out_shardings=replicated(mesh))
 
 
 def make_score_fn(method: Method, mesh: Mesh) -> Callable:
