@@ -43,7 +43,19 @@ def base_config() -> config_dict.ConfigDict:
 
     c.loss = config_dict.ConfigDict()
     c.loss.prior_size = 5000
+    c.loss.prior_mu = 0.0
+    c.loss.prior_sigma = 1.0
     c.loss.margin = 5.0
+
+    c.explain = config_dict.ConfigDict()
+    c.explain.enabled = True  # saliency overlays (+ pixel metrics where masks exist) after eval
+    c.explain.kernel_size = 16
+    c.explain.sigma = 4.0
+    c.explain.released_postprocess = False  # clip at 99th pct + min-max before blur
+    c.explain.num_overlays = 8
+    c.explain.batch_size = 16
+    c.explain.curve_points = 50
+    c.explain.confidence = 0.95  # decision cut-off for calibrated scores
 
     c.optim = config_dict.ConfigDict()
     c.optim.lr = 1e-3

@@ -14,7 +14,9 @@ import numpy as np
 
 from fsad.data import load_imageset, make_split
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
+from fsad.explain import explain_run
 from fsad.methods import build_method
+from fsad.scoring import calibrate
 from fsad.train import (fit, init_state, make_mesh, make_score_fn, put_train_data, score_images,
                         variables_of)
 
@@ -36,21 +38,35 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
+    """Compares config with workdir/config.json; True when one is stored.
+
+    Raises:
+      ValueError: the stored config differs.
+      FileNotFoundError: none is stored and must_exist.
+    """
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        if must_exist:
+            raise FileNotFoundError(f"{workdir!r} holds no trained run (no config.json); train "
+                                    f"it first with --mode train")
+        return False
+    with open(path) as f:
+        stored = json.load(f)
+    current = _config_json(config)
+    if stored != current:
+        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        raise ValueError(f"{workdir!r} holds a run with a different config (fields {diff}); "
+                         f"use a new --workdir, or delete it to start over")
+    return True
+
+
 def _check_workdir(workdir: str, config) -> None:
     """A workdir holds one config: refuse to resume a run made with another."""
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    current = _config_json(config)
-    if os.path.exists(path):
-        with open(path) as f:
-            stored = json.load(f)
-        if stored != current:
-            diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-            raise ValueError(f"{workdir!r} holds a run with a different config (fields {diff}); "
-                             f"use a new --workdir, or delete it to start over")
-    else:
-        with open(path, "w") as f:
-            json.dump(current, f, indent=2)
+    if not check_stored_config(workdir, config):
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(_config_json(config), f, indent=2)
 
 
 def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
@@ -89,13 +105,24 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     for head, s in scores.items():
         if head != "score":
             metrics[f"auroc_{head}"] = image_metrics(labels, s)["auroc"]
+    cal = calibrate(scores["score"], config.loss.prior_mu, config.loss.prior_sigma,
+                    config.explain.confidence)
+    metrics["flagged_at_confidence"] = float(np.mean(cal["anomalous"]))
+    if config.explain.enabled:
+        t_explain = time.time()
+        test_masks = data.masks[split.test] if data.masks is not None else None
+        explained = explain_run(method, variables_of(state), data.images[split.test], labels,
+                                test_masks, scores["score"], data.file_ids[split.test], config,
+                                seed_dir)
+        metrics.update({k: v for k, v in explained.items() if k.startswith("pixel_")})
+        metrics["explain_seconds"] = time.time() - t_explain
     result = {"seed": seed, **metrics,
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,
               "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
     os.makedirs(seed_dir, exist_ok=True)
     np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
-             labels=labels, **scores)
+             labels=labels, p_value=cal["p_value"], **scores)
     with open(done, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -143,7 +170,7 @@ def summary_text(results: dict) -> str:
         f"{r0['split']['test_anomaly']} anomalies ({', '.join(r0['split']['test_anomaly_classes'])})",
     ]
     for k in s:
-        if k.startswith("auroc_"):
+        if k.startswith(("auroc_", "pixel_auroc")):
             lines.append(f"  {k:<14} {pm(k)}")
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))

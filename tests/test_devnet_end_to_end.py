@@ -1,10 +1,12 @@
 """DevNet trained end to end on the procedural dataset, through the API and the CLI."""
 
+import csv
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, SIZE, tiny_config
@@ -25,6 +27,12 @@ def test_devnet_learns_the_synthetic_defects(tmp_path):
     run = results["runs"][0]
     assert run["split"]["train_anomaly"] == 10 and len(run["split"]["seen_anomalies"]) == 10
     assert set(run["per_class_auroc"]) == {"scratch", "spot", "stain"}
+    # explanation: gradient saliency against the synthetic masks (chance is 0.5)
+    assert run["pixel_auroc_pooled"] > 0.65, run["pixel_auroc_pooled"]
+    assert run["pixel_auroc_per_image_mean"] > 0.8, run["pixel_auroc_per_image_mean"]
+    seed_dir = tmp_path / "run" / "seed_0"
+    assert len(os.listdir(seed_dir / "overlays")) == 8
+    assert (seed_dir / "auroc_f1_curve.png").exists()
 
 
 @pytest.mark.slow
@@ -53,6 +61,22 @@ def test_cli_writes_results_and_resumes(synthetic_root, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step/s" not in again.stderr
+    # scoring the test folder with the trained run reproduces the evaluation scores
+    csv_path = os.path.join(work, "test_scores.csv")
+    score_cmd = cmd + ["--mode=score", f"--input={os.path.join(synthetic_root, 'test')}",
+                       f"--output={csv_path}"]
+    scored = subprocess.run(score_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    with open(csv_path) as f:
+        rows = {r["file"]: r for r in csv.DictReader(f)}
+    assert len(rows) == 20 + 36
+    ev = np.load(os.path.join(work, "seed_2", "test_scores.npz"))
+    assert len(ev["file_ids"]) == 20 + 24
+    for fid, score, p in zip(ev["file_ids"], ev["score"], ev["p_value"]):
+        row = rows[os.path.relpath(fid, "test")]
+        assert float(row["score"]) == pytest.approx(float(score), rel=1e-4, abs=1e-5)
+        assert float(row["p_value"]) == pytest.approx(float(p), rel=1e-3, abs=1e-6)
+        assert row["anomalous"] == str(int(float(row["z"]) > 1.959964))
     # a different config in the same workdir is refused with a clear message
     bad = subprocess.run(cmd + ["--config.data.n_anomaly=2"], capture_output=True, text=True,
                          cwd=ROOT, timeout=600)

@@ -32,8 +32,7 @@ class DevNetModel(nn.Module):
 def devnet(config) -> Method:
     """The DevNet method from a config (fields model.*, loss.*, optim.*, anomaly_fraction)."""
     model = DevNetModel(config.model.backbone, config.model.topk, config.model.topk_abs)
-    prior_size = config.loss.prior_size
-    margin = config.loss.margin
+    lc = config.loss
 
     def init(key, images):
         return dict(model.init(key, images, train=False))
@@ -46,8 +45,8 @@ def devnet(config) -> Method:
         out, mutated = model.apply({"params": params, "batch_stats": batch_stats},
                                    normalize_uint8(batch["images"]), train=True,
                                    mutable=["batch_stats"])
-        prior = sample_prior(key, prior_size)
-        value = deviation_loss(out["score"], batch["labels"], prior, margin)
+        prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
+        value = deviation_loss(out["score"], batch["labels"], prior, lc.margin)
         return value, ({}, mutated["batch_stats"])
 
     def score(variables, images):

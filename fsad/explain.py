@@ -1,0 +1,245 @@
+"""Explanations (DevNet Eq. 9): jax.grad saliency, Gaussian blur, localisation metrics.
+
+    saliency = make_saliency_fn(score_one)         # score_one: [H, W, 3] -> []
+    maps = saliency(images)                        # [B, H, W], jitted and vmapped
+
+M = G_sigma(|d phi(x) / d x|): the gradient of the image score with respect to
+the input pixels, absolute value summed over colour channels, blurred with a
+16x16 Gaussian kernel of sigma 4 (both configurable).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+from sklearn.metrics import f1_score, roc_auc_score
+
+
+def gaussian_kernel(size: int = 16, sigma: float = 4.0) -> np.ndarray:
+    """A normalised [size, size] Gaussian kernel centred at (size - 1) / 2."""
+    ax = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-0.5 * (ax / sigma) ** 2)
+    k = np.outer(g, g)
+    return (k / k.sum()).astype(np.float32)
+
+
+def blur(maps: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Same-size 2-D convolution of [B, H, W] maps with a [k, k] kernel (zero padding)."""
+    k = kernel.shape[0]
+    lo, hi = (k - 1) // 2, k // 2
+    out = jax.lax.conv_general_dilated(maps[:, None].astype(jnp.float32),
+                                       kernel[None, None].astype(jnp.float32), (1, 1),
+                                       ((lo, hi), (lo, hi)))
+    return out[:, 0]
+
+
+def released_postprocess(maps: jax.Array) -> jax.Array:
+    """The released code's clip at the 99th percentile then min-max scaling, per map."""
+    flat = maps.reshape(maps.shape[0], -1)
+    hi = jnp.percentile(flat, 99, axis=1)[:, None, None]
+    maps = jnp.minimum(maps, hi)
+    lo = maps.min(axis=(1, 2), keepdims=True)
+    return (maps - lo) / jnp.maximum(maps.max(axis=(1, 2), keepdims=True) - lo, 1e-12)
+
+
+def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 4.0,
+                     released: bool = False) -> Callable:
+    """Builds the jitted saliency function of a scalar image score.
+
+    Args:
+      score_one: (variables, x [H, W, 3]) -> scalar anomaly score.
+      kernel_size, sigma: the Gaussian blur (16 and 4 in the paper).
+      released: clip at the 99th percentile and min-max scale before the blur.
+    Returns:
+      fn(variables, images [B, H, W, 3] float) -> maps [B, H, W] float32.
+    """
+    kernel = jnp.asarray(gaussian_kernel(kernel_size, sigma))
+
+    def saliency(variables, images):
+        grads = jax.vmap(jax.grad(score_one, argnums=1), in_axes=(None, 0))(variables, images)
+        maps = jnp.abs(grads).sum(axis=-1)
+        if released:
+            maps = released_postprocess(maps)
+        return blur(maps, kernel)
+
+    return jax.jit(saliency)
+
+
+def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
+                     batch_size: int = 16) -> np.ndarray:
+    """Runs a saliency function over uint8 images in fixed-size batches. -> [N, H, W]."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
+        out.append(np.asarray(saliency_fn(variables, jnp.asarray(chunk, jnp.float32)))[
+            :len(chunk) - pad])
+    return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
+
+
+def explain_images(method, variables, images: np.ndarray, config) -> np.ndarray:
+    """Saliency maps of a trained fsad method for uint8 images [N, H, W, 3] -> [N, H, W].
+
+    The gradient is taken with respect to the raw pixel values (0-255), before
+    ImageNet normalisation.
+    """
+    from fsad.models.resnet import normalize_uint8
+
+    def score_one(v, x):
+        return method.score(v, normalize_uint8(x[None]))["score"][0]
+
+    e = config.explain
+    fn = make_saliency_fn(score_one, e.kernel_size, e.sigma, e.released_postprocess)
+    return saliency_batches(fn, variables, images, e.batch_size)
+
+
+def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
+                masks: np.ndarray | None, scores: np.ndarray, file_ids, config,
+                out_dir: str) -> dict:
+    """Localisation metrics (when masks exist) and overlays of the top-scored images.
+
+    Args:
+      images: [N, H, W, 3] uint8 test images; labels, scores: [N]; masks: [N, H, W] or None.
+    Returns:
+      {"pixel_auroc_pooled", "pixel_auroc_per_image_mean", "overlays"} (metrics only
+      with masks); the AUROC-F1 curve goes to out_dir/auroc_f1_curve.{json,png}.
+    """
+    import json
+    e = config.explain
+    out: dict = {}
+    top = np.argsort(-np.asarray(scores))[:e.num_overlays]
+    anomalous = np.flatnonzero(np.asarray(labels) == 1)
+    wanted = np.union1d(top, anomalous) if masks is not None else top
+    maps = dict(zip(wanted.tolist(), explain_images(method, variables, images[wanted], config)))
+    if masks is not None:
+        amap = np.stack([maps[i] for i in anomalous])
+        out["pixel_auroc_pooled"] = pooled_pixel_auroc(amap, masks[anomalous])
+        out["pixel_auroc_per_image_mean"] = per_image_pixel_auroc(amap, masks[anomalous])
+        # only detected anomalies' maps enter the curve; normals' stay zero
+        curve = auroc_f1_curve(np.asarray(scores), labels,
+                               _full(maps, len(labels), amap.shape[1:]), masks, e.curve_points)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "auroc_f1_curve.json"), "w") as f:
+            json.dump(curve, f)
+        curve_png(os.path.join(out_dir, "auroc_f1_curve.png"), curve)
+    paths = []
+    for rank, i in enumerate(top):
+        name = os.path.splitext(str(file_ids[i]).replace("/", "__"))[0]
+        path = os.path.join(out_dir, "overlays", f"{rank:02d}_{name}.png")
+        overlay_png(path, images[i], maps[int(i)], None if masks is None else masks[i])
+        paths.append(path)
+    out["overlays"] = paths
+    return out
+
+
+def _full(maps: dict, n: int, shape) -> np.ndarray:
+    """Dense [n, H, W] array from a dict of computed maps (zeros elsewhere)."""
+    full = np.zeros((n, *shape), np.float32)
+    for i, m in maps.items():
+        full[i] = m
+    return full
+
+
+# ---- localisation metrics ----
+
+def pooled_pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    """AUROC over all pixels of the given images pooled together. maps, masks: [N, H, W]."""
+    return float(roc_auc_score(np.asarray(masks).reshape(-1) > 0, np.asarray(maps).reshape(-1)))
+
+
+def per_image_pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    """The released code's "pixel AUROC": mean of per-image AUROCs over images whose
+    mask has both anomalous and normal pixels."""
+    vals = []
+    for m, g in zip(maps, masks):
+        g = np.asarray(g).reshape(-1) > 0
+        if 0 < g.sum() < g.size:
+            vals.append(roc_auc_score(g, np.asarray(m).reshape(-1)))
+    if not vals:
+        raise ValueError("no image has a mask with both anomalous and normal pixels")
+    return float(np.mean(vals))
+
+
+def auroc_f1_curve(image_scores: np.ndarray, labels: np.ndarray, maps: np.ndarray,
+                   masks: np.ndarray, num_thresholds: int = 50) -> dict[str, list[float]]:
+    """DevNet Fig. 4: for each image-score cut-off t, the detection F1 and the pooled
+    pixel AUROC over the true anomalies detected at t.
+
+    Args:
+      image_scores: [N]; labels: [N] {0, 1}; maps, masks: [N, H, W].
+    Returns:
+      {"threshold", "f1", "pixel_auroc"} lists of equal length (cut-offs where no
+      true anomaly with a non-empty mask is detected are left out).
+    """
+    image_scores, labels = np.asarray(image_scores), np.asarray(labels)
+    has_mask = np.asarray(masks).reshape(len(masks), -1).max(1) > 0
+    out = {"threshold": [], "f1": [], "pixel_auroc": []}
+    for t in np.quantile(image_scores, np.linspace(0.0, 0.98, num_thresholds)):
+        pred = image_scores > t
+        detected = pred & (labels == 1) & has_mask
+        if not detected.any():
+            continue
+        out["threshold"].append(float(t))
+        out["f1"].append(float(f1_score(labels, pred)))
+        out["pixel_auroc"].append(pooled_pixel_auroc(maps[detected], masks[detected]))
+    return out
+
+
+# ---- pictures ----
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """[H, W] values scaled to [0, 1] -> [H, W, 3] uint8 (blue-cyan-yellow-red ramp)."""
+    v = np.clip(values, 0, 1)[..., None]
+    stops = np.array([[0, 0, 128], [0, 160, 255], [255, 230, 0], [220, 0, 0]], np.float32)
+    pos = v * (len(stops) - 1)
+    i = np.clip(pos.astype(int), 0, len(stops) - 2)
+    frac = pos - i
+    return (stops[i[..., 0]] * (1 - frac) + stops[i[..., 0] + 1] * frac).astype(np.uint8)
+
+
+def overlay_png(path: str, image: np.ndarray, heat: np.ndarray,
+                mask: np.ndarray | None = None) -> None:
+    """Writes image | mask (if any) | heat map | heat over image, side by side."""
+    h = heat - heat.min()
+    h = h / max(float(h.max()), 1e-12)
+    colours = heat_colours(h)
+    panels = [image]
+    if mask is not None:
+        panels.append(np.repeat((np.asarray(mask) > 0)[..., None] * 255, 3, -1).astype(np.uint8))
+    panels += [colours, (0.5 * image + 0.5 * colours).astype(np.uint8)]
+    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+    row = np.concatenate(sum(([p, gap] for p in panels), [])[:-1], axis=1)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(row).save(path)
+
+
+def curve_png(path: str, curve: dict[str, list[float]], size=(480, 360)) -> None:
+    """Plots pixel AUROC (y) against image F1 (x), both on [0, 1], as a PNG."""
+    w, h = size
+    m = 50
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle([m, 10, w - 10, h - m], outline="black")
+    to_xy = lambda f, a: (m + f * (w - 10 - m), h - m - a * (h - m - 10))  # noqa: E731
+    for v in (0.0, 0.5, 1.0):
+        x, _ = to_xy(v, 0)
+        _, y = to_xy(0, v)
+        d.text((x - 8, h - m + 5), f"{v:.1f}", fill="black")
+        d.text((m - 30, y - 5), f"{v:.1f}", fill="black")
+    d.text((w // 2 - 40, h - 25), "image F1 (detection)", fill="black")
+    d.text((5, 15), "pixel AUROC", fill="black")
+    pts = sorted(zip(curve["f1"], curve["pixel_auroc"]))
+    xy = [to_xy(f, a) for f, a in pts]
+    if len(xy) > 1:
+        d.line(xy, fill=(200, 0, 0), width=2)
+    for x, y in xy:
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(200, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    im.save(path)

@@ -1,0 +1,117 @@
+"""Saliency, blur, localisation metrics, calibration."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from fsad import explain
+from fsad.scoring import calibrate
+
+
+def test_saliency_concentrates_on_the_region_the_score_reads():
+    region = (slice(24, 40), slice(24, 40))
+
+    def score_one(v, x):  # depends only on the centre patch
+        return jnp.sum((x[region] * v) ** 2)
+
+    fn = explain.make_saliency_fn(score_one)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.uniform(0, 255, (3, 64, 64, 3)), jnp.float32)
+    maps = np.asarray(fn(jnp.float32(0.01), images))
+    assert maps.shape == (3, 64, 64)
+    inside = np.zeros((64, 64), bool)
+    inside[region] = True
+    far = np.ones((64, 64), bool)
+    far[12:52, 12:52] = False  # more than 12 px from the region
+    for m in maps:
+        r, c = np.unravel_index(np.argmax(m), m.shape)
+        assert inside[r, c]
+        assert m[inside].mean() > 20 * m[far].mean()
+
+
+def test_unblurred_saliency_is_exactly_the_gradient_region():
+    def score_one(v, x):
+        return jnp.sum(x[5:9, 10:12, 0] * v)
+
+    fn = explain.make_saliency_fn(score_one, kernel_size=1, sigma=1.0)
+    maps = np.asarray(fn(jnp.float32(2.0), jnp.zeros((1, 16, 16, 3))))
+    expected = np.zeros((16, 16))
+    expected[5:9, 10:12] = 2.0
+    np.testing.assert_allclose(maps[0], expected, atol=1e-6)
+
+
+def test_gaussian_kernel_and_blur_match_reference():
+    k = explain.gaussian_kernel(16, 4.0)
+    assert k.shape == (16, 16) and k.sum() == pytest.approx(1.0, rel=1e-6)
+    ax = np.arange(16) - 7.5
+    ref = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * 16.0))
+    np.testing.assert_allclose(k, ref / ref.sum(), rtol=1e-5)
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(2, 20, 20)).astype(np.float32)
+    got = np.asarray(explain.blur(jnp.asarray(maps), jnp.asarray(k)))
+    # reference: zero padding, kernel cell (i, j) aligned at offset (i - 7, j - 7)
+    pad = np.pad(maps, ((0, 0), (7, 8), (7, 8)))
+    want = np.zeros_like(maps)
+    for i in range(16):
+        for j in range(16):
+            want += k[i, j] * pad[:, i:i + 20, j:j + 20]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_pixel_metrics():
+    rng = np.random.default_rng(2)
+    masks = (rng.uniform(size=(4, 8, 8)) < 0.2).astype(np.uint8)
+    maps = masks * 1.0 + rng.normal(0, 0.8, masks.shape)
+    assert explain.pooled_pixel_auroc(maps, masks) == pytest.approx(
+        roc_auc_score(masks.reshape(-1), maps.reshape(-1)))
+    per = np.mean([roc_auc_score(g.reshape(-1), m.reshape(-1)) for m, g in zip(maps, masks)])
+    assert explain.per_image_pixel_auroc(maps, masks) == pytest.approx(per)
+    # an image whose mask is empty does not count in the per-image mean
+    masks2 = np.concatenate([masks, np.zeros((1, 8, 8), np.uint8)])
+    maps2 = np.concatenate([maps, rng.normal(size=(1, 8, 8))])
+    assert explain.per_image_pixel_auroc(maps2, masks2) == pytest.approx(per)
+
+
+def test_auroc_f1_curve_on_a_known_case():
+    labels = np.array([0] * 6 + [1] * 6)
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.35, 0.7, 0.8, 0.9, 1.0, 1.1])
+    masks = np.zeros((12, 4, 4), np.uint8)
+    masks[6:, :2] = 1
+    maps = masks + 0.1 * np.random.default_rng(0).uniform(size=masks.shape)
+    curve = explain.auroc_f1_curve(scores, labels, maps, masks, num_thresholds=20)
+    assert len(curve["f1"]) >= 10
+    assert all(a == pytest.approx(1.0) for a in curve["pixel_auroc"])
+    for t, f1 in zip(curve["threshold"], curve["f1"]):
+        tp = np.sum((scores > t) & (labels == 1))
+        fp = np.sum((scores > t) & (labels == 0))
+        assert f1 == pytest.approx(2 * tp / (2 * tp + fp + (6 - tp)))
+    # cut-offs above the lowest anomaly keep only detected anomalies' maps: still perfect
+    assert max(curve["threshold"]) > 0.9
+
+
+def test_calibration():
+    cal = calibrate(np.array([0.0, 1.0, 2.5]), confidence=0.95)
+    assert cal["cutoff"] == pytest.approx(1.959964, rel=1e-5)
+    np.testing.assert_allclose(cal["p_value"], [0.5, 0.158655, 0.00621], rtol=1e-3)
+    assert cal["anomalous"].tolist() == [False, False, True]
+    with pytest.raises(ValueError):
+        calibrate(np.zeros(2), confidence=1.5)
+
+
+def test_overlay_and_curve_pngs(tmp_path):
+    img = np.full((32, 32, 3), 128, np.uint8)
+    heat = np.zeros((32, 32))
+    heat[8:16, 8:16] = 1
+    path = str(tmp_path / "o.png")
+    explain.overlay_png(path, img, heat, heat > 0)
+    with Image.open(path) as im:
+        arr = np.asarray(im)
+    assert arr.shape == (32, 4 * 32 + 3 * 4, 3)
+    heat_panel = arr[:, 2 * 36:2 * 36 + 32]
+    assert heat_panel[12, 12, 0] > 200 and heat_panel[28, 28, 2] > 100  # red inside, blue out
+    explain.curve_png(str(tmp_path / "c.png"), {"f1": [0.2, 0.8], "pixel_auroc": [0.9, 0.7]})
+    assert os.path.getsize(tmp_path / "c.png") > 500
