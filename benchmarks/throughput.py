@@ -61,7 +61,7 @@ def main(argv=None):
     # fsad: device-resident data, sampling inside the step
     data = put_train_data(normal, anomaly, mesh)
     step = make_train_step(method, tx, mesh, args.batch)
-    state = init_state(method, key, shape, tx, mesh)
+    state = init_state(method, key, data, tx, mesh)
     t_dev, _ = time_steps(lambda s, i: step(s, data, jax.random.fold_in(key, i))[0], state,
                           args.steps)
 
@@ -79,7 +79,7 @@ def main(argv=None):
         batch = jax.device_put(batch, shard)
         return host_step(s, batch, jax.random.fold_in(key, i))[0]
 
-    state = init_state(method, key, shape, tx, mesh)
+    state = init_state(method, key, data, tx, mesh)
     t_host, _ = time_steps(host_run, state, args.steps)
 
     n_img = args.steps * args.batch

@@ -69,6 +69,18 @@ def _check_workdir(workdir: str, config) -> None:
             json.dump(_config_json(config), f, indent=2)
 
 
+def load_outliers(config) -> np.ndarray | None:
+    """Outlier-exposure images (config.dra.outlier_root), decoded at img_size, or None."""
+    root = config.get("dra", {}).get("outlier_root", "") if "dra" in config else ""
+    if not root:
+        return None
+    from fsad.data.decode import decode_many
+    from fsad.scoring import list_images_recursive
+    files = list_images_recursive(root)
+    return decode_many([os.path.join(root, f) for f in files], config.data.img_size,
+                       desc="decoding outliers")
+
+
 def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     """Trains and evaluates one seed; returns its metrics and split record."""
     seed_dir = os.path.join(workdir, f"seed_{seed}")
@@ -90,9 +102,9 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
         from fsad.weights import backbone_variables
         pretrained = backbone_variables(config.model.pretrained,
                                         config.model.pretrained_sha256 or None)
-    state = init_state(method, k_init, data.images.shape[1:], tx, mesh, pretrained)
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
-                                mesh)
+                                mesh, load_outliers(config))
+    state = init_state(method, k_init, train_data, tx, mesh, pretrained)
     state, train_info = fit(method, state, tx, train_data, mesh, k_train, config.batch_size,
                             config.epochs, config.steps_per_epoch, seed_dir,
                             config.keep_checkpoints, desc=f"{method.name} seed {seed}")

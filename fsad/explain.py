@@ -235,8 +235,7 @@ def curve_png(path: str, curve: dict[str, list[float]], size=(480, 360)) -> None
         d.text((m - 30, y - 5), f"{v:.1f}", fill="black")
     d.text((w // 2 - 40, h - 25), "image F1 (detection)", fill="black")
     d.text((5, 15), "pixel AUROC", fill="black")
-    pts = sorted(zip(curve["f1"], curve["pixel_auroc"]))
-    xy = [to_xy(f, a) for f, a in pts]
+    xy = [to_xy(f, a) for f, a in zip(curve["f1"], curve["pixel_auroc"])]  # threshold order
     if len(xy) > 1:
         d.line(xy, fill=(200, 0, 0), width=2)
     for x, y in xy:

@@ -80,7 +80,8 @@ def binary_cross_entropy(logits: jax.Array, labels: jax.Array,
                          mask: jax.Array | None = None) -> jax.Array:
     """Sigmoid BCE on raw scores (DRA ablation loss). Shapes as `deviation_loss`."""
     y = labels.astype(logits.dtype)
-    per_sample = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    # softplus, not max(x,0)+log1p(exp(-|x|)): the latter has a zero gradient at x = 0
+    per_sample = jax.nn.softplus(logits) - logits * y
     return _masked_mean(per_sample, mask)
 
 
@@ -88,7 +89,7 @@ def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
                mask: jax.Array | None = None) -> jax.Array:
     """Sigmoid focal loss (Lin et al.) on raw scores. Shapes as `deviation_loss`."""
     y = labels.astype(logits.dtype)
-    bce = jnp.maximum(logits, 0) - logits * y + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    bce = jax.nn.softplus(logits) - logits * y
     p = jax.nn.sigmoid(logits)
     p_t = y * p + (1 - y) * (1 - p)
     return _masked_mean((1 - p_t) ** gamma * bce, mask)

@@ -18,8 +18,8 @@ from scipy import stats
 
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many
 from fsad.methods import build_method
-from fsad.train import (checkpoint_manager, init_state, make_mesh, make_score_fn, restore_latest,
-                        score_images, variables_of)
+from fsad.train import (checkpoint_manager, init_state, make_mesh, make_score_fn, put_train_data,
+                        restore_latest, score_images, variables_of)
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -54,8 +54,9 @@ def load_trained(config, workdir: str, mesh=None):
         raise FileNotFoundError(f"no checkpoints in {ckpt!r}: train this workdir first "
                                 f"(--mode train), or point --workdir at a trained run")
     tx = method.optimizer(config.steps_per_epoch)
-    shape = (config.data.img_size, config.data.img_size, 3)
-    state = init_state(method, jax.random.key(0), shape, tx, mesh)
+    blank = np.zeros((1, config.data.img_size, config.data.img_size, 3), np.uint8)
+    # the structure to restore into; every value comes from the checkpoint
+    state = init_state(method, jax.random.key(0), put_train_data(blank, blank, mesh), tx, mesh)
     mngr = checkpoint_manager(ckpt)
     state = restore_latest(mngr, state)
     mngr.close()

@@ -42,21 +42,31 @@ class TrainData:
       images: [N, H, W, 3] uint8.
       n_normal: [] int32, rows [0, n_normal) are normal (label 0).
       n_anomaly: [] int32, rows [n_normal, n_normal + n_anomaly) are seen anomalies.
+      outliers: [No, H, W, 3] uint8 external images for outlier exposure (one black
+        image and n_outlier = 0 when there are none).
+      n_outlier: [] int32.
     """
 
     images: jax.Array
     n_normal: jax.Array
     n_anomaly: jax.Array
+    outliers: jax.Array
+    n_outlier: jax.Array
 
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step updates: step [], params, batch_stats, opt_state (pytrees)."""
+    """Everything a step updates, and what a checkpoint keeps.
+
+    step []; params, batch_stats, opt_state: pytrees; extras: method state that
+    is not trained (DRA's fixed test reference set), a dict of arrays.
+    """
 
     step: jax.Array
     params: Any
     batch_stats: Any
     opt_state: Any
+    extras: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +74,7 @@ class Method:
     """What a method (DevNet, DRA) supplies to the shared loop.
 
     init(key, images [B,H,W,3] float) -> {"params", "batch_stats"}
+    init_extras(key, data: TrainData) -> dict of arrays kept in the state (may be empty)
     sample_batch(data: TrainData, key, batch_size) -> dict of [B, ...] arrays
     loss(params, batch_stats, batch, key) -> (loss [], (metrics dict, new batch_stats))
     score(variables, images [B,H,W,3] float) -> dict of [B] scores; "score" is the image score
@@ -76,6 +87,7 @@ class Method:
     loss: Callable
     score: Callable
     optimizer: Callable
+    init_extras: Callable = lambda key, data: {}
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -92,15 +104,21 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: Mesh) -> TrainData:
+def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: Mesh,
+                   outliers: np.ndarray | None = None) -> TrainData:
     """Copies the training images onto every device of the mesh.
 
     Args:
       images_normal: [Nn, H, W, 3] uint8.
       images_anomaly: [Na, H, W, 3] uint8 (Na >= 1).
+      outliers: optional [No, H, W, 3] uint8 outlier-exposure images.
     """
     images = np.concatenate([images_normal, images_anomaly]).astype(np.uint8)
-    data = TrainData(images, np.int32(len(images_normal)), np.int32(len(images_anomaly)))
+    n_out = 0 if outliers is None else len(outliers)
+    if not n_out:
+        outliers = np.zeros((1, *images.shape[1:]), np.uint8)
+    data = TrainData(images, np.int32(len(images_normal)), np.int32(len(images_anomaly)),
+                     np.asarray(outliers, np.uint8), np.int32(n_out))
     return jax.device_put(data, replicated(mesh))
 
 
@@ -134,7 +152,7 @@ def _update(method: Method, tx, state: TrainState, batch: dict, key: jax.Array):
     (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, key)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = TrainState(state.step + 1, params, batch_stats, opt_state)
+    new_state = TrainState(state.step + 1, params, batch_stats, opt_state, state.extras)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
 
@@ -145,12 +163,14 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
     The batch is sampled on device from `data` and sharded over the mesh.
     """
     check_batch(batch_size, mesh)
-    shard = batch_sharded(mesh)
+    shard, rep = batch_sharded(mesh), replicated(mesh)
+
+    def constrain(a):  # batch-sized leaves are split over devices; others (references) not
+        return jax.lax.with_sharding_constraint(a, shard if a.shape[0] == batch_size else rep)
 
     def step(state: TrainState, data: TrainData, key: jax.Array):
         k_batch, k_loss = jax.random.split(key)
-        batch = method.sample_batch(data, k_batch, batch_size)
-        batch = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, shard), batch)
+        batch = jax.tree.map(constrain, method.sample_batch(data, k_batch, batch_size))
         return _update(method, tx, state, batch, k_loss)
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated(mesh))
@@ -192,15 +212,19 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
-def init_state(method: Method, key: jax.Array, image_shape, tx, mesh: Mesh,
+def init_state(method: Method, key: jax.Array, data: TrainData, tx, mesh: Mesh,
                pretrained: Mapping | None = None) -> TrainState:
-    """Initialises params (optionally overwritten by `pretrained` variables) and optimiser."""
-    variables = method.init(key, jnp.zeros((1, *image_shape), jnp.float32))
+    """Initialises params (optionally overwritten by `pretrained` variables), optimiser
+    and the method's extras (drawn from the training data)."""
+    k_init, k_extras = jax.random.split(key)
+    variables = method.init(k_init, jnp.zeros((1, *data.images.shape[1:]), jnp.float32))
     if pretrained is not None:
         from fsad.weights import merge_variables
         variables = merge_variables(variables, pretrained)
     params = variables["params"]
-    state = TrainState(jnp.int32(0), params, variables.get("batch_stats", {}), tx.init(params))
+    extras = method.init_extras(k_extras, data)
+    state = TrainState(jnp.int32(0), params, variables.get("batch_stats", {}), tx.init(params),
+                       extras)
     return jax.device_put(state, replicated(mesh))
 
 
@@ -263,4 +287,5 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
 
 
 def variables_of(state: TrainState) -> dict:
-    return {"params": state.params, "batch_stats": state.batch_stats}
+    """What a method's score function takes: params, batch_stats and extras."""
+    return {"params": state.params, "batch_stats": state.batch_stats, "extras": state.extras}

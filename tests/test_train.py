@@ -17,10 +17,10 @@ def _setup(devices, synthetic, tx=None):
     method = build_method(config)
     mesh = make_mesh(devices)
     tx = tx or method.optimizer(config.steps_per_epoch)
-    state = init_state(method, jax.random.key(0), (SIZE, SIZE, 3), tx, mesh)
     normal = synthetic.images[synthetic.labels == 0][:40]
     anomaly = synthetic.images[synthetic.labels == 1][:5]
     data = put_train_data(normal, anomaly, mesh)
+    state = init_state(method, jax.random.key(0), data, tx, mesh)
     return method, mesh, tx, state, data
 
 

@@ -1,8 +1,9 @@
 """Methods: each builds a `fsad.train.Method` from a config."""
 
 from fsad.methods.devnet import DevNetModel, devnet
+from fsad.methods.dra import DRAModel, dra
 
-METHODS = {"devnet": devnet}
+METHODS = {"devnet": devnet, "dra": dra}
 
 
 def build_method(config):
@@ -12,4 +13,4 @@ def build_method(config):
     return METHODS[config.method](config)
 
 
-__all__ = ["DevNetModel", "METHODS", "build_method", "devnet"]
+__all__ = ["DRAModel", "DevNetModel", "METHODS", "build_method", "devnet", "dra"]

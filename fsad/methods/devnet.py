@@ -50,7 +50,8 @@ def devnet(config) -> Method:
         return value, ({}, mutated["batch_stats"])
 
     def score(variables, images):
-        return {"score": model.apply(variables, images, train=False)["score"]}
+        v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+        return {"score": model.apply(v, images, train=False)["score"]}
 
     def optimizer(steps_per_epoch):
         o = config.optim

@@ -1,0 +1,107 @@
+"""Jit-able image augmentations and pseudo anomalies, on uint8 [H, W, 3] images.
+
+Every function takes an explicit PRNG key and works on one image; `jax.vmap`
+them over a batch. Shapes are static: rectangles of random size are masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def random_rotation(key: jax.Array, image: jax.Array, max_degrees: float = 180.0) -> jax.Array:
+    """torchvision RandomRotation(max_degrees): nearest neighbour, zero fill.
+
+    Args:
+      image: [H, W, C]. Returns the same shape and dtype.
+    """
+    degrees = jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees)
+    return rotate(image, degrees)
+
+
+def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
+    """Rotates [H, W, C] counter-clockwise about the centre; nearest, zero fill."""
+    h, w = image.shape[:2]
+    theta = degrees * math.pi / 180
+    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
+    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                          indexing="ij")
+    c, s = jnp.cos(theta), jnp.sin(theta)
+    # inverse map: output pixel -> source pixel (rows point down, so this turns
+    # the picture counter-clockwise as displayed, like torchvision)
+    sy = c * (yy - cy) + s * (xx - cx) + cy
+    sx = -s * (yy - cy) + c * (xx - cx) + cx
+    iy, ix = jnp.round(sy).astype(jnp.int32), jnp.round(sx).astype(jnp.int32)
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    out = image[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
+    return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
+
+
+def _grey(x: jax.Array) -> jax.Array:
+    return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+
+
+_RGB2YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1) -> jax.Array:
+    """ColorJitter(brightness, contrast, saturation, hue = strength) on float [H, W, 3] in [0, 1].
+
+    Hue is rotated in YIQ space (a close, jit-friendly stand-in for HSV).
+    """
+    kb, kc, ks, kh = jax.random.split(key, 4)
+    u = lambda k: jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)  # noqa: E731
+    x = jnp.clip(image * u(kb), 0, 1)
+    x = jnp.clip((x - _grey(x).mean()) * u(kc) + _grey(x).mean(), 0, 1)
+    x = jnp.clip((x - _grey(x)) * u(ks) + _grey(x), 0, 1)
+    angle = jax.random.uniform(kh, (), minval=-strength, maxval=strength) * 2 * math.pi
+    c, s = jnp.cos(angle), jnp.sin(angle)
+    rot = jnp.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
+    yiq = x @ _RGB2YIQ.T
+    return jnp.clip((yiq @ rot.T) @ jnp.linalg.inv(_RGB2YIQ).T, 0, 1)
+
+
+def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3):
+    """Random rectangle size as the released CutPaste: area fraction U(area), aspect
+    ratio log-uniform in [aspect, 1/aspect]. Returns (cut_h, cut_w) int32 scalars."""
+    ka, kr = jax.random.split(key)
+    frac = jax.random.uniform(ka, (), minval=area[0], maxval=area[1])
+    ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(aspect), maxval=-math.log(aspect)))
+    a = frac * h * w
+    cut_w = jnp.clip(jnp.round(jnp.sqrt(a * ratio)), 1, w - 1).astype(jnp.int32)
+    cut_h = jnp.clip(jnp.round(jnp.sqrt(a / ratio)), 1, h - 1).astype(jnp.int32)
+    return cut_h, cut_w
+
+
+def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
+                area=(0.02, 0.15), aspect: float = 0.3, jitter: float = 0.1):
+    """Cuts a rectangle from `source`, colour-jitters it, pastes it at a random place of
+    `target`. CutPaste when source is target, CutMix when it is another image.
+
+    Args:
+      target, source: [H, W, 3] uint8.
+    Returns:
+      (image [H, W, 3] uint8, mask [H, W] bool of the pasted rectangle).
+    """
+    h, w = target.shape[:2]
+    kbox, kfrom_y, kfrom_x, kto_y, kto_x, kjit = jax.random.split(key, 6)
+    ch, cw = cut_box(kbox, h, w, area, aspect)
+    fy = jax.random.randint(kfrom_y, (), 0, h - ch + 1)
+    fx = jax.random.randint(kfrom_x, (), 0, w - cw + 1)
+    ty = jax.random.randint(kto_y, (), 0, h - ch + 1)
+    tx = jax.random.randint(kto_x, (), 0, w - cw + 1)
+    # shift the source so that its box lands on the target box; no wrap reaches the box
+    shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32) / 255.0
+    yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    mask = (yy >= ty) & (yy < ty + ch) & (xx >= tx) & (xx < tx + cw)
+    patch = colour_jitter(kjit, shifted, jitter) if jitter else shifted
+    out = jnp.where(mask[..., None], jnp.round(patch * 255.0), target.astype(jnp.float32))
+    return out.astype(jnp.uint8), mask
+
+
+def cutpaste(key: jax.Array, image: jax.Array, **kw):
+    """DRA's released pseudo anomaly: a jittered patch of the image pasted elsewhere in it."""
+    return paste_patch(key, image, image, **kw)

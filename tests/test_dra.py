@@ -1,0 +1,112 @@
+"""DRA: head routing, pseudo anomalies, rotation, deterministic test scores."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SIZE, tiny_config
+from fsad.data import augment
+from fsad.methods import build_method
+from fsad.methods.dra import HEADS, combine, head_losses, head_routing
+from fsad.train import init_state, make_mesh, make_score_fn, put_train_data, score_images
+
+
+def dra_config(**kw):
+    from configs.dra import get_config
+    c = get_config()
+    c.data.img_size = SIZE
+    c.batch_size = 24
+    for k, v in kw.items():
+        node = c
+        *path, leaf = k.split(".")
+        for p in path:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def test_head_routing_on_a_hand_built_batch():
+    labels = jnp.array([0, 1, 2, 0, 2, 1])
+    scores = {h: jnp.arange(6.0) * 0.3 for h in HEADS}
+    for loss in ("deviation", "bce", "focal"):
+        grads = jax.grad(lambda s: sum(head_losses(s, labels, jax.random.key(0), loss).values()))(
+            scores)
+        reached = {h: set(np.flatnonzero(np.asarray(g) != 0).tolist()) for h, g in grads.items()}
+        assert reached["seen"] <= {0, 1, 3, 5} and {1, 5} <= reached["seen"]
+        assert reached["pseudo"] <= {0, 2, 3, 4} and {2, 4} <= reached["pseudo"]
+        if loss != "deviation":  # |dev| has a zero-gradient kink; smooth losses reach all
+            assert reached["residual"] == reached["normality"] == set(range(6))
+        assert reached["residual"] <= set(range(6))
+    routes = head_routing(labels)
+    np.testing.assert_array_equal(routes["normality"][0], [1, 0, 0, 1, 0, 0])  # normal is 1
+    np.testing.assert_array_equal(routes["residual"][0], [0, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(routes["seen"][1], [1, 1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(routes["pseudo"][1], [1, 0, 1, 1, 1, 0])
+    assert float(combine({"seen": jnp.array([1.0]), "pseudo": jnp.array([2.0]),
+                          "residual": jnp.array([3.0]), "normality": jnp.array([4.0])})[0]) == 2.0
+
+
+def test_cutpaste_area_aspect_and_change():
+    rng = np.random.default_rng(0)
+    image = jnp.asarray(rng.integers(0, 256, (64, 64, 3)), jnp.uint8)
+    fn = jax.jit(jax.vmap(augment.cutpaste, in_axes=(0, None)))
+    out, masks = fn(jax.random.split(jax.random.key(0), 200), image)
+    out, masks = np.asarray(out), np.asarray(masks)
+    for o, m in zip(out, masks):
+        area = m.mean()
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        h, w = len(rows), len(cols)
+        assert 0.02 - 0.005 <= area <= 0.15 + 0.005
+        assert m.sum() == h * w  # one rectangle
+        assert 0.3 * 0.8 <= w / h <= (1 / 0.3) * 1.25  # rounding of small sides
+        np.testing.assert_array_equal(o[~m], np.asarray(image)[~m])  # untouched outside
+        assert np.mean(o[m] != np.asarray(image)[m]) > 0.5  # the pasted region differs
+
+
+def test_rotation():
+    img = jnp.asarray(np.random.default_rng(1).integers(1, 256, (9, 9, 3)), jnp.uint8)
+    np.testing.assert_array_equal(augment.rotate(img, 0.0), img)
+    np.testing.assert_array_equal(augment.rotate(img, 90.0), np.rot90(np.asarray(img), 1))
+    r45 = np.asarray(augment.rotate(img, 45.0))
+    assert r45[0, 0].sum() == 0 and r45[4, 4].tolist() == np.asarray(img)[4, 4].tolist()
+
+
+def test_training_batch_labels_and_shapes(synthetic):
+    method = build_method(dra_config())
+    mesh = make_mesh(jax.devices()[:1])
+    data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
+                          synthetic.images[synthetic.labels == 1][:4], mesh)
+    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24))(data, jax.random.key(0))
+    assert batch["images"].shape == (24, SIZE, SIZE, 3) and batch["ref"].shape == (5, SIZE, SIZE, 3)
+    labels = np.asarray(batch["labels"])
+    assert (labels == 1).sum() == 8 and set(labels[:16]) <= {0, 2} and (labels == 2).sum() > 2
+
+
+def test_test_scores_do_not_depend_on_batching(synthetic):
+    config = dra_config()
+    method = build_method(config)
+    mesh = make_mesh()
+    data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
+                          synthetic.images[synthetic.labels == 1][:4], mesh)
+    tx = method.optimizer(20)
+    state = init_state(method, jax.random.key(0), data, tx, mesh)
+    assert state.extras["ref_images"].shape == (5, SIZE, SIZE, 3)
+    again = init_state(method, jax.random.key(0), data, tx, mesh)
+    np.testing.assert_array_equal(state.extras["ref_images"], again.extras["ref_images"])
+    fn = make_score_fn(method, mesh)
+    variables = {"params": state.params, "batch_stats": state.batch_stats, "extras": state.extras}
+    images = synthetic.images[:40]
+    a = score_images(fn, variables, images, mesh, batch_size=16)
+    order = np.random.default_rng(0).permutation(40)
+    b = score_images(fn, variables, images[order], mesh, batch_size=8)
+    for head in ("score", *HEADS):
+        np.testing.assert_allclose(a[head][order], b[head], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant,heads", [("DRA1A", {"seen"}), ("DRA3An",
+                                           {"seen", "pseudo", "normality"})])
+def test_ablation_variants_build_only_their_heads(variant, heads):
+    method = build_method(dra_config(**{"dra.variant": variant}))
+    v = jax.eval_shape(method.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    assert set(v["params"]) == {"backbone"} | heads
