@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c.dra.pseudo_prob = 0.5
     c.dra.rotate = True
     c.dra.rotate_degrees = 180.0
+    c.dra.test_reference = "fixed"  # fixed seeded set kept in the checkpoint; per_batch: released
     c.dra.outlier_root = ""  # folder of external images: outlier exposure instead of CutPaste
 
     for variant in (arg or "").split(","):

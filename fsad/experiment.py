@@ -111,7 +111,8 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     del train_data
     t_eval = time.time()
     scores = score_images(make_score_fn(method, mesh), variables_of(state),
-                          data.images[split.test], mesh, config.eval_batch_size)
+                          data.images[split.test], mesh, config.eval_batch_size,
+                          key=jax.random.key(seed + 10_000) if method.random_scores else None)
     labels = data.labels[split.test]
     metrics = image_metrics(labels, scores["score"])
     for head, s in scores.items():

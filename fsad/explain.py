@@ -95,6 +95,8 @@ def explain_images(method, variables, images: np.ndarray, config) -> np.ndarray:
     def score_one(v, x):
         return method.score(v, normalize_uint8(x[None]))["score"][0]
 
+    if method.random_scores and "key" not in variables:  # one reference draw for all maps
+        variables = {**variables, "key": jax.random.key(0)}
     e = config.explain
     fn = make_saliency_fn(score_one, e.kernel_size, e.sigma, e.released_postprocess)
     return saliency_batches(fn, variables, images, e.batch_size)

@@ -73,8 +73,9 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
+    key = jax.random.key(config.seed + 10_000) if method.random_scores else None
     scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
-                          config.eval_batch_size)["score"]
+                          config.eval_batch_size, key=key)["score"]
     cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
                     config.explain.confidence)
     output = output or os.path.join(workdir, "scores.csv")

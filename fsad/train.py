@@ -88,6 +88,7 @@ class Method:
     score: Callable
     optimizer: Callable
     init_extras: Callable = lambda key, data: {}
+    random_scores: bool = False  # score() reads variables["key"] (see score_images)
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -196,8 +197,13 @@ def make_score_fn(method: Method, mesh: Mesh) -> Callable:
 
 
 def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
-                 batch_size: int = 64, desc: str = "scoring") -> dict[str, np.ndarray]:
-    """Scores a uint8 array in fixed-size batches (last one padded). Returns dict of [N]."""
+                 batch_size: int = 64, desc: str = "scoring",
+                 key: jax.Array | None = None) -> dict[str, np.ndarray]:
+    """Scores a uint8 array in fixed-size batches (last one padded). Returns dict of [N].
+
+    With `key`, batch i sees variables["key"] = fold_in(key, i): methods whose
+    test scores are random per batch (DRA's released reference draw) use it.
+    """
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     chunks = []
@@ -207,7 +213,9 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        out = score_fn(variables, jax.device_put(chunk, batch_sharded(mesh)))
+        v = variables if key is None else {**variables,
+                                           "key": jax.random.fold_in(key, start // batch_size)}
+        out = score_fn(v, jax.device_put(chunk, batch_sharded(mesh)))
         chunks.append(jax.tree.map(lambda a, k=len(chunk) - pad: np.asarray(a)[:k], out))
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 

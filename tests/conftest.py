@@ -34,10 +34,10 @@ def synthetic(synthetic_root):
     return read_folder(synthetic_root, SIZE, cache_dir="")
 
 
-def tiny_config(**overrides):
-    """DevNet config for SIZE-px synthetic data, a few steps, batch 16."""
-    from configs.devnet import get_config
-    c = get_config()
+def tiny_config(method="devnet", **overrides):
+    """A method's config for SIZE-px synthetic data, a few steps, batch 16."""
+    import importlib
+    c = importlib.import_module(f"configs.{method}").get_config()
     c.data.name = "synthetic"
     c.data.img_size = SIZE
     c.data.cache_dir = ""

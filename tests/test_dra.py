@@ -13,17 +13,7 @@ from fsad.train import init_state, make_mesh, make_score_fn, put_train_data, sco
 
 
 def dra_config(**kw):
-    from configs.dra import get_config
-    c = get_config()
-    c.data.img_size = SIZE
-    c.batch_size = 24
-    for k, v in kw.items():
-        node = c
-        *path, leaf = k.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return tiny_config("dra", batch_size=24, **kw)
 
 
 def test_head_routing_on_a_hand_built_batch():
@@ -110,3 +100,18 @@ def test_ablation_variants_build_only_their_heads(variant, heads):
     method = build_method(dra_config(**{"dra.variant": variant}))
     v = jax.eval_shape(method.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
     assert set(v["params"]) == {"backbone"} | heads
+
+
+def test_released_per_batch_reference_makes_scores_depend_on_the_batch(synthetic):
+    method = build_method(dra_config(**{"dra.test_reference": "per_batch"}))
+    mesh = make_mesh()
+    data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
+                          synthetic.images[synthetic.labels == 1][:4], mesh)
+    state = init_state(method, jax.random.key(0), data, method.optimizer(20), mesh)
+    assert state.extras["ref_pool"].shape == (30, SIZE, SIZE, 3)
+    variables = {"params": state.params, "batch_stats": state.batch_stats, "extras": state.extras}
+    fn = make_score_fn(method, mesh)
+    a = score_images(fn, variables, synthetic.images[:16], mesh, 8, key=jax.random.key(1))
+    b = score_images(fn, variables, synthetic.images[:16], mesh, 8, key=jax.random.key(2))
+    assert not np.allclose(a["residual"], b["residual"])
+    np.testing.assert_allclose(a["seen"], b["seen"], rtol=1e-5)  # only the residual head reads it

@@ -131,6 +131,8 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
 def dra(config) -> Method:
     """The DRA method from a config (fields model.*, dra.*, loss.*, optim.*)."""
     d = config.dra
+    if d.test_reference not in ("fixed", "per_batch"):
+        raise ValueError(f"dra.test_reference must be fixed or per_batch, got {d.test_reference!r}")
     if d.variant not in VARIANTS:
         raise ValueError(f"unknown DRA variant {d.variant!r}; choose one of {sorted(VARIANTS)}")
     heads = VARIANTS[d.variant]
@@ -143,7 +145,10 @@ def dra(config) -> Method:
         return dict(model.init(key, images, ref, train=False))
 
     def init_extras(key, data):
-        """The fixed, seeded test reference set: n_ref training normals."""
+        """The fixed, seeded test reference set (n_ref training normals); with
+        test_reference="per_batch", the pool of training normals it is drawn from."""
+        if d.test_reference == "per_batch":
+            return {"ref_pool": data.images[:int(data.n_normal)]}
         idx = jax.random.choice(key, data.n_normal, (d.n_ref,), replace=False)
         return {"ref_images": data.images[idx]}
 
@@ -185,7 +190,13 @@ def dra(config) -> Method:
 
     def score(variables, images):
         v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        ref = normalize_uint8(variables["extras"]["ref_images"])
+        extras = variables["extras"]
+        if "ref_pool" in extras:  # the released code: a fresh reference set per test batch
+            pool = extras["ref_pool"]
+            ref = pool[jax.random.randint(variables["key"], (d.n_ref,), 0, pool.shape[0])]
+        else:
+            ref = extras["ref_images"]
+        ref = normalize_uint8(ref)
         heads_out = model.apply(v, images, ref, train=False)
         # each head's contribution to the anomaly score: normality enters negated
         parts = {h: -s if h == "normality" else s for h, s in heads_out.items()}
@@ -196,4 +207,5 @@ def dra(config) -> Method:
         return make_optimizer(o.lr, o.weight_decay, steps_per_epoch, o.decay_every_epochs,
                               o.decay_factor, o.clip_norm)
 
-    return Method("dra", init, sample_batch, loss, score, optimizer, init_extras)
+    return Method("dra", init, sample_batch, loss, score, optimizer, init_extras,
+                  random_scores=d.test_reference == "per_batch")
