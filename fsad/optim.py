@@ -31,3 +31,10 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.adam(schedule))
     return optax.chain(*parts)
+
+
+def optimizer_from_config(optim_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
+    """`make_optimizer` from a config's optim.* fields."""
+    o = optim_cfg
+    return make_optimizer(o.lr, o.weight_decay, steps_per_epoch, o.decay_every_epochs,
+                          o.decay_factor, o.clip_norm)

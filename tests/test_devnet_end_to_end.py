@@ -64,12 +64,13 @@ def test_cli_writes_results_and_resumes(synthetic_root, tmp_path):
     # scoring the test folder with the trained run reproduces the evaluation scores
     csv_path = os.path.join(work, "test_scores.csv")
     score_cmd = cmd + ["--mode=score", f"--input={os.path.join(synthetic_root, 'test')}",
-                       f"--output={csv_path}"]
+                       f"--output={csv_path}", "--heatmaps"]
     scored = subprocess.run(score_cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert scored.returncode == 0, scored.stderr[-3000:]
     with open(csv_path) as f:
         rows = {r["file"]: r for r in csv.DictReader(f)}
     assert len(rows) == 20 + 36
+    assert len(os.listdir(os.path.join(work, "heatmaps"))) == 20 + 36
     ev = np.load(os.path.join(work, "seed_2", "test_scores.npz"))
     assert len(ev["file_ids"]) == 20 + 24
     for fid, score, p in zip(ev["file_ids"], ev["score"], ev["p_value"]):

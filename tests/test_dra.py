@@ -115,3 +115,25 @@ def test_released_per_batch_reference_makes_scores_depend_on_the_batch(synthetic
     b = score_images(fn, variables, synthetic.images[:16], mesh, 8, key=jax.random.key(2))
     assert not np.allclose(a["residual"], b["residual"])
     np.testing.assert_allclose(a["seen"], b["seen"], rtol=1e-5)  # only the residual head reads it
+
+
+def test_outlier_exposure_replaces_cutpaste(synthetic, tmp_path):
+    from PIL import Image
+    from fsad.experiment import load_outliers
+    folder = tmp_path / "outliers" / "nested"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 50 * (i + 1), np.uint8)).save(folder / f"{i}.jpg")
+    config = dra_config(**{"dra.outlier_root": str(tmp_path / "outliers")})
+    outliers = load_outliers(config)
+    assert outliers.shape == (3, SIZE, SIZE, 3)
+    config.dra.rotate = False  # keep the flat images flat
+    method = build_method(config)
+    data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
+                          synthetic.images[synthetic.labels == 1][:4], make_mesh(jax.devices()[:1]),
+                          outliers)
+    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24))(data, jax.random.key(3))
+    pseudo = np.asarray(batch["images"])[np.asarray(batch["labels"]) == 2]
+    assert len(pseudo) > 0
+    for im in pseudo:  # each pseudo anomaly is one of the flat outlier images
+        assert len(np.unique(im)) == 1 and int(im[0, 0, 0]) in (50, 100, 150)

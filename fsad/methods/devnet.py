@@ -7,7 +7,7 @@ import flax.linen as nn
 from fsad.losses import deviation_loss, sample_prior
 from fsad.models.heads import TopKScorer
 from fsad.models.resnet import ResNet, normalize_uint8
-from fsad.optim import make_optimizer
+from fsad.optim import optimizer_from_config
 from fsad.train import Method, sample_balanced
 
 
@@ -54,8 +54,6 @@ def devnet(config) -> Method:
         return {"score": model.apply(v, images, train=False)["score"]}
 
     def optimizer(steps_per_epoch):
-        o = config.optim
-        return make_optimizer(o.lr, o.weight_decay, steps_per_epoch, o.decay_every_epochs,
-                              o.decay_factor, o.clip_norm)
+        return optimizer_from_config(config.optim, steps_per_epoch)
 
     return Method("devnet", init, sample_batch, loss, score, optimizer)

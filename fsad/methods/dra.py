@@ -19,7 +19,7 @@ from fsad.data.augment import cutpaste, random_rotation
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.resnet import ResNet, normalize_uint8
-from fsad.optim import make_optimizer
+from fsad.optim import optimizer_from_config
 from fsad.train import Method
 
 HEADS = ("seen", "pseudo", "residual", "normality")
@@ -203,9 +203,7 @@ def dra(config) -> Method:
         return {"score": combine(heads_out), **parts}
 
     def optimizer(steps_per_epoch):
-        o = config.optim
-        return make_optimizer(o.lr, o.weight_decay, steps_per_epoch, o.decay_every_epochs,
-                              o.decay_factor, o.clip_norm)
+        return optimizer_from_config(config.optim, steps_per_epoch)
 
     return Method("dra", init, sample_batch, loss, score, optimizer, init_extras,
                   random_scores=d.test_reference == "per_batch")
