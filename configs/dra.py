@@ -14,32 +14,11 @@ Ablations: ``--config.dra.variant=DRA1A|DRA2A|DRA3Ar|DRA3An|DRA``;
 
 from ml_collections import config_dict
 
-from fsad.config import base_config
+from fsad.config import add_dra, base_config
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-    c = base_config()
-    c.method = "dra"
-    c.anomaly_fraction = 1 / 3
-    c.epochs = 30
-    c.optim.lr = 2e-4
-    c.optim.weight_decay = 1e-5
-    c.optim.decay_every_epochs = 10
-    c.optim.decay_factor = 0.1
-    c.optim.clip_norm = 1.0
-
-    c.dra = config_dict.ConfigDict()
-    c.dra.variant = "DRA"  # DRA1A | DRA2A | DRA3Ar | DRA3An | DRA
-    c.dra.loss = "deviation"  # deviation | bce | focal
-    c.dra.n_ref = 5
-    c.dra.n_scales = 2
-    c.dra.residual_stride = 3
-    c.dra.pseudo_prob = 0.5
-    c.dra.rotate = True
-    c.dra.rotate_degrees = 180.0
-    c.dra.test_reference = "fixed"  # fixed seeded set kept in the checkpoint; per_batch: released
-    c.dra.outlier_root = ""  # folder of external images: outlier exposure instead of CutPaste
-
+    c = add_dra(base_config())
     for variant in (arg or "").split(","):
         if variant == "paper":
             c.optim.lr = 1e-3

@@ -59,3 +59,76 @@ def base_config() -> config_dict.ConfigDict:
     c.eval_batch_size = 64
     c.keep_checkpoints = 3
     return c
+
+
+
+def add_dra(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """DRA's fields and the released code's training defaults (spec §6)."""
+    c.method = "dra"
+    c.anomaly_fraction = 1 / 3
+    c.epochs = 30
+    c.optim.lr = 2e-4
+    c.optim.weight_decay = 1e-5
+    c.optim.decay_every_epochs = 10
+    c.optim.decay_factor = 0.1
+    c.optim.clip_norm = 1.0
+
+    c.dra = config_dict.ConfigDict()
+    c.dra.variant = "DRA"  # DRA1A | DRA2A | DRA3Ar | DRA3An | DRA
+    c.dra.loss = "deviation"  # deviation | bce | focal
+    c.dra.n_ref = 5
+    c.dra.n_scales = 2
+    c.dra.residual_stride = 3
+    c.dra.pseudo_prob = 0.5
+    c.dra.rotate = True
+    c.dra.rotate_degrees = 180.0
+    c.dra.test_reference = "fixed"  # fixed seeded set kept in the checkpoint; per_batch: released
+    c.dra.outlier_root = ""  # folder of external images: outlier exposure instead of CutPaste
+    return c
+
+
+def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
+    """AHL's fields on top of a DRA or DevNet config (spec §7; the paper's values)."""
+    c.method = "ahl"
+    c.ahl = config_dict.ConfigDict()
+    c.ahl.base = base  # "dra" or "devnet": the base model trained first, then frozen
+    c.ahl.clusters = 3  # C
+    c.ahl.pseudo_frac = 0.5
+    c.ahl.epochs = 30
+    c.ahl.inner_steps = 3
+    c.ahl.inner_lr = 2e-4
+    c.ahl.first_order = False  # MAML second order by default
+    c.ahl.history = 5  # K
+    c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
+    c.ahl.psi_hidden = 7
+    c.ahl.psi_fc = 14
+    c.ahl.psi_lr = 0.02
+    c.ahl.psi_steps = 20
+    c.ahl.texture_root = ""  # e.g. DTD images for the Perlin family; default: training normals
+    c.ahl.optim = config_dict.ConfigDict()
+    c.ahl.optim.lr = 5e-3  # paper; the released code: 2e-3, wd 1e-4, x0.1 / 10 epochs, clip 1
+    c.ahl.optim.weight_decay = 0.0
+    c.ahl.optim.decay_every_epochs = 0
+    c.ahl.optim.decay_factor = 0.1
+    c.ahl.optim.clip_norm = 0.0
+    return c
+
+
+def ahl_variant(c: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDict:
+    """Variants shared by configs/ahl_*.py: released (optimiser, weighting), quick."""
+    for v in (variant or "").split(","):
+        if v == "released":
+            c.ahl.optim.lr = 2e-3
+            c.ahl.optim.weight_decay = 1e-4
+            c.ahl.optim.decay_every_epochs = 10
+            c.ahl.optim.clip_norm = 1.0
+            c.ahl.weighting = "released"
+        elif v == "quick":
+            c.data.img_size = 96
+            c.epochs = 5
+            c.ahl.epochs = 10
+            if "dra" in c:
+                c.optim.decay_every_epochs = 2
+        elif v:
+            raise ValueError(f"unknown variant {v!r}; use released and/or quick")
+    return c

@@ -71,14 +71,18 @@ def _check_workdir(workdir: str, config) -> None:
 
 def load_outliers(config) -> np.ndarray | None:
     """Outlier-exposure images (config.dra.outlier_root), decoded at img_size, or None."""
-    root = config.get("dra", {}).get("outlier_root", "") if "dra" in config else ""
+    return load_folder_images(config.dra.outlier_root if "dra" in config else "", config)
+
+
+def load_folder_images(root: str, config) -> np.ndarray | None:
+    """Every image under `root` (recursively) decoded at img_size; None for no root."""
     if not root:
         return None
     from fsad.data.decode import decode_many
     from fsad.scoring import list_images_recursive
     files = list_images_recursive(root)
     return decode_many([os.path.join(root, f) for f in files], config.data.img_size,
-                       desc="decoding outliers")
+                       desc=f"decoding {root}")
 
 
 def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
@@ -128,14 +132,27 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
                                 test_masks, scores["score"], data.file_ids[split.test], config,
                                 seed_dir)
         metrics.update({k: v for k, v in explained.items() if k.startswith("pixel_")})
+        # (explanations are of the base network; AHL replaces only its heads)
         metrics["explain_seconds"] = time.time() - t_explain
+    if config.method == "ahl":
+        from fsad.methods.ahl import run_ahl
+        ahl = run_ahl(config, variables_of(state), data.images[split.train_normal],
+                      data.images[split.train_anomaly], data.images[split.test], mesh, seed,
+                      seed_dir, load_folder_images(config.ahl.texture_root, config))
+        base = {f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")}
+        same = image_metrics(labels, ahl.pop("base_scores"))
+        scores = {"score": ahl.pop("scores"), "base_score": scores["score"]}
+        metrics = {**image_metrics(labels, scores["score"]), **base,
+                   "base_auroc_same_features": same["auroc"], **{
+                       k: v for k, v in metrics.items() if k.startswith("pixel_")}}
+        metrics["ahl"] = ahl
     result = {"seed": seed, **metrics,
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,
               "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
     os.makedirs(seed_dir, exist_ok=True)
     np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
-             labels=labels, p_value=cal["p_value"], **scores)
+             labels=labels, p_value=cal["p_value"], **scores)  # p-values of the base scores
     with open(done, "w") as f:
         json.dump(result, f, indent=2)
     return result
@@ -150,7 +167,7 @@ def run_experiment(config, workdir: str, devices=None) -> dict:
     runs = [run_seed(config, data, config.seed + i, workdir, mesh)
             for i in range(config.num_seeds)]
     results = {
-        "method": config.method,
+        "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
         "dataset": data.name,
         "summary": mean_std(runs),
         "runs": runs,
@@ -183,7 +200,7 @@ def summary_text(results: dict) -> str:
         f"{r0['split']['test_anomaly']} anomalies ({', '.join(r0['split']['test_anomaly_classes'])})",
     ]
     for k in s:
-        if k.startswith(("auroc_", "pixel_auroc")):
+        if k.startswith(("auroc_", "pixel_auroc", "base_auroc")):
             lines.append(f"  {k:<14} {pm(k)}")
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))

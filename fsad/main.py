@@ -40,6 +40,9 @@ def main(argv):
         if not _INPUT.value:
             raise app.UsageError("--mode score needs --input DIR")
         from fsad.scoring import score_folder
+        if config.method == "ahl":
+            raise app.UsageError("--mode score does not support AHL runs yet: it scores with "
+                                 "the base network; use the base method's config and workdir")
         check_stored_config(workdir, config, must_exist=True)
         path = score_folder(config, workdir, _INPUT.value, _OUTPUT.value, _HEATMAPS.value)
         print(f"scores: {path}")

@@ -99,7 +99,7 @@ def test_test_scores_do_not_depend_on_batching(synthetic):
 def test_ablation_variants_build_only_their_heads(variant, heads):
     method = build_method(dra_config(**{"dra.variant": variant}))
     v = jax.eval_shape(method.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    assert set(v["params"]) == {"backbone"} | heads
+    assert set(v["params"]) == {"backbone", "heads"} and set(v["params"]["heads"]) == heads
 
 
 def test_released_per_batch_reference_makes_scores_depend_on_the_batch(synthetic):

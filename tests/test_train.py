@@ -13,7 +13,7 @@ from fsad.train import (fit, init_state, make_mesh, make_train_step, put_train_d
 
 
 def _setup(devices, synthetic, tx=None):
-    config = tiny_config()
+    config = tiny_config(**{"data.img_size": synthetic.images.shape[1]})
     method = build_method(config)
     mesh = make_mesh(devices)
     tx = tx or method.optimizer(config.steps_per_epoch)
@@ -24,26 +24,42 @@ def _setup(devices, synthetic, tx=None):
     return method, mesh, tx, state, data
 
 
-def test_eight_devices_match_one(synthetic):
-    """Plain SGD, so that the comparison sees the sharded forward/backward and BN
-    statistics; Adam's first steps are lr * sign(g), which turns reduction-order
-    noise in near-zero gradients into lr-sized differences."""
+def _rel_err(a, b):
+    """Norm-wise relative error, the measure that suits float reductions."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
+
+
+def test_eight_devices_match_one(tmp_path):
+    """One step, plain SGD: the sharded forward/backward and global BatchNorm statistics
+    match one device. (Adam's first step is lr * sign(g), which would turn reduction-order
+    noise in near-zero gradients into lr-sized differences.) 64 px so that BatchNorm's last
+    stage normalises over 64 values, not 16 single pixels that magnify float noise."""
     assert jax.device_count() == 8, "conftest forces 8 CPU devices"
+    from fsad.data import read_folder
+    from fsad.data.synthetic import write_synthetic_dataset
+    syn = read_folder(write_synthetic_dataset(str(tmp_path / "s64"), size=64, n_train=40,
+                                              n_test_good=4, n_per_class=2), 64, "")
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        method, mesh, tx, state, data = _setup(devices, synthetic, optax.sgd(0.05))
+        method, mesh, tx, state, data = _setup(devices, syn, optax.sgd(0.05))
+        init = jax.device_get(state.params)
         step = make_train_step(method, tx, mesh, 16)
         state, metrics = step(state, data, jax.random.key(10))
-        results.append((jax.device_get(state), float(metrics["loss"])))
+        update = jax.tree.map(lambda new, old: np.asarray(new) - old, jax.device_get(state.params),
+                              init)
+        results.append((update, jax.device_get(state.batch_stats), float(metrics["loss"])))
         if len(devices) == 8:
             leaf = jax.tree.leaves(state.params)[0]
             assert len(leaf.sharding.device_set) == 8  # replicated over the mesh
-    (s1, l1), (s8, l8) = results
-    assert l1 == pytest.approx(l8, rel=1e-4, abs=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s8.params)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(s1.batch_stats), jax.tree.leaves(s8.batch_stats)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    (u1, b1, l1), (u8, b8, l8) = results
+    assert l1 == pytest.approx(l8, rel=1e-5)
+    errs = [_rel_err(a, b) for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u8))]
+    print(f"update rel. err: max {max(errs):.2e}, median {np.median(errs):.2e}")
+    assert max(errs) < 1e-3, max(errs)
+    assert float(np.median(errs)) < 1e-5
+    for a, b in zip(jax.tree.leaves(b1), jax.tree.leaves(b8)):
+        assert _rel_err(a, b) < 1e-5
 
 
 def test_batch_not_divisible_is_refused(synthetic):

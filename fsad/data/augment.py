@@ -105,3 +105,55 @@ def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
 def cutpaste(key: jax.Array, image: jax.Array, **kw):
     """DRA's released pseudo anomaly: a jittered patch of the image pasted elsewhere in it."""
     return paste_patch(key, image, image, **kw)
+
+
+def cutmix(key: jax.Array, image: jax.Array, other: jax.Array, **kw):
+    """A jittered patch of `other` pasted into `image` (AHL's CutMix). -> (image, mask)."""
+    return paste_patch(key, image, other, **kw)
+
+
+def perlin_noise(key: jax.Array, shape: tuple, res: int) -> jax.Array:
+    """2-D Perlin noise on a res x res lattice of random unit gradients. -> [H, W] in ~[-1, 1]."""
+    h, w = shape
+    angles = jax.random.uniform(key, (res + 1, res + 1), maxval=2 * math.pi)
+    grads = jnp.stack([jnp.cos(angles), jnp.sin(angles)], -1)
+    y = jnp.linspace(0, res, h, endpoint=False)[:, None] * jnp.ones((1, w))
+    x = jnp.linspace(0, res, w, endpoint=False)[None, :] * jnp.ones((h, 1))
+    y0, x0 = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
+    fy, fx = y - y0, x - x0
+
+    def dot(dy, dx):
+        g = grads[y0 + dy, x0 + dx]
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    fade = lambda t: 6 * t ** 5 - 15 * t ** 4 + 10 * t ** 3  # noqa: E731
+    u, v = fade(fx), fade(fy)
+    top = dot(0, 0) * (1 - u) + dot(0, 1) * u
+    bottom = dot(1, 0) * (1 - u) + dot(1, 1) * u
+    return math.sqrt(2) * (top * (1 - v) + bottom * v)
+
+
+def perlin_blend(key: jax.Array, image: jax.Array, texture: jax.Array,
+                 resolutions=(2, 4, 8), threshold: float = 0.5, max_beta: float = 0.8,
+                 jitter: float = 0.3):
+    """DRAEM-style pseudo anomaly: a Perlin mask (noise > threshold) blends a colour-
+    augmented texture into the image with opacity 1 - beta, beta ~ U(0, max_beta).
+
+    Args:
+      image, texture: [H, W, 3] uint8.
+    Returns:
+      (image [H, W, 3] uint8, mask [H, W] bool). The mask is never empty.
+    """
+    h, w = image.shape[:2]
+    k_res, k_noise, k_beta, k_jit = jax.random.split(key, 4)
+    noises = jnp.stack([perlin_noise(k, (h, w), r) for k, r in
+                        zip(jax.random.split(k_noise, len(resolutions)), resolutions)])
+    noise = noises[jax.random.randint(k_res, (), 0, len(resolutions))]
+    mask = noise > threshold
+    mask = mask.at[jnp.unravel_index(jnp.argmax(noise), (h, w))].set(True)
+    beta = jax.random.uniform(k_beta, (), maxval=max_beta)
+    tex = colour_jitter(k_jit, texture.astype(jnp.float32) / 255.0, jitter) * 255.0
+    img = image.astype(jnp.float32)
+    blended = beta * img + (1 - beta) * tex
+    out = jnp.where(mask[..., None], blended, img)
+    return jnp.round(out).astype(jnp.uint8), mask

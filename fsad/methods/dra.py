@@ -38,6 +38,47 @@ def half_nearest(x: jax.Array) -> jax.Array:
     return x[:, ::2, ::2]
 
 
+class DRAHeads(nn.Module):
+    """The four heads over trunk features at every pyramid scale; each head's score is
+    the mean over scales.
+
+    Call:
+      feats: list over scales of [B, h_s, w_s, C]; ref_means: list of [h_s, w_s, C]
+      (mean map of the reference set at that scale) -> {head: [B]}.
+    """
+
+    topk: float = 0.1
+    heads: tuple = HEADS
+    residual_stride: int = 3
+
+    @nn.compact
+    def __call__(self, feats, ref_means, train: bool = False):
+        modules = {
+            "seen": TopKScorer(self.topk, True, name="seen"),
+            "pseudo": TopKScorer(self.topk, True, name="pseudo"),
+            "residual": ResidualScorer(self.topk, self.residual_stride, name="residual"),
+            "normality": NormalityScorer(name="normality"),
+        }
+        per_scale = {h: [] for h in self.heads}
+        for f, ref_mean in zip(feats, ref_means):
+            for h in self.heads:
+                if h in ("seen", "pseudo"):
+                    per_scale[h].append(modules[h](f)[0])
+                elif h == "residual":
+                    per_scale[h].append(modules[h](f, ref_mean, train))
+                else:
+                    per_scale[h].append(modules[h](f))
+        return {h: jnp.mean(jnp.stack(v), axis=0) for h, v in per_scale.items()}
+
+
+def pyramid(images: jax.Array, n_scales: int) -> list:
+    """[B, H, W, 3] -> the list of scales (input, then nearest halvings)."""
+    out = [images]
+    for _ in range(1, n_scales):
+        out.append(half_nearest(out[-1]))
+    return out
+
+
 class DRAModel(nn.Module):
     """Call: x [B, H, W, 3], ref [R, H, W, 3] (both normalised) -> {head: [B]}.
 
@@ -53,28 +94,14 @@ class DRAModel(nn.Module):
     @nn.compact
     def __call__(self, x, ref, train: bool = False):
         trunk = ResNet(self.backbone, name="backbone")
-        modules = {
-            "seen": TopKScorer(self.topk, True, name="seen"),
-            "pseudo": TopKScorer(self.topk, True, name="pseudo"),
-            "residual": ResidualScorer(self.topk, self.residual_stride, name="residual"),
-            "normality": NormalityScorer(name="normality"),
-        }
         n_ref = ref.shape[0]
-        per_scale = {h: [] for h in self.heads}
-        images = jnp.concatenate([ref, x])
-        for s in range(self.n_scales):
-            if s:
-                images = half_nearest(images)
-            feats = trunk(images, train)
-            ref_feats, feats = feats[:n_ref], feats[n_ref:]
-            for h in self.heads:
-                if h in ("seen", "pseudo"):
-                    per_scale[h].append(modules[h](feats)[0])
-                elif h == "residual":
-                    per_scale[h].append(modules[h](feats, ref_feats.mean(0), train))
-                else:
-                    per_scale[h].append(modules[h](feats))
-        return {h: jnp.mean(jnp.stack(v), axis=0) for h, v in per_scale.items()}
+        feats, ref_means = [], []
+        for images in pyramid(jnp.concatenate([ref, x]), self.n_scales):
+            f = trunk(images, train)
+            feats.append(f[n_ref:])
+            ref_means.append(f[:n_ref].mean(0))
+        return DRAHeads(self.topk, self.heads, self.residual_stride, name="heads")(
+            feats, ref_means, train)
 
 
 def combine(head_scores: dict) -> jax.Array:
@@ -103,12 +130,14 @@ def head_routing(labels: jax.Array) -> dict:
 
 
 def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str = "deviation",
-                prior_size: int = 5000, margin: float = 5.0) -> dict:
+                prior_size: int = 5000, margin: float = 5.0,
+                sample_mask: jax.Array | None = None) -> dict:
     """Each head's loss on the samples routed to it; fresh prior samples per head.
 
     Args:
       head_scores: {head: [B]}; labels: [B] {0, 1, 2}; key: PRNG key.
       loss: "deviation", "bce" or "focal".
+      sample_mask: optional [B] {0, 1}; padded samples (0) reach no head.
     Returns:
       {head: scalar}.
     """
@@ -116,6 +145,8 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
     out = {}
     for i, (h, s) in enumerate(sorted(head_scores.items())):
         target, mask = routes[h]
+        if sample_mask is not None:
+            mask = mask * sample_mask
         if loss == "deviation":
             prior = sample_prior(jax.random.fold_in(key, i), prior_size)
             out[h] = deviation_loss(s, target, prior, margin, mask)

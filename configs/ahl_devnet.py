@@ -1,0 +1,11 @@
+"""AHL on DevNet: train DevNet, freeze its trunk, meta-train its scorer head.
+
+``--config configs/ahl_devnet.py[:released][,quick]``; every ``ahl.*`` field is in
+fsad/config.py. The DevNet stage keeps DevNet's paper defaults.
+"""
+
+from fsad.config import add_ahl, ahl_variant, base_config
+
+
+def get_config(arg=None):
+    return ahl_variant(add_ahl(base_config(), "devnet"), arg)

@@ -1,0 +1,11 @@
+"""AHL on DRA (Zhu et al., CVPR 2024): train DRA, freeze its trunk, meta-train its heads.
+
+``--config configs/ahl_dra.py[:released][,quick]``; every ``ahl.*`` field is in
+fsad/config.py. Results report AHL(DRA) and the DRA heads on the same features.
+"""
+
+from fsad.config import add_ahl, add_dra, ahl_variant, base_config
+
+
+def get_config(arg=None):
+    return ahl_variant(add_ahl(add_dra(base_config()), "dra"), arg)

@@ -1,0 +1,501 @@
+"""AHL (Zhu et al., CVPR 2024): anomaly heterogeneity learning on a DRA or DevNet base.
+
+Pipeline (spec §7), after the base model is trained and its trunk frozen:
+
+1. Features: the trunk's maps at every pyramid scale for training normals,
+   seen anomalies, three pseudo-anomaly families of every training normal
+   (CutMix, CutPaste, Perlin-mask blends) and the test set: one *bank*.
+2. HADG: k-means (C clusters) on normal features; one task per ordered pair of
+   clusters (support normals from one, query normals from the other) plus one
+   task on all normals split 50/50; seen anomalies split so that the query holds
+   "virtual unseen" ones; each task turns about half of its normals into pseudo
+   anomalies, support and query from two different families.
+3. CDL: every epoch, T base models start from the unified head weights, take
+   `inner_steps` SGD steps on their support set (differentiably: MAML second
+   order, or first order by switch), are scored on their query set, and the
+   unified heads take one Adam step on sum_i w_i L_i. The T tasks are one vmapped
+   program over padded, masked index arrays.
+4. Importance: a BiLSTM psi predicts each sample's next-epoch scores under the T
+   models from the previous K epochs; r_i weighs the squared error of the
+   predicted (min-max scaled) scores against the labels, and w = softmax(-r).
+
+The bank layout (rows): normals [0, Nn), seen anomalies [Nn, Nn+Na), then
+family f's pseudo anomaly of normal k at Nn + Na + f * Nn + k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
+
+from fsad.data.augment import cutmix, cutpaste, perlin_blend
+from fsad.losses import deviation_loss, sample_prior
+from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, pyramid
+from fsad.models.heads import TopKScorer
+from fsad.models.resnet import ResNet, normalize_uint8
+from fsad.models.sequence import ScoreSequenceModel
+from fsad.optim import optimizer_from_config
+from fsad.train import checkpoint_manager, restore_latest, score_images
+
+FAMILIES = ("cutmix", "cutpaste", "perlin")
+NORMAL, SEEN, PSEUDO = 0, 1, 2
+
+
+# ---------------------------------------------------------------- features
+
+def n_scales_of(config) -> int:
+    return config.dra.n_scales if config.ahl.base == "dra" else 1
+
+
+def make_feature_fn(config):
+    """Jitted (variables, images uint8 [B,H,W,3]) -> {"s0": [B,h,w,C], "s1": ...}."""
+    trunk = ResNet(config.model.backbone)
+    n = n_scales_of(config)
+
+    def features(variables, images):
+        v = {"params": variables["params"]["backbone"],
+             "batch_stats": variables["batch_stats"]["backbone"]}
+        x = normalize_uint8(images)
+        return {f"s{i}": trunk.apply(v, xs, train=False) for i, xs in enumerate(pyramid(x, n))}
+
+    return jax.jit(features)
+
+
+def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
+                textures: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
+    """One pseudo anomaly of the given family per normal image. [N,H,W,3] uint8 -> same.
+
+    CutMix pastes from another (random) normal; the Perlin blend takes its texture
+    from `textures` (a texture folder) or, without one, from another normal.
+    """
+    n = len(normals)
+    k_other, k_aug = jax.random.split(key)
+    partner = np.asarray(jax.random.randint(k_other, (n,), 0, n))
+    sources = textures if textures is not None and len(textures) else normals
+    if sources is not normals:
+        partner = partner % len(sources)
+    fn = {"cutmix": jax.vmap(lambda k, a, b: cutmix(k, a, b)[0]),
+          "cutpaste": jax.vmap(lambda k, a, b: cutpaste(k, a)[0]),
+          "perlin": jax.vmap(lambda k, a, b: perlin_blend(k, a, b)[0])}[family]
+    fn = jax.jit(fn)
+    keys = jax.random.split(k_aug, n)
+    out = []
+    for s in range(0, n, chunk):
+        other = (sources if family == "perlin" else normals)[partner[s:s + chunk]]
+        out.append(np.asarray(fn(keys[s:s + chunk], normals[s:s + chunk], other)))
+    return np.concatenate(out)
+
+
+def build_bank(config, variables, normals, anomalies, test_images, mesh, key,
+               textures=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Features of the training bank and of the test set, per scale.
+
+    Returns:
+      (bank [scales] of [Nn + Na + 3 Nn, h, w, C], test [scales] of [Nt, h, w, C]).
+    """
+    fn = make_feature_fn(config)
+    pseudo = [make_pseudo(jax.random.fold_in(key, f), normals, fam, textures)
+              for f, fam in enumerate(FAMILIES)]
+    images = np.concatenate([normals, anomalies, *pseudo])
+    bs = config.eval_batch_size
+    bank = score_images(fn, variables, images, mesh, bs, desc="AHL features")
+    test = score_images(fn, variables, test_images, mesh, bs, desc="AHL test features")
+    keys = sorted(bank)
+    return [bank[k] for k in keys], [test[k] for k in keys]
+
+
+# ---------------------------------------------------------------- HADG
+
+@dataclasses.dataclass
+class Tasks:
+    """T tasks as padded index arrays into the bank.
+
+    support_idx/support_lab/support_mask: [T, S]; query_*: [T, Q] (labels 0/1/2,
+    mask 0 on padding). families: [T, 2] (support, query) family ids.
+    pool_idx: [P] the samples the importance model tracks (every query sample);
+    pool_lab: [P] {0, 1}; pool_coef: [T, P] c_j per model (0 where excluded:
+    that model's own support normals).
+    """
+
+    support_idx: np.ndarray
+    support_lab: np.ndarray
+    support_mask: np.ndarray
+    query_idx: np.ndarray
+    query_lab: np.ndarray
+    query_mask: np.ndarray
+    families: np.ndarray
+    pool_idx: np.ndarray
+    pool_lab: np.ndarray
+    pool_coef: np.ndarray
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.support_idx)
+
+    def device_arrays(self) -> dict:
+        return {k: jnp.asarray(getattr(self, k)) for k in
+                ("support_idx", "support_lab", "support_mask", "query_idx", "query_lab",
+                 "query_mask")}
+
+
+def _pad(rows: list[np.ndarray], fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), fill, np.int32)
+    mask = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return out, mask
+
+
+def cluster_normals(normal_flat: np.ndarray, n_clusters: int, seed: int,
+                    min_size: int = 3) -> list[np.ndarray]:
+    """k-means clusters of normal indices, clusters smaller than min_size dropped."""
+    km = KMeans(n_clusters, random_state=seed, n_init=10).fit(normal_flat)
+    clusters = [np.flatnonzero(km.labels_ == c) for c in range(n_clusters)]
+    return [c for c in clusters if len(c) >= min_size]
+
+
+def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed: int,
+                pseudo_frac: float = 0.5, c_unseen: float = 1.0, c_other: float = 0.5) -> Tasks:
+    """HADG tasks from normal clusters (spec §7).
+
+    Args:
+      clusters: lists of normal indices (bank rows [0, n_normal)).
+      n_normal, n_anomaly: bank layout sizes.
+    Raises:
+      ValueError: fewer than 2 usable clusters.
+    """
+    if len(clusters) < 2:
+        raise ValueError(f"k-means left {len(clusters)} cluster(s) with 3 or more normals; AHL "
+                         f"needs 2. Use more normal images or fewer clusters (--config.ahl.clusters)")
+    rng = np.random.default_rng(seed)
+    anomalies = np.arange(n_normal, n_normal + n_anomaly)
+    normal_sets = [(clusters[i], clusters[j]) for i in range(len(clusters))
+                   for j in range(len(clusters)) if i != j]
+    perm = rng.permutation(n_normal)
+    normal_sets.append((np.sort(perm[:n_normal // 2]), np.sort(perm[n_normal // 2:])))
+
+    def with_pseudo(normals, family):
+        flip = rng.uniform(size=len(normals)) < pseudo_frac
+        idx = np.where(flip, n_normal + n_anomaly + family * n_normal + normals, normals)
+        return idx, np.where(flip, PSEUDO, NORMAL)
+
+    sup_rows, sup_labs, qry_rows, qry_labs, fams, support_normals = [], [], [], [], [], []
+    for sup_n, qry_n in normal_sets:
+        fam_s, fam_q = rng.choice(len(FAMILIES), 2, replace=False)
+        a = rng.permutation(anomalies)
+        if n_anomaly > 1:
+            half = n_anomaly // 2
+            sup_a = a[:half]
+            qry_a = np.concatenate([sup_a[:2], a[half:]])  # 2 seen + the virtual unseen half
+        else:
+            sup_a = qry_a = a
+        s_idx, s_lab = with_pseudo(sup_n, fam_s)
+        q_idx, q_lab = with_pseudo(qry_n, fam_q)
+        sup_rows.append(np.concatenate([s_idx, sup_a]))
+        sup_labs.append(np.concatenate([s_lab, np.full(len(sup_a), SEEN)]))
+        qry_rows.append(np.concatenate([q_idx, qry_a]))
+        qry_labs.append(np.concatenate([q_lab, np.full(len(qry_a), SEEN)]))
+        fams.append((fam_s, fam_q))
+        support_normals.append(set(sup_n.tolist()))
+    s_idx, s_mask = _pad(sup_rows)
+    s_lab, _ = _pad(sup_labs)
+    q_idx, q_mask = _pad(qry_rows)
+    q_lab, _ = _pad(qry_labs)
+    # the importance pool: every query sample; c_j per model
+    pool = np.unique(np.concatenate(qry_rows))
+    is_anom = pool >= n_normal
+    pool_lab = is_anom.astype(np.int32)
+    coef = np.zeros((len(normal_sets), len(pool)), np.float32)
+    for i, rows in enumerate(sup_rows):
+        in_support = np.isin(pool, rows)
+        coef[i] = np.where(is_anom, np.where(in_support, c_other, c_unseen),
+                           np.where(in_support, 0.0, c_other))
+        coef[i, np.isin(pool, list(support_normals[i]))] = 0.0  # X_n,i excluded
+    return Tasks(s_idx, s_lab, s_mask, q_idx, q_lab, q_mask, np.array(fams), pool, pool_lab,
+                 coef)
+
+
+# ---------------------------------------------------------------- heads on features
+
+@dataclasses.dataclass(frozen=True)
+class HeadModel:
+    """The base method's heads as functions of bank features.
+
+    apply(params, feats [scales] of [B,h,w,C]) -> {head: [B]}
+    loss(head_scores, labels [B], mask [B], key) -> scalar
+    score(head_scores) -> [B] anomaly score
+    """
+
+    apply: callable
+    loss: callable
+    score: callable
+
+
+def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]:
+    """Builds the base method's heads and their trained params (the initial theta_g).
+
+    ref_means: DRA's reference mean maps per scale (from the fixed reference set).
+    """
+    lc = config.loss
+    if config.ahl.base == "dra":
+        heads = DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
+                         config.dra.residual_stride)
+        bstats = base_variables["batch_stats"].get("heads", {})
+
+        def apply(params, feats):
+            # BN in the residual head keeps the base model's statistics (eval mode)
+            v = {"params": params, "batch_stats": bstats} if bstats else {"params": params}
+            return heads.apply(v, feats, ref_means, train=False)
+
+        def loss(scores, labels, mask, key):
+            return sum(head_losses(scores, labels, key, config.dra.loss, lc.prior_size,
+                                   lc.margin, sample_mask=mask).values())
+
+        return HeadModel(apply, loss, combine), base_variables["params"]["heads"]
+    scorer = TopKScorer(config.model.topk, config.model.topk_abs)
+
+    def apply_devnet(params, feats):
+        return {"score": scorer.apply({"params": params}, feats[0])[0]}
+
+    def loss_devnet(scores, labels, mask, key):
+        prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
+        return deviation_loss(scores["score"], labels > 0, prior, lc.margin, mask)
+
+    return (HeadModel(apply_devnet, loss_devnet, lambda s: s["score"]),
+            base_variables["params"]["head"])
+
+
+# ---------------------------------------------------------------- CDL
+
+def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool):
+    """The jitted CDL epoch step.
+
+    step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
+         weights [T], pool_idx [P], key) ->
+      (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P]})
+    """
+
+    def task_loss(params, bank, idx, lab, mask, key):
+        feats = [f[idx] for f in bank]
+        return hm.loss(hm.apply(params, feats), lab, mask, key)
+
+    def adapt(params, bank, idx, lab, mask, key):
+        for k in range(inner_steps):
+            g = jax.grad(task_loss)(params, bank, idx, lab, mask, jax.random.fold_in(key, k))
+            if first_order:
+                g = jax.lax.stop_gradient(g)
+            params = jax.tree.map(lambda p, gi: p - inner_lr * gi, params, g)
+        return params
+
+    def per_task(params_g, bank, task, key):
+        k_in, k_out = jax.random.split(key)
+        theta = adapt(params_g, bank, task["support_idx"], task["support_lab"],
+                      task["support_mask"], k_in)
+        q = task_loss(theta, bank, task["query_idx"], task["query_lab"], task["query_mask"],
+                      k_out)
+        return q, theta
+
+    def outer(params_g, bank, tasks, weights, key):
+        keys = jax.random.split(key, weights.shape[0])
+        losses, thetas = jax.vmap(per_task, in_axes=(None, None, 0, 0))(params_g, bank, tasks,
+                                                                         keys)
+        return jnp.sum(weights * losses), (losses, thetas)
+
+    def step(params, opt_state, bank, tasks, weights, pool_idx, key):
+        (loss, (losses, thetas)), grads = jax.value_and_grad(outer, has_aux=True)(
+            params, bank, tasks, weights, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        pool_feats = [f[pool_idx] for f in bank]
+        pool_scores = jax.vmap(lambda th: hm.score(hm.apply(th, pool_feats)))(
+            jax.lax.stop_gradient(thetas))
+        return params, opt_state, {"loss": loss, "task_losses": losses,
+                                   "pool_scores": pool_scores}
+
+    return jax.jit(step), task_loss, adapt
+
+
+# ---------------------------------------------------------------- importance
+
+def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """w = softmax(-r), r_i = sum_j c_ij (s'_ji - y_j)^2 / |{j: c_ij > 0}|.
+
+    Args:
+      predicted: [P, T] predicted scores of the T models; min-max scaled jointly to
+        [0, 1] first (scores live on the deviation scale, labels in {0, 1}).
+      labels: [P] {0, 1}; coef: [T, P] c_j per model (0 = excluded).
+    Returns:
+      w: [T], summing to 1.
+    """
+    p = np.asarray(predicted, np.float64)
+    p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
+    err = (p.T - labels[None].astype(np.float64)) ** 2  # [T, P]
+    r = (coef * err).sum(1) / np.maximum((coef > 0).sum(1), 1)
+    e = np.exp(-(r - r.min()))
+    return (e / e.sum()).astype(np.float32)
+
+
+def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
+    """(init(key, K) -> (params, opt_state), train_step, predict) for psi."""
+    model = ScoreSequenceModel(num_tasks, hidden, fc)
+    tx = optax.adam(lr)
+
+    def init(key, k):
+        params = model.init(key, jnp.zeros((1, k, num_tasks)))["params"]
+        return params, tx.init(params)
+
+    @jax.jit
+    def train_step(params, opt_state, seqs, targets):
+        def loss_fn(p):
+            return jnp.mean((model.apply({"params": p}, seqs) - targets) ** 2)
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    @jax.jit
+    def predict(params, seqs):
+        return model.apply({"params": params}, seqs)
+
+    return init, train_step, predict
+
+
+@flax.struct.dataclass
+class MetaState:
+    """What a meta-training checkpoint keeps. history: [epochs, P, T] pool scores."""
+
+    epoch: jax.Array
+    params: dict
+    opt_state: tuple
+    psi_params: dict
+    psi_opt: tuple
+    history: jax.Array
+    weights: jax.Array
+
+
+def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
+               stop_after: int | None = None) -> tuple[dict, dict]:
+    """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
+
+    stop_after: end after this epoch (checkpointed), as an interruption would.
+
+    Returns:
+      (unified head params, info: {"weights" [epochs, T], "loss" [epochs], "epoch_seconds"}).
+    """
+    a = config.ahl
+    T, K, E = tasks.num_tasks, a.history, a.epochs
+    tx = optimizer_from_config(a.optim, 1)
+    step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order)
+    psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
+    k_psi, k_meta = jax.random.split(key)
+    psi_params, psi_opt = psi_init(k_psi, K)
+    state = MetaState(jnp.int32(0), params_g, tx.init(params_g), psi_params, psi_opt,
+                      jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
+                      jnp.full((T,), 1.0 / T, jnp.float32))
+    mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
+    if mngr is not None:
+        state = restore_latest(mngr, state)
+    bank_dev = [jnp.asarray(f) for f in bank]
+    task_arrays = tasks.device_arrays()
+    pool_idx = jnp.asarray(tasks.pool_idx)
+    weights_log, losses, times = [], [], []
+    with tqdm(total=E, initial=int(state.epoch), desc="AHL meta-training", unit="epoch") as bar:
+        for epoch in range(int(state.epoch), min(E, stop_after or E)):
+            t0 = time.time()
+            w = state.weights
+            qw = 0.5 + 0.5 * w if a.weighting == "released" else w
+            params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
+                                          qw, pool_idx, jax.random.fold_in(k_meta, epoch))
+            history = state.history.at[epoch].set(out["pool_scores"].T)
+            psi_params, psi_opt = state.psi_params, state.psi_opt
+            if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
+                # psi learns online: the newest window each epoch (fixed shapes, one compile)
+                seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
+                targets = history[epoch]  # [P, T]
+                for _ in range(a.psi_steps):
+                    psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
+                pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
+                w = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
+                                                   tasks.pool_coef))
+            state = MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params, psi_opt,
+                              history, w)
+            loss = float(out["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"AHL loss became {loss} at epoch {epoch + 1}; lower "
+                                         f"--config.ahl.optim.lr or --config.ahl.inner_lr")
+            losses.append(loss)
+            weights_log.append(np.asarray(w).tolist())
+            times.append(time.time() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if mngr is not None:
+                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+    if mngr is not None:
+        mngr.wait_until_finished()
+        mngr.close()
+    return state.params, {"weights": weights_log, "loss": losses,
+                          "epoch_seconds": float(np.median(times)) if times else None}
+
+
+# ---------------------------------------------------------------- the whole stage
+
+def run_ahl(config, base_variables, normals, anomalies, test_images, mesh, seed: int,
+            workdir: str, textures=None) -> dict:
+    """Features (cached in workdir), HADG, CDL; returns test scores and AHL info.
+
+    Returns:
+      {"scores": [Nt] unified-model anomaly scores, "base_scores": [Nt] the base heads'
+       scores on the same features, "tasks": T, "families": ..., "weights": ...}.
+    """
+    t0 = time.time()
+    key = jax.random.key(seed + 20_000)
+    k_bank, k_meta = jax.random.split(key)
+    cache = os.path.join(workdir, "ahl_features.npz")
+    if os.path.exists(cache):
+        with np.load(cache) as f:
+            n = int(f["n_scales"])
+            bank = [f[f"bank{i}"] for i in range(n)]
+            test = [f[f"test{i}"] for i in range(n)]
+    else:
+        bank, test = build_bank(config, base_variables, normals, anomalies, test_images, mesh,
+                                k_bank, textures)
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
+                 **{f"test{i}": t for i, t in enumerate(test)})
+        os.replace(tmp, cache)
+    t_feat = time.time() - t0
+    n_normal, n_anomaly = len(normals), len(anomalies)
+    flat = bank[0][:n_normal].reshape(n_normal, -1)
+    clusters = cluster_normals(flat, config.ahl.clusters, seed)
+    tasks = build_tasks(clusters, n_normal, n_anomaly, seed, config.ahl.pseudo_frac)
+    ref_means = None
+    if config.ahl.base == "dra":
+        fn = make_feature_fn(config)
+        ref = fn(base_variables, base_variables["extras"]["ref_images"])
+        ref_means = [ref[k].mean(0) for k in sorted(ref)]
+    hm, params_g = head_model(config, base_variables, ref_means)
+    params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
+    score_fn = jax.jit(lambda p, feats: hm.score(hm.apply(p, feats)))
+    chunks = range(0, len(test[0]), config.eval_batch_size)
+    ahl_scores = np.concatenate([np.asarray(score_fn(params, [t[s:s + config.eval_batch_size]
+                                                              for t in test])) for s in chunks])
+    base_scores = np.concatenate([np.asarray(score_fn(params_g, [t[s:s + config.eval_batch_size]
+                                                                 for t in test]))
+                                  for s in chunks])
+    logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
+    return {"scores": ahl_scores, "base_scores": base_scores, "tasks": tasks.num_tasks,
+            "cluster_sizes": [len(c) for c in clusters],
+            "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
+            "feature_seconds": t_feat, **info, "ahl_seconds": time.time() - t0}

@@ -1,0 +1,199 @@
+"""AHL: HADG tasks, the vmapped CDL step against a loop, importance weights, resume."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import tiny_config
+from fsad.methods import ahl
+from fsad.methods.dra import DRAHeads
+from fsad.models.heads import TopKScorer
+from fsad.models.sequence import ScoreSequenceModel
+
+NN, NA = 30, 10
+CLUSTERS = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30)]
+
+
+def normal_of(idx):
+    """Bank row -> the normal image it comes from (None for seen anomalies)."""
+    if idx < NN:
+        return idx
+    if idx < NN + NA:
+        return None
+    return (idx - NN - NA) % NN
+
+
+def family_of(idx):
+    return None if idx < NN + NA else (idx - NN - NA) // NN
+
+
+def test_task_structure():
+    t = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    assert t.num_tasks == 7
+    pairs = set()
+    for i in range(7):
+        s = t.support_idx[i][t.support_mask[i] == 1]
+        q = t.query_idx[i][t.query_mask[i] == 1]
+        s_norm = {normal_of(x) for x in s if normal_of(x) is not None}
+        q_norm = {normal_of(x) for x in q if normal_of(x) is not None}
+        assert not s_norm & q_norm  # disjoint normals
+        if i < 6:
+            ci = [c for c in range(3) if s_norm <= set(CLUSTERS[c].tolist())]
+            cj = [c for c in range(3) if q_norm <= set(CLUSTERS[c].tolist())]
+            assert len(ci) == len(cj) == 1 and ci != cj
+            pairs.add((ci[0], cj[0]))
+        else:
+            assert s_norm | q_norm == set(range(NN))
+        s_anom = {x for x in s if NN <= x < NN + NA}
+        q_anom = {x for x in q if NN <= x < NN + NA}
+        assert len(s_anom) == 5 and len(q_anom & s_anom) == 2 and len(q_anom - s_anom) == 5
+        fam_s = {family_of(x) for x in s} - {None}
+        fam_q = {family_of(x) for x in q} - {None}
+        assert fam_s == {t.families[i][0]} and fam_q == {t.families[i][1]}
+        assert t.families[i][0] != t.families[i][1]
+        labels = t.support_lab[i][t.support_mask[i] == 1]
+        np.testing.assert_array_equal(labels == 2, [family_of(x) is not None for x in s])
+        # importance coefficients: own support normals excluded, unseen anomalies weigh 1
+        coef = dict(zip(t.pool_idx.tolist(), t.pool_coef[i].tolist()))
+        for x in q_anom - s_anom:
+            assert coef[x] == 1.0
+        for x in q_anom & s_anom:
+            assert coef[x] == 0.5
+        for x in s:
+            if x < NN and x in coef:
+                assert coef[x] == 0.0
+    assert pairs == {(a, b) for a in range(3) for b in range(3) if a != b}
+
+
+def test_one_shot_anomaly_is_in_both_sets():
+    t = ahl.build_tasks(CLUSTERS, NN, 1, seed=1)
+    for i in range(t.num_tasks):
+        assert NN in t.support_idx[i][t.support_mask[i] == 1]
+        assert NN in t.query_idx[i][t.query_mask[i] == 1]
+
+
+def test_too_few_clusters_is_a_clear_error():
+    with pytest.raises(ValueError, match="clusters"):
+        ahl.build_tasks([np.arange(10)], 10, 2, seed=0)
+
+
+def _devnet_head_model():
+    config = tiny_config("ahl_devnet")
+    feats = jnp.zeros((1, 2, 2, 16))
+    params = TopKScorer(0.1).init(jax.random.key(0), feats)["params"]
+    hm, p = ahl.head_model(config, {"params": {"head": params}})
+    rng = np.random.default_rng(0)
+    bank = [jnp.asarray(rng.normal(size=(NN + NA + 3 * NN, 2, 2, 16)), jnp.float32)]
+    return hm, p, bank
+
+
+def _dra_head_model():
+    """DRA's four heads on two scales of 16-channel features (4x4 and 2x2)."""
+    config = tiny_config("ahl_dra")
+    rng = np.random.default_rng(0)
+    bank = [jnp.asarray(rng.normal(size=(NN + NA + 3 * NN, s, s, 16)), jnp.float32)
+            for s in (4, 2)]
+    ref_means = [f[:5].mean(0) for f in bank]
+    heads = DRAHeads(0.1)
+    v = heads.init(jax.random.key(0), [f[:2] for f in bank], ref_means)
+    hm, p = ahl.head_model(config, {"params": {"heads": v["params"]},
+                                    "batch_stats": {"heads": v["batch_stats"]}}, ref_means)
+    return hm, p, bank
+
+
+@pytest.mark.parametrize("base,first_order", [("dra", False), ("dra", True), ("devnet", False)])
+def test_vmapped_meta_step_equals_a_loop(base, first_order):
+    hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    arrays = tasks.device_arrays()
+    weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(7)), jnp.float32)
+    key = jax.random.key(3)
+    tx = optax.sgd(1.0)  # params_new = params - grad: the update shows the gradient
+    step, task_loss, adapt = ahl.make_meta_step(hm, tx, 3, 0.05, first_order)
+    new, _, out = step(params, tx.init(params), bank, arrays, weights,
+                       jnp.asarray(tasks.pool_idx), key)
+
+    def loop_loss(p):
+        keys = jax.random.split(key, 7)
+        losses = []
+        for i in range(7):
+            k_in, k_out = jax.random.split(keys[i])
+            t = {k: v[i] for k, v in arrays.items()}
+            theta = adapt(p, bank, t["support_idx"], t["support_lab"], t["support_mask"], k_in)
+            losses.append(task_loss(theta, bank, t["query_idx"], t["query_lab"],
+                                    t["query_mask"], k_out))
+        return sum(w * l for w, l in zip(weights, losses)), jnp.stack(losses)
+
+    (total, losses), grads = jax.value_and_grad(loop_loss, has_aux=True)(params)
+    np.testing.assert_allclose(out["task_losses"], losses, rtol=1e-5, atol=1e-6)
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-5)
+    ref_new = jax.tree.map(lambda p, g: p - g, params, grads)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(ref_new)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert out["pool_scores"].shape == (7, len(tasks.pool_idx))
+
+
+def test_second_order_gradient_differs_from_first_order():
+    """DRA's heads are bilinear in their weights (MLP, conv stacks), so the inner steps'
+    Hessian is non-zero. (DevNet's conv + top-K + deviation loss is piecewise linear in
+    its weights: there second and first order coincide exactly.)"""
+    hm, params, bank = _dra_head_model()
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    w = jnp.full((7,), 1 / 7)
+    outs = []
+    for first in (False, True):
+        tx = optax.sgd(1.0)
+        step, _, _ = ahl.make_meta_step(hm, tx, 3, 0.5, first)
+        outs.append(step(params, tx.init(params), bank, tasks.device_arrays(), w,
+                         jnp.asarray(tasks.pool_idx), jax.random.key(0))[0])
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, outs)))
+    assert diff > 1e-6
+
+
+def test_padded_samples_change_nothing():
+    hm, params, bank = _devnet_head_model()
+    _, task_loss, _ = ahl.make_meta_step(hm, optax.sgd(1.0), 1, 0.1, False)
+    idx = jnp.array([0, 1, 2, NN, NN + 1])
+    lab = jnp.array([0, 0, 0, 1, 1])
+    key = jax.random.key(7)
+    base = task_loss(params, bank, idx, lab, jnp.ones(5), key)
+    padded = task_loss(params, bank, jnp.concatenate([idx, jnp.array([5, NN + 2, 9])]),
+                       jnp.concatenate([lab, jnp.array([0, 1, 0])]),
+                       jnp.concatenate([jnp.ones(5), jnp.zeros(3)]), key)
+    assert float(base) == pytest.approx(float(padded), rel=1e-6)
+
+
+def test_importance_weights_favour_the_accurate_model():
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    pred = np.stack([labels * 5.0, (1 - labels) * 5.0, np.full(6, 2.5)], axis=1)  # [P, T]
+    coef = np.ones((3, 6), np.float32)
+    w = ahl.importance_weights(pred, labels, coef)
+    assert w.sum() == pytest.approx(1.0, abs=1e-6) and w[0] > w[2] > w[1]
+    coef[0, :] = 0.0
+    coef[0, 2] = 1.0  # model 0 judged on one sample it gets right
+    assert ahl.importance_weights(pred, labels, coef)[0] == pytest.approx(w.max(), rel=1e-5)
+
+
+def test_score_sequence_model_shapes():
+    m = ScoreSequenceModel(num_tasks=7)
+    v = m.init(jax.random.key(0), jnp.zeros((4, 5, 7)))
+    assert m.apply(v, jnp.ones((3, 5, 7))).shape == (3, 7)
+
+
+def test_meta_training_resumes(tmp_path):
+    hm, params, bank = _devnet_head_model()
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    config = tiny_config("ahl_devnet", **{"ahl.epochs": 5, "ahl.history": 2, "ahl.psi_steps": 3})
+    key = jax.random.key(0)
+    full, info_full = ahl.meta_train(config, hm, params, bank, tasks, key, None)
+    ahl.meta_train(config, hm, params, bank, tasks, key, str(tmp_path), stop_after=3)
+    resumed, info = ahl.meta_train(config, hm, params, bank, tasks, key, str(tmp_path))
+    assert len(info["loss"]) == 2  # epochs 4 and 5 only
+    np.testing.assert_allclose(info["loss"], info_full["loss"][3:], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(info_full["weights"]) == 5
+    assert info_full["weights"][1] == pytest.approx([1 / 7] * 7)
+    assert info_full["weights"][4] != info_full["weights"][1]  # psi took over after K epochs
