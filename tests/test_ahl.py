@@ -111,7 +111,7 @@ def test_vmapped_meta_step_equals_a_loop(base, first_order):
     weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(7)), jnp.float32)
     key = jax.random.key(3)
     tx = optax.sgd(1.0)  # params_new = params - grad: the update shows the gradient
-    step, task_loss, adapt = ahl.make_meta_step(hm, tx, 3, 0.05, first_order)
+    step, task_loss, adapt = ahl.make_meta_step(hm, tx, 2, 0.05, first_order)
     new, _, out = step(params, tx.init(params), bank, arrays, weights,
                        jnp.asarray(tasks.pool_idx), key)
 
@@ -145,7 +145,7 @@ def test_second_order_gradient_differs_from_first_order():
     outs = []
     for first in (False, True):
         tx = optax.sgd(1.0)
-        step, _, _ = ahl.make_meta_step(hm, tx, 3, 0.5, first)
+        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.5, first)
         outs.append(step(params, tx.init(params), bank, tasks.device_arrays(), w,
                          jnp.asarray(tasks.pool_idx), jax.random.key(0))[0])
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, outs)))
@@ -197,3 +197,27 @@ def test_meta_training_resumes(tmp_path):
     assert len(info_full["weights"]) == 5
     assert info_full["weights"][1] == pytest.approx([1 / 7] * 7)
     assert info_full["weights"][4] != info_full["weights"][1]  # psi took over after K epochs
+
+
+@pytest.mark.slow
+def test_ahl_devnet_end_to_end_hard_setting(synthetic_root, tmp_path):
+    from fsad.experiment import run_experiment, summary_text
+    config = tiny_config("ahl_devnet", **{
+        "data.root": synthetic_root, "data.setting": "hard", "data.known_class": "spot",
+        "data.n_anomaly": 6, "epochs": 1, "steps_per_epoch": 8, "ahl.epochs": 6,
+        "ahl.history": 2, "ahl.psi_steps": 5, "explain.enabled": False})
+    res = run_experiment(config, str(tmp_path / "run"))
+    print(summary_text(res))
+    run = res["runs"][0]
+    assert res["method"] == "ahl(devnet)"
+    assert run["split"]["test_anomaly_classes"] == ["scratch", "stain"]
+    info = run["ahl"]
+    assert info["tasks"] == 7 and len(info["loss"]) == 6 and len(info["weights"]) == 6
+    assert all(f[0] != f[1] for f in info["families"])
+    assert abs(sum(info["weights"][-1]) - 1) < 1e-5
+    # the base heads on the cached features reproduce the base model's own test scores
+    assert run["base_auroc_same_features"] == pytest.approx(run["base_auroc"], abs=1e-6)
+    for key in ("auroc", "aupr", "base_auroc"):
+        assert 0.0 <= run[key] <= 1.0
+    assert (tmp_path / "run" / "seed_0" / "ahl_features.npz").exists()
+    assert any((tmp_path / "run" / "seed_0" / "ahl_checkpoints").iterdir())

@@ -12,7 +12,7 @@ def test_dra_beats_devnet_on_unseen_classes(tmp_path):
     root = write_synthetic_dataset(str(tmp_path / "syn96"), size=96, seed=0)
     common = {"data.root": root, "data.img_size": 96, "data.setting": "hard",
               "data.known_class": "scratch", "batch_size": 24, "epochs": 2,
-              "steps_per_epoch": 20, "explain.enabled": False}
+              "steps_per_epoch": 12, "explain.enabled": False}
     devnet = run_experiment(tiny_config(**common), str(tmp_path / "devnet"))
     dra = run_experiment(tiny_config("dra", **common, **{"optim.decay_every_epochs": 0}),
                          str(tmp_path / "dra"))
