@@ -90,24 +90,7 @@ def torchvision_resnet_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
     Returns:
       {"params": nested dict, "batch_stats": nested dict} of float32 arrays.
     """
-    flat: dict[tuple, np.ndarray] = {}
-    for key, value in state_dict.items():
-        if key.startswith("fc.") or key.endswith("num_batches_tracked"):
-            continue
-        key = key.removeprefix("module.")
-        parts = key.split(".")
-        leaf = parts[-1]
-        path = parts[:-1]
-        # layerN.i.rest -> layerN_i/rest ; downsample.0/1 -> downsample_conv/bn
-        if path and path[0].startswith("layer"):
-            path = [f"{path[0]}_{path[1]}"] + path[2:]
-        if path[-2:-1] == ["downsample"]:
-            path = path[:-2] + ["downsample_conv" if path[-1] == "0" else "downsample_bn"]
-        module = path[-1]
-        if not (module.startswith(("conv", "bn")) or module.startswith("downsample_")):
-            raise ValueError(f"{key!r} is not a torchvision ResNet key")
-        _place(flat, key, path, leaf, value)
-    return _nest(flat)
+    return _convert(state_dict, "fc.", _resnet_path, "torchvision ResNet")
 
 
 def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -120,16 +103,40 @@ def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
     Returns:
       {"params": nested dict, "batch_stats": nested dict} of float32 arrays.
     """
+    return _convert(state_dict, "_fc.", _lite_path, "EfficientNet-Lite")
+
+
+def _resnet_path(modules: list[str]) -> list[str] | None:
+    """layerN.i.rest -> layerN_i/rest; downsample.0/1 -> downsample_conv/bn."""
+    path = list(modules)
+    if path and path[0].startswith("layer"):
+        path = [f"{path[0]}_{path[1]}"] + path[2:]
+    if path[-2:-1] == ["downsample"]:
+        path = path[:-2] + ["downsample_conv" if path[-1] == "0" else "downsample_bn"]
+    ok = path and (path[-1].startswith(("conv", "bn")) or path[-1].startswith("downsample_"))
+    return path if ok else None
+
+
+def _lite_path(modules: list[str]) -> list[str] | None:
+    """_blocks.i._name -> blocks_i/name; _conv_stem -> conv_stem."""
+    path = [p.removeprefix("_") for p in modules]
+    if path and path[0] == "blocks":
+        path = [f"blocks_{path[1]}"] + path[2:]
+    ok = path and ("conv" in path[-1] or path[-1].startswith("bn"))
+    return path if ok else None
+
+
+def _convert(state_dict: Mapping[str, np.ndarray], classifier: str, flax_path,
+             layout: str) -> dict:
     flat: dict[tuple, np.ndarray] = {}
     for key, value in state_dict.items():
-        if key.startswith("_fc.") or key.endswith("num_batches_tracked"):
+        key = key.removeprefix("module.")
+        if key.startswith(classifier) or key.endswith("num_batches_tracked"):
             continue
-        parts = key.removeprefix("module.").split(".")
-        leaf, path = parts[-1], [p.removeprefix("_") for p in parts[:-1]]
-        if path and path[0] == "blocks":
-            path = [f"blocks_{path[1]}"] + path[2:]
-        if not path or not ("conv" in path[-1] or path[-1].startswith("bn")):
-            raise ValueError(f"{key!r} is not an EfficientNet-Lite key")
+        *modules, leaf = key.split(".")
+        path = flax_path(modules)
+        if path is None:
+            raise ValueError(f"{key!r} is not a {layout} key")
         _place(flat, key, path, leaf, value)
     return _nest(flat)
 

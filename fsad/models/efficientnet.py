@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init
+from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, small_map_conv
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
 LITE0_STAGES = (
@@ -62,17 +62,15 @@ def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 
     The same sums; it exists because XLA's CPU grouped convolution is about 10x
     slower (forward and backward) than the slices for Lite0's depthwise layers.
-    Other backends, and every other conv, go to `lax.conv_general_dilated`.
+    Other backends, and every other conv, go to `fsad.models.resnet.small_map_conv`.
     """
     cin = lhs.shape[-1]
     plain = (jax.default_backend() != "cpu" or feature_group_count != cin
              or rhs.shape[2] != 1 or rhs.shape[3] != cin or padding != "SAME"
              or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
     if plain:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kw)
+        return small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                              dimension_numbers, feature_group_count, precision, **kw)
     kh, kw_ = rhs.shape[:2]
     sh, sw = window_strides
     (pt, pb), (pl, pr) = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw_), (sh, sw), "SAME")
