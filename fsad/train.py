@@ -271,9 +271,16 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     t0 = time.time()
     losses = []
     with tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
+        in_flight = None
         for step in range(start, total):
             state, metrics = step_fn(state, data, jax.random.fold_in(key, step))
-            bar.update(1)
+            if in_flight is not None:
+                # One step stays queued behind the running one, so the device never
+                # idles, while the bar (and its ETA) counts finished steps, not
+                # dispatched ones.
+                jax.block_until_ready(in_flight)
+                bar.update(1)
+            in_flight = metrics["loss"]
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
                 loss = float(metrics["loss"])
                 losses.append(loss)
@@ -283,6 +290,9 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                                              f"--config.optim.lr")
                 if mngr is not None:
                     mngr.save(step + 1, args=ocp.args.StandardSave(state))
+        if in_flight is not None:
+            jax.block_until_ready(in_flight)
+            bar.update(1)
     if mngr is not None:
         mngr.wait_until_finished()
         mngr.close()
