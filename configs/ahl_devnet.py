@@ -4,8 +4,8 @@
 fsad/config.py. The DevNet stage keeps DevNet's paper defaults.
 """
 
-from fsad.config import add_ahl, ahl_variant, base_config
+from fsad.config import add_ahl, apply_variants, base_config, released_ahl
 
 
 def get_config(arg=None):
-    return ahl_variant(add_ahl(base_config(), "devnet"), arg)
+    return apply_variants(add_ahl(base_config(), "devnet"), arg, {"released": released_ahl})

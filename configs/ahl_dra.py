@@ -4,8 +4,8 @@
 fsad/config.py. Results report AHL(DRA) and the DRA heads on the same features.
 """
 
-from fsad.config import add_ahl, add_dra, ahl_variant, base_config
+from fsad.config import add_ahl, add_dra, apply_variants, base_config, released_ahl
 
 
 def get_config(arg=None):
-    return ahl_variant(add_ahl(add_dra(base_config()), "dra"), arg)
+    return apply_variants(add_ahl(add_dra(base_config()), "dra"), arg, {"released": released_ahl})

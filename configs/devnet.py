@@ -18,24 +18,8 @@ Variants (``--config configs/devnet.py:quick``):
 
 from ml_collections import config_dict
 
-from fsad.config import base_config, use_pretrained_lite0
-
-
-def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-    c.data.img_size = 96
-    c.epochs = 5
-    c.steps_per_epoch = 20
-    return c
+from fsad.config import apply_variants, base_config
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-    c = base_config()
-    for variant in (arg or "").split(","):
-        if variant == "quick":
-            c = quick(c)
-        elif variant == "lite0":
-            c = use_pretrained_lite0(c)
-        elif variant:
-            raise ValueError(f"unknown variant {variant!r}; use quick and/or lite0, "
-                             f"e.g. configs/devnet.py:quick,lite0")
-    return c
+    return apply_variants(base_config(), arg)

@@ -15,21 +15,14 @@ Ablations: ``--config.dra.variant=DRA1A|DRA2A|DRA3Ar|DRA3An|DRA``;
 
 from ml_collections import config_dict
 
-from fsad.config import add_dra, base_config, use_pretrained_lite0
+from fsad.config import add_dra, apply_variants, base_config
+
+
+def paper(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    c.optim.lr = 1e-3
+    c.optim.weight_decay = 1e-2
+    return c
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-    c = add_dra(base_config())
-    for variant in (arg or "").split(","):
-        if variant == "paper":
-            c.optim.lr = 1e-3
-            c.optim.weight_decay = 1e-2
-        elif variant == "quick":
-            c.data.img_size = 96
-            c.epochs = 5
-            c.optim.decay_every_epochs = 2
-        elif variant == "lite0":
-            use_pretrained_lite0(c)
-        elif variant:
-            raise ValueError(f"unknown variant {variant!r}; use paper, quick and/or lite0")
-    return c
+    return apply_variants(add_dra(base_config()), arg, {"paper": paper})

