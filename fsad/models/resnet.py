@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from fsad.models.cpu_conv import small_map_conv
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -25,35 +26,6 @@ STAGES = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
-
-
-def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """`lax.conv_general_dilated` that computes convs on maps of at most 2x2 pixels as
-    shifted slices and one matmul (NHWC x HWIO, explicit padding).
-
-    The same arithmetic up to summation order; it exists because XLA's CPU
-    convolution is about 20x slower on 2x2 maps than on 3x3 ones (the last stage
-    of a 64 px image, or the half scale of DRA's pyramid at 96 px).
-    """
-    plain = (lhs.shape[1] * lhs.shape[2] > 4 or feature_group_count != 1 or isinstance(padding, str)
-             or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
-    if plain:
-        return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision, **kw)
-    kh, kw_, cin, cout = rhs.shape
-    (pt, pb), (pl, pr) = padding
-    sh, sw = window_strides
-    x = jnp.pad(lhs, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    ho = (x.shape[1] - kh) // sh + 1
-    wo = (x.shape[2] - kw_) // sw + 1
-    cols = [x[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-            for i in range(kh) for j in range(kw_)]
-    patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], (i, j, c) order
-    return jnp.einsum("bhwk,ko->bhwo", patches, rhs.reshape(kh * kw_ * cin, cout),
-                      precision=precision)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
