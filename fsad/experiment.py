@@ -203,6 +203,12 @@ def summary_text(results: dict) -> str:
     for k in s:
         if k.startswith(("auroc_", "pixel_auroc", "base_auroc")):
             lines.append(f"  {k:<14} {pm(k)}")
+    if "ahl" in r0:
+        a = r0["ahl"]
+        epoch_s = a["epoch_seconds"]  # None when a resumed run had no epoch left
+        lines.append(f"  AHL: {a['tasks']} tasks on clusters {a['cluster_sizes']}, "
+                     f"{100 * a['dead_normal_fraction']:.0f}% of normals with all-zero "
+                     f"features" + (f", {epoch_s:.1f} s per meta-epoch" if epoch_s else ""))
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     lines.append(f"  wall time {results['wall_seconds']:.1f} s "

@@ -79,6 +79,22 @@ def test_too_few_clusters_is_a_clear_error():
         ahl.build_tasks([np.arange(10)], 10, 2, seed=0)
 
 
+def test_feature_health_flags_a_collapsed_trunk(caplog):
+    rng = np.random.default_rng(0)
+    alive = np.abs(rng.normal(size=(60, 12))) + np.repeat(np.eye(3, 12) * 5, 20, axis=0)
+    healthy = ahl.feature_health(alive, ahl.cluster_normals(alive, 3, seed=0))
+    assert healthy == {"dead_normal_fraction": 0.0,
+                       "largest_cluster_fraction": pytest.approx(1 / 3)}
+    assert "all-zero" not in caplog.text
+    dead = alive.copy()
+    dead[:54] = 0  # 90% of the normals mapped to zero features
+    clusters = ahl.cluster_normals(dead, 3, seed=0)
+    sick = ahl.feature_health(dead, clusters)
+    assert sick["dead_normal_fraction"] == pytest.approx(0.9)
+    assert sick["largest_cluster_fraction"] >= 0.9
+    assert "all-zero features" in caplog.text
+
+
 def _devnet_head_model():
     config = tiny_config("ahl_devnet")
     feats = jnp.zeros((1, 2, 2, 16))

@@ -166,9 +166,10 @@ def test_npz_checkpoint_into_devnet_backbone(tmp_path):
     assert "head" in merged["params"]
 
 
-@pytest.mark.parametrize("hw,k,stride", [(2, 3, 1), (2, 1, 1), (1, 3, 1), (2, 3, 2), (2, 1, 2)])
-def test_small_map_conv_equals_lax(hw, k, stride):
-    from fsad.models.resnet import small_map_conv
+@pytest.mark.parametrize("hw,k,stride", [(2, 3, 1), (2, 1, 1), (1, 3, 1), (2, 3, 2), (2, 1, 2),
+                                         (3, 3, 3), (14, 3, 3), (6, 1, 2), (5, 3, 1)])
+def test_matmul_conv_equals_lax(hw, k, stride):
+    from fsad.models.cpu_conv import matmul_conv
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, hw, hw, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, 8, 5)), jnp.float32)
@@ -176,7 +177,7 @@ def test_small_map_conv_equals_lax(hw, k, stride):
     args = (x, w, (stride, stride), (pad, pad))
     kw = {"dimension_numbers": ("NHWC", "HWIO", "NHWC")}
     ref = jax.lax.conv_general_dilated(*args, **kw)
-    np.testing.assert_allclose(small_map_conv(*args, **kw), ref, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda w: small_map_conv(x, w, *args[2:], **kw).sum())(w)
+    np.testing.assert_allclose(matmul_conv(*args, **kw), ref, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda w: matmul_conv(x, w, *args[2:], **kw).sum())(w)
     g_ref = jax.grad(lambda w: jax.lax.conv_general_dilated(x, w, *args[2:], **kw).sum())(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)

@@ -168,6 +168,33 @@ def cluster_normals(normal_flat: np.ndarray, n_clusters: int, seed: int,
     return [c for c in clusters if len(c) >= min_size]
 
 
+def feature_health(normal_flat: np.ndarray, clusters: list[np.ndarray],
+                   dead_limit: float = 0.5, largest_limit: float = 0.9) -> dict:
+    """How much the frozen trunk leaves for k-means to separate; warns when little.
+
+    A base trunk can learn to map most normal images to all-zero features (ReLU
+    after a strongly negative BN shift: a DevNet optimum, the normal score is 0).
+    k-means then finds one giant cluster and a few outliers, and every HADG task
+    is built around a handful of images.
+
+    Args:
+      normal_flat: [Nn, D] flattened normal features; clusters: the kept clusters.
+    Returns:
+      {"dead_normal_fraction": share of normals whose features are all zero,
+       "largest_cluster_fraction": largest kept cluster / Nn}.
+    """
+    dead = float(np.mean(~np.any(normal_flat != 0, axis=1)))
+    largest = max((len(c) for c in clusters), default=0) / max(len(normal_flat), 1)
+    if dead > dead_limit or largest > largest_limit:
+        logging.warning(
+            "AHL: the frozen trunk gives %.0f%% of the normal images all-zero features and "
+            "the largest k-means cluster holds %.0f%% of them, so the tasks differ little "
+            "and AHL has little to learn from. Train the base model with a lower lr or "
+            "weight decay, or use AHL on DRA, whose heads keep the features alive.",
+            100 * dead, 100 * largest)
+    return {"dead_normal_fraction": dead, "largest_cluster_fraction": largest}
+
+
 def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed: int,
                 pseudo_frac: float = 0.5, c_unseen: float = 1.0, c_other: float = 0.5) -> Tasks:
     """HADG tasks from normal clusters (spec §7).
@@ -480,6 +507,7 @@ def run_ahl(config, base_variables, normals, anomalies, test_images, mesh, seed:
     n_normal, n_anomaly = len(normals), len(anomalies)
     flat = bank[0][:n_normal].reshape(n_normal, -1)
     clusters = cluster_normals(flat, config.ahl.clusters, seed)
+    health = feature_health(flat, clusters)
     tasks = build_tasks(clusters, n_normal, n_anomaly, seed, config.ahl.pseudo_frac)
     ref_means = None
     if config.ahl.base == "dra":
@@ -497,6 +525,6 @@ def run_ahl(config, base_variables, normals, anomalies, test_images, mesh, seed:
                                   for s in chunks])
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
     return {"scores": ahl_scores, "base_scores": base_scores, "tasks": tasks.num_tasks,
-            "cluster_sizes": [len(c) for c in clusters],
+            "cluster_sizes": [len(c) for c in clusters], **health,
             "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
             "feature_seconds": t_feat, **info, "ahl_seconds": time.time() - t0}

@@ -1,10 +1,11 @@
 """Faster CPU routes for two kinds of convolution, as drop-in `conv_general_dilated`s.
 
-XLA's CPU convolution is slow on 2x2 maps and on grouped (depthwise) kernels.
-Both routes below rewrite the conv as the k*k shifted windows of the padded
-input, then combine them: one matmul for a small map, a per-channel weighted
-sum for a depthwise kernel. Same sums up to summation order; every other case
-goes to `jax.lax.conv_general_dilated`.
+XLA's CPU convolution is slow on 2x2 maps, on non-overlapping strided windows and
+on grouped (depthwise) kernels. Both routes below rewrite the conv as the k*k
+shifted windows of the padded input, then combine them: one matmul for a small
+map or non-overlapping windows, a per-channel weighted sum for a depthwise
+kernel. Same sums up to summation order; every other case goes to
+`jax.lax.conv_general_dilated`. benchmarks/conv_routes.py times both against XLA.
 """
 
 from __future__ import annotations
@@ -29,23 +30,31 @@ def conv_windows(lhs, kernel_hw, window_strides, pads) -> list:
             for i in range(kh) for j in range(kw)]
 
 
-def small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """`lax.conv_general_dilated` that computes convs on maps of at most 2x2 pixels as
-    shifted slices and one matmul (NHWC x HWIO, explicit padding).
+def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+    """`lax.conv_general_dilated` that computes two kinds of conv (NHWC x HWIO, explicit
+    padding) as shifted slices and one matmul:
 
-    The same arithmetic up to summation order; it exists because XLA's CPU
-    convolution is about 20x slower on 2x2 maps than on 3x3 ones (the last stage
-    of a 64 px image, or the half scale of DRA's pyramid at 96 px).
+    - maps of at most 2x2 pixels (the last ResNet stage of a 64 px image, DRA's half
+      scale at 96 px), where XLA's CPU convolution is about 20x slower than on 3x3;
+    - windows that do not overlap (stride >= kernel: DRA's residual head, 3x3 stride
+      3; a ResNet's 1x1 stride-2 shortcut), where the slices hold no more numbers than
+      the input, and the matmul is 4x (3x3 map) to 40x (2x2 map) faster than XLA's
+      CPU conv forward and backward, second order included (benchmarks/conv_routes.py).
+
+    The same arithmetic up to summation order; every other conv goes to
+    `jax.lax.conv_general_dilated`.
     """
-    plain = (lhs.shape[1] * lhs.shape[2] > 4 or feature_group_count != 1 or isinstance(padding, str)
+    kh, kw_, cin, cout = rhs.shape
+    small = lhs.shape[1] * lhs.shape[2] <= 4
+    tiled = not isinstance(padding, str) and window_strides[0] >= kh and window_strides[1] >= kw_
+    plain = (not (small or tiled) or feature_group_count != 1 or isinstance(padding, str)
              or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
     if plain:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision, **kw)
-    kh, kw_, cin, cout = rhs.shape
     cols = conv_windows(lhs, (kh, kw_), window_strides, padding)
     patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], (i, j, c) order
     return jnp.einsum("bhwk,ko->bhwo", patches, rhs.reshape(kh * kw_ * cin, cout),
@@ -59,14 +68,14 @@ def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 
     The same sums; it exists because XLA's CPU grouped convolution is about 10x
     slower (forward and backward) than the slices for Lite0's depthwise layers.
-    Other backends, and every other conv, go to `small_map_conv`.
+    Other backends, and every other conv, go to `matmul_conv`.
     """
     cin = lhs.shape[-1]
     plain = (jax.default_backend() != "cpu" or feature_group_count != cin
              or rhs.shape[2] != 1 or rhs.shape[3] != cin or padding != "SAME"
              or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
     if plain:
-        return small_map_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+        return matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                               dimension_numbers, feature_group_count, precision, **kw)
     kh, kw_ = rhs.shape[:2]
     pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw_), window_strides, "SAME")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from fsad.losses import topk_mean
+from fsad.models.cpu_conv import matmul_conv
 
 
 class TopKScorer(nn.Module):
@@ -42,7 +43,7 @@ class ResidualScorer(nn.Module):
         x = ref_mean[None] - feats
         c = feats.shape[-1]
         x = nn.Conv(c, (3, 3), strides=(self.stride, self.stride), padding=((1, 1), (1, 1)),
-                    name="conv")(x)
+                    conv_general_dilated=matmul_conv, name="conv")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name="bn")(x)
         x = nn.relu(x)
         score_map = nn.Conv(1, (1, 1), name="score")(x)[..., 0]

@@ -16,7 +16,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fsad.models.cpu_conv import small_map_conv
+from fsad.models.cpu_conv import matmul_conv
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -32,7 +32,7 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=conv_init, conv_general_dilated=small_map_conv, name=name)
+                   kernel_init=conv_init, conv_general_dilated=matmul_conv, name=name)
 
 
 def _bn(train: bool, name: str) -> nn.BatchNorm:
