@@ -106,6 +106,9 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl = config_dict.ConfigDict()
     c.ahl.base = base  # "dra" or "devnet": the base model trained first, then frozen
     c.ahl.clusters = 3  # C
+    # k-means on: "features" (spec), "images" (downsampled pixels), "auto": features,
+    # or the images when fewer than 2 clusters of 3+ normals survive (dead features)
+    c.ahl.cluster_on = "auto"
     c.ahl.pseudo_frac = 0.5
     c.ahl.epochs = 30
     c.ahl.inner_steps = 3

@@ -95,6 +95,28 @@ def test_feature_health_flags_a_collapsed_trunk(caplog):
     assert "all-zero features" in caplog.text
 
 
+def test_auto_clustering_falls_back_to_images_on_dead_features(caplog):
+    rng = np.random.default_rng(1)
+    dark = rng.integers(0, 60, (12, 32, 32, 3))
+    bright = rng.integers(190, 256, (9, 32, 32, 3))
+    normals = np.concatenate([dark, bright]).astype(np.uint8)
+    feats = np.zeros((21, 4 * 16), np.float32)
+    feats[0, 3] = 1.0  # one normal alive: k-means keeps one cluster of 3+ at most
+    clusters, info = ahl.normal_clusters(feats, normals, 3, seed=0, cluster_on="features")
+    assert len(clusters) < 2 and info["cluster_on"] == "features"
+    with pytest.raises(ValueError, match="cluster_on"):
+        ahl.build_tasks(clusters, 21, 4, seed=0)
+    clusters, info = ahl.normal_clusters(feats, normals, 3, seed=0, cluster_on="auto")
+    assert info["cluster_on"] == "images" and info["dead_normal_fraction"] == pytest.approx(20 / 21)
+    assert "clustering the downsampled images" in caplog.text
+    groups = [set(c.tolist()) for c in clusters]
+    assert len(groups) >= 2  # every kept cluster is dark-only or bright-only
+    assert all(g <= set(range(12)) or g <= set(range(12, 21)) for g in groups)
+    assert ahl.build_tasks(clusters, 21, 4, seed=0).num_tasks == len(groups) * (len(groups) - 1) + 1
+    with pytest.raises(ValueError, match="cluster_on"):
+        ahl.normal_clusters(feats, normals, 3, seed=0, cluster_on="pixels")
+
+
 def _devnet_head_model():
     config = tiny_config("ahl_devnet")
     feats = jnp.zeros((1, 2, 2, 16))

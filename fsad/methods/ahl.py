@@ -168,6 +168,50 @@ def cluster_normals(normal_flat: np.ndarray, n_clusters: int, seed: int,
     return [c for c in clusters if len(c) >= min_size]
 
 
+CLUSTER_ON = ("auto", "features", "images")
+
+
+def image_descriptors(images: np.ndarray, side: int = 16, chunk: int = 256) -> np.ndarray:
+    """Area-downsampled pixels, the representation k-means falls back to.
+
+    images: [N, H, W, 3] uint8 -> [N, side * side * 3] float32 in [0, 1].
+    """
+    out = []
+    for s in range(0, len(images), chunk):
+        x = jnp.asarray(images[s:s + chunk], jnp.float32) / 255.0
+        small = jax.image.resize(x, (len(x), side, side, 3), "linear", antialias=True)
+        out.append(np.asarray(small).reshape(len(x), -1))
+    return np.concatenate(out)
+
+
+def normal_clusters(normal_flat: np.ndarray, normals: np.ndarray, n_clusters: int, seed: int,
+                    cluster_on: str = "auto") -> tuple[list[np.ndarray], dict]:
+    """HADG step 1: k-means clusters of the normal images (kept clusters of 3 or more).
+
+    cluster_on: "features" clusters the frozen trunk's flattened features (spec §7);
+    "images" clusters downsampled pixels; "auto" clusters the features and falls back
+    to the pixels, with a warning, when fewer than 2 clusters survive (a trunk that
+    maps nearly every normal to all-zero features leaves one cluster).
+
+    Args:
+      normal_flat: [Nn, D] flattened features; normals: [Nn, H, W, 3] uint8 images.
+    Returns:
+      (clusters, info: feature_health's fields + "cluster_on": what was clustered).
+    """
+    if cluster_on not in CLUSTER_ON:
+        raise ValueError(f"ahl.cluster_on={cluster_on!r}; use one of {CLUSTER_ON}")
+    clusters = [] if cluster_on == "images" else cluster_normals(normal_flat, n_clusters, seed)
+    info = {**feature_health(normal_flat, clusters), "cluster_on": "features"}
+    if cluster_on == "images" or (cluster_on == "auto" and len(clusters) < 2):
+        if cluster_on == "auto":
+            logging.warning("AHL: k-means on the frozen features left %d cluster(s) of 3 or "
+                            "more normals; clustering the downsampled images instead "
+                            "(ahl.cluster_on=auto; recorded as cluster_on=images)", len(clusters))
+        clusters = cluster_normals(image_descriptors(normals), n_clusters, seed)
+        info["cluster_on"] = "images"
+    return clusters, info
+
+
 def feature_health(normal_flat: np.ndarray, clusters: list[np.ndarray],
                    dead_limit: float = 0.5, largest_limit: float = 0.9) -> dict:
     """How much the frozen trunk leaves for k-means to separate; warns when little.
@@ -207,7 +251,8 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
     """
     if len(clusters) < 2:
         raise ValueError(f"k-means left {len(clusters)} cluster(s) with 3 or more normals; AHL "
-                         f"needs 2. Use more normal images or fewer clusters (--config.ahl.clusters)")
+                         f"needs 2. Use more normal images, fewer clusters (--config.ahl.clusters) or "
+                         f"--config.ahl.cluster_on=auto")
     rng = np.random.default_rng(seed)
     anomalies = np.arange(n_normal, n_normal + n_anomaly)
     normal_sets = [(clusters[i], clusters[j]) for i in range(len(clusters))
@@ -506,8 +551,8 @@ def run_ahl(config, base_variables, normals, anomalies, test_images, mesh, seed:
     t_feat = time.time() - t0
     n_normal, n_anomaly = len(normals), len(anomalies)
     flat = bank[0][:n_normal].reshape(n_normal, -1)
-    clusters = cluster_normals(flat, config.ahl.clusters, seed)
-    health = feature_health(flat, clusters)
+    clusters, health = normal_clusters(flat, normals, config.ahl.clusters, seed,
+                                       config.ahl.cluster_on)
     tasks = build_tasks(clusters, n_normal, n_anomaly, seed, config.ahl.pseudo_frac)
     ref_means = None
     if config.ahl.base == "dra":
