@@ -1,4 +1,4 @@
-"""DRA against DevNet in the hard setting of the procedural dataset (unseen classes only)."""
+"""DRA in the hard setting of the procedural dataset: it detects classes it never saw."""
 
 import pytest
 
@@ -8,17 +8,23 @@ from fsad.experiment import run_experiment, summary_text
 
 
 @pytest.mark.slow
-def test_dra_beats_devnet_on_unseen_classes(tmp_path):
+def test_dra_detects_unseen_classes(tmp_path):
+    """Trained on scratches only, DRA scores spots and stains above normals.
+
+    The pseudo and normality heads never see a real anomaly of the test classes,
+    so their AUROC is the open-set part of DRA. (A one-seed margin over DevNet
+    on 44 test images was tried and dropped: DevNet's AUROC here moves from 0.48
+    to 0.78 with the summation order of one conv, DRA's from 0.80 to 0.87.)
+    """
     root = write_synthetic_dataset(str(tmp_path / "syn96"), size=96, seed=0)
-    common = {"data.root": root, "data.img_size": 96, "data.setting": "hard",
-              "data.known_class": "scratch", "batch_size": 24, "epochs": 2,
-              "steps_per_epoch": 12, "explain.enabled": False}
-    devnet = run_experiment(tiny_config(**common), str(tmp_path / "devnet"))
-    dra = run_experiment(tiny_config("dra", **common, **{"optim.decay_every_epochs": 0}),
-                         str(tmp_path / "dra"))
-    print(summary_text(devnet))
+    config = tiny_config("dra", **{
+        "data.root": root, "data.img_size": 96, "data.setting": "hard",
+        "data.known_class": "scratch", "batch_size": 24, "epochs": 2, "steps_per_epoch": 12,
+        "explain.enabled": False, "optim.decay_every_epochs": 0})
+    dra = run_experiment(config, str(tmp_path / "dra"))
     print(summary_text(dra))
     assert dra["runs"][0]["split"]["test_anomaly_classes"] == ["spot", "stain"]
-    a_dev = devnet["summary"]["auroc"]["mean"]
-    a_dra = dra["summary"]["auroc"]["mean"]
-    assert a_dra > a_dev + 0.08, (a_dra, a_dev)
+    s = dra["summary"]
+    assert s["auroc"]["mean"] > 0.7, s["auroc"]
+    assert s["auroc_pseudo"]["mean"] > 0.65, s["auroc_pseudo"]
+    assert s["auroc_normality"]["mean"] > 0.65, s["auroc_normality"]
