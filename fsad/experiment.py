@@ -206,9 +206,10 @@ def summary_text(results: dict) -> str:
     if "ahl" in r0:
         a = r0["ahl"]
         epoch_s = a["epoch_seconds"]  # None when a resumed run had no epoch left
-        lines.append(f"  AHL: {a['tasks']} tasks on {a['cluster_on']} clusters {a['cluster_sizes']}, "
-                     f"{100 * a['dead_normal_fraction']:.0f}% of normals with all-zero "
-                     f"features" + (f", {epoch_s:.1f} s per meta-epoch" if epoch_s else ""))
+        lines.append(f"  AHL: {a['tasks']} tasks on {a['cluster_on']} clusters "
+                     f"{a['cluster_sizes']}, {100 * a['dead_normal_fraction']:.0f}% of normals "
+                     f"with all-zero features"
+                     + (f", {epoch_s:.1f} s per meta-epoch" if epoch_s else ""))
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     lines.append(f"  wall time {results['wall_seconds']:.1f} s "

@@ -251,8 +251,8 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
     """
     if len(clusters) < 2:
         raise ValueError(f"k-means left {len(clusters)} cluster(s) with 3 or more normals; AHL "
-                         f"needs 2. Use more normal images, fewer clusters (--config.ahl.clusters) or "
-                         f"--config.ahl.cluster_on=auto")
+                         f"needs 2. Use more normal images, fewer clusters "
+                         f"(--config.ahl.clusters) or --config.ahl.cluster_on=auto")
     rng = np.random.default_rng(seed)
     anomalies = np.arange(n_normal, n_normal + n_anomaly)
     normal_sets = [(clusters[i], clusters[j]) for i in range(len(clusters))

@@ -1,4 +1,5 @@
-"""DevNet (spec §5): ResNet (or EfficientNet-Lite0) trunk, 1x1-conv top-K MIL scorer, deviation loss."""
+"""DevNet (spec §5): ResNet or EfficientNet-Lite0 trunk, 1x1-conv top-K MIL scorer,
+deviation loss."""
 
 from __future__ import annotations
 

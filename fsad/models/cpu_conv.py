@@ -30,6 +30,10 @@ def conv_windows(lhs, kernel_hw, window_strides, pads) -> list:
             for i in range(kh) for j in range(kw)]
 
 
+def _undilated(lhs_dilation, rhs_dilation) -> bool:
+    return all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
+
+
 def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None, **kw):
     """`lax.conv_general_dilated` that computes two kinds of conv (NHWC x HWIO, explicit
@@ -47,10 +51,10 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
     """
     kh, kw_, cin, cout = rhs.shape
     small = lhs.shape[1] * lhs.shape[2] <= 4
-    tiled = not isinstance(padding, str) and window_strides[0] >= kh and window_strides[1] >= kw_
-    plain = (not (small or tiled) or feature_group_count != 1 or isinstance(padding, str)
-             or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
-    if plain:
+    tiled = window_strides[0] >= kh and window_strides[1] >= kw_
+    routed = ((small or tiled) and feature_group_count == 1 and not isinstance(padding, str)
+              and _undilated(lhs_dilation, rhs_dilation))
+    if not routed:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
@@ -71,12 +75,12 @@ def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     Other backends, and every other conv, go to `matmul_conv`.
     """
     cin = lhs.shape[-1]
-    plain = (jax.default_backend() != "cpu" or feature_group_count != cin
-             or rhs.shape[2] != 1 or rhs.shape[3] != cin or padding != "SAME"
-             or any(d not in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation)))
-    if plain:
+    routed = (jax.default_backend() == "cpu" and feature_group_count == cin
+              and rhs.shape[2] == 1 and rhs.shape[3] == cin and padding == "SAME"
+              and _undilated(lhs_dilation, rhs_dilation))
+    if not routed:
         return matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                              dimension_numbers, feature_group_count, precision, **kw)
+                           dimension_numbers, feature_group_count, precision, **kw)
     kh, kw_ = rhs.shape[:2]
     pads = jax.lax.padtype_to_pads(lhs.shape[1:3], (kh, kw_), window_strides, "SAME")
     windows = conv_windows(lhs, (kh, kw_), window_strides, pads)
