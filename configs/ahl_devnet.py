@@ -1,7 +1,7 @@
 """AHL on DevNet: train DevNet, freeze its trunk, meta-train its scorer head.
 
 ``--config configs/ahl_devnet.py[:released][,quick]``; every ``ahl.*`` field is in
-fsad/config.py. The DevNet stage keeps DevNet's paper defaults.
+fsad/config.py. The DevNet stage uses the released DevNet defaults (configs/devnet.py).
 """
 
 from fsad.config import add_ahl, apply_variants, base_config, released_ahl

@@ -1,16 +1,19 @@
 """DRA (Ding et al., CVPR 2022): seen, pseudo, latent-residual and normality heads.
 
-Defaults are the released code's (spec §6): 448 px, batch 48 as 2/3 normal
-(half of them turned into CutPaste pseudo anomalies) and 1/3 seen anomalies,
-random rotation, Adam 2e-4, weight decay 1e-5, x0.1 every 10 epochs, gradient
-clipping at 1, 30 x 20 steps, deviation loss in every head.
+Defaults are the released code's (spec §6): 448 px, two-scale pyramid, batch 48
+as 2/3 normal (half of them turned into CutPaste pseudo anomalies) and 1/3 seen
+anomalies, random rotation, 5 reference images through the same pipeline,
+residual head 3x3 stride 1, normality head |.|, Adam 2e-4, weight decay 1e-5,
+x0.1 after epochs 9, 19 and 29, gradient clipping at 1, 30 x 20 steps,
+deviation loss in every head, ImageNet ResNet-18.
 
 Variants (``--config configs/dra.py:VARIANT``):
   paper   the paper's optimiser: lr 1e-3, weight decay 1e-2.
   quick   96 px and 5 x 20 steps (a CPU run in minutes; see configs/devnet.py).
   lite0   ImageNet-pretrained EfficientNet-Lite0 trunk (see configs/devnet.py).
 Ablations: ``--config.dra.variant=DRA1A|DRA2A|DRA3Ar|DRA3An|DRA``;
-``--config.dra.loss=bce|focal``.
+``--config.dra.loss=bce|focal``; AHL's residual head:
+``--config.dra.residual_stride=3 --config.dra.residual_padding=0``.
 """
 
 from ml_collections import config_dict

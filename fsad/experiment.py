@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 
+from fsad.compile_cache import enable_compilation_cache
 from fsad.data import load_imageset, make_split
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run
@@ -85,8 +86,11 @@ def load_folder_images(root: str, config) -> np.ndarray | None:
                        desc=f"decoding {root}")
 
 
-def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
-    """Trains and evaluates one seed; returns its metrics and split record."""
+def run_seed(config, data, seed: int, workdir: str, mesh, pretrained=None) -> dict:
+    """Trains and evaluates one seed; returns its metrics and split record.
+
+    pretrained: trunk variables (from `fsad.weights.pretrained_variables`) or None.
+    """
     seed_dir = os.path.join(workdir, f"seed_{seed}")
     done = os.path.join(seed_dir, "metrics.json")
     if os.path.exists(done):
@@ -101,12 +105,6 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
     tx = method.optimizer(config.steps_per_epoch)
-    pretrained = None
-    if config.model.pretrained:
-        from fsad.weights import backbone_variables
-        pretrained = backbone_variables(config.model.pretrained,
-                                        config.model.pretrained_sha256 or None,
-                                        backbone=config.model.backbone)
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
                                 mesh, load_outliers(config))
     state = init_state(method, k_init, train_data, tx, mesh, pretrained)
@@ -137,7 +135,7 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
         metrics["explain_seconds"] = time.time() - t_explain
     if config.method == "ahl":
         from fsad.methods.ahl import run_ahl
-        ahl = run_ahl(config, variables_of(state), data.images[split.train_normal],
+        ahl = run_ahl(config, method, variables_of(state), data.images[split.train_normal],
                       data.images[split.train_anomaly], data.images[split.test], mesh, seed,
                       seed_dir, load_folder_images(config.ahl.texture_root, config))
         base = {f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")}
@@ -159,17 +157,33 @@ def run_seed(config, data, seed: int, workdir: str, mesh) -> dict:
     return result
 
 
+def load_pretrained(config) -> tuple[dict | None, str]:
+    """The trunk initialisation (`fsad.weights.pretrained_variables`), checked against
+    the model's shapes before any data is decoded or any step is taken."""
+    from fsad.weights import merge_variables, pretrained_variables
+    pretrained, init = pretrained_variables(config.model)
+    if pretrained is not None:
+        size = config.data.img_size
+        shapes = jax.eval_shape(build_method(config).init, jax.random.key(0),
+                                jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
+        merge_variables(shapes, pretrained)  # raises UserError on keys or shapes that differ
+    return pretrained, init
+
+
 def run_experiment(config, workdir: str, devices=None) -> dict:
     """Runs every seed of a config in `workdir` and writes workdir/results.json."""
     t0 = time.time()
     _check_workdir(workdir, config)
+    enable_compilation_cache()
+    pretrained, init = load_pretrained(config)
     data = load_imageset(config.data)
     mesh = make_mesh(devices)
-    runs = [run_seed(config, data, config.seed + i, workdir, mesh)
+    runs = [run_seed(config, data, config.seed + i, workdir, mesh, pretrained)
             for i in range(config.num_seeds)]
     results = {
         "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
         "dataset": data.name,
+        "init": init,
         "summary": mean_std(runs),
         "runs": runs,
         "dataset_counts": data.counts(),
@@ -193,7 +207,7 @@ def summary_text(results: dict) -> str:
     setting = d["setting"] + (f" (known: {d['known_class']})" if d["setting"] == "hard" else "")
     lines = [
         f"fsad {results['method']} on {results['dataset']}: {setting}, {d['n_anomaly']}-shot, "
-        f"{d['img_size']} px, {n} seed(s)",
+        f"{d['img_size']} px, {n} seed(s); trunk from {results.get('init', '?')}",
         f"  AUROC  {pm('auroc')}",
         f"  AUPR   {pm('aupr')}",
         f"  train: {r0['split']['train_normal']} normal + {r0['split']['train_anomaly']} seen "

@@ -2,12 +2,32 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
+
+
+def step_decay(lr: float, steps_per_epoch: int, every_epochs: int, factor: float,
+               at_epoch_start: bool = False) -> optax.Schedule:
+    """PyTorch's StepLR(step_size=every_epochs, gamma=factor) as an optax schedule.
+
+    at_epoch_start: the released DRA code calls scheduler.step() at the start of each
+    epoch, so epoch e (0-based) runs at lr * factor ** ((e + 1) // every): the decays
+    fall after epochs 9, 19, 29 for every = 10. False: called at the end of each epoch
+    (the released DevNet code), lr * factor ** (e // every).
+    """
+    shift = 1 if at_epoch_start else 0
+
+    def schedule(step):
+        epoch = step // steps_per_epoch
+        return lr * jnp.power(factor, (epoch + shift) // every_epochs)
+
+    return schedule
 
 
 def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 1,
                    decay_every_epochs: int = 0, decay_factor: float = 0.1,
-                   clip_norm: float = 0.0) -> optax.GradientTransformation:
+                   clip_norm: float = 0.0,
+                   decay_at_epoch_start: bool = False) -> optax.GradientTransformation:
     """Adam with PyTorch-style (coupled, L2) weight decay, step decay and clipping.
 
     Order as in PyTorch: the raw gradient is clipped (`clip_grad_norm_`), then
@@ -19,11 +39,12 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 
       steps_per_epoch: to turn `decay_every_epochs` into steps.
       decay_every_epochs: multiply lr by `decay_factor` every this many epochs (0: never).
       clip_norm: global-norm clipping threshold (0: none).
+      decay_at_epoch_start: see `step_decay`.
     """
     schedule = lr
     if decay_every_epochs:
-        schedule = optax.exponential_decay(lr, decay_every_epochs * steps_per_epoch,
-                                           decay_factor, staircase=True)
+        schedule = step_decay(lr, steps_per_epoch, decay_every_epochs, decay_factor,
+                              decay_at_epoch_start)
     parts = []
     if clip_norm:
         parts.append(optax.clip_by_global_norm(clip_norm))
@@ -37,4 +58,4 @@ def optimizer_from_config(optim_cfg, steps_per_epoch: int) -> optax.GradientTran
     """`make_optimizer` from a config's optim.* fields."""
     o = optim_cfg
     return make_optimizer(o.lr, o.weight_decay, steps_per_epoch, o.decay_every_epochs,
-                          o.decay_factor, o.clip_norm)
+                          o.decay_factor, o.clip_norm, o.get("decay_at_epoch_start", False))

@@ -7,8 +7,9 @@ Design:
 * One `Mesh` over the local devices with a ``data`` axis: the sampled batch is
   sharded along it, parameters and optimiser state are replicated. One device
   is the degenerate case; results match to float tolerance.
-* `state` is a plain pytree; the step key is ``fold_in(seed_key, step)`` so a
-  resumed run draws the same batches as an uninterrupted one.
+* `state` is a plain pytree; every step's randomness derives from the run's key
+  and ``state.step``, so a resumed run draws the same batches as an
+  uninterrupted one.
 """
 
 from __future__ import annotations
@@ -75,10 +76,13 @@ class Method:
 
     init(key, images [B,H,W,3] float) -> {"params", "batch_stats"}
     init_extras(key, data: TrainData) -> dict of arrays kept in the state (may be empty)
-    sample_batch(data: TrainData, key, batch_size) -> dict of [B, ...] arrays
+    sample_batch(data: TrainData, key, batch_size, step) -> dict of [B, ...] arrays; key
+      is the run's sampling key, the same at every step, and step the step number
     loss(params, batch_stats, batch, key) -> (loss [], (metrics dict, new batch_stats))
     score(variables, images [B,H,W,3] float) -> dict of [B] scores; "score" is the image score
     optimizer(steps_per_epoch) -> optax.GradientTransformation
+    reference(variables) -> [R, H, W, 3] uint8 test reference set, or None (DRA's residual
+      head; AHL reads it to build its reference means)
     """
 
     name: str
@@ -89,6 +93,7 @@ class Method:
     optimizer: Callable
     init_extras: Callable = lambda key, data: {}
     random_scores: bool = False  # score() reads variables["key"] (see score_images)
+    reference: Callable | None = None
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -123,21 +128,64 @@ def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: 
     return jax.device_put(data, replicated(mesh))
 
 
-def sample_balanced(data: TrainData, key: jax.Array, batch_size: int,
-                    anomaly_fraction: float) -> tuple[jax.Array, jax.Array]:
-    """Draws a batch: normals, then anomalies (oversampled), both with replacement.
+def cycle_draw(key: jax.Array, step: jax.Array, count: int, n: jax.Array,
+               capacity: int) -> jax.Array:
+    """Rows drawn as the released `BalancedBatchSampler` draws them: a stream that walks
+    through successive random permutations of range(n), `count` rows per step.
 
+    Step s takes stream positions s * count ... s * count + count - 1; position p is
+    row perm_c[p mod n] of permutation c = p // n (a fresh permutation each time the
+    previous one is used up), so within a cycle no row repeats and every row is seen.
+
+    Args:
+      key: the stream's key, the same at every step (permutation c is drawn from
+        fold_in(key, c)).
+      step: [] int, the training step.
+      count: rows per step (static).
+      n: [] int, the number of rows to draw from (may be traced).
+      capacity: a static bound on n (the permutation is an argsort of that many keys).
+    Returns:
+      [count] int32 in [0, n).
+    """
+    pos = step * count + jnp.arange(count)
+    cycle, offset = pos // n, pos % n
+
+    def row(c, o):
+        u = jax.random.uniform(jax.random.fold_in(key, c), (capacity,))
+        return jnp.argsort(jnp.where(jnp.arange(capacity) < n, u, 2.0))[o]
+
+    return jax.vmap(row)(cycle, offset).astype(jnp.int32)
+
+
+def sample_balanced(data: TrainData, key: jax.Array, step: jax.Array, batch_size: int,
+                    anomaly_fraction: float) -> tuple[jax.Array, jax.Array]:
+    """A batch of normals, then seen anomalies, each from its own permutation stream
+    (`cycle_draw`), as the released balanced sampler draws them.
+
+    Args:
+      key: the run's sampling key (the same at every step); step: [] int.
     Returns:
       images: [B, H, W, 3] uint8; labels: [B] int32 (0 normal, 1 seen anomaly).
     """
     n_anom = int(round(batch_size * anomaly_fraction))
     n_norm = batch_size - n_anom
     k_n, k_a = jax.random.split(key)
-    idx_n = jax.random.randint(k_n, (n_norm,), 0, data.n_normal)
-    idx_a = jax.random.randint(k_a, (n_anom,), data.n_normal, data.n_normal + data.n_anomaly)
+    cap = data.images.shape[0]
+    idx_n = cycle_draw(k_n, step, n_norm, data.n_normal, cap)
+    idx_a = data.n_normal + cycle_draw(k_a, step, n_anom, data.n_anomaly, cap)
     idx = jnp.concatenate([idx_n, idx_a])
     labels = jnp.concatenate([jnp.zeros(n_norm, jnp.int32), jnp.ones(n_anom, jnp.int32)])
     return data.images[idx], labels
+
+
+def rotate_batch(key: jax.Array, images: jax.Array, max_degrees: float) -> jax.Array:
+    """Every image of [B, H, W, 3] rotated by its own U(-max_degrees, max_degrees)
+    (torchvision RandomRotation: nearest, zero fill); max_degrees 0 returns images."""
+    if not max_degrees:
+        return images
+    from fsad.data.augment import random_rotation
+    return jax.vmap(lambda k, im: random_rotation(k, im, max_degrees))(
+        jax.random.split(key, images.shape[0]), images)
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
@@ -161,7 +209,10 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
                     batch_size: int) -> Callable:
     """Builds the jitted step: (state, data: TrainData, key) -> (state, metrics).
 
-    The batch is sampled on device from `data` and sharded over the mesh.
+    `key` is the run's training key, the same at every step: the batch and the loss's
+    randomness derive from it and `state.step`, so a resumed run draws what an
+    uninterrupted one draws. The batch is sampled on device from `data` and sharded
+    over the mesh.
     """
     check_batch(batch_size, mesh)
     shard, rep = batch_sharded(mesh), replicated(mesh)
@@ -171,8 +222,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
 
     def step(state: TrainState, data: TrainData, key: jax.Array):
         k_batch, k_loss = jax.random.split(key)
-        batch = jax.tree.map(constrain, method.sample_batch(data, k_batch, batch_size))
-        return _update(method, tx, state, batch, k_loss)
+        batch = jax.tree.map(constrain, method.sample_batch(data, k_batch, batch_size,
+                                                            state.step))
+        return _update(method, tx, state, batch, jax.random.fold_in(k_loss, state.step))
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated(mesh))
 
@@ -270,16 +322,22 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     step_fn = make_train_step(method, tx, mesh, batch_size)
     t0 = time.time()
     losses = []
+    finished_at = []  # wall times of the first finished steps, for the CPU ETA check
     with tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
         in_flight = None
         for step in range(start, total):
-            state, metrics = step_fn(state, data, jax.random.fold_in(key, step))
+            state, metrics = step_fn(state, data, key)
             if in_flight is not None:
                 # One step stays queued behind the running one, so the device never
                 # idles, while the bar (and its ETA) counts finished steps, not
                 # dispatched ones.
                 jax.block_until_ready(in_flight)
                 bar.update(1)
+                if len(finished_at) < 3:
+                    finished_at.append(time.time())
+                    if len(finished_at) == 3:  # the first step holds the compilation
+                        per_step = (finished_at[2] - finished_at[0]) / 2
+                        warn_if_long_on_cpu(per_step * (total - step), total)
             in_flight = metrics["loss"]
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
                 loss = float(metrics["loss"])
@@ -302,6 +360,18 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         logging.info("resumed from step %d", start)
     return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
                    "loss": losses[-1] if losses else None}
+
+
+def warn_if_long_on_cpu(eta_seconds: float, total_steps: int, limit: float = 3600.0) -> bool:
+    """Warns once, early, when a CPU run would take more than `limit` seconds."""
+    if jax.default_backend() != "cpu" or eta_seconds <= limit:
+        return False
+    logging.warning(
+        "this run needs about %.1f hours more on the CPU (%d steps): the paper protocol "
+        "(448 px) is meant for a GPU (pip install -e '.[cuda12]'); the :quick variant "
+        "(96 px, 100 steps) runs the whole pipeline in minutes, e.g. "
+        "--config configs/devnet.py:quick,lite0", eta_seconds / 3600, total_steps)
+    return True
 
 
 def variables_of(state: TrainState) -> dict:

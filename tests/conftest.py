@@ -17,7 +17,12 @@ SIZE = 32  # tiny images keep the suite fast on a 2-core CPU
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
+    """An isolated fsad cache, and JAX's persistent compilation cache in it: the many
+    tests that compile the same small steps (and their CLI subprocesses, which inherit
+    FSAD_CACHE) compile each program once per session."""
     os.environ["FSAD_CACHE"] = str(tmp_path_factory.mktemp("fsad_cache"))
+    from fsad.compile_cache import enable_compilation_cache
+    enable_compilation_cache()
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +46,7 @@ def tiny_config(method="devnet", **overrides):
     c.data.name = "synthetic"
     c.data.img_size = SIZE
     c.data.cache_dir = ""
+    c.model.pretrained = "none"  # no download in tests; weight loading has its own tests
     c.batch_size = 16
     c.epochs = 3
     c.steps_per_epoch = 10

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from conftest import tiny_config
+from fsad.errors import UserError
 from fsad.methods import ahl
 from fsad.methods.dra import DRAHeads
 from fsad.models.heads import TopKScorer
@@ -75,7 +76,7 @@ def test_one_shot_anomaly_is_in_both_sets():
 
 
 def test_too_few_clusters_is_a_clear_error():
-    with pytest.raises(ValueError, match="clusters"):
+    with pytest.raises(UserError, match="clusters"):
         ahl.build_tasks([np.arange(10)], 10, 2, seed=0)
 
 
@@ -159,9 +160,10 @@ def test_vmapped_meta_step_equals_a_loop(base, first_order):
         for i in range(7):
             k_in, k_out = jax.random.split(keys[i])
             t = {k: v[i] for k, v in arrays.items()}
-            theta = adapt(p, bank, t["support_idx"], t["support_lab"], t["support_mask"], k_in)
+            theta = adapt(p, bank, t["support_idx"], t["support_lab"], t["support_weight"],
+                          k_in)
             losses.append(task_loss(theta, bank, t["query_idx"], t["query_lab"],
-                                    t["query_mask"], k_out))
+                                    t["query_weight"], k_out))
         return sum(w * l for w, l in zip(weights, losses)), jnp.stack(losses)
 
     (total, losses), grads = jax.value_and_grad(loop_loss, has_aux=True)(params)
@@ -228,13 +230,19 @@ def test_meta_training_resumes(tmp_path):
     full, info_full = ahl.meta_train(config, hm, params, bank, tasks, key, None)
     ahl.meta_train(config, hm, params, bank, tasks, key, str(tmp_path), stop_after=3)
     resumed, info = ahl.meta_train(config, hm, params, bank, tasks, key, str(tmp_path))
-    assert len(info["loss"]) == 2  # epochs 4 and 5 only
-    np.testing.assert_allclose(info["loss"], info_full["loss"][3:], rtol=1e-5)
+    assert len(info["loss"]) == 5  # the checkpoint carries the first 3 epochs' log
+    np.testing.assert_allclose(info["loss"], info_full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(info["weights"], info_full["weights"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # weights[e] are the weights epoch e used: 1/T until psi has a K-epoch window and
+    # its next epoch (epoch index K), so from epoch K + 1 on
     assert len(info_full["weights"]) == 5
-    assert info_full["weights"][1] == pytest.approx([1 / 7] * 7)
-    assert info_full["weights"][4] != info_full["weights"][1]  # psi took over after K epochs
+    for e in range(3):
+        assert info_full["weights"][e] == pytest.approx([1 / 7] * 7)
+    assert info_full["weights"][3] != info_full["weights"][2]
+    assert info_full["weight_spread"][:3] == pytest.approx([1.0] * 3)
+    assert info_full["weight_spread"][3] > 1.0
 
 
 @pytest.mark.slow

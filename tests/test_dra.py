@@ -67,7 +67,7 @@ def test_training_batch_labels_and_shapes(synthetic):
     mesh = make_mesh(jax.devices()[:1])
     data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
                           synthetic.images[synthetic.labels == 1][:4], mesh)
-    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24))(data, jax.random.key(0))
+    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24, 0))(data, jax.random.key(0))
     assert batch["images"].shape == (24, SIZE, SIZE, 3) and batch["ref"].shape == (5, SIZE, SIZE, 3)
     labels = np.asarray(batch["labels"])
     assert (labels == 1).sum() == 8 and set(labels[:16]) <= {0, 2} and (labels == 2).sum() > 2
@@ -127,12 +127,12 @@ def test_outlier_exposure_replaces_cutpaste(synthetic, tmp_path):
     config = dra_config(**{"dra.outlier_root": str(tmp_path / "outliers")})
     outliers = load_outliers(config)
     assert outliers.shape == (3, SIZE, SIZE, 3)
-    config.dra.rotate = False  # keep the flat images flat
+    config.augment.rotate_degrees = 0.0  # keep the flat images flat
     method = build_method(config)
     data = put_train_data(synthetic.images[synthetic.labels == 0][:30],
                           synthetic.images[synthetic.labels == 1][:4], make_mesh(jax.devices()[:1]),
                           outliers)
-    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24))(data, jax.random.key(3))
+    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 24, 0))(data, jax.random.key(3))
     pseudo = np.asarray(batch["images"])[np.asarray(batch["labels"]) == 2]
     assert len(pseudo) > 0
     for im in pseudo:  # each pseudo anomaly is one of the flat outlier images

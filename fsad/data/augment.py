@@ -40,28 +40,59 @@ def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
     return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
 
 
-def _grey(x: jax.Array) -> jax.Array:
-    return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
+def grey(x: jax.Array) -> jax.Array:
+    """torchvision's rgb_to_grayscale: 0.2989 R + 0.587 G + 0.114 B. [..., 3] -> [..., 1]."""
+    return (0.2989 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
 
 
-_RGB2YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+def _to_uint8_levels(x: jax.Array) -> jax.Array:
+    # the released code jitters a PIL image, which holds uint8 after every adjustment
+    return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0) / 255.0
 
 
-def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1) -> jax.Array:
-    """ColorJitter(brightness, contrast, saturation, hue = strength) on float [H, W, 3] in [0, 1].
+def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1,
+                  region: jax.Array | None = None) -> jax.Array:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue = strength), as the
+    released CutPaste applies it to the cut patch.
 
-    Hue is rotated in YIQ space (a close, jit-friendly stand-in for HSV).
+    The four adjustments run in a random order (torchvision draws a permutation), with
+    brightness, contrast and saturation factors from U(1 - strength, 1 + strength) and a
+    hue shift from U(-strength, strength):
+      brightness: f * x; contrast: f * x + (1 - f) * mean(grey(x)) over the patch;
+      saturation: f * x + (1 - f) * grey(x); hue: (h + shift) mod 1 in HSV (dm-pix's
+      `adjust_hue`, torchvision's formula). dm-pix's brightness (additive), contrast
+    (per-channel mean) and saturation (HSV scaling) follow TensorFlow instead, so those
+    three are written here. Values are clipped to [0, 1] and rounded to uint8 levels
+    after every adjustment, as on the released code's PIL images.
+
+    Args:
+      image: [H, W, 3] float in [0, 1].
+      region: optional [H, W] bool, the patch (the contrast mean is taken over it);
+        default the whole image.
+    Returns:
+      [H, W, 3] float in [0, 1].
     """
-    kb, kc, ks, kh = jax.random.split(key, 4)
-    u = lambda k: jax.random.uniform(k, (), minval=1 - strength, maxval=1 + strength)  # noqa: E731
-    x = jnp.clip(image * u(kb), 0, 1)
-    x = jnp.clip((x - _grey(x).mean()) * u(kc) + _grey(x).mean(), 0, 1)
-    x = jnp.clip((x - _grey(x)) * u(ks) + _grey(x), 0, 1)
-    angle = jax.random.uniform(kh, (), minval=-strength, maxval=strength) * 2 * math.pi
-    c, s = jnp.cos(angle), jnp.sin(angle)
-    rot = jnp.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])
-    yiq = x @ _RGB2YIQ.T
-    return jnp.clip((yiq @ rot.T) @ jnp.linalg.inv(_RGB2YIQ).T, 0, 1)
+    import dm_pix
+
+    k_order, kb, kc, ks, kh = jax.random.split(key, 5)
+    factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
+                                          maxval=1 + strength)
+    fb, fc, fs = factor(kb), factor(kc), factor(ks)
+    shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
+    weight = jnp.ones(image.shape[:2]) if region is None else region.astype(jnp.float32)
+
+    def contrast(x):
+        mean = jnp.sum(grey(x)[..., 0] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        return fc * x + (1 - fc) * mean
+
+    ops = [lambda x: fb * x, contrast, lambda x: fs * x + (1 - fs) * grey(x),
+           lambda x: dm_pix.adjust_hue(x, shift)]
+    order = jax.random.permutation(k_order, len(ops))
+
+    def apply(i, x):
+        return _to_uint8_levels(jax.lax.switch(order[i], ops, x))
+
+    return jax.lax.fori_loop(0, len(ops), apply, image.astype(jnp.float32))
 
 
 def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3):
@@ -78,8 +109,9 @@ def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0
 
 def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
                 area=(0.02, 0.15), aspect: float = 0.3, jitter: float = 0.1):
-    """Cuts a rectangle from `source`, colour-jitters it, pastes it at a random place of
-    `target`. CutPaste when source is target, CutMix when it is another image.
+    """Cuts a rectangle from `source`, colour-jitters it (`colour_jitter` on the patch),
+    pastes it at a random place of `target`. CutPaste when source is target, CutMix when
+    it is another image.
 
     Args:
       target, source: [H, W, 3] uint8.
@@ -89,15 +121,16 @@ def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
     h, w = target.shape[:2]
     kbox, kfrom_y, kfrom_x, kto_y, kto_x, kjit = jax.random.split(key, 6)
     ch, cw = cut_box(kbox, h, w, area, aspect)
-    fy = jax.random.randint(kfrom_y, (), 0, h - ch + 1)
-    fx = jax.random.randint(kfrom_x, (), 0, w - cw + 1)
-    ty = jax.random.randint(kto_y, (), 0, h - ch + 1)
-    tx = jax.random.randint(kto_x, (), 0, w - cw + 1)
+    # int(random.uniform(0, h - cut_h)) in the released code: 0 .. h - cut_h - 1
+    fy = jax.random.randint(kfrom_y, (), 0, jnp.maximum(h - ch, 1))
+    fx = jax.random.randint(kfrom_x, (), 0, jnp.maximum(w - cw, 1))
+    ty = jax.random.randint(kto_y, (), 0, jnp.maximum(h - ch, 1))
+    tx = jax.random.randint(kto_x, (), 0, jnp.maximum(w - cw, 1))
     # shift the source so that its box lands on the target box; no wrap reaches the box
     shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32) / 255.0
     yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     mask = (yy >= ty) & (yy < ty + ch) & (xx >= tx) & (xx < tx + cw)
-    patch = colour_jitter(kjit, shifted, jitter) if jitter else shifted
+    patch = colour_jitter(kjit, shifted, jitter, mask) if jitter else shifted
     out = jnp.where(mask[..., None], jnp.round(patch * 255.0), target.astype(jnp.float32))
     return out.astype(jnp.uint8), mask
 

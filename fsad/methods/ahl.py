@@ -40,10 +40,12 @@ from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
+from fsad.errors import UserError
 from fsad.losses import deviation_loss, sample_prior
-from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, pyramid
-from fsad.models.heads import TopKScorer
+from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses
 from fsad.models.backbone import make_trunk
+from fsad.models.heads import TopKScorer
+from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
@@ -56,7 +58,8 @@ NORMAL, SEEN, PSEUDO = 0, 1, 2
 # ---------------------------------------------------------------- features
 
 def n_scales_of(config) -> int:
-    return config.dra.n_scales if config.ahl.base == "dra" else 1
+    """Pyramid scales of the base model (both bases run the released two-scale pyramid)."""
+    return config.model.n_scales
 
 
 def make_feature_fn(config):
@@ -77,15 +80,19 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
                 textures: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
     """One pseudo anomaly of the given family per normal image. [N,H,W,3] uint8 -> same.
 
-    CutMix pastes from another (random) normal; the Perlin blend takes its texture
-    from `textures` (a texture folder) or, without one, from another normal.
+    CutMix pastes from another normal, never the image itself (the released AHL
+    CutMix); the Perlin blend takes its texture from `textures` (a texture folder,
+    any of its images) or, without one, from another normal.
     """
     n = len(normals)
-    k_other, k_aug = jax.random.split(key)
-    partner = np.asarray(jax.random.randint(k_other, (n,), 0, n))
-    sources = textures if textures is not None and len(textures) else normals
-    if sources is not normals:
-        partner = partner % len(sources)
+    k_other, k_tex, k_aug = jax.random.split(key, 3)
+    # another normal: i + U{1, n-1} (mod n); the image itself only when it is alone
+    other = (np.arange(n) + np.asarray(jax.random.randint(k_other, (n,), 1, max(n, 2)))) % n
+    if family == "perlin" and textures is not None and len(textures):
+        sources = textures
+        partner = np.asarray(jax.random.randint(k_tex, (n,), 0, len(textures)))
+    else:
+        sources, partner = normals, other
     fn = {"cutmix": jax.vmap(lambda k, a, b: cutmix(k, a, b)[0]),
           "cutpaste": jax.vmap(lambda k, a, b: cutpaste(k, a)[0]),
           "perlin": jax.vmap(lambda k, a, b: perlin_blend(k, a, b)[0])}[family]
@@ -93,8 +100,8 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
     keys = jax.random.split(k_aug, n)
     out = []
     for s in range(0, n, chunk):
-        other = (sources if family == "perlin" else normals)[partner[s:s + chunk]]
-        out.append(np.asarray(fn(keys[s:s + chunk], normals[s:s + chunk], other)))
+        out.append(np.asarray(fn(keys[s:s + chunk], normals[s:s + chunk],
+                                 sources[partner[s:s + chunk]])))
     return np.concatenate(out)
 
 
@@ -122,8 +129,10 @@ def build_bank(config, variables, normals, anomalies, test_images, mesh, key,
 class Tasks:
     """T tasks as padded index arrays into the bank.
 
-    support_idx/support_lab/support_mask: [T, S]; query_*: [T, Q] (labels 0/1/2,
-    mask 0 on padding). families: [T, 2] (support, query) family ids.
+    support_idx/support_lab/support_mask/support_weight: [T, S]; query_*: [T, Q]
+    (labels 0/1/2, mask 0 on padding; weight: the class-balanced weight of each sample,
+    0 on padding, summing to 1 per task, see `class_balance`). families: [T, 2]
+    (support, query) family ids.
     pool_idx: [P] the samples the importance model tracks (every query sample);
     pool_lab: [P] {0, 1}; pool_coef: [T, P] c_j per model (0 where excluded:
     that model's own support normals).
@@ -132,9 +141,11 @@ class Tasks:
     support_idx: np.ndarray
     support_lab: np.ndarray
     support_mask: np.ndarray
+    support_weight: np.ndarray
     query_idx: np.ndarray
     query_lab: np.ndarray
     query_mask: np.ndarray
+    query_weight: np.ndarray
     families: np.ndarray
     pool_idx: np.ndarray
     pool_lab: np.ndarray
@@ -146,8 +157,8 @@ class Tasks:
 
     def device_arrays(self) -> dict:
         return {k: jnp.asarray(getattr(self, k)) for k in
-                ("support_idx", "support_lab", "support_mask", "query_idx", "query_lab",
-                 "query_mask")}
+                ("support_idx", "support_lab", "support_weight", "query_idx", "query_lab",
+                 "query_weight")}
 
 
 def _pad(rows: list[np.ndarray], fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +169,13 @@ def _pad(rows: list[np.ndarray], fill: int = 0) -> tuple[np.ndarray, np.ndarray]
         out[i, :len(r)] = r
         mask[i, :len(r)] = 1
     return out, mask
+
+
+def _pad_float(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.zeros((len(rows), width), np.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def cluster_normals(normal_flat: np.ndarray, n_clusters: int, seed: int,
@@ -199,7 +217,8 @@ def normal_clusters(normal_flat: np.ndarray, normals: np.ndarray, n_clusters: in
       (clusters, info: feature_health's fields + "cluster_on": what was clustered).
     """
     if cluster_on not in CLUSTER_ON:
-        raise ValueError(f"ahl.cluster_on={cluster_on!r}; use one of {CLUSTER_ON}")
+        raise UserError(f"ahl.cluster_on={cluster_on!r} is not a clustering input; use one "
+                        f"of {', '.join(CLUSTER_ON)}")
     clusters = [] if cluster_on == "images" else cluster_normals(normal_flat, n_clusters, seed)
     info = {**feature_health(normal_flat, clusters), "cluster_on": "features"}
     if cluster_on == "images" or (cluster_on == "auto" and len(clusters) < 2):
@@ -239,20 +258,53 @@ def feature_health(normal_flat: np.ndarray, clusters: list[np.ndarray],
     return {"dead_normal_fraction": dead, "largest_cluster_fraction": largest}
 
 
+# Each class's share of a task's loss, as the base method's balanced training batches
+# give it (spec §7 step 5): DRA draws a third normal, a third pseudo, a third seen
+# anomalies; DevNet half normal, half anomalies (the released AHL code sums a seen and a
+# pseudo deviation loss over batches of a third each, so each anomaly kind weighs 1/4).
+CLASS_SHARES = {"dra": {NORMAL: 1 / 3, PSEUDO: 1 / 3, SEEN: 1 / 3},
+                "devnet": {NORMAL: 1 / 2, PSEUDO: 1 / 4, SEEN: 1 / 4}}
+
+
+def class_balance(labels: np.ndarray, base: str) -> np.ndarray:
+    """Per-sample weights that give each class present its base method's share.
+
+    Args:
+      labels: [N] in {0 normal, 1 seen, 2 pseudo}; base: "dra" or "devnet".
+    Returns:
+      [N] float32 summing to 1: class c's samples share CLASS_SHARES[base][c] equally
+      (shares renormalised over the classes present; DevNet's anomaly half goes to
+      whichever anomaly kinds are present).
+    """
+    shares = dict(CLASS_SHARES[base])
+    present = {c for c in shares if np.any(labels == c)}
+    if base == "devnet" and present & {SEEN, PSEUDO} != {SEEN, PSEUDO}:
+        for c in present & {SEEN, PSEUDO}:
+            shares[c] = 1 / 2
+    total = sum(shares[c] for c in present)
+    w = np.zeros(len(labels), np.float32)
+    for c in present:
+        members = labels == c
+        w[members] = shares[c] / total / members.sum()
+    return w
+
+
 def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed: int,
-                pseudo_frac: float = 0.5, c_unseen: float = 1.0, c_other: float = 0.5) -> Tasks:
+                pseudo_frac: float = 0.5, c_unseen: float = 1.0, c_other: float = 0.5,
+                base: str = "dra") -> Tasks:
     """HADG tasks from normal clusters (spec §7).
 
     Args:
       clusters: lists of normal indices (bank rows [0, n_normal)).
       n_normal, n_anomaly: bank layout sizes.
+      base: "dra" or "devnet", whose class balance the task losses keep.
     Raises:
-      ValueError: fewer than 2 usable clusters.
+      UserError: fewer than 2 usable clusters.
     """
     if len(clusters) < 2:
-        raise ValueError(f"k-means left {len(clusters)} cluster(s) with 3 or more normals; AHL "
-                         f"needs 2. Use more normal images, fewer clusters "
-                         f"(--config.ahl.clusters) or --config.ahl.cluster_on=auto")
+        raise UserError(f"k-means left {len(clusters)} cluster(s) with 3 or more normals and "
+                        f"AHL needs 2; use more normal images, fewer clusters "
+                        f"(--config.ahl.clusters) or --config.ahl.cluster_on=auto")
     rng = np.random.default_rng(seed)
     anomalies = np.arange(n_normal, n_normal + n_anomaly)
     normal_sets = [(clusters[i], clusters[j]) for i in range(len(clusters))
@@ -287,6 +339,8 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
     s_lab, _ = _pad(sup_labs)
     q_idx, q_mask = _pad(qry_rows)
     q_lab, _ = _pad(qry_labs)
+    s_w = _pad_float([class_balance(lab, base) for lab in sup_labs], s_idx.shape[1])
+    q_w = _pad_float([class_balance(lab, base) for lab in qry_labs], q_idx.shape[1])
     # the importance pool: every query sample; c_j per model
     pool = np.unique(np.concatenate(qry_rows))
     is_anom = pool >= n_normal
@@ -297,8 +351,8 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
         coef[i] = np.where(is_anom, np.where(in_support, c_other, c_unseen),
                            np.where(in_support, 0.0, c_other))
         coef[i, np.isin(pool, list(support_normals[i]))] = 0.0  # X_n,i excluded
-    return Tasks(s_idx, s_lab, s_mask, q_idx, q_lab, q_mask, np.array(fams), pool, pool_lab,
-                 coef)
+    return Tasks(s_idx, s_lab, s_mask, s_w, q_idx, q_lab, q_mask, q_w, np.array(fams), pool,
+                 pool_lab, coef)
 
 
 # ---------------------------------------------------------------- heads on features
@@ -308,24 +362,30 @@ class HeadModel:
     """The base method's heads as functions of bank features.
 
     apply(params, feats [scales] of [B,h,w,C]) -> {head: [B]}
-    loss(head_scores, labels [B], mask [B], key) -> scalar
+    loss(head_scores, labels [B], weight [B], key) -> scalar (weighted mean per head)
     score(head_scores) -> [B] anomaly score
+    init(key, feats) -> fresh head params (PyTorch's default initialisation)
     """
 
     apply: callable
     loss: callable
     score: callable
+    init: callable
+
+
+HEAD_INITS = ("base", "fresh")
 
 
 def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]:
     """Builds the base method's heads and their trained params (the initial theta_g).
 
-    ref_means: DRA's reference mean maps per scale (from the fixed reference set).
+    ref_means: DRA's reference mean maps per scale (from the test reference set).
+    Both bases score every pyramid scale and average, as their base models do.
     """
     lc = config.loss
     if config.ahl.base == "dra":
         heads = DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
-                         config.dra.residual_stride)
+                         config.dra.residual_stride, config.dra.residual_padding)
         bstats = base_variables["batch_stats"].get("heads", {})
 
         def apply(params, feats):
@@ -333,21 +393,29 @@ def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]
             v = {"params": params, "batch_stats": bstats} if bstats else {"params": params}
             return heads.apply(v, feats, ref_means, train=False)
 
-        def loss(scores, labels, mask, key):
+        def loss(scores, labels, weight, key):
             return sum(head_losses(scores, labels, key, config.dra.loss, lc.prior_size,
-                                   lc.margin, sample_mask=mask).values())
+                                   lc.margin, sample_weight=weight, prior_mu=lc.prior_mu,
+                                   prior_sigma=lc.prior_sigma).values())
 
-        return HeadModel(apply, loss, combine), base_variables["params"]["heads"]
+        def init(key, feats):
+            return heads.init(key, feats, ref_means)["params"]
+
+        return HeadModel(apply, loss, combine, init), base_variables["params"]["heads"]
     scorer = TopKScorer(config.model.topk, config.model.topk_abs)
 
     def apply_devnet(params, feats):
-        return {"score": scorer.apply({"params": params}, feats[0])[0]}
+        per_scale = [scorer.apply({"params": params}, f)[0] for f in feats]
+        return {"score": jnp.mean(jnp.stack(per_scale), axis=0)}
 
-    def loss_devnet(scores, labels, mask, key):
+    def loss_devnet(scores, labels, weight, key):
         prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
-        return deviation_loss(scores["score"], labels > 0, prior, lc.margin, mask)
+        return deviation_loss(scores["score"], labels > 0, prior, lc.margin, weight)
 
-    return (HeadModel(apply_devnet, loss_devnet, lambda s: s["score"]),
+    def init_devnet(key, feats):
+        return scorer.init(key, feats[0])["params"]
+
+    return (HeadModel(apply_devnet, loss_devnet, lambda s: s["score"], init_devnet),
             base_variables["params"]["head"])
 
 
@@ -359,15 +427,16 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
          weights [T], pool_idx [P], key) ->
       (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P]})
+    tasks holds support_/query_ idx, lab and weight (class-balanced, 0 on padding).
     """
 
-    def task_loss(params, bank, idx, lab, mask, key):
+    def task_loss(params, bank, idx, lab, weight, key):
         feats = [f[idx] for f in bank]
-        return hm.loss(hm.apply(params, feats), lab, mask, key)
+        return hm.loss(hm.apply(params, feats), lab, weight, key)
 
-    def adapt(params, bank, idx, lab, mask, key):
+    def adapt(params, bank, idx, lab, weight, key):
         for k in range(inner_steps):
-            g = jax.grad(task_loss)(params, bank, idx, lab, mask, jax.random.fold_in(key, k))
+            g = jax.grad(task_loss)(params, bank, idx, lab, weight, jax.random.fold_in(key, k))
             if first_order:
                 g = jax.lax.stop_gradient(g)
             params = jax.tree.map(lambda p, gi: p - inner_lr * gi, params, g)
@@ -376,8 +445,8 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     def per_task(params_g, bank, task, key):
         k_in, k_out = jax.random.split(key)
         theta = adapt(params_g, bank, task["support_idx"], task["support_lab"],
-                      task["support_mask"], k_in)
-        q = task_loss(theta, bank, task["query_idx"], task["query_lab"], task["query_mask"],
+                      task["support_weight"], k_in)
+        q = task_loss(theta, bank, task["query_idx"], task["query_lab"], task["query_weight"],
                       k_out)
         return q, theta
 
@@ -403,22 +472,45 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
 
 # ---------------------------------------------------------------- importance
 
-def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray) -> np.ndarray:
-    """w = softmax(-r), r_i = sum_j c_ij (s'_ji - y_j)^2 / |{j: c_ij > 0}|.
+def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
+                          coef: np.ndarray) -> np.ndarray:
+    """r_i = sum_j c_ij (s'_ji - y_j)^2 / |{j: c_ij > 0}| (spec §7).
 
     Args:
       predicted: [P, T] predicted scores of the T models; min-max scaled jointly to
         [0, 1] first (scores live on the deviation scale, labels in {0, 1}).
       labels: [P] {0, 1}; coef: [T, P] c_j per model (0 = excluded).
     Returns:
-      w: [T], summing to 1.
+      r: [T] float64.
     """
     p = np.asarray(predicted, np.float64)
     p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
     err = (p.T - labels[None].astype(np.float64)) ** 2  # [T, P]
-    r = (coef * err).sum(1) / np.maximum((coef > 0).sum(1), 1)
-    e = np.exp(-(r - r.min()))
+    return (coef * err).sum(1) / np.maximum((coef > 0).sum(1), 1)
+
+
+def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray,
+                       temperature: float = 0.1) -> np.ndarray:
+    """w = softmax(-(r / mean(r)) / temperature), r from `generalisation_errors`.
+
+    The paper's softmax(-r) on squared errors of [0, 1]-scaled scores leaves w within a
+    few percent of 1/T whatever the tasks' quality (the r_i differ by ~0.01). Dividing
+    r by its mean makes the weights scale-free: a model whose error is `temperature`
+    (10% by default) above another's gets e^-1 of its weight.
+
+    Returns:
+      w: [T] float32, summing to 1.
+    """
+    r = generalisation_errors(predicted, labels, coef)
+    z = -(r / max(float(r.mean()), 1e-12)) / temperature
+    e = np.exp(z - z.max())
     return (e / e.sum()).astype(np.float32)
+
+
+def weight_spread(w) -> float:
+    """max(w) / min(w): 1 means equal weights."""
+    w = np.asarray(w, np.float64)
+    return float(w.max() / max(w.min(), 1e-30))
 
 
 def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
@@ -447,7 +539,9 @@ def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
 
 @flax.struct.dataclass
 class MetaState:
-    """What a meta-training checkpoint keeps. history: [epochs, P, T] pool scores."""
+    """What a meta-training checkpoint keeps. history: [epochs, P, T] pool scores;
+    weights: [T] for the next epoch; weights_log: [epochs, T] the weights each epoch
+    used; losses: [epochs] its L_cdl."""
 
     epoch: jax.Array
     params: dict
@@ -456,6 +550,8 @@ class MetaState:
     psi_opt: tuple
     history: jax.Array
     weights: jax.Array
+    weights_log: jax.Array
+    losses: jax.Array
 
 
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
@@ -465,7 +561,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     stop_after: end after this epoch (checkpointed), as an interruption would.
 
     Returns:
-      (unified head params, info: {"weights" [epochs, T], "loss" [epochs], "epoch_seconds"}).
+      (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
+       "weight_spread" [epochs] max/min of those, "loss" [epochs], "epoch_seconds"}).
     """
     a = config.ahl
     T, K, E = tasks.num_tasks, a.history, a.epochs
@@ -476,14 +573,15 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     psi_params, psi_opt = psi_init(k_psi, K)
     state = MetaState(jnp.int32(0), params_g, tx.init(params_g), psi_params, psi_opt,
                       jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
-                      jnp.full((T,), 1.0 / T, jnp.float32))
+                      jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
+                      jnp.zeros((E,), jnp.float32))
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
     bank_dev = [jnp.asarray(f) for f in bank]
     task_arrays = tasks.device_arrays()
     pool_idx = jnp.asarray(tasks.pool_idx)
-    weights_log, losses, times = [], [], []
+    times = []
     with tqdm(total=E, initial=int(state.epoch), desc="AHL meta-training", unit="epoch") as bar:
         for epoch in range(int(state.epoch), min(E, stop_after or E)):
             t0 = time.time()
@@ -491,8 +589,12 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             qw = 0.5 + 0.5 * w if a.weighting == "released" else w
             params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
                                           qw, pool_idx, jax.random.fold_in(k_meta, epoch))
+            loss = float(out["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"AHL loss became {loss} at epoch {epoch + 1}; lower "
+                                         f"--config.ahl.optim.lr or --config.ahl.inner_lr")
             history = state.history.at[epoch].set(out["pool_scores"].T)
-            psi_params, psi_opt = state.psi_params, state.psi_opt
+            psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
             if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
                 # psi learns online: the newest window each epoch (fixed shapes, one compile)
                 seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
@@ -500,16 +602,11 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                 for _ in range(a.psi_steps):
                     psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
                 pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
-                w = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
-                                                   tasks.pool_coef))
+                w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
+                                                        tasks.pool_coef, a.weight_temperature))
             state = MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params, psi_opt,
-                              history, w)
-            loss = float(out["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"AHL loss became {loss} at epoch {epoch + 1}; lower "
-                                         f"--config.ahl.optim.lr or --config.ahl.inner_lr")
-            losses.append(loss)
-            weights_log.append(np.asarray(w).tolist())
+                              history, w_next, state.weights_log.at[epoch].set(w),
+                              state.losses.at[epoch].set(loss))
             times.append(time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -518,58 +615,82 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     if mngr is not None:
         mngr.wait_until_finished()
         mngr.close()
-    return state.params, {"weights": weights_log, "loss": losses,
+    done = int(state.epoch)
+    weights = np.asarray(state.weights_log)[:done]
+    return state.params, {"weights": weights.tolist(),
+                          "weight_spread": [weight_spread(w) for w in weights],
+                          "loss": np.asarray(state.losses)[:done].tolist(),
                           "epoch_seconds": float(np.median(times)) if times else None}
 
 
 # ---------------------------------------------------------------- the whole stage
 
-def run_ahl(config, base_variables, normals, anomalies, test_images, mesh, seed: int,
-            workdir: str, textures=None) -> dict:
-    """Features (cached in workdir), HADG, CDL; returns test scores and AHL info.
-
-    Returns:
-      {"scores": [Nt] unified-model anomaly scores, "base_scores": [Nt] the base heads'
-       scores on the same features, "tasks": T, "families": ..., "weights": ...}.
-    """
-    t0 = time.time()
-    key = jax.random.key(seed + 20_000)
-    k_bank, k_meta = jax.random.split(key)
+def load_or_build_bank(config, base_variables, normals, anomalies, test_images, mesh, key,
+                       workdir: str, textures=None):
+    """`build_bank`, cached in workdir/ahl_features.npz (written atomically)."""
     cache = os.path.join(workdir, "ahl_features.npz")
     if os.path.exists(cache):
         with np.load(cache) as f:
             n = int(f["n_scales"])
-            bank = [f[f"bank{i}"] for i in range(n)]
-            test = [f[f"test{i}"] for i in range(n)]
-    else:
-        bank, test = build_bank(config, base_variables, normals, anomalies, test_images, mesh,
-                                k_bank, textures)
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
-                 **{f"test{i}": t for i, t in enumerate(test)})
-        os.replace(tmp, cache)
+            return [f[f"bank{i}"] for i in range(n)], [f[f"test{i}"] for i in range(n)]
+    bank, test = build_bank(config, base_variables, normals, anomalies, test_images, mesh,
+                            key, textures)
+    tmp = cache + ".tmp.npz"
+    np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
+             **{f"test{i}": t for i, t in enumerate(test)})
+    os.replace(tmp, cache)
+    return bank, test
+
+
+def reference_means(config, method, base_variables, seed: int):
+    """DRA's reference mean maps per scale, from the base model's test reference set
+    (the fixed set; with test_reference=per_batch one seeded draw from its pool), or
+    None for a base without a residual head."""
+    if method.reference is None:
+        return None
+    ref = method.reference({**base_variables, "key": jax.random.key(seed + 30_000)})
+    feats = make_feature_fn(config)(base_variables, ref)
+    return [feats[k].mean(0) for k in sorted(feats)]
+
+
+def run_ahl(config, method, base_variables, normals, anomalies, test_images, mesh, seed: int,
+            workdir: str, textures=None) -> dict:
+    """Features (cached in workdir), HADG, CDL; returns test scores and AHL info.
+
+    Args:
+      method: the base model's `fsad.train.Method` (its test reference set for DRA).
+    Returns:
+      {"scores": [Nt] unified-model anomaly scores, "base_scores": [Nt] the base heads'
+       scores on the same features, "tasks": T, "families": ..., "weights": ...}.
+    """
+    a = config.ahl
+    if a.head_init not in HEAD_INITS:
+        raise UserError(f"ahl.head_init={a.head_init!r}; use base (start from the trained "
+                        f"base heads) or fresh (PyTorch's default init, the released code)")
+    t0 = time.time()
+    key = jax.random.key(seed + 20_000)
+    k_bank, k_meta, k_init = jax.random.split(key, 3)
+    bank, test = load_or_build_bank(config, base_variables, normals, anomalies, test_images,
+                                    mesh, k_bank, workdir, textures)
     t_feat = time.time() - t0
     n_normal, n_anomaly = len(normals), len(anomalies)
     flat = bank[0][:n_normal].reshape(n_normal, -1)
-    clusters, health = normal_clusters(flat, normals, config.ahl.clusters, seed,
-                                       config.ahl.cluster_on)
-    tasks = build_tasks(clusters, n_normal, n_anomaly, seed, config.ahl.pseudo_frac)
-    ref_means = None
-    if config.ahl.base == "dra":
-        fn = make_feature_fn(config)
-        ref = fn(base_variables, base_variables["extras"]["ref_images"])
-        ref_means = [ref[k].mean(0) for k in sorted(ref)]
-    hm, params_g = head_model(config, base_variables, ref_means)
+    clusters, health = normal_clusters(flat, normals, a.clusters, seed, a.cluster_on)
+    tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base)
+    hm, base_params = head_model(config, base_variables,
+                                 reference_means(config, method, base_variables, seed))
+    params_g = base_params if a.head_init == "base" else hm.init(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
     score_fn = jax.jit(lambda p, feats: hm.score(hm.apply(p, feats)))
-    chunks = range(0, len(test[0]), config.eval_batch_size)
-    ahl_scores = np.concatenate([np.asarray(score_fn(params, [t[s:s + config.eval_batch_size]
-                                                              for t in test])) for s in chunks])
-    base_scores = np.concatenate([np.asarray(score_fn(params_g, [t[s:s + config.eval_batch_size]
-                                                                 for t in test]))
-                                  for s in chunks])
+    bs = config.eval_batch_size
+
+    def scores_of(p):
+        return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test]))
+                               for s in range(0, len(test[0]), bs)])
+
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
-    return {"scores": ahl_scores, "base_scores": base_scores, "tasks": tasks.num_tasks,
+    return {"scores": scores_of(params), "base_scores": scores_of(base_params),
+            "tasks": tasks.num_tasks, "head_init": a.head_init,
             "cluster_sizes": [len(c) for c in clusters], **health,
             "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
             "feature_seconds": t_feat, **info, "ahl_seconds": time.time() - t0}

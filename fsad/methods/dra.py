@@ -1,10 +1,16 @@
 """DRA (Ding et al., CVPR 2022): four disentangled heads on one trunk (spec §6).
 
-Heads: seen (1x1 conv + top-K), pseudo (same, own weights), latent residual
-(reference mean map minus input map, conv 3x3/3, BN, ReLU, 1x1, top-K) and
-normality (pool, 512-256-1, target 1 for normal images). The whole model runs
-at two scales (input and nearest half size) and each head's score is the mean
-over scales. Score = seen + pseudo + residual - normality.
+Heads (the released code's): seen (1x1 conv + top-K), pseudo (same, own weights),
+latent residual (reference mean map minus input map, conv 3x3 stride 1 padding 1,
+BN, ReLU, 1x1, top-K of |s|) and normality (pool, C-256-1, |.|; target 1 for
+normal images). The whole model runs at two scales (input and nearest half size)
+and each head's score is the mean over scales. Score = seen + pseudo + residual -
+normality.
+
+Training pipeline (released): normal slots become pseudo anomalies with
+probability 0.5 (CutPaste of the image, or an outlier-exposure image), then every
+image is rotated; the reference images are normals drawn from their own stream
+through the same pipeline, so they too are rotated and sometimes pseudo.
 
 Labels in a training batch: 0 normal, 1 seen anomaly, 2 pseudo anomaly.
 """
@@ -15,13 +21,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fsad.data.augment import cutpaste, random_rotation
+from fsad.data.augment import cutpaste
+from fsad.errors import UserError
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
-from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.backbone import make_trunk
+from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
+from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
 from fsad.optim import optimizer_from_config
-from fsad.train import Method
+from fsad.train import Method, cycle_draw, rotate_batch
 
 HEADS = ("seen", "pseudo", "residual", "normality")
 VARIANTS = {
@@ -32,77 +40,73 @@ VARIANTS = {
     "DRA": HEADS,
 }
 NORMAL, SEEN, PSEUDO = 0, 1, 2
-
-
-def half_nearest(x: jax.Array) -> jax.Array:
-    """PyTorch `F.interpolate(x, size=H // 2)` (nearest) for even H: every other pixel."""
-    return x[:, ::2, ::2]
+LOSSES = ("deviation", "bce", "focal")
+TEST_REFERENCES = ("fixed", "per_batch")
 
 
 class DRAHeads(nn.Module):
-    """The four heads over trunk features at every pyramid scale; each head's score is
-    the mean over scales.
+    """The heads over trunk features at every pyramid scale; each head's score is the
+    mean over scales.
 
     Call:
       feats: list over scales of [B, h_s, w_s, C]; ref_means: list of [h_s, w_s, C]
-      (mean map of the reference set at that scale) -> {head: [B]}.
+      (mean map of the reference set at that scale), or None without a residual head
+      -> {head: [B]}.
     """
 
     topk: float = 0.1
     heads: tuple = HEADS
-    residual_stride: int = 3
+    residual_stride: int = 1
+    residual_padding: int = 1
 
     @nn.compact
-    def __call__(self, feats, ref_means, train: bool = False):
+    def __call__(self, feats, ref_means=None, train: bool = False):
         modules = {
             "seen": TopKScorer(self.topk, True, name="seen"),
             "pseudo": TopKScorer(self.topk, True, name="pseudo"),
-            "residual": ResidualScorer(self.topk, self.residual_stride, name="residual"),
+            "residual": ResidualScorer(self.topk, self.residual_stride, self.residual_padding,
+                                       name="residual"),
             "normality": NormalityScorer(name="normality"),
         }
         per_scale = {h: [] for h in self.heads}
-        for f, ref_mean in zip(feats, ref_means):
+        for s, f in enumerate(feats):
             for h in self.heads:
                 if h in ("seen", "pseudo"):
                     per_scale[h].append(modules[h](f)[0])
                 elif h == "residual":
-                    per_scale[h].append(modules[h](f, ref_mean, train))
+                    per_scale[h].append(modules[h](f, ref_means[s], train))
                 else:
                     per_scale[h].append(modules[h](f))
         return {h: jnp.mean(jnp.stack(v), axis=0) for h, v in per_scale.items()}
 
 
-def pyramid(images: jax.Array, n_scales: int) -> list:
-    """[B, H, W, 3] -> the list of scales (input, then nearest halvings)."""
-    out = [images]
-    for _ in range(1, n_scales):
-        out.append(half_nearest(out[-1]))
-    return out
-
-
 class DRAModel(nn.Module):
-    """Call: x [B, H, W, 3], ref [R, H, W, 3] (both normalised) -> {head: [B]}.
+    """Call: x [B, H, W, 3], ref [R, H, W, 3] or None (both normalised) -> {head: [B]}.
 
-    The reference images go through the trunk in the same forward pass as x.
+    The reference images go through the trunk in the same forward pass as x (so in
+    training they share its BatchNorm statistics, as in the released code); a model
+    without the residual head takes none.
     """
 
     backbone: str = "resnet18"
     topk: float = 0.1
     heads: tuple = HEADS
     n_scales: int = 2
-    residual_stride: int = 3
+    residual_stride: int = 1
+    residual_padding: int = 1
 
     @nn.compact
-    def __call__(self, x, ref, train: bool = False):
+    def __call__(self, x, ref=None, train: bool = False):
         trunk = make_trunk(self.backbone, name="backbone")
-        n_ref = ref.shape[0]
+        n_ref = 0 if ref is None else ref.shape[0]
+        both = x if ref is None else jnp.concatenate([ref, x])
         feats, ref_means = [], []
-        for images in pyramid(jnp.concatenate([ref, x]), self.n_scales):
+        for images in pyramid(both, self.n_scales):
             f = trunk(images, train)
             feats.append(f[n_ref:])
-            ref_means.append(f[:n_ref].mean(0))
-        return DRAHeads(self.topk, self.heads, self.residual_stride, name="heads")(
-            feats, ref_means, train)
+            ref_means.append(f[:n_ref].mean(0) if n_ref else None)
+        return DRAHeads(self.topk, self.heads, self.residual_stride, self.residual_padding,
+                        name="heads")(feats, ref_means if n_ref else None, train)
 
 
 def combine(head_scores: dict) -> jax.Array:
@@ -132,13 +136,16 @@ def head_routing(labels: jax.Array) -> dict:
 
 def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str = "deviation",
                 prior_size: int = 5000, margin: float = 5.0,
-                sample_mask: jax.Array | None = None) -> dict:
+                sample_weight: jax.Array | None = None, prior_mu: float = 0.0,
+                prior_sigma: float = 1.0) -> dict:
     """Each head's loss on the samples routed to it; fresh prior samples per head.
 
     Args:
       head_scores: {head: [B]}; labels: [B] {0, 1, 2}; key: PRNG key.
       loss: "deviation", "bce" or "focal".
-      sample_mask: optional [B] {0, 1}; padded samples (0) reach no head.
+      sample_weight: optional [B] >= 0; a head's loss is the weighted mean over the
+        samples routed to it (padding has weight 0; AHL's class balance sets the rest).
+      prior_mu, prior_sigma: the Gaussian prior of the deviation loss.
     Returns:
       {head: scalar}.
     """
@@ -146,89 +153,121 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
     out = {}
     for i, (h, s) in enumerate(sorted(head_scores.items())):
         target, mask = routes[h]
-        if sample_mask is not None:
-            mask = mask * sample_mask
+        mask = mask.astype(s.dtype)
+        if sample_weight is not None:
+            mask = mask * sample_weight
         if loss == "deviation":
-            prior = sample_prior(jax.random.fold_in(key, i), prior_size)
+            prior = sample_prior(jax.random.fold_in(key, i), prior_size, prior_mu, prior_sigma)
             out[h] = deviation_loss(s, target, prior, margin, mask)
         elif loss == "bce":
             out[h] = binary_cross_entropy(s, target, mask)
         elif loss == "focal":
             out[h] = focal_loss(s, target, mask=mask)
         else:
-            raise ValueError(f"unknown loss {loss!r}; use deviation, bce or focal")
+            raise UserError(f"dra.loss={loss!r} is not a loss; use one of {', '.join(LOSSES)}")
     return out
 
 
-def dra(config) -> Method:
-    """The DRA method from a config (fields model.*, dra.*, loss.*, optim.*)."""
-    d = config.dra
-    if d.test_reference not in ("fixed", "per_batch"):
-        raise ValueError(f"dra.test_reference must be fixed or per_batch, got {d.test_reference!r}")
+def check_dra_config(d) -> None:
+    """Raises UserError for an unknown variant, loss or test-reference mode."""
     if d.variant not in VARIANTS:
-        raise ValueError(f"unknown DRA variant {d.variant!r}; choose one of {sorted(VARIANTS)}")
+        raise UserError(f"dra.variant={d.variant!r} is not a DRA variant; use one of "
+                        f"{', '.join(VARIANTS)}")
+    if d.loss not in LOSSES:
+        raise UserError(f"dra.loss={d.loss!r} is not a loss; use one of {', '.join(LOSSES)}")
+    if d.test_reference not in TEST_REFERENCES:
+        raise UserError(f"dra.test_reference={d.test_reference!r}; use fixed or per_batch")
+
+
+def dra(config) -> Method:
+    """The DRA method from a config (fields model.*, augment.*, dra.*, loss.*, optim.*)."""
+    d = config.dra
+    check_dra_config(d)
     heads = VARIANTS[d.variant]
-    model = DRAModel(config.model.backbone, config.model.topk, heads, d.n_scales,
-                     d.residual_stride)
+    uses_ref = "residual" in heads
+    model = DRAModel(config.model.backbone, config.model.topk, heads, config.model.n_scales,
+                     d.residual_stride, d.residual_padding)
     use_outliers = bool(d.outlier_root)
+    lc = config.loss
+
+    def pipeline(key, images, outliers, n_outlier):
+        """The released training transform of normal images: each becomes, with
+        probability pseudo_prob, a pseudo anomaly (CutPaste of itself, or an outlier
+        image), then every image is rotated. [N,H,W,3] uint8 -> (same, is_pseudo [N])."""
+        k_p, k_flip, k_rot = jax.random.split(key, 3)
+        n = images.shape[0]
+        if use_outliers:
+            pick = jax.random.randint(k_p, (n,), 0, jnp.maximum(n_outlier, 1))
+            pseudo = outliers[pick]
+        else:
+            pseudo = jax.vmap(lambda k, im: cutpaste(k, im)[0])(jax.random.split(k_p, n), images)
+        flip = jax.random.uniform(k_flip, (n,)) < d.pseudo_prob
+        images = jnp.where(flip[:, None, None, None], pseudo, images)
+        return rotate_batch(k_rot, images, config.augment.rotate_degrees), flip
 
     def init(key, images):
-        ref = jnp.zeros((d.n_ref, *images.shape[1:]), images.dtype)
+        ref = jnp.zeros((d.n_ref, *images.shape[1:]), images.dtype) if uses_ref else None
         return dict(model.init(key, images, ref, train=False))
 
     def init_extras(key, data):
-        """The fixed, seeded test reference set (n_ref training normals); with
-        test_reference="per_batch", the pool of training normals it is drawn from."""
+        """The test reference set: with test_reference="fixed" one seeded draw of n_ref
+        training normals through the training pipeline, kept in the checkpoint; with
+        "per_batch", the pool it is drawn from at every test batch (the released code)."""
+        if not uses_ref:
+            return {}
         if d.test_reference == "per_batch":
-            return {"ref_pool": data.images[:int(data.n_normal)]}
-        idx = jax.random.choice(key, data.n_normal, (d.n_ref,), replace=False)
-        return {"ref_images": data.images[idx]}
+            return {"ref_pool": data.images[:int(data.n_normal)],
+                    "ref_outliers": data.outliers[:max(int(data.n_outlier), 1)]}
+        k_idx, k_pipe = jax.random.split(key)
+        idx = jax.random.choice(k_idx, data.n_normal, (d.n_ref,), replace=False)
+        ref, _ = pipeline(k_pipe, data.images[idx], data.outliers, data.n_outlier)
+        return {"ref_images": ref}
 
-    def sample_batch(data, key, batch_size):
+    def sample_batch(data, key, batch_size, step):
         n_anom = int(round(batch_size * config.anomaly_fraction))
         n_norm = batch_size - n_anom
-        k_n, k_a, k_p, k_flip, k_ref, k_rot = jax.random.split(key, 6)
-        idx_n = jax.random.randint(k_n, (n_norm,), 0, data.n_normal)
-        idx_a = jax.random.randint(k_a, (n_anom,), data.n_normal, data.n_normal + data.n_anomaly)
-        normals = data.images[idx_n]
-        if use_outliers:
-            pick = jax.random.randint(k_p, (n_norm,), 0, jnp.maximum(data.n_outlier, 1))
-            pseudo = data.outliers[pick]
-        else:
-            pseudo = jax.vmap(lambda k, im: cutpaste(k, im)[0])(jax.random.split(k_p, n_norm),
-                                                                normals)
-        flip = jax.random.uniform(k_flip, (n_norm,)) < d.pseudo_prob
-        normals = jnp.where(flip[:, None, None, None], pseudo, normals)
-        images = jnp.concatenate([normals, data.images[idx_a]])
+        k_n, k_a, k_r, k_aug = jax.random.split(key, 4)
+        cap = data.images.shape[0]
+        idx_n = cycle_draw(k_n, step, n_norm, data.n_normal, cap)
+        idx_a = data.n_normal + cycle_draw(k_a, step, n_anom, data.n_anomaly, cap)
+        k_step = jax.random.fold_in(k_aug, step)
+        k_pn, k_pr, k_rot = jax.random.split(k_step, 3)
+        normals, flip = pipeline(k_pn, data.images[idx_n], data.outliers, data.n_outlier)
+        anomalies = rotate_batch(k_rot, data.images[idx_a], config.augment.rotate_degrees)
         labels = jnp.concatenate([jnp.where(flip, PSEUDO, NORMAL),
                                   jnp.full((n_anom,), SEEN)]).astype(jnp.int32)
-        ref = data.images[jax.random.randint(k_ref, (d.n_ref,), 0, data.n_normal)]
-        if d.rotate:
-            k_b, k_r = jax.random.split(k_rot)
-            rot = jax.vmap(lambda k, im: random_rotation(k, im, d.rotate_degrees))
-            images = rot(jax.random.split(k_b, batch_size), images)
-            ref = rot(jax.random.split(k_r, d.n_ref), ref)
-        return {"images": images, "labels": labels, "ref": ref}
+        batch = {"images": jnp.concatenate([normals, anomalies]), "labels": labels}
+        if uses_ref:  # the released reference loader: its own stream over the normals
+            idx_r = cycle_draw(k_r, step, d.n_ref, data.n_normal, cap)
+            batch["ref"], _ = pipeline(k_pr, data.images[idx_r], data.outliers,
+                                       data.n_outlier)
+        return batch
 
     def loss(params, batch_stats, batch, key):
+        ref = normalize_uint8(batch["ref"]) if uses_ref else None
         scores, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                      normalize_uint8(batch["images"]),
-                                      normalize_uint8(batch["ref"]), train=True,
+                                      normalize_uint8(batch["images"]), ref, train=True,
                                       mutable=["batch_stats"])
-        per_head = head_losses(scores, batch["labels"], key, d.loss, config.loss.prior_size,
-                               config.loss.margin)
+        per_head = head_losses(scores, batch["labels"], key, d.loss, lc.prior_size, lc.margin,
+                               prior_mu=lc.prior_mu, prior_sigma=lc.prior_sigma)
         total = sum(per_head.values())
         return total, ({f"loss_{h}": v for h, v in per_head.items()}, mutated["batch_stats"])
 
+    def test_reference(variables):
+        """[n_ref, H, W, 3] uint8: the fixed set, or a fresh pipelined draw from the pool
+        with variables["key"] (test_reference="per_batch")."""
+        extras = variables["extras"]
+        if "ref_pool" not in extras:
+            return extras["ref_images"]
+        pool, outliers = extras["ref_pool"], extras["ref_outliers"]
+        k_idx, k_pipe = jax.random.split(variables["key"])
+        idx = jax.random.randint(k_idx, (d.n_ref,), 0, pool.shape[0])
+        ref, _ = pipeline(k_pipe, pool[idx], outliers, outliers.shape[0])
+        return ref
+
     def score(variables, images):
         v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        extras = variables["extras"]
-        if "ref_pool" in extras:  # the released code: a fresh reference set per test batch
-            pool = extras["ref_pool"]
-            ref = pool[jax.random.randint(variables["key"], (d.n_ref,), 0, pool.shape[0])]
-        else:
-            ref = extras["ref_images"]
-        ref = normalize_uint8(ref)
+        ref = normalize_uint8(test_reference(variables)) if uses_ref else None
         heads_out = model.apply(v, images, ref, train=False)
         # each head's contribution to the anomaly score: normality enters negated
         parts = {h: -s if h == "normality" else s for h, s in heads_out.items()}
@@ -238,4 +277,5 @@ def dra(config) -> Method:
         return optimizer_from_config(config.optim, steps_per_epoch)
 
     return Method("dra", init, sample_batch, loss, score, optimizer, init_extras,
-                  random_scores=d.test_reference == "per_batch")
+                  random_scores=uses_ref and d.test_reference == "per_batch",
+                  reference=test_reference if uses_ref else None)

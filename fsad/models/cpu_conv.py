@@ -34,35 +34,49 @@ def _undilated(lhs_dilation, rhs_dilation) -> bool:
     return all(d in (None, 1, (1, 1)) for d in (lhs_dilation, rhs_dilation))
 
 
+def im2col_conv(lhs, rhs, window_strides, padding, precision=None):
+    """A conv (NHWC x HWIO, explicit padding, no dilation or groups) as its k*k shifted
+    windows concatenated on channels and one matmul. [B, H, W, Cin] -> [B, ho, wo, Cout]."""
+    kh, kw_, cin, cout = rhs.shape
+    cols = conv_windows(lhs, (kh, kw_), window_strides, padding)
+    patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], (i, j, c) order
+    return jnp.einsum("bhwk,ko->bhwo", patches, rhs.reshape(kh * kw_ * cin, cout),
+                      precision=precision)
+
+
+# Largest map (h * w) that `matmul_conv` takes for overlapping windows on CPU. For a
+# 3x3 stride-1 conv (DRA's residual head; batch 48, 512 channels) benchmarks/conv_routes.py
+# measured the slices-and-matmul route x20 (gradient) and x33 (second-order MAML) faster
+# than XLA's CPU conv on 2x2 maps, and within x0.6 to x1.7 of it on 3x3 to 14x14 maps.
+SMALL_MAP = 4
+
+
 def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                 dimension_numbers=None, feature_group_count=1, precision=None, **kw):
-    """`lax.conv_general_dilated` that computes two kinds of conv (NHWC x HWIO, explicit
-    padding) as shifted slices and one matmul:
+    """`lax.conv_general_dilated` that, on CPU only, computes two kinds of conv (NHWC x
+    HWIO, explicit padding) as shifted slices and one matmul (`im2col_conv`):
 
-    - maps of at most 2x2 pixels (the last ResNet stage of a 64 px image, DRA's half
-      scale at 96 px), where XLA's CPU convolution is about 20x slower than on 3x3;
-    - windows that do not overlap (stride >= kernel: DRA's residual head, 3x3 stride
-      3; a ResNet's 1x1 stride-2 shortcut), where the slices hold no more numbers than
-      the input, and the matmul is 4x (3x3 map) to 40x (2x2 map) faster than XLA's
-      CPU conv forward and backward, second order included (benchmarks/conv_routes.py).
+    - maps of at most `SMALL_MAP` = 4 pixels (the half-scale pyramid level at 96 px,
+      the last ResNet stage at 64 px), where XLA's CPU convolution is 20-40x slower;
+    - windows that do not overlap (stride >= kernel: AHL's stride-3 residual head; a
+      ResNet's 1x1 stride-2 shortcut), where the slices hold no more numbers than the
+      input (benchmarks/conv_routes.py).
 
-    The same arithmetic up to summation order; every other conv goes to
+    The same arithmetic up to summation order. Every other conv, and every conv on
+    GPU/TPU (whose convolution kernels are the fast path), goes to
     `jax.lax.conv_general_dilated`.
     """
     kh, kw_, cin, cout = rhs.shape
-    small = lhs.shape[1] * lhs.shape[2] <= 4
+    small = lhs.shape[1] * lhs.shape[2] <= SMALL_MAP
     tiled = window_strides[0] >= kh and window_strides[1] >= kw_
-    routed = ((small or tiled) and feature_group_count == 1 and not isinstance(padding, str)
-              and _undilated(lhs_dilation, rhs_dilation))
+    routed = (jax.default_backend() == "cpu" and (small or tiled) and feature_group_count == 1
+              and not isinstance(padding, str) and _undilated(lhs_dilation, rhs_dilation))
     if not routed:
         return jax.lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision, **kw)
-    cols = conv_windows(lhs, (kh, kw_), window_strides, padding)
-    patches = jnp.concatenate(cols, axis=-1)  # [B, ho, wo, kh*kw*cin], (i, j, c) order
-    return jnp.einsum("bhwk,ko->bhwo", patches, rhs.reshape(kh * kw_ * cin, cout),
-                      precision=precision)
+    return im2col_conv(lhs, rhs, window_strides, padding, precision)
 
 
 def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

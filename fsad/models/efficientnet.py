@@ -20,7 +20,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from fsad.models.cpu_conv import depthwise_conv
-from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init
+from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, torch_batch_norm
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
 LITE0_STAGES = (
@@ -45,13 +45,13 @@ def lite0_blocks():
     return tuple(blocks)
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-    # Epsilon 1e-3 as the weights were trained. Momentum 0.9 (PyTorch's 0.1), as in
+def _bn(train: bool, name: str):
+    # Epsilon 1e-3 as the weights were trained. Momentum PyTorch's 0.1, as in
     # fsad's ResNets, not TensorFlow's 0.99: fine-tuning runs are a few hundred steps,
     # and with 0.99 the running statistics stay near ImageNet's, so evaluation (which
     # uses them) sees other statistics than training did: on ELPV :quick every test
     # score collapsed to one value (AUROC 0.50).
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-3, name=name)
+    return torch_batch_norm(train, name, epsilon=1e-3)
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:

