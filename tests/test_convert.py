@@ -349,3 +349,32 @@ def test_command_line_in_process(tmp_path, capsys):
         main(["--help"])
     helptext = capsys.readouterr().out
     assert all(f"-> OUT_DIR/{c.subset}" in helptext for c in CONVERTERS.values())
+
+
+# ---------------------------------------------------------------- the papers' figures
+
+def test_reference_auroc_cells():
+    from fsad.paper_figures import FIGURES, reference_auroc
+    from fsad.errors import UserError
+    assert reference_auroc("elpv", "devnet", "general", 10) == {"dra_paper": 0.846,
+                                                                "ahl_paper": 0.843}
+    assert reference_auroc("ELPV", "DevNet", "general", 1) == {"dra_paper": 0.514,
+                                                               "ahl_paper": 0.810}
+    assert reference_auroc("AITEX", "ahl(dra)", "general", 10) == {"ahl_paper": 0.925}
+    assert reference_auroc("optical_class", "dra", "general", 1) == {"dra_paper": 0.888,
+                                                                     "ahl_paper": 0.880}
+    assert reference_auroc("headct", "dra", "general", 10) == {
+        "dra_paper": 0.972, "ahl_paper": 0.978, "ahl_paper_appendix": 0.988}
+    assert reference_auroc("Hyper-Kvasir", "ahl_devnet", "hard", 1) == {"ahl_paper": 0.619}
+    assert reference_auroc("mastcam", "dra", "hard", 10) == {"dra_paper": 0.695,
+                                                             "ahl_paper": 0.704}
+    assert reference_auroc("elpv", "dra", "hard", 10, known_class="poly") == {"dra_paper": 0.8}
+    assert reference_auroc("MVTec AD", "ahl(dra)", "general", 10) == {"ahl_paper": 0.970}
+    assert reference_auroc("sdd", "dra", "hard", 10) == {}  # one anomaly class: no hard setting
+    # every converter's subset has its figures: 8 general rows x 6 columns x 2 shot counts
+    for conv in CONVERTERS.values():
+        assert len(reference_auroc(conv.subset, "devnet", "general", 10)) == 2
+    assert sum(len(v) for k, v in FIGURES.items() if k[0] != "mvtecad") == (8 + 4) * 6 * 2 + 1
+    for bad in (("cifar", "dra"), ("elpv", "patchcore")):
+        with pytest.raises(UserError, match="no paper figures"):
+            reference_auroc(*bad)
