@@ -300,6 +300,23 @@ def test_elpv(tmp_path):
     assert _files(root, "test/good") == _expected_split(normal)[1]
 
 
+# ---------------------------------------------------------------- no conversion: VisA
+
+def test_visa_style_folder_reads_as_is(tmp_path):
+    """VisA's MVTec-style layout: .JPG images, masks named like their image."""
+    rng = np.random.default_rng(8)
+    root = str(tmp_path / "candle")
+    for rel, n in (("train/good", 4), ("test/good", 2), ("test/bad", 2)):
+        for j in range(n):
+            os.makedirs(f"{root}/{rel}", exist_ok=True)
+            Image.fromarray(_grey(rng, 12, 12)).convert("RGB").save(f"{root}/{rel}/{j:03d}.JPG")
+    for j in range(2):
+        _png(f"{root}/ground_truth/bad/{j:03d}.png", _mask(12, 12, [(2, 5)]))
+    data = read_folder(root, 12, "")
+    assert data.counts() == {"train_normal": 4, "test_normal": 2, "anomaly_bad": 2}
+    assert np.all(data.masks[data.labels == 1][:, :, 2:5] == 1)
+
+
 # ---------------------------------------------------------------- errors and the command
 
 @pytest.mark.parametrize("dataset,missing", [
