@@ -163,8 +163,11 @@ def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path):
 
 def test_one_vs_rest_on_mocked_mnist():
     with tfds.testing.mock_data(num_examples=40):
-        labels = {s: [int(tfds.builder("mnist").as_data_source(split=s)[i]["label"])
-                      for i in range(40)] for s in ("train", "test")}
+        builder = tfds.builder("mnist")  # each builder leaks an empty /tmp/tmp*tfds (TFDS)
+        labels = {}
+        for s in ("train", "test"):
+            source = builder.as_data_source(split=s)
+            labels[s] = [int(source[i]["label"]) for i in range(40)]
         cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "mnist", "tfds_dir": "",
                                       "normal_class": "3", "img_size": 16, "cache_dir": ""})
         data = load_imageset(cfg)
