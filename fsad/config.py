@@ -19,7 +19,7 @@ def base_config() -> config_dict.ConfigDict:
     c.num_seeds = 1  # runs seeds seed, seed+1, ...; reports mean and std
 
     c.data = config_dict.ConfigDict()
-    c.data.name = "elpv"  # "elpv", "folder" (MVTec layout under root/subset) or "synthetic"
+    c.data.name = "elpv"  # "elpv", "folder" (MVTec layout under root/subset), "synthetic", "tfds"
     c.data.root = ""
     c.data.subset = ""
     c.data.img_size = 448
@@ -29,6 +29,10 @@ def base_config() -> config_dict.ConfigDict:
     c.data.shot_pool = 10  # shots are the first n_anomaly of a draw of this many
     c.data.contamination = 0.0
     c.data.cache_dir = config_dict.placeholder(str)  # None: ~/.cache/fsad; "": no cache
+    # data.name="tfds": a TFDS dataset read through tfds.data_source (no TensorFlow needed)
+    c.data.tfds_name = ""  # e.g. "fsad_elpv" (written by python -m fsad.data.tfds_io)
+    c.data.tfds_dir = ""  # TFDS data_dir; "": TFDS's default (~/tensorflow_datasets)
+    c.data.normal_class = ""  # set: any TFDS classification set, this class vs the rest
 
     c.model = config_dict.ConfigDict()
     c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0

@@ -15,8 +15,9 @@ from fsad.data.synthetic import write_synthetic_dataset
 def load_imageset(data_cfg) -> ImageSet:
     """Loads the dataset a config names.
 
-    data_cfg fields: name ("elpv", "folder" or "synthetic"), root (folder and
-    synthetic), subset (optional folder under root), img_size, cache_dir.
+    data_cfg fields: name ("elpv", "folder", "synthetic" or "tfds"), root (folder and
+    synthetic), subset (optional folder under root), img_size, cache_dir; for "tfds":
+    tfds_name, tfds_dir, normal_class.
     """
     cache_dir = data_cfg.get("cache_dir")
     if cache_dir is None:
@@ -30,7 +31,26 @@ def load_imageset(data_cfg) -> ImageSet:
         if data_cfg.name == "synthetic" and not os.path.isdir(root):
             write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
         return read_folder(root, data_cfg.img_size, cache_dir)
-    raise ValueError(f"unknown data.name {data_cfg.name!r}; use 'elpv', 'folder' or 'synthetic'")
+    if data_cfg.name == "tfds":
+        return _load_tfds(data_cfg, cache_dir)
+    raise ValueError(f"unknown data.name {data_cfg.name!r}; use 'elpv', 'folder', 'synthetic' "
+                     f"or 'tfds'")
+
+
+def _load_tfds(data_cfg, cache_dir) -> ImageSet:
+    """data.name=tfds: data.tfds_name in data.tfds_dir; with data.normal_class, one class of
+    a TFDS image-classification dataset against the rest (fsad.data.tfds_io)."""
+    from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
+    from fsad.errors import UserError
+    if not data_cfg.get("tfds_name"):
+        raise UserError("data.name='tfds' needs a dataset name; pass "
+                        "--config.data.tfds_name=NAME (and --config.data.tfds_dir=DIR)")
+    if data_cfg.get("normal_class"):
+        return tfds_io.read_tfds_one_vs_rest(data_cfg.tfds_name, data_cfg.get("tfds_dir"),
+                                             str(data_cfg.normal_class), data_cfg.img_size,
+                                             cache_dir)
+    return tfds_io.read_tfds(data_cfg.tfds_name, data_cfg.get("tfds_dir"), data_cfg.img_size,
+                             cache_dir)
 
 
 __all__ = ["ImageSet", "Split", "load_imageset", "make_split", "read_elpv", "read_folder",

@@ -10,11 +10,48 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# .npy: Mastcam's 64x64x6 arrays (spec §9.4), read as the released loader reads them
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 
 
 class CorruptImageError(ValueError):
     """An image file that PIL cannot decode."""
+
+
+def npy_rgb(path: str) -> np.ndarray:
+    """An .npy image as the released loader reads it: cast to uint8, first 3 channels.
+
+    Returns:
+      [H, W, 3] uint8 (a 2-D or 1-channel array is repeated to 3 channels).
+    """
+    arr = np.load(path, allow_pickle=False).astype(np.uint8)  # a plain cast, as released
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] == 2:
+        raise ValueError(f"expected an [H, W, C] array with C = 1 or C >= 3, got {arr.shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """The resize every reader applies: [H, W, 3] uint8 -> [size, size, 3] uint8, bilinear."""
+    im = Image.fromarray(image)
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Reads one image at its own size as RGB (grey and RGBA converted). [H, W, 3] uint8."""
+    try:
+        if path.lower().endswith(".npy"):
+            return npy_rgb(path)
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(
+            f"cannot decode image {path!r} ({err}). Remove or replace the file, then rerun.") from err
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -23,15 +60,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
     Returns:
       [size, size, 3] uint8.
     """
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise CorruptImageError(
-            f"cannot decode image {path!r} ({err}). Remove or replace the file, then rerun.") from err
+    return resize_rgb(load_rgb(path), size)
 
 
 def decode_mask(path: str | None, size: int) -> np.ndarray:

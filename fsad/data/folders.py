@@ -35,8 +35,9 @@ def split_normals_3_to_1(n: int) -> tuple[np.ndarray, np.ndarray]:
 def _mask_path(root: str, cls: str, path: str) -> str | None:
     stem = os.path.splitext(os.path.basename(path))[0]
     folder = os.path.join(root, "ground_truth", cls)
-    for suffix in (".png", ".bmp", ".tif", ".jpg"):
-        for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}"):
+    # "_label.PNG": Optical (DAGM) masks as the released converter copies them (spec §9.3)
+    for suffix in (".png", ".bmp", ".tif", ".jpg", ".PNG"):
+        for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}", f"{stem}_label{suffix}"):
             cand = os.path.join(folder, name)
             if os.path.exists(cand):
                 return cand

@@ -1,0 +1,172 @@
+"""What every converter shares: raw-layout checks, the authors' 3:1 split, an output
+folder that appears only when complete, progress bars and the manifest.
+
+The released scripts (spec §9) list folders with ``os.listdir``, so which file
+lands in which split depends on the filesystem. Here every listing is sorted, and
+the file lists are saved in ``<subset>/manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from fsad.data.folders import split_normals_3_to_1
+from fsad.errors import UserError
+
+
+class RawLayoutError(UserError):
+    """The raw download does not have the layout a converter expects."""
+
+
+def require_dir(path: str, dataset: str, layout: str) -> str:
+    """Returns `path` if it is a folder, else raises RawLayoutError naming it."""
+    if not os.path.isdir(path):
+        raise RawLayoutError(f"{dataset}: raw folder {path!r} is missing; expected the raw "
+                             f"layout {layout}")
+    return path
+
+
+def require_file(path: str, dataset: str, layout: str) -> str:
+    """Returns `path` if it is a file, else raises RawLayoutError naming it."""
+    if not os.path.isfile(path):
+        raise RawLayoutError(f"{dataset}: raw file {path!r} is missing; expected the raw "
+                             f"layout {layout}")
+    return path
+
+
+def list_files(folder: str, suffixes: Sequence[str] | None = None) -> list[str]:
+    """Sorted names of the regular, non-hidden files in `folder` (optionally by suffix,
+    compared case-sensitively as the released scripts do)."""
+    names = sorted(f for f in os.listdir(folder)
+                   if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+    if suffixes is not None:
+        names = [f for f in names if f.endswith(tuple(suffixes))]
+    return names
+
+
+def list_dirs(folder: str) -> list[str]:
+    """Sorted names of the non-hidden sub-folders of `folder`."""
+    return sorted(f for f in os.listdir(folder)
+                  if not f.startswith(".") and os.path.isdir(os.path.join(folder, f)))
+
+
+def split_3_to_1(items: Sequence) -> tuple[list, list]:
+    """The authors' split of normals: sklearn ``train_test_split(test_size=0.25,
+    random_state=42)`` on `items` in the given order. Returns (train, test), each in
+    the permutation's order, as the released scripts get them."""
+    train, test = split_normals_3_to_1(len(items))
+    return [items[i] for i in train], [items[i] for i in test]
+
+
+def progress(iterable: Iterable, desc: str, total: int | None = None):
+    """A tqdm progress bar over `iterable`."""
+    return tqdm(iterable, desc=desc, total=total, unit="file", leave=False)
+
+
+@dataclasses.dataclass
+class ConvertResult:
+    """What a converter wrote.
+
+    Attributes:
+      root: the subset folder (OUT_DIR/<subset>), in the MVTec layout.
+      counts: {"train/good": n, "test/good": n, "test/<class>": n, "ground_truth/<class>": n}.
+      warnings: raw files skipped or fixed, and why.
+      extra: dataset-specific facts (e.g. BrainMRI's counts under the released loader's filter).
+    """
+
+    root: str
+    counts: dict
+    warnings: list
+    extra: dict
+
+
+class Output:
+    """The output subset folder, written under a temporary name and renamed when complete.
+
+    Args:
+      out_dir: OUT_DIR; the subset folder is OUT_DIR/<subset>.
+      subset: the released scripts' folder name (e.g. "AITEX").
+      overwrite: replace an existing OUT_DIR/<subset>; otherwise refuse to touch it.
+    """
+
+    def __init__(self, out_dir: str, subset: str, overwrite: bool = False):
+        self.final = os.path.join(os.path.abspath(out_dir), subset)
+        if os.path.exists(self.final) and (not os.path.isdir(self.final)
+                                           or os.listdir(self.final)):
+            if not overwrite:
+                raise UserError(f"output folder {self.final!r} already exists; pass "
+                                f"--overwrite to replace it, or choose another OUT_DIR")
+        self.overwrite = overwrite
+        self.root = f"{self.final}.partial-{os.getpid()}"
+        if os.path.exists(self.root):
+            shutil.rmtree(self.root)
+        os.makedirs(self.root)
+        self.files: dict[str, list[str]] = {}
+        self.warnings: list[str] = []
+
+    def warn(self, message: str) -> None:
+        logging.warning(message)
+        self.warnings.append(message)
+
+    def _target(self, rel_dir: str, name: str) -> str:
+        folder = os.path.join(self.root, rel_dir)
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, name)
+        if os.path.exists(path):  # the released scripts would overwrite silently
+            raise UserError(f"two raw files map to the same output {rel_dir}/{name}; rename "
+                            f"one of them in the raw folder")
+        self.files.setdefault(rel_dir, []).append(name)
+        return path
+
+    def save_png(self, rel_dir: str, name: str, array: np.ndarray) -> None:
+        """Writes `array` ([H, W, 3] uint8) as rel_dir/name (a PNG)."""
+        Image.fromarray(np.ascontiguousarray(array)).save(self._target(rel_dir, name))
+
+    def copy(self, src: str, rel_dir: str, name: str | None = None) -> None:
+        """Copies a raw file byte for byte as rel_dir/name (default: its own name)."""
+        shutil.copyfile(src, self._target(rel_dir, name or os.path.basename(src)))
+
+    def finish(self, dataset: str, raw_dir: str, settings: dict | None = None,
+               extra: dict | None = None) -> ConvertResult:
+        """Writes manifest.json, moves the folder into place, returns what was written."""
+        counts = {k: len(v) for k, v in sorted(self.files.items())}
+        manifest = {"dataset": dataset, "raw_dir": os.path.abspath(raw_dir),
+                    "settings": settings or {}, "counts": counts, "warnings": self.warnings,
+                    "extra": extra or {}, "files": {k: v for k, v in sorted(self.files.items())}}
+        with open(os.path.join(self.root, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(self.final):
+            shutil.rmtree(self.final)
+        os.replace(self.root, self.final)
+        return ConvertResult(self.final, counts, list(self.warnings), extra or {})
+
+    def abort(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Output":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # leave no half-written dataset behind
+            self.abort()
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """A raw image as OpenCV's default colour mode gives it (grey -> 3 equal channels),
+    in RGB order. [H, W, 3] uint8."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def stem(name: str) -> str:
+    """The released scripts' stem: the file name up to its first dot."""
+    return name.split(".")[0]

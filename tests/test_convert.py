@@ -1,0 +1,397 @@
+"""Converters of the papers' raw datasets (spec §9), each on a miniature raw layout."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SIZE
+from fsad.data import read_folder
+from fsad.data.convert import CONVERTERS, RawLayoutError, convert
+from fsad.data.convert.brainmri import RELEASED_SUFFIXES
+from fsad.data.folders import split_normals_3_to_1
+
+TILE = 16  # AITEX tiles of 16 px instead of 256: the same logic on 16x smaller images
+
+
+def _png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def _grey(rng, h, w):
+    return rng.integers(30, 220, (h, w), dtype=np.uint8)
+
+
+def _mask(h, w, cols=(), rows=()):
+    m = np.zeros((h, w), np.uint8)
+    for a, b in cols:
+        m[:, a:b] = 255
+    for a, b in rows:
+        m[a:b] = 255
+    return m
+
+
+def _files(root, rel):
+    folder = os.path.join(root, rel)
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def _layout(root):
+    """{"train/good": n, "test/<cls>": n, "ground_truth/<cls>": n} of a converted folder."""
+    out = {}
+    for top in ("train", "test", "ground_truth"):
+        for cls in _files(root, top):
+            out[f"{top}/{cls}"] = len(_files(root, f"{top}/{cls}"))
+    return out
+
+
+def _expected_split(names):
+    train, test = split_normals_3_to_1(len(names))
+    return sorted(names[i] for i in train), sorted(names[i] for i in test)
+
+
+# ---------------------------------------------------------------- AITEX
+
+def _raw_aitex(raw):
+    rng = np.random.default_rng(0)
+    w, h = 16 * TILE, TILE
+    for fabric, name in (("2311694-2040n7u", "0001_000_05"), ("2306894-2040n7u", "0002_000_01")):
+        _png(f"{raw}/NODefect_images/{fabric}/{name}.png", _grey(rng, h, w))
+    d, m = f"{raw}/Defect_images/Defect_images", f"{raw}/Mask_images/Mask_images"
+    _png(f"{d}/0001_002_00.png", _grey(rng, h, w))  # defect over tiles 1 and 2
+    _png(f"{m}/0001_002_00_mask.png", _mask(h, w, [(20, 40)]))
+    _png(f"{d}/0044_019_04.png", _grey(rng, h, w))  # two partial masks: tiles 0 and 6
+    _png(f"{m}/0044_019_04_mask1.png", _mask(h, w, [(0, 5)]))
+    _png(f"{m}/0044_019_04_mask2.png", _mask(h, w, [(100, 110)]))
+    _png(f"{d}/0100_025_08.png", _grey(rng, h, w))  # no mask: skipped
+    _png(f"{d}/0094_027_05.png", _grey(rng, h, 200))  # narrow: 13 tiles, the last 8 px wide
+    _png(f"{m}/0094_027_05_mask.png", _mask(h, 200, [(195, 199)]))
+    _png(f"{d}/0106_010_03.png", _grey(rng, h, w))  # all-black mask: no tile kept
+    _png(f"{m}/0106_010_03_mask.png", _mask(h, w))
+
+
+def test_aitex(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_aitex(raw)
+    res = convert("AITEX", raw, out, tile=TILE)
+    root = os.path.join(out, "AITEX")
+    assert res.root == root
+    assert _layout(root) == {"train/good": 24, "test/good": 8, "test/Broken_end": 2,
+                             "test/Fuzzyball": 2, "test/Knots": 1, "ground_truth/Broken_end": 2,
+                             "ground_truth/Fuzzyball": 2, "ground_truth/Knots": 1}
+    assert res.counts == _layout(root)
+    assert _files(root, "test/Broken_end") == ["0001_002_00_1.png", "0001_002_00_2.png"]
+    assert _files(root, "test/Fuzzyball") == ["0044_019_04_0.png", "0044_019_04_6.png"]
+    assert _files(root, "ground_truth/Knots") == ["0094_027_05_12_mask.png"]
+    assert any("0100_025_08" in w and "no mask" in w for w in res.warnings)
+    # the 3:1 split works on tiles, in (fabric, image, tile) order
+    names = [f"{f}_{n}_{i}" for f, n in (("2306894-2040n7u", "0002_000_01"),
+                                          ("2311694-2040n7u", "0001_000_05")) for i in range(16)]
+    train, test = _expected_split(names)
+    assert [f[:-4] for f in _files(root, "train/good")] == train
+    assert [f[:-4] for f in _files(root, "test/good")] == test
+    # tiles are the source columns, as 3-channel PNGs; the narrow last tile keeps its width
+    src = np.asarray(Image.open(f"{raw}/Defect_images/Defect_images/0094_027_05.png"))
+    tile = np.asarray(Image.open(f"{root}/test/Knots/0094_027_05_12.png"))
+    assert tile.shape == (TILE, 8, 3)
+    np.testing.assert_array_equal(tile[..., 0], src[:, 192:200])
+    mask = np.asarray(Image.open(f"{root}/ground_truth/Fuzzyball/0044_019_04_6_mask.png"))
+    assert mask.shape == (TILE, TILE, 3) and mask[:, 4:14].all() and not mask[:, :4].any()
+    # fsad's folder reader takes the output as it is, masks included
+    data = read_folder(root, SIZE, "")
+    assert data.counts() == {"train_normal": 24, "test_normal": 8, "anomaly_Broken_end": 2,
+                             "anomaly_Fuzzyball": 2, "anomaly_Knots": 1}
+    assert data.masks is not None and np.all(data.masks[data.labels == 1].sum((1, 2)) > 0)
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    assert sorted(manifest["files"]["train/good"]) == [n + ".png" for n in train]
+
+
+# ---------------------------------------------------------------- SDD
+
+def test_sdd(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    rng = np.random.default_rng(1)
+    h, w = 31, 8  # bands at rows 10 and 20, the last band 11 rows
+    for kos, part, rows in (("kos01", "Part0", [(12, 14)]), ("kos01", "Part1", []),
+                            ("kos02", "Part0", [(25, 31)])):
+        _png(f"{raw}/{kos}/{part}.jpg", _grey(rng, h, w))
+        Image.fromarray(_mask(h, w, rows=rows)).save(f"{raw}/{kos}/{part}_label.bmp")
+    open(f"{raw}/kos01/Thumbs.db", "w").close()
+    res = convert("sdd", raw, out)
+    root = os.path.join(out, "SDD")
+    assert _layout(root) == {"train/good": 5, "test/good": 2, "test/defect": 2,
+                             "ground_truth/defect": 2}
+    assert _files(root, "test/defect") == ["kos01_Part0_1.png", "kos02_Part0_2.png"]
+    assert res.extra == {"images": 3, "bands": 9, "anomalous_bands": 2}
+    normals = sorted(f"{k}_{p}_{i}" for k, p in (("kos01", "Part0"), ("kos01", "Part1"),
+                                                 ("kos02", "Part0")) for i in range(3))
+    normals.remove("kos01_Part0_1")
+    normals.remove("kos02_Part0_2")
+    train, test = _expected_split(normals)
+    assert [f[:-4] for f in _files(root, "train/good")] == train
+    assert np.asarray(Image.open(f"{root}/test/defect/kos02_Part0_2.png")).shape == (11, w, 3)
+    mask = np.asarray(Image.open(f"{root}/ground_truth/defect/kos01_Part0_1_mask.png"))
+    assert mask.shape == (10, w, 3) and mask[2:4].all() and not mask[4:].any()
+
+
+def test_sdd_label_missing(tmp_path):
+    raw = tmp_path / "raw"
+    _png(f"{raw}/kos01/Part0.jpg", np.zeros((9, 4), np.uint8))
+    with pytest.raises(RawLayoutError, match="Part0_label.bmp"):
+        convert("sdd", str(raw), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / "SDD")
+
+
+# ---------------------------------------------------------------- Optical
+
+def test_optical(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    rng = np.random.default_rng(2)
+    for k in range(1, 11):
+        for part, flags in (("Train", (0, 1, 0)), ("Test", (1, 0))):
+            folder = f"{raw}/Class{k}/Class{k}/{part}"
+            lines = ["1"]
+            for j, flag in enumerate(flags, start=1):
+                _png(f"{folder}/{j:04d}.PNG", _grey(rng, 16, 16))
+                label = f"{j:04d}_label.PNG" if flag else "0"
+                if flag:
+                    _png(f"{folder}/Label/{label}", _mask(16, 16, [(3, 6)]))
+                lines.append(f"{j}\t{flag}\t{j:04d}.PNG\t0\t{label}")
+            os.makedirs(f"{folder}/Label", exist_ok=True)
+            with open(f"{folder}/Label/Labels.txt", "w") as f:
+                f.write("\n".join(lines) + "\n")
+    convert("optical", raw, out)
+    root = os.path.join(out, "optical_class")
+    expected = {"train/good": 22, "test/good": 8}  # 30 normals pooled over the 10 classes
+    for k in range(10):  # DAGM ClassK+1 -> test/ClassK, as released
+        expected[f"test/Class{k}"] = expected[f"ground_truth/Class{k}"] = 2
+    assert _layout(root) == expected
+    assert _files(root, "test/Class0") == ["Class1_Test_0001.PNG", "Class1_Train_0002.PNG"]
+    assert _files(root, "ground_truth/Class9") == ["Class10_Test_0001_label.PNG",
+                                                  "Class10_Train_0002_label.PNG"]
+    # normals in class, Train-then-Test, Labels.txt order
+    normals = [f"Class{k}_{p}_{j:04d}.PNG" for k in range(1, 11)
+               for p, js in (("Train", (1, 3)), ("Test", (2,))) for j in js]
+    train, test = _expected_split(normals)
+    assert _files(root, "train/good") == train and _files(root, "test/good") == test
+    data = read_folder(root, SIZE, "")  # finds the _label.PNG masks
+    assert data.masks is not None and np.all(data.masks[data.labels == 1].sum((1, 2)) > 0)
+    assert len(data.anomaly_classes) == 10
+
+
+# ---------------------------------------------------------------- Mastcam
+
+def test_mastcam(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    rng = np.random.default_rng(3)
+    arrays = {}
+    for rel, n in (("train_typical", 3), ("test_typical", 2), ("test_novel/drill-hole", 2),
+                   ("test_novel/veins", 1), ("validation_typical", 2)):
+        os.makedirs(f"{raw}/{rel}")
+        for j in range(n):
+            arrays[f"{rel}/{j}.npy"] = a = rng.uniform(0, 255, (8, 8, 6)).astype(np.float32)
+            np.save(f"{raw}/{rel}/{j}.npy", a)
+    convert("mastcam", raw, out)
+    root = os.path.join(out, "mastcam")
+    assert _layout(root) == {"train/good": 3, "test/good": 2, "test/drill-hole": 2,
+                             "test/veins": 1}
+    data = read_folder(root, 8, "")  # .npy read as the released loader: uint8, 3 channels
+    i = list(data.file_ids).index("test/veins/0.npy")
+    np.testing.assert_array_equal(data.images[i],
+                                  arrays["test_novel/veins/0.npy"].astype(np.uint8)[..., :3])
+
+
+# ---------------------------------------------------------------- BrainMRI
+
+def test_brainmri(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    rng = np.random.default_rng(4)
+    no = ["1 no.jpeg", "N1.JPG", "N2.jpg", "N4.png", "no 3.jpg"]
+    yes = ["Y1.jpg", "Y2.JPG", "Y3.jpeg"]
+    for folder, names in (("no", no), ("yes", yes)):
+        for n in names:
+            os.makedirs(f"{raw}/{folder}", exist_ok=True)
+            Image.fromarray(_grey(rng, 12, 10)).save(f"{raw}/{folder}/{n}",
+                                                     format="PNG" if n.endswith("png") else "JPEG")
+    res = convert("brainmri", raw, out)
+    root = os.path.join(out, "brainmri")
+    assert _layout(root) == {"train/good": 3, "test/good": 2, "test/defect": 3}
+    train, test = split_normals_3_to_1(len(no))
+    assert _files(root, "train/good") == sorted(
+        n.replace(".jpeg", ".jpg").replace(".JPG", ".jpg") for n in np.array(no)[train])
+    assert _files(root, "test/defect") == ["Y1.jpg", "Y2.jpg", "Y3.jpg"]
+    kept = res.extra["released_filter_kept"]
+    assert kept == {"train/good": sum(n[-3:] in RELEASED_SUFFIXES for n in np.array(no)[train]),
+                    "test/good": sum(n[-3:] in RELEASED_SUFFIXES for n in np.array(no)[test]),
+                    "test/defect": 1}
+    assert read_folder(root, SIZE, "").counts()["anomaly_defect"] == 3
+
+
+# ---------------------------------------------------------------- HeadCT
+
+def _raw_headct(raw):
+    rng = np.random.default_rng(5)
+    labels = [0, 1, 0, 0, 1, 0, 0, 1]
+    os.makedirs(raw)
+    with open(f"{raw}/labels.csv", "w") as f:
+        f.write("id, hemorrhage\n" + "".join(f"{i}, {y}\n" for i, y in enumerate(labels)))
+    for i in range(len(labels)):
+        _png(f"{raw}/head_ct/head_ct/{i:03d}.png", _grey(rng, 10, 10))
+    return labels
+
+
+def test_headct(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    labels = _raw_headct(raw)
+    convert("headct", raw, out)
+    root = os.path.join(out, "headct")
+    assert _layout(root) == {"train/good": 3, "test/good": 2, "test/defect": 3}
+    from sklearn.model_selection import train_test_split  # the released call, on CSV order
+    normal = [i for i, y in enumerate(labels) if y == 0]
+    train, test = train_test_split(normal, normal, test_size=0.25, random_state=42)[:2]
+    assert _files(root, "train/good") == sorted(f"{i:03d}.png" for i in train)
+    assert _files(root, "test/good") == sorted(f"{i:03d}.png" for i in test)
+
+
+# ---------------------------------------------------------------- Hyper-Kvasir
+
+def test_hyperkvasir(tmp_path):
+    raw, out = str(tmp_path / "hyper-kvasir"), str(tmp_path / "out")
+    rng = np.random.default_rng(6)
+    base = f"{raw}/labeled-images"
+    for rel, n in (("upper-gi-tract/anatomical-landmarks/pylorus", 2),
+                   ("upper-gi-tract/anatomical-landmarks/z-line", 2),
+                   ("upper-gi-tract/pathological-findings/barretts", 1),
+                   ("upper-gi-tract/pathological-findings/esophagitis-a", 2),
+                   ("lower-gi-tract/pathological-findings/polyps", 2)):
+        for j in range(n):
+            _png(f"{base}/{rel}/{rel.split('/')[-1]}-{j}.jpg", _grey(rng, 10, 12))
+    with pytest.raises(RawLayoutError, match="labeled-images"):
+        convert("hyper-kvasir", raw, out)  # the download's root instead of labeled-images
+    convert("hyper-kvasir", base, out)
+    root = os.path.join(out, "hyperkvasir")
+    assert _layout(root) == {"train/good": 3, "test/good": 1, "test/barretts": 1,
+                             "test/esophagitis-a": 2}
+
+
+# ---------------------------------------------------------------- ELPV
+
+def test_elpv(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    rng = np.random.default_rng(7)
+    rows = [(1, 1.0, "mono"), (2, 0.0, "mono"), (3, 1 / 3, "poly"), (4, 0.0, "poly"),
+            (5, 1.0, "poly"), (6, 0.0, "mono"), (7, 2 / 3, "mono"), (8, 0.0, "poly"),
+            (9, 1.0, "mono"), (10, 0.0, "mono"), (11, 0.0, "poly")]
+    os.makedirs(f"{raw}/images")
+    with open(f"{raw}/labels.csv", "w") as f:
+        for i, p, t in rows:
+            f.write(f"images/cell{i:04d}.png  {p:<19} {t}\n")
+            _png(f"{raw}/images/cell{i:04d}.png", _grey(rng, 6, 6))
+    res = convert("elpv", raw, out)
+    root = os.path.join(out, "elpv")
+    assert _layout(root) == {"train/good": 4, "test/good": 2, "test/mono": 2, "test/poly": 1}
+    assert res.extra == {"dropped_uncertain": 2}
+    normal = [f"cell{i:04d}.png" for i, p, _ in rows if p == 0.0]
+    assert _files(root, "test/good") == _expected_split(normal)[1]
+
+
+# ---------------------------------------------------------------- no conversion: VisA
+
+def test_visa_style_folder_reads_as_is(tmp_path):
+    """VisA's MVTec-style layout: .JPG images, masks named like their image."""
+    rng = np.random.default_rng(8)
+    root = str(tmp_path / "candle")
+    for rel, n in (("train/good", 4), ("test/good", 2), ("test/bad", 2)):
+        for j in range(n):
+            os.makedirs(f"{root}/{rel}", exist_ok=True)
+            Image.fromarray(_grey(rng, 12, 12)).convert("RGB").save(f"{root}/{rel}/{j:03d}.JPG")
+    for j in range(2):
+        _png(f"{root}/ground_truth/bad/{j:03d}.png", _mask(12, 12, [(2, 5)]))
+    data = read_folder(root, 12, "")
+    assert data.counts() == {"train_normal": 4, "test_normal": 2, "anomaly_bad": 2}
+    assert np.all(data.masks[data.labels == 1][:, :, 2:5] == 1)
+
+
+# ---------------------------------------------------------------- errors and the command
+
+@pytest.mark.parametrize("dataset,missing", [
+    ("aitex", "NODefect_images"), ("sdd", "raw"), ("optical", "Class1/Class1"),
+    ("mastcam", "train_typical"), ("brainmri", "no"), ("headct", "labels.csv"),
+    ("hyperkvasir", "anatomical-landmarks"), ("elpv", "labels.csv")])
+def test_missing_raw_folder_is_named(tmp_path, dataset, missing):
+    raw = tmp_path / "raw"
+    if dataset != "sdd":
+        raw.mkdir()
+    with pytest.raises(RawLayoutError, match=f"{missing}'? is missing; expected the raw layout"):
+        convert(dataset, str(raw), str(tmp_path / "out"))
+    assert not os.path.exists(tmp_path / "out" / CONVERTERS[dataset].subset)
+
+
+def test_command_line(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_headct(raw)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "fsad.convert"]
+    run = subprocess.run(cmd + ["HeadCT", raw, out], capture_output=True, text=True, env=env,
+                         cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert "train/good 3, test/good 2, anomalies 3 in 1 classes" in run.stdout
+    assert "--config.data.subset=headct" in run.stdout
+    assert _layout(os.path.join(out, "headct"))["test/defect"] == 3
+    # an existing output is not overwritten unless asked; a missing raw file is named
+    os.remove(f"{raw}/head_ct/head_ct/004.png")
+    bad = subprocess.run(cmd + ["headct", raw, out, "--overwrite"], capture_output=True,
+                         text=True, env=env, cwd=ROOT)
+    assert bad.returncode == 2 and "004.png' is missing" in bad.stderr, bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert _layout(os.path.join(out, "headct"))["test/defect"] == 3  # the old output is intact
+
+
+def test_command_line_in_process(tmp_path, capsys):
+    from fsad.convert import main
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_headct(raw)
+    assert main(["headct", raw, out]) == 0
+    assert main(["headct", raw, out]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["headct", raw, out, "--overwrite"]) == 0
+    assert main(["mvtec", raw, out]) == 2
+    assert "no converter for 'mvtec'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    helptext = capsys.readouterr().out
+    assert all(f"-> OUT_DIR/{c.subset}" in helptext for c in CONVERTERS.values())
+
+
+# ---------------------------------------------------------------- the papers' figures
+
+def test_reference_auroc_cells():
+    from fsad.paper_figures import FIGURES, reference_auroc
+    from fsad.errors import UserError
+    assert reference_auroc("elpv", "devnet", "general", 10) == {"dra_paper": 0.846,
+                                                                "ahl_paper": 0.843}
+    assert reference_auroc("ELPV", "DevNet", "general", 1) == {"dra_paper": 0.514,
+                                                               "ahl_paper": 0.810}
+    assert reference_auroc("AITEX", "ahl(dra)", "general", 10) == {"ahl_paper": 0.925}
+    assert reference_auroc("optical_class", "dra", "general", 1) == {"dra_paper": 0.888,
+                                                                     "ahl_paper": 0.880}
+    assert reference_auroc("headct", "dra", "general", 10) == {
+        "dra_paper": 0.972, "ahl_paper": 0.978, "ahl_paper_appendix": 0.988}
+    assert reference_auroc("Hyper-Kvasir", "ahl_devnet", "hard", 1) == {"ahl_paper": 0.619}
+    assert reference_auroc("mastcam", "dra", "hard", 10) == {"dra_paper": 0.695,
+                                                             "ahl_paper": 0.704}
+    assert reference_auroc("elpv", "dra", "hard", 10, known_class="poly") == {"dra_paper": 0.8}
+    assert reference_auroc("MVTec AD", "ahl(dra)", "general", 10) == {"ahl_paper": 0.970}
+    assert reference_auroc("sdd", "dra", "hard", 10) == {}  # one anomaly class: no hard setting
+    # every converter's subset has its figures: 8 general rows x 6 columns x 2 shot counts
+    for conv in CONVERTERS.values():
+        assert len(reference_auroc(conv.subset, "devnet", "general", 10)) == 2
+    assert sum(len(v) for k, v in FIGURES.items() if k[0] != "mvtecad") == (8 + 4) * 6 * 2 + 1
+    for bad in (("cifar", "dra"), ("elpv", "patchcore")):
+        with pytest.raises(UserError, match="no paper figures"):
+            reference_auroc(*bad)

@@ -1,0 +1,198 @@
+"""TFDS: fsad datasets written as TFDS array_record and read back through tfds.data_source,
+and the one-vs-rest reader of TFDS image-classification datasets. No TensorFlow needed."""
+
+import io
+import os
+import sys
+
+import numpy as np
+import pytest
+from ml_collections import config_dict
+from PIL import Image
+
+from conftest import SIZE
+from fsad.data import load_imageset, read_elpv, read_folder
+from fsad.data.synthetic import write_synthetic_dataset
+from fsad.errors import UserError
+
+tfds = pytest.importorskip("tensorflow_datasets")
+from fsad.data import tfds_io  # noqa: E402
+
+
+def assert_same_imageset(a, b):
+    assert a.name == b.name
+    for field in ("images", "labels", "classes", "split", "file_ids"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+    assert (a.masks is None) == (b.masks is None)
+    if a.masks is not None:
+        np.testing.assert_array_equal(a.masks, b.masks)
+
+
+@pytest.fixture(scope="module")
+def written(synthetic_root, tmp_path_factory):
+    """The synthetic dataset written as the TFDS dataset fsad_synthetic."""
+    tfds_dir = str(tmp_path_factory.mktemp("tfds"))
+    target = tfds_io.write_tfds(tfds_io.folder_source(synthetic_root), "fsad_synthetic", tfds_dir)
+    return tfds_dir, target
+
+
+def test_roundtrip_equals_folder_reader(synthetic_root, written):
+    tfds_dir, target = written
+    assert sorted(f for f in os.listdir(target) if "array_record" in f) == [
+        "fsad_synthetic-test.array_record-00000-of-00001",
+        "fsad_synthetic-train.array_record-00000-of-00001"]
+    for size in (SIZE, 24):  # stored at 32 px; read at the stored and a smaller size
+        back = tfds_io.read_tfds("fsad_synthetic", tfds_dir, size, cache_dir="")
+        assert_same_imageset(back, read_folder(synthetic_root, size, cache_dir=""))
+    # a plain tfds.data_source reads it too, with the documented features
+    ds = tfds.data_source("fsad_synthetic", data_dir=tfds_dir)
+    assert (len(ds["train"]), len(ds["test"])) == (60, 56)
+    ex = ds["test"][55]
+    assert ex["image"].shape == (SIZE, SIZE, 3) and ex["mask"].shape == (SIZE, SIZE, 1)
+    assert ex["class_name"] == b"stain" and ex["label"] == 1 and ex["index"] == 115
+    assert "tensorflow" not in sys.modules
+
+
+def test_load_imageset_tfds_and_cache(synthetic_root, written, tmp_path):
+    tfds_dir, _ = written
+    cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "fsad_synthetic",
+                                  "tfds_dir": tfds_dir, "normal_class": "", "img_size": SIZE,
+                                  "cache_dir": str(tmp_path / "cache")})
+    a = load_imageset(cfg)
+    assert len(os.listdir(tmp_path / "cache")) == 1
+    b = load_imageset(cfg)  # from the cache
+    assert_same_imageset(a, b)
+    assert_same_imageset(a, read_folder(synthetic_root, SIZE, cache_dir=""))
+    cfg.tfds_name = ""
+    with pytest.raises(UserError, match="tfds_name"):
+        load_imageset(cfg)
+
+
+def test_no_test_good_and_no_masks(tmp_path):
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=16, n_train=9, n_test_good=3,
+                                   n_per_class=2, defects=("spot", "scratch"), test_good=False)
+    import shutil
+    shutil.rmtree(os.path.join(root, "ground_truth"))
+    tfds_io.write_tfds(tfds_io.folder_source(root), "plain", str(tmp_path / "t"))
+    back = tfds_io.read_tfds("plain", str(tmp_path / "t"), 16, cache_dir="")
+    assert back.masks is None
+    assert back.counts() == {"train_normal": 9, "test_normal": 3, "anomaly_scratch": 2,
+                             "anomaly_spot": 2}
+    assert_same_imageset(back, read_folder(root, 16, cache_dir=""))
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        tfds_io.write_tfds(tfds_io.folder_source(root), "plain", str(tmp_path / "t"))
+    tfds_io.write_tfds(tfds_io.folder_source(root), "plain", str(tmp_path / "t"), overwrite=True)
+    with pytest.raises(UserError, match="snake case"):
+        tfds_io.write_tfds(tfds_io.folder_source(root), "Plain-Set", str(tmp_path / "t"))
+    with pytest.raises(UserError, match="no TFDS dataset 'nowhere_xyz'"):
+        tfds_io.read_tfds("nowhere_xyz", str(tmp_path / "t"), 16, cache_dir="")
+
+
+def _png(a):
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_classification(tfds_dir, name, splits):
+    """A prepared TFDS classification dataset (grey 8x8 images, classes cat/dog/bird),
+    written as TFDS's own builders write one; splits: {split: [label, ...]}."""
+    class ClassificationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, **kw):
+            self.name = name
+            super().__init__(**kw)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(8, 8, 1)),
+                "label": tfds.features.ClassLabel(names=["cat", "dog", "bird"])}))
+
+        def _split_generators(self, dl_manager):
+            return {s: self._generate_examples(s) for s in splits}
+
+        def _generate_examples(self, split):
+            for i, y in enumerate(splits[split]):
+                yield i, {"image": _png(np.full((8, 8), 10 * y + i, np.uint8)), "label": y}
+
+    ClassificationBuilder(data_dir=tfds_dir, file_format="array_record").download_and_prepare(
+        download_dir=os.path.join(tfds_dir, "downloads"))
+
+
+def test_one_vs_rest_train_test(tmp_path):
+    d = str(tmp_path)
+    _write_classification(d, "pets", {"train": [0, 1, 1, 2, 1, 0], "test": [1, 0, 2, 2, 1]})
+    with pytest.raises(UserError, match="normal_class"):
+        tfds_io.read_tfds("pets", d, 16, cache_dir="")
+    data = tfds_io.read_tfds_one_vs_rest("pets", d, "dog", 16, cache_dir="")
+    assert data.name == "pets:dog"
+    # train normals: the dogs of train; test: the whole test split
+    assert data.counts() == {"train_normal": 3, "test_normal": 2, "anomaly_bird": 2,
+                             "anomaly_cat": 1}
+    # file ids are "<split>/<record index>"; TFDS shuffled the records when writing
+    ds = tfds.data_source("pets", data_dir=d)
+    y = {s: [int(ds[s][i]["label"]) for i in range(len(ds[s]))] for s in ("train", "test")}
+    by = lambda s, c: [f"{s}/{i}" for i, v in enumerate(y[s]) if v == c]  # noqa: E731
+    assert list(data.file_ids) == by("train", 1) + by("test", 1) + by("test", 2) + by("test", 0)
+    assert data.images.shape == (8, 16, 16, 3) and data.masks is None
+    i = int(data.file_ids[0].split("/")[1])
+    expected = ds["train"][i]["image"][..., 0]  # grey -> RGB, resized (a flat image)
+    assert np.all(data.images[0] == expected[0, 0]) and np.all(expected == expected[0, 0])
+    same = tfds_io.read_tfds_one_vs_rest("pets", d, "1", 16, cache_dir="")  # by index
+    np.testing.assert_array_equal(same.file_ids, data.file_ids)
+    with pytest.raises(UserError, match="not a class of 'pets'"):
+        tfds_io.read_tfds_one_vs_rest("pets", d, "fish", 16, cache_dir="")
+
+
+def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path):
+    d = str(tmp_path)
+    labels = [0, 1, 0, 0, 2, 0, 0, 0, 1]
+    _write_classification(d, "pets_all", {"train": labels})
+    data = tfds_io.read_tfds_one_vs_rest("pets_all", d, "cat", 8, cache_dir="")
+    assert data.counts() == {"train_normal": 4, "test_normal": 2, "anomaly_bird": 1,
+                             "anomaly_dog": 2}
+    ds = tfds.data_source("pets_all", data_dir=d)["train"]
+    normals = [f"train/{i}" for i in range(len(ds)) if ds[i]["label"] == 0]
+    from fsad.data.folders import split_normals_3_to_1
+    train, test = split_normals_3_to_1(len(normals))
+    # marked as read_folder marks a folder without test/good: rows stay in record order
+    assert list(data.file_ids[:6]) == ([normals[i] for i in sorted(train)]
+                                       + [normals[i] for i in sorted(test)])
+
+
+def test_one_vs_rest_on_mocked_mnist():
+    with tfds.testing.mock_data(num_examples=40):
+        builder = tfds.builder("mnist")  # each builder leaks an empty /tmp/tmp*tfds (TFDS)
+        labels = {}
+        for s in ("train", "test"):
+            source = builder.as_data_source(split=s)
+            labels[s] = [int(source[i]["label"]) for i in range(40)]
+        cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "mnist", "tfds_dir": "",
+                                      "normal_class": "3", "img_size": 16, "cache_dir": ""})
+        data = load_imageset(cfg)
+    c = data.counts()
+    assert c["train_normal"] == labels["train"].count(3) > 0
+    assert c["test_normal"] == labels["test"].count(3) > 0
+    assert sum(v for k, v in c.items() if k.startswith("anomaly_")) == 40 - labels["test"].count(3)
+    assert data.images.shape[1:] == (16, 16, 3) and "3" not in data.anomaly_classes
+
+
+def test_command_line(synthetic_root, tmp_path, capsys):
+    assert tfds_io.main([synthetic_root, str(tmp_path), "--name", "cli_set"]) == 0
+    out = capsys.readouterr().out
+    assert "60 train + 56 test examples, with masks" in out and "tfds_name=cli_set" in out
+    assert tfds_io.main([str(tmp_path / "missing"), str(tmp_path)]) == 2
+    assert "neither 'elpv' nor a folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FSAD_TEST_ELPV_TFDS"),
+                    reason="ELPV round trip (2,624 images, about a minute): set "
+                           "FSAD_TEST_ELPV_TFDS=1")
+def test_elpv_roundtrip(tmp_path):
+    tfds_io.write_tfds(tfds_io.elpv_source(), "fsad_elpv", str(tmp_path))
+    back = tfds_io.read_tfds("fsad_elpv", str(tmp_path), SIZE, cache_dir="")
+    assert back.counts() == {"train_normal": 1131, "test_normal": 377, "anomaly_mono": 313,
+                             "anomaly_poly": 402}
+    assert_same_imageset(back, read_elpv(SIZE, cache_dir=""))
