@@ -50,49 +50,64 @@ def _to_uint8_levels(x: jax.Array) -> jax.Array:
     return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0) / 255.0
 
 
+def jitter_ops(image: jax.Array, order: jax.Array, brightness: jax.Array,
+               contrast: jax.Array, saturation: jax.Array, hue: jax.Array,
+               region: jax.Array | None = None) -> jax.Array:
+    """torchvision's ColorJitter adjustments with given factors, in the given order.
+
+    brightness: f * x; contrast: f * x + (1 - f) * mean(grey(x)) over `region`;
+    saturation: f * x + (1 - f) * grey(x); hue: (h + shift) mod 1 in HSV (dm-pix's
+    `adjust_hue` is torchvision's formula; dm-pix's brightness (additive), contrast
+    (per-channel mean) and saturation (HSV scaling) follow TensorFlow instead, so those
+    three are written here). Values are clipped to [0, 1] and rounded to uint8 levels
+    after every adjustment, as on the released code's PIL images.
+
+    Args:
+      image: [H, W, 3] float in [0, 1]; order: [4] a permutation of 0..3 (brightness,
+        contrast, saturation, hue); brightness, contrast, saturation: factors; hue: shift
+        in turns; region: optional [H, W] bool, where the contrast mean is taken.
+    Returns:
+      [H, W, 3] float32 in [0, 1].
+    """
+    import dm_pix
+
+    weight = jnp.ones(image.shape[:2]) if region is None else region.astype(jnp.float32)
+
+    def adjust_contrast(x):
+        mean = jnp.sum(grey(x)[..., 0] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+        return contrast * x + (1 - contrast) * mean
+
+    ops = [lambda x: brightness * x, adjust_contrast,
+           lambda x: saturation * x + (1 - saturation) * grey(x),
+           lambda x: dm_pix.adjust_hue(x, hue)]
+
+    def apply(i, x):
+        return _to_uint8_levels(jax.lax.switch(order[i], ops, x))
+
+    return jax.lax.fori_loop(0, len(ops), apply, image.astype(jnp.float32))
+
+
 def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1,
                   region: jax.Array | None = None) -> jax.Array:
     """torchvision's ColorJitter(brightness, contrast, saturation, hue = strength), as the
-    released CutPaste applies it to the cut patch.
-
-    The four adjustments run in a random order (torchvision draws a permutation), with
-    brightness, contrast and saturation factors from U(1 - strength, 1 + strength) and a
-    hue shift from U(-strength, strength):
-      brightness: f * x; contrast: f * x + (1 - f) * mean(grey(x)) over the patch;
-      saturation: f * x + (1 - f) * grey(x); hue: (h + shift) mod 1 in HSV (dm-pix's
-      `adjust_hue`, torchvision's formula). dm-pix's brightness (additive), contrast
-    (per-channel mean) and saturation (HSV scaling) follow TensorFlow instead, so those
-    three are written here. Values are clipped to [0, 1] and rounded to uint8 levels
-    after every adjustment, as on the released code's PIL images.
+    released CutPaste applies it to the cut patch: a random order of the four
+    adjustments (torchvision draws a permutation), factors from
+    U(max(0, 1 - strength), 1 + strength) and a hue shift from U(-strength, strength);
+    see `jitter_ops`.
 
     Args:
       image: [H, W, 3] float in [0, 1].
       region: optional [H, W] bool, the patch (the contrast mean is taken over it);
         default the whole image.
     Returns:
-      [H, W, 3] float in [0, 1].
+      [H, W, 3] float32 in [0, 1].
     """
-    import dm_pix
-
     k_order, kb, kc, ks, kh = jax.random.split(key, 5)
     factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
                                           maxval=1 + strength)
-    fb, fc, fs = factor(kb), factor(kc), factor(ks)
     shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
-    weight = jnp.ones(image.shape[:2]) if region is None else region.astype(jnp.float32)
-
-    def contrast(x):
-        mean = jnp.sum(grey(x)[..., 0] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-        return fc * x + (1 - fc) * mean
-
-    ops = [lambda x: fb * x, contrast, lambda x: fs * x + (1 - fs) * grey(x),
-           lambda x: dm_pix.adjust_hue(x, shift)]
-    order = jax.random.permutation(k_order, len(ops))
-
-    def apply(i, x):
-        return _to_uint8_levels(jax.lax.switch(order[i], ops, x))
-
-    return jax.lax.fori_loop(0, len(ops), apply, image.astype(jnp.float32))
+    return jitter_ops(image, jax.random.permutation(k_order, 4), factor(kb), factor(kc),
+                      factor(ks), shift, region)
 
 
 def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3):

@@ -76,6 +76,12 @@ def make_feature_fn(config):
     return jax.jit(features)
 
 
+def other_indices(key: jax.Array, n: int) -> np.ndarray:
+    """For each of n images a uniformly drawn other one: i + U{1, n - 1} (mod n), the
+    image itself only when it is alone. -> [n] int."""
+    return (np.arange(n) + np.asarray(jax.random.randint(key, (n,), 1, max(n, 2)))) % n
+
+
 def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
                 textures: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
     """One pseudo anomaly of the given family per normal image. [N,H,W,3] uint8 -> same.
@@ -86,8 +92,7 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
     """
     n = len(normals)
     k_other, k_tex, k_aug = jax.random.split(key, 3)
-    # another normal: i + U{1, n-1} (mod n); the image itself only when it is alone
-    other = (np.arange(n) + np.asarray(jax.random.randint(k_other, (n,), 1, max(n, 2)))) % n
+    other = other_indices(k_other, n)
     if family == "perlin" and textures is not None and len(textures):
         sources = textures
         partner = np.asarray(jax.random.randint(k_tex, (n,), 0, len(textures)))

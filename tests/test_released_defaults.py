@@ -1,0 +1,304 @@
+"""The released code's defaults (issue 10): pyramid, heads, init, references, sampling,
+colour jitter, schedules, AHL class balance and weights, ImageNet weights by default."""
+
+import colorsys
+import logging
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import SIZE, tiny_config
+from fsad.data import augment
+from fsad.errors import UserError
+from fsad.methods import ahl, build_method
+from fsad.methods.devnet import DevNetModel
+from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
+from fsad.models.pyramid import nearest_indices, pyramid
+from fsad.optim import step_decay
+from fsad.train import cycle_draw, init_state, make_mesh, put_train_data
+
+
+def test_configs_default_to_the_released_code():
+    import configs.devnet
+    import configs.dra
+    d = configs.devnet.get_config()
+    assert (d.model.n_scales, d.augment.rotate_degrees, d.optim.lr, d.optim.weight_decay,
+            d.optim.decay_every_epochs, d.optim.clip_norm, d.epochs, d.batch_size,
+            d.model.pretrained) == (2, 180.0, 2e-4, 1e-5, 10, 1.0, 50, 48, "imagenet")
+    p = configs.devnet.get_config("paper")
+    assert (p.model.n_scales, p.augment.rotate_degrees, p.optim.lr, p.optim.weight_decay,
+            p.optim.decay_every_epochs, p.optim.clip_norm) == (1, 0.0, 1e-3, 1e-2, 0, 0.0)
+    r = configs.dra.get_config()
+    assert (r.dra.residual_stride, r.dra.residual_padding, r.optim.decay_at_epoch_start,
+            r.epochs, r.model.n_scales) == (1, 1, True, 30, 2)
+    assert configs.dra.get_config("paper").optim.lr == 1e-3
+
+
+def test_step_decay_matches_where_the_released_code_steps_its_scheduler():
+    """DRA steps StepLR at the start of each epoch (decays after epochs 9, 19, 29);
+    DevNet at the end (after 10, 20, ...)."""
+    spe = 20
+    start, end = step_decay(1.0, spe, 10, 0.1, True), step_decay(1.0, spe, 10, 0.1, False)
+    for epoch in range(30):
+        s = epoch * spe + 7
+        assert float(start(s)) == pytest.approx(0.1 ** ((epoch + 1) // 10))
+        assert float(end(s)) == pytest.approx(0.1 ** (epoch // 10))
+    assert float(start(9 * spe)) == pytest.approx(0.1) and float(start(9 * spe - 1)) == 1.0
+
+
+def test_nearest_half_size_is_torch_interpolate():
+    """PyTorch's F.interpolate(size=H // 2, mode="nearest") takes rows floor(i * H / out)."""
+    for h in (448, 96, 32, 7, 15):
+        out = h // 2
+        expect = np.minimum(np.floor(np.arange(out) * (h / out)).astype(int), h - 1)
+        np.testing.assert_array_equal(nearest_indices(h, out), expect)
+    x = jnp.arange(2 * 8 * 8 * 1, dtype=jnp.float32).reshape(2, 8, 8, 1)
+    full, half = pyramid(x, 2)
+    np.testing.assert_array_equal(half, x[:, ::2, ::2])
+    torch = pytest.importorskip("torch")
+    t = torch.nn.functional.interpolate(torch.arange(15 * 15.).reshape(1, 1, 15, 15), size=7)
+    np.testing.assert_array_equal(
+        pyramid(jnp.arange(15 * 15.).reshape(1, 15, 15, 1), 2)[1][0, ..., 0], t[0, 0].numpy())
+
+
+def test_devnet_score_is_the_mean_of_the_two_scales():
+    model = DevNetModel("resnet18", n_scales=2)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    v = model.init(jax.random.key(1), x)
+    out = model.apply(v, x)
+    one = DevNetModel("resnet18", n_scales=1)
+    s_full = one.apply(v, x)["score"]
+    s_half = one.apply(v, x[:, ::2, ::2])["score"]
+    np.testing.assert_allclose(out["score"], (s_full + s_half) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["scale_scores"], jnp.stack([s_full, s_half]), rtol=1e-5)
+
+
+def test_residual_head_keeps_its_map_at_stride_one():
+    """14x14 cells at 448 px: K = 19 (released CompositeHead); AHL's stride 3 gives 4x4."""
+    feats = jax.random.normal(jax.random.key(0), (2, 14, 14, 8))
+    for stride, padding, cells in ((1, 1, 14), (3, 0, 4)):
+        head = ResidualScorer(0.1, stride, padding)
+        v = head.init(jax.random.key(1), feats, feats[0])
+        _, inter = head.apply(v, feats, feats[0], capture_intermediates=True)
+        conv_out = inter["intermediates"]["conv"]["__call__"][0]
+        assert conv_out.shape == (2, cells, cells, 8)
+
+
+def test_normality_head_is_non_negative_and_abs_of_its_linear_output():
+    feats = jax.random.normal(jax.random.key(0), (6, 3, 3, 16))
+    head = NormalityScorer()
+    v = head.init(jax.random.key(2), feats)
+    out = head.apply(v, feats)
+    p = v["params"]
+    pooled = feats.mean(axis=(1, 2))
+    raw = (jax.nn.relu(pooled @ p["fc1"]["kernel"] + p["fc1"]["bias"]) @ p["fc2"]["kernel"]
+           + p["fc2"]["bias"])[:, 0]
+    np.testing.assert_allclose(out, jnp.abs(raw), rtol=1e-5, atol=1e-6)
+    assert (np.asarray(raw) < 0).any()  # abs changes something for this init
+
+
+def test_heads_start_from_pytorch_default_init():
+    """kaiming_uniform(a=sqrt(5)): U(+-1/sqrt(fan_in)) weights; U(+-1/sqrt(fan_in)) biases."""
+    c = 512
+    feats = jnp.zeros((1, 4, 4, c))
+
+    def check(w, b, fan_in):
+        bound = 1 / math.sqrt(fan_in)
+        w, b = np.asarray(w).ravel(), np.asarray(b).ravel()
+        assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
+        assert np.std(w) == pytest.approx(bound / math.sqrt(3), rel=0.1)
+        assert np.all(b != 0)  # drawn, not zero-initialised
+
+    p = TopKScorer().init(jax.random.key(0), feats)["params"]["conv"]
+    check(p["kernel"], p["bias"], c)
+    p = ResidualScorer().init(jax.random.key(1), feats, feats[0])["params"]
+    check(p["conv"]["kernel"], p["conv"]["bias"], 9 * c)
+    p = NormalityScorer().init(jax.random.key(2), feats)["params"]
+    check(p["fc1"]["kernel"], p["fc1"]["bias"], c)
+    check(p["fc2"]["kernel"], p["fc2"]["bias"], 256)
+
+
+def test_cycle_draw_walks_through_permutations():
+    key = jax.random.key(4)
+    rows = np.concatenate([np.asarray(cycle_draw(key, s, 3, 7, 10)) for s in range(7)])
+    assert rows.shape == (21,) and rows.max() < 7
+    for c in range(3):  # every 7 consecutive draws are a permutation of the 7 rows
+        assert sorted(rows[7 * c:7 * c + 7].tolist()) == list(range(7))
+    again = np.concatenate([np.asarray(cycle_draw(key, s, 3, 7, 10)) for s in range(7)])
+    np.testing.assert_array_equal(rows, again)  # a function of (key, step) only
+
+
+def _flat_data(n_normal=12, n_anom=3, size=SIZE):
+    """Normals of flat grey levels 40..150, anomalies flat 250."""
+    mesh = make_mesh(jax.devices()[:1])
+    normals = np.stack([np.full((size, size, 3), 40 + 10 * i, np.uint8) for i in range(n_normal)])
+    anomalies = np.full((n_anom, size, size, 3), 250, np.uint8)
+    return put_train_data(normals, anomalies, mesh), mesh
+
+
+def test_dra_references_are_rotated_and_half_of_them_pseudo():
+    method = build_method(tiny_config("dra", batch_size=12))
+    data, _ = _flat_data()
+    draw = jax.jit(lambda d, k, s: method.sample_batch(d, k, 12, s))
+    refs = np.concatenate([np.asarray(draw(data, jax.random.key(0), s)["ref"]) for s in range(40)])
+    assert refs.shape == (200, SIZE, SIZE, 3)
+    rotated = refs[:, 0, 0].sum(-1) == 0  # a corner rotated out of the picture is black
+    assert rotated.mean() > 0.8
+    levels = [set(np.unique(r).tolist()) - {0} for r in refs]
+    pseudo = np.array([len(lv) > 1 for lv in levels])  # a jittered patch adds grey levels
+    assert 0.35 < pseudo.mean() < 0.65, pseudo.mean()
+
+
+def test_variants_without_the_residual_head_take_no_references():
+    method = build_method(tiny_config("dra", batch_size=12, **{"dra.variant": "DRA3An"}))
+    data, mesh = _flat_data()
+    batch = jax.jit(lambda d, k: method.sample_batch(d, k, 12, 0))(data, jax.random.key(0))
+    assert "ref" not in batch
+    state = init_state(method, jax.random.key(0), data, method.optimizer(10), mesh)
+    assert state.extras == {} and method.reference is None
+    loss, _ = method.loss(state.params, state.batch_stats, batch, jax.random.key(1))
+    assert np.isfinite(float(loss))
+
+
+def test_prior_mu_and_sigma_reach_dra_losses():
+    from fsad.methods.dra import head_losses
+    scores = {"seen": jnp.array([0.5, 3.0])}
+    labels = jnp.array([0, 1])
+    a = head_losses(scores, labels, jax.random.key(0), prior_mu=0.0, prior_sigma=1.0)
+    b = head_losses(scores, labels, jax.random.key(0), prior_mu=2.0, prior_sigma=1.0)
+    assert float(a["seen"]) != pytest.approx(float(b["seen"]))
+
+
+def _reference_jitter(x, order, fb, fc, fs, shift, region):
+    """torchvision's ColorJitter formulas in NumPy (colorsys for HSV), uint8 levels."""
+    q = lambda y: np.round(np.clip(y, 0, 1) * 255) / 255  # noqa: E731
+    grey = lambda y: (0.2989 * y[..., 0] + 0.587 * y[..., 1] + 0.114 * y[..., 2])[..., None]  # noqa: E731,E501
+    for op in order:
+        if op == 0:
+            x = q(fb * x)
+        elif op == 1:
+            x = q(fc * x + (1 - fc) * grey(x)[region].mean())
+        elif op == 2:
+            x = q(fs * x + (1 - fs) * grey(x))
+        else:
+            hsv = np.array([colorsys.rgb_to_hsv(*p) for p in x.reshape(-1, 3)])
+            hsv[:, 0] = (hsv[:, 0] + shift) % 1.0
+            x = q(np.array([colorsys.hsv_to_rgb(*p) for p in hsv]).reshape(x.shape))
+    return x
+
+
+def test_colour_jitter_is_torchvision_on_the_patch():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (6, 7, 3)) / 255.0
+    region = np.zeros((6, 7), bool)
+    region[1:4, 2:6] = True
+    for order, shift in (([0, 1, 2, 3], 0.07), ([3, 2, 1, 0], -0.09), ([1, 3, 0, 2], 0.03)):
+        got = augment.jitter_ops(jnp.asarray(x, jnp.float32), jnp.array(order), 1.08, 0.93,
+                                 1.05, shift, jnp.asarray(region))
+        want = _reference_jitter(x, order, 1.08, 0.93, 1.05, shift, region)
+        assert np.abs(np.asarray(got) - want).max() <= 1 / 255 + 1e-6
+    # the drawn order varies with the key
+    orders = {tuple(np.asarray(jax.random.permutation(k, 4)).tolist())
+              for k in jax.random.split(jax.random.key(0), 30)}
+    assert len(orders) > 5
+
+
+def test_cutmix_partner_is_another_image_and_textures_span_all():
+    idx = ahl.other_indices(jax.random.key(0), 50)
+    assert (idx != np.arange(50)).all() and len(set(idx.tolist())) > 25
+    normals = np.stack([np.full((16, 16, 3), i, np.uint8) for i in range(50)])
+    textures = np.stack([np.full((16, 16, 3), 200 + i, np.uint8) for i in range(2)])
+    out = ahl.make_pseudo(jax.random.key(1), normals, "cutmix", textures)
+    levels = set(np.unique(out).tolist())
+    assert max(levels) < 64  # patches come from normals (levels 0..49, jittered), no texture
+    assert len(levels) > 25  # and from all of them, not only the first len(textures)
+
+
+def test_class_balance_gives_each_class_its_base_share():
+    labels = np.array([0] * 250 + [2] * 125 + [1] * 5)
+    for base, shares in (("dra", (1 / 3, 1 / 3, 1 / 3)), ("devnet", (1 / 2, 1 / 4, 1 / 4))):
+        w = ahl.class_balance(labels, base)
+        got = [w[labels == c].sum() for c in (0, 2, 1)]
+        assert got == pytest.approx(shares)
+    w = ahl.class_balance(np.array([0] * 10 + [1] * 2), "devnet")  # no pseudo: anomalies 1/2
+    assert w[10:].sum() == pytest.approx(0.5)
+
+
+def test_task_losses_weigh_the_few_seen_anomalies_by_their_share():
+    """A DevNet-head task of 250 normals, 125 pseudo, 5 seen: the seen anomalies carry a
+    quarter of the loss, not 5/380 of it."""
+    clusters = [np.arange(0, 125), np.arange(125, 250)]
+    tasks = ahl.build_tasks(clusters, 250, 10, seed=0, base="devnet")
+    for i in range(tasks.num_tasks):
+        lab, w = tasks.support_lab[i], tasks.support_weight[i]
+        assert w.sum() == pytest.approx(1.0)
+        assert w[(lab == 1) & (tasks.support_mask[i] == 1)].sum() == pytest.approx(0.25)
+    config = tiny_config("ahl_devnet")
+    params = TopKScorer(0.1).init(jax.random.key(0), jnp.zeros((1, 2, 2, 4)))["params"]
+    hm, _ = ahl.head_model(config, {"params": {"head": params}})
+    labels = np.array([0] * 250 + [2] * 125 + [1] * 5)
+    w = jnp.asarray(ahl.class_balance(labels, "devnet"))
+    # every score at the prior mean: normals sit at |dev| = 0 (zero gradient), each
+    # anomaly pulls with its weight; the 5 seen together as hard as the 125 pseudo
+    grad = jax.grad(lambda s: hm.loss({"score": s}, jnp.asarray(labels), w,
+                                      jax.random.key(0)))(jnp.zeros(380))
+    seen, pseudo = float(-grad[375:].sum()), float(-grad[250:375].sum())
+    assert seen > 0 and seen == pytest.approx(pseudo, rel=1e-4)
+
+
+def test_importance_temperature_lets_the_weights_spread():
+    labels = np.array([0] * 20 + [1] * 20)
+    good = labels + np.random.default_rng(0).normal(0, 0.30, 40)
+    worse = labels + np.random.default_rng(1).normal(0, 0.33, 40)
+    pred = np.stack([good, worse], 1)
+    coef = np.ones((2, 40), np.float32)
+    r = ahl.generalisation_errors(pred, labels, coef)
+    rel = (r[1] - r[0]) / r.mean()
+    w = ahl.importance_weights(pred, labels, coef, temperature=0.1)
+    assert w[0] / w[1] == pytest.approx(math.exp(rel / 0.1), rel=1e-4)
+    assert ahl.weight_spread(w) > 1.5  # the better model clearly favoured
+    flat = ahl.importance_weights(pred, labels, coef, temperature=100.0)
+    assert ahl.weight_spread(flat) < 1.01
+
+
+def test_ahl_reference_means_work_with_the_per_batch_reference():
+    """AHL on a DRA base trained with test_reference=per_batch raised KeyError."""
+    config = tiny_config("ahl_dra", **{"dra.test_reference": "per_batch"})
+    method = build_method(config)
+    data, mesh = _flat_data()
+    state = init_state(method, jax.random.key(0), data, method.optimizer(10), mesh)
+    variables = {"params": state.params, "batch_stats": state.batch_stats,
+                 "extras": state.extras}
+    means = ahl.reference_means(config, method, variables, seed=0)
+    assert len(means) == 2 and all(m.shape == (1, 1, 512) for m in means)
+    again = ahl.reference_means(config, method, variables, seed=0)
+    for a, b in zip(means, again):
+        np.testing.assert_array_equal(a, b)  # one seeded draw
+
+
+def test_imagenet_weights_that_cannot_be_had_stop_with_the_three_ways(monkeypatch, tmp_path):
+    from fsad import weights
+    cfg = tiny_config().model
+    cfg.pretrained = "imagenet"
+    monkeypatch.setitem(weights.TORCHVISION_IMAGENET, "resnet18",
+                        ("http://127.0.0.1:9/resnet18-f37072fd.pth", "f37072fd"))
+    with pytest.raises(UserError) as err:
+        weights.pretrained_variables(cfg, cache_dir=str(tmp_path))
+    msg = str(err.value)
+    assert "cannot download" in msg and "lite0" in msg and "pretrained=none" in msg
+    assert "pretrained=PATH" in msg
+    cfg.pretrained = "none"
+    assert weights.pretrained_variables(cfg) == (None, "random init (resnet18)")
+
+
+def test_a_long_cpu_run_says_so_once(caplog):
+    from fsad.train import warn_if_long_on_cpu
+    with caplog.at_level(logging.WARNING):
+        assert not warn_if_long_on_cpu(600.0, 100)
+        assert warn_if_long_on_cpu(48 * 3600.0, 1000)
+    assert "meant for a GPU" in caplog.text and ":quick" in caplog.text
+    assert caplog.text.count("meant for a GPU") == 1
