@@ -43,7 +43,7 @@ def test_cli_writes_results_and_resumes(synthetic_root, tmp_path):
            f"--config.data.img_size={SIZE}", "--config.data.cache_dir=", "--config.batch_size=16",
            "--config.epochs=1", "--config.steps_per_epoch=4", "--config.num_seeds=2",
            "--config.data.setting=hard", "--config.data.known_class=spot",
-           "--config.data.n_anomaly=3", "--config.seed=2"]
+           "--config.data.n_anomaly=3", "--config.seed=2", "--config.model.pretrained=none"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "AUROC" in out.stdout and "known: spot" in out.stdout
