@@ -83,6 +83,8 @@ class Method:
     optimizer(steps_per_epoch) -> optax.GradientTransformation
     reference(variables) -> [R, H, W, 3] uint8 test reference set, or None (DRA's residual
       head; AHL reads it to build its reference means)
+    prepare_eval(variables) -> variables with what every test batch shares computed once
+      (DRA: the fixed reference set's feature means); identity by default
     """
 
     name: str
@@ -94,6 +96,7 @@ class Method:
     init_extras: Callable = lambda key, data: {}
     random_scores: bool = False  # score() reads variables["key"] (see score_images)
     reference: Callable | None = None
+    prepare_eval: Callable = lambda variables: variables
 
 
 def make_mesh(devices=None) -> Mesh:

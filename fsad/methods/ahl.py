@@ -43,12 +43,12 @@ from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.errors import UserError
 from fsad.losses import deviation_loss, sample_prior
 from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses
-from fsad.models.backbone import make_trunk
+from fsad.models.backbone import trunk_features
 from fsad.models.heads import TopKScorer
-from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
+from fsad.precision import compute_dtype
 from fsad.train import checkpoint_manager, restore_latest, score_images
 
 FAMILIES = ("cutmix", "cutpaste", "perlin")
@@ -63,15 +63,14 @@ def n_scales_of(config) -> int:
 
 
 def make_feature_fn(config):
-    """Jitted (variables, images uint8 [B,H,W,3]) -> {"s0": [B,h,w,C], "s1": ...}."""
-    trunk = make_trunk(config.model.backbone)
-    n = n_scales_of(config)
+    """Jitted (variables, images uint8 [B,H,W,3]) -> {"s0": [B,h,w,C], "s1": ...}: the
+    frozen trunk's float32 maps at every pyramid scale."""
+    dtype = compute_dtype(config.model.get("dtype", "auto"))
 
     def features(variables, images):
-        v = {"params": variables["params"]["backbone"],
-             "batch_stats": variables["batch_stats"]["backbone"]}
-        x = normalize_uint8(images)
-        return {f"s{i}": trunk.apply(v, xs, train=False) for i, xs in enumerate(pyramid(x, n))}
+        maps = trunk_features(config.model.backbone, variables, normalize_uint8(images),
+                              n_scales_of(config), dtype)
+        return {f"s{i}": m for i, m in enumerate(maps)}
 
     return jax.jit(features)
 

@@ -13,6 +13,7 @@ from fsad.models.heads import TopKScorer
 from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
 from fsad.optim import optimizer_from_config
+from fsad.precision import apply_in, compute_dtype
 from fsad.train import Method, rotate_batch, sample_balanced
 
 
@@ -49,6 +50,7 @@ def devnet(config) -> Method:
     anomaly_fraction)."""
     model = DevNetModel(config.model.backbone, config.model.topk, config.model.topk_abs,
                         config.model.n_scales)
+    dtype = compute_dtype(config.model.get("dtype", "auto"))
     lc = config.loss
 
     def init(key, images):
@@ -63,16 +65,17 @@ def devnet(config) -> Method:
         return {"images": images, "labels": labels}
 
     def loss(params, batch_stats, batch, key):
-        out, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                   normalize_uint8(batch["images"]), train=True,
-                                   mutable=["batch_stats"])
+        out, mutated = apply_in(model, dtype, params, batch_stats,
+                                normalize_uint8(batch["images"]), train=True,
+                                mutable=["batch_stats"])
         prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
         value = deviation_loss(out["score"], batch["labels"], prior, lc.margin)
         return value, ({}, mutated["batch_stats"])
 
     def score(variables, images):
-        v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        return {"score": model.apply(v, images, train=False)["score"]}
+        out = apply_in(model, dtype, variables["params"], variables["batch_stats"], images,
+                       train=False)
+        return {"score": out["score"]}
 
     def optimizer(steps_per_epoch):
         return optimizer_from_config(config.optim, steps_per_epoch)

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 from fsad.data.augment import cutpaste
 from fsad.errors import UserError
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
-from fsad.models.backbone import make_trunk
+from fsad.models.backbone import make_trunk, trunk_features
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
 from fsad.optim import optimizer_from_config
+from fsad.precision import apply_in, compute_dtype
 from fsad.train import Method, cycle_draw, rotate_batch
 
 HEADS = ("seen", "pseudo", "residual", "normality")
@@ -96,17 +97,22 @@ class DRAModel(nn.Module):
     residual_padding: int = 1
 
     @nn.compact
-    def __call__(self, x, ref=None, train: bool = False):
+    def __call__(self, x, ref=None, train: bool = False, ref_means=None):
+        """ref_means: the reference mean maps per scale, computed beforehand (evaluation
+        with a fixed reference set: `reference_means`); then ref is not needed."""
         trunk = make_trunk(self.backbone, name="backbone")
-        n_ref = 0 if ref is None else ref.shape[0]
-        both = x if ref is None else jnp.concatenate([ref, x])
-        feats, ref_means = [], []
+        n_ref = 0 if ref is None or ref_means is not None else ref.shape[0]
+        both = jnp.concatenate([ref, x]) if n_ref else x
+        feats, means = [], []
         for images in pyramid(both, self.n_scales):
             f = trunk(images, train)
             feats.append(f[n_ref:])
-            ref_means.append(f[:n_ref].mean(0) if n_ref else None)
+            means.append(f[:n_ref].mean(0) if n_ref else None)
+        if ref_means is not None:
+            means = [m.astype(feats[0].dtype) for m in ref_means]
         return DRAHeads(self.topk, self.heads, self.residual_stride, self.residual_padding,
-                        name="heads")(feats, ref_means if n_ref else None, train)
+                        name="heads")(feats, means if (n_ref or ref_means is not None) else None,
+                                      train)
 
 
 def combine(head_scores: dict) -> jax.Array:
@@ -189,6 +195,7 @@ def dra(config) -> Method:
                      d.residual_stride, d.residual_padding)
     use_outliers = bool(d.outlier_root)
     lc = config.loss
+    dtype = compute_dtype(config.model.get("dtype", "auto"))
 
     def pipeline(key, images, outliers, n_outlier):
         """The released training transform of normal images: each becomes, with
@@ -245,9 +252,9 @@ def dra(config) -> Method:
 
     def loss(params, batch_stats, batch, key):
         ref = normalize_uint8(batch["ref"]) if uses_ref else None
-        scores, mutated = model.apply({"params": params, "batch_stats": batch_stats},
-                                      normalize_uint8(batch["images"]), ref, train=True,
-                                      mutable=["batch_stats"])
+        scores, mutated = apply_in(model, dtype, params, batch_stats,
+                                   normalize_uint8(batch["images"]), ref, train=True,
+                                   mutable=["batch_stats"])
         per_head = head_losses(scores, batch["labels"], key, d.loss, lc.prior_size, lc.margin,
                                prior_mu=lc.prior_mu, prior_sigma=lc.prior_sigma)
         total = sum(per_head.values())
@@ -265,10 +272,24 @@ def dra(config) -> Method:
         ref, _ = pipeline(k_pipe, pool[idx], outliers, outliers.shape[0])
         return ref
 
+    def prepare_eval(variables):
+        """The fixed reference set's per-scale mean maps, computed once per evaluation
+        instead of in every test batch (per_batch references are drawn per batch)."""
+        if not uses_ref or "ref_pool" in variables["extras"]:
+            return variables
+        ref = normalize_uint8(variables["extras"]["ref_images"])
+        feats = trunk_features(config.model.backbone, variables, ref, config.model.n_scales,
+                               dtype)
+        return {**variables, "ref_means": [f.mean(0) for f in feats]}
+
     def score(variables, images):
-        v = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-        ref = normalize_uint8(test_reference(variables)) if uses_ref else None
-        heads_out = model.apply(v, images, ref, train=False)
+        ref = ref_means = None
+        if uses_ref:
+            ref_means = variables.get("ref_means")
+            if ref_means is None:
+                ref = normalize_uint8(test_reference(variables))
+        heads_out = apply_in(model, dtype, variables["params"], variables["batch_stats"],
+                             images, ref, train=False, ref_means=ref_means)
         # each head's contribution to the anomaly score: normality enters negated
         parts = {h: -s if h == "normality" else s for h, s in heads_out.items()}
         return {"score": combine(heads_out), **parts}
@@ -278,4 +299,5 @@ def dra(config) -> Method:
 
     return Method("dra", init, sample_batch, loss, score, optimizer, init_extras,
                   random_scores=uses_ref and d.test_reference == "per_batch",
-                  reference=test_reference if uses_ref else None)
+                  reference=test_reference if uses_ref else None,
+                  prepare_eval=jax.jit(prepare_eval))

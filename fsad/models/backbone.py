@@ -31,3 +31,25 @@ def trunk_channels(backbone: str) -> int:
         return HEAD_CHANNELS
     make_trunk(backbone)  # validates the name
     return feature_channels(backbone)
+
+
+def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) -> list:
+    """The trunk's eval-mode maps at every pyramid scale.
+
+    Args:
+      variables: a model's {"params", "batch_stats"} holding the trunk under "backbone".
+      images: [B, H, W, 3] ImageNet-normalised float.
+      dtype: compute dtype (fsad.precision), default float32.
+    Returns:
+      [scale 0 map [B, h, w, C], scale 1 map, ...] in float32.
+    """
+    import jax.numpy as jnp
+
+    from fsad.models.pyramid import pyramid
+    from fsad.precision import apply_in
+    trunk = make_trunk(backbone)
+    dtype = dtype or jnp.float32
+    params = variables["params"]["backbone"]
+    stats = variables["batch_stats"]["backbone"]
+    return [apply_in(trunk, dtype, params, stats, x, train=False).astype(jnp.float32)
+            for x in pyramid(images, n_scales)]

@@ -62,6 +62,7 @@ class TopKScorer(nn.Module):
     @nn.compact
     def __call__(self, feats):
         score_map = torch_conv(1, 1, feats.shape[-1], "conv")(feats)[..., 0]
+        score_map = score_map.astype(jnp.float32)  # scores and losses in float32
         return topk_mean(score_map, self.topk, self.use_abs), score_map
 
 
@@ -85,7 +86,7 @@ class ResidualScorer(nn.Module):
         x = torch_conv(c, 3, c, "conv", self.stride, self.padding)(x)
         x = torch_batch_norm(train, "bn")(x)
         x = nn.relu(x)
-        score_map = torch_conv(1, 1, c, "score")(x)[..., 0]
+        score_map = torch_conv(1, 1, c, "score")(x)[..., 0].astype(jnp.float32)
         return topk_mean(score_map, self.topk, True)
 
 
@@ -99,4 +100,4 @@ class NormalityScorer(nn.Module):
     def __call__(self, feats):
         x = feats.mean(axis=(1, 2))
         x = nn.relu(torch_dense(self.hidden, x.shape[-1], "fc1")(x))
-        return jnp.abs(torch_dense(1, self.hidden, "fc2")(x)[:, 0])
+        return jnp.abs(torch_dense(1, self.hidden, "fc2")(x)[:, 0]).astype(jnp.float32)

@@ -1,0 +1,42 @@
+"""Mixed precision: bfloat16 compute with float32 parameters, statistics and losses.
+
+`model.dtype` = "auto" (bfloat16 on GPU/TPU, float32 on CPU, where bfloat16 is
+emulated and slower), "float32" or "bfloat16". The parameters stay float32 in the
+state and the optimiser; each forward pass casts them and the input images to the
+compute dtype (the cast is differentiable, so gradients arrive in float32).
+BatchNorm reduces its statistics in float32 (`fsad.models.norm.TorchBatchNorm`) and
+the heads hand float32 scores to the losses.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str = "auto"):
+    """The compute dtype a `model.dtype` name stands for on this backend."""
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    if name not in DTYPES:
+        from fsad.errors import UserError
+        raise UserError(f"model.dtype={name!r} is not a compute dtype; use auto, float32 or "
+                        f"bfloat16")
+    return DTYPES[name]
+
+
+def cast_floating(tree, dtype):
+    """Every floating-point leaf of a pytree cast to dtype (others untouched)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x
+    return jax.tree.map(cast, tree)
+
+
+def apply_in(model, dtype, params, batch_stats, *inputs, **kw):
+    """model.apply with params and floating inputs cast to the compute dtype; BatchNorm
+    statistics (batch_stats) stay float32."""
+    variables = {"params": cast_floating(params, dtype), "batch_stats": batch_stats}
+    inputs = [None if x is None else cast_floating(x, dtype) for x in inputs]
+    return model.apply(variables, *inputs, **kw)
