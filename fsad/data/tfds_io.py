@@ -58,8 +58,10 @@ def _tfds():
     try:
         import tensorflow_datasets as tfds
     except ImportError as err:
-        raise UserError("TFDS support needs tensorflow-datasets and array_record; pip install "
-                        "'fsad[tfds]' (TensorFlow itself is not needed)") from err
+        raise UserError("TFDS support needs tensorflow-datasets and array_record, which fsad "
+                        "depends on; reinstall fsad (pip install -e .) or pip install "
+                        "tensorflow-datasets array_record (TensorFlow itself is not needed)"
+                        ) from err
     return tfds
 
 
