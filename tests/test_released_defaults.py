@@ -302,3 +302,33 @@ def test_a_long_cpu_run_says_so_once(caplog):
         assert warn_if_long_on_cpu(48 * 3600.0, 1000)
     assert "meant for a GPU" in caplog.text and ":quick" in caplog.text
     assert caplog.text.count("meant for a GPU") == 1
+
+
+def test_imagenet_weights_from_a_local_copy_without_torch(tmp_path):
+    """A torchvision resnet18 file in the weights cache (written without torch, as
+    torch.save would) is used by model.pretrained=imagenet: no download, no PyTorch."""
+    import collections
+
+    from test_pth import Storage, Tensor, write_handmade
+    from test_resnet_weights import torchvision_state_dict
+
+    from fsad import weights
+    sd = torchvision_state_dict("resnet18")
+    obj = collections.OrderedDict()
+    for i, (k, v) in enumerate(sd.items()):
+        v = np.asarray(v)
+        kind = "LongStorage" if v.dtype == np.int64 else "FloatStorage"
+        strides = [int(np.prod(v.shape[j + 1:])) for j in range(v.ndim)]
+        obj[k] = Tensor(Storage(str(i), kind, v.ravel()), 0, v.shape, strides)
+    path = tmp_path / "resnet18-f37072fd.pth"
+    write_handmade(str(path), obj)
+    cfg = tiny_config().model
+    cfg.pretrained = "imagenet"
+    cfg.pretrained_sha256 = weights.sha256_of(str(path))  # the real file's would be f37072fd...
+    variables, init = weights.pretrained_variables(cfg, cache_dir=str(tmp_path))
+    assert init == "ImageNet (resnet18-f37072fd.pth), resnet18"
+    np.testing.assert_array_equal(variables["params"]["backbone"]["conv1"]["kernel"],
+                                  sd["conv1.weight"].transpose(2, 3, 1, 0))
+    cfg.pretrained_sha256 = "0" * 64
+    with pytest.raises(UserError, match="sha256"):
+        weights.pretrained_variables(cfg, cache_dir=str(tmp_path))
