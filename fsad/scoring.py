@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from fsad.data.decode import IMAGE_SUFFIXES, decode_many
+from fsad.data.decode import decode_many, list_images_recursive
 from fsad.methods import build_method
 from fsad.train import (checkpoint_manager, init_state, make_mesh, make_score_fn, put_train_data,
                         restore_latest, score_images, variables_of)
@@ -30,19 +30,6 @@ def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
     z = (np.asarray(scores, np.float64) - mu) / sigma
     cut = stats.norm.ppf((1.0 + confidence) / 2.0)
     return {"z": z, "p_value": stats.norm.sf(z), "anomalous": z > cut, "cutoff": cut}
-
-
-def list_images_recursive(folder: str) -> list[str]:
-    """Image files under a folder, sorted, as paths relative to it."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"input folder {folder!r} does not exist")
-    out = []
-    for dirpath, _, files in os.walk(folder):
-        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
-                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
-    if not out:
-        raise ValueError(f"no images (.png/.jpg/.bmp/.tif) under {folder!r}")
-    return sorted(out)
 
 
 def load_trained(config, workdir: str, mesh=None):
@@ -73,6 +60,7 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
+    variables = method.prepare_eval(variables)
     key = jax.random.key(config.seed + 10_000) if method.random_scores else None
     scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
                           config.eval_batch_size, key=key)["score"]

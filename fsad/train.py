@@ -114,15 +114,21 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: Mesh,
-                   outliers: np.ndarray | None = None) -> TrainData:
+                   outliers: np.ndarray | None = None, bucket: int = 1) -> TrainData:
     """Copies the training images onto every device of the mesh.
 
     Args:
       images_normal: [Nn, H, W, 3] uint8.
       images_anomaly: [Na, H, W, 3] uint8 (Na >= 1).
       outliers: optional [No, H, W, 3] uint8 outlier-exposure images.
+      bucket: the image rows are padded (with black images no step draws) to a multiple
+        of this, so that the splits of a protocol (1 or 10 shots, every seed) share one
+        array shape and one compiled train step.
     """
     images = np.concatenate([images_normal, images_anomaly]).astype(np.uint8)
+    pad = -len(images) % bucket
+    if pad:
+        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
     n_out = 0 if outliers is None else len(outliers)
     if not n_out:
         outliers = np.zeros((1, *images.shape[1:]), np.uint8)
@@ -307,14 +313,19 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
 
 def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
         batch_size: int, epochs: int, steps_per_epoch: int, workdir: str | None,
-        keep_checkpoints: int = 3, desc: str = "train") -> tuple[TrainState, dict]:
+        keep_checkpoints: int = 3, desc: str = "train",
+        step_fn: Callable | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) training to epochs * steps_per_epoch steps.
 
     Checkpoints go to ``workdir/checkpoints`` at the end of every epoch; when
     one exists, training resumes from it.
 
+    Args:
+      step_fn: the train step (`make_train_step`, or its compiled form) to reuse; built
+        here when None.
     Returns:
-      the final state and {"train_seconds", "steps", "resumed_from", "loss"}.
+      the final state and {"train_seconds", "steps", "resumed_from", "loss",
+      "step_seconds" (median wall time of a step after the first)}.
     """
     total = epochs * steps_per_epoch
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints) \
@@ -322,7 +333,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     if mngr is not None:
         state = restore_latest(mngr, state)
     start = int(state.step)
-    step_fn = make_train_step(method, tx, mesh, batch_size)
+    step_fn = step_fn or make_train_step(method, tx, mesh, batch_size)
     t0 = time.time()
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
@@ -336,11 +347,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                 # dispatched ones.
                 jax.block_until_ready(in_flight)
                 bar.update(1)
-                if len(finished_at) < 3:
-                    finished_at.append(time.time())
-                    if len(finished_at) == 3:  # the first step holds the compilation
-                        per_step = (finished_at[2] - finished_at[0]) / 2
-                        warn_if_long_on_cpu(per_step * (total - step), total)
+                finished_at.append(time.time())
+                if len(finished_at) == 3:  # the first step may hold a compilation
+                    per_step = (finished_at[2] - finished_at[0]) / 2
+                    warn_if_long_on_cpu(per_step * (total - step), total)
             in_flight = metrics["loss"]
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
                 loss = float(metrics["loss"])
@@ -361,8 +371,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     seconds = time.time() - t0
     if start and start < total:
         logging.info("resumed from step %d", start)
+    gaps = np.diff(finished_at)
     return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
-                   "loss": losses[-1] if losses else None}
+                   "loss": losses[-1] if losses else None,
+                   "step_seconds": float(np.median(gaps)) if len(gaps) else None}
 
 
 def warn_if_long_on_cpu(eta_seconds: float, total_steps: int, limit: float = 3600.0) -> bool:

@@ -93,3 +93,31 @@ def list_images(folder: str) -> list[str]:
     """Sorted image files (by suffix) directly inside a folder."""
     return sorted(os.path.join(folder, f) for f in os.listdir(folder)
                   if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+
+
+def list_images_recursive(folder: str) -> list[str]:
+    """Image files under a folder (searched recursively), sorted, relative to it.
+
+    Raises:
+      UserError: the folder does not exist, or holds no images.
+    """
+    from fsad.errors import UserError
+    if not os.path.isdir(folder):
+        raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
+    out = []
+    for dirpath, _, files in os.walk(folder):
+        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
+                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    if not out:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
+                        f"at a folder that holds images")
+    return sorted(out)
+
+
+def load_image_folder(root: str, size: int) -> np.ndarray | None:
+    """Every image under `root` (recursively) decoded at size x size; None for no root.
+    [N, size, size, 3] uint8."""
+    if not root:
+        return None
+    files = list_images_recursive(root)
+    return decode_many([os.path.join(root, f) for f in files], size, desc=f"decoding {root}")

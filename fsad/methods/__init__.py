@@ -11,13 +11,24 @@ def base_method_name(config) -> str:
     return config.ahl.base if config.method == "ahl" else config.method
 
 
+def method_stages(config) -> list:
+    """The method's own stages after base training and evaluation, run in order by
+    fsad.experiment.run_seed: AHL's meta-training for config.method == "ahl"."""
+    if config.method == "ahl":
+        from fsad.methods.ahl import ahl_stage
+        return [ahl_stage]
+    return []
+
+
 def build_method(config):
     """The Method that config.method names (for AHL: its base model's)."""
     name = base_method_name(config)
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)} (or ahl)")
+        from fsad.errors import UserError
+        raise UserError(f"method {name!r} is not known; use one of {', '.join(sorted(METHODS))} "
+                        f"(or ahl with ahl.base dra or devnet)")
     return METHODS[name](config)
 
 
 __all__ = ["DRAModel", "DevNetModel", "METHODS", "base_method_name", "build_method", "devnet",
-           "dra"]
+           "dra", "method_stages"]

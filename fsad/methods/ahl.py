@@ -698,3 +698,32 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
             "cluster_sizes": [len(c) for c in clusters], **health,
             "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
             "feature_seconds": t_feat, **info, "ahl_seconds": time.time() - t0}
+
+
+def ahl_stage(runner, data, split, variables, scores: dict, metrics: dict, seed: int,
+              seed_dir: str) -> tuple[dict, dict]:
+    """AHL as its method's stage after base training (fsad.experiment.run_seed): meta-train
+    the unified heads on the frozen base trunk, then report AHL's test metrics beside the
+    base model's.
+
+    Returns:
+      (scores {"score": AHL's [Nt], "base_score": the base model's [Nt]}, metrics with
+       AHL's auroc/aupr, base_auroc/base_aupr, base_auroc_same_features, pixel metrics of
+       the base network, and "ahl": the stage's record).
+    """
+    from fsad.data.decode import load_image_folder
+    from fsad.evaluate import image_metrics
+    config = runner.config
+    textures = load_image_folder(config.ahl.texture_root, config.data.img_size)
+    info = run_ahl(config, runner.method, variables, data.images[split.train_normal],
+                   data.images[split.train_anomaly], data.images[split.test], runner.mesh,
+                   seed, seed_dir, textures)
+    labels = data.labels[split.test]
+    same = image_metrics(labels, info.pop("base_scores"))
+    new_scores = {"score": info.pop("scores"), "base_score": scores["score"]}
+    new_metrics = {**image_metrics(labels, new_scores["score"]),
+                   **{f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")},
+                   "base_auroc_same_features": same["auroc"],
+                   **{k: v for k, v in metrics.items() if k.startswith("pixel_")},
+                   "ahl": info}
+    return new_scores, new_metrics
