@@ -7,6 +7,7 @@ schedule. Each config's `paper` variant restores the values its paper's text sta
 
 from ml_collections import config_dict
 
+from fsad.errors import UserError
 from fsad.models.backbone import LITE0
 
 
@@ -192,8 +193,9 @@ def apply_variants(c: config_dict.ConfigDict, arg: str | None,
     variants = {"quick": quick, "lite0": use_pretrained_lite0, **(own or {})}
     for v in (arg or "").split(","):
         if v not in variants and v:
-            raise ValueError(f"unknown variant {v!r}; use any of {', '.join(variants)}, "
-                             f"comma-separated, e.g. :quick,lite0")
+            raise UserError(f"variant {v!r} is not known; use any of {', '.join(variants)}, "
+                            f"comma-separated after the config file, e.g. "
+                            f"configs/devnet.py:quick,lite0")
         if v:
             c = variants[v](c)
     return c

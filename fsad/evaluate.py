@@ -16,7 +16,9 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     labels = np.asarray(labels)
     scores = np.asarray(scores, np.float64)
     if not np.all(np.isfinite(scores)):
-        raise ValueError("non-finite anomaly scores: training diverged (lower the learning rate)")
+        from fsad.errors import UserError
+        raise UserError("the anomaly scores are not finite: training diverged; lower "
+                        "--config.optim.lr")
     return {"auroc": float(roc_auc_score(labels, scores)),
             "aupr": float(average_precision_score(labels, scores))}
 

@@ -24,12 +24,14 @@ import numpy as np
 from fsad.compile_cache import enable_compilation_cache
 from fsad.data import load_imageset, make_split
 from fsad.data.decode import load_image_folder
+from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
 from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
 from fsad.train import (Method, fit, init_state, make_mesh, make_score_fn, make_train_step,
                         put_train_data, score_images, variables_of)
+from fsad.validate import check_against_data, check_config
 
 
 def software_versions() -> dict[str, str]:
@@ -59,25 +61,29 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         if must_exist:
-            raise FileNotFoundError(f"{workdir!r} holds no trained run (no config.json); train "
-                                    f"it first with --mode train")
+            raise UserError(f"{workdir!r} holds no trained run (no config.json); train it "
+                            f"first with --mode train, or point --workdir at a trained run")
         return False
     with open(path) as f:
         stored = json.load(f)
     current = _config_json(config)
     if stored != current:
         diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-        raise ValueError(f"{workdir!r} holds a run with a different config (fields {diff}); "
-                         f"use a new --workdir, or delete it to start over")
+        raise UserError(f"{workdir!r} holds a run with a different config (fields "
+                        f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
     return True
 
 
 def _check_workdir(workdir: str, config) -> None:
-    """A workdir holds one config: refuse to resume a run made with another."""
-    os.makedirs(workdir, exist_ok=True)
-    if not check_stored_config(workdir, config):
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(_config_json(config), f, indent=2)
+    """A workdir holds one config: refuse to resume a run made with another; and it must
+    be writable (checked now, not at the first checkpoint)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not check_stored_config(workdir, config):
+            write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
+    except OSError as err:
+        raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "
+                        f"choose a writable folder with free space") from err
 
 
 def load_outliers(config) -> np.ndarray | None:
@@ -127,8 +133,7 @@ class Runner:
     def train_step_for(self, state, data, key) -> tuple[Callable, float]:
         """(the compiled train step for these input shapes, seconds spent compiling it
         now: 0 when an earlier seed or setting compiled it)."""
-        signature = str(jax.tree.map(lambda a: (np.shape(a), str(np.result_type(a))),
-                                     (state, data)))
+        signature = str(jax.tree.map(lambda a: (np.shape(a), str(a.dtype)), (state, data)))
         if signature in self.compiled:
             return self.compiled[signature], 0.0
         t0 = time.time()
@@ -206,7 +211,8 @@ def explain_stage(runner: Runner, variables, data, split, scores: dict, seed_dir
     explained = explain_run(runner.method, variables, data.images[split.test],
                             data.labels[split.test], test_masks, scores["score"],
                             data.file_ids[split.test], runner.config, seed_dir,
-                            saliency_fn=runner.saliency_fn())
+                            saliency_fn=runner.saliency_fn(),
+                            has_mask=data.has_mask()[split.test])
     out = {k: v for k, v in explained.items() if k.startswith("pixel_")}
     return {**out, "explain_seconds": time.time() - t0}
 
@@ -262,11 +268,15 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     calls, as a protocol grid does (benchmarks/reproduce.py); built here when None.
     """
     t0 = time.time()
+    check_config(config, len(devices) if devices is not None else len(jax.local_devices()))
     _check_workdir(workdir, config)
     enable_compilation_cache()
     runner = runner or build_runner(config, devices)
     data = data if data is not None else load_imageset(config.data)
-    runs = [run_seed(runner, data, config.seed + i, workdir) for i in range(config.num_seeds)]
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    for seed in seeds:  # every seed's protocol checked against the data before training
+        check_against_data(config, len(split_stage(config, data, seed).train_normal))
+    runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
     results = {
         "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
         "dataset": data.name,

@@ -114,11 +114,14 @@ def explain_images(method, variables, images: np.ndarray, config,
 
 def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
                 masks: np.ndarray | None, scores: np.ndarray, file_ids, config,
-                out_dir: str, saliency_fn: Callable | None = None) -> dict:
+                out_dir: str, saliency_fn: Callable | None = None,
+                has_mask: np.ndarray | None = None) -> dict:
     """Localisation metrics (when masks exist) and overlays of the top-scored images.
 
     Args:
       images: [N, H, W, 3] uint8 test images; labels, scores: [N]; masks: [N, H, W] or None.
+      has_mask: [N] bool, the anomalies whose mask file exists (default: every anomaly);
+        pixel metrics are taken over those only.
     Returns:
       {"pixel_auroc_pooled", "pixel_auroc_per_image_mean", "overlays"} (metrics only
       with masks); the AUROC-F1 curve goes to out_dir/auroc_f1_curve.{json,png}.
@@ -127,7 +130,12 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
     e = config.explain
     out: dict = {}
     top = np.argsort(-np.asarray(scores))[:e.num_overlays]
-    anomalous = np.flatnonzero(np.asarray(labels) == 1)
+    scored = np.asarray(labels) == 1
+    if has_mask is not None:
+        scored &= np.asarray(has_mask, bool)
+    anomalous = np.flatnonzero(scored)
+    if not len(anomalous):
+        masks = None  # no anomaly with a mask: no pixel metrics
     wanted = np.union1d(top, anomalous) if masks is not None else top
     maps = dict(zip(wanted.tolist(), explain_images(method, variables, images[wanted], config,
                                                     saliency_fn)))

@@ -49,10 +49,14 @@ def deviation(scores: jax.Array, prior: jax.Array) -> jax.Array:
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of values weighted by mask ({0, 1}, or any weights >= 0); 0 when all weights
+    are 0. (Dividing by max(sum, 1) would shrink a mean whose weights sum below 1, as
+    AHL's class-balanced weights routed to one head do.)"""
     if mask is None:
         return jnp.mean(values)
     mask = mask.astype(values.dtype)
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    total = jnp.sum(mask)
+    return jnp.sum(values * mask) / jnp.where(total > 0, total, 1.0)
 
 
 def deviation_loss(scores: jax.Array, labels: jax.Array, prior: jax.Array,

@@ -15,10 +15,14 @@ Any config field can be overridden: ``--config.data.n_anomaly=1``,
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fsad.experiment import check_stored_config, print_summary, run_experiment
+from fsad.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/devnet.py "
                                           "or configs/devnet.py:quick.", lock_config=True)
@@ -30,31 +34,85 @@ _OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default WOR
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
                               "WORKDIR/heatmaps/.")
 
+EXIT_USER_ERROR = 2
+
+
+def error_line(message: str) -> str:
+    """``fsad: error: <what is wrong>; <how to fix it>`` on one line."""
+    return "fsad: error: " + " ".join(str(message).split())
+
+
+def execute(config, workdir: str, mode: str = "train", input_dir: str | None = None,
+            output: str | None = None, heatmaps: bool = False) -> int:
+    """Runs one command; returns the exit status. A UserError (bad input, bad config)
+    prints one line to stderr and returns 2; any other exception keeps its traceback."""
+    from fsad.experiment import check_stored_config, print_summary, run_experiment
+    try:
+        if mode == "score":
+            from fsad.scoring import score_folder
+            if not input_dir:
+                raise UserError("--mode score needs the images to score; pass --input DIR")
+            if config.method == "ahl":
+                raise UserError("--mode score does not take AHL runs yet (it would score with "
+                                "the base network); use the base method's config and workdir")
+            check_stored_config(workdir, config, must_exist=True)
+            path = score_folder(config, workdir, input_dir, output, heatmaps)
+            print(f"scores: {path}")
+            return 0
+        results = run_experiment(config, workdir)
+    except UserError as err:
+        print(error_line(err), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    print_summary(results)
+    print(f"results: {workdir}/results.json")
+    return 0
+
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        print(error_line(f"unexpected arguments {' '.join(argv[1:])}; fields are set as "
+                         f"--config.FIELD=VALUE"), file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     logging.set_verbosity(logging.WARNING)
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    if _MODE.value == "score":
-        if not _INPUT.value:
-            raise app.UsageError("--mode score needs --input DIR")
-        from fsad.scoring import score_folder
-        if config.method == "ahl":
-            raise app.UsageError("--mode score does not support AHL runs yet: it scores with "
-                                 "the base network; use the base method's config and workdir")
-        check_stored_config(workdir, config, must_exist=True)
-        path = score_folder(config, workdir, _INPUT.value, _OUTPUT.value, _HEATMAPS.value)
-        print(f"scores: {path}")
-        return
-    results = run_experiment(config, workdir)
-    print_summary(results)
-    print(f"results: {workdir}/results.json")
+    # warnings read "fsad: WARNING: ..." rather than absl's file:line prefix
+    logging.get_absl_handler().setFormatter(std_logging.Formatter("fsad: %(levelname)s: "
+                                                                  "%(message)s"))
+    code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
+                   _HEATMAPS.value)
+    if code == EXIT_USER_ERROR:
+        # the one line is printed: leave before background threads (Orbax's writers of a
+        # failed checkpoint) add their shutdown noise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with a bad flag, config field or variant answered in one line
+    (exit 2) instead of absl's usage text or a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = str(err)
+        marker = "fsad.errors.UserError: "  # a UserError raised inside the config file
+        if marker in message:
+            message = message.split(marker)[-1]
+        elif "; " not in message:
+            message = message.rstrip(".") + "; see python -m fsad.main --helpfull for the flags"
+    except (AttributeError, KeyError) as err:  # ml_collections: an override of no field
+        name = str(err).strip("\"'")
+        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+               and a.split("=")[0].split(".")[-1] == name] or [f"--config.*.{name}"]
+        message = (f"{bad[0]} is not a config field; check its spelling against the config "
+                   f"file (fsad/config.py lists the shared fields)")
+    print(error_line(message), file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def run():
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 
+from fsad.errors import UserError
+
 __all__ = ["read_pth", "state_dict_arrays", "UnsafeCheckpointError"]
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
 _LEGACY_PROTOCOL = 1001  # torch.serialization.PROTOCOL_VERSION
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """The checkpoint's pickle names something other than a state_dict's building blocks."""
 
 

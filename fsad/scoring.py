@@ -17,6 +17,7 @@ import numpy as np
 from scipy import stats
 
 from fsad.data.decode import decode_many, list_images_recursive
+from fsad.errors import UserError
 from fsad.methods import build_method
 from fsad.train import (checkpoint_manager, init_state, make_mesh, make_score_fn, put_train_data,
                         restore_latest, score_images, variables_of)
@@ -26,7 +27,8 @@ def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
               confidence: float = 0.95) -> dict[str, np.ndarray]:
     """z-scores, p-values and decisions for [N] anomaly scores (Proposition 1)."""
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+        raise UserError(f"explain.confidence={confidence} is not a confidence; use a value in "
+                        f"(0, 1), e.g. 0.95")
     z = (np.asarray(scores, np.float64) - mu) / sigma
     cut = stats.norm.ppf((1.0 + confidence) / 2.0)
     return {"z": z, "p_value": stats.norm.sf(z), "anomalous": z > cut, "cutoff": cut}
@@ -38,7 +40,7 @@ def load_trained(config, workdir: str, mesh=None):
     method = build_method(config)
     ckpt = os.path.join(workdir, f"seed_{config.seed}", "checkpoints")
     if not os.path.isdir(ckpt):
-        raise FileNotFoundError(f"no checkpoints in {ckpt!r}: train this workdir first "
+        raise UserError(f"no checkpoints in {ckpt!r}; train this workdir first "
                                 f"(--mode train), or point --workdir at a trained run")
     tx = method.optimizer(config.steps_per_epoch)
     blank = np.zeros((1, config.data.img_size, config.data.img_size, 3), np.uint8)

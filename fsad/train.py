@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Mapping
 
@@ -30,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from fsad.errors import UserError
 from fsad.models.resnet import normalize_uint8
 
 DATA_AXIS = "data"
@@ -200,8 +202,8 @@ def rotate_batch(key: jax.Array, images: jax.Array, max_degrees: float) -> jax.A
 def check_batch(batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
-                         f"mesh; set --config.batch_size to a multiple of {n}")
+        raise UserError(f"batch size {batch_size} is not divisible by the {n} devices of the "
+                        f"mesh; set --config.batch_size to a multiple of {n}")
 
 
 def _update(method: Method, tx, state: TrainState, batch: dict, key: jax.Array):
@@ -298,17 +300,75 @@ def init_state(method: Method, key: jax.Array, data: TrainData, tx, mesh: Mesh,
 
 
 def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    """Orbax checkpoints in `directory`, saved synchronously: every save is waited for
+    anyway (a run killed right after an epoch must find that epoch's checkpoint), and a
+    failed write (full disk) then surfaces at once instead of in a background thread."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    except OSError as err:
+        raise UserError(f"cannot create the checkpoint folder {directory} "
+                        f"({err.strerror or err}); choose a writable --workdir") from err
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-    """The latest checkpoint restored into `state`'s structure and shardings (or state)."""
-    step = mngr.latest_step()
-    if step is None:
-        return state
+    """The newest readable checkpoint restored into `state`'s structure and shardings (or
+    state when there is none).
+
+    Orbax writes a checkpoint into a temporary folder and renames it when complete, so a
+    crash during a save leaves no half checkpoint among the steps; should the newest one
+    still fail to restore (a damaged disk, a file removed by hand), the one before it is
+    used, with a warning.
+    """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
+            logging.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
+                            step, mngr.directory, err)
+    return state
+
+
+class _WithoutOrbaxLogs(logging.Filter):
+    """Drops Orbax's own log records while a save is attempted: a failed write becomes
+    one UserError, not that and Orbax's error lines."""
+
+    def filter(self, record):
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def _write_failure(err: Exception) -> str | None:
+    """The OS's reason when `err` is a failed file write (an OSError, or the ValueError
+    with an os_error_code that Orbax's TensorStore raises), else None."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+    """Saves (and waits for) one checkpoint. A disk that is full or not writable is the
+    user's to fix: a UserError; the checkpoints saved before stay, the newest of them
+    the latest (Orbax writes into a temporary folder and renames it when complete)."""
+    quiet = _WithoutOrbaxLogs()
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    except (OSError, ValueError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise UserError(f"cannot write the checkpoint of step {step} to {mngr.directory} "
+                        f"({reason}); free disk space or choose a writable --workdir") from err
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
 
 
 def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
@@ -344,28 +404,24 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
             if in_flight is not None:
                 # One step stays queued behind the running one, so the device never
                 # idles, while the bar (and its ETA) counts finished steps, not
-                # dispatched ones.
-                jax.block_until_ready(in_flight)
+                # dispatched ones; each finished step's loss is checked.
+                check_finite(float(in_flight[1]), in_flight[0] + 1)
                 bar.update(1)
                 finished_at.append(time.time())
                 if len(finished_at) == 3:  # the first step may hold a compilation
                     per_step = (finished_at[2] - finished_at[0]) / 2
                     warn_if_long_on_cpu(per_step * (total - step), total)
-            in_flight = metrics["loss"]
+            in_flight = (step, metrics["loss"])
             if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
-                loss = float(metrics["loss"])
+                loss = check_finite(float(metrics["loss"]), step + 1)
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; lower "
-                                             f"--config.optim.lr")
                 if mngr is not None:
-                    mngr.save(step + 1, args=ocp.args.StandardSave(state))
+                    save_checkpoint(mngr, step + 1, state)
         if in_flight is not None:
-            jax.block_until_ready(in_flight)
+            check_finite(float(in_flight[1]), in_flight[0] + 1)
             bar.update(1)
     if mngr is not None:
-        mngr.wait_until_finished()
         mngr.close()
     jax.block_until_ready(state)
     seconds = time.time() - t0
@@ -375,6 +431,16 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
                    "loss": losses[-1] if losses else None,
                    "step_seconds": float(np.median(gaps)) if len(gaps) else None}
+
+
+def check_finite(loss: float, step: int) -> float:
+    """The loss, or a UserError naming the step where training diverged (the last
+    checkpoint, saved before it, stays the latest)."""
+    if not np.isfinite(loss):
+        raise UserError(f"training diverged: the loss became {loss} at step {step}, and the "
+                        f"last checkpoint before it stays the latest; lower --config.optim.lr "
+                        f"(or raise optim.clip_norm)")
+    return loss
 
 
 def warn_if_long_on_cpu(eta_seconds: float, total_steps: int, limit: float = 3600.0) -> bool:

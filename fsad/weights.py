@@ -56,7 +56,8 @@ def fetch(path_or_url: str, sha256: str | None = None,
     else:
         local = path_or_url
         if not os.path.exists(local):
-            raise FileNotFoundError(f"weights file {local!r} does not exist")
+            raise UserError(f"weights file {local!r} does not exist; check "
+                            f"--config.model.pretrained")
     if sha256:
         actual = sha256_of(local)
         if not actual.startswith(sha256.lower()):
@@ -286,7 +287,7 @@ def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
     try:
         variables = backbone_variables(source, sha, backbone=backbone, cache_dir=cache_dir)
     except (URLError, TimeoutError, ConnectionError) as err:
-        raise UserError(f"cannot download the ImageNet weights of {backbone} from {source} "
+        raise UserError(f"cannot download the weights of {backbone} from {source} "
                         f"({getattr(err, 'reason', err)}); {ways}") from err
     except FileNotFoundError as err:
         raise UserError(f"{err}; {ways}") from err

@@ -1,9 +1,15 @@
-"""Test set-up: 8 forced CPU devices (before JAX is imported), an isolated cache."""
+"""Test set-up: the CPU, an isolated cache, and a way to run a check on 8 devices.
 
+The suite runs on one CPU device: on a 2-core machine 8 forced devices make every
+step several times slower. The checks that are about sharding run in a subprocess
+with 8 forced CPU devices (`run_with_devices`).
+"""
+
+import json
 import os
+import subprocess
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
@@ -58,3 +64,18 @@ def tiny_config(method="devnet", **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def run_with_devices(n: int, module: str, function: str, *args, timeout: int = 600):
+    """Runs tests/<module>.py's function(*args) in a Python with n forced CPU devices and
+    returns what it returned (JSON)."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+           "JAX_PLATFORMS": "cpu"}
+    code = (f"import json, sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {ROOT!r}]; "
+            f"from {module} import {function}; "
+            f"print('RESULT' + json.dumps({function}(*{list(args)!r})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=timeout)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT"):])

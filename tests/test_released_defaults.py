@@ -332,3 +332,19 @@ def test_imagenet_weights_from_a_local_copy_without_torch(tmp_path):
     cfg.pretrained_sha256 = "0" * 64
     with pytest.raises(UserError, match="sha256"):
         weights.pretrained_variables(cfg, cache_dir=str(tmp_path))
+
+
+def test_head_losses_are_weighted_means_whatever_the_weights_sum_to():
+    """AHL's DRA class weights route 2/3 of a task's weight to the seen head: its loss is
+    still the weighted mean over the rows it sees (the released plain mean over them)."""
+    from fsad.methods.dra import head_losses
+    labels = jnp.array([0, 0, 2, 2, 1, 1])
+    w = jnp.asarray(ahl.class_balance(np.asarray(labels), "dra"))
+    scores = {"seen": jnp.array([0.2, -0.4, 9.0, 9.0, 3.0, 1.0])}
+    prior = jax.random.normal(jax.random.fold_in(jax.random.key(0), 0), (5000,))
+    dev = (scores["seen"] - prior.mean()) / prior.std(ddof=1)
+    per = np.where(np.asarray(labels) == 1, np.maximum(5 - dev, 0), np.abs(dev))
+    routed = np.asarray(labels) != 2
+    want = per[routed].mean()  # normals and seen weigh 1/3 each: equal per-row weights
+    got = head_losses(scores, labels, jax.random.key(0), sample_weight=w)["seen"]
+    assert float(got) == pytest.approx(want, rel=1e-5)

@@ -10,6 +10,7 @@ from fsad.data.folders import read_folder
 from fsad.data.imageset import ImageSet
 from fsad.data.protocols import Split, make_split
 from fsad.data.synthetic import write_synthetic_dataset
+from fsad.errors import UserError
 
 
 def load_imageset(data_cfg) -> ImageSet:
@@ -26,22 +27,22 @@ def load_imageset(data_cfg) -> ImageSet:
         return read_elpv(data_cfg.img_size, cache_dir)
     if data_cfg.name in ("folder", "synthetic"):
         if not data_cfg.get("root"):
-            raise ValueError(f"data.name={data_cfg.name!r} needs --config.data.root=PATH")
+            raise UserError(f"data.name={data_cfg.name!r} reads a folder and data.root is "
+                            f"empty; pass --config.data.root=PATH")
         root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
         if data_cfg.name == "synthetic" and not os.path.isdir(root):
             write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
         return read_folder(root, data_cfg.img_size, cache_dir)
     if data_cfg.name == "tfds":
         return _load_tfds(data_cfg, cache_dir)
-    raise ValueError(f"unknown data.name {data_cfg.name!r}; use 'elpv', 'folder', 'synthetic' "
-                     f"or 'tfds'")
+    raise UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
+                    f"synthetic or tfds")
 
 
 def _load_tfds(data_cfg, cache_dir) -> ImageSet:
     """data.name=tfds: data.tfds_name in data.tfds_dir; with data.normal_class, one class of
     a TFDS image-classification dataset against the rest (fsad.data.tfds_io)."""
     from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
-    from fsad.errors import UserError
     if not data_cfg.get("tfds_name"):
         raise UserError("data.name='tfds' needs a dataset name; pass "
                         "--config.data.tfds_name=NAME (and --config.data.tfds_dir=DIR)")

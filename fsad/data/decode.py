@@ -10,12 +10,34 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from fsad.errors import UserError
+
 # .npy: Mastcam's 64x64x6 arrays (spec §9.4), read as the released loader reads them
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 
 
-class CorruptImageError(ValueError):
-    """An image file that PIL cannot decode."""
+class CorruptImageError(UserError):
+    """An image file that cannot be read or decoded."""
+
+
+def _unreadable(kind: str, path: str, err: Exception) -> CorruptImageError:
+    if isinstance(err, PermissionError):
+        return CorruptImageError(f"cannot read {kind} {path!r} (permission denied); make it "
+                                 f"readable (chmod a+r) or remove it, then rerun")
+    return CorruptImageError(f"cannot decode {kind} {path!r} ({err}); remove or replace the "
+                             f"file, then rerun")
+
+
+def pil_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image as [H, W, 3] uint8 RGB: grey, palette and RGBA converted; 16-bit (and
+    32-bit integer) grey scaled to 8 bits rather than clipped, as PIL's convert would."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode != "I" or arr.max() > 255:
+            arr = arr / 257.0  # 65535 -> 255
+        grey = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def npy_rgb(path: str) -> np.ndarray:
@@ -48,10 +70,9 @@ def load_rgb(path: str) -> np.ndarray:
         if path.lower().endswith(".npy"):
             return npy_rgb(path)
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return pil_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(
-            f"cannot decode image {path!r} ({err}). Remove or replace the file, then rerun.") from err
+        raise _unreadable("image", path, err) from err
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -72,7 +93,7 @@ def decode_mask(path: str | None, size: int) -> np.ndarray:
             im = im.convert("L").resize((size, size), Image.NEAREST)
             return (np.asarray(im) > 0).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise CorruptImageError(f"cannot decode mask {path!r} ({err}).") from err
+        raise _unreadable("mask", path, err) from err
 
 
 def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",

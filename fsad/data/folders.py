@@ -12,6 +12,7 @@ authors did.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -20,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from fsad.data.cache import cached_imageset, listing_fingerprint
 from fsad.data.decode import decode_many, list_images
 from fsad.data.imageset import NORMAL, ImageSet
+from fsad.errors import UserError
 
 LAYOUT_HELP = ("expected the MVTec AD layout: ROOT/train/good/*.png, ROOT/test/good/*.png, "
                "ROOT/test/<anomaly_class>/*.png, optional ROOT/ground_truth/<class>/<stem>_mask.png")
@@ -48,33 +50,61 @@ def scan_folder(root: str) -> list[tuple[str, str, str]]:
     """Lists (path, class, split) for every image, validating the layout.
 
     Raises:
-      FileNotFoundError: a missing root or train/good folder.
-      ValueError: an empty train/good, an empty anomaly-class folder, or no anomalies.
+      UserError: a missing root, train/good or test folder, an empty train/good or
+        anomaly-class folder, or no anomaly class at all.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"dataset folder {root!r} does not exist; {LAYOUT_HELP}")
+        raise UserError(f"dataset folder {root!r} does not exist; check --config.data.root "
+                        f"and --config.data.subset ({LAYOUT_HELP})")
     train_good = os.path.join(root, "train", NORMAL)
     if not os.path.isdir(train_good):
-        raise FileNotFoundError(f"{train_good!r} is missing; {LAYOUT_HELP}")
+        raise UserError(f"{train_good!r} is missing; put the normal training images there "
+                        f"({LAYOUT_HELP})")
     rows = [(p, NORMAL, "train") for p in list_images(train_good)]
     if not rows:
-        raise ValueError(f"{train_good!r} holds no images (.png/.jpg/.bmp/.tif); {LAYOUT_HELP}")
+        raise UserError(f"{train_good!r} holds no images; put the normal training images "
+                        f"there ({LAYOUT_HELP})")
     test_dir = os.path.join(root, "test")
     if not os.path.isdir(test_dir):
-        raise FileNotFoundError(f"{test_dir!r} is missing: the anomalies live in "
-                                f"test/<anomaly_class>/; {LAYOUT_HELP}")
+        raise UserError(f"{test_dir!r} is missing; put the anomalies in "
+                        f"test/<anomaly_class>/ ({LAYOUT_HELP})")
     for cls in sorted(os.listdir(test_dir)):
         folder = os.path.join(test_dir, cls)
         if not os.path.isdir(folder):
             continue
         files = list_images(folder)
         if not files:
-            raise ValueError(f"class folder {folder!r} holds no images: add images or remove "
-                             f"the folder")
+            raise UserError(f"class folder {folder!r} holds no images; add images or remove "
+                            f"the folder")
         rows += [(p, cls, "test") for p in files]
     if not any(c != NORMAL for _, c, _ in rows):
-        raise ValueError(f"{test_dir!r} has no anomaly class folder; {LAYOUT_HELP}")
+        raise UserError(f"{test_dir!r} has no anomaly class folder; put the anomalies in "
+                        f"test/<anomaly_class>/ ({LAYOUT_HELP})")
     return rows
+
+
+MASK_SUFFIXES = ("_mask", "_label", "")
+
+
+def check_masks(root: str, rows, mask_paths) -> None:
+    """Warns about masks without an image and, where a class has masks, images without
+    one (pixel metrics leave those out)."""
+    by_class: dict[str, set] = {}
+    for (path, cls, _), mask in zip(rows, mask_paths):
+        if cls != NORMAL:
+            by_class.setdefault(cls, set()).add(os.path.splitext(os.path.basename(path))[0])
+    gt = os.path.join(root, "ground_truth")
+    used = {os.path.abspath(m) for m in mask_paths if m is not None}
+    for cls in sorted(os.listdir(gt)) if os.path.isdir(gt) else []:
+        for f in sorted(os.listdir(os.path.join(gt, cls))):
+            path = os.path.abspath(os.path.join(gt, cls, f))
+            if path not in used and not f.startswith("."):
+                logging.warning("mask %s has no image in test/%s/; it is ignored (rename it "
+                                "<image stem>_mask.png or remove it)", path, cls)
+    missing = [p for (p, c, _), m in zip(rows, mask_paths) if c != NORMAL and m is None]
+    if used and missing:
+        logging.warning("%d anomaly image(s) have no mask in ground_truth/ (e.g. %s); pixel "
+                        "metrics leave them out", len(missing), missing[0])
 
 
 def read_folder(root: str, size: int, cache_dir: str | None = None) -> ImageSet:
@@ -89,7 +119,7 @@ def read_folder(root: str, size: int, cache_dir: str | None = None) -> ImageSet:
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
     key = {"name": os.path.basename(root.rstrip("/")), "root": root, "size": size,
-           "files": listing_fingerprint(paths), "v": 1}
+           "files": listing_fingerprint(paths), "v": 2}
 
     def build() -> ImageSet:
         classes = np.array([r[1] for r in rows])
@@ -101,11 +131,13 @@ def read_folder(root: str, size: int, cache_dir: str | None = None) -> ImageSet:
             _, test = split_normals_3_to_1(len(normals))
             split[normals[test]] = "test"
         mask_paths = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
+        check_masks(root, rows, mask_paths)
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
-        masks = None
+        masks = present = None
         if any(m is not None for m in mask_paths):
             masks = decode_many(mask_paths, size, desc="decoding masks", mask=True)
+            present = np.array([m is not None for m in mask_paths])
         file_ids = np.array([os.path.relpath(p, root) for p in paths])
-        return ImageSet(key["name"], images, labels, classes, split, file_ids, masks)
+        return ImageSet(key["name"], images, labels, classes, split, file_ids, masks, present)
 
     return cached_imageset(key, build, cache_dir)

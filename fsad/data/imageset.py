@@ -23,6 +23,8 @@ class ImageSet:
       file_ids: [N] str, paths relative to the dataset root.
       masks: [N, H, W] uint8 {0, 1}, or None when the dataset has no masks.
         An anomaly without a mask file has an all-zero mask.
+      mask_present: [N] bool, which rows have a mask file (None: every anomaly has one
+        when masks exist); pixel metrics use only anomalies with a mask.
     """
 
     name: str
@@ -32,6 +34,7 @@ class ImageSet:
     split: np.ndarray
     file_ids: np.ndarray
     masks: np.ndarray | None = None
+    mask_present: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.images)
@@ -54,12 +57,20 @@ class ImageSet:
     def to_arrays(self) -> dict[str, np.ndarray]:
         out = dataclasses.asdict(self)
         out["name"] = np.array(self.name)
-        if self.masks is None:
-            del out["masks"]
+        for optional in ("masks", "mask_present"):
+            if out[optional] is None:
+                del out[optional]
         return out
 
     @classmethod
     def from_arrays(cls, arrays) -> "ImageSet":
         kw = {k: arrays[k] for k in ("images", "labels", "classes", "split", "file_ids")}
-        return cls(name=str(arrays["name"]), masks=arrays["masks"] if "masks" in arrays else None,
-                   **kw)
+        optional = {k: arrays[k] if k in arrays else None for k in ("masks", "mask_present")}
+        return cls(name=str(arrays["name"]), **optional, **kw)
+
+    def has_mask(self) -> np.ndarray:
+        """[N] bool: rows whose pixel masks can be scored (anomalies with a mask file)."""
+        if self.masks is None:
+            return np.zeros(len(self.labels), bool)
+        present = self.mask_present if self.mask_present is not None else self.labels == 1
+        return np.asarray(present, bool) & (self.labels == 1)

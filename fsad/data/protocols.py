@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 
 from fsad.data.imageset import NORMAL, ImageSet
+from fsad.errors import UserError
 
 SETTINGS = ("general", "hard")
 
@@ -66,11 +67,14 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
       ValueError: an unknown setting or class, or more shots than anomalies.
     """
     if setting not in SETTINGS:
-        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+        raise UserError(f"data.setting={setting!r} is not a protocol; use general or hard")
     if n_anomaly < 1:
-        raise ValueError(f"n_anomaly must be at least 1, got {n_anomaly}")
+        raise UserError(f"data.n_anomaly={n_anomaly}: the few-shot protocol needs at least one "
+                        f"labelled anomaly; set --config.data.n_anomaly to 1 or more (1 to 10 in "
+                        f"the papers)")
     if not 0.0 <= contamination < 1.0:
-        raise ValueError(f"contamination must be in [0, 1), got {contamination}")
+        raise UserError(f"data.contamination={contamination} is not a rate; use a value in "
+                        f"[0, 1), e.g. 0.1")
     rng = np.random.default_rng(seed)
     is_test = data.split == "test"
     train_normal = np.flatnonzero((data.labels == 0) & ~is_test)
@@ -78,17 +82,20 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
     if setting == "hard":
         classes = data.anomaly_classes
         if known_class not in classes:
-            raise ValueError(f"hard setting needs known_class, one of {classes}; got "
-                             f"{known_class!r} (set --config.data.known_class=...)")
+            raise UserError(f"data.known_class={known_class!r} is not an anomaly class of "
+                            f"{data.name}; set --config.data.known_class to one of "
+                            f"{', '.join(classes)}")
         if len(classes) < 2:
-            raise ValueError("the hard setting needs at least two anomaly classes")
+            raise UserError(f"the hard setting needs at least two anomaly classes and "
+                            f"{data.name} has one ({classes[0]}); use "
+                            f"--config.data.setting=general")
         pool_from = anomalies[data.classes[anomalies] == known_class]
     else:
         pool_from = anomalies
     if n_anomaly > len(pool_from):
         where = f"class {known_class!r}" if setting == "hard" else data.name
-        raise ValueError(f"n_anomaly={n_anomaly} but {where} has only {len(pool_from)} "
-                         f"anomalies; lower --config.data.n_anomaly")
+        raise UserError(f"data.n_anomaly={n_anomaly} but {where} has only {len(pool_from)} "
+                        f"anomalies; lower --config.data.n_anomaly")
     pool = rng.choice(pool_from, size=min(len(pool_from), max(shot_pool, n_anomaly)),
                       replace=False)
     train_anomaly = np.sort(pool[:n_anomaly])
@@ -102,14 +109,16 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
         n_c = int(np.floor(len(train_normal) / (1.0 - contamination) * contamination))
         test_anoms = test[data.labels[test] == 1]
         if n_c > len(test_anoms):
-            raise ValueError(f"contamination {contamination} needs {n_c} anomalies, the test set "
-                             f"has {len(test_anoms)}")
+            raise UserError(f"data.contamination={contamination} needs {n_c} unlabelled "
+                            f"anomalies but the test set has {len(test_anoms)}; lower "
+                            f"--config.data.contamination")
         contam = np.sort(rng.choice(test_anoms, size=n_c, replace=False))
         test = np.setdiff1d(test, contam)
         train_normal = np.concatenate([train_normal, contam])
     if not np.any(data.labels[test] == 0) or not np.any(data.labels[test] == 1):
-        raise ValueError(f"{data.name}: the test set needs normals and anomalies; it has "
-                         f"{int(np.sum(data.labels[test] == 0))} and "
-                         f"{int(np.sum(data.labels[test] == 1))}")
+        raise UserError(f"{data.name}: the test set needs normals and anomalies and has "
+                        f"{int(np.sum(data.labels[test] == 0))} normals and "
+                        f"{int(np.sum(data.labels[test] == 1))} anomalies; add test images "
+                        f"or lower --config.data.n_anomaly")
     assert NORMAL not in data.classes[train_anomaly]
     return Split(train_normal, train_anomaly, test, contam)

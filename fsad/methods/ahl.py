@@ -35,7 +35,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
@@ -49,7 +48,7 @@ from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.precision import compute_dtype
-from fsad.train import checkpoint_manager, restore_latest, score_images
+from fsad.train import checkpoint_manager, restore_latest, save_checkpoint, score_images
 
 FAMILIES = ("cutmix", "cutpaste", "perlin")
 NORMAL, SEEN, PSEUDO = 0, 1, 2
@@ -595,8 +594,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                                           qw, pool_idx, jax.random.fold_in(k_meta, epoch))
             loss = float(out["loss"])
             if not np.isfinite(loss):
-                raise FloatingPointError(f"AHL loss became {loss} at epoch {epoch + 1}; lower "
-                                         f"--config.ahl.optim.lr or --config.ahl.inner_lr")
+                raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
+                                f"{epoch + 1}; lower --config.ahl.optim.lr or "
+                                f"--config.ahl.inner_lr")
             history = state.history.at[epoch].set(out["pool_scores"].T)
             psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
             if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
@@ -615,9 +615,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if mngr is not None:
-                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+                save_checkpoint(mngr, epoch + 1, state)
     if mngr is not None:
-        mngr.wait_until_finished()
         mngr.close()
     done = int(state.epoch)
     weights = np.asarray(state.weights_log)[:done]

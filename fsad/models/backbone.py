@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from fsad.errors import UserError
 from fsad.models.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from fsad.models.resnet import STAGES, ResNet, feature_channels
 
@@ -21,7 +22,7 @@ def make_trunk(backbone: str, name: str | None = None) -> nn.Module:
         return EfficientNetLite0(name=name)
     if backbone in STAGES:
         return ResNet(backbone, name=name)
-    raise ValueError(f"unknown backbone {backbone!r}; set config.model.backbone to one of "
+    raise UserError(f"model.backbone={backbone!r} is not a trunk fsad has; use one of "
                      f"{', '.join(BACKBONES)}")
 
 

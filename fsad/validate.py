@@ -1,0 +1,98 @@
+"""Config checks that run before any data is decoded or any step is taken.
+
+Every failure is a `UserError` naming the field, what is wrong with it and how to
+fix it. Checks that need the data (shots against the anomalies there are, the
+hard setting's classes, contamination, k-means clusters against the normals) run
+when the splits are drawn, also before training (fsad.experiment.run_experiment).
+"""
+
+from __future__ import annotations
+
+from fsad.errors import UserError
+
+DATA_NAMES = ("elpv", "folder", "synthetic", "tfds")
+MIN_IMG_SIZE = 32  # one cell of the trunks' stride-32 map
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def check_config(config, n_devices: int = 1) -> None:
+    """Raises UserError for a config no run could finish with.
+
+    Args:
+      n_devices: the devices the batch is split over.
+    """
+    from fsad.data.protocols import SETTINGS
+    from fsad.models.backbone import BACKBONES
+    from fsad.precision import compute_dtype
+    d, m = config.data, config.model
+    _require(d.name in DATA_NAMES, f"data.name={d.name!r} is not a dataset reader; use one "
+             f"of {', '.join(DATA_NAMES)}")
+    _require(d.setting in SETTINGS, f"data.setting={d.setting!r} is not a protocol; use "
+             f"general or hard")
+    _require(d.setting != "hard" or bool(d.known_class), "the hard setting needs a seen "
+             "class; pass --config.data.known_class=NAME (for ELPV mono or poly)")
+    _require(d.n_anomaly >= 1, f"data.n_anomaly={d.n_anomaly}: the few-shot protocol needs "
+             f"at least one labelled anomaly; set --config.data.n_anomaly to 1 or more "
+             f"(1 to 10 in the papers)")
+    _require(0.0 <= d.contamination < 1.0, f"data.contamination={d.contamination} is not a "
+             f"rate; use a value in [0, 1), e.g. 0.1")
+    _require(d.img_size >= MIN_IMG_SIZE, f"data.img_size={d.img_size} is smaller than the "
+             f"trunk's stride of {MIN_IMG_SIZE} pixels; use at least {MIN_IMG_SIZE} (96 for "
+             f":quick, 448 for the papers' protocol)")
+    _require(m.backbone in BACKBONES, f"model.backbone={m.backbone!r} is not a trunk fsad "
+             f"has; use one of {', '.join(BACKBONES)}")
+    _require(m.n_scales >= 1, f"model.n_scales={m.n_scales}; use 1 (paper) or 2 (released)")
+    _require(0.0 < m.topk <= 1.0, f"model.topk={m.topk} is not a fraction; use a value in "
+             f"(0, 1], e.g. 0.1")
+    compute_dtype(m.get("dtype", "auto"))
+    b = config.batch_size
+    _require(b >= 2 and b % n_devices == 0, f"batch_size={b} cannot be split over the "
+             f"{n_devices} device(s); use a multiple of {n_devices} of at least 2")
+    n_anom = int(round(b * config.anomaly_fraction))
+    _require(1 <= n_anom <= b - 1, f"batch_size={b} with anomaly_fraction="
+             f"{config.anomaly_fraction:.3g} gives {n_anom} seen anomalies and {b - n_anom} "
+             f"normals per batch; a batch needs both: raise --config.batch_size")
+    _require(config.epochs >= 1 and config.steps_per_epoch >= 1, "epochs and steps_per_epoch "
+             "must be at least 1; set --config.epochs and --config.steps_per_epoch")
+    _require(config.optim.lr > 0, f"optim.lr={config.optim.lr}; use a positive learning rate")
+    _require(0.0 < config.explain.confidence < 1.0, f"explain.confidence="
+             f"{config.explain.confidence} is not a confidence; use a value in (0, 1)")
+    if "dra" in config:
+        from fsad.methods.dra import check_dra_config
+        check_dra_config(config.dra)
+        _require(config.dra.n_ref >= 1, f"dra.n_ref={config.dra.n_ref}; the residual head "
+                 f"needs at least one reference image")
+        _require(0.0 <= config.dra.pseudo_prob <= 1.0, f"dra.pseudo_prob="
+                 f"{config.dra.pseudo_prob} is not a probability; use a value in [0, 1]")
+    if config.method == "ahl":
+        check_ahl_config(config.ahl)
+
+
+def check_ahl_config(a) -> None:
+    from fsad.methods.ahl import CLUSTER_ON, HEAD_INITS
+    _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
+    _require(a.clusters >= 2, f"ahl.clusters={a.clusters}: the tasks pair clusters; use at "
+             f"least 2 (3 in the paper)")
+    _require(a.cluster_on in CLUSTER_ON, f"ahl.cluster_on={a.cluster_on!r} is not a "
+             f"clustering input; use one of {', '.join(CLUSTER_ON)}")
+    _require(a.head_init in HEAD_INITS, f"ahl.head_init={a.head_init!r}; use base (start "
+             f"from the trained base heads) or fresh (PyTorch's default init)")
+    _require(a.weighting in ("paper", "released"), f"ahl.weighting={a.weighting!r}; use "
+             f"paper or released")
+    _require(a.epochs >= 1 and a.history >= 1 and a.inner_steps >= 0, "ahl.epochs and "
+             "ahl.history must be at least 1 and ahl.inner_steps at least 0")
+    _require(a.weight_temperature > 0, f"ahl.weight_temperature={a.weight_temperature}; use "
+             f"a positive temperature (0.1 by default)")
+
+
+def check_against_data(config, n_train_normal: int) -> None:
+    """Checks that need the split: AHL's k-means needs more normals than clusters."""
+    if config.method == "ahl":
+        c = config.ahl.clusters
+        _require(n_train_normal >= 3 * c, f"ahl.clusters={c} asks k-means for more clusters "
+                 f"than {n_train_normal} training normals allow (3 per cluster); lower "
+                 f"--config.ahl.clusters or add normal images")

@@ -1,0 +1,376 @@
+"""The catalogue of bad input: each answered by one line ``fsad: error: <what>; <fix>``
+on stderr and exit status 2, before training (or, for what only training can meet, with
+the step and the last good checkpoint); the inputs that must work (mixed image sizes and
+modes, 16-bit images, masks of another size, masks without images) are read correctly.
+
+Most cases call `fsad.main.execute`, the command line's body, in-process; three run the
+real command line as a subprocess (flag parsing, a config file's variant, a data error).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, SIZE, tiny_config
+from fsad.data import read_folder
+from fsad.data.synthetic import write_synthetic_dataset
+from fsad.errors import UserError
+from fsad.main import execute
+
+
+def dataset(root, **kw):
+    """A small procedural MVTec-layout dataset (8 train normals, 4 test normals, 3 classes
+    of 5 with masks: the 10-image shot pool leaves 5 test anomalies)."""
+    args = dict(size=SIZE, n_train=8, n_test_good=4, n_per_class=5, seed=0)
+    args.update(kw)
+    return write_synthetic_dataset(str(root), **args)
+
+
+def folder_config(root, method="devnet", **overrides):
+    return tiny_config(method, **{"data.name": "folder", "data.root": str(root),
+                                  "data.n_anomaly": 2, "explain.enabled": False,
+                                  "epochs": 1, "steps_per_epoch": 2, "batch_size": 8,
+                                  **overrides})
+
+
+def run(config, workdir, capsys, **kw):
+    """(exit status, the fsad error lines on stderr)."""
+    code = execute(config, str(workdir), **kw)
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("fsad: error:")]
+
+
+def expect_error(config, workdir, capsys, *fragments, **kw):
+    code, lines = run(config, workdir, capsys, **kw)
+    assert code == 2 and len(lines) == 1, (code, lines)
+    line = lines[0]
+    assert "; " in line, line  # what is wrong; how to fix it
+    for f in fragments:
+        assert f in line, line
+    return line
+
+
+# ---- the dataset folder ----
+
+def test_missing_dataset_folder(tmp_path, capsys):
+    expect_error(folder_config(tmp_path / "nope"), tmp_path / "w", capsys, "does not exist",
+                 "--config.data.root")
+
+
+def test_empty_dataset_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    expect_error(folder_config(tmp_path / "empty"), tmp_path / "w", capsys,
+                 "train/good' is missing")
+
+
+def test_no_train_good(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    os.rename(os.path.join(root, "train", "good"), os.path.join(root, "train", "normal"))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "train/good' is missing")
+
+
+def test_empty_train_good(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    for f in os.listdir(os.path.join(root, "train", "good")):
+        os.remove(os.path.join(root, "train", "good", f))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "holds no images")
+
+
+def test_no_test_folder(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    os.rename(os.path.join(root, "test"), os.path.join(root, "testing"))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "test' is missing")
+
+
+def test_test_class_folder_without_images(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    os.makedirs(os.path.join(root, "test", "crack"))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "crack' holds no images",
+                 "remove the folder")
+
+
+def test_no_anomaly_class(tmp_path, capsys):
+    root = dataset(tmp_path / "d", defects=())
+    expect_error(folder_config(root), tmp_path / "w", capsys, "has no anomaly class folder")
+
+
+def test_truncated_image(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    path = os.path.join(root, "test", "spot", "001.png")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    expect_error(folder_config(root), tmp_path / "w", capsys, "cannot decode image",
+                 "001.png", "remove or replace the file")
+
+
+def test_file_with_an_image_suffix_that_is_not_an_image(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    with open(os.path.join(root, "train", "good", "notes.png"), "w") as f:
+        f.write("not a picture")
+    expect_error(folder_config(root), tmp_path / "w", capsys, "cannot decode image", "notes.png")
+
+
+def test_unreadable_image(tmp_path, capsys, monkeypatch):
+    """chmod 000; as root (who reads it anyway: CI runs as root) PIL's open is made to
+    fail with the permission error the file system would give any other user."""
+    root = dataset(tmp_path / "d")
+    path = os.path.join(root, "train", "good", "003.png")
+    os.chmod(path, 0)
+    if os.geteuid() == 0:
+        from PIL import Image as PILImage
+        real_open = PILImage.open
+
+        def deny(fp, *a, **k):
+            if os.path.abspath(str(fp)) == os.path.abspath(path):
+                raise PermissionError(13, "Permission denied", str(fp))
+            return real_open(fp, *a, **k)
+        monkeypatch.setattr(PILImage, "open", deny)
+    expect_error(folder_config(root), tmp_path / "w", capsys, "permission denied",
+                 "003.png", "chmod a+r")
+
+
+# ---- inputs that must work ----
+
+def test_mixed_sizes_and_modes_are_read(tmp_path):
+    root = dataset(tmp_path / "d")
+    good = os.path.join(root, "train", "good")
+    ramp = (np.arange(40 * 50).reshape(40, 50) % 256).astype(np.uint8)
+    Image.fromarray(ramp, "L").save(os.path.join(good, "grey.png"))
+    Image.fromarray(np.dstack([ramp] * 3 + [np.full_like(ramp, 128)]), "RGBA").save(
+        os.path.join(good, "rgba.png"))
+    Image.fromarray(ramp.astype(np.uint16) * 257).save(os.path.join(good, "deep.png"))  # I;16
+    Image.fromarray(ramp, "L").convert("P").save(os.path.join(good, "palette.png"))
+    Image.fromarray(np.zeros((70, 20, 3), np.uint8)).save(os.path.join(good, "tall.jpg"))
+    data = read_folder(root, SIZE, cache_dir="")
+    ids = list(data.file_ids)
+    for name in ("grey.png", "rgba.png", "deep.png", "palette.png", "tall.jpg"):
+        img = data.images[ids.index(f"train/good/{name}")]
+        assert img.shape == (SIZE, SIZE, 3)
+    deep = data.images[ids.index("train/good/deep.png")].astype(int)
+    grey = data.images[ids.index("train/good/grey.png")].astype(int)
+    assert np.abs(deep - grey).max() <= 1  # 16 bits scaled to 8, not clipped to white
+
+
+def test_mask_of_another_size_is_resized(tmp_path):
+    root = dataset(tmp_path / "d")
+    mask = np.zeros((SIZE * 3, SIZE * 3), np.uint8)
+    mask[:SIZE * 3 // 2] = 255  # the top half
+    Image.fromarray(mask).save(os.path.join(root, "ground_truth", "spot", "000_mask.png"))
+    data = read_folder(root, SIZE, cache_dir="")
+    m = data.masks[list(data.file_ids).index("test/spot/000.png")]
+    assert m.shape == (SIZE, SIZE) and m[:SIZE // 2].all() and not m[SIZE // 2:].any()
+
+
+def test_mask_without_image_and_image_without_mask(tmp_path, caplog):
+    root = dataset(tmp_path / "d")
+    gt = os.path.join(root, "ground_truth", "spot")
+    os.rename(os.path.join(gt, "002_mask.png"), os.path.join(gt, "099_mask.png"))
+    data = read_folder(root, SIZE, cache_dir="")
+    assert "099_mask.png has no image" in caplog.text
+    assert "1 anomaly image(s) have no mask" in caplog.text and "002.png" in caplog.text
+    idx = list(data.file_ids).index("test/spot/002.png")
+    assert not data.has_mask()[idx] and data.has_mask().sum() == 14
+
+
+# ---- the protocol ----
+
+def test_more_shots_than_anomalies(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    expect_error(folder_config(root, **{"data.n_anomaly": 20}), tmp_path / "w", capsys,
+                 "data.n_anomaly=20", "has only 15 anomalies", "lower")
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_no_or_negative_shots(tmp_path, capsys, n):
+    expect_error(folder_config(tmp_path, **{"data.n_anomaly": n}), tmp_path / "w", capsys,
+                 f"data.n_anomaly={n}", "at least one labelled anomaly")
+
+
+def test_unknown_known_class(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    cfg = folder_config(root, **{"data.setting": "hard", "data.known_class": "crack"})
+    expect_error(cfg, tmp_path / "w", capsys, "'crack' is not an anomaly class",
+                 "scratch, spot, stain")
+
+
+def test_hard_setting_without_a_known_class(tmp_path, capsys):
+    expect_error(folder_config(tmp_path, **{"data.setting": "hard"}), tmp_path / "w", capsys,
+                 "needs a seen class", "--config.data.known_class")
+
+
+def test_hard_setting_on_one_anomaly_class(tmp_path, capsys):
+    root = dataset(tmp_path / "d", defects=("spot",))
+    cfg = folder_config(root, **{"data.setting": "hard", "data.known_class": "spot"})
+    expect_error(cfg, tmp_path / "w", capsys, "at least two anomaly classes",
+                 "setting=general")
+
+
+def test_contamination_outside_its_range(tmp_path, capsys):
+    expect_error(folder_config(tmp_path, **{"data.contamination": 1.5}), tmp_path / "w", capsys,
+                 "data.contamination=1.5 is not a rate")
+
+
+def test_contamination_beyond_the_test_anomalies(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    expect_error(folder_config(root, **{"data.contamination": 0.6}), tmp_path / "w", capsys,
+                 "unlabelled anomalies but the test set has")
+
+
+# ---- the config ----
+
+def test_image_smaller_than_the_trunk_stride(tmp_path, capsys):
+    expect_error(folder_config(tmp_path, **{"data.img_size": 16}), tmp_path / "w", capsys,
+                 "smaller than the trunk's stride")
+
+
+def test_batch_the_devices_cannot_split(tmp_path):
+    from fsad.validate import check_config
+    with pytest.raises(UserError, match=r"batch_size=12 cannot be split over the 8 device\(s\); "
+                                        r"use a multiple of 8"):
+        check_config(folder_config(tmp_path, batch_size=12), n_devices=8)
+
+
+def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
+    expect_error(folder_config(tmp_path, batch_size=8, anomaly_fraction=0.05), tmp_path / "w",
+                 capsys, "gives 0 seen anomalies", "a batch needs both")
+
+
+def test_unknown_dataset_reader_dtype_and_dra_variant(tmp_path, capsys):
+    expect_error(folder_config(tmp_path, **{"data.name": "mvtec"}), tmp_path / "w", capsys,
+                 "data.name='mvtec' is not a dataset reader")
+    expect_error(folder_config(tmp_path, **{"model.dtype": "float16"}), tmp_path / "w", capsys,
+                 "is not a compute dtype")
+    expect_error(folder_config(tmp_path, "dra", **{"dra.variant": "DRA5"}), tmp_path / "w",
+                 capsys, "'DRA5' is not a DRA variant")
+
+
+def test_workdir_of_another_config(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps({"seed": 123}))
+    expect_error(folder_config(root), work, capsys, "holds a run with a different config",
+                 "new --workdir")
+
+
+def test_more_clusters_than_normals(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    expect_error(folder_config(root, "ahl_devnet", **{"ahl.clusters": 4}), tmp_path / "w",
+                 capsys, "ahl.clusters=4 asks k-means for more clusters than 8")
+
+
+def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    cfg = folder_config(root)
+    expect_error(cfg, tmp_path / "w", capsys, "holds no trained run", mode="score",
+                 input_dir=root)
+    work = tmp_path / "w2"
+    work.mkdir()
+    from fsad.experiment import _config_json
+    (work / "config.json").write_text(json.dumps(_config_json(cfg)))
+    expect_error(cfg, work, capsys, "no checkpoints", mode="score", input_dir=root)
+    empty = tmp_path / "nothing"
+    empty.mkdir()
+    expect_error(cfg, work, capsys, "no images", mode="score", input_dir=str(empty))
+
+
+# ---- weights ----
+
+def _weights_file(tmp_path, name="resnet18"):
+    from test_resnet_weights import torchvision_state_dict
+    path = str(tmp_path / f"{name}.npz")
+    np.savez(path, **torchvision_state_dict(name))
+    return path
+
+
+def test_weights_whose_sha256_differs(tmp_path, capsys):
+    cfg = folder_config(tmp_path, **{"model.pretrained": _weights_file(tmp_path),
+                                     "model.pretrained_sha256": "ab" * 32})
+    expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "delete it")
+
+
+def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
+    cfg = folder_config(tmp_path, **{"model.pretrained": _weights_file(tmp_path),
+                                     "model.backbone": "resnet50"})
+    expect_error(cfg, tmp_path / "w", capsys, "another trunk", "--config.model.backbone")
+
+
+def test_unreachable_weights_url(tmp_path, capsys):
+    cfg = folder_config(tmp_path, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
+    expect_error(cfg, tmp_path / "w", capsys, "cannot download", "lite0", "pretrained=none")
+
+
+# ---- writing and training ----
+
+def test_workdir_that_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    expect_error(folder_config(tmp_path), blocker / "run", capsys, "cannot write to --workdir",
+                 "writable folder")
+
+
+def test_disk_full_at_the_first_checkpoint(tmp_path, capsys):
+    """RLIMIT_FSIZE makes every file write past 2 MB fail (EFBIG) as a full disk would
+    (ENOSPC), for root too; the config and images are written, the 8 MB checkpoint not."""
+    resource = pytest.importorskip("resource")
+    root = dataset(tmp_path / "d")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, hard))
+    try:
+        expect_error(folder_config(root), tmp_path / "w", capsys,
+                     "cannot write the checkpoint of step 2", "File too large",
+                     "free disk space")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    ckpts = tmp_path / "w" / "seed_0" / "checkpoints"
+    assert not [d for d in os.listdir(ckpts) if d.isdigit()]  # no half checkpoint as a step
+
+
+def test_checkpoint_folder_that_cannot_be_made(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    (work / "seed_0").mkdir(parents=True)
+    (work / "seed_0" / "checkpoints").write_text("")  # a file where the folder must go
+    expect_error(folder_config(root), work, capsys, "cannot create the checkpoint folder",
+                 "writable --workdir")
+
+
+def test_loss_that_is_not_finite(tmp_path, capsys):
+    root = dataset(tmp_path / "d")
+    cfg = folder_config(root, **{"optim.lr": 1e30, "optim.clip_norm": 0.0, "epochs": 2,
+                                 "optim.decay_every_epochs": 0})
+    line = expect_error(cfg, tmp_path / "w", capsys, "training diverged", "at step",
+                        "lower --config.optim.lr")
+    step = int(line.split("at step ")[1].split(",")[0])
+    ckpts = [int(d) for d in os.listdir(tmp_path / "w" / "seed_0" / "checkpoints")
+             if d.isdigit()]
+    assert all(c < step for c in ckpts)  # no checkpoint of the diverged state
+
+
+# ---- the real command line ----
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fsad.main", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--config", "configs/devnet.py:quick,bogus"], "variant 'bogus' is not known"),
+    (["--config", "configs/devnet.py", "--config.data.sizee=3"],
+     "--config.data.sizee is not a config field"),
+    (["--config", "configs/devnet.py", "--config.data.name=folder",
+      "--config.data.root=/no/such/folder", "--config.model.pretrained=none"],
+     "'/no/such/folder' does not exist"),
+])
+def test_command_line_answers_in_one_line(tmp_path, args, fragment):
+    out = cli(*args, "--workdir", str(tmp_path / "w"))
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fsad: error: ") and fragment in lines[0], \
+        out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
