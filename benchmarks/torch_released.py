@@ -1,0 +1,621 @@
+"""PyTorch re-implementations of the authors' released training steps.
+
+What the released code computes (written anew here, not copied), for two uses:
+
+* parity tests (tests/test_released_parity.py): the same weights and batch through
+  these modules and through fsad's Flax models must give the same head outputs,
+  losses, gradients, BatchNorm statistics and optimiser step;
+* a throughput benchmark of PyTorch against fsad (`make_torch_step`,
+  `make_torch_meta_step`, `time_torch_step`).
+
+Released code mirrored:
+  DevNet  mala-lab/deviation-network-image: modeling/net.py `SemiADNet` (image
+          pyramid: F.interpolate nearest to img_size // 2**s, one trunk and one 1x1
+          conv at every scale, top-K mean of |s|, mean over scales), train.py (Adam
+          2e-4, weight decay 1e-5, clip_grad_norm_ 1, StepLR(10, 0.1) stepped at the
+          END of each epoch), modeling/layers/deviation_loss.py.
+  DRA     Choubo/DRA: modeling/net.py (HolisticHead |fc2|, PlainHead, CompositeHead
+          conv3x3 padding 1 + BN + ReLU then PlainHead; reference images in front of
+          the batch through the trunk; training-mode routing), train.py
+          (generate_target, the four head losses summed, the same Adam and clipping,
+          StepLR stepped at the START of each epoch).
+  AHL     fsad's CDL step (fsad/methods/ahl.py `make_meta_step`) in PyTorch: T tasks
+          looped, functional heads (torch.func.functional_call), `inner_steps` SGD
+          steps with create_graph=True, weighted query losses, one outer Adam step.
+          (The released AHL main.py cannot run as published; see spec §7.)
+
+The trunk is torchvision's ResNet-18 layout written out here (torchvision is not a
+dependency): its state_dict keys are torchvision's, so `fsad.weights` maps it.
+Module names follow the released models (`feature_extractor.net.*`, `conv`,
+`holistic_head`, `seen_head`, `pseudo_head`, `composite_head`), so a released
+checkpoint loads with `load_released_state_dict` (its unused `fc.*` dropped).
+
+    python benchmarks/torch_released.py --kind devnet --img_size 64 --batch 8 \\
+        --steps 3 --mode eager_fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("eager_fp32", "amp_bf16_channels_last", "compile")
+KINDS = ("devnet", "dra")
+MARGIN = 5.0
+PRIOR_SIZE = 5000
+
+
+# ------------------------------------------------------------------ trunk
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock (conv1/bn1/conv2/bn2, downsample.0/.1)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18Trunk(nn.Module):
+    """torchvision's resnet18 without avgpool and fc: [B,3,H,W] -> [B,512,H/32,W/32].
+
+    Initialised as torchvision initialises it (kaiming_normal_ fan_out for convs,
+    BatchNorm weight 1 and bias 0).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for i, width in enumerate((64, 128, 256, 512), start=1):
+            stride = 1 if i == 1 else 2
+            setattr(self, f"layer{i}", nn.Sequential(BasicBlock(cin, width, stride),
+                                                     BasicBlock(width, width, 1)))
+            cin = width
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class FeatureResNet18(nn.Module):
+    """The released wrapper (`FeatureRESNET18` / `feature_resnet18`): the trunk as `.net`."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = ResNet18Trunk()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def topk_abs_mean(score_map: torch.Tensor, topk: float) -> torch.Tensor:
+    """Released PlainHead / SemiADNet scoring: [B,1,h,w] -> [B,1], mean of the
+    K = max(int(h*w*topk), 1) largest |s|."""
+    x = score_map.reshape(score_map.shape[0], -1)
+    k = max(int(x.shape[1] * topk), 1)
+    return torch.topk(torch.abs(x), k, dim=1)[0].mean(dim=1).view(-1, 1)
+
+
+def pyramid_images(image: torch.Tensor, n_scales: int, img_size: int | None = None):
+    """Released image pyramid: scale 0 the input, scale s F.interpolate (nearest) to
+    img_size // 2**s (img_size: the input's height unless given)."""
+    size = image.shape[-2] if img_size is None else img_size
+    return [image if s == 0 else F.interpolate(image, size=size // 2 ** s)
+            for s in range(n_scales)]
+
+
+# ------------------------------------------------------------------ DevNet
+
+class DevNet(nn.Module):
+    """Released `SemiADNet`: image [B,3,H,W] -> score [B,1]."""
+
+    def __init__(self, n_scales: int = 2, topk: float = 0.1, img_size: int | None = None):
+        super().__init__()
+        self.n_scales, self.topk, self.img_size = n_scales, topk, img_size
+        self.feature_extractor = FeatureResNet18()
+        self.conv = nn.Conv2d(512, 1, kernel_size=1, padding=0)
+
+    def forward(self, image):
+        scores = [topk_abs_mean(self.conv(self.feature_extractor(x)), self.topk)
+                  for x in pyramid_images(image, self.n_scales, self.img_size)]
+        return torch.cat(scores, dim=1).mean(dim=1).view(-1, 1)
+
+
+# ------------------------------------------------------------------ DRA
+
+class HolisticHead(nn.Module):
+    """Released normality head: pool -> fc1 512->256 -> ReLU -> fc2 256->1 -> |.|."""
+
+    def __init__(self, in_dim: int = 512, hidden: int = 256):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(hidden, 1)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(x, (1, 1)).flatten(1)
+        return torch.abs(self.fc2(self.relu(self.fc1(x))))  # dropout 0 in the released code
+
+
+class PlainHead(nn.Module):
+    """Released seen / pseudo head: 1x1 conv `scoring`, top-K mean of |s|. -> [B,1]."""
+
+    def __init__(self, in_dim: int = 512, topk: float = 0.1):
+        super().__init__()
+        self.scoring = nn.Conv2d(in_dim, 1, kernel_size=1, padding=0)
+        self.topk = topk
+
+    def forward(self, x):
+        return topk_abs_mean(self.scoring(x), self.topk)
+
+
+class CompositeHead(PlainHead):
+    """Released latent-residual head: mean(ref) - x -> conv3x3 (stride 1, padding 1) ->
+    BN -> ReLU -> PlainHead. (AHL's re-implementation: stride 3, padding 0.)"""
+
+    def __init__(self, in_dim: int = 512, topk: float = 0.1, stride: int = 1,
+                 padding: int = 1):
+        super().__init__(in_dim, topk)
+        self.conv = nn.Sequential(nn.Conv2d(in_dim, in_dim, 3, stride, padding),
+                                  nn.BatchNorm2d(in_dim), nn.ReLU())
+
+    def forward(self, x, ref):
+        x = ref.mean(dim=0, keepdim=True) - x
+        return super().forward(self.conv(x))
+
+
+# the released output order, and the fsad head each one is
+DRA_HEADS = ("normality", "seen", "pseudo", "residual")
+
+
+class DRA(nn.Module):
+    """Released DRA: forward(image, label) with image = cat([ref (n_ref), x (B)]) ->
+    [normality, seen, pseudo, residual], each [n] (mean over scales).
+
+    Training mode routes like the released code: seen head on label != 2, pseudo head
+    on label != 1 (their outputs hold only those rows); eval mode every head on all.
+    """
+
+    def __init__(self, n_scales: int = 2, topk: float = 0.1, n_ref: int = 5,
+                 img_size: int | None = None, residual_stride: int = 1,
+                 residual_padding: int = 1):
+        super().__init__()
+        self.n_scales, self.topk, self.n_ref, self.img_size = n_scales, topk, n_ref, img_size
+        self.feature_extractor = FeatureResNet18()
+        self.holistic_head = HolisticHead(512)
+        self.seen_head = PlainHead(512, topk)
+        self.pseudo_head = PlainHead(512, topk)
+        self.composite_head = CompositeHead(512, topk, residual_stride, residual_padding)
+
+    def forward(self, image, label=None):
+        per_head = [[] for _ in DRA_HEADS]
+        for x in pyramid_images(image, self.n_scales, self.img_size):
+            feature = self.feature_extractor(x)
+            ref, feature = feature[:self.n_ref], feature[self.n_ref:]
+            if self.training:
+                scores = [self.holistic_head(feature), self.seen_head(feature[label != 2]),
+                          self.pseudo_head(feature[label != 1]),
+                          self.composite_head(feature, ref)]
+            else:
+                scores = [self.holistic_head(feature), self.seen_head(feature),
+                          self.pseudo_head(feature), self.composite_head(feature, ref)]
+            for i, s in enumerate(scores):
+                per_head[i].append(s)
+        return [torch.cat(s, dim=1).mean(dim=1) for s in per_head]
+
+
+def dra_score(outputs) -> torch.Tensor:
+    """Released eval score: -normality + seen + pseudo + residual. -> [B]."""
+    normality, seen, pseudo, residual = outputs
+    return -normality + seen + pseudo + residual
+
+
+# ------------------------------------------------------------------ losses
+
+def sample_prior(num: int = PRIOR_SIZE, device=None) -> torch.Tensor:
+    """The released criterion's reference draw: N(0, 1), `num` samples."""
+    return torch.normal(mean=0.0, std=torch.full([num], 1.0, device=device))
+
+
+def deviation_loss(y_pred: torch.Tensor, y_true: torch.Tensor, ref: torch.Tensor,
+                   margin: float = MARGIN) -> torch.Tensor:
+    """Released `DeviationLoss.forward`, with its prior sample vector `ref` passed in
+    (the released one draws it inside, afresh on every call)."""
+    dev = (y_pred - torch.mean(ref)) / torch.std(ref)
+    inlier = torch.abs(dev)
+    outlier = torch.abs((margin - dev).clamp(min=0.0))
+    return torch.mean((1 - y_true) * inlier + y_true * outlier)
+
+
+def generate_target(target: torch.Tensor):
+    """Released DRA train.py `generate_target` (training): targets of the four heads in
+    output order, the seen / pseudo ones for their routed rows only."""
+    anomalous = target != 0
+    return [target == 0, anomalous[target != 2], anomalous[target != 1], target != 0]
+
+
+def dra_loss(outputs, target: torch.Tensor, priors=None):
+    """Released DRA training loss: the four deviation losses summed.
+
+    priors: None (a fresh draw per head, as the released criterion), one [l] tensor
+    for every head, or {head name (DRA_HEADS): [l]}.
+    Returns (total, {head: loss}).
+    """
+    losses = {}
+    for name, out, tgt in zip(DRA_HEADS, outputs, generate_target(target)):
+        if priors is None:
+            ref = sample_prior(device=out.device)
+        elif isinstance(priors, Mapping):
+            ref = priors[name]
+        else:
+            ref = priors
+        losses[name] = deviation_loss(out.float(), tgt.float(), ref)
+    return sum(losses.values()), losses
+
+
+def devnet_loss(output: torch.Tensor, target: torch.Tensor, prior=None) -> torch.Tensor:
+    """Released DevNet training loss: output [B,1], target [B] {0,1}."""
+    ref = sample_prior(device=output.device) if prior is None else prior
+    return deviation_loss(output.float(), target.view(-1, 1).float(), ref)
+
+
+# ------------------------------------------------------------------ weights -> fsad
+
+def _np(t) -> np.ndarray:
+    """A float32 copy: `.numpy()` shares the tensor's memory, which an optimizer step or
+    clip_grad_norm_ later changes in place (and jnp.asarray may share it in turn)."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().float().cpu().numpy()
+    return np.array(t, np.float32, copy=True)
+
+
+# head key prefix (released module names) -> fsad module path
+_DEVNET_HEADS = {"conv": ("head", "conv")}
+_DRA_HEADS = {
+    "holistic_head.fc1": ("heads", "normality", "fc1"),
+    "holistic_head.fc2": ("heads", "normality", "fc2"),
+    "seen_head.scoring": ("heads", "seen", "conv"),
+    "pseudo_head.scoring": ("heads", "pseudo", "conv"),
+    "composite_head.scoring": ("heads", "residual", "score"),
+    "composite_head.conv.0": ("heads", "residual", "conv"),
+    "composite_head.conv.1": ("heads", "residual", "bn"),
+}
+_BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
+              "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+TRUNK_PREFIX = "feature_extractor.net."
+
+
+def to_flax(kind: str, tensors: Mapping) -> dict:
+    """A released-layout state_dict (or any subset of it, e.g. {name: param.grad}) ->
+    fsad Flax variables {"params": ..., "batch_stats": ...} of float32 arrays.
+
+    Trunk through `fsad.weights.torchvision_resnet_to_flax`; heads by hand: conv
+    [out,in,kh,kw] -> kernel [kh,kw,in,out], Linear [out,in] -> kernel [in,out],
+    BatchNorm weight/bias/running_mean/running_var -> scale/bias/mean/var.
+    `num_batches_tracked` and the trunk's `fc.*` are dropped.
+    """
+    from flax import traverse_util
+
+    from fsad.weights import torchvision_resnet_to_flax
+    heads = {"devnet": _DEVNET_HEADS, "dra": _DRA_HEADS}[kind]
+    trunk, flat = {}, {}
+    for key, value in tensors.items():
+        if value is None or key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith(TRUNK_PREFIX):
+            trunk[key[len(TRUNK_PREFIX):]] = _np(value)
+            continue
+        prefix, leaf = key.rsplit(".", 1)
+        if prefix not in heads:
+            raise KeyError(f"{key!r} is not a released {kind} key")
+        path = heads[prefix]
+        v = _np(value)
+        if path[-1] == "bn":
+            collection, name = _BN_LEAVES[leaf]
+            flat[(collection, *path, name)] = v
+        elif leaf == "bias":
+            flat[("params", *path, "bias")] = v
+        elif v.ndim == 4:
+            flat[("params", *path, "kernel")] = v.transpose(2, 3, 1, 0)
+        else:
+            flat[("params", *path, "kernel")] = v.T
+    nested = traverse_util.unflatten_dict(flat) if flat else {}
+    out = {"params": nested.get("params", {}), "batch_stats": nested.get("batch_stats", {})}
+    if trunk:
+        tv = torchvision_resnet_to_flax(trunk)
+        for collection in ("params", "batch_stats"):
+            if tv[collection]:
+                out[collection]["backbone"] = tv[collection]
+    return out
+
+
+def state_dict_to_flax(kind: str, model: nn.Module) -> dict:
+    """The whole DevNet / DRA model's weights and BatchNorm statistics as fsad variables."""
+    return to_flax(kind, model.state_dict())
+
+
+def grads_to_flax(kind: str, model: nn.Module) -> dict:
+    """Every parameter's .grad as an fsad params tree (same paths and layout as the
+    params), for leaf-by-leaf comparison with jax.grad."""
+    return to_flax(kind, {n: p.grad for n, p in model.named_parameters()})["params"]
+
+
+def load_released_state_dict(model: nn.Module, state_dict: Mapping) -> None:
+    """Loads a released checkpoint (its trunk's unused `fc.*` dropped) into `model`."""
+    sd = {k.removeprefix("module."): v for k, v in state_dict.items()
+          if not k.removeprefix("module.").startswith(TRUNK_PREFIX + "fc.")}
+    model.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------ training steps
+
+def released_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """The released DevNet / DRA optimiser: Adam lr 2e-4, (coupled) weight decay 1e-5."""
+    return torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
+
+
+def released_scheduler(optimizer) -> torch.optim.lr_scheduler.StepLR:
+    """StepLR(step_size=10, gamma=0.1); DRA steps it at epoch start, DevNet at epoch end."""
+    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.1)
+
+
+def make_torch_step(kind: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    mode: str = "eager_fp32", clip_norm: float = 1.0) -> Callable:
+    """One released training step: forward, loss, backward, clip_grad_norm_, Adam step.
+
+    mode: "eager_fp32"; "amp_bf16_channels_last" (torch.autocast bfloat16, model and
+    input in channels_last); "compile" (torch.compile of the model, with amp and
+    channels_last). The loss is computed in float32 from the model's outputs. DRA's
+    training forward indexes by label (`feature[label != 2]`), a data-dependent shape:
+    torch.compile breaks its graph there (the released model as it is). Priors are drawn
+    on the model's device; the released criterion draws them on the CPU and copies them
+    (`.cuda()`), 4 small copies per DRA step, which this leaves out.
+
+    Returns step(images [B,3,H,W], labels [B], ref [n_ref,3,H,W] (DRA), priors=None)
+    -> loss (a detached 0-d tensor; priors as `dra_loss` / `devnet_loss`, None draws
+    fresh ones as the released criterion).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; use one of {KINDS}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; use one of {MODES}")
+    device = next(model.parameters()).device
+    amp = mode != "eager_fp32"
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if mode == "compile" else model
+    params = [p for p in model.parameters()]
+
+    def step(images, labels, ref=None, priors=None):
+        model.train()
+        x = images if kind == "devnet" else torch.cat([ref, images])
+        if amp:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = forward(x) if kind == "devnet" else forward(x, labels)
+        if kind == "devnet":
+            loss = devnet_loss(out, labels, priors)
+        else:
+            loss, _ = dra_loss(out, labels, priors)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+# ------------------------------------------------------------------ AHL (CDL) meta-step
+
+class DevNetFeatureHead(nn.Module):
+    """DevNet's scorer on precomputed trunk features (AHL on DevNet): feats, a list over
+    scales of [B,C,h,w] -> [B], the mean over scales of the top-K mean of |1x1 conv|."""
+
+    def __init__(self, in_dim: int = 512, topk: float = 0.1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, 1, kernel_size=1, padding=0)
+        self.topk = topk
+
+    def forward(self, feats):
+        return torch.cat([topk_abs_mean(self.conv(f), self.topk) for f in feats],
+                         dim=1).mean(dim=1)
+
+
+def weighted_deviation_loss(scores, labels, weight, ref, margin: float = MARGIN):
+    """fsad's `deviation_loss(..., mask=weight)`: sum(w * l) / max(sum(w), 1)."""
+    dev = (scores - ref.mean()) / ref.std()
+    y = labels.to(scores.dtype)
+    per = (1 - y) * dev.abs() + y * (margin - dev).clamp(min=0.0)
+    return (per * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
+                         inner_steps: int, inner_lr: float, first_order: bool = False,
+                         clip_norm: float = 0.0) -> Callable:
+    """fsad's CDL epoch step (`fsad.methods.ahl.make_meta_step`, DevNet head) in PyTorch.
+
+    For each task t: theta = params; `inner_steps` plain SGD steps on the support loss
+    (torch.autograd.grad with create_graph=True unless first_order); the query loss
+    L_t of the adapted theta. The unified params take one optimizer step on
+    sum_t weights[t] * L_t (after clip_grad_norm_ when clip_norm > 0).
+
+    Returns step(bank, tasks, weights, prior=None) -> (loss, task_losses [T]):
+      bank: list over scales of [M,C,h,w]; tasks: dict of [T,S] / [T,Q] tensors
+      support_idx, support_lab, support_weight, query_idx, query_lab, query_weight
+      (weight 0 on padding); weights: [T]; prior: None (fresh draws on every loss, as
+      fsad's fresh keys) or one [l] vector used by every loss.
+    """
+    from torch.func import functional_call
+
+    names = [n for n, _ in head.named_parameters()]
+
+    def task_loss(theta, bank, idx, lab, weight, prior):
+        feats = [f[idx] for f in bank]
+        scores = functional_call(head, theta, (feats,))
+        ref = sample_prior(device=scores.device) if prior is None else prior
+        return weighted_deviation_loss(scores, lab > 0, weight, ref)
+
+    def step(bank, tasks, weights, prior=None):
+        params = dict(head.named_parameters())
+        losses = []
+        for t in range(weights.shape[0]):
+            theta = dict(params)
+            for _ in range(inner_steps):
+                loss = task_loss(theta, bank, tasks["support_idx"][t], tasks["support_lab"][t],
+                                 tasks["support_weight"][t], prior)
+                grads = torch.autograd.grad(loss, [theta[n] for n in names],
+                                            create_graph=not first_order)
+                theta = {n: theta[n] - inner_lr * g for n, g in zip(names, grads)}
+            losses.append(task_loss(theta, bank, tasks["query_idx"][t], tasks["query_lab"][t],
+                                    tasks["query_weight"][t], prior))
+        losses = torch.stack(losses)
+        total = (weights * losses).sum()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(head.parameters(), clip_norm)
+        optimizer.step()
+        return total.detach(), losses.detach()
+
+    return step
+
+
+# ------------------------------------------------------------------ timing
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_torch_step(step: Callable, args: tuple, images_per_step: int, steps: int = 20,
+                    warmup: int = 3, device=None) -> float:
+    """Images per second of `step(*args)` over `steps` calls after `warmup` untimed ones;
+    on CUDA the device is synchronised before every clock read."""
+    if device is None:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), "cpu")
+    for _ in range(warmup):
+        step(*args)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*args)
+    _sync(device)
+    return images_per_step * steps / (time.perf_counter() - t0)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_uint8(images: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> ImageNet-normalised float32 [B,3,H,W] (as the released
+    ToTensor + Normalize, and as fsad.models.resnet.normalize_uint8)."""
+    x = torch.as_tensor(np.asarray(images), device=device).float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)
+    std = torch.tensor(IMAGENET_STD, device=x.device)
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+def released_labels(kind: str, batch: int) -> torch.Tensor:
+    """A released-style batch composition: DevNet half normal / half anomalies; DRA
+    2/3 normal (half of them pseudo, label 2) and 1/3 seen anomalies (label 1)."""
+    if kind == "devnet":
+        n_anom = batch // 2
+        return torch.tensor([0] * (batch - n_anom) + [1] * n_anom)
+    n_seen = max(1, round(batch / 3))
+    n_norm = batch - n_seen
+    n_pseudo = n_norm // 2
+    return torch.tensor([0] * (n_norm - n_pseudo) + [2] * n_pseudo + [1] * n_seen)
+
+
+def benchmark(kind: str, img_size: int, batch: int, steps: int, mode: str,
+              warmup: int = 3, n_ref: int = 5, seed: int = 0, device=None) -> dict:
+    """Throughput of one released training step (random init, random batch)."""
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    model = (DevNet() if kind == "devnet" else DRA(n_ref=n_ref)).to(device)
+    optimizer = released_optimizer(model)
+    step = make_torch_step(kind, model, optimizer, mode)
+    rng = np.random.default_rng(seed)
+    images = normalize_uint8(rng.integers(0, 256, (batch, img_size, img_size, 3), np.uint8),
+                             device)
+    labels = released_labels(kind, batch).to(device)
+    args = (images, labels)
+    if kind == "dra":
+        args += (normalize_uint8(rng.integers(0, 256, (n_ref, img_size, img_size, 3),
+                                              np.uint8), device),)
+    ips = time_torch_step(step, args, batch, steps, warmup, device)
+    return {"framework": "torch", "kind": kind, "mode": mode, "img_size": img_size,
+            "batch": batch, "steps": steps, "device": str(device),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "img_per_s": ips}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Throughput of the released PyTorch "
+                                             "training step (images/s)")
+    ap.add_argument("--kind", choices=KINDS, default="devnet")
+    ap.add_argument("--img_size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--mode", choices=MODES, default="eager_fp32")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default); on a CPU shared with "
+                         "other jobs, OpenMP's spinning threads can slow a step down 20x")
+    ap.add_argument("--json", default="", help="also write the result here")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    res = benchmark(args.kind, args.img_size, args.batch, args.steps, args.mode, args.warmup,
+                    device=args.device)
+    print(json.dumps(res))
+    print(f"{res['kind']} {res['mode']} on {res['device']}: {res['img_per_s']:.2f} img/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
