@@ -41,8 +41,8 @@ def fetch(path_or_url: str, sha256: str | None = None,
     """A local path for a weights file: a URL is downloaded once into cache_dir.
 
     Raises:
-      FileNotFoundError: a local path that does not exist.
-      ValueError: the file's sha256 differs from `sha256`.
+      UserError: a local path that does not exist, or a file whose sha256 differs from
+        `sha256`.
     """
     if re.match(r"^(https?|file)://", path_or_url):
         os.makedirs(cache_dir, exist_ok=True)

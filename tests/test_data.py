@@ -10,6 +10,7 @@ from conftest import SIZE
 from fsad.data import make_split, read_elpv, read_folder
 from fsad.data.decode import CorruptImageError
 from fsad.data.synthetic import DEFECTS, write_synthetic_dataset
+from fsad.errors import UserError
 
 
 def test_synthetic_read(synthetic):
@@ -48,7 +49,7 @@ def test_no_test_good_splits_normals_3_to_1(tmp_path):
 
 
 def test_layout_errors(tmp_path, synthetic_root):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         read_folder(str(tmp_path / "nowhere"), SIZE, "")
     bad = str(tmp_path / "bad")
     shutil.copytree(synthetic_root, bad)
@@ -61,7 +62,7 @@ def test_layout_errors(tmp_path, synthetic_root):
     with pytest.raises(CorruptImageError, match="999.png"):
         read_folder(bad, SIZE, "")
     shutil.rmtree(os.path.join(bad, "train"))
-    with pytest.raises(FileNotFoundError, match="train/good"):
+    with pytest.raises(UserError, match="train/good"):
         read_folder(bad, SIZE, "")
 
 

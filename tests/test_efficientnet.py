@@ -112,7 +112,7 @@ def test_lite0_shapes_and_factory():
     assert out.shape == (2, 2, 2, trunk_channels("efficientnet_lite0")) == (2, 2, 2, 1280)
     assert "efficientnet_lite0" in BACKBONES
     assert isinstance(make_trunk("efficientnet_lite0"), EfficientNetLite0)
-    with pytest.raises(ValueError, match="config.model.backbone"):
+    with pytest.raises(ValueError, match="model.backbone=.vgg16. is not a trunk"):
         make_trunk("vgg16")
 
 

@@ -24,10 +24,10 @@ from fsad.data.synthetic import write_synthetic_dataset
 pytestmark = pytest.mark.slow
 
 
-def cli_args(config: str, workdir, root, *overrides) -> list:
+def cli_args(config: str, workdir, root, *overrides, size: int = SIZE) -> list:
     return [sys.executable, "-m", "fsad.main", "--config", os.path.join(ROOT, config),
             "--workdir", str(workdir), "--config.data.name=folder", f"--config.data.root={root}",
-            f"--config.data.img_size={SIZE}", "--config.data.cache_dir=",
+            f"--config.data.img_size={size}", "--config.data.cache_dir=",
             "--config.model.pretrained=none", *overrides]
 
 
@@ -156,15 +156,16 @@ def test_rerun_scoring_and_another_config(devnet):
 
 @pytest.fixture(scope="module")
 def dra(tmp_path_factory):
-    """DRA in the hard setting (seen: scratch; unseen: spot, stain), 3 x 12 steps,
-    uninterrupted and killed after its first checkpoint."""
+    """DRA in the hard setting (seen: scratch; unseen: spot, stain), 3 x 12 steps at
+    64 px, uninterrupted and killed after its first checkpoint. (At 32 px, random-init
+    DRA scored 0.47 to 0.71 over three seeds in 36 steps; at 64 px 0.77 to 0.98.)"""
     base = tmp_path_factory.mktemp("dra")
-    root = write_synthetic_dataset(str(base / "data"), size=SIZE, seed=0)
+    root = write_synthetic_dataset(str(base / "data"), size=64, seed=0)
     over = ["--config.data.setting=hard", "--config.data.known_class=scratch",
             "--config.batch_size=24", "--config.epochs=3", "--config.steps_per_epoch=12",
             "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"]
-    run(cli_args("configs/dra.py", base / "u", root, *over))
-    run_killed(cli_args("configs/dra.py", base / "k", root, *over),
+    run(cli_args("configs/dra.py", base / "u", root, *over, size=64))
+    run_killed(cli_args("configs/dra.py", base / "k", root, *over, size=64),
                base / "k" / "seed_0" / "checkpoints")
     return base / "u", base / "k"
 
@@ -176,8 +177,8 @@ def test_dra_detects_anomaly_classes_it_never_saw(dra):
     u, _ = dra
     run0 = results(u)["runs"][0]
     assert run0["split"]["test_anomaly_classes"] == ["spot", "stain"]
-    assert run0["auroc"] > 0.7, run0["auroc"]
-    assert run0["auroc_pseudo"] > 0.6, run0["auroc_pseudo"]
+    assert run0["auroc"] > 0.7, run0["auroc"]  # measured 0.98 (0.77 and 0.89 on seeds 1, 2)
+    assert run0["auroc_pseudo"] > 0.75, run0["auroc_pseudo"]  # 0.97 (0.91, 0.89)
     assert set(run0) >= {"auroc_seen", "auroc_residual", "auroc_normality"}
 
 

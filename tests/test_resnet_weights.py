@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fsad import weights
+from fsad.errors import UserError
 from fsad.models.resnet import STAGES, BasicBlock, ResNet, _bn, _conv, feature_channels
 
 
@@ -147,7 +148,7 @@ def test_pth_file_and_url_with_checksum(tmp_path):
     np.testing.assert_array_equal(via_url["conv1.weight"], sd["conv1.weight"])
     with pytest.raises(ValueError, match="sha256"):
         weights.load_state_dict(path, "0" * 64)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError, match="does not exist"):
         weights.load_state_dict(str(tmp_path / "missing.pth"))
 
 
