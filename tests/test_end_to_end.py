@@ -49,20 +49,37 @@ def steps_in(folder) -> list:
         else []
 
 
-def run_killed(args, checkpoints, after: int = 1) -> subprocess.CompletedProcess:
-    """Starts the command, SIGKILLs it once `checkpoints` holds `after` finished
-    checkpoints, then runs the same command to the end."""
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env())
-    deadline = time.time() + 600
-    while len(steps_in(checkpoints)) < after:
-        assert proc.poll() is None, f"finished before the kill: {proc.stderr.read()[-3000:]}"
-        assert time.time() < deadline, "no checkpoint in 10 minutes"
+def start(args, log) -> tuple:
+    """(the command running in the background, its log file): a pipe left unread would
+    stall it once full."""
+    with open(log, "w") as f:
+        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                env=env()), log
+
+
+def finish(procs: dict) -> None:
+    """Waits for every (process, log); each run must succeed."""
+    for name, (proc, log) in procs.items():
+        proc.wait(timeout=900)
+        assert proc.returncode == 0, f"{name}: {open(log).read()[-4000:]}"
+
+
+def kill_when(procs: dict, ready: dict) -> None:
+    """SIGKILLs each (process, log) once ready[name]() is true (its checkpoint is on disk)."""
+    deadline = time.time() + 900
+    waiting = dict(procs)
+    while waiting:
+        for name, (proc, log) in list(waiting.items()):
+            if ready[name]():
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+                del waiting[name]
+            else:
+                assert proc.poll() is None, f"{name} ended before the kill: " \
+                    f"{open(log).read()[-3000:]}"
+        assert time.time() < deadline, f"no checkpoint in 15 minutes: {list(waiting)}"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return run(args)
 
 
 def results(workdir) -> dict:
@@ -89,24 +106,59 @@ def assert_same_scores(a, b):
         assert ra[k] == rb[k]
 
 
-# ---------------------------------------------------------------- DevNet
+# ---------------------------------------------------------------- the runs
+
+RUNS = {
+    # DevNet, general 10-shot, 3 x 10 steps
+    "devnet": ("configs/devnet.py", SIZE, 1, [
+        "--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=10",
+        "--config.optim.decay_every_epochs=2"], "checkpoints", 1),
+    # DRA in the hard setting (seen: scratch; unseen: spot, stain), 2 x 12 steps at 64 px
+    # (at 32 px random-init DRA scored 0.47 to 0.71 over three seeds; at 64 px 0.79-0.80)
+    "dra": ("configs/dra.py", 64, 0, [
+        "--config.data.setting=hard", "--config.data.known_class=scratch",
+        "--config.batch_size=16", "--config.epochs=2", "--config.steps_per_epoch=12",
+        "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"],
+        "checkpoints", 1),
+    # AHL on DevNet in the hard setting (seen: spot), 8 base steps, 6 meta-epochs; killed
+    # after its second meta-training checkpoint
+    "ahl": ("configs/ahl_devnet.py", SIZE, 0, [
+        "--config.data.setting=hard", "--config.data.known_class=spot",
+        "--config.data.n_anomaly=6", "--config.batch_size=16", "--config.epochs=1",
+        "--config.steps_per_epoch=8", "--config.ahl.epochs=6", "--config.ahl.history=2",
+        "--config.ahl.psi_steps=5", "--config.explain.enabled=False"], "ahl_checkpoints", 2),
+}
+
 
 @pytest.fixture(scope="module")
-def devnet(tmp_path_factory):
-    """DevNet by the command line, general 10-shot, 3 x 10 steps: (dataset root,
-    uninterrupted workdir, killed-and-restarted workdir, restarted run's output)."""
-    base = tmp_path_factory.mktemp("devnet")
-    root = write_synthetic_dataset(str(base / "data"), size=SIZE, seed=1)
-    over = ["--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=10",
-            "--config.optim.decay_every_epochs=2"]
-    run(cli_args("configs/devnet.py", base / "u", root, *over))
-    killed = run_killed(cli_args("configs/devnet.py", base / "k", root, *over),
-                        base / "k" / "seed_0" / "checkpoints")
-    return root, base / "u", base / "k", over, killed
+def runs(tmp_path_factory):
+    """Every run of RUNS twice by the command line: uninterrupted ("u"), and killed with
+    SIGKILL once its checkpoint folder holds the given number of checkpoints, then
+    restarted with the same command ("k"). The three runs go side by side (much of a
+    run, compilation included, is single-threaded). -> {name: {"root", "u", "k", "args"}}.
+    """
+    base = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, (config, size, seed, over, _, _) in RUNS.items():
+        root = write_synthetic_dataset(str(base / name / "data"), size=size, seed=seed)
+        out[name] = {"root": root, "u": base / name / "u", "k": base / name / "k",
+                     "args": lambda w, c=config, r=root, o=over, s=size:
+                     cli_args(c, w, r, *o, size=s)}
+
+    def launch(kind):
+        return {n: start(r["args"](r[kind]), base / f"{n}_{kind}.log") for n, r in out.items()}
+
+    finish(launch("u"))
+    kill_when(launch("k"), {n: (lambda f=out[n]["k"] / "seed_0" / RUNS[n][4], k=RUNS[n][5]:
+                                len(steps_in(f)) >= k) for n in out})
+    finish(launch("k"))
+    return out
 
 
-def test_devnet_detects_and_localises_the_defects(devnet):
-    root, u, _, _, _ = devnet
+# ---------------------------------------------------------------- DevNet
+
+def test_devnet_detects_and_localises_the_defects(runs):
+    u = runs["devnet"]["u"]
     res = results(u)
     run0 = res["runs"][0]
     assert res["init"] == "random init (resnet18)"
@@ -120,16 +172,16 @@ def test_devnet_detects_and_localises_the_defects(devnet):
     assert run0["compile_seconds"] > 0 and run0["step_seconds"] > 0
 
 
-def test_devnet_killed_after_a_checkpoint_resumes_to_the_same_scores(devnet):
-    _, u, k, _, killed = devnet
+def test_devnet_killed_after_a_checkpoint_resumes_to_the_same_scores(runs):
+    u, k = runs["devnet"]["u"], runs["devnet"]["k"]
     run0 = results(k)["runs"][0]
     assert run0["resumed_from"] >= 10 and run0["steps"] <= 20  # resumed, not restarted
     assert_same_scores(u, k)
 
 
-def test_rerun_scoring_and_another_config(devnet):
-    root, u, _, over, _ = devnet
-    args = cli_args("configs/devnet.py", u, root, *over)
+def test_rerun_scoring_and_another_config(runs):
+    root, u = runs["devnet"]["root"], runs["devnet"]["u"]
+    args = runs["devnet"]["args"](u)
     again = run(args)  # the finished seed is read back: no step is taken
     assert "step/s" not in again.stderr and "AUROC" in again.stdout
     csv_path = u / "scores.csv"
@@ -154,60 +206,28 @@ def test_rerun_scoring_and_another_config(devnet):
 
 # ---------------------------------------------------------------- DRA
 
-@pytest.fixture(scope="module")
-def dra(tmp_path_factory):
-    """DRA in the hard setting (seen: scratch; unseen: spot, stain), 3 x 12 steps at
-    64 px, uninterrupted and killed after its first checkpoint. (At 32 px, random-init
-    DRA scored 0.47 to 0.71 over three seeds in 36 steps; at 64 px 0.77 to 0.98.)"""
-    base = tmp_path_factory.mktemp("dra")
-    root = write_synthetic_dataset(str(base / "data"), size=64, seed=0)
-    over = ["--config.data.setting=hard", "--config.data.known_class=scratch",
-            "--config.batch_size=24", "--config.epochs=3", "--config.steps_per_epoch=12",
-            "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"]
-    run(cli_args("configs/dra.py", base / "u", root, *over, size=64))
-    run_killed(cli_args("configs/dra.py", base / "k", root, *over, size=64),
-               base / "k" / "seed_0" / "checkpoints")
-    return base / "u", base / "k"
-
-
-def test_dra_detects_anomaly_classes_it_never_saw(dra):
+def test_dra_detects_anomaly_classes_it_never_saw(runs):
     """Trained on scratches only, DRA scores spots and stains above normals. The pseudo
     head never sees a real anomaly of the test classes: its AUROC is DRA's open-set part.
     (The normality head, |.| as released, is not yet above chance this early.)"""
-    u, _ = dra
+    u = runs["dra"]["u"]
     run0 = results(u)["runs"][0]
     assert run0["split"]["test_anomaly_classes"] == ["spot", "stain"]
-    assert run0["auroc"] > 0.7, run0["auroc"]  # measured 0.98 (0.77 and 0.89 on seeds 1, 2)
-    assert run0["auroc_pseudo"] > 0.75, run0["auroc_pseudo"]  # 0.97 (0.91, 0.89)
+    assert run0["auroc"] > 0.7, run0["auroc"]  # measured 0.79 (0.80, 0.80 on seeds 1, 2)
+    assert run0["auroc_pseudo"] > 0.7, run0["auroc_pseudo"]  # 0.77 (0.86, 0.89)
     assert set(run0) >= {"auroc_seen", "auroc_residual", "auroc_normality"}
 
 
-def test_dra_is_deterministic_through_a_kill(dra):
-    u, k = dra
+def test_dra_is_deterministic_through_a_kill(runs):
+    u, k = runs["dra"]["u"], runs["dra"]["k"]
     assert results(k)["runs"][0]["resumed_from"] >= 12
     assert_same_scores(u, k)
 
 
 # ---------------------------------------------------------------- AHL
 
-@pytest.fixture(scope="module")
-def ahl_devnet(tmp_path_factory):
-    """AHL on DevNet in the hard setting (seen: spot), 8 base steps and 6 meta-epochs,
-    uninterrupted and killed after its second meta-training checkpoint."""
-    base = tmp_path_factory.mktemp("ahl")
-    root = write_synthetic_dataset(str(base / "data"), size=SIZE, seed=0)
-    over = ["--config.data.setting=hard", "--config.data.known_class=spot",
-            "--config.data.n_anomaly=6", "--config.batch_size=16", "--config.epochs=1",
-            "--config.steps_per_epoch=8", "--config.ahl.epochs=6", "--config.ahl.history=2",
-            "--config.ahl.psi_steps=5", "--config.explain.enabled=False"]
-    run(cli_args("configs/ahl_devnet.py", base / "u", root, *over))
-    run_killed(cli_args("configs/ahl_devnet.py", base / "k", root, *over),
-               base / "k" / "seed_0" / "ahl_checkpoints", after=2)
-    return base / "u", base / "k"
-
-
-def test_ahl_devnet_end_to_end(ahl_devnet):
-    u, _ = ahl_devnet
+def test_ahl_devnet_end_to_end(runs):
+    u = runs["ahl"]["u"]
     res = results(u)
     run0 = res["runs"][0]
     assert res["method"] == "ahl(devnet)"
@@ -228,8 +248,8 @@ def test_ahl_devnet_end_to_end(ahl_devnet):
     assert (u / "seed_0" / "ahl_features.npz").exists()
 
 
-def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(ahl_devnet):
-    u, k = ahl_devnet
+def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(runs):
+    u, k = runs["ahl"]["u"], runs["ahl"]["k"]
     assert_same_scores(u, k)
     np.testing.assert_array_equal(results(u)["runs"][0]["ahl"]["weights"],
                                   results(k)["runs"][0]["ahl"]["weights"])
