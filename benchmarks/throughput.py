@@ -1,57 +1,76 @@
-"""Training throughput (images/s) of the jitted DevNet step.
+"""Compile time and steady-state throughput of fsad's jitted steps, beside PyTorch.
 
-Compares, in one run, fsad's step (training images on the device, batch
-sampled inside the jitted function) against the conventional host-fed step
-(batch sampled with NumPy and copied to the devices every step), and reports
-the ratio. Same model, optimiser, batch and devices.
+For each method (DevNet, DRA and the AHL meta-step), batch size and compute dtype,
+one run measures:
+  * the train step's compile time (ahead of time, apart from the steps) and its
+    images/s once warm (device-resident data, batch sampled inside the step);
+  * the inference (scoring) step's compile time and images/s;
+  * with --host_fed, the conventional host-sampled step, for the ratio;
+  * with --seeds N, N seeds trained as one vmapped program against N separate steps;
+  * with --torch (PyTorch installed), PyTorch versions of the released steps
+    (benchmarks/torch_released.py: eager float32, AMP bf16 + channels_last, and
+    torch.compile), and fsad's ratio to the fastest of them.
+Warm-up calls are excluded and every clock read follows block_until_ready (or
+torch.cuda.synchronize). Prints a table; --json writes the rows.
 
-    python benchmarks/throughput.py --img_size 224 --batch 48 --steps 50
+    python benchmarks/throughput.py --img_size 448 --batches 48 --dtypes bfloat16 float32 --torch
+    python benchmarks/throughput.py --methods devnet dra ahl --img_size 96 --batches 16 --steps 5
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.devnet import get_config  # noqa: E402
-from fsad.methods import build_method  # noqa: E402
+from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
-                        make_train_step, put_train_data)
+                        make_score_fn, make_train_step, put_train_data)
+
+CONFIGS = {"devnet": "configs.devnet", "dra": "configs.dra", "ahl": "configs.ahl_dra"}
 
 
-def time_steps(run_step, state, steps: int, warmup: int = 3) -> tuple[float, object]:
-    for i in range(warmup):
-        state = run_step(state, i)
+def config_for(method: str, args, batch: int, dtype: str):
+    c = importlib.import_module(CONFIGS[method]).get_config()
+    c.batch_size = batch
+    c.eval_batch_size = batch
+    c.data.img_size = args.img_size
+    c.model.backbone = args.backbone
+    c.model.dtype = dtype
+    c.model.pretrained = "none"
+    return c
+
+
+def timed(fn, state, steps: int, warmup: int = 2) -> tuple[float, object]:
+    """(seconds per call of state = fn(state) after warm-up calls, the final state): the
+    state is threaded through, as donated buffers must be."""
+    for _ in range(warmup):
+        state = fn(state)
     jax.block_until_ready(state)
     t0 = time.perf_counter()
-    for i in range(steps):
-        state = run_step(state, warmup + i)
+    for _ in range(steps):
+        state = fn(state)
     jax.block_until_ready(state)
-    return time.perf_counter() - t0, state
+    return (time.perf_counter() - t0) / steps, state
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--img_size", type=int, default=224)
-    ap.add_argument("--batch", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--n_normal", type=int, default=1131)
-    ap.add_argument("--backbone", default="resnet18",
-                    help="config.model.backbone, e.g. efficientnet_lite0")
-    ap.add_argument("--json", default="", help="also write the figures here")
-    args = ap.parse_args(argv)
+def compile_seconds(jitted, *args) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return time.perf_counter() - t0, compiled
 
-    config = get_config()
-    config.batch_size = args.batch
-    config.model.backbone = args.backbone
+
+def bench_train_and_score(method_name: str, args, batch: int, dtype: str) -> dict:
+    config = config_for(method_name, args, batch, dtype)
     method = build_method(config)
     mesh = make_mesh()
     tx = method.optimizer(config.steps_per_epoch)
@@ -59,42 +78,185 @@ def main(argv=None):
     shape = (args.img_size, args.img_size, 3)
     normal = rng.integers(0, 256, (args.n_normal, *shape), dtype=np.uint8)
     anomaly = rng.integers(0, 256, (10, *shape), dtype=np.uint8)
+    data = put_train_data(normal, anomaly, mesh, bucket=64)
     key = jax.random.key(0)
-
-    # fsad: device-resident data, sampling inside the step
-    data = put_train_data(normal, anomaly, mesh)
-    step = make_train_step(method, tx, mesh, args.batch)
     state = init_state(method, key, data, tx, mesh)
-    t_dev, _ = time_steps(lambda s, i: step(s, data, jax.random.fold_in(key, i))[0], state,
+    step = make_train_step(method, tx, mesh, batch)
+    t_compile, compiled = compile_seconds(step, state, data, key)
+    per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps)
+    row = {"method": method_name, "batch": batch, "dtype": dtype,
+           "train_compile_s": t_compile, "train_img_per_s": batch / per_step}
+
+    variables = method.prepare_eval({"params": state.params, "batch_stats": state.batch_stats,
+                                     "extras": state.extras})
+    score = make_score_fn(method, mesh)
+    images = jax.device_put(normal[:batch], batch_sharded(mesh))
+    if method.random_scores:
+        variables = {**variables, "key": key}
+    t_compile, compiled_score = compile_seconds(score, variables, images)
+    per_batch, _ = timed(lambda vo: (vo[0], compiled_score(vo[0], images)), (variables, None),
+                         args.steps)
+    row.update(score_compile_s=t_compile, score_img_per_s=batch / per_batch)
+
+    if args.host_fed:
+        host = make_host_fed_step(method, tx, mesh)
+        batch_dev = jax.device_put(method.sample_batch(data, key, batch, 0), batch_sharded(mesh))
+
+        def host_run(s):
+            b = jax.device_put(jax.device_get(batch_dev), batch_sharded(mesh))  # a host copy
+            return host(s, b, key)[0]
+        state = init_state(method, key, data, tx, mesh)
+        row["host_fed_img_per_s"] = batch / timed(host_run, state, args.steps)[0]
+        row["speedup_vs_host_fed"] = row["train_img_per_s"] / row["host_fed_img_per_s"]
+
+    if args.seeds > 1:
+        row.update(bench_seeds(method, tx, mesh, data, batch, args))
+    if args.torch and method_name in ("devnet", "dra"):
+        row.update(bench_torch(method_name, args, batch, row["train_img_per_s"]))
+    return row
+
+
+def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
+    """N seeds: one vmapped train step over stacked states against N separate steps."""
+    n = args.seeds
+    keys = jax.random.split(jax.random.key(1), n)
+    states = [init_state(method, k, data, tx, mesh) for k in keys]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
+    step = make_train_step(method, tx, mesh, batch)
+    sequential, _ = timed(lambda ss: [step(s, data, k)[0] for s, k in zip(ss, keys)], states,
                           args.steps)
+    vstep = jax.jit(jax.vmap(lambda s, k: step(s, data, k)[0]))
+    t_compile, compiled = compile_seconds(vstep, stacked, keys)
+    vmapped, _ = timed(lambda s: compiled(s, keys), stacked, args.steps)
+    return {"seeds": n, "seeds_sequential_img_per_s": n * batch / sequential,
+            "seeds_vmapped_img_per_s": n * batch / vmapped,
+            "seeds_vmapped_compile_s": t_compile,
+            "vmapped_over_sequential": sequential / vmapped}
 
-    # baseline: host sampling + transfer each step
-    host_step = make_host_fed_step(method, tx, mesh)
-    shard = batch_sharded(mesh)
-    half = args.batch // 2
 
-    def host_run(s, i):
-        r = np.random.default_rng(i)
-        idx_n = r.integers(0, len(normal), args.batch - half)
-        idx_a = r.integers(0, len(anomaly), half)
-        batch = {"images": np.concatenate([normal[idx_n], anomaly[idx_a]]),
-                 "labels": np.repeat(np.array([0, 1], np.int32), [args.batch - half, half])}
-        batch = jax.device_put(batch, shard)
-        return host_step(s, batch, jax.random.fold_in(key, i))[0]
+def bench_ahl(args, batch: int, dtype: str) -> dict:
+    """AHL's meta-step (DRA heads, T = 7 tasks, second order) on random bank features of
+    the trunk's map size; img/s counts the support and query samples it adapts on."""
+    config = config_for("ahl", args, batch, dtype)
+    h = -(-args.img_size // 32)
+    c = 1280 if args.backbone == "efficientnet_lite0" else 512
+    nn_, na = args.ahl_normals, 10
+    rng = np.random.default_rng(0)
+    bank = [jnp.asarray(rng.normal(size=(nn_ + na + 3 * nn_, s, s, c)), jnp.float32)
+            for s in (h, -(-h // 2))]
+    method = build_method(config)
+    variables = method.init(jax.random.key(0), jnp.zeros((1, args.img_size, args.img_size, 3)))
+    ref_means = [b[:5].mean(0) for b in bank]
+    hm, params = ahl.head_model(config, {**variables, "extras": {}}, ref_means)
+    clusters = np.array_split(np.arange(nn_), 3)
+    tasks = ahl.build_tasks(clusters, nn_, na, seed=0, base="dra")
+    tx = ahl.optimizer_from_config(config.ahl.optim, 1)
+    step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps, config.ahl.inner_lr, False)
+    arrays = tasks.device_arrays()
+    w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
+    pool = jnp.asarray(tasks.pool_idx)
+    opt = tx.init(params)
+    key = jax.random.key(0)
+    t_compile, compiled = compile_seconds(step, params, opt, bank, arrays, w, pool, key)
+    per, _ = timed(lambda po: compiled(po[0], po[1], bank, arrays, w, pool, key)[:2],
+                   (params, opt), args.steps)
+    samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
+    row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
+           "train_compile_s": t_compile, "train_img_per_s": samples / per,
+           "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
+    if args.torch:
+        row.update(bench_torch_ahl(args, hm, params, bank, tasks, row["train_img_per_s"]))
+    return row
 
-    state = init_state(method, key, data, tx, mesh)
-    t_host, _ = time_steps(host_run, state, args.steps)
 
-    n_img = args.steps * args.batch
-    out = {"backend": jax.default_backend(), "devices": len(jax.local_devices()),
-           "backbone": args.backbone,
-           "img_size": args.img_size, "batch": args.batch, "steps": args.steps,
-           "device_sampled_img_per_s": n_img / t_dev, "host_fed_img_per_s": n_img / t_host,
-           "speedup_vs_host_fed": t_host / t_dev}
-    print(json.dumps(out, indent=2))
+def bench_torch(kind: str, args, batch: int, fsad_img_per_s: float) -> dict:
+    try:
+        import torch
+
+        from benchmarks import torch_released as tr
+    except ImportError:
+        return {}
+    device = tr.default_device()
+    out = {}
+    for mode in args.torch_modes:
+        try:
+            model = (tr.DevNet(img_size=args.img_size) if kind == "devnet"
+                     else tr.DRA(img_size=args.img_size)).to(device)
+            step = tr.make_torch_step(kind, model, tr.released_optimizer(model), mode)
+            images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
+            labels = torch.zeros(batch, dtype=torch.long, device=device)
+            labels[batch // 2:] = 1
+            extra = ()
+            if kind == "dra":
+                extra = (torch.randn(5, 3, args.img_size, args.img_size, device=device),)
+            out[f"torch_{mode}_img_per_s"] = tr.time_torch_step(
+                step, (images, labels, *extra), batch, steps=args.steps, device=device)
+        except Exception as err:  # noqa: BLE001 - a mode torch cannot run here is reported
+            out[f"torch_{mode}_error"] = f"{type(err).__name__}: {err}"[:200]
+    speeds = [v for k, v in out.items() if k.endswith("_img_per_s")]
+    if speeds:
+        out["fsad_over_best_torch"] = fsad_img_per_s / max(speeds)
+    return out
+
+
+def bench_torch_ahl(args, hm, params, bank, tasks, fsad_img_per_s: float) -> dict:
+    """The torch meta-step (benchmarks/torch_released.py) exists for DevNet's head; the
+    DRA-head version is not written, so no ratio is claimed for it."""
+    return {"torch_ahl": "no torch DRA-head meta-step (see benchmarks/torch_released.py)"}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["devnet", "dra", "ahl"],
+                    choices=["devnet", "dra", "ahl"])
+    ap.add_argument("--img_size", type=int, default=448)
+    ap.add_argument("--batches", type=int, nargs="+", default=[48])
+    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
+                    choices=["bfloat16", "float32"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--n_normal", type=int, default=1131)
+    ap.add_argument("--ahl_normals", type=int, default=300)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--host_fed", action="store_true")
+    ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--torch", action="store_true")
+    ap.add_argument("--torch_modes", nargs="+",
+                    default=["eager_fp32", "amp_bf16_channels_last", "compile"])
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    from fsad.compile_cache import enable_compilation_cache
+    enable_compilation_cache("")  # compile times measured, not read from disk
+    rows = []
+    for m in args.methods:
+        for batch in args.batches:
+            for dtype in args.dtypes:
+                if m == "ahl":
+                    if dtype != args.dtypes[0]:
+                        continue  # the meta-step runs on float32 features
+                    row = bench_ahl(args, batch, dtype)
+                else:
+                    row = bench_train_and_score(m, args, batch, dtype)
+                row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
+                           img_size=args.img_size, backbone=args.backbone)
+                rows.append(row)
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in row.items()), flush=True)
+    print(table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+            json.dump(rows, f, indent=2)
+
+
+def table(rows) -> str:
+    cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s", "score_compile_s",
+            "score_img_per_s", "fsad_over_best_torch"]
+    cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
+                    k.endswith("img_per_s")})
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float)
+                                       else str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
