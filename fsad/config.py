@@ -183,6 +183,41 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def override(config: config_dict.ConfigDict, dotted: str, text: str) -> None:
+    """config.<dotted> = text converted to the field's type, as ``--config.<dotted>=text``
+    does on the command line (benchmarks/reproduce.py's ``--set``).
+
+    Raises:
+      UserError: no such field, or text that is not a value of the field's type.
+    """
+    *path, leaf = dotted.split(".")
+    node = config
+    for p in path:
+        if not isinstance(node, config_dict.ConfigDict) or p not in node:
+            raise UserError(f"{dotted} is not a config field; check its spelling against "
+                            f"the config file (fsad/config.py lists the shared fields)")
+        node = node[p]
+    if not isinstance(node, config_dict.ConfigDict) or leaf not in node:
+        raise UserError(f"{dotted} is not a config field; check its spelling against the "
+                        f"config file (fsad/config.py lists the shared fields)")
+    old = node[leaf]
+    try:
+        if isinstance(old, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            value = text.lower() in ("true", "1")
+        elif isinstance(old, int):
+            value = int(text)
+        elif isinstance(old, float):
+            value = float(text)
+        else:
+            value = text
+    except ValueError:
+        raise UserError(f"{dotted}={text!r} is not a {type(old).__name__}; give a value "
+                        f"like {old!r}") from None
+    node[leaf] = value
+
+
 def apply_variants(c: config_dict.ConfigDict, arg: str | None,
                    own: dict | None = None) -> config_dict.ConfigDict:
     """Applies the comma-separated variants of ``--config FILE:VARIANTS`` in order.

@@ -38,12 +38,6 @@ def env() -> dict:
     return e
 
 
-def run(args) -> subprocess.CompletedProcess:
-    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env(), timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out
-
-
 def steps_in(folder) -> list:
     return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) \
         else []
@@ -121,12 +115,14 @@ RUNS = {
         "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"],
         "checkpoints", 1),
     # AHL on DevNet in the hard setting (seen: spot), 8 base steps, 6 meta-epochs; killed
-    # after its second meta-training checkpoint
+    # after its second meta-training checkpoint. First-order MAML: with DevNet's head it
+    # equals second order exactly (tests/test_ahl.py) and compiles faster
     "ahl": ("configs/ahl_devnet.py", SIZE, 0, [
         "--config.data.setting=hard", "--config.data.known_class=spot",
         "--config.data.n_anomaly=6", "--config.batch_size=16", "--config.epochs=1",
         "--config.steps_per_epoch=8", "--config.ahl.epochs=6", "--config.ahl.history=2",
-        "--config.ahl.psi_steps=5", "--config.explain.enabled=False"], "ahl_checkpoints", 2),
+        "--config.ahl.psi_steps=5", "--config.ahl.first_order=True",
+        "--config.explain.enabled=False"], "ahl_checkpoints", 2),
 }
 
 
@@ -179,15 +175,34 @@ def test_devnet_killed_after_a_checkpoint_resumes_to_the_same_scores(runs):
     assert_same_scores(u, k)
 
 
-def test_rerun_scoring_and_another_config(runs):
+def config_of(name: str, root):
+    """RUNS[name]'s config, built in-process as its command line builds it."""
+    import importlib
+    from fsad.config import override
+    config_file, size, _, over, _, _ = RUNS[name]
+    config = importlib.import_module(config_file[:-3].replace("/", ".")).get_config()
+    for arg in cli_args(config_file, "unused", root, *over, size=size):
+        if not arg.startswith("--config."):
+            continue
+        override(config, *arg[len("--config."):].split("=", 1))
+    return config
+
+
+def test_rerun_scoring_and_another_config(runs, capsys):
+    """The command line's body (`fsad.main.execute`) in-process on the trained DevNet
+    run: a rerun reads the finished seed back, --mode score scores a folder as the
+    evaluation did, and another config is refused in one line."""
+    from fsad.main import execute
     root, u = runs["devnet"]["root"], runs["devnet"]["u"]
-    args = runs["devnet"]["args"](u)
-    again = run(args)  # the finished seed is read back: no step is taken
-    assert "step/s" not in again.stderr and "AUROC" in again.stdout
+    config = config_of("devnet", root)
+    capsys.readouterr()
+    assert execute(config, str(u)) == 0  # the finished seed is read back: no step is taken
+    again = capsys.readouterr()
+    assert "step/s" not in again.err and "AUROC" in again.out
     csv_path = u / "scores.csv"
-    scored = run(args + ["--mode=score", f"--input={os.path.join(root, 'test')}",
-                         f"--output={csv_path}", "--heatmaps"])
-    assert "scores:" in scored.stdout
+    assert execute(config, str(u), "score", os.path.join(root, "test"), str(csv_path),
+                   heatmaps=True) == 0
+    assert "scores:" in capsys.readouterr().out
     with open(csv_path) as f:
         rows = {r["file"]: r for r in csv.DictReader(f)}
     n_test = len(os.listdir(os.path.join(root, "test", "good"))) + 3 * 12
@@ -198,10 +213,10 @@ def test_rerun_scoring_and_another_config(runs):
         assert float(row["score"]) == pytest.approx(float(score), rel=1e-4, abs=1e-5)
         assert float(row["p_value"]) == pytest.approx(float(p), rel=1e-3, abs=1e-6)
         assert row["anomalous"] == str(int(float(row["z"]) > 1.959964))
-    bad = subprocess.run(args + ["--config.data.n_anomaly=2"], capture_output=True, text=True,
-                         cwd=ROOT, env=env(), timeout=300)
-    assert bad.returncode == 2 and "different config" in bad.stderr
-    assert bad.stderr.strip().startswith("fsad: error:")
+    config.data.n_anomaly = 2
+    assert execute(config, str(u)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsad: error:") and "different config" in err
 
 
 # ---------------------------------------------------------------- DRA

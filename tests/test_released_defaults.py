@@ -4,7 +4,6 @@ colour jitter, schedules, AHL class balance and weights, ImageNet weights by def
 import colorsys
 import logging
 import math
-import os
 
 import jax
 import jax.numpy as jnp

@@ -31,21 +31,33 @@ def elpv_labels() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
             np.char.decode(table["type"]))
 
 
+def elpv_layout() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """The authors' ELPV protocol: normals (defect probability 0) split 3:1, anomalies
+    (probability 1, classes mono and poly) all in test; uncertain cells left out.
+
+    Returns:
+      (data_dir, paths [N] relative to data_dir in order train normals, test normals,
+      anomalies; classes [N] ("good", "mono", "poly"); split [N] "train" | "test").
+    """
+    data_dir, paths, probs, types = elpv_labels()
+    normal = np.flatnonzero(probs == 0.0)
+    anomaly = np.flatnonzero(probs == 1.0)
+    train, test = split_normals_3_to_1(len(normal))
+    order = np.concatenate([normal[train], normal[test], anomaly])
+    classes = np.array([NORMAL] * len(normal) + [str(t) for t in types[anomaly]])
+    split = np.array(["train"] * len(train) + ["test"] * (len(test) + len(anomaly)))
+    return data_dir, paths[order].astype(str), classes, split
+
+
 def read_elpv(size: int, cache_dir: str | None = None) -> ImageSet:
     """Decodes ELPV at size x size into an ImageSet (cached)."""
-    data_dir, paths, probs, types = elpv_labels()
+    data_dir, paths, classes, split = elpv_layout()
 
     def build() -> ImageSet:
-        normal = np.flatnonzero(probs == 0.0)
-        anomaly = np.flatnonzero(probs == 1.0)
-        train, test = split_normals_3_to_1(len(normal))
-        order = np.concatenate([normal[train], normal[test], anomaly])
-        classes = np.array([NORMAL] * len(normal) + [str(t) for t in types[anomaly]])
-        split = np.array(["train"] * len(train) + ["test"] * (len(test) + len(anomaly)))
         labels = (classes != NORMAL).astype(np.int8)
-        images = decode_many([os.path.join(data_dir, p) for p in paths[order]], size,
+        images = decode_many([os.path.join(data_dir, p) for p in paths], size,
                              desc="decoding ELPV")
-        return ImageSet("elpv", images, labels, classes, split, paths[order].astype(str))
+        return ImageSet("elpv", images, labels, classes, split, paths)
 
     return cached_imageset({"name": "elpv", "size": size, "n": len(paths), "v": 1}, build,
                            cache_dir)

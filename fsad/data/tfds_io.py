@@ -106,16 +106,10 @@ def folder_source(root: str) -> SourceTable:
 
 def elpv_source() -> SourceTable:
     """ELPV from the `elpv-dataset` package as `read_elpv` reads it."""
-    from fsad.data.elpv import elpv_labels
-    data_dir, paths, probs, types = elpv_labels()
-    normal = np.flatnonzero(probs == 0.0)
-    anomaly = np.flatnonzero(probs == 1.0)
-    train, test = split_normals_3_to_1(len(normal))
-    order = np.concatenate([normal[train], normal[test], anomaly])
-    classes = np.array([NORMAL] * len(normal) + [str(t) for t in types[anomaly]])
-    split = np.array(["train"] * len(train) + ["test"] * (len(test) + len(anomaly)))
-    return SourceTable("elpv", [os.path.join(data_dir, p) for p in paths[order]], classes, split,
-                       paths[order].astype(str))
+    from fsad.data.elpv import elpv_layout
+    data_dir, paths, classes, split = elpv_layout()
+    return SourceTable("elpv", [os.path.join(data_dir, p) for p in paths], classes, split,
+                       paths)
 
 
 def source_for(source: str) -> SourceTable:
