@@ -121,7 +121,9 @@ def run_table(args) -> dict:
               f"{cell['known_class'] or ''} {cell['shots']}-shot -> {workdir}", flush=True)
         res = run_experiment(config, workdir, runner=runner, data=data)
         aurocs = [r["auroc"] for r in res["runs"]]
-        results.append({**cell, "auroc": aurocs, "init": res["init"],
+        # AHL: its base model's AUROC in the same run (the heads it started from)
+        base_aurocs = [r["base_auroc"] for r in res["runs"] if "base_auroc" in r]
+        results.append({**cell, "auroc": aurocs, "base_auroc": base_aurocs, "init": res["init"],
                         "seconds": float(sum(r["wall_seconds"] for r in res["runs"])),
                         "paper": reference_auroc_or_empty(paper_name, cell)})
     table = {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
@@ -142,10 +144,15 @@ def reference_auroc_or_empty(dataset: str, cell: dict) -> dict:
 
 def rows_of(results: list[dict], dataset: str) -> list[dict]:
     """One row per cell, and per (method, shots) of the hard setting one more: the mean
-    over known classes of each seed's AUROC, then mean ± std over seeds."""
+    over known classes of each seed's AUROC, then mean ± std over seeds. AHL rows carry
+    `base_mean`, their base model's mean AUROC in the same runs (None for the others)."""
+    def base_mean(aurocs):
+        return float(np.mean(aurocs)) if len(aurocs) else None
+
     rows = [{"method": r["method"], "setting": r["setting"] + (
         f" ({r['known_class']} known)" if r["known_class"] else ""), "shots": r["shots"],
         "mean": float(np.mean(r["auroc"])), "std": float(np.std(r["auroc"])),
+        "base_mean": base_mean(r.get("base_auroc", [])),
         "seeds": len(r["auroc"]), "paper": r["paper"], "seconds": r["seconds"]}
         for r in results]
     hard: dict = {}
@@ -156,8 +163,10 @@ def rows_of(results: list[dict], dataset: str) -> list[dict]:
         if len(rs) < 2:
             continue
         per_seed = np.mean([r["auroc"] for r in rs], axis=0)  # [seeds]
+        bases = [r.get("base_auroc", []) for r in rs]
         rows.append({"method": m, "setting": "hard (mean over known classes)", "shots": n,
                      "mean": float(per_seed.mean()), "std": float(per_seed.std()),
+                     "base_mean": base_mean([a for b in bases for a in b]),
                      "seeds": len(per_seed),
                      "paper": reference_auroc_or_empty(dataset, {"method": m, "setting": "hard",
                                                                  "shots": n, "known_class": ""}),
@@ -173,8 +182,9 @@ def markdown(table: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in table["rows"]:
         paper = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["paper"].items()) or "–"
+        base = f" (its base {r['base_mean']:.3f})" if r.get("base_mean") is not None else ""
         lines.append(f"| {r['method']} | {r['setting']} | {r['shots']} | "
-                     f"{r['mean']:.3f} ± {r['std']:.3f} | {r['seeds']} | {paper} | "
+                     f"{r['mean']:.3f} ± {r['std']:.3f}{base} | {r['seeds']} | {paper} | "
                      f"{r['seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 

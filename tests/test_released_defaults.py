@@ -37,6 +37,23 @@ def test_configs_default_to_the_released_code():
     assert configs.dra.get_config("paper").optim.lr == 1e-3
 
 
+def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
+    """Default: the unified heads start from the base heads and take outer Adam steps of
+    the base model's lr (README "AHL"); `paper`/`released`: fresh heads at 5e-3 / 2e-3."""
+    import configs.ahl_devnet
+    import configs.ahl_dra
+    for module in (configs.ahl_dra, configs.ahl_devnet):
+        d = module.get_config()
+        assert (d.ahl.head_init, d.ahl.optim.lr, d.ahl.inner_lr) == ("base", d.optim.lr, 2e-4)
+        p = module.get_config("paper")
+        assert (p.ahl.head_init, p.ahl.optim.lr, p.ahl.weighting) == ("fresh", 5e-3, "paper")
+        r = module.get_config("released")
+        assert (r.ahl.head_init, r.ahl.optim.lr, r.ahl.optim.weight_decay,
+                r.ahl.optim.decay_every_epochs, r.ahl.optim.clip_norm,
+                r.ahl.weighting) == ("fresh", 2e-3, 1e-4, 10, 1.0, "released")
+        assert p.optim.lr == d.optim.lr  # the base model keeps its released defaults
+
+
 def test_step_decay_matches_where_the_released_code_steps_its_scheduler():
     """DRA steps StepLR at the start of each epoch (decays after epochs 9, 19, 29);
     DevNet at the end (after 10, 20, ...)."""

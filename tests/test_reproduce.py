@@ -54,3 +54,24 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     # another wall time), so an interrupted table resumes where it stopped
     assert reproduce.main(argv) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+
+
+def test_ahl_rows_show_their_base_models_auroc():
+    """An AHL cell's row carries the mean AUROC of its base model in the same runs, and
+    the hard-setting mean row the mean over known classes; other methods' rows none."""
+    reproduce = load_reproduce()
+    cell = {"setting": "hard", "shots": 10, "paper": {}, "seconds": 1.0}
+    results = [{**cell, "method": "ahl_dra", "known_class": "mono", "auroc": [0.8, 0.6],
+                "base_auroc": [0.7, 0.5]},
+               {**cell, "method": "ahl_dra", "known_class": "poly", "auroc": [0.9, 0.7],
+                "base_auroc": [0.6, 0.6]},
+               {**cell, "method": "dra", "known_class": "mono", "auroc": [0.5], "base_auroc": []}]
+    rows = reproduce.rows_of(results, "elpv")
+    assert [r["base_mean"] for r in rows[:2]] == pytest.approx([0.6, 0.6])
+    assert rows[2]["base_mean"] is None
+    mean_row = [r for r in rows if r["method"] == "ahl_dra" and "mean" in r["setting"]][0]
+    assert mean_row["mean"] == pytest.approx(0.75) and mean_row["base_mean"] == pytest.approx(0.6)
+    md = reproduce.markdown({"dataset": "elpv", "init": ["x"], "variants": "", "overrides": [],
+                             "rows": rows})
+    assert "| ahl_dra | hard (mono known) | 10 | 0.700 ± 0.100 (its base 0.600) |" in md
+    assert "| dra | hard (mono known) | 10 | 0.500 ± 0.000 | 1 |" in md
