@@ -201,6 +201,20 @@ def test_vmapped_meta_step_equals_a_loop(base):
         assert diff < 1e-6, diff
 
 
+@pytest.mark.parametrize("base", ["dra", "devnet"])
+def test_fresh_heads_take_the_place_of_the_base_heads(base):
+    """ahl.head_init=fresh (the `paper` and `released` variants): the heads `run_ahl`
+    initialises have the base heads' tree and shapes, new values, and score the bank."""
+    hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
+    fresh = hm.init(jax.random.key(5), [b[:1] for b in bank])
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+    assert [a.shape for a in jax.tree.leaves(fresh)] == [a.shape for a in jax.tree.leaves(params)]
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(fresh),
+                                                     jax.tree.leaves(params)))
+    scores = hm.score(hm.apply(fresh, [b[:4] for b in bank]))
+    assert scores.shape == (4,) and bool(jnp.all(jnp.isfinite(scores)))
+
+
 def test_padded_samples_change_nothing():
     hm, params, bank = _devnet_head_model()
     _, task_loss, _ = ahl.make_meta_step(hm, optax.sgd(1.0), 1, 0.1, False)
