@@ -152,7 +152,7 @@ def rows_of(results: list[dict], dataset: str) -> list[dict]:
     rows = [{"method": r["method"], "setting": r["setting"] + (
         f" ({r['known_class']} known)" if r["known_class"] else ""), "shots": r["shots"],
         "mean": float(np.mean(r["auroc"])), "std": float(np.std(r["auroc"])),
-        "base_mean": base_mean(r.get("base_auroc", [])),
+        "base_mean": base_mean(r["base_auroc"]),
         "seeds": len(r["auroc"]), "paper": r["paper"], "seconds": r["seconds"]}
         for r in results]
     hard: dict = {}
@@ -163,10 +163,9 @@ def rows_of(results: list[dict], dataset: str) -> list[dict]:
         if len(rs) < 2:
             continue
         per_seed = np.mean([r["auroc"] for r in rs], axis=0)  # [seeds]
-        bases = [r.get("base_auroc", []) for r in rs]
         rows.append({"method": m, "setting": "hard (mean over known classes)", "shots": n,
                      "mean": float(per_seed.mean()), "std": float(per_seed.std()),
-                     "base_mean": base_mean([a for b in bases for a in b]),
+                     "base_mean": base_mean([a for r in rs for a in r["base_auroc"]]),
                      "seeds": len(per_seed),
                      "paper": reference_auroc_or_empty(dataset, {"method": m, "setting": "hard",
                                                                  "shots": n, "known_class": ""}),

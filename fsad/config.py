@@ -151,12 +151,12 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.psi_steps = 20
     c.ahl.texture_root = ""  # e.g. DTD images for the Perlin family; default: training normals
     c.ahl.optim = config_dict.ConfigDict()
-    # 2e-4: the lr that trained the base heads (and the paper's inner lr). Adam's first
+    # the base model's own lr (2e-4, also the paper's inner lr). Adam's first
     # step moves every weight by about lr, and the trained base heads' weights have an RMS
     # of 0.005 to 0.04: the paper's 5e-3 (meant for fresh heads) undoes them at once
     # (README "AHL"). Variants: paper = 5e-3 from fresh heads; released = 2e-3, wd 1e-4,
     # x0.1 / 10 epochs, clip 1, from fresh heads.
-    c.ahl.optim.lr = 2e-4
+    c.ahl.optim.lr = c.optim.lr
     c.ahl.optim.weight_decay = 0.0
     c.ahl.optim.decay_every_epochs = 0
     c.ahl.optim.decay_factor = 0.1
