@@ -11,7 +11,9 @@ from its last checkpoint. The hard setting runs every anomaly class as the known
 
 Prints a markdown table (AUROC mean ± std over seeds, the papers' figures for the cell
 from `fsad.paper_figures.reference_auroc`, the training-and-evaluation wall time of
-the cell) and writes it to OUT/table.md, with every number in OUT/table.json.
+the cell) and writes it to OUT/table.md, with every number in OUT/table.json, after
+every cell. With --budget_minutes no cell starts after that time (for a machine lent for
+a fixed time), and --order protocol runs every method on a cell before the next cell.
 
     python benchmarks/reproduce.py --dataset elpv --methods devnet dra ahl_dra \
         --settings general hard --shots 10 1 --seeds 3 --out runs/elpv_table
@@ -36,10 +38,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fsad.config import override  # noqa: E402
+from fsad.config import has_field, override  # noqa: E402
 from fsad.data import load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
-from fsad.experiment import build_runner, run_experiment, write_json_atomic  # noqa: E402
+from fsad.experiment import (base_fields_that_differ, build_runner,  # noqa: E402
+                             run_experiment, write_json_atomic)
 from fsad.paper_figures import reference_auroc  # noqa: E402
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
@@ -48,18 +51,25 @@ METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 PROTOCOL_FIELDS = ("setting", "known_class", "n_anomaly")
 
 
-def method_config(method: str, variants: str, overrides: list[str], dataset: str):
-    """The config of one method with the table's variants and --set overrides."""
-    if method not in METHODS:
-        raise UserError(f"method {method!r} is not known; use any of {', '.join(METHODS)}")
-    config = importlib.import_module(f"configs.{method}").get_config(variants or None)
-    if dataset:
-        config.data.name = dataset
+def method_configs(methods, variants: str, overrides: list[str], dataset: str) -> dict:
+    """{method: its config with the table's variants and --set overrides}. An override
+    applies to the methods whose config has the field (``ahl.epochs`` to the AHL methods
+    alone); one that no method of the table has is an error."""
+    configs = {}
+    for m in methods:
+        if m not in METHODS:
+            raise UserError(f"method {m!r} is not known; use any of {', '.join(METHODS)}")
+        configs[m] = importlib.import_module(f"configs.{m}").get_config(variants or None)
+        if dataset:
+            configs[m].data.name = dataset
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: write FIELD=VALUE, e.g. --set data.img_size=96")
-        override(config, *item.split("=", 1))
-    return config
+        field, text = item.split("=", 1)
+        takers = [c for c in configs.values() if has_field(c, field)] or list(configs.values())
+        for c in takers:  # with no taker, the first override raises "not a config field"
+            override(c, field, text)
+    return configs
 
 
 def runner_key(config) -> str:
@@ -69,22 +79,42 @@ def runner_key(config) -> str:
         d["data"].pop(f, None)
     d.pop("seed", None)
     d.pop("num_seeds", None)
+    d.get("ahl", {}).pop("base_workdir", None)
     return json.dumps(d, sort_keys=True, default=str)
+
+
+def base_cell_workdir(cell: dict, configs: dict, config, out: str, seeds: int) -> str:
+    """For an AHL cell whose base method's cell of the same protocol is in the table and
+    finished with the same base settings: that cell's workdir (the AHL run starts from
+    its trained models, `ahl.base_workdir`); else "" (the AHL run trains its base)."""
+    stored = os.path.join(cell_dir(out, cell), "config.json")
+    if os.path.exists(stored):  # a cell begun earlier keeps its choice (and can resume)
+        with open(stored) as f:
+            return json.load(f).get("ahl", {}).get("base_workdir", "")
+    base = config.ahl.base if config.method == "ahl" else ""
+    workdir = cell_dir(out, {**cell, "method": base}) if base in configs else ""
+    if not workdir or not finished(workdir, seeds):
+        return ""
+    with open(os.path.join(workdir, "config.json")) as f:
+        return "" if base_fields_that_differ(config, json.load(f)) else workdir
 
 
 def anomaly_classes(data) -> list[str]:
     return sorted({str(c) for c, y in zip(data.classes, data.labels) if y == 1})
 
 
-def cells(methods, settings, shots, known_classes) -> list[dict]:
-    """The grid: one dict per (method, setting, known class, shots)."""
-    out = []
-    for m in methods:
-        for s in settings:
-            for k in (known_classes if s == "hard" else [""]):
-                for n in shots:
-                    out.append({"method": m, "setting": s, "known_class": k, "shots": n})
-    return out
+def cells(methods, settings, shots, known_classes, order: str = "method") -> list[dict]:
+    """The grid: one dict per (method, setting, known class, shots).
+
+    order "method" runs a method's every cell before the next method's; "protocol" runs
+    every method on a (setting, known class, shots) before the next, so that a table cut
+    short (--budget_minutes) has all methods side by side on the cells it reached.
+    """
+    protocols = [(s, k, n) for s in settings for k in (known_classes if s == "hard" else [""])
+                 for n in shots]
+    pairs = ([(m, p) for m in methods for p in protocols] if order == "method"
+             else [(m, p) for p in protocols for m in methods])
+    return [{"method": m, "setting": s, "known_class": k, "shots": n} for m, (s, k, n) in pairs]
 
 
 def cell_dir(out: str, cell: dict) -> str:
@@ -92,23 +122,55 @@ def cell_dir(out: str, cell: dict) -> str:
     return os.path.join(out, cell["method"], setting, f"{cell['shots']}shot")
 
 
-def run_table(args) -> dict:
-    """Runs (or resumes) every cell and returns {"cells": [...], "rows": [...]}."""
-    base = {m: method_config(m, args.variants, args.set, args.dataset) for m in args.methods}
+def finished(workdir: str, seeds: int) -> bool:
+    """Whether a cell's run is complete in workdir (results.json with every seed)."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return len(json.load(f)["runs"]) == seeds
+
+
+def run_table(args, on_cell=None) -> dict:
+    """Runs (or resumes) every cell and returns {"cells": [...], "rows": [...],
+    "skipped": [...]}; on_cell(table) is called after each cell with the table so far.
+
+    With args.budget_minutes, no cell starts once that many minutes have passed (cells
+    already finished are still read back); the cells left out are listed in "skipped".
+    """
+    t0 = time.time()
+    base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
     data = load_imageset(first.data)
     known = args.known_classes or anomaly_classes(data)
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
     runners: dict = {}
-    results = []
-    grid = cells(args.methods, args.settings, args.shots, known)
+    results, skipped = [], []
+    grid = cells(args.methods, args.settings, args.shots, known, args.order)
+
+    def table() -> dict:
+        return {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
+                "variants": args.variants, "overrides": args.set, "cells": results,
+                "rows": rows_of(results, paper_name), "skipped": skipped,
+                "wall_seconds": time.time() - t0}
+
     for i, cell in enumerate(grid):
+        workdir = cell_dir(args.out, cell)
+        if (args.budget_minutes is not None and time.time() - t0 > 60 * args.budget_minutes
+                and not finished(workdir, args.seeds)):
+            print(f"[{i + 1}/{len(grid)}] {cell_name(cell)}: not started, the "
+                  f"{args.budget_minutes:g}-minute budget is spent", flush=True)
+            skipped.append(cell)
+            continue
         config = base[cell["method"]].copy_and_resolve_references()
         config.data.setting = cell["setting"]
         config.data.known_class = cell["known_class"]
         config.data.n_anomaly = cell["shots"]
         config.seed = args.seed
         config.num_seeds = args.seeds
+        if config.method == "ahl":
+            config.ahl.base_workdir = base_cell_workdir(cell, base, config, args.out,
+                                                        args.seeds)
         if config.data.img_size != first.data.img_size:
             raise UserError("every method of a table must use the same data.img_size; "
                             "pass the same variants and --set data.img_size for all")
@@ -116,9 +178,7 @@ def run_table(args) -> dict:
         if key not in runners:
             runners[key] = build_runner(config)
         runner = dataclasses.replace(runners[key], config=config)  # shares compiled steps
-        workdir = cell_dir(args.out, cell)
-        print(f"[{i + 1}/{len(grid)}] {cell['method']} {cell['setting']} "
-              f"{cell['known_class'] or ''} {cell['shots']}-shot -> {workdir}", flush=True)
+        print(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}", flush=True)
         res = run_experiment(config, workdir, runner=runner, data=data)
         aurocs = [r["auroc"] for r in res["runs"]]
         # AHL: its base model's AUROC in the same run (the heads it started from)
@@ -126,10 +186,14 @@ def run_table(args) -> dict:
         results.append({**cell, "auroc": aurocs, "base_auroc": base_aurocs, "init": res["init"],
                         "seconds": float(sum(r["wall_seconds"] for r in res["runs"])),
                         "paper": reference_auroc_or_empty(paper_name, cell)})
-    table = {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
-             "variants": args.variants, "overrides": args.set, "cells": results,
-             "rows": rows_of(results, paper_name)}
-    return table
+        if on_cell is not None:
+            on_cell(table())
+    return table()
+
+
+def cell_name(cell: dict) -> str:
+    return (f"{cell['method']} {cell['setting']} {cell['known_class'] or ''}"
+            f"{' ' if cell['known_class'] else ''}{cell['shots']}-shot")
 
 
 def reference_auroc_or_empty(dataset: str, cell: dict) -> dict:
@@ -185,7 +249,23 @@ def markdown(table: dict) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {r['shots']} | "
                      f"{r['mean']:.3f} ± {r['std']:.3f}{base} | {r['seeds']} | {paper} | "
                      f"{r['seconds']:.0f} s |")
+    if table.get("skipped"):
+        lines += ["", "Not run (the time budget was spent): "
+                  + "; ".join(cell_name(c) for c in table["skipped"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def write_table(out: str, table: dict) -> str:
+    """Writes OUT/table.json and OUT/table.md (each whole or not at all); returns the
+    markdown."""
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "table.json"), table)
+    text = markdown(table)
+    tmp = os.path.join(out, f"table.md.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(out, "table.md"))
+    return text
 
 
 def parse_args(argv=None):
@@ -205,25 +285,24 @@ def parse_args(argv=None):
                    help="a config override for every cell, e.g. --set data.img_size=96")
     p.add_argument("--paper_dataset", default="", help="the dataset's name in the papers' "
                    "tables (default data.subset or data.name)")
+    p.add_argument("--order", choices=["method", "protocol"], default="method",
+                   help="method: each method's cells in turn; protocol: every method on a "
+                   "cell before the next cell (best with --budget_minutes)")
+    p.add_argument("--budget_minutes", type=float, default=None,
+                   help="start no cell after this many minutes (finished cells are still "
+                   "read back); the table lists the cells left out")
     p.add_argument("--out", required=True, help="folder of the cells' workdirs and the table")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    t0 = time.time()
-    try:
-        table = run_table(args)
+    try:  # the table so far is on disk after every cell: a run cut short still leaves one
+        table = run_table(args, on_cell=lambda t: write_table(args.out, t))
     except UserError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
-    table["wall_seconds"] = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    write_json_atomic(os.path.join(args.out, "table.json"), table)
-    text = markdown(table)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(text)
-    print(text)
+    print(write_table(args.out, table))
     return 0
 
 

@@ -9,7 +9,10 @@ one run measures:
   * with --seeds N, N seeds trained as one vmapped program against N separate steps;
   * with --torch (PyTorch installed), PyTorch versions of the released steps
     (benchmarks/torch_released.py: eager float32, AMP bf16 + channels_last, and
-    torch.compile), and fsad's ratio to the fastest of them.
+    torch.compile; for the AHL meta-step, whose released code cannot run, a torch.func
+    version of the same second-order step on DRA's heads, eager float32), and fsad's
+    ratio to the fastest of them. (fsad's meta-step also scores the importance pool
+    under the T adapted heads, which the torch step leaves out.)
 Warm-up calls are excluded and every clock read follows block_until_ready (or
 torch.cuda.synchronize). Prints a table; --json writes the rows.
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 import time
@@ -32,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
                         make_score_fn, make_train_step, put_train_data)
@@ -69,7 +72,8 @@ def compile_seconds(jitted, *args) -> tuple[float, object]:
     return time.perf_counter() - t0, compiled
 
 
-def bench_train_and_score(method_name: str, args, batch: int, dtype: str) -> dict:
+def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
+                          torch_rows: dict) -> dict:
     config = config_for(method_name, args, batch, dtype)
     method = build_method(config)
     mesh = make_mesh()
@@ -112,8 +116,21 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str) -> dic
     if args.seeds > 1:
         row.update(bench_seeds(method, tx, mesh, data, batch, args))
     if args.torch and method_name in ("devnet", "dra"):
-        row.update(bench_torch(method_name, args, batch, row["train_img_per_s"]))
+        row.update(with_torch_ratio(row["train_img_per_s"], torch_rows, (method_name, batch),
+                                    lambda: bench_torch(method_name, args, batch)))
     return row
+
+
+def with_torch_ratio(fsad_img_per_s: float, torch_rows: dict, key, measure) -> dict:
+    """PyTorch's figures for key (measured once per run by measure(), then reused by the
+    rows of other dtypes) and fsad's ratio to the fastest PyTorch mode."""
+    if key not in torch_rows:
+        torch_rows[key] = measure()
+    out = dict(torch_rows[key])
+    speeds = [v for k, v in out.items() if k.endswith("_img_per_s")]
+    if speeds:
+        out["fsad_over_best_torch"] = fsad_img_per_s / max(speeds)
+    return out
 
 
 def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
@@ -165,11 +182,12 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
            "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
     if args.torch:
-        row.update(bench_torch_ahl(args, hm, params, bank, tasks, row["train_img_per_s"]))
+        row.update(with_torch_ratio(row["train_img_per_s"], {}, "ahl", lambda: bench_torch_ahl(
+            args, tasks, [b.shape[1] for b in bank], c, bank[0].shape[0])))
     return row
 
 
-def bench_torch(kind: str, args, batch: int, fsad_img_per_s: float) -> dict:
+def bench_torch(kind: str, args, batch: int) -> dict:
     try:
         import torch
 
@@ -193,16 +211,27 @@ def bench_torch(kind: str, args, batch: int, fsad_img_per_s: float) -> dict:
                 step, (images, labels, *extra), batch, steps=args.steps, device=device)
         except Exception as err:  # noqa: BLE001 - a mode torch cannot run here is reported
             out[f"torch_{mode}_error"] = f"{type(err).__name__}: {err}"[:200]
-    speeds = [v for k, v in out.items() if k.endswith("_img_per_s")]
-    if speeds:
-        out["fsad_over_best_torch"] = fsad_img_per_s / max(speeds)
     return out
 
 
-def bench_torch_ahl(args, hm, params, bank, tasks, fsad_img_per_s: float) -> dict:
-    """The torch meta-step (benchmarks/torch_released.py) exists for DevNet's head; the
-    DRA-head version is not written, so no ratio is claimed for it."""
-    return {"torch_ahl": "no torch DRA-head meta-step (see benchmarks/torch_released.py)"}
+def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int) -> dict:
+    """PyTorch's version of the same meta-step (benchmarks/torch_released.py
+    `ahl_meta_step_for_benchmark`: DRA's heads, torch.func, second order, eager float32)
+    on bank features of the same shapes, with the same task count and samples per task."""
+    try:
+        from benchmarks import torch_released as tr
+    except ImportError:
+        return {}
+    try:
+        support = round(float(tasks.support_mask.sum()) / tasks.num_tasks)
+        query = round(float(tasks.query_mask.sum()) / tasks.num_tasks)
+        step, step_args, n = tr.ahl_meta_step_for_benchmark(
+            channels, maps, tasks.num_tasks, support, query, base="dra",
+            bank_rows=bank_rows, device=tr.default_device())
+        return {"torch_eager_fp32_img_per_s": tr.time_torch_step(step, step_args, n,
+                                                                 steps=args.steps)}
+    except Exception as err:  # noqa: BLE001 - reported, as for the other torch modes
+        return {"torch_eager_fp32_error": f"{type(err).__name__}: {err}"[:200]}
 
 
 def main(argv=None):
@@ -226,7 +255,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
-    rows = []
+    rows, torch_rows = [], {}
     for m in args.methods:
         for batch in args.batches:
             for dtype in args.dtypes:
@@ -235,16 +264,15 @@ def main(argv=None):
                         continue  # the meta-step runs on float32 features
                     row = bench_ahl(args, batch, dtype)
                 else:
-                    row = bench_train_and_score(m, args, batch, dtype)
+                    row = bench_train_and_score(m, args, batch, dtype, torch_rows)
                 row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
                            img_size=args.img_size, backbone=args.backbone)
                 rows.append(row)
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)
+                if args.json:  # after every row: a run cut short keeps what it measured
+                    write_json_atomic(args.json, rows)
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
 
 
 def table(rows) -> str:

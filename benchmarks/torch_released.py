@@ -6,7 +6,7 @@ What the released code computes (written anew here, not copied), for two uses:
   these modules and through fsad's Flax models must give the same head outputs,
   losses, gradients, BatchNorm statistics and optimiser step;
 * a throughput benchmark of PyTorch against fsad (`make_torch_step`,
-  `make_torch_meta_step`, `time_torch_step`).
+  `make_torch_meta_step`, `ahl_meta_step_for_benchmark`, `time_torch_step`).
 
 Released code mirrored:
   DevNet  mala-lab/deviation-network-image: modeling/net.py `SemiADNet` (image
@@ -21,7 +21,9 @@ Released code mirrored:
           StepLR stepped at the START of each epoch).
   AHL     fsad's CDL step (fsad/methods/ahl.py `make_meta_step`) in PyTorch: T tasks
           looped, functional heads (torch.func.functional_call), `inner_steps` SGD
-          steps with create_graph=True, weighted query losses, one outer Adam step.
+          steps with create_graph=True, weighted query losses, one outer Adam step;
+          on DevNet's head (`DevNetFeatureHead`, `weighted_devnet_loss`) or on DRA's
+          heads (`DRAFeatureHeads`, `weighted_dra_loss`) over bank features.
           (The released AHL main.py cannot run as published; see spec §7.)
 
 The trunk is torchvision's ResNet-18 layout written out here (torchvision is not a
@@ -200,6 +202,27 @@ class CompositeHead(PlainHead):
 
 # the released output order, and the fsad head each one is
 DRA_HEADS = ("normality", "seen", "pseudo", "residual")
+# fsad head name -> the released module attribute that holds it
+DRA_MODULES = {"normality": "holistic_head", "seen": "seen_head", "pseudo": "pseudo_head",
+               "residual": "composite_head"}
+
+
+def add_dra_heads(module: nn.Module, in_dim: int, topk: float, heads=DRA_HEADS,
+                  residual_stride: int = 1, residual_padding: int = 1) -> tuple:
+    """Registers the released DRA heads named in `heads` (fsad names) on `module` under
+    the released attribute names (DRA_MODULES), in the released order. Returns the
+    registered heads' names in that order."""
+    unknown = set(heads) - set(DRA_HEADS)
+    if unknown:
+        raise ValueError(f"unknown DRA heads {sorted(unknown)}; use some of {DRA_HEADS}")
+    make = {"normality": lambda: HolisticHead(in_dim),
+            "seen": lambda: PlainHead(in_dim, topk),
+            "pseudo": lambda: PlainHead(in_dim, topk),
+            "residual": lambda: CompositeHead(in_dim, topk, residual_stride, residual_padding)}
+    names = tuple(h for h in DRA_HEADS if h in heads)
+    for h in names:
+        setattr(module, DRA_MODULES[h], make[h]())
+    return names
 
 
 class DRA(nn.Module):
@@ -216,10 +239,7 @@ class DRA(nn.Module):
         super().__init__()
         self.n_scales, self.topk, self.n_ref, self.img_size = n_scales, topk, n_ref, img_size
         self.feature_extractor = FeatureResNet18()
-        self.holistic_head = HolisticHead(512)
-        self.seen_head = PlainHead(512, topk)
-        self.pseudo_head = PlainHead(512, topk)
-        self.composite_head = CompositeHead(512, topk, residual_stride, residual_padding)
+        add_dra_heads(self, 512, topk, DRA_HEADS, residual_stride, residual_padding)
 
     def forward(self, image, label=None):
         per_head = [[] for _ in DRA_HEADS]
@@ -251,21 +271,50 @@ def sample_prior(num: int = PRIOR_SIZE, device=None) -> torch.Tensor:
     return torch.normal(mean=0.0, std=torch.full([num], 1.0, device=device))
 
 
+def pick_prior(priors, name: str | None = None, device=None) -> torch.Tensor:
+    """The prior vector of one loss: priors None (a fresh `sample_prior` draw, as the
+    released criterion), one [l] tensor (used by every loss), or {head name: [l]}."""
+    if priors is None:
+        return sample_prior(device=device)
+    if isinstance(priors, Mapping):
+        return priors[name]
+    return priors
+
+
 def deviation_loss(y_pred: torch.Tensor, y_true: torch.Tensor, ref: torch.Tensor,
-                   margin: float = MARGIN) -> torch.Tensor:
+                   margin: float = MARGIN, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Released `DeviationLoss.forward`, with its prior sample vector `ref` passed in
-    (the released one draws it inside, afresh on every call)."""
+    (the released one draws it inside, afresh on every call).
+
+    weight: None, the batch mean (released); or [B] >= 0, fsad's
+    `deviation_loss(..., mask=weight)`: sum(w * l) / sum(w), 0 when sum(w) = 0.
+    """
     dev = (y_pred - torch.mean(ref)) / torch.std(ref)
     inlier = torch.abs(dev)
     outlier = torch.abs((margin - dev).clamp(min=0.0))
-    return torch.mean((1 - y_true) * inlier + y_true * outlier)
+    per_sample = (1 - y_true) * inlier + y_true * outlier
+    if weight is None:
+        return torch.mean(per_sample)
+    total = weight.sum()
+    return (per_sample * weight).sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def head_routing(labels: torch.Tensor) -> dict:
+    """Which samples each DRA head's loss sees, and its targets (fsad's `head_routing`,
+    the released routing): labels [B] {0 normal, 1 seen, 2 pseudo} ->
+    {head: (targets [B] bool, mask [B] bool)}."""
+    everything = torch.ones_like(labels, dtype=torch.bool)
+    return {"normality": (labels == 0, everything),
+            "seen": (labels == 1, labels != 2),      # pseudo anomalies left out
+            "pseudo": (labels == 2, labels != 1),    # seen anomalies left out
+            "residual": (labels != 0, everything)}   # every anomaly is 1
 
 
 def generate_target(target: torch.Tensor):
     """Released DRA train.py `generate_target` (training): targets of the four heads in
     output order, the seen / pseudo ones for their routed rows only."""
-    anomalous = target != 0
-    return [target == 0, anomalous[target != 2], anomalous[target != 1], target != 0]
+    routes = head_routing(target)
+    return [routes[h][0][routes[h][1]] for h in DRA_HEADS]
 
 
 def dra_loss(outputs, target: torch.Tensor, priors=None):
@@ -277,19 +326,14 @@ def dra_loss(outputs, target: torch.Tensor, priors=None):
     """
     losses = {}
     for name, out, tgt in zip(DRA_HEADS, outputs, generate_target(target)):
-        if priors is None:
-            ref = sample_prior(device=out.device)
-        elif isinstance(priors, Mapping):
-            ref = priors[name]
-        else:
-            ref = priors
+        ref = pick_prior(priors, name, out.device)
         losses[name] = deviation_loss(out.float(), tgt.float(), ref)
     return sum(losses.values()), losses
 
 
 def devnet_loss(output: torch.Tensor, target: torch.Tensor, prior=None) -> torch.Tensor:
     """Released DevNet training loss: output [B,1], target [B] {0,1}."""
-    ref = sample_prior(device=output.device) if prior is None else prior
+    ref = pick_prior(prior, None, output.device)
     return deviation_loss(output.float(), target.view(-1, 1).float(), ref)
 
 
@@ -319,6 +363,18 @@ _BN_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
 TRUNK_PREFIX = "feature_extractor.net."
 
 
+def _flax_key(heads: Mapping, key: str) -> tuple:
+    """A released head key -> its fsad variable's flat key (collection, *path, leaf)."""
+    prefix, leaf = key.rsplit(".", 1)
+    if prefix not in heads:
+        raise KeyError(key)
+    path = heads[prefix]
+    if path[-1] == "bn":
+        collection, name = _BN_LEAVES[leaf]
+        return (collection, *path, name)
+    return ("params", *path, "bias" if leaf == "bias" else "kernel")
+
+
 def to_flax(kind: str, tensors: Mapping) -> dict:
     """A released-layout state_dict (or any subset of it, e.g. {name: param.grad}) ->
     fsad Flax variables {"params": ..., "batch_stats": ...} of float32 arrays.
@@ -326,7 +382,8 @@ def to_flax(kind: str, tensors: Mapping) -> dict:
     Trunk through `fsad.weights.torchvision_resnet_to_flax`; heads by hand: conv
     [out,in,kh,kw] -> kernel [kh,kw,in,out], Linear [out,in] -> kernel [in,out],
     BatchNorm weight/bias/running_mean/running_var -> scale/bias/mean/var.
-    `num_batches_tracked` and the trunk's `fc.*` are dropped.
+    `num_batches_tracked` and the trunk's `fc.*` are dropped. (`load_flax_heads`: the
+    heads' way back.)
     """
     from flax import traverse_util
 
@@ -339,20 +396,12 @@ def to_flax(kind: str, tensors: Mapping) -> dict:
         if key.startswith(TRUNK_PREFIX):
             trunk[key[len(TRUNK_PREFIX):]] = _np(value)
             continue
-        prefix, leaf = key.rsplit(".", 1)
-        if prefix not in heads:
-            raise KeyError(f"{key!r} is not a released {kind} key")
-        path = heads[prefix]
+        try:
+            fkey = _flax_key(heads, key)
+        except KeyError:
+            raise KeyError(f"{key!r} is not a released {kind} key") from None
         v = _np(value)
-        if path[-1] == "bn":
-            collection, name = _BN_LEAVES[leaf]
-            flat[(collection, *path, name)] = v
-        elif leaf == "bias":
-            flat[("params", *path, "bias")] = v
-        elif v.ndim == 4:
-            flat[("params", *path, "kernel")] = v.transpose(2, 3, 1, 0)
-        else:
-            flat[("params", *path, "kernel")] = v.T
+        flat[fkey] = v.transpose(2, 3, 1, 0) if v.ndim == 4 else v.T
     nested = traverse_util.unflatten_dict(flat) if flat else {}
     out = {"params": nested.get("params", {}), "batch_stats": nested.get("batch_stats", {})}
     if trunk:
@@ -361,6 +410,35 @@ def to_flax(kind: str, tensors: Mapping) -> dict:
             if tv[collection]:
                 out[collection]["backbone"] = tv[collection]
     return out
+
+
+def load_flax_heads(kind: str, variables: Mapping, module: nn.Module) -> None:
+    """fsad's head variables -> `module`'s head parameters and BatchNorm buffers, in place:
+    `to_flax`'s head mapping backwards (kernel [kh,kw,in,out] -> conv [out,in,kh,kw],
+    [in,out] -> Linear [out,in], scale/bias/mean/var -> BatchNorm
+    weight/bias/running_mean/running_var).
+
+    variables: {"params": {"heads": ...} (DRA) or {"head": ...} (DevNet), "batch_stats":
+    the same}, the layout of `to_flax` and of a trained fsad model's variables (a
+    `DRAFeatureHeads`, `DevNetFeatureHead`, `DRA` or `DevNet`; a trunk is left as it is).
+    Raises KeyError when a head tensor of `module` has no fsad variable.
+    """
+    from flax import traverse_util
+
+    heads = {"devnet": _DEVNET_HEADS, "dra": _DRA_HEADS}[kind]
+    flat = traverse_util.flatten_dict({c: dict(variables.get(c, {}))
+                                       for c in ("params", "batch_stats")})
+    state = {}
+    for key, current in module.state_dict().items():
+        if key.startswith(TRUNK_PREFIX) or key.endswith("num_batches_tracked"):
+            continue
+        v = np.array(flat[_flax_key(heads, key)], np.float32)  # a writable copy
+        v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+        if v.shape != tuple(current.shape):
+            raise ValueError(f"{key}: fsad's {v.shape} against torch's {tuple(current.shape)}")
+        state[key] = torch.as_tensor(np.ascontiguousarray(v), dtype=current.dtype,
+                                     device=current.device)
+    module.load_state_dict(state, strict=False)
 
 
 def state_dict_to_flax(kind: str, model: nn.Module) -> dict:
@@ -456,49 +534,121 @@ class DevNetFeatureHead(nn.Module):
                          dim=1).mean(dim=1)
 
 
-def weighted_deviation_loss(scores, labels, weight, ref, margin: float = MARGIN):
-    """fsad's `deviation_loss(..., mask=weight)`: sum(w * l) / max(sum(w), 1)."""
-    dev = (scores - ref.mean()) / ref.std()
-    y = labels.to(scores.dtype)
-    per = (1 - y) * dev.abs() + y * (margin - dev).clamp(min=0.0)
-    return (per * weight).sum() / weight.sum().clamp(min=1.0)
+class DRAFeatureHeads(nn.Module):
+    """DRA's heads on precomputed trunk features (AHL on DRA), as fsad's `DRAHeads`
+    applies them in `fsad.methods.ahl.head_model`: every head on every sample, each
+    head's score the mean over scales.
+
+    The heads are the released modules (`add_dra_heads`, the released attribute names, so
+    `to_flax("dra", .state_dict())` / `load_flax_heads("dra", ...)` map them to fsad's
+    {"heads": ...}). fsad applies them with train=False: call `.eval()` (the meta-step of
+    `make_torch_meta_step` does) so that the residual head's BatchNorm normalises with its
+    running statistics, the base model's, and leaves them alone.
+
+    Args:
+      in_dim: C; topk: the top-K fraction; heads: fsad head names (the variant's,
+        `fsad.methods.dra.VARIANTS`); ref_means: list over scales of [C,h_s,w_s], the
+        reference mean maps (needed with the residual head; kept as buffers, outside the
+        state_dict); residual_stride / residual_padding: the residual head's 3x3 conv.
+    Call: feats, list over scales of [B,C,h_s,w_s] -> {head: [B]}.
+    """
+
+    def __init__(self, in_dim: int = 512, topk: float = 0.1, heads=DRA_HEADS, ref_means=None,
+                 residual_stride: int = 1, residual_padding: int = 1):
+        super().__init__()
+        self.heads = add_dra_heads(self, in_dim, topk, heads, residual_stride,
+                                   residual_padding)
+        if "residual" in self.heads and ref_means is None:
+            raise ValueError("the residual head needs ref_means (one [C,h,w] per scale)")
+        for s, m in enumerate(ref_means or ()):
+            self.register_buffer(f"ref_mean{s}", torch.as_tensor(m, dtype=torch.float32),
+                                 persistent=False)
+
+    def forward(self, feats):
+        out = {}
+        for h in self.heads:
+            head = getattr(self, DRA_MODULES[h])
+            if h == "residual":
+                per_scale = [head(f, getattr(self, f"ref_mean{s}")[None])
+                             for s, f in enumerate(feats)]
+            else:
+                per_scale = [head(f) for f in feats]
+            out[h] = torch.cat(per_scale, dim=1).mean(dim=1)
+        return out
+
+
+def weighted_devnet_loss(scores: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
+                         prior=None) -> torch.Tensor:
+    """AHL's task loss on DevNet's head (fsad's `head_model` loss, DevNet base): the
+    deviation loss of scores [B] against labels [B] > 0, weighted by weight [B]; prior as
+    `pick_prior` (one vector)."""
+    return deviation_loss(scores, (labels > 0).to(scores.dtype),
+                          pick_prior(prior, None, scores.device), weight=weight)
+
+
+def weighted_dra_loss(scores: Mapping, labels: torch.Tensor, weight: torch.Tensor,
+                      priors=None) -> torch.Tensor:
+    """AHL's task loss on DRA's heads (fsad's `head_model` loss, DRA base: the sum over
+    heads of `head_losses(..., sample_weight=weight)`): each head's deviation loss on the
+    samples routed to it (`head_routing`), weighted by weight [B] (0 on padding) times
+    its routing mask, averaged by their sum.
+
+    scores: {head: [B]}; labels [B] {0, 1, 2}; priors as `pick_prior` (None: a fresh
+    draw per head and call, as fsad's fresh keys). The heads are summed in sorted
+    order, as fsad sums them. -> scalar.
+    """
+    routes = head_routing(labels)
+    total = 0.0
+    for h in sorted(scores):
+        target, mask = routes[h]
+        s = scores[h]
+        total = total + deviation_loss(s, target.to(s.dtype), pick_prior(priors, h, s.device),
+                                       weight=mask.to(s.dtype) * weight)
+    return total
 
 
 def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
                          inner_steps: int, inner_lr: float, first_order: bool = False,
-                         clip_norm: float = 0.0) -> Callable:
-    """fsad's CDL epoch step (`fsad.methods.ahl.make_meta_step`, DevNet head) in PyTorch.
+                         clip_norm: float = 0.0, loss: Callable | None = None) -> Callable:
+    """fsad's CDL epoch step (`fsad.methods.ahl.make_meta_step`) in PyTorch.
 
     For each task t: theta = params; `inner_steps` plain SGD steps on the support loss
     (torch.autograd.grad with create_graph=True unless first_order); the query loss
     L_t of the adapted theta. The unified params take one optimizer step on
-    sum_t weights[t] * L_t (after clip_grad_norm_ when clip_norm > 0).
+    sum_t weights[t] * L_t (after clip_grad_norm_ when clip_norm > 0). The head runs in
+    eval mode, as fsad applies it (train=False).
+
+    head: feats (list over scales of [B,C,h,w]) -> scores: `DevNetFeatureHead` ([B])
+      or `DRAFeatureHeads` ({head: [B]}).
+    loss: (scores, labels [B], weight [B], prior) -> scalar; default
+      `weighted_devnet_loss` (DevNet's head); `weighted_dra_loss` for DRA's heads.
 
     Returns step(bank, tasks, weights, prior=None) -> (loss, task_losses [T]):
       bank: list over scales of [M,C,h,w]; tasks: dict of [T,S] / [T,Q] tensors
       support_idx, support_lab, support_weight, query_idx, query_lab, query_weight
-      (weight 0 on padding); weights: [T]; prior: None (fresh draws on every loss, as
-      fsad's fresh keys) or one [l] vector used by every loss.
+      (weight 0 on padding); weights: [T]; prior: handed to `loss` for every task loss:
+      None (fresh draws on every loss, as fsad's fresh keys), one [l] vector, or (DRA)
+      {head: [l]}.
     """
     from torch.func import functional_call
 
+    loss = weighted_devnet_loss if loss is None else loss
     names = [n for n, _ in head.named_parameters()]
 
     def task_loss(theta, bank, idx, lab, weight, prior):
         feats = [f[idx] for f in bank]
-        scores = functional_call(head, theta, (feats,))
-        ref = sample_prior(device=scores.device) if prior is None else prior
-        return weighted_deviation_loss(scores, lab > 0, weight, ref)
+        return loss(functional_call(head, theta, (feats,)), lab, weight, prior)
 
     def step(bank, tasks, weights, prior=None):
+        head.eval()
         params = dict(head.named_parameters())
         losses = []
         for t in range(weights.shape[0]):
             theta = dict(params)
             for _ in range(inner_steps):
-                loss = task_loss(theta, bank, tasks["support_idx"][t], tasks["support_lab"][t],
-                                 tasks["support_weight"][t], prior)
-                grads = torch.autograd.grad(loss, [theta[n] for n in names],
+                inner = task_loss(theta, bank, tasks["support_idx"][t], tasks["support_lab"][t],
+                                  tasks["support_weight"][t], prior)
+                grads = torch.autograd.grad(inner, [theta[n] for n in names],
                                             create_graph=not first_order)
                 theta = {n: theta[n] - inner_lr * g for n, g in zip(names, grads)}
             losses.append(task_loss(theta, bank, tasks["query_idx"][t], tasks["query_lab"][t],
@@ -513,6 +663,66 @@ def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
         return total.detach(), losses.detach()
 
     return step
+
+
+def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, support: int,
+                                query: int, base: str = "dra", inner_steps: int = 3,
+                                inner_lr: float = 2e-4, first_order: bool = False,
+                                lr: float = 2e-4, bank_rows: int | None = None,
+                                topk: float = 0.1, residual_stride: int = 1,
+                                residual_padding: int = 1, device=None, seed: int = 0):
+    """A random-init AHL meta-step on random bank features, ready to time:
+
+        step, args, n = ahl_meta_step_for_benchmark(512, (14, 7), 7, 120, 120)
+        img_per_s = time_torch_step(step, args, n)
+
+    base "dra": `DRAFeatureHeads` (all four heads; reference means = the mean of the
+    bank's first 5 rows) with `weighted_dra_loss`; "devnet": `DevNetFeatureHead` with
+    `weighted_devnet_loss`. Outer optimiser torch.optim.Adam(lr) (fsad's default
+    `ahl.optim`: lr 2e-4, no weight decay, no clipping); fresh prior draws on every loss.
+
+    Args:
+      channels: C; map_sizes: (h_s) per scale, square maps (a trunk's at img_size:
+        ceil(img_size / 32), then half of it); num_tasks: T; support, query: S and Q
+        samples per task (no padding), each a third normal (label 0), a third pseudo
+        (2), the rest seen anomalies (1), with fsad's class-balance weights
+        (`fsad.methods.ahl.class_balance`); bank_rows: M (default T * (S + Q)); device:
+        default `default_device()`.
+    Returns:
+      (step, args, images_per_step): step(*args) runs one meta-step; args = (bank: list
+      over scales of [M,C,h_s,h_s] float32, tasks: dict of [T,S] / [T,Q] tensors
+      support_idx/lab/weight, query_idx/lab/weight, weights [T] = 1/T);
+      images_per_step = T * (S + Q), the samples the step adapts on and scores (what
+      benchmarks/throughput.py's fsad AHL row counts).
+    """
+    from fsad.methods.ahl import class_balance
+
+    if base not in ("dra", "devnet"):
+        raise ValueError(f"base={base!r}; use dra or devnet")
+    device = torch.device(device) if device is not None else default_device()
+    g = torch.Generator().manual_seed(seed)
+    m = bank_rows or num_tasks * (support + query)
+    bank = [torch.randn(m, channels, h, h, generator=g) for h in map_sizes]
+    torch.manual_seed(seed)
+    if base == "dra":
+        head = DRAFeatureHeads(channels, topk, DRA_HEADS, [b[:5].mean(0) for b in bank],
+                               residual_stride, residual_padding)
+        loss = weighted_dra_loss
+    else:
+        head, loss = DevNetFeatureHead(channels, topk), weighted_devnet_loss
+    head = head.to(device)
+    tasks = {}
+    for prefix, n in (("support", support), ("query", query)):
+        lab = np.array([0] * (n // 3) + [2] * (n // 3) + [1] * (n - 2 * (n // 3)))
+        tasks[f"{prefix}_idx"] = torch.randint(0, m, (num_tasks, n), generator=g).to(device)
+        tasks[f"{prefix}_lab"] = torch.as_tensor(np.tile(lab, (num_tasks, 1)), device=device)
+        tasks[f"{prefix}_weight"] = torch.as_tensor(
+            np.tile(class_balance(lab, base), (num_tasks, 1)), device=device)
+    weights = torch.full((num_tasks,), 1.0 / num_tasks, device=device)
+    step = make_torch_meta_step(head, torch.optim.Adam(head.parameters(), lr=lr), inner_steps,
+                                inner_lr, first_order, loss=loss)
+    bank = [b.to(device) for b in bank]
+    return step, (bank, tasks, weights), num_tasks * (support + query)
 
 
 # ------------------------------------------------------------------ timing

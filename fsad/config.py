@@ -145,6 +145,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # the unified heads start from the trained base heads ("base"), or fresh from
     # PyTorch's default initialisation ("fresh": the released AHL code)
     c.ahl.head_init = "base"
+    # a finished run of the base method on the same data, model and protocol (e.g.
+    # runs/dra_elpv): each seed starts from that run's trained base model instead of
+    # training it again (benchmarks/reproduce.py sets it when its table has the base)
+    c.ahl.base_workdir = ""
     c.ahl.psi_hidden = 7
     c.ahl.psi_fc = 14
     c.ahl.psi_lr = 0.02
@@ -198,6 +202,16 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def has_field(config: config_dict.ConfigDict, dotted: str) -> bool:
+    """Whether config.<dotted> is a field (e.g. "ahl.epochs" is one of AHL configs only)."""
+    node = config
+    for p in dotted.split("."):
+        if not isinstance(node, config_dict.ConfigDict) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
 def override(config: config_dict.ConfigDict, dotted: str, text: str) -> None:
     """config.<dotted> = text converted to the field's type, as ``--config.<dotted>=text``
     does on the command line (benchmarks/reproduce.py's ``--set``).
@@ -205,16 +219,13 @@ def override(config: config_dict.ConfigDict, dotted: str, text: str) -> None:
     Raises:
       UserError: no such field, or text that is not a value of the field's type.
     """
+    if not has_field(config, dotted):
+        raise UserError(f"{dotted} is not a config field; check its spelling against the "
+                        f"config file (fsad/config.py lists the shared fields)")
     *path, leaf = dotted.split(".")
     node = config
     for p in path:
-        if not isinstance(node, config_dict.ConfigDict) or p not in node:
-            raise UserError(f"{dotted} is not a config field; check its spelling against "
-                            f"the config file (fsad/config.py lists the shared fields)")
         node = node[p]
-    if not isinstance(node, config_dict.ConfigDict) or leaf not in node:
-        raise UserError(f"{dotted} is not a config field; check its spelling against the "
-                        f"config file (fsad/config.py lists the shared fields)")
     old = node[leaf]
     try:
         if isinstance(old, bool):

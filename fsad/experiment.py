@@ -180,8 +180,46 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     state, info = fit(runner.method, state, runner.tx, train_data, runner.mesh, k_train,
                       config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
                       config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
-                      step_fn=step)
+                      step_fn=step, start_from=base_run_checkpoints(config, seed))
     return state, {**info, "compile_seconds": compile_seconds}
+
+
+# fields of an AHL config that its base model's training does not read
+AHL_ONLY_FIELDS = ("method", "ahl", "seed", "num_seeds")
+
+
+def base_fields_that_differ(config, base: dict) -> list[str]:
+    """The fields, other than AHL's own, in which an AHL config and a base run's config
+    (a config.json dict) differ: none when that run trained the same base model."""
+    mine = _config_json(config)
+    return sorted(k for k in set(mine) | set(base)
+                  if k not in AHL_ONLY_FIELDS and mine.get(k) != base.get(k))
+
+
+def base_run_checkpoints(config, seed: int) -> str | None:
+    """AHL with ahl.base_workdir: the checkpoint folder of that run's seed, after checking
+    that the run trained this config's base model and finished that seed; else None."""
+    if config.method != "ahl" or not config.ahl.get("base_workdir"):
+        return None
+    root = config.ahl.base_workdir
+    path = os.path.join(root, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"ahl.base_workdir={root!r} holds no run (no config.json); train "
+                        f"the base first (--config configs/{config.ahl.base}.py --workdir "
+                        f"{root}), or leave ahl.base_workdir empty to train it here")
+    with open(path) as f:
+        base = json.load(f)
+    differ = base_fields_that_differ(config, base)
+    if base.get("method") != config.ahl.base or differ:
+        raise UserError(f"ahl.base_workdir={root!r} holds a {base.get('method')} run that "
+                        f"differs from this AHL({config.ahl.base}) run's base in "
+                        f"{', '.join(differ) or 'method'}; use a base run with the same "
+                        f"settings, or leave ahl.base_workdir empty")
+    seed_dir = os.path.join(root, f"seed_{seed}")
+    if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
+        raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
+                        f"with --config.seed={seed} first, or leave ahl.base_workdir empty")
+    return os.path.join(seed_dir, "checkpoints")
 
 
 def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:
@@ -276,6 +314,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     seeds = [config.seed + i for i in range(config.num_seeds)]
     for seed in seeds:  # every seed's protocol checked against the data before training
         check_against_data(config, len(split_stage(config, data, seed).train_normal))
+        base_run_checkpoints(config, seed)  # AHL on another run's base: that run checked
     runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
     results = {
         "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",

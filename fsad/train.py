@@ -374,7 +374,8 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -
 def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
         batch_size: int, epochs: int, steps_per_epoch: int, workdir: str | None,
         keep_checkpoints: int = 3, desc: str = "train",
-        step_fn: Callable | None = None) -> tuple[TrainState, dict]:
+        step_fn: Callable | None = None,
+        start_from: str | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) training to epochs * steps_per_epoch steps.
 
     Checkpoints go to ``workdir/checkpoints`` at the end of every epoch; when
@@ -383,6 +384,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     Args:
       step_fn: the train step (`make_train_step`, or its compiled form) to reuse; built
         here when None.
+      start_from: another run's checkpoint folder to start from when workdir has no
+        checkpoint (AHL's ahl.base_workdir); it is read, never written.
     Returns:
       the final state and {"train_seconds", "steps", "resumed_from", "loss",
       "step_seconds" (median wall time of a step after the first)}.
@@ -392,6 +395,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
+    if start_from and int(state.step) == 0:
+        source = checkpoint_manager(start_from, keep_checkpoints)
+        state = restore_latest(source, state)
+        source.close()
     start = int(state.step)
     step_fn = step_fn or make_train_step(method, tx, mesh, batch_size)
     t0 = time.time()

@@ -268,3 +268,33 @@ def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(runs):
     assert_same_scores(u, k)
     np.testing.assert_array_equal(results(u)["runs"][0]["ahl"]["weights"],
                                   results(k)["runs"][0]["ahl"]["weights"])
+
+
+def test_ahl_starts_from_a_finished_base_run(runs, tmp_path):
+    """ahl.base_workdir: AHL(DevNet) takes the trained DevNet run's model instead of
+    training its own (no step is taken, and its base scores are that run's); a base run
+    with other settings, or without the seed, is refused before any work."""
+    import importlib
+    from fsad.config import override
+    from fsad.errors import UserError
+    from fsad.experiment import run_experiment
+    base = config_of("devnet", runs["devnet"]["root"])
+    config = importlib.import_module("configs.ahl_devnet").get_config()
+    for field, value in base.items():
+        if field != "method":
+            config[field] = value
+    for kv in ("ahl.epochs=2", "ahl.history=1", "ahl.psi_steps=2", "ahl.first_order=True",
+               f"ahl.base_workdir={runs['devnet']['u']}"):
+        override(config, *kv.split("="))
+    run0 = run_experiment(config, str(tmp_path / "ahl"))["runs"][0]
+    devnet0 = results(runs["devnet"]["u"])["runs"][0]
+    assert run0["steps"] == 0 and run0["resumed_from"] == 30
+    assert run0["base_auroc"] == pytest.approx(devnet0["auroc"], abs=1e-6)
+    assert not (tmp_path / "ahl" / "seed_0" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "ahl" / "seed_0" / "checkpoints")
+    config.epochs = 4
+    with pytest.raises(UserError, match="differs from this AHL.devnet. run's base in epochs"):
+        run_experiment(config, str(tmp_path / "other"))
+    config.epochs, config.seed = base.epochs, 3
+    with pytest.raises(UserError, match="has not finished seed 3"):
+        run_experiment(config, str(tmp_path / "seed3"))

@@ -6,8 +6,8 @@ written anew) and through fsad's models, losses and optimiser. Compared: head
 outputs, losses (same prior vectors on both sides), every parameter's gradient,
 BatchNorm running statistics after the step, parameters after one released-style
 Adam step, eval-mode scores, the released learning-rate schedules, and AHL's CDL
-meta-step. 64 px images, small batches: the whole file runs in well under a minute
-on 2 CPU cores.
+meta-step (on DevNet's head and on DRA's heads). 64 px images, small batches: the whole
+file runs in about a minute on 2 CPU cores.
 
 Tolerances are stated as measured maxima relative to the compared quantity's scale
 (see `rel_err`); run with -s to print every measured figure.
@@ -506,25 +506,21 @@ def test_step_decay_equals_released_steplr(at_epoch_start):
 
 # ---------------------------------------------------------------- AHL
 
-def test_ahl_meta_step_matches_torch():
-    """fsad's CDL step (second order, 2 inner steps, T = 3, DevNet head) against the
-    PyTorch loop with functional heads and create_graph=True."""
-    C, NN, NA = 32, 10, 4
-    config = tiny_config("ahl_devnet")
-    torch.manual_seed(3)
-    head = tr.DevNetFeatureHead(C, config.model.topk)
-    base = tr.to_flax("devnet", head.state_dict())
-    hm, params = fsad_ahl.head_model(config, base)
-    rng = np.random.default_rng(4)
-    # a 64 px trunk's two scales (2x2, 1x1); rows: normals, seen, pseudo. Signed features,
-    # so that the top cells' scores differ in sign and the bias gradient is not 0
-    bank_np = [rng.normal(size=(NN + NA + NN, s, s, C)).astype(np.float32) for s in (2, 1)]
+# The AHL tests' bank rows: AHL_NN normals, AHL_NA seen anomalies, then one pseudo anomaly
+# per normal; three tasks of mixed classes and sizes (padding), their loss weights
+AHL_NN, AHL_NA = 10, 4
+AHL_SUPPORT = [[0, 1, 2, 21, 10, 11], [3, 4, 5, 6, 20, 12], [7, 8, 9, 23, 22, 13, 11, 10]]
+AHL_QUERY = [[3, 4, 15, 16, 12, 13], [0, 1, 2, 11, 19], [0, 5, 6, 21, 10, 12, 13]]
+AHL_WEIGHTS = np.array([0.2, 0.3, 0.5], np.float32)
+AHL_LR, AHL_WD = 2e-3, 1e-4  # the released AHL outer optimiser (and clip 1)
 
-    sup = [[0, 1, 2, 21, 10, 11], [3, 4, 5, 6, 20, 12], [7, 8, 9, 23, 22, 13, 11, 10]]
-    qry = [[3, 4, 15, 16, 12, 13], [0, 1, 2, 11, 19], [0, 5, 6, 21, 10, 12, 13]]
+
+def ahl_tasks(base):
+    """The tasks as fsad's `Tasks.device_arrays` holds them (numpy): idx, lab and
+    `base`'s class-balance weight per sample, 0 on padding."""
 
     def lab(rows):
-        return np.array([0 if i < NN else 1 if i < NN + NA else 2 for i in rows])
+        return np.array([0 if i < AHL_NN else 1 if i < AHL_NN + AHL_NA else 2 for i in rows])
 
     def padded(sets):
         width = max(map(len, sets))
@@ -534,60 +530,188 @@ def test_ahl_meta_step_matches_torch():
         for t, rows in enumerate(sets):
             idx[t, :len(rows)] = rows
             labs[t, :len(rows)] = lab(rows)
-            w[t, :len(rows)] = fsad_ahl.class_balance(lab(rows), "devnet")
+            w[t, :len(rows)] = fsad_ahl.class_balance(lab(rows), base)
         return idx, labs, w
 
-    tasks_np = {}
-    for prefix, sets in (("support", sup), ("query", qry)):
-        tasks_np[f"{prefix}_idx"], tasks_np[f"{prefix}_lab"], tasks_np[f"{prefix}_weight"] = \
+    tasks = {}
+    for prefix, sets in (("support", AHL_SUPPORT), ("query", AHL_QUERY)):
+        tasks[f"{prefix}_idx"], tasks[f"{prefix}_lab"], tasks[f"{prefix}_weight"] = \
             padded(sets)
-    weights = np.array([0.2, 0.3, 0.5], np.float32)
-    prior_t, prior_j = fixed_prior(30)
-    inner_steps, inner_lr = 2, 0.05
+    return tasks
 
-    # fsad: a gradient-capturing optimiser shows the outer gradient; then the released
-    # AHL outer optimiser (clip 1, Adam 2e-3, coupled wd 1e-4) for the updated params
+
+def fsad_meta_steps(hm, params, bank_np, tasks_np, inner_steps, inner_lr, first_order=False):
+    """fsad's CDL step from `params` with the released AHL outer optimiser (clip 1, Adam
+    2e-3, coupled wd 1e-4), its outer gradient kept in the optimiser state on the way (one
+    compile). Call it with fsad's prior patched. Returns (outer grads, step output,
+    params after the step)."""
+    released = make_optimizer(AHL_LR, AHL_WD, clip_norm=1.0)
+
+    def update(g, state, p=None):
+        updates, inner = released.update(g, state[0], p)
+        return updates, (inner, g)
+
     capture = optax.GradientTransformation(
-        lambda p: jax.tree.map(jnp.zeros_like, p),
-        lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
-    released = make_optimizer(2e-3, 1e-4, clip_norm=1.0)
-    bank = [jnp.asarray(b) for b in bank_np]
-    tasks = {k: jnp.asarray(v) for k, v in tasks_np.items()}
-    pool = jnp.arange(NN + NA)
-    mp = pytest.MonkeyPatch()
-    mp.setattr(fsad_ahl, "sample_prior", lambda *a, **k: prior_j)
-    try:
-        step, _, _ = fsad_ahl.make_meta_step(hm, capture, inner_steps, inner_lr, False)
-        _, grads_f, out = step(params, capture.init(params), bank, tasks, jnp.asarray(weights),
-                               pool, jax.random.key(0))
-        step2, _, _ = fsad_ahl.make_meta_step(hm, released, inner_steps, inner_lr, False)
-        new_f, _, _ = step2(params, released.init(params), bank, tasks, jnp.asarray(weights),
-                            pool, jax.random.key(0))
-    finally:
-        mp.undo()
+        lambda p: (released.init(p), jax.tree.map(jnp.zeros_like, p)), update)
+    step, _, _ = fsad_ahl.make_meta_step(hm, capture, inner_steps, inner_lr, first_order)
+    new_f, (_, grads_f), out = step(
+        params, capture.init(params), [jnp.asarray(b) for b in bank_np],
+        {k: jnp.asarray(v) for k, v in tasks_np.items()}, jnp.asarray(AHL_WEIGHTS),
+        jnp.arange(AHL_NN + AHL_NA), jax.random.key(0))
+    return grads_f, out, new_f
 
-    opt = torch.optim.Adam(head.parameters(), lr=2e-3, weight_decay=1e-4)
-    tstep = tr.make_torch_meta_step(head, opt, inner_steps, inner_lr, clip_norm=1.0)
+
+def torch_meta_step(head, bank_np, tasks_np, prior, inner_steps, inner_lr, loss=None,
+                    first_order=False):
+    """The PyTorch meta-step (benchmarks/torch_released.py) on the same bank (NHWC ->
+    NCHW) and tasks, with torch.optim.Adam(2e-3, wd 1e-4) and clip 1 as the outer step.
+    Returns (total loss, task losses [T])."""
+    opt = torch.optim.Adam(head.parameters(), lr=AHL_LR, weight_decay=AHL_WD)
+    kw = {} if loss is None else {"loss": loss}
+    tstep = tr.make_torch_meta_step(head, opt, inner_steps, inner_lr, first_order,
+                                    clip_norm=1.0, **kw)
     bank_t = [torch.as_tensor(b).permute(0, 3, 1, 2).contiguous() for b in bank_np]
     tasks_t = {k: torch.as_tensor(v).long() if v.dtype == np.int32 else torch.as_tensor(v)
                for k, v in tasks_np.items()}
-    total_t, losses_t = tstep(bank_t, tasks_t, torch.as_tensor(weights), prior_t)
-    grads_t = tr.grads_to_flax("devnet", head)["head"]
+    return tstep(bank_t, tasks_t, torch.as_tensor(AHL_WEIGHTS), prior)
 
+
+def compare_meta_steps(name, out, grads_f, new_f, total_t, losses_t, grads_t, new_t):
+    """Per-task query losses and their weighted sum (rel 1e-5), the clipped outer gradient
+    (every leaf at 1e-4 of its scale) and the params after the outer Adam step (1e-3 lr)."""
     err = rel_err(out["task_losses"], losses_t.numpy())
-    MEASURED["ahl query losses rel err"] = err
+    MEASURED[f"{name} query losses rel err"] = err
     assert err < 1e-5
     err = abs(float(out["loss"]) - float(total_t)) / abs(float(total_t))
-    MEASURED["ahl weighted loss rel err"] = err
+    MEASURED[f"{name} weighted loss rel err"] = err
     assert err < 1e-5
     # torch's .grad here is the clipped gradient (clip_grad_norm_ runs in place)
     norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads_f)))
     clipped_f = jax.tree.map(lambda g: g * min(1.0, 1.0 / (norm + 1e-6)), grads_f)
-    MEASURED["ahl outer grad norm"] = norm
-    compare_grads("ahl outer", clipped_f, grads_t, exact_zero=())
+    MEASURED[f"{name} outer grad norm"] = norm
+    compare_grads(f"{name} outer", clipped_f, grads_t, exact_zero=())
+    want, got = flat(new_t), flat(new_f)
+    assert got.keys() == want.keys()
+    err = max(np.abs(got[k] - want[k]).max() for k in want) / AHL_LR
+    MEASURED[f"{name} params after outer Adam step: max|diff| / lr"] = err
+    assert err < 1e-3
+
+
+def test_ahl_meta_step_matches_torch():
+    """fsad's CDL step (second order, 2 inner steps, T = 3, DevNet head) against the
+    PyTorch loop with functional heads and create_graph=True."""
+    C = 32
+    config = tiny_config("ahl_devnet")
+    torch.manual_seed(3)
+    head = tr.DevNetFeatureHead(C, config.model.topk)
+    base = tr.to_flax("devnet", head.state_dict())
+    hm, params = fsad_ahl.head_model(config, base)
+    rng = np.random.default_rng(4)
+    # a 64 px trunk's two scales (2x2, 1x1); rows: normals, seen, pseudo. Signed features,
+    # so that the top cells' scores differ in sign and the bias gradient is not 0
+    bank_np = [rng.normal(size=(2 * AHL_NN + AHL_NA, s, s, C)).astype(np.float32)
+               for s in (2, 1)]
+    tasks_np = ahl_tasks("devnet")
+    prior_t, prior_j = fixed_prior(30)
+    inner_steps, inner_lr = 2, 0.05
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fsad_ahl, "sample_prior", lambda *a, **k: prior_j)
+    try:
+        grads_f, out, new_f = fsad_meta_steps(hm, params, bank_np, tasks_np, inner_steps,
+                                              inner_lr)
+    finally:
+        mp.undo()
+    total_t, losses_t = torch_meta_step(head, bank_np, tasks_np, prior_t, inner_steps, inner_lr)
+    grads_t = tr.grads_to_flax("devnet", head)["head"]
+    new_t = tr.to_flax("devnet", head.state_dict())["params"]["head"]
+    compare_meta_steps("ahl", out, grads_f, new_f, total_t, losses_t, grads_t, new_t)
     g = flat(grads_t)
     assert np.abs(g["conv/bias"]).max() > 1e-3 * np.abs(g["conv/kernel"]).max()  # not 0
-    want = flat(tr.to_flax("devnet", head.state_dict())["params"]["head"])
-    err = max(np.abs(flat(new_f)[k] - want[k]).max() for k in want) / 2e-3
-    MEASURED["ahl params after outer Adam step: max|diff| / lr"] = err
-    assert err < 1e-3
+
+
+def test_ahl_dra_meta_step_matches_torch():
+    """fsad's CDL step on DRA's four heads (AHL's default base; second order, 2 inner
+    steps, T = 3) against the PyTorch loop over `DRAFeatureHeads` and `weighted_dra_loss`:
+    the same head weights on both sides (BN off its init values, fsad's copied back into
+    torch with `load_flax_heads`); a fixed prior per head; the residual head's BN in eval
+    mode on the base statistics."""
+    # top-K: 2 of 25 cells, 1 of 4; AHL's residual 3x3 conv is slices and a matmul on
+    # CPU at both sizes (fsad.models.cpu_conv.cpu_matmul_conv), torch's a real conv
+    C, sizes = 16, (5, 2)
+    config = tiny_config("ahl_dra")
+    assert config.ahl.base == "dra" and config.dra.variant == "DRA"
+    heads = fsad_dra.VARIANTS[config.dra.variant]
+    rng = np.random.default_rng(5)
+    bank_np = [rng.normal(size=(2 * AHL_NN + AHL_NA, s, s, C)).astype(np.float32)
+               for s in sizes]
+    ref_np = [b[:5].mean(0) for b in bank_np]  # [h,w,C]: the reference mean maps
+    ref_j = [jnp.asarray(m) for m in ref_np]
+
+    # the torch heads (PyTorch's init, BN affine and statistics randomised) as fsad variables,
+    # loaded into other torch heads: every fsad variable reaches torch unchanged
+    ref_t = [torch.as_tensor(m).permute(2, 0, 1) for m in ref_np]
+    torch.manual_seed(6)
+    src = tr.DRAFeatureHeads(C, config.model.topk, heads, ref_t, config.dra.residual_stride,
+                             config.dra.residual_padding)
+    randomise_batch_norm(src)
+    variables = tr.to_flax("dra", src.state_dict())
+    hm, params = fsad_ahl.head_model(config, variables, ref_j)
+    assert_same_tree({"params": params, "batch_stats": variables["batch_stats"]["heads"]},
+                     fsad_dra.DRAHeads(config.model.topk, heads, config.dra.residual_stride,
+                                       config.dra.residual_padding),
+                     [jnp.zeros((1, s, s, C)) for s in sizes], ref_j)
+    head = tr.DRAFeatureHeads(C, config.model.topk, heads, ref_t, config.dra.residual_stride,
+                              config.dra.residual_padding)
+    tr.load_flax_heads("dra", variables, head)
+    back, want = head.state_dict(), src.state_dict()
+    assert back.keys() == want.keys()
+    assert all(torch.equal(back[k], want[k]) for k in want)
+    stats_before = {k: v.clone() for k, v in back.items() if "running" in k}
+
+    # the heads' outputs agree before any step (eval-mode BN on the base statistics)
+    head.eval()
+    with torch.no_grad():
+        outs_t = head([torch.as_tensor(b).permute(0, 3, 1, 2) for b in bank_np])
+    outs_f = jax.jit(hm.apply)(params, [jnp.asarray(b) for b in bank_np])
+    assert sorted(outs_t) == sorted(outs_f) == sorted(heads)
+    for h in heads:
+        err = rel_err(outs_f[h], outs_t[h].numpy())
+        MEASURED[f"ahl dra heads {h} rel err"] = err
+        assert err < 1e-5, h
+
+    tasks_np = ahl_tasks("dra")
+    priors = {h: fixed_prior(40 + i) for i, h in enumerate(sorted(heads))}
+    calls = []
+
+    def fake_prior(*args, **kwargs):
+        """fsad's head_losses draws one prior per head in sorted head order: hand out the
+        torch side's vector of each head in that order."""
+        name = sorted(heads)[len(calls) % len(heads)]
+        calls.append(name)
+        return priors[name][1]
+
+    inner_steps, inner_lr = 2, 0.05
+    mp = pytest.MonkeyPatch()
+    mp.setattr(fsad_dra, "sample_prior", fake_prior)
+    try:
+        grads_f, out, new_f = fsad_meta_steps(hm, params, bank_np, tasks_np, inner_steps,
+                                              inner_lr)
+    finally:
+        mp.undo()
+    # traced once: (inner steps + query) losses, each a draw per head, in order
+    assert calls == sorted(heads) * (inner_steps + 1)
+    total_t, losses_t = torch_meta_step(head, bank_np, tasks_np,
+                                        {h: p[0] for h, p in priors.items()}, inner_steps,
+                                        inner_lr, loss=tr.weighted_dra_loss)
+    grads_t = tr.grads_to_flax("dra", head)["heads"]
+    new_t = tr.to_flax("dra", head.state_dict())["params"]["heads"]
+    compare_meta_steps("ahl dra", out, grads_f, new_f, total_t, losses_t, grads_t, new_t)
+    # eval mode: the base statistics stay as they were
+    after = head.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats_before.items())
+    # every head and the residual BN's affine learn
+    g = flat(grads_t)
+    for leaf in ("seen/conv/kernel", "pseudo/conv/kernel", "normality/fc1/kernel",
+                 "residual/conv/kernel", "residual/bn/scale", "residual/score/kernel"):
+        assert np.abs(g[leaf]).max() > 0, leaf

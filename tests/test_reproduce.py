@@ -50,10 +50,32 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     md = (out / "table.md").read_text()
     assert "| devnet | general | 1 |" in md and "dra paper 0.514" in md
 
-    # again: every seed is read back from its metrics.json (a retrained cell would have
-    # another wall time), so an interrupted table resumes where it stopped
-    assert reproduce.main(argv) == 0
-    assert json.loads((out / "table.json").read_text())["rows"] == table["rows"]
+    # again, with 2-shot cells added and a spent time budget: every finished seed is read
+    # back from its metrics.json (a retrained cell would have another wall time), so an
+    # interrupted table resumes where it stopped, and no new cell starts
+    shots = argv.index("--shots")
+    again = argv[:shots + 1] + ["2"] + argv[shots + 1:] + ["--budget_minutes", "0"]
+    assert reproduce.main(again) == 0
+    cut = json.loads((out / "table.json").read_text())
+    assert cut["rows"] == table["rows"]
+    assert [(c["setting"], c["known_class"], c["shots"]) for c in cut["skipped"]] == [
+        ("general", "", 2), ("hard", "scratch", 2), ("hard", "spot", 2)]
+    assert not (out / "devnet" / "general" / "2shot").exists()
+    assert "Not run (the time budget was spent): devnet general 2-shot; " in (
+        out / "table.md").read_text()
+
+
+def test_protocol_order_puts_the_methods_side_by_side():
+    reproduce = load_reproduce()
+    by_method = reproduce.cells(["devnet", "dra"], ["general", "hard"], [10, 1], ["mono"])
+    by_protocol = reproduce.cells(["devnet", "dra"], ["general", "hard"], [10, 1], ["mono"],
+                                  order="protocol")
+    key = lambda c: (c["method"], c["setting"], c["known_class"], c["shots"])  # noqa: E731
+    assert sorted(map(key, by_method)) == sorted(map(key, by_protocol)) and len(by_method) == 8
+    assert [key(c) for c in by_protocol[:4]] == [
+        ("devnet", "general", "", 10), ("dra", "general", "", 10),
+        ("devnet", "general", "", 1), ("dra", "general", "", 1)]
+    assert [c["method"] for c in by_method] == ["devnet"] * 4 + ["dra"] * 4
 
 
 def test_ahl_rows_show_their_base_models_auroc():
@@ -75,3 +97,14 @@ def test_ahl_rows_show_their_base_models_auroc():
                              "rows": rows})
     assert "| ahl_dra | hard (mono known) | 10 | 0.700 ± 0.100 (its base 0.600) |" in md
     assert "| dra | hard (mono known) | 10 | 0.500 ± 0.000 | 1 |" in md
+
+
+def test_an_override_goes_to_the_methods_that_have_the_field():
+    from fsad.errors import UserError
+    reproduce = load_reproduce()
+    configs = reproduce.method_configs(["devnet", "ahl_dra"], "", ["ahl.epochs=2",
+                                                                   "batch_size=8"], "synthetic")
+    assert configs["ahl_dra"].ahl.epochs == 2 and "ahl" not in configs["devnet"]
+    assert configs["devnet"].batch_size == 8 == configs["ahl_dra"].batch_size
+    with pytest.raises(UserError, match="ahl.epoch is not a config field"):
+        reproduce.method_configs(["devnet", "ahl_dra"], "", ["ahl.epoch=2"], "synthetic")

@@ -167,10 +167,13 @@ def test_npz_checkpoint_into_devnet_backbone(tmp_path):
     assert "head" in merged["params"]
 
 
+@pytest.mark.parametrize("route", ["matmul_conv", "cpu_matmul_conv"])
 @pytest.mark.parametrize("hw,k,stride", [(2, 3, 1), (2, 1, 1), (1, 3, 1), (2, 3, 2), (2, 1, 2),
                                          (3, 3, 3), (14, 3, 3), (6, 1, 2), (5, 3, 1)])
-def test_matmul_conv_equals_lax(hw, k, stride):
-    from fsad.models.cpu_conv import matmul_conv
+def test_matmul_conv_equals_lax(hw, k, stride, route):
+    """Both CPU routes (sizes-limited, and every size for AHL's heads) equal XLA's conv."""
+    from fsad.models import cpu_conv
+    matmul_conv = getattr(cpu_conv, route)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(3, hw, hw, 8)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, 8, 5)), jnp.float32)

@@ -387,8 +387,11 @@ def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]
     """
     lc = config.loss
     if config.ahl.base == "dra":
+        # on CPU the residual conv as slices and a matmul at every map size: XLA's CPU
+        # convolution made the second-order meta-step 5-7x slower (fsad/models/cpu_conv.py)
         heads = DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
-                         config.dra.residual_stride, config.dra.residual_padding)
+                         config.dra.residual_stride, config.dra.residual_padding,
+                         cpu_matmul=True)
         bstats = base_variables["batch_stats"].get("heads", {})
 
         def apply(params, feats):

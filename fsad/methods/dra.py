@@ -53,12 +53,15 @@ class DRAHeads(nn.Module):
       feats: list over scales of [B, h_s, w_s, C]; ref_means: list of [h_s, w_s, C]
       (mean map of the reference set at that scale), or None without a residual head
       -> {head: [B]}.
+    cpu_matmul: the residual head's conv as slices and a matmul on CPU at every map
+    size (`ResidualScorer`; AHL's meta-step on bank features).
     """
 
     topk: float = 0.1
     heads: tuple = HEADS
     residual_stride: int = 1
     residual_padding: int = 1
+    cpu_matmul: bool = False
 
     @nn.compact
     def __call__(self, feats, ref_means=None, train: bool = False):
@@ -66,7 +69,7 @@ class DRAHeads(nn.Module):
             "seen": TopKScorer(self.topk, True, name="seen"),
             "pseudo": TopKScorer(self.topk, True, name="pseudo"),
             "residual": ResidualScorer(self.topk, self.residual_stride, self.residual_padding,
-                                       name="residual"),
+                                       self.cpu_matmul, name="residual"),
             "normality": NormalityScorer(name="normality"),
         }
         per_scale = {h: [] for h in self.heads}

