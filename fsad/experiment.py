@@ -219,7 +219,12 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
         raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
                         f"with --config.seed={seed} first, or leave ahl.base_workdir empty")
-    return os.path.join(seed_dir, "checkpoints")
+    checkpoints = os.path.join(seed_dir, "checkpoints")
+    if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+        raise UserError(f"ahl.base_workdir={root!r} kept no checkpoint of seed {seed} (its "
+                        f"checkpoints folder is empty or gone); rerun the base with "
+                        f"keep_checkpoints of 1 or more, or leave ahl.base_workdir empty")
+    return checkpoints
 
 
 def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:

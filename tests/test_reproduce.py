@@ -50,6 +50,21 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     md = (out / "table.md").read_text()
     assert "| devnet | general | 1 |" in md and "dra paper 0.514" in md
 
+    # AHL(DevNet) on the general cell starts from the DevNet cell's trained model (no step
+    # of its own; its base AUROC is that cell's), and the DevNet cell is read back
+    methods = argv.index("--methods")
+    with_ahl = (argv[:methods + 2] + ["ahl_devnet", "--settings", "general"]
+                + argv[argv.index("--known_classes"):]
+                + [f"--set={kv}" for kv in ("ahl.epochs=2", "ahl.history=1", "ahl.psi_steps=2",
+                                            "ahl.first_order=True")])
+    assert reproduce.main(with_ahl) == 0
+    ahl = json.loads((out / "ahl_devnet" / "general" / "1shot" / "results.json").read_text())
+    assert ahl["config"]["ahl"]["base_workdir"] == str(out / "devnet" / "general" / "1shot")
+    assert ahl["runs"][0]["steps"] == 0 and ahl["runs"][0]["resumed_from"] == 10
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert rows[0] == table["rows"][0] and rows[1]["method"] == "ahl_devnet"
+    assert rows[1]["base_mean"] == pytest.approx(rows[0]["mean"], abs=1e-6)
+
     # again, with 2-shot cells added and a spent time budget: every finished seed is read
     # back from its metrics.json (a retrained cell would have another wall time), so an
     # interrupted table resumes where it stopped, and no new cell starts
