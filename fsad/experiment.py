@@ -184,16 +184,19 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     return state, {**info, "compile_seconds": compile_seconds}
 
 
-# fields of an AHL config that its base model's training does not read
-AHL_ONLY_FIELDS = ("method", "ahl", "seed", "num_seeds")
+# fields of an AHL config that do not change its base model's trained weights: AHL's
+# own, the seeds (each seed is checked apart), and evaluation and bookkeeping
+NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batch_size",
+                     "keep_checkpoints")
 
 
 def base_fields_that_differ(config, base: dict) -> list[str]:
-    """The fields, other than AHL's own, in which an AHL config and a base run's config
-    (a config.json dict) differ: none when that run trained the same base model."""
+    """The fields that shape the trained base model in which an AHL config and a base
+    run's config (a config.json dict) differ: none when that run trained the same base
+    model."""
     mine = _config_json(config)
     return sorted(k for k in set(mine) | set(base)
-                  if k not in AHL_ONLY_FIELDS and mine.get(k) != base.get(k))
+                  if k not in NOT_BASE_TRAINING and mine.get(k) != base.get(k))
 
 
 def base_run_checkpoints(config, seed: int) -> str | None:
