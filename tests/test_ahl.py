@@ -215,6 +215,31 @@ def test_fresh_heads_take_the_place_of_the_base_heads(base):
     assert scores.shape == (4,) and bool(jnp.all(jnp.isfinite(scores)))
 
 
+def test_fresh_heads_normalise_with_new_batch_norm_statistics():
+    """With fresh heads the residual head's BatchNorm (after its conv) uses PyTorch's new
+    statistics (mean 0, var 1), not those of the base model's trained conv; the other
+    heads have no BatchNorm and score as the base model's."""
+    config = tiny_config("ahl_dra")
+    rng = np.random.default_rng(1)
+    bank = [jnp.asarray(rng.normal(size=(6, s, s, 16)), jnp.float32) for s in (2, 1)]
+    ref_means = [f[:5].mean(0) for f in bank]
+    heads = DRAHeads(0.1)
+    v = heads.init(jax.random.key(0), bank, ref_means)
+    trained = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype),
+                           v["batch_stats"])
+    base = {"params": {"heads": v["params"]}, "batch_stats": {"heads": trained}}
+    hm, params = ahl.head_model(config, base, ref_means)
+    fresh_hm, _ = ahl.head_model(config, base, ref_means, fresh=True)
+    out, fresh_out = hm.apply(params, bank), fresh_hm.apply(params, bank)
+    bn = v["batch_stats"]["residual"]["bn"]  # new statistics, as PyTorch's: mean 0, var 1
+    assert not np.any(bn["mean"]) and np.all(bn["var"] == 1)
+    want = heads.apply(v, bank, ref_means)
+    np.testing.assert_allclose(fresh_out["residual"], want["residual"], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out["residual"], fresh_out["residual"], rtol=1e-3)
+    for h in ("seen", "pseudo", "normality"):
+        np.testing.assert_array_equal(out[h], fresh_out[h])
+
+
 def test_padded_samples_change_nothing():
     hm, params, bank = _devnet_head_model()
     _, task_loss, _ = ahl.make_meta_step(hm, optax.sgd(1.0), 1, 0.1, False)

@@ -379,10 +379,21 @@ class HeadModel:
 HEAD_INITS = ("base", "fresh")
 
 
-def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]:
+def fresh_batch_stats(batch_stats):
+    """PyTorch's new BatchNorm buffers for a tree of Flax BN statistics: mean 0, var 1."""
+    return flax.traverse_util.unflatten_dict({
+        k: (jnp.ones_like(v) if k[-1] == "var" else jnp.zeros_like(v))
+        for k, v in flax.traverse_util.flatten_dict(batch_stats).items()})
+
+
+def head_model(config, base_variables, ref_means=None,
+               fresh: bool = False) -> tuple[HeadModel, dict]:
     """Builds the base method's heads and their trained params (the initial theta_g).
 
     ref_means: DRA's reference mean maps per scale (from the test reference set).
+    fresh: heads to be initialised afresh (ahl.head_init=fresh): the residual head's
+    BatchNorm, which normalises its conv's output, then uses new statistics (mean 0, var
+    1, as PyTorch's new BatchNorm) instead of those of the base model's trained conv.
     Both bases score every pyramid scale and average, as their base models do.
     """
     lc = config.loss
@@ -393,6 +404,8 @@ def head_model(config, base_variables, ref_means=None) -> tuple[HeadModel, dict]
                          config.dra.residual_stride, config.dra.residual_padding,
                          cpu_matmul=True)
         bstats = base_variables["batch_stats"].get("heads", {})
+        if fresh:
+            bstats = fresh_batch_stats(bstats)
 
         def apply(params, feats):
             # BN in the residual head keeps the base model's statistics (eval mode)
@@ -683,19 +696,23 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     flat = bank[0][:n_normal].reshape(n_normal, -1)
     clusters, health = normal_clusters(flat, normals, a.clusters, seed, a.cluster_on)
     tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base)
-    hm, base_params = head_model(config, base_variables,
-                                 reference_means(config, method, base_variables, seed))
-    params_g = base_params if a.head_init == "base" else hm.init(k_init, [b[:1] for b in bank])
+    refs = reference_means(config, method, base_variables, seed)
+    base_hm, base_params = head_model(config, base_variables, refs)
+    if a.head_init == "base":
+        hm, params_g = base_hm, base_params
+    else:
+        hm = head_model(config, base_variables, refs, fresh=True)[0]
+        params_g = hm.init(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
-    score_fn = jax.jit(lambda p, feats: hm.score(hm.apply(p, feats)))
     bs = config.eval_batch_size
 
-    def scores_of(p):
+    def scores_of(head, p):
+        score_fn = jax.jit(lambda p, feats: head.score(head.apply(p, feats)))
         return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test]))
                                for s in range(0, len(test[0]), bs)])
 
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
-    return {"scores": scores_of(params), "base_scores": scores_of(base_params),
+    return {"scores": scores_of(hm, params), "base_scores": scores_of(base_hm, base_params),
             "tasks": tasks.num_tasks, "head_init": a.head_init,
             "cluster_sizes": [len(c) for c in clusters], **health,
             "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
