@@ -408,7 +408,8 @@ def head_model(config, base_variables, ref_means=None,
             bstats = fresh_batch_stats(bstats)
 
         def apply(params, feats):
-            # BN in the residual head keeps the base model's statistics (eval mode)
+            # BN in the residual head in eval mode: the base model's statistics, or new
+            # ones for fresh heads
             v = {"params": params, "batch_stats": bstats} if bstats else {"params": params}
             return heads.apply(v, feats, ref_means, train=False)
 
@@ -705,9 +706,13 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
         params_g = hm.init(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
     bs = config.eval_batch_size
+    # one compiled score function per head model (a single one when AHL refines the
+    # base heads)
+    score_fns = {id(h): jax.jit(lambda p, feats, h=h: h.score(h.apply(p, feats)))
+                 for h in (hm, base_hm)}
 
     def scores_of(head, p):
-        score_fn = jax.jit(lambda p, feats: head.score(head.apply(p, feats)))
+        score_fn = score_fns[id(head)]
         return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test]))
                                for s in range(0, len(test[0]), bs)])
 
