@@ -29,8 +29,8 @@ from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
 from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
-from fsad.train import (Method, fit, init_state, make_mesh, make_score_fn, make_train_step,
-                        put_train_data, score_images, variables_of)
+from fsad.train import (Method, checkpoint_folder, fit, init_state, make_mesh, make_score_fn,
+                        make_train_step, put_train_data, score_images, variables_of)
 from fsad.validate import check_against_data, check_config
 
 
@@ -172,6 +172,7 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     config = runner.config
     key = jax.random.key(seed)
     k_init, k_train = jax.random.split(key)
+    checkpoint_folder(os.path.join(seed_dir, "checkpoints"))  # before any compilation
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
                                 runner.mesh, load_outliers(config), bucket=TRAIN_ROWS_BUCKET)
     state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh,

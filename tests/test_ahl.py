@@ -121,7 +121,7 @@ def test_auto_clustering_falls_back_to_images_on_dead_features(caplog):
 def _devnet_head_model():
     config = tiny_config("ahl_devnet")
     feats = jnp.zeros((1, 2, 2, 16))
-    params = TopKScorer(0.1).init(jax.random.key(0), feats)["params"]
+    params = jax.jit(TopKScorer(0.1).init)(jax.random.key(0), feats)["params"]
     hm, p = ahl.head_model(config, {"params": {"head": params}})
     rng = np.random.default_rng(0)
     bank = [jnp.asarray(rng.normal(size=(NN + NA + 3 * NN, 2, 2, 16)), jnp.float32)]
@@ -137,7 +137,7 @@ def _dra_head_model():
             for s in (2, 1)]
     ref_means = [f[:5].mean(0) for f in bank]
     heads = DRAHeads(0.1)
-    v = heads.init(jax.random.key(0), [f[:2] for f in bank], ref_means)
+    v = jax.jit(heads.init)(jax.random.key(0), [f[:2] for f in bank], ref_means)
     hm, p = ahl.head_model(config, {"params": {"heads": v["params"]},
                                     "batch_stats": {"heads": v["batch_stats"]}}, ref_means)
     return hm, p, bank
@@ -160,20 +160,20 @@ def _meta_step_and_loop(hm, params, bank, first_order):
     new, _, out = step(params, tx.init(params), bank, arrays, weights,
                        jnp.asarray(tasks.pool_idx), key)
 
-    def loop_loss(p):
-        keys = jax.random.split(key, T)
-        losses = []
-        for i in range(T):
-            k_in, k_out = jax.random.split(keys[i])
-            t = {k: v[i] for k, v in arrays.items()}
-            theta = adapt(p, bank, t["support_idx"], t["support_lab"], t["support_weight"],
-                          k_in)
-            losses.append(task_loss(theta, bank, t["query_idx"], t["query_lab"],
-                                    t["query_weight"], k_out))
-        return sum(w * l for w, l in zip(weights, losses)), jnp.stack(losses)
+    @jax.jit
+    @jax.value_and_grad
+    def one_task(p, bank, t, k):  # one task's query loss after its inner steps
+        k_in, k_out = jax.random.split(k)
+        theta = adapt(p, bank, t["support_idx"], t["support_lab"], t["support_weight"], k_in)
+        return task_loss(theta, bank, t["query_idx"], t["query_lab"], t["query_weight"], k_out)
 
-    (total, losses), grads = jax.jit(jax.value_and_grad(loop_loss, has_aux=True))(params)
-    ref_new = jax.tree.map(lambda p, g: p - g, params, grads)
+    keys = jax.random.split(key, T)
+    losses, grads = zip(*(one_task(params, bank, {k: v[i] for k, v in arrays.items()}, keys[i])
+                          for i in range(T)))
+    total = sum(w * l for w, l in zip(weights, losses))
+    ref_new = jax.tree.map(lambda p, *g: p - sum(w * gi for w, gi in zip(weights, g)),
+                           params, *grads)
+    losses = jnp.stack(losses)
     assert out["pool_scores"].shape == (T, len(tasks.pool_idx))
     return new, out, ref_new, losses, total
 
@@ -206,12 +206,12 @@ def test_fresh_heads_take_the_place_of_the_base_heads(base):
     """ahl.head_init=fresh (the `paper` and `released` variants): the heads `run_ahl`
     initialises have the base heads' tree and shapes, new values, and score the bank."""
     hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
-    fresh = hm.init(jax.random.key(5), [b[:1] for b in bank])
+    fresh = jax.jit(hm.init)(jax.random.key(5), [b[:1] for b in bank])
     assert jax.tree.structure(fresh) == jax.tree.structure(params)
     assert [a.shape for a in jax.tree.leaves(fresh)] == [a.shape for a in jax.tree.leaves(params)]
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(fresh),
                                                      jax.tree.leaves(params)))
-    scores = hm.score(hm.apply(fresh, [b[:4] for b in bank]))
+    scores = jax.jit(lambda p, f: hm.score(hm.apply(p, f)))(fresh, [b[:4] for b in bank])
     assert scores.shape == (4,) and bool(jnp.all(jnp.isfinite(scores)))
 
 
@@ -224,16 +224,16 @@ def test_fresh_heads_normalise_with_new_batch_norm_statistics():
     bank = [jnp.asarray(rng.normal(size=(6, s, s, 16)), jnp.float32) for s in (2, 1)]
     ref_means = [f[:5].mean(0) for f in bank]
     heads = DRAHeads(0.1)
-    v = heads.init(jax.random.key(0), bank, ref_means)
+    v = jax.jit(heads.init)(jax.random.key(0), bank, ref_means)
     trained = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2.0, a.shape), a.dtype),
                            v["batch_stats"])
     base = {"params": {"heads": v["params"]}, "batch_stats": {"heads": trained}}
     hm, params = ahl.head_model(config, base, ref_means)
     fresh_hm, _ = ahl.head_model(config, base, ref_means, fresh=True)
-    out, fresh_out = hm.apply(params, bank), fresh_hm.apply(params, bank)
+    out, fresh_out = jax.jit(hm.apply)(params, bank), jax.jit(fresh_hm.apply)(params, bank)
     bn = v["batch_stats"]["residual"]["bn"]  # new statistics, as PyTorch's: mean 0, var 1
     assert not np.any(bn["mean"]) and np.all(bn["var"] == 1)
-    want = heads.apply(v, bank, ref_means)
+    want = jax.jit(heads.apply)(v, bank, ref_means)
     np.testing.assert_allclose(fresh_out["residual"], want["residual"], rtol=1e-5, atol=1e-6)
     assert not np.allclose(out["residual"], fresh_out["residual"], rtol=1e-3)
     for h in ("seen", "pseudo", "normality"):
@@ -243,6 +243,7 @@ def test_fresh_heads_normalise_with_new_batch_norm_statistics():
 def test_padded_samples_change_nothing():
     hm, params, bank = _devnet_head_model()
     _, task_loss, _ = ahl.make_meta_step(hm, optax.sgd(1.0), 1, 0.1, False)
+    task_loss = jax.jit(task_loss)
     idx = jnp.array([0, 1, 2, NN, NN + 1])
     lab = jnp.array([0, 0, 0, 1, 1])
     key = jax.random.key(7)
@@ -266,5 +267,5 @@ def test_importance_weights_favour_the_accurate_model():
 
 def test_score_sequence_model_shapes():
     m = ScoreSequenceModel(num_tasks=7)
-    v = m.init(jax.random.key(0), jnp.zeros((4, 5, 7)))
-    assert m.apply(v, jnp.ones((3, 5, 7))).shape == (3, 7)
+    v = jax.jit(m.init)(jax.random.key(0), jnp.zeros((4, 5, 7)))
+    assert jax.jit(m.apply)(v, jnp.ones((3, 5, 7))).shape == (3, 7)

@@ -105,6 +105,12 @@ def lite0_variables(sd, size=32):
     return model, merge_variables(init, converted)
 
 
+def features(model, variables, x):
+    """The trunk's eval-mode map, compiled as one program (op by op, Lite0's many layer
+    shapes compile for half a minute on a 2-core CPU)."""
+    return jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+
+
 def test_lite0_shapes_and_factory():
     x = jnp.zeros((2, 64, 64, 3))
     out = jax.eval_shape(lambda v: EfficientNetLite0().init_with_output(jax.random.key(0), v)[0],
@@ -122,7 +128,7 @@ def test_converted_lite0_matches_torch_reference():
     model, variables = lite0_variables(sd, size)
     images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     x = normalize_uint8(jnp.asarray(images))
-    ours = np.asarray(model.apply(variables, x, train=False))
+    ours = np.asarray(features(model, variables, x))
     lite_in = np.asarray(imagenet_to_lite_input(x)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(lite_in, (images.transpose(0, 3, 1, 2) - 127.0) / 128.0,
                                atol=1e-4)
@@ -145,7 +151,7 @@ def test_packaged_imagenet_weights_load_and_run():
     model, variables = lite0_variables(sd, 64)
     images = np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3), dtype=np.uint8)
     x = normalize_uint8(jnp.asarray(images))
-    ours = np.asarray(model.apply(variables, x, train=False))
+    ours = np.asarray(features(model, variables, x))
     ref = torch_lite0_features(sd, np.asarray(imagenet_to_lite_input(x)).transpose(0, 3, 1, 2))
     np.testing.assert_allclose(ours, ref.transpose(0, 2, 3, 1), atol=1e-3 * np.abs(ref).max(),
                                rtol=1e-3)

@@ -7,6 +7,7 @@ detection and localisation on known answers, open-set detection, the CLI's resul
 rerun, scoring and config checks.
 """
 
+import concurrent.futures
 import csv
 import json
 import os
@@ -131,7 +132,8 @@ def runs(tmp_path_factory):
     """Every run of RUNS twice by the command line: uninterrupted ("u"), and killed with
     SIGKILL once its checkpoint folder holds the given number of checkpoints, then
     restarted with the same command ("k"). The three runs go side by side (much of a
-    run, compilation included, is single-threaded). -> {name: {"root", "u", "k", "args"}}.
+    run, compilation included, is single-threaded), each one's three commands in turn.
+    -> {name: {"root", "u", "k", "args"}}.
     """
     base = tmp_path_factory.mktemp("runs")
     out = {}
@@ -141,13 +143,22 @@ def runs(tmp_path_factory):
                      "args": lambda w, c=config, r=root, o=over, s=size:
                      cli_args(c, w, r, *o, size=s)}
 
-    def launch(kind):
-        return {n: start(r["args"](r[kind]), base / f"{n}_{kind}.log") for n, r in out.items()}
+    def one_after_another(name):
+        """u, then k killed, then k restarted: each run goes at its own pace (no run waits
+        for the slowest of a phase), and its k run finds u's programs compiled on disk."""
+        r = out[name]
 
-    finish(launch("u"))
-    kill_when(launch("k"), {n: (lambda f=out[n]["k"] / "seed_0" / RUNS[n][4], k=RUNS[n][5]:
-                                len(steps_in(f)) >= k) for n in out})
-    finish(launch("k"))
+        def launch(kind):
+            return {name: start(r["args"](r[kind]), base / f"{name}_{kind}.log")}
+
+        folder, count = r["k"] / "seed_0" / RUNS[name][4], RUNS[name][5]
+        finish(launch("u"))
+        kill_when(launch("k"), {name: lambda: len(steps_in(folder)) >= count})
+        finish(launch("k"))
+
+    with concurrent.futures.ThreadPoolExecutor(len(out)) as pool:
+        for done in [pool.submit(one_after_another, name) for name in out]:
+            done.result()  # a failed run fails the fixture with its log
     return out
 
 

@@ -84,11 +84,11 @@ def test_nearest_half_size_is_torch_interpolate():
 def test_devnet_score_is_the_mean_of_the_two_scales():
     model = DevNetModel("resnet18", n_scales=2)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-    v = model.init(jax.random.key(1), x)
-    out = model.apply(v, x)
-    one = DevNetModel("resnet18", n_scales=1)
-    s_full = one.apply(v, x)["score"]
-    s_half = one.apply(v, x[:, ::2, ::2])["score"]
+    v = jax.jit(model.init)(jax.random.key(1), x)  # compiled whole: op by op is slower
+    out = jax.jit(model.apply)(v, x)
+    one = jax.jit(DevNetModel("resnet18", n_scales=1).apply)
+    s_full = one(v, x)["score"]
+    s_half = one(v, x[:, ::2, ::2])["score"]
     np.testing.assert_allclose(out["score"], (s_full + s_half) / 2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out["scale_scores"], jnp.stack([s_full, s_half]), rtol=1e-5)
 

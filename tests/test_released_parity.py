@@ -284,9 +284,12 @@ def torch_forward_on_fsad_branches(name, kind, tm0, batch, fsad_intermediates):
 
 
 def apply_and_capture(model, params, batch_stats, *xs):
-    """fsad's train-mode forward with every module's output captured."""
-    return model.apply({"params": params, "batch_stats": batch_stats}, *xs, train=True,
-                       capture_intermediates=True, mutable=["batch_stats", "intermediates"])
+    """fsad's train-mode forward with every module's output captured (compiled whole:
+    op by op, a ResNet-18 compiles each layer's ops apart)."""
+    return jax.jit(lambda variables, *xs: model.apply(
+        variables, *xs, train=True, capture_intermediates=True,
+        mutable=["batch_stats", "intermediates"]))({"params": params,
+                                                    "batch_stats": batch_stats}, *xs)
 
 
 # ---------------------------------------------------------------- DevNet

@@ -160,7 +160,7 @@ def test_npz_checkpoint_into_devnet_backbone(tmp_path):
     np.savez(path, **sd)
     pre = weights.backbone_variables(path)
     model = DevNetModel()
-    v = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    v = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     merged = weights.merge_variables(v, pre)
     np.testing.assert_allclose(merged["batch_stats"]["backbone"]["layer4_1"]["bn2"]["var"],
                                sd["layer4.1.bn2.running_var"])

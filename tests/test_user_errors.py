@@ -336,7 +336,11 @@ def test_disk_full_at_the_first_checkpoint(tmp_path, capsys):
     assert not [d for d in os.listdir(ckpts) if d.isdigit()]  # no half checkpoint as a step
 
 
-def test_checkpoint_folder_that_cannot_be_made(tmp_path, capsys):
+def test_checkpoint_folder_that_cannot_be_made(tmp_path, capsys, monkeypatch):
+    """Refused before any model is built or compiled."""
+    from fsad import experiment
+    monkeypatch.setattr(experiment, "init_state",
+                        lambda *a, **k: pytest.fail("model built before the folder check"))
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
     (work / "seed_0").mkdir(parents=True)

@@ -26,6 +26,7 @@ family f's pseudo anomaly of normal k at Nn + Na + f * Nn + k.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -538,6 +539,7 @@ def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
     model = ScoreSequenceModel(num_tasks, hidden, fc)
     tx = optax.adam(lr)
 
+    @functools.partial(jax.jit, static_argnums=1)
     def init(key, k):
         params = model.init(key, jnp.zeros((1, k, num_tasks)))["params"]
         return params, tx.init(params)
@@ -668,7 +670,7 @@ def reference_means(config, method, base_variables, seed: int):
     None for a base without a residual head."""
     if method.reference is None:
         return None
-    ref = method.reference({**base_variables, "key": jax.random.key(seed + 30_000)})
+    ref = jax.jit(method.reference)({**base_variables, "key": jax.random.key(seed + 30_000)})
     feats = make_feature_fn(config)(base_variables, ref)
     return [feats[k].mean(0) for k in sorted(feats)]
 
@@ -703,7 +705,7 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
         hm, params_g = base_hm, base_params
     else:
         hm = head_model(config, base_variables, refs, fresh=True)[0]
-        params_g = hm.init(k_init, [b[:1] for b in bank])
+        params_g = jax.jit(hm.init)(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
     bs = config.eval_batch_size
     # one compiled score function per head model (a single one when AHL refines the

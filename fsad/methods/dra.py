@@ -230,7 +230,8 @@ def dra(config) -> Method:
                     "ref_outliers": data.outliers[:max(int(data.n_outlier), 1)]}
         k_idx, k_pipe = jax.random.split(key)
         idx = jax.random.choice(k_idx, data.n_normal, (d.n_ref,), replace=False)
-        ref, _ = pipeline(k_pipe, data.images[idx], data.outliers, data.n_outlier)
+        # compiled as one program (op by op, its CutPaste and rotation compile for ~10 s)
+        ref, _ = jax.jit(pipeline)(k_pipe, data.images[idx], data.outliers, data.n_outlier)
         return {"ref_images": ref}
 
     def sample_batch(data, key, batch_size, step):
