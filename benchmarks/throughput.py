@@ -162,7 +162,8 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     bank = [jnp.asarray(rng.normal(size=(nn_ + na + 3 * nn_, s, s, c)), jnp.float32)
             for s in (h, -(-h // 2))]
     method = build_method(config)
-    variables = method.init(jax.random.key(0), jnp.zeros((1, args.img_size, args.img_size, 3)))
+    variables = jax.jit(method.init)(jax.random.key(0),
+                                    jnp.zeros((1, args.img_size, args.img_size, 3)))
     ref_means = [b[:5].mean(0) for b in bank]
     hm, params = ahl.head_model(config, {**variables, "extras": {}}, ref_means)
     clusters = np.array_split(np.arange(nn_), 3)
