@@ -365,16 +365,26 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
 class HeadModel:
     """The base method's heads as functions of bank features.
 
-    apply(params, feats [scales] of [B,h,w,C]) -> {head: [B]}
+    apply_with(params, feats [scales] of [B,h,w,C], consts) -> {head: [B]}
     loss(head_scores, labels [B], weight [B], key) -> scalar (weighted mean per head)
     score(head_scores) -> [B] anomaly score
     init(key, feats) -> fresh head params (PyTorch's default initialisation)
+    consts: this seed's arrays that the heads read and do not learn (DRA: the residual
+      head's BatchNorm statistics and the reference mean maps; None for DevNet). The
+      compiled steps take them as arguments: closed over, they would be constants of
+      the program, which would then differ from seed to seed and be compiled anew for
+      each (the persistent compilation cache could not serve it).
     """
 
-    apply: callable
+    apply_with: callable
     loss: callable
     score: callable
     init: callable
+    consts: object = None
+
+    def apply(self, params, feats):
+        """apply_with this seed's consts."""
+        return self.apply_with(params, feats, self.consts)
 
 
 HEAD_INITS = ("base", "fresh")
@@ -408,11 +418,12 @@ def head_model(config, base_variables, ref_means=None,
         if fresh:
             bstats = fresh_batch_stats(bstats)
 
-        def apply(params, feats):
+        def apply_with(params, feats, consts):
             # BN in the residual head in eval mode: the base model's statistics, or new
             # ones for fresh heads
-            v = {"params": params, "batch_stats": bstats} if bstats else {"params": params}
-            return heads.apply(v, feats, ref_means, train=False)
+            stats = consts["batch_stats"]
+            v = {"params": params, "batch_stats": stats} if stats else {"params": params}
+            return heads.apply(v, feats, consts["ref_means"], train=False)
 
         def loss(scores, labels, weight, key):
             return sum(head_losses(scores, labels, key, config.dra.loss, lc.prior_size,
@@ -422,10 +433,12 @@ def head_model(config, base_variables, ref_means=None,
         def init(key, feats):
             return heads.init(key, feats, ref_means)["params"]
 
-        return HeadModel(apply, loss, combine, init), base_variables["params"]["heads"]
+        return (HeadModel(apply_with, loss, combine, init,
+                          {"batch_stats": bstats, "ref_means": ref_means}),
+                base_variables["params"]["heads"])
     scorer = TopKScorer(config.model.topk, config.model.topk_abs)
 
-    def apply_devnet(params, feats):
+    def apply_devnet(params, feats, consts):
         per_scale = [scorer.apply({"params": params}, f)[0] for f in feats]
         return {"score": jnp.mean(jnp.stack(per_scale), axis=0)}
 
@@ -449,46 +462,60 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
          weights [T], pool_idx [P], key) ->
       (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P]})
     tasks holds support_/query_ idx, lab and weight (class-balanced, 0 on padding).
+    The compiled program takes hm.consts as an argument (see HeadModel): every seed's
+    step is the same program. task_loss and adapt (one task's pieces, for tests) read
+    hm.consts too.
     """
 
-    def task_loss(params, bank, idx, lab, weight, key):
+    def task_loss_with(params, bank, idx, lab, weight, key, consts):
         feats = [f[idx] for f in bank]
-        return hm.loss(hm.apply(params, feats), lab, weight, key)
+        return hm.loss(hm.apply_with(params, feats, consts), lab, weight, key)
 
-    def adapt(params, bank, idx, lab, weight, key):
+    def adapt_with(params, bank, idx, lab, weight, key, consts):
         for k in range(inner_steps):
-            g = jax.grad(task_loss)(params, bank, idx, lab, weight, jax.random.fold_in(key, k))
+            g = jax.grad(task_loss_with)(params, bank, idx, lab, weight,
+                                         jax.random.fold_in(key, k), consts)
             if first_order:
                 g = jax.lax.stop_gradient(g)
             params = jax.tree.map(lambda p, gi: p - inner_lr * gi, params, g)
         return params
 
-    def per_task(params_g, bank, task, key):
+    def per_task(params_g, bank, task, key, consts):
         k_in, k_out = jax.random.split(key)
-        theta = adapt(params_g, bank, task["support_idx"], task["support_lab"],
-                      task["support_weight"], k_in)
-        q = task_loss(theta, bank, task["query_idx"], task["query_lab"], task["query_weight"],
-                      k_out)
+        theta = adapt_with(params_g, bank, task["support_idx"], task["support_lab"],
+                           task["support_weight"], k_in, consts)
+        q = task_loss_with(theta, bank, task["query_idx"], task["query_lab"],
+                           task["query_weight"], k_out, consts)
         return q, theta
 
-    def outer(params_g, bank, tasks, weights, key):
+    def outer(params_g, bank, tasks, weights, key, consts):
         keys = jax.random.split(key, weights.shape[0])
-        losses, thetas = jax.vmap(per_task, in_axes=(None, None, 0, 0))(params_g, bank, tasks,
-                                                                         keys)
+        losses, thetas = jax.vmap(per_task, in_axes=(None, None, 0, 0, None))(
+            params_g, bank, tasks, keys, consts)
         return jnp.sum(weights * losses), (losses, thetas)
 
-    def step(params, opt_state, bank, tasks, weights, pool_idx, key):
+    @jax.jit
+    def step_with(params, opt_state, bank, tasks, weights, pool_idx, key, consts):
         (loss, (losses, thetas)), grads = jax.value_and_grad(outer, has_aux=True)(
-            params, bank, tasks, weights, key)
+            params, bank, tasks, weights, key, consts)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         pool_feats = [f[pool_idx] for f in bank]
-        pool_scores = jax.vmap(lambda th: hm.score(hm.apply(th, pool_feats)))(
+        pool_scores = jax.vmap(lambda th: hm.score(hm.apply_with(th, pool_feats, consts)))(
             jax.lax.stop_gradient(thetas))
         return params, opt_state, {"loss": loss, "task_losses": losses,
                                    "pool_scores": pool_scores}
 
-    return jax.jit(step), task_loss, adapt
+    def step(params, opt_state, bank, tasks, weights, pool_idx, key):
+        return step_with(params, opt_state, bank, tasks, weights, pool_idx, key, hm.consts)
+
+    def task_loss(params, bank, idx, lab, weight, key):
+        return task_loss_with(params, bank, idx, lab, weight, key, hm.consts)
+
+    def adapt(params, bank, idx, lab, weight, key):
+        return adapt_with(params, bank, idx, lab, weight, key, hm.consts)
+
+    return step, task_loss, adapt
 
 
 # ---------------------------------------------------------------- importance
@@ -710,12 +737,14 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     bs = config.eval_batch_size
     # one compiled score function per head model (a single one when AHL refines the
     # base heads)
-    score_fns = {id(h): jax.jit(lambda p, feats, h=h: h.score(h.apply(p, feats)))
+    score_fns = {id(h): jax.jit(lambda p, feats, consts, h=h:
+                                h.score(h.apply_with(p, feats, consts)))
                  for h in (hm, base_hm)}
 
     def scores_of(head, p):
         score_fn = score_fns[id(head)]
-        return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test]))
+        return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test],
+                                                   head.consts))
                                for s in range(0, len(test[0]), bs)])
 
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
