@@ -735,14 +735,12 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
         params_g = jax.jit(hm.init)(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
     bs = config.eval_batch_size
-    # one compiled score function per head model (a single one when AHL refines the
-    # base heads)
-    score_fns = {id(h): jax.jit(lambda p, feats, consts, h=h:
-                                h.score(h.apply_with(p, feats, consts)))
-                 for h in (hm, base_hm)}
+    # one compiled score function for both head models: fresh heads differ from the base
+    # heads only in their consts (new BatchNorm statistics), which are its argument
+    score_fn = jax.jit(lambda p, feats, consts:
+                       base_hm.score(base_hm.apply_with(p, feats, consts)))
 
     def scores_of(head, p):
-        score_fn = score_fns[id(head)]
         return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test],
                                                    head.consts))
                                for s in range(0, len(test[0]), bs)])
