@@ -33,8 +33,10 @@ def per_class_auroc(labels, scores, classes) -> dict[str, float]:
     return out
 
 
-def mean_std(runs: list[dict]) -> dict[str, dict[str, float]]:
-    """Mean and (population) std of every numeric key over runs."""
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float))]
+def mean_std(runs: list[dict], labels: tuple[str, ...] = ("seed",)) -> dict[str, dict[str, float]]:
+    """Mean and (population) std of every numeric key over runs, except the keys in
+    `labels` (numbers that name a run, such as its seed, not measure it) and booleans."""
+    keys = [k for k, v in runs[0].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in labels]
     return {k: {"mean": float(np.mean([r[k] for r in runs])),
                 "std": float(np.std([r[k] for r in runs]))} for k in keys}

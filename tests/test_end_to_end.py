@@ -177,6 +177,8 @@ def test_devnet_detects_and_localises_the_defects(runs):
     assert len(os.listdir(u / "seed_0" / "overlays")) == 8
     assert (u / "seed_0" / "auroc_f1_curve.png").exists()
     assert run0["compile_seconds"] > 0 and run0["step_seconds"] > 0
+    # the summary averages measurements, not the seed that names a run
+    assert "seed" not in res["summary"] and res["summary"]["auroc"]["mean"] == run0["auroc"]
 
 
 def test_devnet_killed_after_a_checkpoint_resumes_to_the_same_scores(runs):
