@@ -10,7 +10,7 @@
 #
 # OUT gets at most 8 files: session.log, throughput.json, parity_fp32.md,
 # elpv_table.md, elpv_table.json, seeds.json (every finished seed of every run, also
-# of a cell cut short). The runs themselves go to $RUNS (default runs/gpu_session):
+# of a cell cut short), cell_types.md (each run's AUROC within a cell type). The runs themselves go to $RUNS (default runs/gpu_session):
 # calling again resumes them (finished seeds and cells are read back, not retrained).
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
@@ -105,4 +105,7 @@ for path in sorted(glob.glob(os.path.join(runs, "*", "*", "*", "*", "seed_*", "m
 with open(out, "w") as f:
     json.dump(rows, f, indent=1)
 EOF
+# the hard rows read by cell type (benchmarks/elpv_cell_types.py; README "Measured on ELPV")
+"$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
+  || rm -f "$OUT/cell_types.md"
 echo "# done, $(left) s of the call left" | tee -a "$LOG"

@@ -1,0 +1,56 @@
+"""benchmarks/elpv_cell_types.py on ELPV's real labels, with scores whose answer is known."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("elpv_dataset")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location(
+        "elpv_cell_types", os.path.join(ROOT, "benchmarks", "elpv_cell_types.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_run(folder, file_ids, labels, scores):
+    seed_dir = folder / "seed_0"
+    seed_dir.mkdir(parents=True)
+    np.savez(seed_dir / "test_scores.npz", file_ids=file_ids, labels=labels, score=scores)
+
+
+def test_cell_type_and_defects_are_told_apart(tmp_path, capsys):
+    from fsad.data.elpv import elpv_labels, elpv_layout
+    script = load_script()
+    _, paths, classes, split = elpv_layout()
+    test = split == "test"
+    file_ids, labels = paths[test], (classes[test] != "good").astype(np.int8)
+    _, all_paths, _, all_types = elpv_labels()
+    types = dict(zip(all_paths.tolist(), all_types.tolist()))
+    mono = np.array([types[f] == "mono" for f in file_ids], np.float32)
+    # a score that is the cell type only: perfect on the normals' type, blind to defects
+    write_run(tmp_path / "type", file_ids, labels, mono)
+    # a defect detector with a cell-type offset larger than its defect signal, as a
+    # hard-setting run trained on mono defects: defective poly cells score below mono normals
+    write_run(tmp_path / "both", file_ids, labels, 2.0 * mono + labels)
+    rows = {r["run"]: r for r in script.main([str(tmp_path)])}
+    assert set(rows) == {"type/seed_0", "both/seed_0"}
+    only_type, both = rows["type/seed_0"], rows["both/seed_0"]
+    assert only_type["type_auroc"] == 1.0
+    assert only_type["within_mono"] == 0.5 and only_type["within_poly"] == 0.5
+    assert both["type_auroc"] == 1.0
+    assert both["within_mono"] == 1.0 and both["within_poly"] == 1.0
+    assert both["auroc"] < 1.0  # defective poly cells (score 1) below mono normals (score 2)
+    assert "| both/seed_0 | " in capsys.readouterr().out
+
+
+def test_a_folder_without_scores_says_what_to_give(tmp_path):
+    script = load_script()
+    with pytest.raises(SystemExit, match="no seed_\\*/test_scores.npz"):
+        script.main([str(tmp_path)])
