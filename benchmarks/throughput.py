@@ -175,9 +175,10 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     pool = jnp.asarray(tasks.pool_idx)
     opt = tx.init(params)
     key = jax.random.key(0)
-    t_compile, compiled = compile_seconds(step, params, opt, bank, arrays, w, pool, key)
-    per, _ = timed(lambda po: compiled(po[0], po[1], bank, arrays, w, pool, key)[:2],
-                   (params, opt), args.steps)
+    t_compile, compiled = compile_seconds(step.jitted, params, opt, bank, arrays, w, pool, key,
+                                          hm.consts)
+    per, _ = timed(lambda po: compiled(po[0], po[1], bank, arrays, w, pool, key,
+                                       hm.consts)[:2], (params, opt), args.steps)
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
     row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
            "train_compile_s": t_compile, "train_img_per_s": samples / per,

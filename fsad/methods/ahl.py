@@ -463,8 +463,9 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
       (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P]})
     tasks holds support_/query_ idx, lab and weight (class-balanced, 0 on padding).
     The compiled program takes hm.consts as an argument (see HeadModel): every seed's
-    step is the same program. task_loss and adapt (one task's pieces, for tests) read
-    hm.consts too.
+    step is the same program. `step.jitted` is that program, step's arguments then
+    hm.consts (for ahead-of-time lowering: ``step.jitted.lower(..., key, hm.consts)``).
+    task_loss and adapt (one task's pieces, for tests) read hm.consts too.
     """
 
     def task_loss_with(params, bank, idx, lab, weight, key, consts):
@@ -508,6 +509,8 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
 
     def step(params, opt_state, bank, tasks, weights, pool_idx, key):
         return step_with(params, opt_state, bank, tasks, weights, pool_idx, key, hm.consts)
+
+    step.jitted = step_with
 
     def task_loss(params, bank, idx, lab, weight, key):
         return task_loss_with(params, bank, idx, lab, weight, key, hm.consts)
