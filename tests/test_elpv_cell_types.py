@@ -1,22 +1,11 @@
 """benchmarks/elpv_cell_types.py on ELPV's real labels, with scores whose answer is known."""
 
-import importlib.util
-import os
-
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from benchmarks import elpv_cell_types as script
 
 pytest.importorskip("elpv_dataset")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "elpv_cell_types", os.path.join(ROOT, "benchmarks", "elpv_cell_types.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_run(folder, file_ids, labels, scores):
@@ -27,7 +16,6 @@ def write_run(folder, file_ids, labels, scores):
 
 def test_cell_type_and_defects_are_told_apart(tmp_path, capsys):
     from fsad.data.elpv import elpv_labels, elpv_layout
-    script = load_script()
     _, paths, classes, split = elpv_layout()
     test = split == "test"
     file_ids, labels = paths[test], (classes[test] != "good").astype(np.int8)
@@ -51,6 +39,5 @@ def test_cell_type_and_defects_are_told_apart(tmp_path, capsys):
 
 
 def test_a_folder_without_scores_says_what_to_give(tmp_path):
-    script = load_script()
     with pytest.raises(SystemExit, match="no seed_\\*/test_scores.npz"):
         script.main([str(tmp_path)])
