@@ -10,8 +10,9 @@
 #
 # OUT gets at most 8 files: session.log, throughput.json, parity_fp32.md,
 # elpv_table.md, elpv_table.json, seeds.json (every finished seed of every run, also
-# of a cell cut short), cell_types.md (each run's AUROC within a cell type). The runs themselves go to $RUNS (default runs/gpu_session):
-# calling again resumes them (finished seeds and cells are read back, not retrained).
+# of a cell cut short), cell_types.md (each run's AUROC within a cell type). The runs
+# themselves go to $RUNS (default runs/gpu_session): calling again resumes them
+# (finished seeds and cells are read back, not retrained).
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
