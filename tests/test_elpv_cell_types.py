@@ -15,12 +15,11 @@ def write_run(folder, file_ids, labels, scores):
 
 
 def test_cell_type_and_defects_are_told_apart(tmp_path, capsys):
-    from fsad.data.elpv import elpv_labels, elpv_layout
+    from fsad.data.elpv import elpv_layout
     _, paths, classes, split = elpv_layout()
     test = split == "test"
     file_ids, labels = paths[test], (classes[test] != "good").astype(np.int8)
-    _, all_paths, _, all_types = elpv_labels()
-    types = dict(zip(all_paths.tolist(), all_types.tolist()))
+    types = script.elpv_types()
     mono = np.array([types[f] == "mono" for f in file_ids], np.float32)
     # a score that is the cell type only: perfect on the normals' type, blind to defects
     write_run(tmp_path / "type", file_ids, labels, mono)
