@@ -278,24 +278,32 @@ def test_another_seeds_meta_step_is_served_by_the_compilation_cache():
     Closed over, those arrays would be constants of the program and miss the cache."""
     from jax import monitoring
     events = []
-    monitoring.register_event_listener(lambda name, **kw: events.append(name))
-    config = tiny_config("ahl_dra")
-    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
-    _, params, bank = _dra_head_model()
-    rng = np.random.default_rng(4)
-    for seed in range(2):
-        stats = jax.jit(DRAHeads(0.1).init)(jax.random.key(seed), [f[:2] for f in bank],
-                                            [f[0] for f in bank])["batch_stats"]
-        stats = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2, a.shape), a.dtype), stats)
-        refs = [jnp.asarray(rng.normal(size=f.shape[1:]), jnp.float32) for f in bank]
-        hm, _ = ahl.head_model(config, {"params": {"heads": params},
-                                        "batch_stats": {"heads": stats}}, refs)
-        tx = optax.adam(1e-3)
-        step, _, _ = ahl.make_meta_step(hm, tx, 1, 0.05, True)
-        events.clear()
-        out = step(params, tx.init(params), bank, tasks.device_arrays(),
-                   jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks), jnp.asarray(tasks.pool_idx),
-                   jax.random.key(0))
-        jax.block_until_ready(out)
-        compiled = [e for e in events if e.startswith("/jax/compilation_cache/cache_")]
+
+    def listen(name, **kw):
+        events.append(name)
+
+    monitoring.register_event_listener(listen)
+    try:
+        config = tiny_config("ahl_dra")
+        tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+        _, params, bank = _dra_head_model()
+        rng = np.random.default_rng(4)
+        for seed in range(2):
+            stats = jax.jit(DRAHeads(0.1).init)(jax.random.key(seed), [f[:2] for f in bank],
+                                                [f[0] for f in bank])["batch_stats"]
+            stats = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 2, a.shape), a.dtype),
+                                 stats)
+            refs = [jnp.asarray(rng.normal(size=f.shape[1:]), jnp.float32) for f in bank]
+            hm, _ = ahl.head_model(config, {"params": {"heads": params},
+                                            "batch_stats": {"heads": stats}}, refs)
+            tx = optax.adam(1e-3)
+            step, _, _ = ahl.make_meta_step(hm, tx, 1, 0.05, True)
+            events.clear()
+            out = step(params, tx.init(params), bank, tasks.device_arrays(),
+                       jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks),
+                       jnp.asarray(tasks.pool_idx), jax.random.key(0))
+            jax.block_until_ready(out)
+            compiled = [e for e in events if e.startswith("/jax/compilation_cache/cache_")]
+    finally:  # the rest of the suite's compilations are not collected
+        monitoring.unregister_event_listener(listen)
     assert compiled == ["/jax/compilation_cache/cache_hits"], compiled
