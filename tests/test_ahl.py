@@ -307,3 +307,33 @@ def test_another_seeds_meta_step_is_served_by_the_compilation_cache():
     finally:  # the rest of the suite's compilations are not collected
         monitoring.unregister_event_listener(listen)
     assert compiled == ["/jax/compilation_cache/cache_hits"], compiled
+
+
+def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program(
+        tmp_path, caplog):
+    """Every meta-epoch's inputs sit where the step's outputs do (replicated on the mesh),
+    so the meta-step and psi's train step are one program each for the whole run. Before,
+    epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
+    of each. A run resumed from its checkpoint traces each once again, no more."""
+    config = tiny_config("ahl_devnet")
+    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 3, 1, 1
+    config.ahl.first_order = True  # DevNet's heads: the same update, a quicker compile
+    hm, params, bank = _devnet_head_model()
+    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+
+    def compiles(**kw):
+        caplog.clear()
+        with jax.log_compiles(True):
+            _, info = ahl.meta_train(config, hm, params, bank, tasks, jax.random.key(0),
+                                     str(tmp_path), **kw)
+        names = [r.getMessage().split()[1] for r in caplog.records
+                 if r.getMessage().startswith("Compiling jit(")]
+        return info, {n: names.count(n) for n in ("jit(step_with)", "jit(train_step)")}
+
+    # epoch 0; psi trains from epoch index K = 1 on (a window and its next epoch)
+    info, counts = compiles(stop_after=1)
+    assert len(info["loss"]) == 1 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
+    # resumed: epochs 1 and 2 from the restored state, psi trained in both
+    info, counts = compiles()
+    assert len(info["loss"]) == 3 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
+    assert info["weights"][2] != info["weights"][1]  # psi's weights were used

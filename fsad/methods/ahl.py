@@ -49,7 +49,8 @@ from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.precision import compute_dtype
-from fsad.train import checkpoint_manager, restore_latest, save_checkpoint, score_images
+from fsad.train import (checkpoint_manager, make_mesh, replicated, restore_latest,
+                        save_checkpoint, score_images)
 
 FAMILIES = ("cutmix", "cutpaste", "perlin")
 NORMAL, SEEN, PSEUDO = 0, 1, 2
@@ -607,10 +608,14 @@ class MetaState:
 
 
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
-               stop_after: int | None = None) -> tuple[dict, dict]:
+               stop_after: int | None = None, mesh=None) -> tuple[dict, dict]:
     """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
 
     stop_after: end after this epoch (checkpointed), as an interruption would.
+    mesh: where the state, bank and tasks live, replicated (default: the first local
+      device). Every epoch's inputs have the same placement, so the meta-step and psi's
+      steps compile once: a fresh array (uncommitted) and a step's output (committed to
+      the mesh) would otherwise be two programs.
 
     Returns:
       (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
@@ -627,12 +632,15 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                       jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
                       jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
                       jnp.zeros((E,), jnp.float32))
+    on_mesh = functools.partial(jax.device_put,
+                                device=replicated(mesh or make_mesh(jax.local_devices()[:1])))
+    state = on_mesh(state)  # restore_latest keeps these shardings
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
-    bank_dev = [jnp.asarray(f) for f in bank]
-    task_arrays = tasks.device_arrays()
-    pool_idx = jnp.asarray(tasks.pool_idx)
+    bank_dev = on_mesh([jnp.asarray(f) for f in bank])
+    task_arrays = on_mesh(tasks.device_arrays())
+    pool_idx = on_mesh(jnp.asarray(tasks.pool_idx))
     times = []
     with tqdm(total=E, initial=int(state.epoch), desc="AHL meta-training", unit="epoch") as bar:
         for epoch in range(int(state.epoch), min(E, stop_after or E)):
@@ -657,9 +665,10 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                 pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
                 w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
                                                         tasks.pool_coef, a.weight_temperature))
-            state = MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params, psi_opt,
-                              history, w_next, state.weights_log.at[epoch].set(w),
-                              state.losses.at[epoch].set(loss))
+            state = on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
+                                      psi_opt, history, w_next,
+                                      state.weights_log.at[epoch].set(w),
+                                      state.losses.at[epoch].set(loss)))
             times.append(time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -736,7 +745,7 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     else:
         hm = head_model(config, base_variables, refs, fresh=True)[0]
         params_g = jax.jit(hm.init)(k_init, [b[:1] for b in bank])
-    params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir)
+    params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir, mesh=mesh)
     bs = config.eval_batch_size
     # one compiled score function for both head models: fresh heads differ from the base
     # heads only in their consts (new BatchNorm statistics), which are its argument
