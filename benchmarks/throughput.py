@@ -161,11 +161,13 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     rng = np.random.default_rng(0)
     bank = [jnp.asarray(rng.normal(size=(nn_ + na + 3 * nn_, s, s, c)), jnp.float32)
             for s in (h, -(-h // 2))]
-    method = build_method(config)
-    variables = jax.jit(method.init)(jax.random.key(0),
-                                    jnp.zeros((1, args.img_size, args.img_size, 3)))
     ref_means = [b[:5].mean(0) for b in bank]
-    hm, params = ahl.head_model(config, {**variables, "extras": {}}, ref_means)
+    # the heads alone (the trunk is not in the meta-step): no ResNet init to compile
+    heads = jax.jit(ahl.dra_heads(config).init)(jax.random.key(0), [b[:2] for b in bank],
+                                                 ref_means)
+    hm, params = ahl.head_model(config, {"params": {"heads": heads["params"]},
+                                         "batch_stats": {"heads": heads["batch_stats"]}},
+                                ref_means)
     clusters = np.array_split(np.arange(nn_), 3)
     tasks = ahl.build_tasks(clusters, nn_, na, seed=0, base="dra")
     tx = ahl.optimizer_from_config(config.ahl.optim, 1)

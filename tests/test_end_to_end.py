@@ -1,10 +1,12 @@
 """DevNet, DRA and AHL trained end to end by the real command line on the procedural
-dataset, each twice: once uninterrupted, once killed with SIGKILL mid-run (after its
-first checkpoint; AHL during meta-training) and restarted with the same command. The
-restarted run's test scores equal the uninterrupted run's bit for bit (so the same seed
-and config give the same numbers), and the trained models serve every other check:
-detection and localisation on known answers, open-set detection, the CLI's results,
-rerun, scoring and config checks.
+dataset. DRA and AHL run twice: once uninterrupted, once killed with SIGKILL mid-run
+(DRA after its first checkpoint, AHL during meta-training) and restarted with the same
+command. The restarted run's test scores equal the uninterrupted run's bit for bit (so
+the same seed and config give the same numbers). DevNet runs once: its resume is the
+same code as DRA's (`experiment.train_stage`), whose state has more in it (the
+reference set), and the suite's time is better spent elsewhere. The trained models
+serve every other check: detection and localisation on known answers, open-set
+detection, the CLI's results, rerun, scoring and config checks.
 """
 
 import concurrent.futures
@@ -104,10 +106,10 @@ def assert_same_scores(a, b):
 # ---------------------------------------------------------------- the runs
 
 RUNS = {
-    # DevNet, general 10-shot, 3 x 10 steps
+    # DevNet, general 10-shot, 3 x 10 steps; not killed (None)
     "devnet": ("configs/devnet.py", SIZE, 1, [
         "--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=10",
-        "--config.optim.decay_every_epochs=2"], "checkpoints", 1),
+        "--config.optim.decay_every_epochs=2"], None, 0),
     # DRA in the hard setting (seen: scratch; unseen: spot, stain), 2 x 12 steps at 64 px
     # (at 32 px random-init DRA scored 0.47 to 0.71 over three seeds; at 64 px 0.79-0.80)
     "dra": ("configs/dra.py", 64, 0, [
@@ -129,10 +131,11 @@ RUNS = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every run of RUNS twice by the command line: uninterrupted ("u"), and killed with
-    SIGKILL once its checkpoint folder holds the given number of checkpoints, then
-    restarted with the same command ("k"). The three runs go side by side (much of a
-    run, compilation included, is single-threaded), each one's three commands in turn.
+    """Every run of RUNS by the command line: uninterrupted ("u"), and, where RUNS names
+    a checkpoint folder, killed with SIGKILL once that folder holds the given number of
+    checkpoints, then restarted with the same command ("k"). The three runs go side by
+    side (much of a run, compilation included, is single-threaded), each one's commands
+    in turn.
     -> {name: {"root", "u", "k", "args"}}.
     """
     base = tmp_path_factory.mktemp("runs")
@@ -144,15 +147,18 @@ def runs(tmp_path_factory):
                      cli_args(c, w, r, *o, size=s)}
 
     def one_after_another(name):
-        """u, then k killed, then k restarted: each run goes at its own pace (no run waits
-        for the slowest of a phase), and its k run finds u's programs compiled on disk."""
+        """u, then (for a run that is killed) k killed, then k restarted: each run goes at
+        its own pace (no run waits for the slowest of a phase), and its k run finds u's
+        programs compiled on disk."""
         r = out[name]
 
         def launch(kind):
             return {name: start(r["args"](r[kind]), base / f"{name}_{kind}.log")}
 
-        folder, count = r["k"] / "seed_0" / RUNS[name][4], RUNS[name][5]
         finish(launch("u"))
+        if RUNS[name][4] is None:
+            return
+        folder, count = r["k"] / "seed_0" / RUNS[name][4], RUNS[name][5]
         kill_when(launch("k"), {name: lambda: len(steps_in(folder)) >= count})
         finish(launch("k"))
 
@@ -179,13 +185,6 @@ def test_devnet_detects_and_localises_the_defects(runs):
     assert run0["compile_seconds"] > 0 and run0["step_seconds"] > 0
     # the summary averages measurements, not the seed that names a run
     assert "seed" not in res["summary"] and res["summary"]["auroc"]["mean"] == run0["auroc"]
-
-
-def test_devnet_killed_after_a_checkpoint_resumes_to_the_same_scores(runs):
-    u, k = runs["devnet"]["u"], runs["devnet"]["k"]
-    run0 = results(k)["runs"][0]
-    assert run0["resumed_from"] >= 10 and run0["steps"] <= 20  # resumed, not restarted
-    assert_same_scores(u, k)
 
 
 def config_of(name: str, root):

@@ -398,6 +398,14 @@ def fresh_batch_stats(batch_stats):
         for k, v in flax.traverse_util.flatten_dict(batch_stats).items()})
 
 
+def dra_heads(config) -> DRAHeads:
+    """The DRA heads that AHL meta-trains on bank features, as config's DRA builds them.
+    On CPU the residual conv runs as slices and a matmul at every map size: XLA's CPU
+    convolution made the second-order meta-step 5-7x slower (fsad/models/cpu_conv.py)."""
+    return DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
+                    config.dra.residual_stride, config.dra.residual_padding, cpu_matmul=True)
+
+
 def head_model(config, base_variables, ref_means=None,
                fresh: bool = False) -> tuple[HeadModel, dict]:
     """Builds the base method's heads and their trained params (the initial theta_g).
@@ -410,11 +418,7 @@ def head_model(config, base_variables, ref_means=None,
     """
     lc = config.loss
     if config.ahl.base == "dra":
-        # on CPU the residual conv as slices and a matmul at every map size: XLA's CPU
-        # convolution made the second-order meta-step 5-7x slower (fsad/models/cpu_conv.py)
-        heads = DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
-                         config.dra.residual_stride, config.dra.residual_padding,
-                         cpu_matmul=True)
+        heads = dra_heads(config)
         bstats = base_variables["batch_stats"].get("heads", {})
         if fresh:
             bstats = fresh_batch_stats(bstats)
