@@ -319,10 +319,12 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
     of each. A run resumed from its checkpoint traces each once again, no more."""
     config = tiny_config("ahl_devnet")
-    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 3, 1, 1
+    # T = 7 tasks and K = 2, as the end-to-end AHL run: psi's init is one program for both
+    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
     config.ahl.first_order = True  # DevNet's heads: the same update, a quicker compile
     hm, params, bank = _devnet_head_model()
-    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    assert tasks.num_tasks == 7
 
     def compiles(**kw):
         caplog.clear()
@@ -333,10 +335,10 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
                  if r.getMessage().startswith("Compiling jit(")]
         return info, {n: names.count(n) for n in ("jit(step_with)", "jit(train_step)")}
 
-    # epoch 0; psi trains from epoch index K = 1 on (a window and its next epoch)
-    info, counts = compiles(stop_after=1)
-    assert len(info["loss"]) == 1 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
-    # resumed: epochs 1 and 2 from the restored state, psi trained in both
+    # epochs 0 and 1; psi trains from epoch index K = 2 on (a window and its next epoch)
+    info, counts = compiles(stop_after=2)
+    assert len(info["loss"]) == 2 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
+    # resumed: epochs 2 and 3 from the restored state, psi trained in both
     info, counts = compiles()
-    assert len(info["loss"]) == 3 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
-    assert info["weights"][2] != info["weights"][1]  # psi's weights were used
+    assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
+    assert info["weights"][3] != info["weights"][2]  # psi's weights were used

@@ -296,7 +296,7 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path):
         if field != "method":
             config[field] = value
     # evaluation fields may differ from the base run's (it made saliency maps)
-    for kv in ("ahl.epochs=2", "ahl.history=1", "ahl.psi_steps=2", "ahl.first_order=True",
+    for kv in ("ahl.epochs=2", "ahl.history=2", "ahl.psi_steps=2", "ahl.first_order=True",
                f"ahl.base_workdir={runs['devnet']['u']}", "explain.enabled=False"):
         override(config, *kv.split("="))
     run0 = run_experiment(config, str(tmp_path / "ahl"))["runs"][0]

@@ -55,7 +55,7 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     methods = argv.index("--methods")
     with_ahl = (argv[:methods + 2] + ["ahl_devnet", "--settings", "general"]
                 + argv[argv.index("--known_classes"):]
-                + [f"--set={kv}" for kv in ("ahl.epochs=2", "ahl.history=1", "ahl.psi_steps=2",
+                + [f"--set={kv}" for kv in ("ahl.epochs=2", "ahl.history=2", "ahl.psi_steps=2",
                                             "ahl.first_order=True")])
     assert reproduce.main(with_ahl) == 0
     ahl = json.loads((out / "ahl_devnet" / "general" / "1shot" / "results.json").read_text())
