@@ -636,15 +636,18 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                       jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
                       jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
                       jnp.zeros((E,), jnp.float32))
-    on_mesh = functools.partial(jax.device_put,
-                                device=replicated(mesh or make_mesh(jax.local_devices()[:1])))
+    if mesh is None:
+        mesh = make_mesh(jax.local_devices()[:1])
+    on_mesh = functools.partial(jax.device_put, device=replicated(mesh))
     state = on_mesh(state)  # restore_latest keeps these shardings
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
-    bank_dev = on_mesh([jnp.asarray(f) for f in bank])
+    # straight from the host arrays to the mesh (the bank is the largest input), not
+    # through the default device first
+    bank_dev = on_mesh(list(bank))
     task_arrays = on_mesh(tasks.device_arrays())
-    pool_idx = on_mesh(jnp.asarray(tasks.pool_idx))
+    pool_idx = on_mesh(tasks.pool_idx)
     times = []
     with tqdm(total=E, initial=int(state.epoch), desc="AHL meta-training", unit="epoch") as bar:
         for epoch in range(int(state.epoch), min(E, stop_after or E)):
