@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -365,6 +366,42 @@ def _write_failure(err: Exception) -> str | None:
     return os.strerror(int(code.group(1))) if code else None
 
 
+class _DropClosedLoopWakeups:
+    """A `sys.unraisablehook` for checkpoint saves: drops the RuntimeError "Event loop is
+    closed" raised in asyncio's `call_soon_threadsafe`, passes every other unraisable
+    exception to the hook it replaced.
+
+    A checkpoint is many TensorStore writes awaited together on Orbax's event loop. When
+    one fails (a full disk), Orbax raises at once and closes the loop; the others go on
+    in TensorStore's threads, and each one, on finishing, tries to wake the closed loop.
+    Python prints each of those as an unraisable exception: over a thousand lines of
+    tracebacks above the one-line error, for a ResNet-18. They repeat a failure that is
+    already reported.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        exc, tb, names = unraisable.exc_value, unraisable.exc_traceback, []
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and "call_soon_threadsafe" in names):
+            self.previous(unraisable)
+
+
+class _DropUnretrievedWriteFailures(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of failed file
+    writes: the futures of the writes a failed save left behind (`_DropClosedLoopWakeups`)."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, Exception) and _write_failure(exc) is not None
+                    and record.getMessage().startswith("Future exception was never retrieved"))
+
+
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
     """Saves (and waits for) one checkpoint. A disk that is full or not writable is the
     user's to fix: a UserError; the checkpoints saved before stay, the newest of them
@@ -373,6 +410,9 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -
     handlers = logging.getLogger().handlers
     for h in handlers:
         h.addFilter(quiet)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _DropClosedLoopWakeups(previous_hook)
+    write_failed = False
     try:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
@@ -380,9 +420,16 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -
         reason = _write_failure(err)
         if reason is None:
             raise
+        write_failed = True
         raise UserError(f"cannot write the checkpoint of step {step} to {mngr.directory} "
                         f"({reason}); free disk space or choose a writable --workdir") from err
     finally:
+        if write_failed:  # the abandoned writes go on finishing after the save: stay quiet
+            log = logging.getLogger("asyncio")
+            if not any(isinstance(f, _DropUnretrievedWriteFailures) for f in log.filters):
+                log.addFilter(_DropUnretrievedWriteFailures())
+        else:
+            sys.unraisablehook = previous_hook
         for h in handlers:
             h.removeFilter(quiet)
 

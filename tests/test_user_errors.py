@@ -319,6 +319,9 @@ def test_workdir_that_cannot_be_written(tmp_path, capsys):
                  "writable folder")
 
 
+# an unraisable exception (of which the failed save's abandoned writes made over a
+# thousand lines of tracebacks) fails the test, not only warns
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_disk_full_at_the_first_checkpoint(tmp_path, capsys):
     """RLIMIT_FSIZE makes every file write past 2 MB fail (EFBIG) as a full disk would
     (ENOSPC), for root too; the config and images are written, the 8 MB checkpoint not."""
