@@ -35,6 +35,7 @@ _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write salienc
                               "WORKDIR/heatmaps/.")
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 
 
 def error_line(message: str) -> str:
@@ -42,10 +43,39 @@ def error_line(message: str) -> str:
     return "fsad: error: " + " ".join(str(message).split())
 
 
+def newest_checkpoints(workdir: str) -> list[str]:
+    """The newest checkpoint of each checkpoint folder in a workdir, as
+    "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
+    (AHL's meta-training), seeds in order."""
+    found = []
+    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
+        if os.path.isdir(workdir) else []
+    for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1):
+        for folder in ("checkpoints", "ahl_checkpoints"):
+            path = os.path.join(workdir, seed, folder)
+            steps = [int(d) for d in os.listdir(path) if d.isdigit()] \
+                if os.path.isdir(path) else []
+            if steps:
+                found.append(f"{seed}/{folder} step {max(steps)}")
+    return found
+
+
+def interrupted_line(workdir: str, mode: str) -> str:
+    """The one line for a run stopped by Ctrl-C: what was kept, and how to go on."""
+    if mode == "score":
+        return "fsad: interrupted; nothing of the scoring is kept: run the command again"
+    kept = newest_checkpoints(workdir)
+    where = f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
+        f"no checkpoint was written yet in {workdir}"
+    return f"fsad: interrupted ({where}); run the same command to resume from there"
+
+
 def execute(config, workdir: str, mode: str = "train", input_dir: str | None = None,
             output: str | None = None, heatmaps: bool = False) -> int:
     """Runs one command; returns the exit status. A UserError (bad input, bad config)
-    prints one line to stderr and returns 2; any other exception keeps its traceback."""
+    prints one line to stderr and returns 2; Ctrl-C (KeyboardInterrupt) prints one line
+    naming the checkpoints kept and returns 130; any other exception keeps its
+    traceback."""
     from fsad.experiment import check_stored_config, print_summary, run_experiment
     try:
         if mode == "score":
@@ -63,6 +93,9 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     except UserError as err:
         print(error_line(err), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(interrupted_line(workdir, mode), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     print_summary(results)
     print(f"results: {workdir}/results.json")
     return 0
@@ -79,9 +112,9 @@ def main(argv):
                                                                   "%(message)s"))
     code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
                    _HEATMAPS.value)
-    if code == EXIT_USER_ERROR:
+    if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
         # the one line is printed: leave before background threads (Orbax's writers of a
-        # failed checkpoint) add their shutdown noise
+        # failed or interrupted checkpoint) add their shutdown noise
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -1,10 +1,10 @@
 """DevNet, DRA and AHL trained end to end by the real command line on the procedural
-dataset. DRA and AHL run twice: once uninterrupted, once killed with SIGKILL mid-run
-(DRA after its first checkpoint, AHL during meta-training) and restarted with the same
-command. The restarted run's test scores equal the uninterrupted run's bit for bit (so
-the same seed and config give the same numbers). DevNet runs once: its resume is the
-same code as DRA's (`experiment.train_stage`), whose state has more in it (the
-reference set), and the suite's time is better spent elsewhere. The trained models
+dataset. DRA and AHL run twice: once uninterrupted, once stopped mid-run and restarted
+with the same command: DRA by Ctrl-C (SIGINT) after its first checkpoint, AHL by SIGKILL
+during meta-training. The restarted run's test scores equal the uninterrupted run's bit
+for bit (so the same seed and config give the same numbers). DevNet runs once: its
+resume is the same code as DRA's (`experiment.train_stage`), whose state has more in it
+(the reference set), and the suite's time is better spent elsewhere. The trained models
 serve every other check: detection and localisation on known answers, open-set
 detection, the CLI's results, rerun, scoring and config checks.
 """
@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -61,19 +62,24 @@ def finish(procs: dict) -> None:
         assert proc.returncode == 0, f"{name}: {open(log).read()[-4000:]}"
 
 
-def kill_when(procs: dict, ready: dict) -> None:
-    """SIGKILLs each (process, log) once ready[name]() is true (its checkpoint is on disk)."""
+def stop_when(procs: dict, ready: dict, signals: dict) -> None:
+    """Sends each (process, log) its signal once ready[name]() is true (its checkpoint is
+    on disk), and waits for it to end: SIGKILL kills it; SIGINT (Ctrl-C) must end it
+    with fsad's exit status for an interruption."""
+    from fsad.main import EXIT_INTERRUPTED
     deadline = time.time() + 900
     waiting = dict(procs)
     while waiting:
         for name, (proc, log) in list(waiting.items()):
             if ready[name]():
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                assert proc.returncode == -signal.SIGKILL
+                proc.send_signal(signals[name])
+                proc.wait(timeout=300)
+                expected = -signal.SIGKILL if signals[name] == signal.SIGKILL \
+                    else EXIT_INTERRUPTED
+                assert proc.returncode == expected, open(log).read()[-3000:]
                 del waiting[name]
             else:
-                assert proc.poll() is None, f"{name} ended before the kill: " \
+                assert proc.poll() is None, f"{name} ended before the stop: " \
                     f"{open(log).read()[-3000:]}"
         assert time.time() < deadline, f"no checkpoint in 15 minutes: {list(waiting)}"
         time.sleep(0.05)
@@ -105,22 +111,35 @@ def assert_same_scores(a, b):
 
 # ---------------------------------------------------------------- the runs
 
+class Run(NamedTuple):
+    config: str
+    size: int
+    data_seed: int
+    overrides: list
+    # stopped by stop_signal once this checkpoint folder of seed_0 holds stop_after
+    # checkpoints; None: never stopped
+    stop_folder: str | None = None
+    stop_after: int = 0
+    stop_signal: int = signal.SIGKILL
+
+
 RUNS = {
-    # DevNet, general 10-shot, 3 x 10 steps; not killed (None)
-    "devnet": ("configs/devnet.py", SIZE, 1, [
+    # DevNet, general 10-shot, 3 x 10 steps
+    "devnet": Run("configs/devnet.py", SIZE, 1, [
         "--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=10",
-        "--config.optim.decay_every_epochs=2"], None, 0),
+        "--config.optim.decay_every_epochs=2"]),
     # DRA in the hard setting (seen: scratch; unseen: spot, stain), 2 x 12 steps at 64 px
-    # (at 32 px random-init DRA scored 0.47 to 0.71 over three seeds; at 64 px 0.79-0.80)
-    "dra": ("configs/dra.py", 64, 0, [
+    # (at 32 px random-init DRA scored 0.47 to 0.71 over three seeds; at 64 px 0.79-0.80);
+    # stopped by Ctrl-C after its first checkpoint
+    "dra": Run("configs/dra.py", 64, 0, [
         "--config.data.setting=hard", "--config.data.known_class=scratch",
         "--config.batch_size=16", "--config.epochs=2", "--config.steps_per_epoch=12",
         "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"],
-        "checkpoints", 1),
+        "checkpoints", 1, signal.SIGINT),
     # AHL on DevNet in the hard setting (seen: spot), 8 base steps, 6 meta-epochs; killed
     # after its second meta-training checkpoint. First-order MAML: with DevNet's head it
     # equals second order exactly (tests/test_ahl.py) and compiles faster
-    "ahl": ("configs/ahl_devnet.py", SIZE, 0, [
+    "ahl": Run("configs/ahl_devnet.py", SIZE, 0, [
         "--config.data.setting=hard", "--config.data.known_class=spot",
         "--config.data.n_anomaly=6", "--config.batch_size=16", "--config.epochs=1",
         "--config.steps_per_epoch=8", "--config.ahl.epochs=6", "--config.ahl.history=2",
@@ -132,35 +151,39 @@ RUNS = {
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every run of RUNS by the command line: uninterrupted ("u"), and, where RUNS names
-    a checkpoint folder, killed with SIGKILL once that folder holds the given number of
-    checkpoints, then restarted with the same command ("k"). The three runs go side by
-    side (much of a run, compilation included, is single-threaded), each one's commands
-    in turn.
-    -> {name: {"root", "u", "k", "args"}}.
+    a checkpoint folder, stopped by its signal once that folder holds the given number
+    of checkpoints, then restarted with the same command ("k"). The three runs go side
+    by side (much of a run, compilation included, is single-threaded), each one's
+    commands in turn.
+    -> {name: {"root", "u", "k", "args", "stopped_log" (the stopped run's output)}}.
     """
     base = tmp_path_factory.mktemp("runs")
     out = {}
-    for name, (config, size, seed, over, _, _) in RUNS.items():
-        root = write_synthetic_dataset(str(base / name / "data"), size=size, seed=seed)
+    for name, run in RUNS.items():
+        root = write_synthetic_dataset(str(base / name / "data"), size=run.size,
+                                       seed=run.data_seed)
         out[name] = {"root": root, "u": base / name / "u", "k": base / name / "k",
-                     "args": lambda w, c=config, r=root, o=over, s=size:
-                     cli_args(c, w, r, *o, size=s)}
+                     "stopped_log": base / f"{name}_k_stopped.log",
+                     "args": lambda w, r=run, root=root:
+                     cli_args(r.config, w, root, *r.overrides, size=r.size)}
 
     def one_after_another(name):
-        """u, then (for a run that is killed) k killed, then k restarted: each run goes at
-        its own pace (no run waits for the slowest of a phase), and its k run finds u's
+        """u, then (for a run that is stopped) k stopped, then k restarted: each run goes
+        at its own pace (no run waits for the slowest of a phase), and its k run finds u's
         programs compiled on disk."""
-        r = out[name]
+        r, run = out[name], RUNS[name]
 
-        def launch(kind):
-            return {name: start(r["args"](r[kind]), base / f"{name}_{kind}.log")}
+        def launch(kind, log):
+            return {name: start(r["args"](r[kind]), log)}
 
-        finish(launch("u"))
-        if RUNS[name][4] is None:
+        finish(launch("u", base / f"{name}_u.log"))
+        if run.stop_folder is None:
             return
-        folder, count = r["k"] / "seed_0" / RUNS[name][4], RUNS[name][5]
-        kill_when(launch("k"), {name: lambda: len(steps_in(folder)) >= count})
-        finish(launch("k"))
+        folder = r["k"] / "seed_0" / run.stop_folder
+        stop_when(launch("k", r["stopped_log"]),
+                  {name: lambda: len(steps_in(folder)) >= run.stop_after},
+                  {name: run.stop_signal})
+        finish(launch("k", base / f"{name}_k.log"))
 
     with concurrent.futures.ThreadPoolExecutor(len(out)) as pool:
         for done in [pool.submit(one_after_another, name) for name in out]:
@@ -191,9 +214,9 @@ def config_of(name: str, root):
     """RUNS[name]'s config, built in-process as its command line builds it."""
     import importlib
     from fsad.config import override
-    config_file, size, _, over, _, _ = RUNS[name]
-    config = importlib.import_module(config_file[:-3].replace("/", ".")).get_config()
-    for arg in cli_args(config_file, "unused", root, *over, size=size):
+    run = RUNS[name]
+    config = importlib.import_module(run.config[:-3].replace("/", ".")).get_config()
+    for arg in cli_args(run.config, "unused", root, *run.overrides, size=run.size):
         if not arg.startswith("--config."):
             continue
         override(config, *arg[len("--config."):].split("=", 1))
@@ -245,9 +268,17 @@ def test_dra_detects_anomaly_classes_it_never_saw(runs):
     assert set(run0) >= {"auroc_seen", "auroc_residual", "auroc_normality"}
 
 
-def test_dra_is_deterministic_through_a_kill(runs):
+def test_dra_stopped_by_ctrl_c_says_where_it_resumes_and_resumes_to_the_same_scores(runs):
+    """Ctrl-C ends the run with one line (no traceback) naming the checkpoint kept; the
+    same command resumes from it to the uninterrupted run's scores."""
     u, k = runs["dra"]["u"], runs["dra"]["k"]
-    assert results(k)["runs"][0]["resumed_from"] >= 12
+    resumed_from = results(k)["runs"][0]["resumed_from"]
+    assert resumed_from >= 12
+    stopped = open(runs["dra"]["stopped_log"]).read()
+    last = stopped.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == (f"fsad: interrupted (checkpoints kept in {k}: seed_0/checkpoints step "
+                    f"{resumed_from}); run the same command to resume from there"), last
+    assert "Traceback" not in stopped and "KeyboardInterrupt" not in stopped
     assert_same_scores(u, k)
 
 

@@ -386,3 +386,22 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("fsad: error: ") and fragment in lines[0], \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
+    """The line a Ctrl-C prints (tests/test_end_to_end.py stops a real run with it)."""
+    from fsad.main import interrupted_line
+    work = tmp_path / "w"
+    assert interrupted_line(str(work), "train") == (
+        f"fsad: interrupted (no checkpoint was written yet in {work}); run the same command "
+        f"to resume from there")
+    for folder, steps in [("seed_10/checkpoints", [40]), ("seed_2/checkpoints", [20, 30]),
+                          ("seed_2/ahl_checkpoints", [1, 2]), ("seed_3/checkpoints", [])]:
+        for step in steps:
+            (work / folder / str(step)).mkdir(parents=True)
+        (work / folder / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)  # a half save
+    assert interrupted_line(str(work), "train") == (
+        f"fsad: interrupted (checkpoints kept in {work}: seed_2/checkpoints step 30, "
+        f"seed_2/ahl_checkpoints step 2, seed_10/checkpoints step 40); run the same "
+        f"command to resume from there")
+    assert "run the command again" in interrupted_line(str(work), "score")
