@@ -82,9 +82,6 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             from fsad.scoring import score_folder
             if not input_dir:
                 raise UserError("--mode score needs the images to score; pass --input DIR")
-            if config.method == "ahl":
-                raise UserError("--mode score does not take AHL runs yet (it would score with "
-                                "the base network); use the base method's config and workdir")
             check_stored_config(workdir, config, must_exist=True)
             path = score_folder(config, workdir, input_dir, output, heatmaps)
             print(f"scores: {path}")

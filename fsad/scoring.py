@@ -19,8 +19,8 @@ from scipy import stats
 from fsad.data.decode import decode_many, list_images_recursive
 from fsad.errors import UserError
 from fsad.methods import build_method
-from fsad.train import (checkpoint_manager, init_state, make_mesh, make_score_fn, put_train_data,
-                        restore_latest, score_images, variables_of)
+from fsad.train import (checkpoint_manager, make_mesh, make_score_fn, replicated, restore_latest,
+                        score_images)
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -35,37 +35,51 @@ def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
 
 
 def load_trained(config, workdir: str, mesh=None):
-    """(method, variables, mesh) of the trained seed `config.seed` in workdir."""
+    """(method, variables, mesh) of the trained seed `config.seed` in workdir.
+
+    The variables are read in the structure the checkpoint was saved with, replicated on
+    the mesh: no model is built to restore into, so nothing depends on the training
+    data's size (DRA's per-batch reference pool is all its training normals).
+    """
+    from fsad.experiment import base_run_checkpoints
     mesh = mesh or make_mesh()
     method = build_method(config)
-    ckpt = os.path.join(workdir, f"seed_{config.seed}", "checkpoints")
+    # AHL on another run's base (ahl.base_workdir) reads that run's trained network
+    ckpt = base_run_checkpoints(config, config.seed) or \
+        os.path.join(workdir, f"seed_{config.seed}", "checkpoints")
     if not os.path.isdir(ckpt):
         raise UserError(f"no checkpoints in {ckpt!r}; train this workdir first "
-                                f"(--mode train), or point --workdir at a trained run")
-    tx = method.optimizer(config.steps_per_epoch)
-    blank = np.zeros((1, config.data.img_size, config.data.img_size, 3), np.uint8)
-    # the structure to restore into; every value comes from the checkpoint
-    state = init_state(method, jax.random.key(0), put_train_data(blank, blank, mesh), tx, mesh)
+                        f"(--mode train), or point --workdir at a trained run")
     mngr = checkpoint_manager(ckpt)
-    state = restore_latest(mngr, state)
+    saved = restore_latest(mngr, sharding=replicated(mesh))
     mngr.close()
-    return method, variables_of(state), mesh
+    if saved is None:
+        raise UserError(f"no checkpoint in {ckpt!r} could be read; train this workdir "
+                        f"again (--mode train), or point --workdir at a trained run")
+    return method, {k: saved.get(k) or {} for k in ("params", "batch_stats", "extras")}, mesh
 
 
 def score_folder(config, workdir: str, input_dir: str, output: str | None = None,
                  heatmaps: bool = False) -> str:
     """Scores every image under input_dir; writes a CSV (and heat maps); returns its path.
 
-    CSV columns: file (relative to input_dir), score, z, p_value, anomalous.
+    CSV columns: file (relative to input_dir), score, z, p_value, anomalous. An AHL run
+    scores with its unified heads (as its evaluation does); its heat maps, like its
+    evaluation's, are the base network's saliency.
     """
     files = list_images_recursive(input_dir)
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
     variables = method.prepare_eval(variables)
-    key = jax.random.key(config.seed + 10_000) if method.random_scores else None
-    scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
-                          config.eval_batch_size, key=key)["score"]
+    if config.method == "ahl":  # the unified heads on the base trunk's features
+        from fsad.methods.ahl import score_unified
+        scores = score_unified(config, method, variables, images, mesh,
+                               os.path.join(workdir, f"seed_{config.seed}"), config.seed)
+    else:
+        key = jax.random.key(config.seed + 10_000) if method.random_scores else None
+        scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
+                              config.eval_batch_size, key=key)["score"]
     cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
                     config.explain.confidence)
     output = output or os.path.join(workdir, "scores.csv")

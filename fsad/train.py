@@ -310,7 +310,9 @@ def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointMa
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     try:
-        return ocp.CheckpointManager(checkpoint_folder(directory), options=options)
+        # the handler named, so that a checkpoint's metadata (its own structure) is readable
+        return ocp.CheckpointManager(checkpoint_folder(directory), options=options,
+                                     item_handlers=ocp.StandardCheckpointHandler())
     except OSError as err:
         raise _folder_error(directory, err) from err
 
@@ -330,18 +332,30 @@ def _folder_error(directory: str, err: OSError) -> UserError:
                      f"({err.strerror or err}); choose a writable --workdir")
 
 
-def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
+                   sharding: NamedSharding | None = None) -> Any:
     """The newest readable checkpoint restored into `state`'s structure and shardings (or
     state when there is none).
+
+    With state None, the checkpoint's own structure (nested dicts and lists of arrays,
+    as saved: what a reader that did not train the run can rebuild), every array placed
+    by `sharding` (default: the first local device); None when there is no checkpoint.
 
     Orbax writes a checkpoint into a temporary folder and renames it when complete, so a
     crash during a save leaves no half checkpoint among the steps; should the newest one
     still fail to restore (a damaged disk, a file removed by hand), the one before it is
     used, with a warning.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    if state is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    elif sharding is None:
+        sharding = replicated(make_mesh(jax.local_devices()[:1]))
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
+            if state is None:
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                    mngr.item_metadata(step))
             return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
             logging.warning("checkpoint %d in %s is unreadable (%s); trying the one before",

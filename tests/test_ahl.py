@@ -342,3 +342,24 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     info, counts = compiles()
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
+
+
+def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):
+    """--mode score on an AHL run (`ahl.unified_heads_of`): the newest meta-training
+    checkpoint's head params, read without a model to restore into, once every
+    meta-epoch is done; before that, a UserError saying how far it got."""
+    from fsad.train import checkpoint_manager, save_checkpoint
+    config = tiny_config("ahl_devnet")
+    config.ahl.epochs = 4
+    with pytest.raises(UserError, match=r"not finished \(it has no checkpoint of 4\)"):
+        ahl.unified_heads_of(config, str(tmp_path))
+    mngr = checkpoint_manager(str(tmp_path / "ahl_checkpoints"), 2)
+    heads = {"conv": {"kernel": jnp.arange(6.0).reshape(1, 1, 6, 1), "bias": jnp.ones(1)}}
+    save_checkpoint(mngr, 2, {"epoch": jnp.int32(2), "params": jax.tree.map(jnp.zeros_like,
+                                                                              heads)})
+    with pytest.raises(UserError, match=r"\(it stopped after meta-epoch 2 of 4\); finish it"):
+        ahl.unified_heads_of(config, str(tmp_path))
+    save_checkpoint(mngr, 4, {"epoch": jnp.int32(4), "params": heads})
+    mngr.close()
+    got = ahl.unified_heads_of(config, str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, got, heads)

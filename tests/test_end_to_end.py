@@ -109,6 +109,23 @@ def assert_same_scores(a, b):
         assert ra[k] == rb[k]
 
 
+def assert_scored_as_evaluated(config, workdir, root, tmp_path, capsys):
+    """--mode score (`fsad.main.execute`) on the test folder writes, for each test image,
+    the score the run's evaluation gave it (test_scores.npz; the folder also holds the
+    known class's anomalies, which the hard setting leaves out of the test set)."""
+    from fsad.main import execute
+    csv_path = tmp_path / "scores.csv"
+    assert execute(config, str(workdir), "score", os.path.join(root, "test"),
+                   str(csv_path)) == 0, capsys.readouterr().err[-2000:]
+    with open(csv_path) as f:
+        rows = {r["file"]: float(r["score"]) for r in csv.DictReader(f)}
+    ev = test_scores(workdir)
+    got = np.array([rows[os.path.relpath(str(fid), "test")] for fid in ev["file_ids"]])
+    np.testing.assert_allclose(got, ev["score"], rtol=1e-4, atol=1e-5)
+    if "base_score" in ev:  # AHL: the unified heads, not the base model's
+        assert np.abs(got - ev["base_score"]).max() > 1e-3
+
+
 # ---------------------------------------------------------------- the runs
 
 class Run(NamedTuple):
@@ -282,6 +299,13 @@ def test_dra_stopped_by_ctrl_c_says_where_it_resumes_and_resumes_to_the_same_sco
     assert_same_scores(u, k)
 
 
+def test_dra_scores_new_images_as_evaluated(runs, tmp_path, capsys):
+    """(--mode score once failed on every DRA run: it rebuilt the model to restore into
+    from one blank image, and DRA's reference set draws five.)"""
+    assert_scored_as_evaluated(config_of("dra", runs["dra"]["root"]), runs["dra"]["u"],
+                               runs["dra"]["root"], tmp_path, capsys)
+
+
 # ---------------------------------------------------------------- AHL
 
 def test_ahl_devnet_end_to_end(runs):
@@ -306,6 +330,11 @@ def test_ahl_devnet_end_to_end(runs):
     assert (u / "seed_0" / "ahl_features.npz").exists()
 
 
+def test_ahl_scores_new_images_with_its_unified_heads(runs, tmp_path, capsys):
+    assert_scored_as_evaluated(config_of("ahl", runs["ahl"]["root"]), runs["ahl"]["u"],
+                               runs["ahl"]["root"], tmp_path, capsys)
+
+
 def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(runs):
     u, k = runs["ahl"]["u"], runs["ahl"]["k"]
     assert_same_scores(u, k)
@@ -313,7 +342,7 @@ def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(runs):
                                   results(k)["runs"][0]["ahl"]["weights"])
 
 
-def test_ahl_starts_from_a_finished_base_run(runs, tmp_path):
+def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     """ahl.base_workdir: AHL(DevNet) takes the trained DevNet run's model instead of
     training its own (no step is taken, and its base scores are that run's); a base run
     with other settings, or without the seed, is refused before any work."""
@@ -334,6 +363,9 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path):
     devnet0 = results(runs["devnet"]["u"])["runs"][0]
     assert run0["steps"] == 0 and run0["resumed_from"] == 30
     assert run0["base_auroc"] == pytest.approx(devnet0["auroc"], abs=1e-6)
+    # --mode score reads the trunk from the base run and the heads from this one
+    assert_scored_as_evaluated(config, tmp_path / "ahl", runs["devnet"]["root"],
+                               tmp_path, capsys)
     assert not (tmp_path / "ahl" / "seed_0" / "checkpoints").exists() or not os.listdir(
         tmp_path / "ahl" / "seed_0" / "checkpoints")
     config.epochs = 4

@@ -721,6 +721,59 @@ def reference_means(config, method, base_variables, seed: int):
     return [feats[k].mean(0) for k in sorted(feats)]
 
 
+def make_head_scorer(base_hm: HeadModel, batch_size: int):
+    """-> scores_of(head model, head params, feats [scales] of [N,h,w,C]) -> [N] anomaly
+    scores, in batches. One compiled function serves the base and the unified heads:
+    fresh heads differ from the base heads only in their consts (new BatchNorm
+    statistics), which are its argument."""
+    fn = jax.jit(lambda p, feats, consts: base_hm.score(base_hm.apply_with(p, feats, consts)))
+
+    def scores_of(hm: HeadModel, params, feats) -> np.ndarray:
+        return np.concatenate([np.asarray(fn(params, [f[s:s + batch_size] for f in feats],
+                                             hm.consts))
+                               for s in range(0, len(feats[0]), batch_size)])
+    return scores_of
+
+
+def unified_heads_of(config, seed_dir: str) -> dict:
+    """The unified head params a finished meta-training left in seed_dir/ahl_checkpoints
+    (its newest checkpoint, restored in the structure it was saved with)."""
+    folder = os.path.join(seed_dir, "ahl_checkpoints")
+    mngr = checkpoint_manager(folder, 2) if os.path.isdir(folder) else None
+    step = mngr.latest_step() if mngr is not None else None
+    if step is None or step < config.ahl.epochs:
+        where = f"it stopped after meta-epoch {step}" if step else "it has no checkpoint"
+        raise UserError(f"AHL's meta-training in {seed_dir} is not finished ({where} of "
+                        f"{config.ahl.epochs}); finish it with --mode train and the same "
+                        f"config, then score")
+    state = restore_latest(mngr)
+    mngr.close()
+    return state["params"]
+
+
+def score_unified(config, method, base_variables, images: np.ndarray, mesh,
+                  seed_dir: str, seed: int) -> np.ndarray:
+    """New images scored as the AHL evaluation scores its test set: the trained base
+    trunk's features, then the unified heads of seed_dir's finished meta-training.
+
+    Args:
+      method: the base model's `fsad.train.Method`; base_variables: its trained variables
+        (after `method.prepare_eval`), as `ahl_stage` receives them.
+      images: [N, H, W, 3] uint8.
+    Returns:
+      [N] anomaly scores.
+    """
+    params = unified_heads_of(config, seed_dir)
+    refs = reference_means(config, method, base_variables, seed)
+    base_hm, _ = head_model(config, base_variables, refs)
+    hm = base_hm if config.ahl.head_init == "base" else \
+        head_model(config, base_variables, refs, fresh=True)[0]
+    feats = score_images(make_feature_fn(config), base_variables, images, mesh,
+                         config.eval_batch_size, desc="AHL features")
+    return make_head_scorer(base_hm, config.eval_batch_size)(
+        hm, params, [feats[k] for k in sorted(feats)])
+
+
 def run_ahl(config, method, base_variables, normals, anomalies, test_images, mesh, seed: int,
             workdir: str, textures=None) -> dict:
     """Features (cached in workdir), HADG, CDL; returns test scores and AHL info.
@@ -753,19 +806,10 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
         hm = head_model(config, base_variables, refs, fresh=True)[0]
         params_g = jax.jit(hm.init)(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir, mesh=mesh)
-    bs = config.eval_batch_size
-    # one compiled score function for both head models: fresh heads differ from the base
-    # heads only in their consts (new BatchNorm statistics), which are its argument
-    score_fn = jax.jit(lambda p, feats, consts:
-                       base_hm.score(base_hm.apply_with(p, feats, consts)))
-
-    def scores_of(head, p):
-        return np.concatenate([np.asarray(score_fn(p, [t[s:s + bs] for t in test],
-                                                   head.consts))
-                               for s in range(0, len(test[0]), bs)])
-
+    scores_of = make_head_scorer(base_hm, config.eval_batch_size)
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
-    return {"scores": scores_of(hm, params), "base_scores": scores_of(base_hm, base_params),
+    return {"scores": scores_of(hm, params, test),
+            "base_scores": scores_of(base_hm, base_params, test),
             "tasks": tasks.num_tasks, "head_init": a.head_init,
             "cluster_sizes": [len(c) for c in clusters], **health,
             "families": [[FAMILIES[i] for i in f] for f in tasks.families.tolist()],
