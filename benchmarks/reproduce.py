@@ -302,6 +302,14 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"reproduce: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        kept = os.path.join(args.out, "table.md")
+        kept = f"the table of the finished cells is {kept}" if os.path.exists(kept) else \
+            "no cell had finished"
+        print(f"reproduce: interrupted ({kept}); run the same command to resume (finished "
+              f"cells are read back, the unfinished one resumes from its checkpoint)",
+              file=sys.stderr)
+        return 130
     print(write_table(args.out, table))
     return 0
 

@@ -123,3 +123,23 @@ def test_an_override_goes_to_the_methods_that_have_the_field():
     assert configs["devnet"].batch_size == 8 == configs["ahl_dra"].batch_size
     with pytest.raises(UserError, match="ahl.epoch is not a config field"):
         reproduce.method_configs(["devnet", "ahl_dra"], "", ["ahl.epoch=2"], "synthetic")
+
+
+def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
+    """Ctrl-C (KeyboardInterrupt, here raised where the cells run) ends the table with
+    exit status 130 and one line on stderr, not a traceback."""
+    reproduce = load_reproduce()
+
+    def interrupted(args, on_cell):
+        raise KeyboardInterrupt
+
+    reproduce.run_table = interrupted
+    argv = ["--dataset", "synthetic", "--methods", "devnet", "--out", str(tmp_path)]
+    assert reproduce.main(argv) == 130
+    assert capsys.readouterr().err == (
+        "reproduce: interrupted (no cell had finished); run the same command to resume "
+        "(finished cells are read back, the unfinished one resumes from its checkpoint)\n")
+    (tmp_path / "table.md").write_text("| a row |\n")
+    assert reproduce.main(argv) == 130
+    assert f"(the table of the finished cells is {tmp_path / 'table.md'})" in \
+        capsys.readouterr().err
