@@ -10,6 +10,7 @@ confidence c when z > Phi^-1((1 + c) / 2), the paper's cut-off (1.96 for 95%).
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 import jax
@@ -56,6 +57,10 @@ def load_trained(config, workdir: str, mesh=None):
     if saved is None:
         raise UserError(f"no checkpoint in {ckpt!r} could be read; train this workdir "
                         f"again (--mode train), or point --workdir at a trained run")
+    step, total = int(saved["step"]), config.epochs * config.steps_per_epoch
+    if step < total:  # a run still training, stopped, or diverged: say so, score anyway
+        logging.warning("scoring with the checkpoint of step %d of %d in %s: that run has "
+                        "not finished training", step, total, ckpt)
     return method, {k: saved.get(k) or {} for k in ("params", "batch_stats", "extras")}, mesh
 
 

@@ -364,6 +364,34 @@ def test_loss_that_is_not_finite(tmp_path, capsys):
     assert all(c < step for c in ckpts)  # no checkpoint of the diverged state
 
 
+def test_scoring_a_run_stopped_by_ctrl_c_says_it_is_unfinished(tmp_path, capsys, caplog,
+                                                               monkeypatch):
+    """Ctrl-C (a KeyboardInterrupt, raised here right after the first checkpoint; the
+    end-to-end tests send a real SIGINT) ends the run with exit status 130 and one line;
+    --mode score then scores with that checkpoint and warns that training is not done."""
+    from fsad import train
+    root = dataset(tmp_path / "d")
+    # one scale, as the disk-full test: its init and train step are compiled already
+    cfg = folder_config(root, **{"epochs": 2, "model.n_scales": 1})
+    real_save = train.save_checkpoint
+
+    def save_then_ctrl_c(mngr, step, state):
+        real_save(mngr, step, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c)
+    work = tmp_path / "w"
+    assert execute(cfg, str(work)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fsad: interrupted (checkpoints kept in {work}: seed_0/checkpoints step 2); run "
+        f"the same command to resume from there")
+    monkeypatch.undo()
+    code, lines = run(cfg, work, capsys, mode="score", input_dir=os.path.join(root, "test"))
+    assert code == 0 and not lines
+    assert f"scoring with the checkpoint of step 2 of 4 in {work}" in caplog.text
+    assert "has not finished training" in caplog.text
+
+
 # ---- the real command line ----
 
 def cli(*args):
