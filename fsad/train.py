@@ -426,19 +426,22 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -
         h.addFilter(quiet)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _DropClosedLoopWakeups(previous_hook)
-    write_failed = False
+    abandoned = False  # writes may still be running after the save has ended
     try:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
+    except KeyboardInterrupt:  # Ctrl-C during the save: fsad.main prints its one line
+        abandoned = True
+        raise
     except (OSError, ValueError) as err:
         reason = _write_failure(err)
         if reason is None:
             raise
-        write_failed = True
+        abandoned = True
         raise UserError(f"cannot write the checkpoint of step {step} to {mngr.directory} "
                         f"({reason}); free disk space or choose a writable --workdir") from err
     finally:
-        if write_failed:  # the abandoned writes go on finishing after the save: stay quiet
+        if abandoned:  # they go on finishing after the save: stay quiet
             log = logging.getLogger("asyncio")
             if not any(isinstance(f, _DropUnretrievedWriteFailures) for f in log.filters):
                 log.addFilter(_DropUnretrievedWriteFailures())

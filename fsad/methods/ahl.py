@@ -738,16 +738,17 @@ def make_head_scorer(base_hm: HeadModel, batch_size: int):
 def unified_heads_of(config, seed_dir: str) -> dict:
     """The unified head params a finished meta-training left in seed_dir/ahl_checkpoints
     (its newest checkpoint, restored in the structure it was saved with)."""
-    folder = os.path.join(seed_dir, "ahl_checkpoints")
-    mngr = checkpoint_manager(folder, 2) if os.path.isdir(folder) else None
-    step = mngr.latest_step() if mngr is not None else None
-    if step is None or step < config.ahl.epochs:
-        where = f"it stopped after meta-epoch {step}" if step else "it has no checkpoint"
+    folder, state = os.path.join(seed_dir, "ahl_checkpoints"), None
+    if os.path.isdir(folder):
+        mngr = checkpoint_manager(folder, 2)
+        state = restore_latest(mngr)  # the newest readable one
+        mngr.close()
+    done = int(state["epoch"]) if state is not None else 0
+    if done < config.ahl.epochs:
+        where = f"it stopped after meta-epoch {done}" if done else "it has no checkpoint"
         raise UserError(f"AHL's meta-training in {seed_dir} is not finished ({where} of "
                         f"{config.ahl.epochs}); finish it with --mode train and the same "
                         f"config, then score")
-    state = restore_latest(mngr)
-    mngr.close()
     return state["params"]
 
 
