@@ -721,6 +721,19 @@ def reference_means(config, method, base_variables, seed: int):
     return [feats[k].mean(0) for k in sorted(feats)]
 
 
+def head_models(config, method, base_variables, seed: int) -> tuple[HeadModel, HeadModel,
+                                                                    dict]:
+    """(the head model the unified heads are meta-trained and scored with: the base
+    heads', or fresh heads' per ahl.head_init; the base heads' model; their trained
+    params), on this seed's reference means. Training (`run_ahl`) and scoring new images
+    (`score_unified`) both build them here, so they cannot differ."""
+    refs = reference_means(config, method, base_variables, seed)
+    base_hm, base_params = head_model(config, base_variables, refs)
+    hm = base_hm if config.ahl.head_init == "base" else \
+        head_model(config, base_variables, refs, fresh=True)[0]
+    return hm, base_hm, base_params
+
+
 def make_head_scorer(base_hm: HeadModel, batch_size: int):
     """-> scores_of(head model, head params, feats [scales] of [N,h,w,C]) -> [N] anomaly
     scores, in batches. One compiled function serves the base and the unified heads:
@@ -765,10 +778,7 @@ def score_unified(config, method, base_variables, images: np.ndarray, mesh,
       [N] anomaly scores.
     """
     params = unified_heads_of(config, seed_dir)
-    refs = reference_means(config, method, base_variables, seed)
-    base_hm, _ = head_model(config, base_variables, refs)
-    hm = base_hm if config.ahl.head_init == "base" else \
-        head_model(config, base_variables, refs, fresh=True)[0]
+    hm, base_hm, _ = head_models(config, method, base_variables, seed)
     feats = score_images(make_feature_fn(config), base_variables, images, mesh,
                          config.eval_batch_size, desc="AHL features")
     return make_head_scorer(base_hm, config.eval_batch_size)(
@@ -799,13 +809,9 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     flat = bank[0][:n_normal].reshape(n_normal, -1)
     clusters, health = normal_clusters(flat, normals, a.clusters, seed, a.cluster_on)
     tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base)
-    refs = reference_means(config, method, base_variables, seed)
-    base_hm, base_params = head_model(config, base_variables, refs)
-    if a.head_init == "base":
-        hm, params_g = base_hm, base_params
-    else:
-        hm = head_model(config, base_variables, refs, fresh=True)[0]
-        params_g = jax.jit(hm.init)(k_init, [b[:1] for b in bank])
+    hm, base_hm, base_params = head_models(config, method, base_variables, seed)
+    params_g = base_params if a.head_init == "base" else \
+        jax.jit(hm.init)(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir, mesh=mesh)
     scores_of = make_head_scorer(base_hm, config.eval_batch_size)
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
