@@ -27,6 +27,7 @@ from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
+from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
 from fsad.train import (Method, checkpoint_folder, fit, init_state, make_mesh, make_score_fn,
@@ -51,35 +52,102 @@ def _config_json(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+# fields that only batch the evaluation: a run may go on, or be scored, with other values
+# (they change no trained weight and, with a fixed reference set, no score)
+BATCHING_ONLY = ("eval_batch_size", "explain.batch_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"data": {"img_size": 448}} -> {"data.img_size": 448}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stored_config_diff(workdir: str, config) -> list[str] | None:
+    """The fields (dotted, e.g. "data.img_size") in which config differs from the one
+    stored in workdir/config.json, less BATCHING_ONLY (unless DRA draws its test reference
+    per batch, where the batch changes the scores); None when none is stored."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        stored = _flat(json.load(f))
+    current = _flat(_config_json(config))
+    per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
+    return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
+                  and (per_batch or k not in BATCHING_ONLY))
+
+
+def newest_checkpoints(workdir: str) -> list[str]:
+    """The newest checkpoint of each checkpoint folder in a workdir, as
+    "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
+    (AHL's meta-training), seeds in order."""
+    found = []
+    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
+        if os.path.isdir(workdir) else []
+    for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1):
+        for folder in ("checkpoints", "ahl_checkpoints"):
+            path = os.path.join(workdir, seed, folder)
+            steps = [int(d) for d in os.listdir(path) if d.isdigit()] \
+                if os.path.isdir(path) else []
+            if steps:
+                found.append(f"{seed}/{folder} step {max(steps)}")
+    return found
+
+
+def saved_in(workdir: str) -> list[str]:
+    """What runs saved in a workdir: each checkpoint folder's newest checkpoint, each
+    finished seed, the results; empty when a run there stopped before saving anything."""
+    finished = [f"{d} finished" for d in sorted(os.listdir(workdir)) if d.startswith("seed_")
+                and os.path.exists(os.path.join(workdir, d, "metrics.json"))] \
+        if os.path.isdir(workdir) else []
+    results = ["results.json"] if os.path.exists(os.path.join(workdir, "results.json")) else []
+    return newest_checkpoints(workdir) + finished + results
+
+
+def _different_config(workdir: str, diff: list[str]) -> UserError:
+    return UserError(f"{workdir!r} holds a run with a different config (fields "
+                     f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
+
+
 def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     """Compares config with workdir/config.json; True when one is stored.
 
     Raises:
-      ValueError: the stored config differs.
-      FileNotFoundError: none is stored and must_exist.
+      UserError: the stored config differs (BATCHING_ONLY fields aside), or none is
+        stored and must_exist.
     """
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    diff = stored_config_diff(workdir, config)
+    if diff is None:
         if must_exist:
             raise UserError(f"{workdir!r} holds no trained run (no config.json); train it "
                             f"first with --mode train, or point --workdir at a trained run")
         return False
-    with open(path) as f:
-        stored = json.load(f)
-    current = _config_json(config)
-    if stored != current:
-        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-        raise UserError(f"{workdir!r} holds a run with a different config (fields "
-                        f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
+    if diff:
+        raise _different_config(workdir, diff)
     return True
 
 
 def _check_workdir(workdir: str, config) -> None:
-    """A workdir holds one config: refuse to resume a run made with another; and it must
-    be writable (checked now, not at the first checkpoint)."""
+    """A workdir holds one config: refuse to resume a run made with another, unless that
+    run saved nothing (it stopped before its first checkpoint: a download that failed,
+    out of memory), whose config this one replaces; and it must be writable (checked
+    now, not at the first checkpoint)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        if not check_stored_config(workdir, config):
+        diff = stored_config_diff(workdir, config)
+        if diff and saved_in(workdir):
+            raise _different_config(workdir, diff)
+        if diff:
+            logging.warning("%s held the config of a run that saved nothing (no checkpoint, "
+                            "no finished seed); this run's config replaces it (it differed "
+                            "in %s)", workdir, ", ".join(diff))
+        if diff is None or diff:
             write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
     except OSError as err:
         raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "
@@ -137,8 +205,15 @@ class Runner:
         if signature in self.compiled:
             return self.compiled[signature], 0.0
         t0 = time.time()
-        self.compiled[signature] = self.train_step.lower(state, data, key).compile()
-        return self.compiled[signature], time.time() - t0
+        devices = list(self.mesh.devices.flat)
+        fix = train_fix(self.config, len(devices))
+        what = (f"the train step of {self.method.name} (batch {self.config.batch_size}, "
+                f"{self.config.data.img_size} px)")
+        with hint_on_oom(f"compiling {what}", fix):
+            compiled = self.train_step.lower(state, data, key).compile()
+        check_fits(compiled, devices, what, fix)  # before a step, not an OOM inside one
+        self.compiled[signature] = compiled
+        return compiled, time.time() - t0
 
     def saliency_fn(self):
         """The jitted saliency function of the method (built once)."""
@@ -275,18 +350,25 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
             logging.info("seed %d already finished in %s", seed, seed_dir)
             return json.load(f)
     t0 = time.time()
+    n_devices = runner.mesh.devices.size
     split = split_stage(config, data, seed)
-    state, train_info = train_stage(runner, data, split, seed, seed_dir)
+    with hint_on_oom("training", train_fix(config, n_devices)):
+        state, train_info = train_stage(runner, data, split, seed, seed_dir)
     t_eval = time.time()
     variables = runner.prepare_eval(variables_of(state))
-    scores = score_stage(runner, variables, data.images[split.test], seed)
+    with hint_on_oom("scoring the test images", eval_fix(config)):
+        scores = score_stage(runner, variables, data.images[split.test], seed)
     labels = data.labels[split.test]
     metrics, cal = metrics_stage(config, labels, scores)
     if config.explain.enabled:
         # explanations are of the base network (AHL replaces only its heads)
-        metrics.update(explain_stage(runner, variables, data, split, scores, seed_dir))
+        with hint_on_oom("the saliency maps", eval_fix(config)):
+            metrics.update(explain_stage(runner, variables, data, split, scores, seed_dir))
     for stage in method_stages(config):
-        scores, metrics = stage(runner, data, split, variables, scores, metrics, seed, seed_dir)
+        with hint_on_oom(f"the {stage.__name__.replace('_stage', '')} stage (its meta-training "
+                         f"and scoring)", run_fix(config, n_devices)):
+            scores, metrics = stage(runner, data, split, variables, scores, metrics, seed,
+                                    seed_dir)
     result = {"seed": seed, **metrics,
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,

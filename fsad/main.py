@@ -43,27 +43,11 @@ def error_line(message: str) -> str:
     return "fsad: error: " + " ".join(str(message).split())
 
 
-def newest_checkpoints(workdir: str) -> list[str]:
-    """The newest checkpoint of each checkpoint folder in a workdir, as
-    "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
-    (AHL's meta-training), seeds in order."""
-    found = []
-    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
-        if os.path.isdir(workdir) else []
-    for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1):
-        for folder in ("checkpoints", "ahl_checkpoints"):
-            path = os.path.join(workdir, seed, folder)
-            steps = [int(d) for d in os.listdir(path) if d.isdigit()] \
-                if os.path.isdir(path) else []
-            if steps:
-                found.append(f"{seed}/{folder} step {max(steps)}")
-    return found
-
-
 def interrupted_line(workdir: str, mode: str) -> str:
     """The one line for a run stopped by Ctrl-C: what was kept, and how to go on."""
     if mode == "score":
         return "fsad: interrupted; nothing of the scoring is kept: run the command again"
+    from fsad.experiment import newest_checkpoints
     kept = newest_checkpoints(workdir)
     where = f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
         f"no checkpoint was written yet in {workdir}"

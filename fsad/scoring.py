@@ -19,6 +19,7 @@ from scipy import stats
 
 from fsad.data.decode import decode_many, list_images_recursive
 from fsad.errors import UserError
+from fsad.memory import eval_fix, hint_on_oom
 from fsad.methods import build_method
 from fsad.train import (checkpoint_manager, make_mesh, make_score_fn, replicated, restore_latest,
                         score_images)
@@ -77,14 +78,15 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
     variables = method.prepare_eval(variables)
-    if config.method == "ahl":  # the unified heads on the base trunk's features
-        from fsad.methods.ahl import score_unified
-        scores = score_unified(config, method, variables, images, mesh,
-                               os.path.join(workdir, f"seed_{config.seed}"), config.seed)
-    else:
-        key = jax.random.key(config.seed + 10_000) if method.random_scores else None
-        scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
-                              config.eval_batch_size, key=key)["score"]
+    with hint_on_oom("scoring", eval_fix(config)):
+        if config.method == "ahl":  # the unified heads on the base trunk's features
+            from fsad.methods.ahl import score_unified
+            scores = score_unified(config, method, variables, images, mesh,
+                                   os.path.join(workdir, f"seed_{config.seed}"), config.seed)
+        else:
+            key = jax.random.key(config.seed + 10_000) if method.random_scores else None
+            scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
+                                  config.eval_batch_size, key=key)["score"]
     cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
                     config.explain.confidence)
     output = output or os.path.join(workdir, "scores.csv")
@@ -97,7 +99,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                         f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])])
     if heatmaps:
         from fsad.explain import explain_images, overlay_png
-        maps = explain_images(method, variables, images, config)
+        with hint_on_oom("the saliency maps", eval_fix(config)):
+            maps = explain_images(method, variables, images, config)
         for name, image, heat in zip(files, images, maps):
             stem = os.path.splitext(name.replace(os.sep, "__"))[0]
             overlay_png(os.path.join(workdir, "heatmaps", f"{stem}.png"), image, heat)

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -254,13 +256,33 @@ def test_unknown_dataset_reader_dtype_and_dra_variant(tmp_path, capsys):
                  capsys, "'DRA5' is not a DRA variant")
 
 
-def test_workdir_of_another_config(tmp_path, capsys):
+def test_workdir_of_another_config(tmp_path, capsys, caplog):
+    """A workdir holds one config once a run saved something there (a checkpoint, a
+    finished seed); the config of a run that saved nothing (it stopped at a failed
+    download or out of memory) gives way to the next run's, and the fields that only batch
+    the evaluation may change."""
+    from fsad.experiment import _check_workdir, saved_in
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
     work.mkdir()
-    (work / "config.json").write_text(json.dumps({"seed": 123}))
-    expect_error(folder_config(root), work, capsys, "holds a run with a different config",
-                 "new --workdir")
+    config = folder_config(root)
+    stored = folder_config(root, **{"data.img_size": 64, "seed": 123})
+    (work / "config.json").write_text(stored.to_json_best_effort())
+    (work / "seed_0" / "checkpoints" / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    assert saved_in(str(work)) == []  # a half-written checkpoint is not one
+    _check_workdir(str(work), config)
+    assert "saved nothing" in caplog.text and "data.img_size, seed" in caplog.text
+    assert json.loads((work / "config.json").read_text())["seed"] == config.seed
+    (work / "seed_0" / "checkpoints" / "10").mkdir()
+    assert saved_in(str(work)) == ["seed_0/checkpoints step 10"]
+    expect_error(stored, work, capsys, "holds a run with a different config (fields "
+                 "data.img_size, seed)", "new --workdir")
+    config.eval_batch_size, config.explain.batch_size = 3, 5
+    _check_workdir(str(work), config)  # no error: the same trained run
+    per_batch = folder_config(root, "dra", **{"dra.test_reference": "per_batch"})
+    (work / "config.json").write_text(per_batch.to_json_best_effort())
+    per_batch.eval_batch_size = 3  # here the batch changes the scores
+    expect_error(per_batch, work, capsys, "different config (fields eval_batch_size)")
 
 
 def test_more_clusters_than_normals(tmp_path, capsys):
@@ -317,6 +339,46 @@ def test_workdir_that_cannot_be_written(tmp_path, capsys):
     blocker.write_text("")
     expect_error(folder_config(tmp_path), blocker / "run", capsys, "cannot write to --workdir",
                  "writable folder")
+
+
+# ---- memory ----
+
+def test_a_train_step_larger_than_free_memory_is_refused_before_a_step(tmp_path, capsys):
+    """XLA plans a program's memory when it compiles it: a train step that needs more than
+    the machine has free (batch 2**18 at 32 px: about 220 GiB) is refused in one line
+    that names the settings to lower, before it runs; the run saved nothing, so the
+    same --workdir takes the fixed config."""
+    from fsad.experiment import saved_in
+    from fsad.memory import free_bytes
+    if (free_bytes(jax.devices()[:1]) or 0) > 300 * 2**30:
+        pytest.skip("this machine has more than 300 GiB free")
+    root = dataset(tmp_path / "d")
+    big = folder_config(root, batch_size=2**18, **{"model.n_scales": 1})
+    expect_error(big, tmp_path / "w", capsys, "the train step of devnet (batch 262144, 32 px) "
+                 "needs ", " GiB free; lower --config.batch_size (now 262144) or "
+                 "--config.data.img_size (now 32)")
+    assert saved_in(str(tmp_path / "w")) == []
+
+
+def test_out_of_memory_inside_a_stage_is_one_line():
+    """A program that asks for more memory than there is (256 TiB, more than a process
+    can address) fails with XLA's RESOURCE_EXHAUSTED; inside a stage that becomes a
+    UserError naming the stage and the fix, and other errors pass unchanged.
+    `check_fits` refuses the same program before it runs."""
+    from fsad.memory import check_fits, hint_on_oom
+    huge = jax.jit(lambda x: jnp.broadcast_to(x, (2**46,)) * 2)
+    with pytest.raises(UserError, match=r"^out of memory in scoring \(Out of memory "
+                       r"allocating 281474976710656 bytes\.?\); lower it$"):
+        with hint_on_oom("scoring", "lower it"):
+            huge(jnp.float32(1)).block_until_ready()
+    with pytest.raises(ZeroDivisionError), hint_on_oom("scoring", "lower it"):
+        1 / 0
+    compiled = huge.lower(jnp.float32(1)).compile()
+    with pytest.raises(UserError, match=r"^the step needs 262144\.0 GiB of memory and this "
+                       r"machine has [0-9.]+ GiB free; lower it$"):
+        check_fits(compiled, jax.devices()[:1], "the step", "lower it")
+    small = jax.jit(lambda x: x * 2).lower(jnp.ones(4)).compile()
+    check_fits(small, jax.devices()[:1], "the step", "lower it")  # fits: no error
 
 
 # an unraisable exception (of which the failed save's abandoned writes made over a
