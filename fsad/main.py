@@ -4,7 +4,7 @@ Train and evaluate (resumes from the last checkpoint of the same workdir)::
 
     python -m fsad.main --config configs/devnet.py --workdir runs/x
 
-Score a folder of new images with a trained run (CSV of file, score, z,
+Score a folder of new images (or one image) with a trained run (CSV of file, score, z,
 p-value, decision; ``--heatmaps`` adds saliency overlays)::
 
     python -m fsad.main --config configs/devnet.py --workdir runs/x --mode score --input DIR
@@ -29,7 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.json.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "score"],
                           "train: train and evaluate; score: score --input with the trained run.")
-_INPUT = flags.DEFINE_string("input", None, "score mode: folder of images (searched recursively).")
+_INPUT = flags.DEFINE_string("input", None, "score mode: a folder of images (searched "
+                             "recursively) or one image.")
 _OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default WORKDIR/scores.csv).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
                               "WORKDIR/heatmaps/.")
@@ -65,7 +66,8 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
         if mode == "score":
             from fsad.scoring import score_folder
             if not input_dir:
-                raise UserError("--mode score needs the images to score; pass --input DIR")
+                raise UserError("--mode score needs the images to score; pass --input DIR "
+                                "(or --input IMAGE)")
             check_stored_config(workdir, config, must_exist=True)
             path = score_folder(config, workdir, input_dir, output, heatmaps)
             print(f"scores: {path}")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from scipy import stats
 
-from fsad.data.decode import decode_many, list_images_recursive
+from fsad.data.decode import IMAGE_SUFFIXES, decode_many, list_images_recursive
 from fsad.errors import UserError
 from fsad.memory import eval_fix, hint_on_oom
 from fsad.methods import build_method
@@ -65,15 +65,33 @@ def load_trained(config, workdir: str, mesh=None):
     return method, {k: saved.get(k) or {} for k in ("params", "batch_stats", "extras")}, mesh
 
 
+def images_to_score(path: str) -> tuple[list[str], str]:
+    """(the image files to score relative to a folder, that folder): every image under a
+    folder (searched recursively), or one image file.
+
+    Raises:
+      UserError: the path does not exist, is a file that is not an image, or a folder
+        without images.
+    """
+    if os.path.isfile(path):
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            raise UserError(f"--input {path!r} is a file but not an image "
+                            f"({', '.join(IMAGE_SUFFIXES)}); pass an image or a folder of "
+                            f"images")
+        return [os.path.basename(path)], os.path.dirname(path) or "."
+    return list_images_recursive(path), path
+
+
 def score_folder(config, workdir: str, input_dir: str, output: str | None = None,
                  heatmaps: bool = False) -> str:
-    """Scores every image under input_dir; writes a CSV (and heat maps); returns its path.
+    """Scores every image under input_dir (or the one image it names); writes a CSV (and
+    heat maps); returns its path.
 
     CSV columns: file (relative to input_dir), score, z, p_value, anomalous. An AHL run
     scores with its unified heads (as its evaluation does); its heat maps, like its
     evaluation's, are the base network's saliency.
     """
-    files = list_images_recursive(input_dir)
+    files, input_dir = images_to_score(input_dir)
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)

@@ -265,6 +265,12 @@ def test_rerun_scoring_and_another_config(runs, capsys):
         assert float(row["score"]) == pytest.approx(float(score), rel=1e-4, abs=1e-5)
         assert float(row["p_value"]) == pytest.approx(float(p), rel=1e-3, abs=1e-6)
         assert row["anomalous"] == str(int(float(row["z"]) > 1.959964))
+    # one image file as --input: its row is its row of the folder's CSV
+    one = os.path.join(root, "test", "spot", "000.png")
+    assert execute(config, str(u), "score", one, str(u / "one.csv")) == 0
+    with open(u / "one.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row == {**rows[os.path.join("spot", "000.png")], "file": "000.png"}
     config.data.n_anomaly = 2
     assert execute(config, str(u)) == 2
     err = capsys.readouterr().err.strip()

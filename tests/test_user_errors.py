@@ -304,6 +304,9 @@ def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
     empty = tmp_path / "nothing"
     empty.mkdir()
     expect_error(cfg, work, capsys, "no images", mode="score", input_dir=str(empty))
+    (empty / "notes.txt").write_text("not an image")
+    expect_error(cfg, work, capsys, "is a file but not an image", "pass an image or a folder",
+                 mode="score", input_dir=str(empty / "notes.txt"))
 
 
 # ---- weights ----
