@@ -104,24 +104,65 @@ def main(argv):
     sys.exit(code)
 
 
-def parse_flags(argv):
-    """absl's flag parsing, with a bad flag, config field or variant answered in one line
-    (exit 2) instead of absl's usage text or a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        message = str(err)
-        marker = "fsad.errors.UserError: "  # a UserError raised inside the config file
-        if marker in message:
-            message = message.split(marker)[-1]
-        elif "; " not in message:
-            message = message.rstrip(".") + "; see python -m fsad.main --helpfull for the flags"
-    except (AttributeError, KeyError) as err:  # ml_collections: an override of no field
-        name = str(err).strip("\"'")
+def _config_file(argv) -> str:
+    """The --config value of a command line (the file, without its variants)."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1].split(":")[0]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1].split(":")[0]
+    return "?"
+
+
+def config_problem(err: Exception, argv) -> str | None:
+    """The one line (without its "fsad: error: ") for a flag, config file, variant or
+    config field that cannot be used; None for an exception that is not one of those."""
+    message = str(err)
+    path = _config_file(argv)
+    marker = "fsad.errors.UserError: "  # a UserError raised inside the config file
+    if isinstance(err, UserError) or marker in message:
+        return message.split(marker)[-1]
+    if isinstance(err, SyntaxError):
+        return (f"config file {err.filename or path!r} line {err.lineno}: {err.msg}; fix the "
+                f"file, or start from one of configs/*.py")
+    if isinstance(err, OSError):  # ml_collections could not read the file
+        reason = message.strip().splitlines()[-1].strip()  # e.g. "[Errno 2] No such file ..."
+        reason = reason.split("earlier failure to load: ")[-1]
+        return (f"cannot load config file {path!r} ({reason}); pass a config file, e.g. "
+                f"configs/devnet.py, configs/dra.py, configs/ahl_dra.py or "
+                f"configs/ahl_devnet.py (variants after a colon: configs/devnet.py:quick)")
+    if isinstance(err, (AttributeError, KeyError)):
+        if "get_config" in message:
+            return (f"config file {path!r} defines no get_config(); a config file defines "
+                    f"get_config() returning an ml_collections ConfigDict (see "
+                    f"configs/devnet.py)")
+        name = message.strip("\"'")  # ml_collections: an override of no field
         bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
                and a.split("=")[0].split(".")[-1] == name] or [f"--config.*.{name}"]
-        message = (f"{bad[0]} is not a config field; check its spelling against the config "
-                   f"file (fsad/config.py lists the shared fields)")
+        return (f"{bad[0]} is not a config field; check its spelling against the config "
+                f"file (fsad/config.py lists the shared fields)")
+    if isinstance(err, flags.Error):
+        return message if "; " in message else (
+            message.rstrip(".") + "; see python -m fsad.main --helpfull for the flags")
+    return None
+
+
+def parse_flags(argv):
+    """absl's flag parsing and the config file's loading (which ml_collections may leave
+    to the first use of the flag's value), with a bad flag, config file, variant or
+    config field answered in one line (exit 2) instead of absl's usage text or a
+    traceback."""
+    try:
+        parsed = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            # a config file that failed to load is a placeholder that raises on first use:
+            # use it now, where the error becomes one line
+            _CONFIG.value.keys()
+        return parsed
+    except Exception as err:  # noqa: BLE001  (config_problem says which are the user's)
+        message = config_problem(err, argv)
+        if message is None:
+            raise
     print(error_line(message), file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 

@@ -82,6 +82,27 @@ def images_to_score(path: str) -> tuple[list[str], str]:
     return list_images_recursive(path), path
 
 
+def writable_output(path: str) -> str:
+    """path, once a file could be written there (checked before any image is scored).
+
+    Raises:
+      UserError: path is a folder, or a file cannot be created there.
+    """
+    if os.path.isdir(path):
+        raise UserError(f"--output {path!r} is a folder; pass a file path, e.g. "
+                        f"{os.path.join(path, 'scores.csv')}")
+    probe = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write the scores to {path!r} ({err.strerror or err}); pass "
+                        f"a writable --output path") from None
+    return path
+
+
 def score_folder(config, workdir: str, input_dir: str, output: str | None = None,
                  heatmaps: bool = False) -> str:
     """Scores every image under input_dir (or the one image it names); writes a CSV (and
@@ -92,6 +113,7 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     evaluation's, are the base network's saliency.
     """
     files, input_dir = images_to_score(input_dir)
+    output = writable_output(output or os.path.join(workdir, "scores.csv"))
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
@@ -107,8 +129,6 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                                   config.eval_batch_size, key=key)["score"]
     cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
                     config.explain.confidence)
-    output = output or os.path.join(workdir, "scores.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["file", "score", "z", "p_value", "anomalous"])

@@ -471,14 +471,41 @@ def cli(*args):
     (["--config", "configs/devnet.py", "--config.data.name=folder",
       "--config.data.root=/no/such/folder", "--config.model.pretrained=none"],
      "'/no/such/folder' does not exist"),
+    (["--config", "configs/nope.py:quick"], "cannot load config file 'configs/nope.py' ([Errno "
+     "2] No such file or directory"),
+    (["--config", "{tmp}/mine.py"], "defines no get_config()"),
 ])
 def test_command_line_answers_in_one_line(tmp_path, args, fragment):
+    (tmp_path / "mine.py").write_text("config = {}\n")  # a config file without get_config
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     out = cli(*args, "--workdir", str(tmp_path / "w"))
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fsad: error: ") and fragment in lines[0], \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_a_config_file_with_a_syntax_error_is_named_with_its_line():
+    from fsad.main import config_problem
+    try:
+        compile("def get_config(:\n", "mine.py", "exec")
+    except SyntaxError as err:
+        assert config_problem(err, ["fsad", "--config", "mine.py"]) == (
+            "config file 'mine.py' line 1: invalid syntax; fix the file, or start from one "
+            "of configs/*.py")
+    assert config_problem(RuntimeError("a bug"), []) is None  # not the user's: a traceback
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path):
+    from fsad.scoring import writable_output
+    with pytest.raises(UserError, match="is a folder; pass a file path"):
+        writable_output(str(tmp_path))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"cannot write the scores to .*a_file/s.csv"):
+        writable_output(str(tmp_path / "a_file" / "s.csv"))
+    path = str(tmp_path / "new" / "s.csv")
+    assert writable_output(path) == path and os.listdir(tmp_path / "new") == []
 
 
 def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
