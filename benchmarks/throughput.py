@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fsad.experiment import write_json_atomic  # noqa: E402
+from fsad.memory import is_out_of_memory, oom_words  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
                         make_score_fn, make_train_step, put_train_data)
@@ -241,21 +242,29 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int)
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["devnet", "dra", "ahl"],
-                    choices=["devnet", "dra", "ahl"])
-    ap.add_argument("--img_size", type=int, default=448)
-    ap.add_argument("--batches", type=int, nargs="+", default=[48])
+                    choices=["devnet", "dra", "ahl"], help="the steps to time (ahl: the "
+                    "AHL meta-step on DRA's heads)")
+    ap.add_argument("--img_size", type=int, default=448, help="image side in pixels")
+    ap.add_argument("--batches", type=int, nargs="+", default=[48],
+                    help="batch sizes, one row each")
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                    choices=["bfloat16", "float32"])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--n_normal", type=int, default=1131)
-    ap.add_argument("--ahl_normals", type=int, default=300)
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--host_fed", action="store_true")
-    ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--torch", action="store_true")
+                    choices=["bfloat16", "float32"], help="compute dtypes (model.dtype)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
+    ap.add_argument("--n_normal", type=int, default=1131,
+                    help="device-resident training normals (ELPV's general 10-shot split)")
+    ap.add_argument("--ahl_normals", type=int, default=300,
+                    help="normals in the AHL meta-step's feature bank")
+    ap.add_argument("--backbone", default="resnet18", help="resnet18, resnet50 or lite0")
+    ap.add_argument("--host_fed", action="store_true",
+                    help="also time the step fed batches from the host, for the ratio")
+    ap.add_argument("--seeds", type=int, default=1, help="N > 1: also time N seeds trained "
+                    "as one vmapped program against N separate steps")
+    ap.add_argument("--torch", action="store_true",
+                    help="also time PyTorch versions of the released steps (needs torch)")
     ap.add_argument("--torch_modes", nargs="+",
-                    default=["eager_fp32", "amp_bf16_channels_last", "compile"])
-    ap.add_argument("--json", default="")
+                    default=["eager_fp32", "amp_bf16_channels_last", "compile"],
+                    help="the PyTorch configurations to time")
+    ap.add_argument("--json", default="", help="write the rows here (after every row)")
     args = ap.parse_args(argv)
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
@@ -263,12 +272,16 @@ def main(argv=None):
     for m in args.methods:
         for batch in args.batches:
             for dtype in args.dtypes:
-                if m == "ahl":
-                    if dtype != args.dtypes[0]:
-                        continue  # the meta-step runs on float32 features
-                    row = bench_ahl(args, batch, dtype)
-                else:
-                    row = bench_train_and_score(m, args, batch, dtype, torch_rows)
+                if m == "ahl" and dtype != args.dtypes[0]:
+                    continue  # the meta-step runs on float32 features
+                try:
+                    row = bench_ahl(args, batch, dtype) if m == "ahl" else \
+                        bench_train_and_score(m, args, batch, dtype, torch_rows)
+                except Exception as err:  # noqa: BLE001  (out of memory: the row says so)
+                    if not is_out_of_memory(err):
+                        raise
+                    row = {"method": "ahl_meta_step" if m == "ahl" else m, "batch": batch,
+                           "dtype": dtype, "error": oom_words(err)[:160]}
                 row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
                            img_size=args.img_size, backbone=args.backbone)
                 rows.append(row)
@@ -282,6 +295,7 @@ def main(argv=None):
 def table(rows) -> str:
     cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s", "score_compile_s",
             "score_img_per_s", "fsad_over_best_torch"]
+    cols += ["error"] if any("error" in r for r in rows) else []
     cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
                     k.endswith("img_per_s")})
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -101,7 +101,20 @@ def check_fits(compiled, devices, what: str, fix: str) -> None:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(err)
+    """XLA's out-of-memory failure: RESOURCE_EXHAUSTED when a running program allocates,
+    INTERNAL "Error dispatching computation: Out of memory ..." when a CPU call cannot
+    get its buffers at dispatch."""
+    text = str(err)
+    return isinstance(err, jax.errors.JaxRuntimeError) and (
+        "RESOURCE_EXHAUSTED" in text or "Out of memory" in text)
+
+
+def oom_words(err: BaseException) -> str:
+    """XLA's own words for an out-of-memory failure, e.g. "Out of memory allocating 1024
+    bytes." (its first line, without the status code)."""
+    first = str(err).strip().splitlines()[0]
+    return first[first.index("Out of memory"):] if "Out of memory" in first else \
+        re.sub(r"^RESOURCE_EXHAUSTED:\s*", "", first)
 
 
 @contextlib.contextmanager
@@ -113,8 +126,7 @@ def hint_on_oom(what: str, fix: str):
     except jax.errors.JaxRuntimeError as err:
         if not is_out_of_memory(err):
             raise
-        said = re.sub(r"^RESOURCE_EXHAUSTED:\s*", "", str(err).strip().splitlines()[0])
-        raise UserError(f"out of memory in {what} ({said[:200]}); {fix}") from None
+        raise UserError(f"out of memory in {what} ({oom_words(err)[:200]}); {fix}") from None
 
 
 def train_fix(config, n_devices: int) -> str:

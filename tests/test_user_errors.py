@@ -376,6 +376,14 @@ def test_out_of_memory_inside_a_stage_is_one_line():
             huge(jnp.float32(1)).block_until_ready()
     with pytest.raises(ZeroDivisionError), hint_on_oom("scoring", "lower it"):
         1 / 0
+    # the words of a CPU call that could not get its buffers at dispatch (seen from
+    # benchmarks/throughput.py's train step at batch 2**18)
+    from fsad.memory import is_out_of_memory, oom_words
+    dispatch = jax.errors.JaxRuntimeError("INTERNAL: Error dispatching computation: Out of "
+                                          "memory allocating 325884887040 bytes.")
+    assert is_out_of_memory(dispatch)
+    assert oom_words(dispatch) == "Out of memory allocating 325884887040 bytes."
+    assert not is_out_of_memory(jax.errors.JaxRuntimeError("INTERNAL: something else"))
     compiled = huge.lower(jnp.float32(1)).compile()
     with pytest.raises(UserError, match=r"^the step needs 262144\.0 GiB of memory and this "
                        r"machine has [0-9.]+ GiB free; lower it$"):
