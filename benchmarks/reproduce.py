@@ -30,6 +30,7 @@ import dataclasses
 import importlib
 import json
 import os
+import re
 import sys
 import time
 
@@ -295,12 +296,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def in_reproduce_terms(message: str) -> str:
+    """fsad's advice in this script's flags: "--config.batch_size" is "--set batch_size",
+    a variant "--config FILE:quick" is "--variants quick"."""
+    message = re.sub(r"--config FILE:(\w+)", r"--variants \1", message)
+    return re.sub(r"--config\.([\w.]+)=?", lambda m: f"--set {m.group(1)}"
+                  + ("=" if m.group(0).endswith("=") else ""), message)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:  # the table so far is on disk after every cell: a run cut short still leaves one
         table = run_table(args, on_cell=lambda t: write_table(args.out, t))
     except UserError as err:
-        print(f"reproduce: error: {err}", file=sys.stderr)
+        print(f"reproduce: error: {in_reproduce_terms(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
         kept = os.path.join(args.out, "table.md")

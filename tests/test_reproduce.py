@@ -143,3 +143,14 @@ def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
     assert reproduce.main(argv) == 130
     assert f"(the table of the finished cells is {tmp_path / 'table.md'})" in \
         capsys.readouterr().err
+
+
+def test_errors_give_their_advice_in_this_scripts_flags():
+    """fsad's one-line errors name --config.FIELD and variants after the config file; the
+    script takes them as --set FIELD=VALUE and --variants."""
+    reproduce = load_reproduce()
+    assert reproduce.in_reproduce_terms(
+        "lower --config.batch_size (now 48) or --config.data.img_size (now 448); on a CPU the "
+        "quick variant (--config FILE:quick) trains at 96 px; pass --config.data.root=/x") == (
+        "lower --set batch_size (now 48) or --set data.img_size (now 448); on a CPU the quick "
+        "variant (--variants quick) trains at 96 px; pass --set data.root=/x")
