@@ -27,6 +27,7 @@ from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
+from fsad.lock import workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
@@ -398,28 +399,29 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     """
     t0 = time.time()
     check_config(config, len(devices) if devices is not None else len(jax.local_devices()))
-    _check_workdir(workdir, config)
-    enable_compilation_cache()
-    runner = runner or build_runner(config, devices)
-    data = data if data is not None else load_imageset(config.data)
-    seeds = [config.seed + i for i in range(config.num_seeds)]
-    for seed in seeds:  # every seed's protocol checked against the data before training
-        check_against_data(config, len(split_stage(config, data, seed).train_normal))
-        base_run_checkpoints(config, seed)  # AHL on another run's base: that run checked
-    runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
-    results = {
-        "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
-        "dataset": data.name,
-        "init": runner.init,
-        "summary": mean_std(runs),
-        "runs": runs,
-        "dataset_counts": data.counts(),
-        "config": _config_json(config),
-        "versions": software_versions(),
-        "wall_seconds": time.time() - t0,
-    }
-    write_json_atomic(os.path.join(workdir, "results.json"), results)
-    return results
+    with workdir_lock(workdir):  # before the config check, which may replace config.json
+        _check_workdir(workdir, config)
+        enable_compilation_cache()
+        runner = runner or build_runner(config, devices)
+        data = data if data is not None else load_imageset(config.data)
+        seeds = [config.seed + i for i in range(config.num_seeds)]
+        for seed in seeds:  # every seed's protocol checked against the data, then trained
+            check_against_data(config, len(split_stage(config, data, seed).train_normal))
+            base_run_checkpoints(config, seed)  # AHL on another run's base: that run checked
+        runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
+        results = {
+            "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
+            "dataset": data.name,
+            "init": runner.init,
+            "summary": mean_std(runs),
+            "runs": runs,
+            "dataset_counts": data.counts(),
+            "config": _config_json(config),
+            "versions": software_versions(),
+            "wall_seconds": time.time() - t0,
+        }
+        write_json_atomic(os.path.join(workdir, "results.json"), results)
+        return results
 
 
 def summary_text(results: dict) -> str:

@@ -344,6 +344,22 @@ def test_workdir_that_cannot_be_written(tmp_path, capsys):
                  "writable folder")
 
 
+def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
+    """The same command started again while the first still trains (a job submitted
+    twice) is refused at its start, naming the holder; two runs would write the same
+    checkpoint steps (the first died on "File exists"). The lock goes with its holder:
+    the end-to-end tests restart runs killed by SIGKILL and Ctrl-C in their workdirs."""
+    from fsad.lock import workdir_lock
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    with workdir_lock(str(work)):
+        expect_error(folder_config(root), work, capsys, "another fsad run is training in",
+                     f"pid {os.getpid()} on ", "wait for it to end")
+        assert not (work / "config.json").exists()  # refused before the workdir check
+    with workdir_lock(str(work)):  # released with its block
+        pass
+
+
 # ---- memory ----
 
 def test_a_train_step_larger_than_free_memory_is_refused_before_a_step(tmp_path, capsys):
