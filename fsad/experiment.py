@@ -253,12 +253,12 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                                 runner.mesh, load_outliers(config), bucket=TRAIN_ROWS_BUCKET)
     state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh,
                        runner.pretrained)
-    step, compile_seconds = runner.train_step_for(state, train_data, k_train)
-    state, info = fit(runner.method, state, runner.tx, train_data, runner.mesh, k_train,
-                      config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
-                      config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
-                      step_fn=step, start_from=base_run_checkpoints(config, seed))
-    return state, {**info, "compile_seconds": compile_seconds}
+    # compiled only when steps remain (not for a finished base run that AHL starts from)
+    return fit(runner.method, state, runner.tx, train_data, runner.mesh, k_train,
+               config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
+               config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
+               make_step=lambda s: runner.train_step_for(s, train_data, k_train),
+               start_from=base_run_checkpoints(config, seed))
 
 
 # fields of an AHL config that do not change its base model's trained weights: AHL's

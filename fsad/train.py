@@ -454,7 +454,7 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: TrainState) -
 def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
         batch_size: int, epochs: int, steps_per_epoch: int, workdir: str | None,
         keep_checkpoints: int = 3, desc: str = "train",
-        step_fn: Callable | None = None,
+        make_step: Callable | None = None,
         start_from: str | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) training to epochs * steps_per_epoch steps.
 
@@ -462,13 +462,14 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     one exists, training resumes from it.
 
     Args:
-      step_fn: the train step (`make_train_step`, or its compiled form) to reuse; built
-        here when None.
+      make_step: state -> (the train step for that state's shapes, seconds spent
+        compiling it), called only when steps remain (a finished or fully resumed run
+        compiles nothing); when None, `make_train_step` (compiled at its first call).
       start_from: another run's checkpoint folder to start from when workdir has no
         checkpoint (AHL's ahl.base_workdir); it is read, never written.
     Returns:
       the final state and {"train_seconds", "steps", "resumed_from", "loss",
-      "step_seconds" (median wall time of a step after the first)}.
+      "step_seconds" (median wall time of a step after the first), "compile_seconds"}.
     """
     total = epochs * steps_per_epoch
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints) \
@@ -480,7 +481,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         state = restore_latest(source, state)
         source.close()
     start = int(state.step)
-    step_fn = step_fn or make_train_step(method, tx, mesh, batch_size)
+    step_fn, compile_seconds = None, 0.0
+    if start < total:  # a finished run (or one resumed at its end) compiles nothing
+        step_fn, compile_seconds = (make_step(state) if make_step is not None
+                                    else (make_train_step(method, tx, mesh, batch_size), 0.0))
     t0 = time.time()
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
@@ -517,7 +521,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     gaps = np.diff(finished_at)
     return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
                    "loss": losses[-1] if losses else None,
-                   "step_seconds": float(np.median(gaps)) if len(gaps) else None}
+                   "step_seconds": float(np.median(gaps)) if len(gaps) else None,
+                   "compile_seconds": compile_seconds}
 
 
 def check_finite(loss: float, step: int) -> float:

@@ -367,7 +367,7 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
         override(config, *kv.split("="))
     run0 = run_experiment(config, str(tmp_path / "ahl"))["runs"][0]
     devnet0 = results(runs["devnet"]["u"])["runs"][0]
-    assert run0["steps"] == 0 and run0["resumed_from"] == 30
+    assert run0["steps"] == 0 and run0["resumed_from"] == 30 and run0["compile_seconds"] == 0.0
     assert run0["base_auroc"] == pytest.approx(devnet0["auroc"], abs=1e-6)
     # --mode score reads the trunk from the base run and the heads from this one
     assert_scored_as_evaluated(config, tmp_path / "ahl", runs["devnet"]["root"],

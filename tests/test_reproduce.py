@@ -61,6 +61,7 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     ahl = json.loads((out / "ahl_devnet" / "general" / "1shot" / "results.json").read_text())
     assert ahl["config"]["ahl"]["base_workdir"] == str(out / "devnet" / "general" / "1shot")
     assert ahl["runs"][0]["steps"] == 0 and ahl["runs"][0]["resumed_from"] == 10
+    assert ahl["runs"][0]["compile_seconds"] == 0.0  # no train step compiled for no step
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert rows[0] == table["rows"][0] and rows[1]["method"] == "ahl_devnet"
     assert rows[1]["base_mean"] == pytest.approx(rows[0]["mean"], abs=1e-6)

@@ -105,8 +105,10 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
     keys = jax.random.split(k_aug, n)
     out = []
     for s in range(0, n, chunk):
-        out.append(np.asarray(fn(keys[s:s + chunk], normals[s:s + chunk],
-                                 sources[partner[s:s + chunk]])))
+        # every chunk padded to `chunk` rows (repeats of its last): one compiled program
+        # per family and image size, whatever the number of normals
+        rows = np.minimum(np.arange(s, s + chunk), n - 1)
+        out.append(np.asarray(fn(keys[rows], normals[rows], sources[partner[rows]]))[:n - s])
     return np.concatenate(out)
 
 
