@@ -59,6 +59,14 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(config.epochs >= 1 and config.steps_per_epoch >= 1, "epochs and steps_per_epoch "
              "must be at least 1; set --config.epochs and --config.steps_per_epoch")
     _require(config.optim.lr > 0, f"optim.lr={config.optim.lr}; use a positive learning rate")
+    _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
+             f"seed: set --config.num_seeds to 1 or more (3 in the papers)")
+    for field, value in (("eval_batch_size", config.eval_batch_size),
+                         ("explain.batch_size", config.explain.batch_size)):
+        _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "
+                 f"--config.{field} to 1 or more")
+    _require(config.keep_checkpoints >= 0, f"keep_checkpoints={config.keep_checkpoints}; "
+             f"use 0 (keep none) or more (3 by default)")
     _require(0.0 < config.explain.confidence < 1.0, f"explain.confidence="
              f"{config.explain.confidence} is not a confidence; use a value in (0, 1)")
     if "dra" in config:
@@ -87,6 +95,16 @@ def check_ahl_config(a) -> None:
              "ahl.history must be at least 1 and ahl.inner_steps at least 0")
     _require(a.weight_temperature > 0, f"ahl.weight_temperature={a.weight_temperature}; use "
              f"a positive temperature (0.1 by default)")
+    _require(a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}: a negative inner step climbs the "
+             f"support loss; use 0 (no adaptation) or more (2e-4 in the paper)")
+    _require(a.optim.lr > 0 and a.psi_lr > 0, f"ahl.optim.lr={a.optim.lr} and ahl.psi_lr="
+             f"{a.psi_lr}; use positive learning rates")
+    _require(a.psi_hidden >= 1 and a.psi_fc >= 1 and a.psi_steps >= 0, f"ahl.psi_hidden="
+             f"{a.psi_hidden}, ahl.psi_fc={a.psi_fc}, ahl.psi_steps={a.psi_steps}: the "
+             f"BiLSTM needs at least one hidden unit and one fc unit (7 and 14 in the paper); "
+             f"psi_steps at least 0")
+    _require(0.0 <= a.pseudo_frac <= 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "
+             f"fraction; use a value in [0, 1] (0.5 in the paper)")
 
 
 def check_against_data(config, n_train_normal: int) -> None:

@@ -9,6 +9,7 @@ real command line as a subprocess (flag parsing, a config file's variant, a data
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -240,6 +241,22 @@ def test_batch_the_devices_cannot_split(tmp_path):
     with pytest.raises(UserError, match=r"batch_size=12 cannot be split over the 8 device\(s\); "
                                         r"use a multiple of 8"):
         check_config(folder_config(tmp_path, batch_size=12), n_devices=8)
+
+
+@pytest.mark.parametrize("field,value,fragment", [
+    ("num_seeds", 0, "num_seeds=0; a run trains at least one seed"),  # was an IndexError
+    ("explain.batch_size", 0, "explain.batch_size=0; a batch holds at least one image"),
+    ("eval_batch_size", 0, "eval_batch_size=0; a batch holds at least one image"),
+    ("keep_checkpoints", -1, "keep_checkpoints=-1; use 0 (keep none) or more"),
+    ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
+    ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
+    ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
+])
+def test_counts_below_their_least(tmp_path, field, value, fragment):
+    from fsad.validate import check_config
+    method = "ahl_dra" if field.startswith("ahl.") else "devnet"
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        check_config(folder_config(tmp_path, method, **{field: value}))
 
 
 def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
