@@ -8,6 +8,8 @@ when the splits are drawn, also before training (fsad.experiment.run_experiment)
 
 from __future__ import annotations
 
+import os
+
 from fsad.errors import UserError
 
 DATA_NAMES = ("elpv", "folder", "synthetic", "tfds")
@@ -59,6 +61,13 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(config.epochs >= 1 and config.steps_per_epoch >= 1, "epochs and steps_per_epoch "
              "must be at least 1; set --config.epochs and --config.steps_per_epoch")
     _require(config.optim.lr > 0, f"optim.lr={config.optim.lr}; use a positive learning rate")
+    _require(config.loss.prior_sigma > 0, f"loss.prior_sigma={config.loss.prior_sigma}: the "
+             f"deviation divides by it; use a positive sigma (1.0 in the papers)")
+    for field in ("dra.outlier_root", "ahl.texture_root"):
+        group, name = field.split(".")
+        folder = config[group].get(name, "") if group in config else ""
+        _require(not folder or os.path.isdir(folder), f"{field}={folder!r} is not a folder; "
+                 f"pass a folder of images, or leave it empty (--config.{field}=)")
     _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
              f"seed: set --config.num_seeds to 1 or more (3 in the papers)")
     for field, value in (("eval_batch_size", config.eval_batch_size),

@@ -251,10 +251,14 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
     ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
+    ("loss.prior_sigma", 0.0, "loss.prior_sigma=0.0: the deviation divides by it"),  # was
+    # "training diverged ... lower --config.optim.lr"
+    ("dra.outlier_root", "/no/such", "dra.outlier_root='/no/such' is not a folder"),
+    ("ahl.texture_root", "/no/such", "ahl.texture_root='/no/such' is not a folder"),
 ])
 def test_counts_below_their_least(tmp_path, field, value, fragment):
     from fsad.validate import check_config
-    method = "ahl_dra" if field.startswith("ahl.") else "devnet"
+    method = {"ahl": "ahl_dra", "dra": "dra"}.get(field.split(".")[0], "devnet")
     with pytest.raises(UserError, match=re.escape(fragment)):
         check_config(folder_config(tmp_path, method, **{field: value}))
 
