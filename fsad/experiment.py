@@ -148,7 +148,7 @@ def _check_workdir(workdir: str, config) -> None:
             logging.warning("%s held the config of a run that saved nothing (no checkpoint, "
                             "no finished seed); this run's config replaces it (it differed "
                             "in %s)", workdir, ", ".join(diff))
-        if diff is None or diff:
+        if diff is None or diff:  # none stored yet, or the unsaved run's replaced
             write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
     except OSError as err:
         raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "
