@@ -117,3 +117,16 @@ def test_elpv_counts():
     s = make_split(data, "hard", 10, known_class="mono", seed=0)
     assert set(data.classes[s.test]) == {"good", "poly"}
     assert s.describe(data)["test_normal"] == 377
+
+
+def test_image_folders_follow_symlinked_folders_once(tmp_path, synthetic_root):
+    """A folder of images to score (or of outliers, textures) whose parts are symlinks
+    to other folders is read through them (os.walk alone skipped them: "no images"); a
+    link back to an ancestor is not walked twice."""
+    from fsad.data.decode import list_images_recursive
+    good = os.path.join(synthetic_root, "test", "good")
+    (tmp_path / "in").mkdir()
+    os.symlink(good, tmp_path / "in" / "good")
+    os.symlink(tmp_path / "in", tmp_path / "in" / "again")  # a cycle
+    files = list_images_recursive(str(tmp_path / "in"))
+    assert files == sorted(os.path.join("good", f) for f in os.listdir(good))

@@ -125,8 +125,13 @@ def list_images_recursive(folder: str) -> list[str]:
     from fsad.errors import UserError
     if not os.path.isdir(folder):
         raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
-    out = []
-    for dirpath, _, files in os.walk(folder):
+    out, seen = [], set()
+    # symlinked folders are followed (a dataset often links its parts), each real folder
+    # once (a link cycle ends there)
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = [d for d in dirnames
+                       if os.path.realpath(os.path.join(dirpath, d)) not in seen]
         out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
                 if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
     if not out:
