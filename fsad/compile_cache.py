@@ -7,6 +7,7 @@ it again: on the 2-core CPU a ResNet-18 gradient step went from 5.6 s to 1.4 s.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -30,7 +31,13 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     path = compilation_cache_dir() if path is None else path
     if not path or path == "off":
         return None
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:  # an unwritable cache costs compile time, not the run
+        logging.warning("cannot keep compiled programs in %s (%s); compiling without the "
+                        "persistent cache (set FSAD_CACHE or FSAD_COMPILE_CACHE to a "
+                        "writable folder)", path, err.strerror or err)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -39,6 +39,20 @@ def test_cache_roundtrip(synthetic_root, tmp_path):
     assert list(a.file_ids) == list(b.file_ids) and a.name == b.name
 
 
+def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_root, tmp_path,
+                                                                   caplog):
+    """A cache folder that is a file (or on a full or read-only disk): the decoded images
+    are returned with a warning (it was a traceback after the decode), and the compile
+    cache is left off the same way."""
+    from fsad.compile_cache import enable_compilation_cache
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    a = read_folder(synthetic_root, SIZE, str(blocker))
+    assert a.images.shape[1:] == (SIZE, SIZE, 3) and "going on without the cache" in caplog.text
+    assert enable_compilation_cache(str(blocker / "jax")) is None
+    assert "compiling without the persistent cache" in caplog.text
+
+
 def test_no_test_good_splits_normals_3_to_1(tmp_path):
     root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=30, n_test_good=10,
                                    n_per_class=3, defects=("spot",), test_good=False)

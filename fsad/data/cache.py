@@ -34,10 +34,17 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         except (OSError, ValueError, KeyError) as err:  # a torn write: rebuild it
             logging.warning("ignoring unreadable cache %s (%s)", path, err)
     data = build()
-    os.makedirs(cache_dir, exist_ok=True)
     tmp = path + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, **data.to_arrays())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        np.savez(tmp, **data.to_arrays())
+        os.replace(tmp, path)
+    except OSError as err:  # a cache that cannot be written costs a decode, not the run
+        logging.warning("cannot keep the decoded images in %s (%s); going on without the "
+                        "cache (point --config.data.cache_dir at a writable folder, or set "
+                        "it empty to turn the cache off)", cache_dir, err.strerror or err)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return data
 
 
