@@ -12,10 +12,12 @@ BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import os
 import re
 import shutil
 import urllib.request
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -82,10 +84,19 @@ def load_state_dict(path_or_url: str, sha256: str | None = None,
         model, or a malicious file); none of its code is run.
     """
     local = fetch(path_or_url, sha256, cache_dir)
-    if local.endswith(".npz"):
-        with np.load(local) as f:
-            return {k: np.asarray(v) for k, v in f.items()}
-    return pth.state_dict_arrays(pth.read_pth(local))
+    try:
+        if local.endswith(".npz"):
+            with np.load(local) as f:
+                return {k: np.asarray(v) for k, v in f.items()}
+        return pth.state_dict_arrays(pth.read_pth(local))
+    except UserError:
+        raise
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
+            OSError) as err:  # not a checkpoint, or one cut short
+        raise UserError(f"cannot read the weights in {local!r} ({type(err).__name__}: "
+                        f"{err}); it is not a PyTorch state_dict or .npz, or it is cut short "
+                        f"(a stopped download): fetch it again, or pass another "
+                        f"--config.model.pretrained") from None
 
 
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),

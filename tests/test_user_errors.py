@@ -351,6 +351,22 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
     expect_error(cfg, tmp_path / "w", capsys, "another trunk", "--config.model.backbone")
 
 
+@pytest.mark.parametrize("make", ["text", "cut short"])
+def test_weights_file_that_is_not_a_checkpoint(tmp_path, capsys, make):
+    """A text file named .pth, and a real checkpoint cut short (a stopped download): one
+    line naming the file (both were tracebacks from the unpickler)."""
+    path = tmp_path / "resnet18.pth"
+    if make == "text":
+        path.write_text("not a checkpoint\n")
+    else:
+        whole = open(_weights_file(tmp_path), "rb").read()
+        path = tmp_path / "resnet18.npz"
+        path.write_bytes(whole[: len(whole) // 2])
+    cfg = folder_config(tmp_path, **{"model.pretrained": str(path)})
+    expect_error(cfg, tmp_path / "w", capsys, f"cannot read the weights in '{path}'",
+                 "fetch it again, or pass another --config.model.pretrained")
+
+
 def test_unreachable_weights_url(tmp_path, capsys):
     cfg = folder_config(tmp_path, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
     expect_error(cfg, tmp_path / "w", capsys, "cannot download", "lite0", "pretrained=none")
