@@ -144,3 +144,15 @@ def test_image_folders_follow_symlinked_folders_once(tmp_path, synthetic_root):
     os.symlink(tmp_path / "in", tmp_path / "in" / "again")  # a cycle
     files = list_images_recursive(str(tmp_path / "in"))
     assert files == sorted(os.path.join("good", f) for f in os.listdir(good))
+
+
+def test_elpv_without_its_package_is_one_line(monkeypatch):
+    """The configs' default dataset without the elpv-dataset package (a checkout used
+    without `pip install -e .`): a UserError naming the package (it was an ImportError
+    traceback)."""
+    import sys
+    from fsad.data.elpv import elpv_labels
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # import then fails
+    with pytest.raises(UserError, match="needs the elpv-dataset package.*pip install "
+                                        "elpv-dataset"):
+        elpv_labels()

@@ -22,8 +22,12 @@ def elpv_labels() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """(data dir, relative paths [2624], probabilities [2624], types [2624]) from the package."""
     try:
         import elpv_dataset
-    except ImportError as err:
-        raise ImportError("ELPV needs the `elpv-dataset` package: pip install elpv-dataset") from err
+    except ImportError:
+        from fsad.errors import UserError
+        raise UserError("ELPV (data.name=elpv, the configs' default) needs the elpv-dataset "
+                        "package, which is not installed; pip install elpv-dataset (or pip "
+                        "install -e . for all of fsad's dependencies), or read another "
+                        "dataset with --config.data.name=folder") from None
     data_dir = os.path.join(os.path.dirname(elpv_dataset.__file__), "data")
     table = np.genfromtxt(os.path.join(data_dir, "labels.csv"), dtype=["|S19", "<f8", "|S4"],
                           names=["path", "probability", "type"])
