@@ -125,8 +125,11 @@ def config_problem(err: Exception, argv) -> str | None:
     if isinstance(err, SyntaxError):
         return (f"config file {err.filename or path!r} line {err.lineno}: {err.msg}; fix the "
                 f"file, or start from one of configs/*.py")
-    if isinstance(err, OSError):  # ml_collections could not read the file
-        reason = message.strip().splitlines()[-1].strip()  # e.g. "[Errno 2] No such file ..."
+    if isinstance(err, OSError) and ("Failed loading config file" in message
+                                     or "Configuration is not available" in message):
+        # ml_collections could not read the file: its last line says why, e.g.
+        # "[Errno 2] No such file or directory: 'configs/nope.py'"
+        reason = message.strip().splitlines()[-1].strip()
         reason = reason.split("earlier failure to load: ")[-1]
         return (f"cannot load config file {path!r} ({reason}); pass a config file, e.g. "
                 f"configs/devnet.py, configs/dra.py, configs/ahl_dra.py or "
