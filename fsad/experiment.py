@@ -10,6 +10,7 @@ and the jitted train, score and saliency functions. A protocol grid
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -243,6 +244,35 @@ def split_stage(config, data, seed: int):
                       seed, d.shot_pool)
 
 
+def check_split_unchanged(data, split, seed: int, seed_dir: str) -> None:
+    """A seed resumes only on the training images it started with. Their fingerprint
+    (and counts) go to seed_<s>/split.json at the seed's start; when that seed has kept a
+    checkpoint, a split whose training images differ (the dataset gained, lost or renamed
+    images since) is refused: its checkpoints were trained on other data.
+
+    Raises:
+      UserError: the training images differ from those of the seed's checkpoints.
+    """
+    ids = np.concatenate([data.file_ids[split.train_normal], data.file_ids[split.train_anomaly]])
+    record = {"train_files_sha1": hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest(),
+              "train_normal": int(len(split.train_normal)),
+              "train_anomaly": int(len(split.train_anomaly))}
+    path = os.path.join(seed_dir, "split.json")
+    if os.path.exists(path) and any(s.startswith(f"seed_{seed}/")
+                                    for s in newest_checkpoints(os.path.dirname(seed_dir))):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept.get("train_files_sha1") != record["train_files_sha1"]:
+            raise UserError(
+                f"the training images of seed {seed} differ from those its checkpoints in "
+                f"{seed_dir} were trained on ({kept.get('train_normal')} normals and "
+                f"{kept.get('train_anomaly')} seen anomalies then, {record['train_normal']} "
+                f"and {record['train_anomaly']} now: the dataset changed since); use a new "
+                f"--workdir, or restore the dataset as it was")
+    os.makedirs(seed_dir, exist_ok=True)
+    write_json_atomic(path, record)
+
+
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     """Trains (or resumes, or finds finished) the method on one split. -> (state, info)."""
     config = runner.config
@@ -353,6 +383,7 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     t0 = time.time()
     n_devices = runner.mesh.devices.size
     split = split_stage(config, data, seed)
+    check_split_unchanged(data, split, seed, seed_dir)
     with hint_on_oom("training", train_fix(config, n_devices)):
         state, train_info = train_stage(runner, data, split, seed, seed_dir)
     t_eval = time.time()

@@ -10,6 +10,7 @@ real command line as a subprocess (flag parsing, a config file's variant, a data
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -411,6 +412,26 @@ def test_workdir_that_cannot_be_written(tmp_path, capsys):
     blocker.write_text("")
     expect_error(folder_config(tmp_path), blocker / "run", capsys, "cannot write to --workdir",
                  "writable folder")
+
+
+def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys):
+    """A seed's checkpoints were trained on its split's training images; when the dataset
+    changed since (here: two normals added), the rerun is refused before any step (it
+    went on training the old checkpoint on other images)."""
+    from fsad.data import read_folder
+    from fsad.experiment import check_split_unchanged, split_stage
+    root = dataset(tmp_path / "d")
+    config = folder_config(root)
+    seed_dir = tmp_path / "w" / "seed_0"
+    data = read_folder(root, SIZE, "")
+    check_split_unchanged(data, split_stage(config, data, 0), 0, str(seed_dir))
+    (seed_dir / "checkpoints" / "2").mkdir(parents=True)  # a checkpoint of this split
+    check_split_unchanged(data, split_stage(config, data, 0), 0, str(seed_dir))  # the same
+    good = os.path.join(root, "train", "good")
+    for i, name in enumerate(sorted(os.listdir(good))[:2]):
+        shutil.copy(os.path.join(good, name), os.path.join(good, f"added_{i}.png"))
+    expect_error(config, tmp_path / "w", capsys, "the training images of seed 0 differ",
+                 "(8 normals and 2 seen anomalies then, 10 and 2 now", "use a new --workdir")
 
 
 def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
