@@ -254,7 +254,8 @@ def main(argv=None):
                     help="device-resident training normals (ELPV's general 10-shot split)")
     ap.add_argument("--ahl_normals", type=int, default=300,
                     help="normals in the AHL meta-step's feature bank")
-    ap.add_argument("--backbone", default="resnet18", help="resnet18, resnet50 or lite0")
+    ap.add_argument("--backbone", default="resnet18", help="the trunk: resnet18, resnet34, "
+                    "resnet50 or efficientnet_lite0")
     ap.add_argument("--host_fed", action="store_true",
                     help="also time the step fed batches from the host, for the ratio")
     ap.add_argument("--seeds", type=int, default=1, help="N > 1: also time N seeds trained "
