@@ -68,6 +68,8 @@ def check_config(config, n_devices: int = 1) -> None:
         folder = config[group].get(name, "") if group in config else ""
         _require(not folder or os.path.isdir(folder), f"{field}={folder!r} is not a folder; "
                  f"pass a folder of images, or leave it empty (--config.{field}=)")
+    _require(config.seed >= 0, f"seed={config.seed}; seeds are non-negative integers (the "
+             f"papers' are 0, 1, 2)")
     _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
              f"seed: set --config.num_seeds to 1 or more (3 in the papers)")
     for field, value in (("eval_batch_size", config.eval_batch_size),

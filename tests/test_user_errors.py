@@ -246,6 +246,7 @@ def test_batch_the_devices_cannot_split(tmp_path):
 
 @pytest.mark.parametrize("field,value,fragment", [
     ("num_seeds", 0, "num_seeds=0; a run trains at least one seed"),  # was an IndexError
+    ("seed", -1, "seed=-1; seeds are non-negative"),  # was numpy's ValueError
     ("explain.batch_size", 0, "explain.batch_size=0; a batch holds at least one image"),
     ("eval_batch_size", 0, "eval_batch_size=0; a batch holds at least one image"),
     ("keep_checkpoints", -1, "keep_checkpoints=-1; use 0 (keep none) or more"),
