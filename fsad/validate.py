@@ -119,7 +119,13 @@ def check_ahl_config(a) -> None:
 
 
 def check_against_data(config, n_train_normal: int) -> None:
-    """Checks that need the split: AHL's k-means needs more normals than clusters."""
+    """Checks that need the split: AHL's k-means needs more normals than clusters, and
+    DRA's reference set is drawn from the training normals without replacement."""
+    if "dra" in config:
+        n_ref = config.dra.n_ref
+        _require(n_ref <= n_train_normal, f"dra.n_ref={n_ref} asks for more reference images "
+                 f"than the {n_train_normal} training normals; lower --config.dra.n_ref (5 "
+                 f"as released) or add normal images")
     if config.method == "ahl":
         c = config.ahl.clusters
         _require(n_train_normal >= 3 * c, f"ahl.clusters={c} asks k-means for more clusters "

@@ -314,6 +314,12 @@ def test_more_clusters_than_normals(tmp_path, capsys):
                  capsys, "ahl.clusters=4 asks k-means for more clusters than 8")
 
 
+def test_more_dra_references_than_normals(tmp_path, capsys):
+    root = dataset(tmp_path / "d")  # was numpy's "Cannot take a larger sample" traceback
+    expect_error(folder_config(root, "dra", **{"dra.n_ref": 9}), tmp_path / "w", capsys,
+                 "dra.n_ref=9 asks for more reference images than the 8 training normals")
+
+
 def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     cfg = folder_config(root)
