@@ -12,13 +12,12 @@ import os
 
 import jax
 
-from fsad.data.cache import DEFAULT_CACHE
+from fsad.data.cache import fsad_cache
 
 
 def compilation_cache_dir() -> str:
     """$FSAD_COMPILE_CACHE, else <fsad cache>/jax ($FSAD_CACHE or ~/.cache/fsad)."""
-    return os.environ.get("FSAD_COMPILE_CACHE") or os.path.join(
-        os.environ.get("FSAD_CACHE") or DEFAULT_CACHE, "jax")
+    return os.environ.get("FSAD_COMPILE_CACHE") or os.path.join(fsad_cache(), "jax")
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:

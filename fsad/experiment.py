@@ -85,21 +85,30 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
                   and (per_batch or k not in BATCHING_ONLY))
 
 
+CHECKPOINT_FOLDERS = ("checkpoints", "ahl_checkpoints")  # base training, AHL's meta-training
+
+
+def checkpoint_steps(seed_dir: str) -> dict[str, int]:
+    """{checkpoint folder: its newest complete step} of one seed's folder, for the
+    folders of CHECKPOINT_FOLDERS that hold one (a half-written save is no step)."""
+    found = {}
+    for folder in CHECKPOINT_FOLDERS:
+        path = os.path.join(seed_dir, folder)
+        steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+        if steps:
+            found[folder] = max(steps)
+    return found
+
+
 def newest_checkpoints(workdir: str) -> list[str]:
     """The newest checkpoint of each checkpoint folder in a workdir, as
     "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
     (AHL's meta-training), seeds in order."""
-    found = []
     seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
         if os.path.isdir(workdir) else []
-    for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1):
-        for folder in ("checkpoints", "ahl_checkpoints"):
-            path = os.path.join(workdir, seed, folder)
-            steps = [int(d) for d in os.listdir(path) if d.isdigit()] \
-                if os.path.isdir(path) else []
-            if steps:
-                found.append(f"{seed}/{folder} step {max(steps)}")
-    return found
+    return [f"{seed}/{folder} step {step}"
+            for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1)
+            for folder, step in checkpoint_steps(os.path.join(workdir, seed)).items()]
 
 
 def saved_in(workdir: str) -> list[str]:
@@ -258,8 +267,7 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str) -> None:
               "train_normal": int(len(split.train_normal)),
               "train_anomaly": int(len(split.train_anomaly))}
     path = os.path.join(seed_dir, "split.json")
-    if os.path.exists(path) and any(s.startswith(f"seed_{seed}/")
-                                    for s in newest_checkpoints(os.path.dirname(seed_dir))):
+    if os.path.exists(path) and checkpoint_steps(seed_dir):
         with open(path) as f:
             kept = json.load(f)
         if kept.get("train_files_sha1") != record["train_files_sha1"]:

@@ -24,10 +24,11 @@ import numpy as np
 from flax import traverse_util
 
 from fsad import pth
+from fsad.data.cache import DEFAULT_CACHE, fsad_cache
 from fsad.errors import UserError
 from fsad.models.backbone import LITE0
 
-DEFAULT_WEIGHTS_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad", "weights")
+DEFAULT_WEIGHTS_CACHE = os.path.join(DEFAULT_CACHE, "weights")
 
 
 def sha256_of(path: str) -> str:
@@ -276,10 +277,9 @@ def imagenet_source(backbone: str) -> tuple[str, str | None]:
 
 
 def weights_cache() -> str:
-    """Where downloaded weights are kept: <fsad cache>/weights ($FSAD_CACHE or
-    ~/.cache/fsad), as the decoded images and compiled programs are."""
-    return os.path.join(os.environ["FSAD_CACHE"], "weights") if os.environ.get("FSAD_CACHE") \
-        else DEFAULT_WEIGHTS_CACHE
+    """Where downloaded weights are kept: <fsad cache>/weights (`fsad.data.cache.fsad_cache`:
+    $FSAD_CACHE or ~/.cache/fsad), beside the compiled programs."""
+    return os.path.join(fsad_cache(), "weights")
 
 
 def pretrained_variables(model_cfg, cache_dir: str | None = None
