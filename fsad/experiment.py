@@ -28,6 +28,7 @@ from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
+from fsad.hosts import is_primary
 from fsad.lock import workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.methods import build_method, method_stages
@@ -46,7 +47,8 @@ def software_versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = "not installed"
-    out["devices"] = [str(d) for d in jax.local_devices()]
+    out["devices"] = [str(d) for d in jax.devices()]
+    out["processes"] = jax.process_count()  # hosts of a multi-host run (fsad.hosts)
     return out
 
 
@@ -413,16 +415,20 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,
               "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
-    os.makedirs(seed_dir, exist_ok=True)
-    np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
-             labels=labels, p_value=cal["p_value"], **scores)  # p-values of the base scores
+    if is_primary():
+        os.makedirs(seed_dir, exist_ok=True)
+        np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
+                 labels=labels, p_value=cal["p_value"], **scores)  # base scores' p-values
     write_json_atomic(done, result)
     return result
 
 
 def write_json_atomic(path: str, obj) -> None:
     """Writes JSON through a temporary file and a rename: a crash leaves the old file or
-    the new one, never half of one."""
+    the new one, never half of one. In a multi-host run the primary process writes it
+    (the others hold the same object, `fsad.hosts`)."""
+    if not is_primary():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
@@ -437,7 +443,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     calls, as a protocol grid does (benchmarks/reproduce.py); built here when None.
     """
     t0 = time.time()
-    check_config(config, len(devices) if devices is not None else len(jax.local_devices()))
+    check_config(config, len(devices) if devices is not None else len(jax.devices()))
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         _check_workdir(workdir, config)
         enable_compilation_cache()

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
+from fsad.hosts import is_primary, to_host
+
 
 def gaussian_kernel(size: int = 16, sigma: float = 4.0) -> np.ndarray:
     """A normalised [size, size] Gaussian kernel centred at (size - 1) / 2."""
@@ -79,7 +81,7 @@ def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        out.append(np.asarray(saliency_fn(variables, jnp.asarray(chunk, jnp.float32)))[
+        out.append(to_host(saliency_fn(variables, jnp.asarray(chunk, jnp.float32)))[
             :len(chunk) - pad])
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
@@ -124,7 +126,8 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
         pixel metrics are taken over those only.
     Returns:
       {"pixel_auroc_pooled", "pixel_auroc_per_image_mean", "overlays"} (metrics only
-      with masks); the AUROC-F1 curve goes to out_dir/auroc_f1_curve.{json,png}.
+      with masks); the AUROC-F1 curve goes to out_dir/auroc_f1_curve.{json,png}. The
+      files are written by the primary process (`fsad.hosts`).
     """
     import json
     e = config.explain
@@ -146,15 +149,17 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
         # only detected anomalies' maps enter the curve; normals' stay zero
         curve = auroc_f1_curve(np.asarray(scores), labels,
                                _full(maps, len(labels), amap.shape[1:]), masks, e.curve_points)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "auroc_f1_curve.json"), "w") as f:
-            json.dump(curve, f)
-        curve_png(os.path.join(out_dir, "auroc_f1_curve.png"), curve)
+        if is_primary():
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "auroc_f1_curve.json"), "w") as f:
+                json.dump(curve, f)
+            curve_png(os.path.join(out_dir, "auroc_f1_curve.png"), curve)
     paths = []
     for rank, i in enumerate(top):
         name = os.path.splitext(str(file_ids[i]).replace("/", "__"))[0]
         path = os.path.join(out_dir, "overlays", f"{rank:02d}_{name}.png")
-        overlay_png(path, images[i], maps[int(i)], None if masks is None else masks[i])
+        if is_primary():
+            overlay_png(path, images[i], maps[int(i)], None if masks is None else masks[i])
         paths.append(path)
     out["overlays"] = paths
     return out

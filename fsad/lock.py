@@ -15,9 +15,8 @@ import os
 import socket
 import time
 
-import jax
-
 from fsad.errors import UserError
+from fsad.hosts import is_primary
 
 try:
     import fcntl
@@ -34,7 +33,7 @@ def workdir_lock(workdir: str):
     Raises:
       UserError: another process holds it (its pid, host and start time are named).
     """
-    if fcntl is None or jax.process_index() != 0:
+    if fcntl is None or not is_primary():
         yield
         return
     try:

@@ -11,6 +11,12 @@ p-value, decision; ``--heatmaps`` adds saliency overlays)::
 
 Any config field can be overridden: ``--config.data.n_anomaly=1``,
 ``--config.data.setting=hard --config.data.known_class=mono``, ``--config.seed=2``.
+
+On several hosts (one process each, the same command and shared files; `fsad.hosts`)::
+
+    python -m fsad.main --config ... --workdir runs/x --distributed      # TPU pod, SLURM
+    python -m fsad.main --config ... --workdir runs/x --coordinator_address HOST0:1234 \
+        --num_processes 2 --process_id I
 """
 
 from __future__ import annotations
@@ -34,9 +40,22 @@ _INPUT = flags.DEFINE_string("input", None, "score mode: a folder of images (sea
 _OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default WORKDIR/scores.csv).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
                               "WORKDIR/heatmaps/.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Join a multi-host run: one process per host, each running the "
+    "same command on shared files. jax.distributed.initialize() finds the other hosts on a "
+    "TPU pod, under SLURM or Open MPI; elsewhere pass --coordinator_address, "
+    "--num_processes and --process_id.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-host: process 0's "
+                                   "host:port, reachable from every host (implies "
+                                   "--distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the number of "
+                                      "processes (hosts) of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, "
+                                   "0 (the coordinator) to num_processes - 1.")
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
+EXIT_HOST_LOST = 3  # another process of a multi-host run stopped
 
 
 def error_line(message: str) -> str:
@@ -48,20 +67,35 @@ def interrupted_line(workdir: str, mode: str) -> str:
     """The one line for a run stopped by Ctrl-C: what was kept, and how to go on."""
     if mode == "score":
         return "fsad: interrupted; nothing of the scoring is kept: run the command again"
+    return f"fsad: interrupted ({kept_checkpoints(workdir)}); run the same command to resume " \
+        f"from there"
+
+
+def kept_checkpoints(workdir: str) -> str:
+    """What a stopped run left to resume from, in words."""
     from fsad.experiment import newest_checkpoints
     kept = newest_checkpoints(workdir)
-    where = f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
+    return f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
         f"no checkpoint was written yet in {workdir}"
-    return f"fsad: interrupted ({where}); run the same command to resume from there"
+
+
+def host_lost_line(workdir: str, mode: str, err: Exception) -> str:
+    """The one line for a multi-host run that lost one of its processes."""
+    lost = f"another host of this multi-host run stopped ({' '.join(str(err).split())[:200]})"
+    if mode == "score":
+        return error_line(f"{lost}; run the same command again on every host")
+    return error_line(f"{lost}; {kept_checkpoints(workdir)}; run the same command on every "
+                      f"host to resume from there")
 
 
 def execute(config, workdir: str, mode: str = "train", input_dir: str | None = None,
             output: str | None = None, heatmaps: bool = False) -> int:
     """Runs one command; returns the exit status. A UserError (bad input, bad config)
     prints one line to stderr and returns 2; Ctrl-C (KeyboardInterrupt) prints one line
-    naming the checkpoints kept and returns 130; any other exception keeps its
-    traceback."""
+    naming the checkpoints kept and returns 130, as does (with 3) the loss of another
+    process of a multi-host run; any other exception keeps its traceback."""
     from fsad.experiment import check_stored_config, print_summary, run_experiment
+    from fsad.hosts import is_primary, lost_host
     try:
         if mode == "score":
             from fsad.scoring import score_folder
@@ -70,7 +104,8 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
                                 "(or --input IMAGE)")
             check_stored_config(workdir, config, must_exist=True)
             path = score_folder(config, workdir, input_dir, output, heatmaps)
-            print(f"scores: {path}")
+            if is_primary():
+                print(f"scores: {path}")
             return 0
         results = run_experiment(config, workdir)
     except UserError as err:
@@ -79,9 +114,43 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     except KeyboardInterrupt:
         print(interrupted_line(workdir, mode), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    print_summary(results)
-    print(f"results: {workdir}/results.json")
+    except Exception as err:  # noqa: BLE001 - only a lost host is answered here
+        if not lost_host(err):
+            raise
+        print(host_lost_line(workdir, mode, err), file=sys.stderr, flush=True)
+        return EXIT_HOST_LOST
+    if is_primary():  # every host of a multi-host run holds the same results
+        print_summary(results)
+        print(f"results: {workdir}/results.json")
     return 0
+
+
+def join_hosts(distributed: bool, coordinator: str | None, num_processes: int | None,
+               process_id: int | None) -> None:
+    """Joins a multi-host run (`fsad.hosts.initialize`) when asked to; the processes
+    other than the first then log errors only (their warnings repeat the first's).
+
+    Raises:
+      UserError: the host flags are incomplete, or the other hosts cannot be reached.
+    """
+    if not (distributed or coordinator or num_processes is not None or process_id is not None):
+        return
+    given = [coordinator, num_processes, process_id]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise UserError("a multi-host run given its hosts needs all of --coordinator_address "
+                        "(process 0's host:port), --num_processes and --process_id")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise UserError(f"--process_id {process_id} is not in 0 to {num_processes - 1} "
+                        f"(--num_processes {num_processes})")
+    from fsad.hosts import initialize, is_primary
+    try:
+        initialize(coordinator, num_processes, process_id)
+    except Exception as err:  # noqa: BLE001 - JAX's errors here are all the set-up's
+        raise UserError(f"cannot join the multi-host run ({' '.join(str(err).split())[:300]});"
+                        f" pass --coordinator_address, --num_processes and --process_id, "
+                        f"the same coordinator on every host") from err
+    if not is_primary():
+        logging.set_verbosity(logging.ERROR)
 
 
 def main(argv):
@@ -93,11 +162,18 @@ def main(argv):
     # warnings read "fsad: WARNING: ..." rather than absl's file:line prefix
     logging.get_absl_handler().setFormatter(std_logging.Formatter("fsad: %(levelname)s: "
                                                                   "%(message)s"))
+    try:
+        join_hosts(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                   _PROCESS_ID.value)
+    except UserError as err:
+        print(error_line(err), file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
     code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
                    _HEATMAPS.value)
-    if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED):
+    if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_HOST_LOST):
         # the one line is printed: leave before background threads (Orbax's writers of a
-        # failed or interrupted checkpoint) add their shutdown noise
+        # failed or interrupted checkpoint) add their shutdown noise, and (a lost host)
+        # before JAX's shutdown barrier waits for the host that is gone
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -19,6 +19,7 @@ from scipy import stats
 
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many, list_images_recursive
 from fsad.errors import UserError
+from fsad.hosts import is_primary
 from fsad.memory import eval_fix, hint_on_oom
 from fsad.methods import build_method
 from fsad.train import (checkpoint_manager, make_mesh, make_score_fn, replicated, restore_latest,
@@ -129,17 +130,19 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                                   config.eval_batch_size, key=key)["score"]
     cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
                     config.explain.confidence)
-    with open(output, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["file", "score", "z", "p_value", "anomalous"])
-        for i, name in enumerate(files):
-            w.writerow([name, f"{scores[i]:.6g}", f"{cal['z'][i]:.6g}",
-                        f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])])
+    if is_primary():  # the other hosts of a multi-host run computed the same
+        with open(output, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "score", "z", "p_value", "anomalous"])
+            for i, name in enumerate(files):
+                w.writerow([name, f"{scores[i]:.6g}", f"{cal['z'][i]:.6g}",
+                            f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])])
     if heatmaps:
         from fsad.explain import explain_images, overlay_png
         with hint_on_oom("the saliency maps", eval_fix(config)):
             maps = explain_images(method, variables, images, config)
         for name, image, heat in zip(files, images, maps):
             stem = os.path.splitext(name.replace(os.sep, "__"))[0]
-            overlay_png(os.path.join(workdir, "heatmaps", f"{stem}.png"), image, heat)
+            if is_primary():
+                overlay_png(os.path.join(workdir, "heatmaps", f"{stem}.png"), image, heat)
     return output

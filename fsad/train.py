@@ -4,9 +4,10 @@ Design:
 * The training images live on the devices (replicated) as uint8; every step
   samples its batch inside the jitted function from the step key, so there is
   no host round trip per step.
-* One `Mesh` over the local devices with a ``data`` axis: the sampled batch is
-  sharded along it, parameters and optimiser state are replicated. One device
-  is the degenerate case; results match to float tolerance.
+* One `Mesh` over the run's devices (every host's in a multi-host run, `fsad.hosts`)
+  with a ``data`` axis: the sampled batch is sharded along it, parameters and
+  optimiser state are replicated. One device is the degenerate case; results match
+  to float tolerance.
 * `state` is a plain pytree; every step's randomness derives from the run's key
   and ``state.step``, so a resumed run draws the same batches as an
   uninterrupted one.
@@ -30,9 +31,8 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
-
 from fsad.errors import UserError
+from fsad.hosts import progress, put, to_host
 from fsad.models.resnet import normalize_uint8
 
 DATA_AXIS = "data"
@@ -103,8 +103,9 @@ class Method:
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis "data" over `devices` (default: all local devices)."""
-    devices = list(devices if devices is not None else jax.local_devices())
+    """A 1-D mesh with axis "data" over `devices` (default: every device of the run: the
+    local ones, and in a multi-host run those of every host, `fsad.hosts`)."""
+    devices = list(devices if devices is not None else jax.devices())
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
@@ -137,7 +138,7 @@ def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: 
         outliers = np.zeros((1, *images.shape[1:]), np.uint8)
     data = TrainData(images, np.int32(len(images_normal)), np.int32(len(images_anomaly)),
                      np.asarray(outliers, np.uint8), np.int32(n_out))
-    return jax.device_put(data, replicated(mesh))
+    return put(data, replicated(mesh))
 
 
 def cycle_draw(key: jax.Array, step: jax.Array, count: int, n: jax.Array,
@@ -271,16 +272,16 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
     n_dev = mesh.devices.size
     batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
     chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False,
-                      disable=len(images) <= batch_size * 4):
+    for start in progress(range(0, len(images), batch_size), desc=desc, leave=False,
+                          disable=len(images) <= batch_size * 4):
         chunk = images[start:start + batch_size]
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
         v = variables if key is None else {**variables,
                                            "key": jax.random.fold_in(key, start // batch_size)}
-        out = score_fn(v, jax.device_put(chunk, batch_sharded(mesh)))
-        chunks.append(jax.tree.map(lambda a, k=len(chunk) - pad: np.asarray(a)[:k], out))
+        out = score_fn(v, put(chunk, batch_sharded(mesh)))
+        chunks.append(jax.tree.map(lambda a, k=len(chunk) - pad: to_host(a)[:k], out))
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -300,7 +301,7 @@ def init_state(method: Method, key: jax.Array, data: TrainData, tx, mesh: Mesh,
     extras = method.init_extras(k_extras, data)
     state = TrainState(jnp.int32(0), params, variables.get("batch_stats", {}), tx.init(params),
                        extras)
-    return jax.device_put(state, replicated(mesh))
+    return put(state, replicated(mesh))
 
 
 def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -488,7 +489,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     t0 = time.time()
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
-    with tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True) as bar:
+    with progress(total=total, initial=start, desc=desc, unit="step",
+                  dynamic_ncols=True) as bar:
         in_flight = None
         for step in range(start, total):
             state, metrics = step_fn(state, data, key)

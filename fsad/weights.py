@@ -16,6 +16,7 @@ import pickle
 import os
 import re
 import shutil
+import socket
 import urllib.request
 import zipfile
 from typing import Mapping
@@ -51,7 +52,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
         os.makedirs(cache_dir, exist_ok=True)
         local = os.path.join(cache_dir, os.path.basename(path_or_url.split("?")[0]))
         if not os.path.exists(local):
-            tmp = local + ".part"
+            # one partial file per process: runs (or hosts) that start together each
+            # download, and the first complete file is renamed in
+            tmp = f"{local}.part-{socket.gethostname()}-{os.getpid()}"
             try:
                 with urllib.request.urlopen(path_or_url, timeout=60) as src, \
                         open(tmp, "wb") as dst:

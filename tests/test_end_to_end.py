@@ -4,7 +4,9 @@ with the same command: DRA by Ctrl-C (SIGINT) after its first checkpoint, AHL by
 during meta-training. The restarted run's test scores equal the uninterrupted run's bit
 for bit (so the same seed and config give the same numbers). DevNet runs once: its
 resume is the same code as DRA's (`experiment.train_stage`), whose state has more in it
-(the reference set), and the suite's time is better spent elsewhere. The trained models
+(the reference set), and the suite's time is better spent elsewhere. AHL, on two
+devices, is also resumed from its first checkpoint by a run on two hosts (two processes
+joined by jax.distributed), which must end with the same scores. The trained models
 serve every other check: detection and localisation on known answers, open-set
 detection, the CLI's results, rerun, scoring and config checks.
 """
@@ -13,7 +15,9 @@ import concurrent.futures
 import csv
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,10 +39,13 @@ def cli_args(config: str, workdir, root, *overrides, size: int = SIZE) -> list:
             "--config.model.pretrained=none", *overrides]
 
 
-def env() -> dict:
-    """One CPU device (the default), the suite's fsad cache (and compilation cache)."""
+def env(devices: int = 1) -> dict:
+    """`devices` CPU devices (default one), the suite's fsad cache (and compilation
+    cache)."""
     e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     e["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return e
 
 
@@ -47,12 +54,12 @@ def steps_in(folder) -> list:
         else []
 
 
-def start(args, log) -> tuple:
-    """(the command running in the background, its log file): a pipe left unread would
-    stall it once full."""
+def start(args, log, devices: int = 1) -> tuple:
+    """(the command running in the background on `devices` CPU devices, its log file): a
+    pipe left unread would stall it once full."""
     with open(log, "w") as f:
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env=env()), log
+                                env=env(devices)), log
 
 
 def finish(procs: dict) -> None:
@@ -138,6 +145,10 @@ class Run(NamedTuple):
     stop_folder: str | None = None
     stop_after: int = 0
     stop_signal: int = signal.SIGKILL
+    devices: int = 1  # CPU devices of its one process
+    # > 0: as many processes with one device each (a multi-host run, "h") resume the
+    # uninterrupted run's checkpoint of this step, with the same command plus host flags
+    hosts_from: int = 0
 
 
 RUNS = {
@@ -153,16 +164,34 @@ RUNS = {
         "--config.batch_size=16", "--config.epochs=2", "--config.steps_per_epoch=12",
         "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"],
         "checkpoints", 1, signal.SIGINT),
-    # AHL on DevNet in the hard setting (seen: spot), 8 base steps, 6 meta-epochs; killed
+    # AHL on DevNet in the hard setting (seen: spot), 2 x 4 base steps of batch 8, 6
+    # meta-epochs, on two devices (the mesh of the two-host run that resumes it); killed
     # after its second meta-training checkpoint. First-order MAML: with DevNet's head it
     # equals second order exactly (tests/test_ahl.py) and compiles faster
     "ahl": Run("configs/ahl_devnet.py", SIZE, 0, [
         "--config.data.setting=hard", "--config.data.known_class=spot",
-        "--config.data.n_anomaly=6", "--config.batch_size=16", "--config.epochs=1",
-        "--config.steps_per_epoch=8", "--config.ahl.epochs=6", "--config.ahl.history=2",
+        "--config.data.n_anomaly=6", "--config.batch_size=8", "--config.epochs=2",
+        "--config.steps_per_epoch=4", "--config.ahl.epochs=6", "--config.ahl.history=2",
         "--config.ahl.psi_steps=5", "--config.ahl.first_order=True",
-        "--config.explain.enabled=False"], "ahl_checkpoints", 2),
+        "--config.explain.num_overlays=2"], "ahl_checkpoints", 2, devices=2, hosts_from=4),
 }
+
+
+def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix) -> dict:
+    """n processes joined by jax.distributed (one CPU device each: Gloo collectives),
+    started in `workdir` on a copy of `resumed`'s config, split and checkpoint `step`.
+    -> {name: (process, log)} (each log holds its stdout and stderr)."""
+    (workdir / "seed_0" / "checkpoints").mkdir(parents=True)
+    shutil.copy(resumed / "config.json", workdir / "config.json")
+    shutil.copy(resumed / "seed_0" / "split.json", workdir / "seed_0" / "split.json")
+    shutil.copytree(resumed / "seed_0" / "checkpoints" / str(step),
+                    workdir / "seed_0" / "checkpoints" / str(step))
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    hosts = ["--coordinator_address", f"localhost:{port}", "--num_processes", str(n)]
+    return {f"host {i}": start(args(workdir) + hosts + ["--process_id", str(i)],
+                               f"{log_prefix}{i}.log") for i in range(n)}
 
 
 @pytest.fixture(scope="module")
@@ -180,27 +209,32 @@ def runs(tmp_path_factory):
         root = write_synthetic_dataset(str(base / name / "data"), size=run.size,
                                        seed=run.data_seed)
         out[name] = {"root": root, "u": base / name / "u", "k": base / name / "k",
+                     "h": base / name / "h",
                      "stopped_log": base / f"{name}_k_stopped.log",
                      "args": lambda w, r=run, root=root:
                      cli_args(r.config, w, root, *r.overrides, size=r.size)}
 
     def one_after_another(name):
-        """u, then (for a run that is stopped) k stopped, then k restarted: each run goes
-        at its own pace (no run waits for the slowest of a phase), and its k run finds u's
-        programs compiled on disk."""
+        """u, then (for a run that is stopped) k stopped, then k restarted, alongside the
+        multi-host run h where there is one: each run goes at its own pace (no run waits
+        for the slowest of a phase), and its k run finds u's programs compiled on
+        disk."""
         r, run = out[name], RUNS[name]
 
         def launch(kind, log):
-            return {name: start(r["args"](r[kind]), log)}
+            return {name: start(r["args"](r[kind]), log, run.devices)}
 
         finish(launch("u", base / f"{name}_u.log"))
-        if run.stop_folder is None:
-            return
-        folder = r["k"] / "seed_0" / run.stop_folder
-        stop_when(launch("k", r["stopped_log"]),
-                  {name: lambda: len(steps_in(folder)) >= run.stop_after},
-                  {name: run.stop_signal})
-        finish(launch("k", base / f"{name}_k.log"))
+        hosts = start_hosts(r["args"], r["h"], r["u"], run.hosts_from, 2,
+                            base / f"{name}_h") if run.hosts_from else {}
+        if run.stop_folder is not None:
+            folder = r["k"] / "seed_0" / run.stop_folder
+            stop_when(launch("k", r["stopped_log"]),
+                      {name: lambda: len(steps_in(folder)) >= run.stop_after},
+                      {name: run.stop_signal})
+            finish(launch("k", base / f"{name}_k.log"))
+        finish(hosts)
+        r["host_logs"] = [open(log).read() for _, log in hosts.values()]
 
     with concurrent.futures.ThreadPoolExecutor(len(out)) as pool:
         for done in [pool.submit(one_after_another, name) for name in out]:
@@ -346,6 +380,29 @@ def test_ahl_killed_during_meta_training_resumes_to_the_same_scores(runs):
     assert_same_scores(u, k)
     np.testing.assert_array_equal(results(u)["runs"][0]["ahl"]["weights"],
                                   results(k)["runs"][0]["ahl"]["weights"])
+
+
+def test_ahl_on_two_hosts_resumes_to_the_same_scores(runs):
+    """Two processes joined by jax.distributed, one device each, resumed the two-device
+    AHL run's first checkpoint (step 4 of 8) with the same command plus the host flags.
+    Their mesh has that run's two devices, so they computed its programs: the same test
+    scores bit for bit, through the base steps (the batch sharded across the hosts),
+    saliency, the feature bank, meta-training and the unified heads. The first process
+    alone writes the files and prints the summary."""
+    u, h = runs["ahl"]["u"], runs["ahl"]["h"]
+    mine, ref = results(h)["runs"][0], results(u)["runs"][0]
+    assert mine["resumed_from"] == 4 and mine["steps"] == 4
+    versions = results(h)["versions"]
+    assert versions["processes"] == 2 and len(versions["devices"]) == 2
+    assert_same_scores(u, h)
+    for k in ("base_auroc", "pixel_auroc_pooled"):
+        assert mine[k] == ref[k], k
+    assert mine["ahl"]["weights"] == ref["ahl"]["weights"]
+    assert sorted(os.listdir(h / "seed_0" / "overlays")) == \
+        sorted(os.listdir(u / "seed_0" / "overlays"))
+    first, second = runs["ahl"]["host_logs"]
+    assert "AUROC" in first and "results:" in first
+    assert "AUROC" not in second and "results:" not in second
 
 
 def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 from typing import Callable
 
 import numpy as np
@@ -40,7 +41,7 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         except (OSError, ValueError, KeyError) as err:  # a torn write: rebuild it
             logging.warning("ignoring unreadable cache %s (%s)", path, err)
     data = build()
-    tmp = path + f".tmp{os.getpid()}.npz"
+    tmp = path + f".tmp-{socket.gethostname()}-{os.getpid()}.npz"  # runs or hosts at once
     try:
         os.makedirs(cache_dir, exist_ok=True)
         np.savez(tmp, **data.to_arrays())

@@ -8,9 +8,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
-
 from fsad.errors import UserError
+from fsad.hosts import progress
 
 # .npy: Mastcam's 64x64x6 arrays (spec §9.4), read as the released loader reads them
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
@@ -102,8 +101,8 @@ def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
     fn = decode_mask if mask else decode_image
     workers = min(16, (os.cpu_count() or 1) * 2)
     with futures.ThreadPoolExecutor(workers) as pool:
-        out = list(tqdm(pool.map(lambda p: fn(p, size), paths), total=len(paths), desc=desc,
-                        leave=False, disable=len(paths) < 200))
+        out = list(progress(pool.map(lambda p: fn(p, size), paths), total=len(paths),
+                            desc=desc, leave=False, disable=len(paths) < 200))
     if not out:
         shape = (0, size, size) if mask else (0, size, size, 3)
         return np.zeros(shape, np.uint8)

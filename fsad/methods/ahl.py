@@ -37,10 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn.cluster import KMeans
-from tqdm.auto import tqdm
 
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.errors import UserError
+from fsad.hosts import is_primary, progress, put
 from fsad.losses import deviation_loss, sample_prior
 from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses
 from fsad.models.backbone import trunk_features
@@ -640,7 +640,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                       jnp.zeros((E,), jnp.float32))
     if mesh is None:
         mesh = make_mesh(jax.local_devices()[:1])
-    on_mesh = functools.partial(jax.device_put, device=replicated(mesh))
+    on_mesh = functools.partial(put, sharding=replicated(mesh))
     state = on_mesh(state)  # restore_latest keeps these shardings
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
     if mngr is not None:
@@ -651,7 +651,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     task_arrays = on_mesh(tasks.device_arrays())
     pool_idx = on_mesh(tasks.pool_idx)
     times = []
-    with tqdm(total=E, initial=int(state.epoch), desc="AHL meta-training", unit="epoch") as bar:
+    with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
+                  unit="epoch") as bar:
         for epoch in range(int(state.epoch), min(E, stop_after or E)):
             t0 = time.time()
             w = state.weights
@@ -697,7 +698,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
 
 def load_or_build_bank(config, base_variables, normals, anomalies, test_images, mesh, key,
                        workdir: str, textures=None):
-    """`build_bank`, cached in workdir/ahl_features.npz (written atomically)."""
+    """`build_bank`, cached in workdir/ahl_features.npz (written atomically, by the
+    primary process of a multi-host run)."""
     cache = os.path.join(workdir, "ahl_features.npz")
     if os.path.exists(cache):
         with np.load(cache) as f:
@@ -705,10 +707,11 @@ def load_or_build_bank(config, base_variables, normals, anomalies, test_images, 
             return [f[f"bank{i}"] for i in range(n)], [f[f"test{i}"] for i in range(n)]
     bank, test = build_bank(config, base_variables, normals, anomalies, test_images, mesh,
                             key, textures)
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
-             **{f"test{i}": t for i, t in enumerate(test)})
-    os.replace(tmp, cache)
+    if is_primary():
+        tmp = cache + ".tmp.npz"
+        np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
+                 **{f"test{i}": t for i, t in enumerate(test)})
+        os.replace(tmp, cache)
     return bank, test
 
 

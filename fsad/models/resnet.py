@@ -15,6 +15,7 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from fsad.models.cpu_conv import matmul_conv
 from fsad.models.norm import TorchBatchNorm
@@ -113,8 +114,10 @@ def feature_channels(depth_name: str) -> int:
     return 2048 if STAGES[depth_name][0] == "bottleneck" else 512
 
 
-IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406], jnp.float32)
-IMAGENET_STD = jnp.array([0.229, 0.224, 0.225], jnp.float32)
+# numpy, not jax arrays: importing fsad must not start a JAX backend (a multi-host run
+# joins its hosts first, `fsad.hosts.initialize`)
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def normalize_uint8(images):

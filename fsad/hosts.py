@@ -1,0 +1,98 @@
+"""One run on several hosts: JAX's multi-controller runtime, one process per host.
+
+Every process runs the same command on the same files (a filesystem all hosts share:
+the dataset, the workdir). `fsad.main` calls `initialize` before any other JAX call;
+from then on `jax.devices()` lists the devices of every host, and the run's mesh spans
+them all. What each process does:
+
+* the same work on the same data: it decodes the dataset, draws the same split and
+  puts the training images on its own devices (`jax.device_put` of the same host
+  array onto a global sharding); the train step is one program over all devices, the
+  batch sharded across hosts, the gradients averaged by XLA's collectives;
+* the same host-side reads: the values a step returns are replicated, so every
+  process reads them; scores and saliency maps that are spread over the hosts' devices
+  are gathered first (`to_host`);
+* writing: Orbax checkpoints are written by all processes together (Orbax's own
+  protocol); every other file of a run (config.json, split.json, metrics.json,
+  test_scores.npz, results.json, overlays, the AHL feature cache, a scoring CSV) by the
+  first process only (`is_primary`), which also alone shows progress bars, warnings
+  and the summary and holds the workdir's lock.
+
+With one process (the usual case) each of these is what a plain run does.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Joins this process to a multi-host run (`jax.distributed.initialize`); call it
+    before any other JAX call. Without arguments JAX finds them on a TPU pod, under
+    SLURM or Open MPI; elsewhere pass all three (the coordinator is process 0's
+    ``host:port``, reachable from every host).
+
+    On CPU hosts the collectives go through Gloo (XLA's CPU default has none across
+    processes)."""
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # a JAX without the option: its default
+        pass
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def is_primary() -> bool:
+    """True in the process that writes a run's files (process 0; the only one in a
+    one-process run, where it asks nothing of JAX: data tools stay without a backend)."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def to_host(array) -> np.ndarray:
+    """A jax.Array as one numpy array on this host: gathered from the other hosts when
+    part of it lives on their devices (an array sharded over a multi-host mesh)."""
+    if isinstance(array, jax.Array) and not array.is_fully_addressable \
+            and not array.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
+
+def put(tree, sharding):
+    """`jax.device_put(tree, sharding)`, also where the sharding spans several hosts.
+
+    Every process passes the same values. Arrays on one local device go through host
+    memory there: JAX (0.10) builds from them a global array whose shards Orbax cannot
+    read (checkpoint saves fail), where from a numpy array it builds a sound one. With
+    one process, `jax.device_put` itself."""
+    if jax.process_count() > 1:
+        tree = jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array)
+                            and a.is_fully_addressable else a, tree)
+    return jax.device_put(tree, sharding)
+
+
+# what JAX's runtime says in a process whose collective, or coordination service, lost a
+# host: Gloo (CPU) and NCCL (GPU) collectives, the coordination service's heartbeats
+_LOST_HOST_SIGNS = ("Gloo", "NCCL", "Connection reset", "heartbeat", "UNAVAILABLE",
+                    "coordination service")
+
+
+def lost_host(err: BaseException) -> bool:
+    """True for the error a process of a multi-host run gets when another process
+    stopped (killed, preempted, failed): a collective or the coordination service
+    failed."""
+    # JaxRuntimeError from a dispatch, ValueError from reading a result back: the message
+    # is what tells
+    return (jax.distributed.is_initialized() and jax.process_count() > 1
+            and isinstance(err, Exception)
+            and any(sign in str(err) for sign in _LOST_HOST_SIGNS))
+
+
+def progress(*args, **kwargs) -> tqdm:
+    """A tqdm progress bar, shown by the primary process only (one bar per run, not
+    one per host)."""
+    if not is_primary():
+        kwargs["disable"] = True
+    return tqdm(*args, **kwargs)

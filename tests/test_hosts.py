@@ -1,0 +1,66 @@
+"""Multi-host runs (`fsad.hosts`, `fsad.main`'s host flags). The whole pipeline on two
+hosts is in test_end_to_end.py (two processes resume a two-device run to its scores);
+here, the flags and the loss of a host, on two real processes joined by
+jax.distributed."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from fsad.errors import UserError
+from fsad.main import host_lost_line, join_hosts
+
+# Process 1 leaves in the middle of the collectives; process 0 must see its next
+# all-reduce fail with an error that fsad.hosts.lost_host recognises.
+LOSE_A_HOST = """
+import os, sys
+import jax, numpy as np
+from fsad.hosts import initialize, lost_host
+pid = int(sys.argv[2])
+initialize(sys.argv[1], 2, pid)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()), ("data",))
+x = jax.device_put(np.ones(2, np.float32), NamedSharding(mesh, P("data")))
+total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))
+assert float(total(x)) == 2.0  # both processes took part
+if pid == 1:
+    os._exit(0)  # gone without a word, as a killed host is
+try:
+    for _ in range(1000):
+        float(total(x))
+    print("NO ERROR")
+except Exception as err:
+    print("LOST" if lost_host(err) else f"OTHER {type(err).__name__}: {err}")
+sys.stdout.flush()
+os._exit(0)  # not JAX's shutdown barrier, which would wait for the host that is gone
+"""
+
+
+def test_host_flags_are_all_or_none():
+    join_hosts(False, None, None, None)  # a one-process run: nothing to join
+    with pytest.raises(UserError, match="needs all of --coordinator_address"):
+        join_hosts(False, None, 2, None)
+    with pytest.raises(UserError, match="needs all of --coordinator_address"):
+        join_hosts(True, "localhost:1234", None, 0)
+    with pytest.raises(UserError, match=r"--process_id 2 is not in 0 to 1"):
+        join_hosts(False, "localhost:1234", 2, 2)
+
+
+def test_a_lost_host_is_recognised_and_said_in_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", LOSE_A_HOST, address, str(i)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert "LOST" in outs[0][0], outs[0][0] + outs[0][1][-3000:]
+    line = host_lost_line(str(tmp_path), "train", RuntimeError("Gloo all-reduce failed"))
+    assert line == (f"fsad: error: another host of this multi-host run stopped (Gloo "
+                    f"all-reduce failed); no checkpoint was written yet in {tmp_path}; run the "
+                    f"same command on every host to resume from there")
