@@ -48,7 +48,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 def is_primary() -> bool:
     """True in the process that writes a run's files (process 0; the only one in a
     one-process run, where it asks nothing of JAX: data tools stay without a backend)."""
-    return not jax.distributed.is_initialized() or jax.process_index() == 0
+    return not joined() or jax.process_index() == 0
+
+
+def joined() -> bool:
+    """Whether this process joined a multi-host run (jax.distributed is initialised);
+    asks nothing of JAX's backends."""
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    if is_initialized is not None:
+        return is_initialized()
+    from jax._src import distributed  # JAX before jax.distributed.is_initialized
+    return distributed.global_state.client is not None
 
 
 def to_host(array) -> np.ndarray:
@@ -85,7 +95,7 @@ def lost_host(err: BaseException) -> bool:
     failed."""
     # JaxRuntimeError from a dispatch, ValueError from reading a result back: the message
     # is what tells
-    return (jax.distributed.is_initialized() and jax.process_count() > 1
+    return (joined() and jax.process_count() > 1
             and isinstance(err, Exception)
             and any(sign in str(err) for sign in _LOST_HOST_SIGNS))
 

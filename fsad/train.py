@@ -31,6 +31,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
 from fsad.models.resnet import normalize_uint8
