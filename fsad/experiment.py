@@ -375,7 +375,7 @@ def explain_stage(runner: Runner, variables, data, split, scores: dict, seed_dir
                             data.labels[split.test], test_masks, scores["score"],
                             data.file_ids[split.test], runner.config, seed_dir,
                             saliency_fn=runner.saliency_fn(),
-                            has_mask=data.has_mask()[split.test])
+                            has_mask=data.has_mask()[split.test], mesh=runner.mesh)
     out = {k: v for k, v in explained.items() if k.startswith("pixel_")}
     return {**out, "explain_seconds": time.time() - t0}
 

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
-from fsad.hosts import is_primary, to_host
+from fsad.hosts import is_primary, put, to_host
+from fsad.train import batch_sharded, mesh_batch
 
 
 def gaussian_kernel(size: int = 16, sigma: float = 4.0) -> np.ndarray:
@@ -73,16 +74,24 @@ def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 
 
 
 def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
-                     batch_size: int = 16) -> np.ndarray:
-    """Runs a saliency function over uint8 images in fixed-size batches. -> [N, H, W]."""
+                     batch_size: int = 16, mesh=None) -> np.ndarray:
+    """Runs a saliency function over uint8 images in fixed-size batches. -> [N, H, W].
+
+    mesh: each batch is split over its devices (batch_size rounded up to a multiple of
+      them), as test scoring is; None: one batch on the default device (or wherever
+      the variables are).
+    """
+    if mesh is not None:
+        batch_size = mesh_batch(batch_size, mesh)
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         pad = batch_size - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        out.append(to_host(saliency_fn(variables, jnp.asarray(chunk, jnp.float32)))[
-            :len(chunk) - pad])
+        x = chunk.astype(np.float32)
+        x = put(x, batch_sharded(mesh)) if mesh is not None else jnp.asarray(x)
+        out.append(to_host(saliency_fn(variables, x))[:len(chunk) - pad])
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
@@ -103,27 +112,29 @@ def method_saliency_fn(method, config) -> Callable:
 
 
 def explain_images(method, variables, images: np.ndarray, config,
-                   saliency_fn: Callable | None = None) -> np.ndarray:
+                   saliency_fn: Callable | None = None, mesh=None) -> np.ndarray:
     """Saliency maps of a trained fsad method for uint8 images [N, H, W, 3] -> [N, H, W].
 
     saliency_fn: `method_saliency_fn(method, config)`, to reuse its compilation.
+    mesh: the devices to split each batch over (`saliency_batches`).
     """
     if method.random_scores and "key" not in variables:  # one reference draw for all maps
         variables = {**variables, "key": jax.random.key(0)}
     fn = saliency_fn or method_saliency_fn(method, config)
-    return saliency_batches(fn, variables, images, config.explain.batch_size)
+    return saliency_batches(fn, variables, images, config.explain.batch_size, mesh)
 
 
 def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
                 masks: np.ndarray | None, scores: np.ndarray, file_ids, config,
                 out_dir: str, saliency_fn: Callable | None = None,
-                has_mask: np.ndarray | None = None) -> dict:
+                has_mask: np.ndarray | None = None, mesh=None) -> dict:
     """Localisation metrics (when masks exist) and overlays of the top-scored images.
 
     Args:
       images: [N, H, W, 3] uint8 test images; labels, scores: [N]; masks: [N, H, W] or None.
       has_mask: [N] bool, the anomalies whose mask file exists (default: every anomaly);
         pixel metrics are taken over those only.
+      mesh: the devices to split each batch of saliency maps over.
     Returns:
       {"pixel_auroc_pooled", "pixel_auroc_per_image_mean", "overlays"} (metrics only
       with masks); the AUROC-F1 curve goes to out_dir/auroc_f1_curve.{json,png}. The
@@ -141,7 +152,7 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
         masks = None  # no anomaly with a mask: no pixel metrics
     wanted = np.union1d(top, anomalous) if masks is not None else top
     maps = dict(zip(wanted.tolist(), explain_images(method, variables, images[wanted], config,
-                                                    saliency_fn)))
+                                                    saliency_fn, mesh)))
     if masks is not None:
         amap = np.stack([maps[i] for i in anomalous])
         out["pixel_auroc_pooled"] = pooled_pixel_auroc(amap, masks[anomalous])

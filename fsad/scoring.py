@@ -140,7 +140,7 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     if heatmaps:
         from fsad.explain import explain_images, overlay_png
         with hint_on_oom("the saliency maps", eval_fix(config)):
-            maps = explain_images(method, variables, images, config)
+            maps = explain_images(method, variables, images, config, mesh=mesh)
         for name, image, heat in zip(files, images, maps):
             stem = os.path.splitext(name.replace(os.sep, "__"))[0]
             if is_primary():

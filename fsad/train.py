@@ -262,6 +262,12 @@ def make_score_fn(method: Method, mesh: Mesh) -> Callable:
     return jax.jit(score)
 
 
+def mesh_batch(batch_size: int, mesh: Mesh) -> int:
+    """batch_size rounded up to a multiple of the mesh's devices (each gets a share)."""
+    n = mesh.devices.size
+    return max(n, -(-batch_size // n) * n)
+
+
 def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
                  batch_size: int = 64, desc: str = "scoring",
                  key: jax.Array | None = None) -> dict[str, np.ndarray]:
@@ -270,8 +276,7 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
     With `key`, batch i sees variables["key"] = fold_in(key, i): methods whose
     test scores are random per batch (DRA's released reference draw) use it.
     """
-    n_dev = mesh.devices.size
-    batch_size = max(n_dev, -(-batch_size // n_dev) * n_dev)
+    batch_size = mesh_batch(batch_size, mesh)
     chunks = []
     for start in progress(range(0, len(images), batch_size), desc=desc, leave=False,
                           disable=len(images) <= batch_size * 4):

@@ -34,16 +34,21 @@ def _rel_err(a, b):
 def compare_one_and_eight_devices(folder: str) -> dict:
     """Runs in a Python with 8 forced CPU devices (conftest.run_with_devices): one SGD
     step on 1 and on 8 devices; returns the loss, the norm-wise relative errors of every
-    parameter update and BatchNorm statistic, and how the parameters are placed."""
+    parameter update and BatchNorm statistic and of the initial model's saliency maps
+    (a batch split over the devices), and how the parameters are placed."""
     from fsad.data import read_folder
     from fsad.data.synthetic import write_synthetic_dataset
     syn = read_folder(write_synthetic_dataset(os.path.join(folder, "s64"), size=64, n_train=40,
                                               n_test_good=4, n_per_class=2), 64, "")
-    results = []
+    from fsad.explain import method_saliency_fn, saliency_batches
+    from fsad.train import variables_of
+    overrides = {"model.n_scales": 1, "augment.rotate_degrees": 0.0}
+    results, maps = [], []
     for devices in (jax.devices()[:1], jax.devices()):
-        method, mesh, tx, state, data = _setup(devices, syn, optax.sgd(0.05),
-                                               **{"model.n_scales": 1,
-                                                  "augment.rotate_degrees": 0.0})
+        method, mesh, tx, state, data = _setup(devices, syn, optax.sgd(0.05), **overrides)
+        # saliency maps of the initial model, 8 images split over the mesh's devices
+        maps.append(saliency_batches(method_saliency_fn(method, tiny_config(**overrides)),
+                                     variables_of(state), syn.images[:8], 8, mesh))
         init = jax.device_get(state.params)
         step = make_train_step(method, tx, mesh, 16)
         state, metrics = step(state, data, jax.random.key(10))
@@ -57,7 +62,8 @@ def compare_one_and_eight_devices(folder: str) -> dict:
             "update_errors": [float(_rel_err(a, b)) for a, b in zip(jax.tree.leaves(u1),
                                                                    jax.tree.leaves(u8))],
             "stats_errors": [float(_rel_err(a, b)) for a, b in zip(jax.tree.leaves(b1),
-                                                                  jax.tree.leaves(b8))]}
+                                                                  jax.tree.leaves(b8))],
+            "saliency_error": float(_rel_err(*maps))}
 
 
 def test_eight_devices_match_one(tmp_path):
@@ -77,6 +83,7 @@ def test_eight_devices_match_one(tmp_path):
     assert max(errs) < 1e-3, max(errs)
     assert float(np.median(errs)) < 5e-5
     assert max(r["stats_errors"]) < 1e-5
+    assert r["saliency_error"] < 1e-5, r["saliency_error"]  # per image: no cross-device sum
 
 
 def test_batch_not_divisible_is_refused():
