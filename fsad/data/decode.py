@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
 from fsad.errors import UserError
 from fsad.hosts import progress
 
