@@ -6,9 +6,9 @@ from then on `jax.devices()` lists the devices of every host, and the run's mesh
 them all. What each process does:
 
 * the same work on the same data: it decodes the dataset, draws the same split and
-  puts the training images on its own devices (`jax.device_put` of the same host
-  array onto a global sharding); the train step is one program over all devices, the
-  batch sharded across hosts, the gradients averaged by XLA's collectives;
+  puts the training images on its own devices (`put`: the same host array onto a
+  global sharding); the train step is one program over all devices, the batch
+  sharded across hosts, the gradients averaged by XLA's collectives;
 * the same host-side reads: the values a step returns are replicated, so every
   process reads them; scores and saliency maps that are spread over the hosts' devices
   are gathered first (`to_host`);
