@@ -89,14 +89,13 @@ _LOST_HOST_SIGNS = ("Gloo", "NCCL", "Connection reset", "heartbeat", "UNAVAILABL
                     "coordination service")
 
 
-def lost_host(err: BaseException) -> bool:
+def lost_host(err: Exception) -> bool:
     """True for the error a process of a multi-host run gets when another process
     stopped (killed, preempted, failed): a collective or the coordination service
     failed."""
     # JaxRuntimeError from a dispatch, ValueError from reading a result back: the message
     # is what tells
     return (joined() and jax.process_count() > 1
-            and isinstance(err, Exception)
             and any(sign in str(err) for sign in _LOST_HOST_SIGNS))
 
 

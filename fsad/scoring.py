@@ -141,8 +141,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
         from fsad.explain import explain_images, overlay_png
         with hint_on_oom("the saliency maps", eval_fix(config)):
             maps = explain_images(method, variables, images, config, mesh=mesh)
-        for name, image, heat in zip(files, images, maps):
-            stem = os.path.splitext(name.replace(os.sep, "__"))[0]
-            if is_primary():
+        if is_primary():
+            for name, image, heat in zip(files, images, maps):
+                stem = os.path.splitext(name.replace(os.sep, "__"))[0]
                 overlay_png(os.path.join(workdir, "heatmaps", f"{stem}.png"), image, heat)
     return output

@@ -7,6 +7,7 @@ with 8 forced CPU devices (`run_with_devices`).
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -79,3 +80,10 @@ def run_with_devices(n: int, module: str, function: str, *args, timeout: int = 6
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT"):])
+
+
+def coordinator_address() -> str:
+    """A free localhost port for the coordinator of a multi-process (multi-host) run."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return f"localhost:{s.getsockname()[1]}"

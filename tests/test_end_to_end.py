@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from conftest import ROOT, SIZE
+from conftest import ROOT, SIZE, coordinator_address
 from fsad.data.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -186,10 +185,7 @@ def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix) -> dict:
     shutil.copy(resumed / "seed_0" / "split.json", workdir / "seed_0" / "split.json")
     shutil.copytree(resumed / "seed_0" / "checkpoints" / str(step),
                     workdir / "seed_0" / "checkpoints" / str(step))
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    hosts = ["--coordinator_address", f"localhost:{port}", "--num_processes", str(n)]
+    hosts = ["--coordinator_address", coordinator_address(), "--num_processes", str(n)]
     return {f"host {i}": start(args(workdir) + hosts + ["--process_id", str(i)],
                                f"{log_prefix}{i}.log") for i in range(n)}
 
