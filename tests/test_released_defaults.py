@@ -125,7 +125,7 @@ def test_heads_start_from_pytorch_default_init():
     feats = jnp.zeros((1, 4, 4, c))
 
     def check(w, b, fan_in):
-        bound = 1 / math.sqrt(fan_in)
+        bound = np.float32(1 / math.sqrt(fan_in))  # the float32 bound the draw uses
         w, b = np.asarray(w).ravel(), np.asarray(b).ravel()
         assert np.abs(w).max() <= bound and np.abs(b).max() <= bound
         assert np.std(w) == pytest.approx(bound / math.sqrt(3), rel=0.1)

@@ -1,0 +1,45 @@
+"""pyproject.toml's lowest versions are the ones the suite was run with: every `>=` floor
+of its dependencies (and of the cuda12 extra's jax) is pinned to that version in
+.ci/lowest_versions.txt, the constraints file the README's lowest-versions command uses."""
+
+import os
+import tomllib
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from conftest import ROOT
+
+
+def floors(requirements: list[str]) -> dict[str, Version]:
+    """{package: its `>=` version} of PEP 508 requirement strings."""
+    out = {}
+    for text in requirements:
+        req = Requirement(text)
+        for spec in req.specifier:
+            if spec.operator == ">=":
+                out[canonicalize_name(req.name)] = Version(spec.version)
+    return out
+
+
+def lowest_pins() -> dict[str, Version]:
+    """{package: version} of the `name==version` lines of .ci/lowest_versions.txt."""
+    pins = {}
+    with open(os.path.join(ROOT, ".ci", "lowest_versions.txt")) as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if "==" in line:
+                name, version = line.split("==")
+                pins[canonicalize_name(name)] = Version(version)
+    return pins
+
+
+def test_every_floor_is_the_pinned_lowest_version():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    required, pins = floors(project["dependencies"]), lowest_pins()
+    assert len(required) == len(project["dependencies"])  # every dependency has a floor
+    assert {n: pins.get(n) for n in required} == required
+    assert floors(project["optional-dependencies"]["cuda12"]) == {"jax": required["jax"]}
+    assert pins["jaxlib"] == pins["jax"]  # jax X needs jaxlib X
