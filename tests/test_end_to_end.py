@@ -38,11 +38,15 @@ def cli_args(config: str, workdir, root, *overrides, size: int = SIZE) -> list:
             "--config.model.pretrained=none", *overrides]
 
 
-def env(devices: int = 1) -> dict:
+def env(devices: int = 1, optimize: bool = True) -> dict:
     """`devices` CPU devices (default one), the suite's fsad cache (and compilation
-    cache)."""
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cache); XLA's backend optimisations on as in a user's run, or off (see
+    conftest.py) where `optimize` is False."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     e["JAX_PLATFORMS"] = "cpu"
+    if not optimize and os.environ.get("FSAD_TEST_OPTIMIZE") != "1":
+        e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     if devices > 1:
         e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return e
@@ -53,12 +57,12 @@ def steps_in(folder) -> list:
         else []
 
 
-def start(args, log, devices: int = 1) -> tuple:
+def start(args, log, devices: int = 1, optimize: bool = True) -> tuple:
     """(the command running in the background on `devices` CPU devices, its log file): a
     pipe left unread would stall it once full."""
     with open(log, "w") as f:
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env=env(devices)), log
+                                env=env(devices, optimize)), log
 
 
 def finish(procs: dict) -> None:
@@ -148,16 +152,22 @@ class Run(NamedTuple):
     # > 0: as many processes with one device each (a multi-host run, "h") resume the
     # uninterrupted run's checkpoint of this step, with the same command plus host flags
     hosts_from: int = 0
+    # XLA's backend optimisations (conftest.py): off where compiling costs more than the
+    # slower steps
+    optimize: bool = True
 
 
 RUNS = {
-    # DevNet, general 10-shot, 3 x 10 steps
+    # DevNet, general 10-shot, 3 x 10 steps; compiled without XLA's backend optimisations
+    # like the in-process tests (conftest.py): at 32 px that saves more than the slower
+    # steps cost
     "devnet": Run("configs/devnet.py", SIZE, 1, [
         "--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=10",
-        "--config.optim.decay_every_epochs=2"]),
+        "--config.optim.decay_every_epochs=2"], optimize=False),
     # DRA in the hard setting (seen: scratch; unseen: spot, stain), 3 x 12 steps at 64 px
     # (at 32 px random-init DRA scored 0.47 to 0.71 over three seeds); stopped by Ctrl-C
-    # after its first checkpoint
+    # after its first checkpoint. Optimised as a user's run: without XLA's backend
+    # optimisations its steps ran 4x slower (a run alone: 93 s against 52 s)
     "dra": Run("configs/dra.py", 64, 0, [
         "--config.data.setting=hard", "--config.data.known_class=scratch",
         "--config.batch_size=16", "--config.epochs=3", "--config.steps_per_epoch=12",
@@ -166,17 +176,20 @@ RUNS = {
     # AHL on DevNet in the hard setting (seen: spot), 2 x 4 base steps of batch 8, 6
     # meta-epochs, on two devices (the mesh of the two-host run that resumes it); killed
     # after its second meta-training checkpoint. First-order MAML: with DevNet's head it
-    # equals second order exactly (tests/test_ahl.py) and compiles faster
+    # equals second order exactly (tests/test_ahl.py) and compiles faster. Compiled
+    # without XLA's backend optimisations: its programs are many and its steps short
     "ahl": Run("configs/ahl_devnet.py", SIZE, 0, [
         "--config.data.setting=hard", "--config.data.known_class=spot",
         "--config.data.n_anomaly=6", "--config.batch_size=8", "--config.epochs=2",
         "--config.steps_per_epoch=4", "--config.ahl.epochs=6", "--config.ahl.history=2",
         "--config.ahl.psi_steps=5", "--config.ahl.first_order=True",
-        "--config.explain.num_overlays=2"], "ahl_checkpoints", 2, devices=2, hosts_from=4),
+        "--config.explain.num_overlays=2"], "ahl_checkpoints", 2, devices=2, hosts_from=4,
+        optimize=False),
 }
 
 
-def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix) -> dict:
+def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix,
+                optimize: bool = True) -> dict:
     """n processes joined by jax.distributed (one CPU device each: Gloo collectives),
     started in `workdir` on a copy of `resumed`'s config, split and checkpoint `step`.
     -> {name: (process, log)} (each log holds its stdout and stderr)."""
@@ -187,7 +200,7 @@ def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix) -> dict:
                     workdir / "seed_0" / "checkpoints" / str(step))
     hosts = ["--coordinator_address", coordinator_address(), "--num_processes", str(n)]
     return {f"host {i}": start(args(workdir) + hosts + ["--process_id", str(i)],
-                               f"{log_prefix}{i}.log") for i in range(n)}
+                               f"{log_prefix}{i}.log", optimize=optimize) for i in range(n)}
 
 
 @pytest.fixture(scope="module")
@@ -218,11 +231,11 @@ def runs(tmp_path_factory):
         r, run = out[name], RUNS[name]
 
         def launch(kind, log):
-            return {name: start(r["args"](r[kind]), log, run.devices)}
+            return {name: start(r["args"](r[kind]), log, run.devices, run.optimize)}
 
         finish(launch("u", base / f"{name}_u.log"))
         hosts = start_hosts(r["args"], r["h"], r["u"], run.hosts_from, 2,
-                            base / f"{name}_h") if run.hosts_from else {}
+                            base / f"{name}_h", run.optimize) if run.hosts_from else {}
         if run.stop_folder is not None:
             folder = r["k"] / "seed_0" / run.stop_folder
             stop_when(launch("k", r["stopped_log"]),
