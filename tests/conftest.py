@@ -18,7 +18,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # time for the in-process tests). The end-to-end CLI runs, which train for longer,
 # choose for themselves (tests/test_end_to_end.py). FSAD_TEST_OPTIMIZE=1 compiles
 # everything as a user's run does.
-if os.environ.get("FSAD_TEST_OPTIMIZE") != "1":
+UNOPTIMIZED = os.environ.get("FSAD_TEST_OPTIMIZE") != "1"
+if UNOPTIMIZED:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # noqa: E402

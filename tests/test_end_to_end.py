@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from conftest import ROOT, SIZE, coordinator_address
+from conftest import ROOT, SIZE, UNOPTIMIZED, coordinator_address
 from fsad.data.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def env(devices: int = 1, optimize: bool = True) -> dict:
     e = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     e["JAX_PLATFORMS"] = "cpu"
-    if not optimize and os.environ.get("FSAD_TEST_OPTIMIZE") != "1":
+    if not optimize and UNOPTIMIZED:
         e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
     if devices > 1:
         e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
