@@ -7,6 +7,8 @@ one run measures:
   * the inference (scoring) step's compile time and images/s;
   * with --host_fed, the conventional host-sampled step, for the ratio;
   * with --seeds N, N seeds trained as one vmapped program against N separate steps;
+  * the AHL meta-step with its tasks spread over every local device and, where there
+    are several, the same step on one device, for the ratio;
   * with --torch (PyTorch installed), PyTorch versions of the released steps
     (benchmarks/torch_released.py: eager float32, AMP bf16 + channels_last, and
     torch.compile; for the AHL meta-step, whose released code cannot run, a torch.func
@@ -38,7 +40,7 @@ from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
-                        make_score_fn, make_train_step, put_train_data)
+                        make_score_fn, make_train_step, put_train_data, replicated)
 
 CONFIGS = {"devnet": "configs.devnet", "dra": "configs.dra", "ahl": "configs.ahl_dra"}
 
@@ -154,7 +156,9 @@ def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
 
 def bench_ahl(args, batch: int, dtype: str) -> dict:
     """AHL's meta-step (DRA heads, T = 7 tasks, second order) on random bank features of
-    the trunk's map size; img/s counts the support and query samples it adapts on."""
+    the trunk's map size; img/s counts the support and query samples it adapts on. The
+    tasks are spread over every device (`make_mesh()`); with several, the row also has
+    the same step on the first device alone and the ratio."""
     config = config_for("ahl", args, batch, dtype)
     h = -(-args.img_size // 32)
     c = 1280 if args.backbone == "efficientnet_lite0" else 512
@@ -172,20 +176,32 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     clusters = np.array_split(np.arange(nn_), 3)
     tasks = ahl.build_tasks(clusters, nn_, na, seed=0, base="dra")
     tx = ahl.optimizer_from_config(config.ahl.optim, 1)
-    step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps, config.ahl.inner_lr, False)
-    arrays = tasks.device_arrays()
     w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
-    pool = jnp.asarray(tasks.pool_idx)
-    opt = tx.init(params)
     key = jax.random.key(0)
-    t_compile, compiled = compile_seconds(step.jitted, params, opt, bank, arrays, w, pool, key,
-                                          hm.consts)
-    per, _ = timed(lambda po: compiled(po[0], po[1], bank, arrays, w, pool, key,
-                                       hm.consts)[:2], (params, opt), args.steps)
+
+    def time_on(mesh) -> tuple[float, float]:
+        """(compile seconds, seconds per step) with the tasks spread over `mesh`."""
+        step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps,
+                                        config.ahl.inner_lr, False, mesh)
+        p, o, b, arrays, ww, pool, consts = jax.device_put(
+            (params, tx.init(params), bank, tasks.device_arrays(), w,
+             jnp.asarray(tasks.pool_idx), hm.consts), replicated(mesh))
+        t_compile, compiled = compile_seconds(step.jitted, p, o, b, arrays, ww, pool, key,
+                                              consts)
+        per, _ = timed(lambda po: compiled(po[0], po[1], b, arrays, ww, pool, key,
+                                           consts)[:2], (p, o), args.steps)
+        return t_compile, per
+
+    mesh = make_mesh()
+    t_compile, per = time_on(mesh)
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
     row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
            "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
+    if mesh.size > 1:  # the tasks spread over the devices against the same step on one
+        row["one_device_meta_steps_per_s"] = 1 / time_on(make_mesh(jax.devices()[:1]))[1]
+        row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
+            row["one_device_meta_steps_per_s"]
     if args.torch:
         row.update(with_torch_ratio(row["train_img_per_s"], {}, "ahl", lambda: bench_torch_ahl(
             args, tasks, [b.shape[1] for b in bank], c, bank[0].shape[0])))

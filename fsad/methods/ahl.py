@@ -14,7 +14,7 @@ Pipeline (spec §7), after the base model is trained and its trunk frozen:
    `inner_steps` SGD steps on their support set (differentiably: MAML second
    order, or first order by switch), are scored on their query set, and the
    unified heads take one Adam step on sum_i w_i L_i. The T tasks are one vmapped
-   program over padded, masked index arrays.
+   program over padded, masked index arrays, spread over the run's devices.
 4. Importance: a BiLSTM psi predicts each sample's next-epoch scores under the T
    models from the previous K epochs; r_i weighs the squared error of the
    predicted (min-max scaled) scores against the labels, and w = softmax(-r).
@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 from sklearn.cluster import KMeans
 
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
@@ -49,8 +50,8 @@ from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.precision import compute_dtype
-from fsad.train import (checkpoint_manager, make_mesh, replicated, restore_latest,
-                        save_checkpoint, score_images)
+from fsad.train import (DATA_AXIS, checkpoint_manager, make_mesh, replicated,
+                        restore_latest, save_checkpoint, score_images)
 
 FAMILIES = ("cutmix", "cutpaste", "perlin")
 NORMAL, SEEN, PSEUDO = 0, 1, 2
@@ -462,7 +463,8 @@ def head_model(config, base_variables, ref_means=None,
 
 # ---------------------------------------------------------------- CDL
 
-def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool):
+def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
+                   mesh=None):
     """The jitted CDL epoch step.
 
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
@@ -473,7 +475,16 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     step is the same program. `step.jitted` is that program, step's arguments then
     hm.consts (for ahead-of-time lowering: ``step.jitted.lower(..., key, hm.consts)``).
     task_loss and adapt (one task's pieces, for tests) read hm.consts too.
+
+    mesh: the devices the T tasks are spread over (default: the first local device).
+    Each device adapts its share of the tasks (`shard_map`; the tasks are padded to a
+    multiple of the mesh's size with copies of the first ones at outer weight 0) and the
+    outer gradient and loss are summed across devices. Inputs and outputs are replicated
+    on the mesh. Every mesh gives the same task losses; the sum's order, and so the last
+    bits of the update, depend on the mesh's size.
     """
+    if mesh is None:
+        mesh = make_mesh(jax.local_devices()[:1])
 
     def task_loss_with(params, bank, idx, lab, weight, key, consts):
         feats = [f[idx] for f in bank]
@@ -496,23 +507,45 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
                            task["query_weight"], k_out, consts)
         return q, theta
 
-    def outer(params_g, bank, tasks, weights, key, consts):
-        keys = jax.random.split(key, weights.shape[0])
+    def outer(params_g, bank, tasks, weights, keys, consts):
         losses, thetas = jax.vmap(per_task, in_axes=(None, None, 0, 0, None))(
             params_g, bank, tasks, keys, consts)
         return jnp.sum(weights * losses), (losses, thetas)
 
-    @jax.jit
-    def step_with(params, opt_state, bank, tasks, weights, pool_idx, key, consts):
+    def on_device(params, bank, tasks, weights, keys, pool_idx, consts):
+        """One device's share of the tasks -> the loss and outer gradient summed over the
+        devices, every task's loss [Tp] and pool scores [Tp, P]."""
         (loss, (losses, thetas)), grads = jax.value_and_grad(outer, has_aux=True)(
-            params, bank, tasks, weights, key, consts)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+            params, bank, tasks, weights, keys, consts)
         pool_feats = [f[pool_idx] for f in bank]
         pool_scores = jax.vmap(lambda th: hm.score(hm.apply_with(th, pool_feats, consts)))(
             jax.lax.stop_gradient(thetas))
-        return params, opt_state, {"loss": loss, "task_losses": losses,
-                                   "pool_scores": pool_scores}
+        return (jax.lax.psum(loss, DATA_AXIS), jax.lax.psum(grads, DATA_AXIS),
+                jax.lax.all_gather(losses, DATA_AXIS, tiled=True),
+                jax.lax.all_gather(pool_scores, DATA_AXIS, tiled=True))
+
+    # check_vma=False: `params` is the same on every device, and JAX's varying-axis
+    # checks would make each inner step's gradient with respect to it a sum over the
+    # devices, adapting every task on the tasks of the other devices too
+    sharded = jax.shard_map(on_device, mesh=mesh, check_vma=False,
+                            in_specs=(P(), P(), P(DATA_AXIS), P(DATA_AXIS), P(DATA_AXIS), P(),
+                                      P()),
+                            out_specs=(P(), P(), P(), P()))
+
+    @jax.jit
+    def step_with(params, opt_state, bank, tasks, weights, pool_idx, key, consts):
+        n = weights.shape[0]
+        keys = jax.random.split(key, n)
+        # padded to a multiple of the devices: copies of the first tasks, outer weight 0
+        rows = np.arange(-(-n // mesh.size) * mesh.size) % n
+        padded = [jax.tree.map(lambda a: a[rows], x) for x in (tasks, keys)]
+        weights_p = jnp.where(jnp.arange(len(rows)) < n, weights[rows], 0.0)
+        loss, grads, losses, pool_scores = sharded(params, bank, padded[0], weights_p,
+                                                   padded[1], pool_idx, consts)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "task_losses": losses[:n],
+                                   "pool_scores": pool_scores[:n]}
 
     def step(params, opt_state, bank, tasks, weights, pool_idx, key):
         return step_with(params, opt_state, bank, tasks, weights, pool_idx, key, hm.consts)
@@ -618,9 +651,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
 
     stop_after: end after this epoch (checkpointed), as an interruption would.
-    mesh: where the state, bank and tasks live, replicated (default: the first local
-      device). Every epoch's inputs have the same placement, so the meta-step and psi's
-      steps compile once: a fresh array (uncommitted) and a step's output (committed to
+    mesh: where the state, bank and tasks live, replicated, and the devices the meta-step
+      spreads the tasks over (default: the first local device). Every epoch's inputs
+      have the same placement, so the meta-step and psi's steps compile once: a fresh array (uncommitted) and a step's output (committed to
       the mesh) would otherwise be two programs.
 
     Returns:
@@ -630,7 +663,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     a = config.ahl
     T, K, E = tasks.num_tasks, a.history, a.epochs
     tx = optimizer_from_config(a.optim, 1)
-    step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order)
+    if mesh is None:
+        mesh = make_mesh(jax.local_devices()[:1])
+    step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh)
     psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
     k_psi, k_meta = jax.random.split(key)
     psi_params, psi_opt = psi_init(k_psi, K)
@@ -638,8 +673,6 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                       jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
                       jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
                       jnp.zeros((E,), jnp.float32))
-    if mesh is None:
-        mesh = make_mesh(jax.local_devices()[:1])
     on_mesh = functools.partial(put, sharding=replicated(mesh))
     state = on_mesh(state)  # restore_latest keeps these shardings
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
