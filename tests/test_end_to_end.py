@@ -1,7 +1,8 @@
 """DevNet, DRA and AHL trained end to end by the real command line on the procedural
 dataset. DRA and AHL run twice: once uninterrupted, once stopped mid-run and restarted
 with the same command: DRA by Ctrl-C (SIGINT) after its first checkpoint, AHL by SIGKILL
-during meta-training. The restarted run's test scores equal the uninterrupted run's bit
+during meta-training, each signal sent from inside the run at that point
+(tests/stop_at_checkpoint.py). The restarted run's test scores equal the uninterrupted run's bit
 for bit (so the same seed and config give the same numbers). DevNet runs once: its
 resume is the same code as DRA's (`experiment.train_stage`), whose state has more in it
 (the reference set), and the suite's time is better spent elsewhere. AHL, on two
@@ -19,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from typing import NamedTuple
 
 import numpy as np
@@ -52,11 +52,6 @@ def env(devices: int = 1, optimize: bool = True) -> dict:
     return e
 
 
-def steps_in(folder) -> list:
-    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) \
-        else []
-
-
 def start(args, log, devices: int = 1, optimize: bool = True) -> tuple:
     """(the command running in the background on `devices` CPU devices, its log file): a
     pipe left unread would stall it once full."""
@@ -72,27 +67,23 @@ def finish(procs: dict) -> None:
         assert proc.returncode == 0, f"{name}: {open(log).read()[-4000:]}"
 
 
-def stop_when(procs: dict, ready: dict, signals: dict) -> None:
-    """Sends each (process, log) its signal once ready[name]() is true (its checkpoint is
-    on disk), and waits for it to end: SIGKILL kills it; SIGINT (Ctrl-C) must end it
-    with fsad's exit status for an interruption."""
+def stopped(args, folder: str, n: int, sig: signal.Signals) -> list:
+    """`args` (a fsad.main command) stopped by `sig` right after its nth checkpoint in
+    `folder`, sent from inside the run (tests/stop_at_checkpoint.py): on time however
+    loaded the host is."""
+    assert args[1:3] == ["-m", "fsad.main"], args
+    return [args[0], os.path.join(ROOT, "tests", "stop_at_checkpoint.py"), folder, str(n),
+            sig.name, *args[3:]]
+
+
+def finish_stopped(procs: dict, sig: signal.Signals) -> None:
+    """Waits for every (process, log) stopped by `sig`: SIGKILL kills it; SIGINT
+    (Ctrl-C) must end it with fsad's exit status for an interruption."""
     from fsad.main import EXIT_INTERRUPTED
-    deadline = time.time() + 900
-    waiting = dict(procs)
-    while waiting:
-        for name, (proc, log) in list(waiting.items()):
-            if ready[name]():
-                proc.send_signal(signals[name])
-                proc.wait(timeout=300)
-                expected = -signal.SIGKILL if signals[name] == signal.SIGKILL \
-                    else EXIT_INTERRUPTED
-                assert proc.returncode == expected, open(log).read()[-3000:]
-                del waiting[name]
-            else:
-                assert proc.poll() is None, f"{name} ended before the stop: " \
-                    f"{open(log).read()[-3000:]}"
-        assert time.time() < deadline, f"no checkpoint in 15 minutes: {list(waiting)}"
-        time.sleep(0.05)
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else EXIT_INTERRUPTED
+    for name, (proc, log) in procs.items():
+        proc.wait(timeout=900)
+        assert proc.returncode == expected, f"{name}: {open(log).read()[-3000:]}"
 
 
 def results(workdir) -> dict:
@@ -143,11 +134,11 @@ class Run(NamedTuple):
     size: int
     data_seed: int
     overrides: list
-    # stopped by stop_signal once this checkpoint folder of seed_0 holds stop_after
-    # checkpoints; None: never stopped
+    # stopped by stop_signal right after its stop_after-th checkpoint in this checkpoint
+    # folder of seed_0; None: never stopped
     stop_folder: str | None = None
     stop_after: int = 0
-    stop_signal: int = signal.SIGKILL
+    stop_signal: signal.Signals = signal.SIGKILL
     devices: int = 1  # CPU devices of its one process
     # > 0: as many processes with one device each (a multi-host run, "h") resume the
     # uninterrupted run's checkpoint of this step, with the same command plus host flags
@@ -206,8 +197,8 @@ def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every run of RUNS by the command line: uninterrupted ("u"), and, where RUNS names
-    a checkpoint folder, stopped by its signal once that folder holds the given number
-    of checkpoints, then restarted with the same command ("k"). The three runs go side
+    a checkpoint folder, stopped by its signal right after the given number of
+    checkpoints in that folder, then restarted with the same command ("k"). The three runs go side
     by side (much of a run, compilation included, is single-threaded), each one's
     commands in turn.
     -> {name: {"root", "u", "k", "args", "stopped_log" (the stopped run's output)}}.
@@ -237,10 +228,10 @@ def runs(tmp_path_factory):
         hosts = start_hosts(r["args"], r["h"], r["u"], run.hosts_from, 2,
                             base / f"{name}_h", run.optimize) if run.hosts_from else {}
         if run.stop_folder is not None:
-            folder = r["k"] / "seed_0" / run.stop_folder
-            stop_when(launch("k", r["stopped_log"]),
-                      {name: lambda: len(steps_in(folder)) >= run.stop_after},
-                      {name: run.stop_signal})
+            finish_stopped({name: start(stopped(r["args"](r["k"]), run.stop_folder,
+                                                run.stop_after, run.stop_signal),
+                                        r["stopped_log"], run.devices, run.optimize)},
+                           run.stop_signal)
             finish(launch("k", base / f"{name}_k.log"))
         finish(hosts)
         r["host_logs"] = [open(log).read() for _, log in hosts.values()]
@@ -344,7 +335,7 @@ def test_dra_stopped_by_ctrl_c_says_where_it_resumes_and_resumes_to_the_same_sco
     same command resumes from it to the uninterrupted run's scores."""
     u, k = runs["dra"]["u"], runs["dra"]["k"]
     resumed_from = results(k)["runs"][0]["resumed_from"]
-    assert resumed_from >= 12
+    assert resumed_from == 12  # stopped right after its first checkpoint
     stopped = open(runs["dra"]["stopped_log"]).read()
     last = stopped.replace("\r", "\n").strip().splitlines()[-1]
     assert last == (f"fsad: interrupted (checkpoints kept in {k}: seed_0/checkpoints step "
