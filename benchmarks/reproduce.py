@@ -21,6 +21,12 @@ a fixed time), and --order protocol runs every method on a cell before the next 
         --settings general --shots 10 --seeds 1 --out runs/elpv_quick
     python benchmarks/reproduce.py --dataset folder --set data.root=/data/mvtec \
         --set data.subset=bottle --methods dra --out runs/bottle
+
+On several hosts, run the same command on each with fsad.main's host flags
+(--distributed, or --coordinator_address, --num_processes and --process_id) and an
+--out that all hosts share: every cell is one multi-host run, the first host prints
+and writes the table, every host waits for the others after each cell (so all read
+the files the first one wrote), and the first host's clock decides --budget_minutes.
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ from fsad.data import load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.experiment import (base_fields_that_differ, build_runner,  # noqa: E402
                              run_experiment, write_json_atomic)
+from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
+                        wait_for_every_host)
+from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
 from fsad.paper_figures import reference_auroc  # noqa: E402
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
@@ -157,10 +166,12 @@ def run_table(args, on_cell=None) -> dict:
 
     for i, cell in enumerate(grid):
         workdir = cell_dir(args.out, cell)
-        if (args.budget_minutes is not None and time.time() - t0 > 60 * args.budget_minutes
-                and not finished(workdir, args.seeds)):
-            print(f"[{i + 1}/{len(grid)}] {cell_name(cell)}: not started, the "
-                  f"{args.budget_minutes:g}-minute budget is spent", flush=True)
+        # on several hosts, the first one's clock decides for all
+        spent = args.budget_minutes is not None and same_on_every_host(
+            time.time() - t0 > 60 * args.budget_minutes)
+        if spent and not finished(workdir, args.seeds):
+            say(f"[{i + 1}/{len(grid)}] {cell_name(cell)}: not started, the "
+                f"{args.budget_minutes:g}-minute budget is spent")
             skipped.append(cell)
             continue
         config = base[cell["method"]].copy_and_resolve_references()
@@ -179,8 +190,11 @@ def run_table(args, on_cell=None) -> dict:
         if key not in runners:
             runners[key] = build_runner(config)
         runner = dataclasses.replace(runners[key], config=config)  # shares compiled steps
-        print(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}", flush=True)
+        say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}")
         res = run_experiment(config, workdir, runner=runner, data=data)
+        # the first host has written the cell's files: every host reads the same ones for
+        # the next cells (finished? an AHL cell's base cell)
+        wait_for_every_host(f"reproduce cell {i}")
         aurocs = [r["auroc"] for r in res["runs"]]
         # AHL: its base model's AUROC in the same run (the heads it started from)
         base_aurocs = [r["base_auroc"] for r in res["runs"] if "base_auroc" in r]
@@ -190,6 +204,12 @@ def run_table(args, on_cell=None) -> dict:
         if on_cell is not None:
             on_cell(table())
     return table()
+
+
+def say(line: str) -> None:
+    """Prints a progress line, once for all hosts (by the first)."""
+    if is_primary():
+        print(line, flush=True)
 
 
 def cell_name(cell: dict) -> str:
@@ -293,6 +313,15 @@ def parse_args(argv=None):
                    help="start no cell after this many minutes (finished cells are still "
                    "read back); the table lists the cells left out")
     p.add_argument("--out", required=True, help="folder of the cells' workdirs and the table")
+    hosts = p.add_argument_group("several hosts", "the same command on every host, one "
+                                 "process each, on shared files (as fsad.main's host flags)")
+    hosts.add_argument("--distributed", action="store_true", help="join a multi-host run; "
+                       "jax.distributed.initialize() finds the hosts on a TPU pod, under "
+                       "SLURM or Open MPI")
+    hosts.add_argument("--coordinator_address", default=None,
+                       help="elsewhere: process 0's host:port")
+    hosts.add_argument("--num_processes", type=int, default=None)
+    hosts.add_argument("--process_id", type=int, default=None)
     return p.parse_args(argv)
 
 
@@ -305,9 +334,18 @@ def in_reproduce_terms(message: str) -> str:
 
 
 def main(argv=None) -> int:
+    """Returns the exit status: 0; 2 for a UserError, 130 for Ctrl-C and 3 for the loss of
+    another host, each said in one line."""
     args = parse_args(argv)
+
+    def on_cell(table):  # written by the first host alone, as a run's files are
+        if is_primary():
+            write_table(args.out, table)
+
     try:  # the table so far is on disk after every cell: a run cut short still leaves one
-        table = run_table(args, on_cell=lambda t: write_table(args.out, t))
+        join_hosts(args.distributed, args.coordinator_address, args.num_processes,
+                   args.process_id)
+        table = run_table(args, on_cell=on_cell)
     except UserError as err:
         print(f"reproduce: error: {in_reproduce_terms(str(err))}", file=sys.stderr)
         return 2
@@ -319,9 +357,22 @@ def main(argv=None) -> int:
               f"cells are read back, the unfinished one resumes from its checkpoint)",
               file=sys.stderr)
         return 130
-    print(write_table(args.out, table))
+    except Exception as err:  # noqa: BLE001 - only a lost host is answered here
+        if not lost_host(err):
+            raise
+        print(f"reproduce: another host of the run stopped ({' '.join(str(err).split())[:200]}"
+              f"); run the same command on every host to resume", file=sys.stderr)
+        return EXIT_HOST_LOST
+    if is_primary():
+        print(write_table(args.out, table))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:  # the one line is printed: leave before background threads add their
+        # shutdown noise, and (a lost host) before JAX's shutdown barrier waits for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

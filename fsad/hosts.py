@@ -61,6 +61,22 @@ def joined() -> bool:
     return distributed.global_state.client is not None
 
 
+def same_on_every_host(value: bool) -> bool:
+    """The first process's `value` on every process (a decision that reads the clock,
+    say, must not differ between hosts); `value` itself in a one-process run."""
+    if not joined() or jax.process_count() == 1:
+        return value
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def wait_for_every_host(name: str) -> None:
+    """Returns once every process has reached this point (`name` must be the same on
+    all): afterwards each process reads the files the first one wrote before it. No
+    wait in a one-process run."""
+    if joined() and jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def to_host(array) -> np.ndarray:
     """A jax.Array as one numpy array on this host: gathered from the other hosts when
     part of it lives on their devices (an array sharded over a multi-host mesh)."""

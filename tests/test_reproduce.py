@@ -4,10 +4,12 @@ second invocation that reads every finished cell back instead of training again.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import ROOT, SIZE
+from conftest import ROOT, SIZE, coordinator_address
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +81,50 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     assert not (out / "devnet" / "general" / "2shot").exists()
     assert "Not run (the time budget was spent): devnet general 2-shot; " in (
         out / "table.md").read_text()
+
+
+def test_a_table_on_two_hosts(tmp_path, synthetic_root):
+    """The table run by two processes joined by jax.distributed (one CPU device each,
+    the host flags of fsad.main): a DevNet cell, then an AHL(DevNet) cell that must find
+    the DevNet cell finished on both hosts (the first host wrote it; both wait for it
+    before the next cell) and start from its model. The first host alone prints the
+    progress and the table and writes the files."""
+    out = tmp_path / "table"
+    argv = [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "--dataset",
+            "folder", "--methods", "devnet", "ahl_devnet", "--shots", "1", "--seeds", "1",
+            "--out", str(out), "--coordinator_address", coordinator_address(),
+            "--num_processes", "2",
+            *[f"--set={kv}" for kv in (
+                f"data.root={synthetic_root}", f"data.img_size={SIZE}", "data.cache_dir=",
+                "model.pretrained=none", "batch_size=16", "epochs=1", "steps_per_epoch=4",
+                "explain.enabled=False", "ahl.epochs=2", "ahl.history=2", "ahl.psi_steps=2",
+                "ahl.first_order=True")]]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    procs = [subprocess.Popen(argv + ["--process_id", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-3000:]
+    first, second = outs[0][0], outs[1][0]
+    assert "[1/2] devnet general 1-shot" in first and "| ahl_devnet | general | 1 |" in first
+    assert [ln for ln in second.splitlines() if not ln.startswith("[Gloo]")] == []
+    table = json.loads((out / "table.json").read_text())
+    assert [r["method"] for r in table["rows"]] == ["devnet", "ahl_devnet"]
+    ahl = json.loads((out / "ahl_devnet" / "general" / "1shot" / "results.json").read_text())
+    assert ahl["config"]["ahl"]["base_workdir"] == str(out / "devnet" / "general" / "1shot")
+    assert ahl["runs"][0]["steps"] == 0 and ahl["versions"]["processes"] == 2
+    assert table["rows"][1]["base_mean"] == pytest.approx(table["rows"][0]["mean"], abs=1e-6)
+
+
+def test_incomplete_host_flags_are_refused_in_one_line(tmp_path, capsys):
+    reproduce = load_reproduce()
+    assert reproduce.main(["--out", str(tmp_path), "--num_processes", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reproduce: error: a multi-host run given its hosts needs all of "
+                          "--coordinator_address") and len(err.splitlines()) == 1
+    assert not os.listdir(tmp_path)
 
 
 def test_protocol_order_puts_the_methods_side_by_side():
