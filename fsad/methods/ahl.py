@@ -653,8 +653,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     stop_after: end after this epoch (checkpointed), as an interruption would.
     mesh: where the state, bank and tasks live, replicated, and the devices the meta-step
       spreads the tasks over (default: the first local device). Every epoch's inputs
-      have the same placement, so the meta-step and psi's steps compile once: a fresh array (uncommitted) and a step's output (committed to
-      the mesh) would otherwise be two programs.
+      have the same placement, so the meta-step and psi's steps compile once: a fresh
+      array (uncommitted) and a step's output (committed to the mesh) would otherwise be
+      two programs.
 
     Returns:
       (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
