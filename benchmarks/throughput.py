@@ -40,7 +40,8 @@ from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
-                        make_score_fn, make_train_step, put_train_data, replicated)
+                        make_score_fn, make_train_step, one_device_mesh, put_train_data,
+                        replicated)
 
 CONFIGS = {"devnet": "configs.devnet", "dra": "configs.dra", "ahl": "configs.ahl_dra"}
 
@@ -199,7 +200,7 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
            "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
     if mesh.size > 1:  # the tasks spread over the devices against the same step on one
-        row["one_device_meta_steps_per_s"] = 1 / time_on(make_mesh(jax.devices()[:1]))[1]
+        row["one_device_meta_steps_per_s"] = 1 / time_on(one_device_mesh())[1]
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
             row["one_device_meta_steps_per_s"]
     if args.torch:

@@ -61,10 +61,15 @@ def joined() -> bool:
     return distributed.global_state.client is not None
 
 
+def several_hosts() -> bool:
+    """Whether this process is one of several joined in a multi-host run."""
+    return joined() and jax.process_count() > 1
+
+
 def same_on_every_host(value: bool) -> bool:
     """The first process's `value` on every process (a decision that reads the clock,
     say, must not differ between hosts); `value` itself in a one-process run."""
-    if not joined() or jax.process_count() == 1:
+    if not several_hosts():
         return value
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
@@ -73,7 +78,7 @@ def wait_for_every_host(name: str) -> None:
     """Returns once every process has reached this point (`name` must be the same on
     all): afterwards each process reads the files the first one wrote before it. No
     wait in a one-process run."""
-    if joined() and jax.process_count() > 1:
+    if several_hosts():
         multihost_utils.sync_global_devices(name)
 
 
@@ -111,7 +116,7 @@ def lost_host(err: Exception) -> bool:
     failed."""
     # JaxRuntimeError from a dispatch, ValueError from reading a result back: the message
     # is what tells
-    return (joined() and jax.process_count() > 1
+    return (several_hosts()
             and any(sign in str(err) for sign in _LOST_HOST_SIGNS))
 
 

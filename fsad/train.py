@@ -110,6 +110,11 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices), (DATA_AXIS,))
 
 
+def one_device_mesh() -> Mesh:
+    """The mesh of this process's first device: where a function given no mesh runs."""
+    return make_mesh(jax.local_devices()[:1])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -356,7 +361,7 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
     if state is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     elif sharding is None:
-        sharding = replicated(make_mesh(jax.local_devices()[:1]))
+        sharding = replicated(one_device_mesh())
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             if state is None:

@@ -76,11 +76,25 @@ def tiny_config(method="devnet", **overrides):
     return c
 
 
+def cpu_env(devices: int = 1, optimize: bool = False) -> dict:
+    """The environment of a process the suite starts: JAX on `devices` CPU devices
+    (default one), the suite's fsad cache (and compilation cache), XLA's backend
+    optimisations off as in the suite (see above), or on, as in a user's run, where
+    `optimize` is True."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
+    e["JAX_PLATFORMS"] = "cpu"
+    if not optimize and UNOPTIMIZED:
+        e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    if devices > 1:
+        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return e
+
+
 def run_with_devices(n: int, module: str, function: str, *args, timeout: int = 600):
     """Runs tests/<module>.py's function(*args) in a Python with n forced CPU devices and
     returns what it returned (JSON)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
-           "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(n)
     code = (f"import json, sys; sys.path[:0] = [{os.path.dirname(__file__)!r}, {ROOT!r}]; "
             f"from {module} import {function}; "
             f"print('RESULT' + json.dumps({function}(*{list(args)!r})))")

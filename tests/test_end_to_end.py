@@ -2,8 +2,8 @@
 dataset. DRA and AHL run twice: once uninterrupted, once stopped mid-run and restarted
 with the same command: DRA by Ctrl-C (SIGINT) after its first checkpoint, AHL by SIGKILL
 during meta-training, each signal sent from inside the run at that point
-(tests/stop_at_checkpoint.py). The restarted run's test scores equal the uninterrupted run's bit
-for bit (so the same seed and config give the same numbers). DevNet runs once: its
+(tests/stop_at_checkpoint.py). The restarted run's test scores equal the uninterrupted
+run's bit for bit (so the same seed and config give the same numbers). DevNet runs once: its
 resume is the same code as DRA's (`experiment.train_stage`), whose state has more in it
 (the reference set), and the suite's time is better spent elsewhere. AHL, on two
 devices, is also resumed from its first checkpoint by a run on two hosts (two processes
@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from conftest import ROOT, SIZE, UNOPTIMIZED, coordinator_address
+from conftest import ROOT, SIZE, coordinator_address, cpu_env
 from fsad.data.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.slow
@@ -38,33 +38,25 @@ def cli_args(config: str, workdir, root, *overrides, size: int = SIZE) -> list:
             "--config.model.pretrained=none", *overrides]
 
 
-def env(devices: int = 1, optimize: bool = True) -> dict:
-    """`devices` CPU devices (default one), the suite's fsad cache (and compilation
-    cache); XLA's backend optimisations on as in a user's run, or off (see
-    conftest.py) where `optimize` is False."""
-    e = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
-    e["JAX_PLATFORMS"] = "cpu"
-    if not optimize and UNOPTIMIZED:
-        e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
-    if devices > 1:
-        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return e
-
-
 def start(args, log, devices: int = 1, optimize: bool = True) -> tuple:
     """(the command running in the background on `devices` CPU devices, its log file): a
-    pipe left unread would stall it once full."""
+    pipe left unread would stall it once full. XLA's backend optimisations on as in a
+    user's run, or off (conftest.cpu_env) where `optimize` is False."""
     with open(log, "w") as f:
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                env=env(devices, optimize)), log
+                                env=cpu_env(devices, optimize)), log
 
 
-def finish(procs: dict) -> None:
-    """Waits for every (process, log); each run must succeed."""
+def finish(procs: dict, sig: signal.Signals | None = None) -> None:
+    """Waits for every (process, log). Each run must succeed, or, stopped by `sig`, end as
+    that signal ends it: SIGKILL kills it; SIGINT (Ctrl-C) must end it with fsad's exit
+    status for an interruption."""
+    from fsad.main import EXIT_INTERRUPTED
+    expected = 0 if sig is None else -signal.SIGKILL if sig == signal.SIGKILL \
+        else EXIT_INTERRUPTED
     for name, (proc, log) in procs.items():
         proc.wait(timeout=900)
-        assert proc.returncode == 0, f"{name}: {open(log).read()[-4000:]}"
+        assert proc.returncode == expected, f"{name}: {open(log).read()[-4000:]}"
 
 
 def stopped(args, folder: str, n: int, sig: signal.Signals) -> list:
@@ -74,16 +66,6 @@ def stopped(args, folder: str, n: int, sig: signal.Signals) -> list:
     assert args[1:3] == ["-m", "fsad.main"], args
     return [args[0], os.path.join(ROOT, "tests", "stop_at_checkpoint.py"), folder, str(n),
             sig.name, *args[3:]]
-
-
-def finish_stopped(procs: dict, sig: signal.Signals) -> None:
-    """Waits for every (process, log) stopped by `sig`: SIGKILL kills it; SIGINT
-    (Ctrl-C) must end it with fsad's exit status for an interruption."""
-    from fsad.main import EXIT_INTERRUPTED
-    expected = -signal.SIGKILL if sig == signal.SIGKILL else EXIT_INTERRUPTED
-    for name, (proc, log) in procs.items():
-        proc.wait(timeout=900)
-        assert proc.returncode == expected, f"{name}: {open(log).read()[-3000:]}"
 
 
 def results(workdir) -> dict:
@@ -198,9 +180,9 @@ def start_hosts(args, workdir, resumed, step: int, n: int, log_prefix,
 def runs(tmp_path_factory):
     """Every run of RUNS by the command line: uninterrupted ("u"), and, where RUNS names
     a checkpoint folder, stopped by its signal right after the given number of
-    checkpoints in that folder, then restarted with the same command ("k"). The three runs go side
-    by side (much of a run, compilation included, is single-threaded), each one's
-    commands in turn.
+    checkpoints in that folder, then restarted with the same command ("k"). The three
+    runs go side by side (much of a run, compilation included, is single-threaded), each
+    one's commands in turn.
     -> {name: {"root", "u", "k", "args", "stopped_log" (the stopped run's output)}}.
     """
     base = tmp_path_factory.mktemp("runs")
@@ -228,10 +210,10 @@ def runs(tmp_path_factory):
         hosts = start_hosts(r["args"], r["h"], r["u"], run.hosts_from, 2,
                             base / f"{name}_h", run.optimize) if run.hosts_from else {}
         if run.stop_folder is not None:
-            finish_stopped({name: start(stopped(r["args"](r["k"]), run.stop_folder,
-                                                run.stop_after, run.stop_signal),
-                                        r["stopped_log"], run.devices, run.optimize)},
-                           run.stop_signal)
+            finish({name: start(stopped(r["args"](r["k"]), run.stop_folder, run.stop_after,
+                                        run.stop_signal),
+                                r["stopped_log"], run.devices, run.optimize)},
+                   run.stop_signal)
             finish(launch("k", base / f"{name}_k.log"))
         finish(hosts)
         r["host_logs"] = [open(log).read() for _, log in hosts.values()]

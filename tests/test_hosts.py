@@ -3,13 +3,12 @@ hosts is in test_end_to_end.py (two processes resume a two-device run to its sco
 here, the flags and the loss of a host, on two real processes joined by
 jax.distributed."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, coordinator_address
+from conftest import ROOT, coordinator_address, cpu_env
 from fsad.errors import UserError
 from fsad.main import host_lost_line, join_hosts
 
@@ -51,7 +50,7 @@ def test_host_flags_are_all_or_none():
 
 def test_a_lost_host_is_recognised_and_said_in_one_line(tmp_path):
     address = coordinator_address()
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_PLATFORMS": "cpu"}
+    env = cpu_env()
     procs = [subprocess.Popen([sys.executable, "-c", LOSE_A_HOST, address, str(i)], cwd=ROOT,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]

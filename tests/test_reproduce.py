@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SIZE, coordinator_address
+from conftest import ROOT, SIZE, coordinator_address, cpu_env
 
 pytestmark = pytest.mark.slow
 
@@ -72,8 +72,8 @@ def test_a_table_on_two_hosts(tmp_path, synthetic_root):
     the host flags of fsad.main): a DevNet cell, then an AHL(DevNet) cell that must find
     the DevNet cell finished on both hosts (the first host wrote it; both wait for it
     before the next cell) and start from its trained model (no step of its own; its
-    base AUROC is that cell's). The first host alone prints the
-    progress and the table and writes the files."""
+    base AUROC is that cell's). The first host alone prints the progress and the table
+    and writes the files."""
     out = tmp_path / "table"
     argv = [sys.executable, os.path.join(ROOT, "benchmarks", "reproduce.py"), "--dataset",
             "folder", "--methods", "devnet", "ahl_devnet", "--shots", "1", "--seeds", "1",
@@ -84,10 +84,8 @@ def test_a_table_on_two_hosts(tmp_path, synthetic_root):
                 "model.pretrained=none", "batch_size=8", "epochs=1", "steps_per_epoch=2",
                 "explain.enabled=False", "ahl.epochs=2", "ahl.history=2", "ahl.psi_steps=2",
                 "ahl.first_order=True")]]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen(argv + ["--process_id", str(i)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=cpu_env())
              for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (o, e) in zip(procs, outs):

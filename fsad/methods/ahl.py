@@ -50,7 +50,7 @@ from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.precision import compute_dtype
-from fsad.train import (DATA_AXIS, checkpoint_manager, make_mesh, replicated,
+from fsad.train import (DATA_AXIS, checkpoint_manager, one_device_mesh, replicated,
                         restore_latest, save_checkpoint, score_images)
 
 FAMILIES = ("cutmix", "cutpaste", "perlin")
@@ -484,7 +484,7 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     bits of the update, depend on the mesh's size.
     """
     if mesh is None:
-        mesh = make_mesh(jax.local_devices()[:1])
+        mesh = one_device_mesh()
 
     def task_loss_with(params, bank, idx, lab, weight, key, consts):
         feats = [f[idx] for f in bank]
@@ -665,7 +665,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     T, K, E = tasks.num_tasks, a.history, a.epochs
     tx = optimizer_from_config(a.optim, 1)
     if mesh is None:
-        mesh = make_mesh(jax.local_devices()[:1])
+        mesh = one_device_mesh()
     step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh)
     psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
     k_psi, k_meta = jax.random.split(key)
