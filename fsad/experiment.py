@@ -168,9 +168,11 @@ def _check_workdir(workdir: str, config) -> None:
 
 
 def load_outliers(config) -> np.ndarray | None:
-    """Outlier-exposure images (config.dra.outlier_root), decoded at img_size, or None."""
+    """Outlier-exposure images (config.dra.outlier_root), decoded at img_size, or None
+    (`fsad.data.decode.load_image_folder`: in the MVTec layout, the other subsets'
+    training normals)."""
     root = config.dra.outlier_root if "dra" in config else ""
-    return load_image_folder(root, config.data.img_size)
+    return load_image_folder(root, config.data.img_size, config.data.get("subset", ""))
 
 
 def load_pretrained(config) -> tuple[dict | None, str]:

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
 from fsad.hosts import is_primary, put, to_host
+from fsad.models.resnet import IMAGENET_STD
 from fsad.train import batch_sharded, mesh_batch
 
 
@@ -41,6 +42,22 @@ def blur(maps: jax.Array, kernel: jax.Array) -> jax.Array:
     return out[:, 0]
 
 
+def scipy_gaussian_filter(maps: jax.Array, sigma: float = 4.0, truncate: float = 4.0
+                          ) -> jax.Array:
+    """`scipy.ndimage.gaussian_filter(m, sigma)` of each [H, W] map of [B, H, W] (the
+    released localisation's blur): separable taps out to int(truncate * sigma + 0.5)
+    (33 at sigma 4), borders reflected (d c b a | a b c d)."""
+    radius = int(truncate * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    taps = jnp.asarray(taps / taps.sum(), jnp.float32)
+    out = jnp.pad(maps.astype(jnp.float32), ((0, 0), (radius, radius), (radius, radius)),
+                  mode="symmetric")
+    h, w = maps.shape[1:]
+    out = sum(taps[i] * out[:, i:i + h, :] for i in range(2 * radius + 1))
+    return sum(taps[i] * out[:, :, i:i + w] for i in range(2 * radius + 1))
+
+
 def released_postprocess(maps: jax.Array) -> jax.Array:
     """The released code's clip at the 99th percentile then min-max scaling, per map."""
     flat = maps.reshape(maps.shape[0], -1)
@@ -57,18 +74,23 @@ def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 
     Args:
       score_one: (variables, x [H, W, 3]) -> scalar anomaly score.
       kernel_size, sigma: the Gaussian blur (16 and 4 in the paper).
-      released: clip at the 99th percentile and min-max scale before the blur.
+      released: the released `localization.py` instead: the gradient with respect to
+        the ImageNet-normalised input (score_one takes 0-255 pixels and normalises
+        them, so its gradient is scaled by 255 * std per channel), |.| summed over
+        colour, clipped at the 99th percentile and min-max scaled, then blurred as
+        `scipy.ndimage.gaussian_filter(sigma)` (33 taps at sigma 4, reflected borders).
     Returns:
       fn(variables, images [B, H, W, 3] float) -> maps [B, H, W] float32.
     """
     kernel = jnp.asarray(gaussian_kernel(kernel_size, sigma))
+    to_normalised = jnp.asarray(255.0 * IMAGENET_STD)
 
     def saliency(variables, images):
         grads = jax.vmap(jax.grad(score_one, argnums=1), in_axes=(None, 0))(variables, images)
-        maps = jnp.abs(grads).sum(axis=-1)
         if released:
-            maps = released_postprocess(maps)
-        return blur(maps, kernel)
+            maps = jnp.abs(grads * to_normalised).sum(axis=-1)
+            return scipy_gaussian_filter(released_postprocess(maps), sigma)
+        return blur(jnp.abs(grads).sum(axis=-1), kernel)
 
     return jax.jit(saliency)
 

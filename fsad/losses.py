@@ -20,17 +20,20 @@ MARGIN = 5.0
 
 
 def sample_prior(key: jax.Array, num: int = PRIOR_SIZE, mu: float = 0.0,
-                 sigma: float = 1.0) -> jax.Array:
+                 sigma: float = 1.0, dims: int | None = None) -> jax.Array:
     """Draws the Gaussian reference scores r_1..r_l of DevNet (Eq. 4).
 
     Args:
       key: PRNG key; a fresh key every step gives fresh prior samples.
       num: l, the number of samples (5000 in the papers).
       mu, sigma: parameters of the prior N(mu, sigma^2).
+      dims: None for scalar scores; d for a multivariate prior N(mu, sigma^2 I_d)
+        (DevNet's Rep ablation, which puts the loss on a d-dim representation).
     Returns:
-      r: [num] float32.
+      r: [num] float32, or [num, dims].
     """
-    return mu + sigma * jax.random.normal(key, (num,), jnp.float32)
+    shape = (num,) if dims is None else (num, dims)
+    return mu + sigma * jax.random.normal(key, shape, jnp.float32)
 
 
 def deviation(scores: jax.Array, prior: jax.Array) -> jax.Array:
@@ -40,12 +43,14 @@ def deviation(scores: jax.Array, prior: jax.Array) -> jax.Array:
     released code.
 
     Args:
-      scores: [B] float, phi(x).
-      prior: [l] float, reference samples.
+      scores: [B, ...] float, phi(x) ([B], or per patch [B, P], or against a
+        multivariate prior a representation [B, d]).
+      prior: [l] float reference samples, or [l, d] (each dimension its own mean
+        and std).
     Returns:
-      dev: [B] float.
+      dev: scores' shape, float.
     """
-    return (scores - jnp.mean(prior)) / jnp.std(prior, ddof=1)
+    return (scores - jnp.mean(prior, axis=0)) / jnp.std(prior, axis=0, ddof=1)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -66,17 +71,20 @@ def deviation_loss(scores: jax.Array, labels: jax.Array, prior: jax.Array,
     loss = (1 - y) |dev| + y max(0, a - dev), averaged over the batch.
 
     Args:
-      scores: [B] float anomaly scores.
+      scores: [B] float anomaly scores; or [B, ...] (DevNet's Patch-DS ablation: every
+        patch of an image with the image's label; Rep: a representation against a
+        [l, d] prior), each sample's loss the mean over its trailing axes.
       labels: [B] {0, 1}; 1 marks an anomaly.
-      prior: [l] reference samples from `sample_prior`.
+      prior: [l] (or [l, d]) reference samples from `sample_prior`.
       margin: a, the confidence margin (5 in the papers).
       mask: optional [B] {0, 1}; samples with 0 do not count (padding, routing).
     Returns:
       scalar float32.
     """
     dev = deviation(scores, prior)
-    y = labels.astype(scores.dtype)
-    per_sample = (1.0 - y) * jnp.abs(dev) + y * jnp.maximum(margin - dev, 0.0)
+    y = labels.astype(scores.dtype).reshape(labels.shape + (1,) * (dev.ndim - 1))
+    per_cell = (1.0 - y) * jnp.abs(dev) + y * jnp.maximum(margin - dev, 0.0)
+    per_sample = per_cell.reshape(per_cell.shape[0], -1).mean(axis=1)
     return _masked_mean(per_sample, mask)
 
 

@@ -80,6 +80,12 @@ def check_config(config, n_devices: int = 1) -> None:
              f"use 0 (keep none) or more (3 by default)")
     _require(0.0 < config.explain.confidence < 1.0, f"explain.confidence="
              f"{config.explain.confidence} is not a confidence; use a value in (0, 1)")
+    if "devnet" in config:
+        from fsad.methods.devnet import check_devnet_config
+        check_devnet_config(config.devnet)
+        _require(config.method != "ahl" or config.devnet.variant == "MIL-DS", f"AHL meta-"
+                 f"trains DevNet's top-K scorer, and devnet.variant={config.devnet.variant!r} "
+                 f"is an ablation without it; use --config.devnet.variant=MIL-DS with AHL")
     if "dra" in config:
         from fsad.methods.dra import check_dra_config
         check_dra_config(config.dra)

@@ -387,6 +387,8 @@ def test_reference_auroc_cells():
                                                              "ahl_paper": 0.704}
     assert reference_auroc("elpv", "dra", "hard", 10, known_class="poly") == {"dra_paper": 0.8}
     assert reference_auroc("MVTec AD", "ahl(dra)", "general", 10) == {"ahl_paper": 0.970}
+    assert reference_auroc("mvtec", "devnet", "general", 1) == {"dra_paper": 0.794,
+                                                                "ahl_paper": 0.832}
     assert reference_auroc("sdd", "dra", "hard", 10) == {}  # one anomaly class: no hard setting
     # every converter's subset has its figures: 8 general rows x 6 columns x 2 shot counts
     for conv in CONVERTERS.values():

@@ -137,3 +137,37 @@ def test_outlier_exposure_replaces_cutpaste(synthetic, tmp_path):
     assert len(pseudo) > 0
     for im in pseudo:  # each pseudo anomaly is one of the flat outlier images
         assert len(np.unique(im)) == 1 and int(im[0, 0, 0]) in (50, 100, 150)
+
+
+def test_outliers_from_an_mvtec_root_are_the_other_subsets_training_normals(tmp_path):
+    """As the released loader: outlier_root/<subset>/train/good of every other subset;
+    their test anomalies, masks and the trained subset's own images stay out."""
+    from PIL import Image
+    from fsad.data.decode import load_image_folder
+
+    def write(rel, level, n):
+        (tmp_path / rel).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(tmp_path / rel / f"{i}.png")
+    write("bottle/train/good", 10, 2)
+    write("cable/train/good", 20, 3)
+    write("cable/test/crack", 30, 1)
+    write("cable/ground_truth/crack", 40, 1)
+    write("zipper/train/good", 50, 1)
+    got = load_image_folder(str(tmp_path), 8, skip_subset="bottle")
+    assert sorted(int(im[0, 0, 0]) for im in got) == [20, 20, 20, 50]
+    assert len(load_image_folder(str(tmp_path), 8)) == 6  # no subset trained: all normals
+
+
+def test_dra_heads_rank_s_when_topk_abs_is_off():
+    """model.topk_abs reaches DRA's heads: top-K of s rather than of |s|."""
+    from fsad.methods.dra import DRAHeads
+    feats = [jax.random.normal(jax.random.key(0), (2, 4, 5, 8))]
+    heads = {abs_: DRAHeads(0.2, ("seen",), topk_abs=abs_) for abs_ in (True, False)}
+    params = heads[True].init(jax.random.key(1), feats)
+    s = np.asarray(feats[0] @ params["params"]["seen"]["conv"]["kernel"][0, 0]
+                   + params["params"]["seen"]["conv"]["bias"])[..., 0].reshape(2, -1)
+    for abs_, ranked in ((True, np.abs(s)), (False, s)):
+        want = np.sort(ranked, axis=1)[:, -4:].mean(1)  # K = 0.2 * 20 cells
+        got = heads[abs_].apply(params, feats)["seen"]
+        np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -33,6 +33,30 @@ def test_saliency_concentrates_on_the_region_the_score_reads():
         assert m[inside].mean() > 20 * m[far].mean()
 
 
+def test_released_saliency_is_the_released_localisation():
+    """released=True: |gradient w.r.t. the normalised input| summed over colour, clipped
+    at the 99th percentile, min-max scaled, then scipy's gaussian_filter(sigma=4)."""
+    from scipy.ndimage import gaussian_filter
+
+    from fsad.models.resnet import normalize_uint8
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(40, 37, 3)).astype(np.float32)
+
+    def score_one(v, x):  # linear in the normalised input: its gradient there is w
+        return jnp.sum(normalize_uint8(x) * v)
+
+    images = jnp.asarray(rng.uniform(0, 255, (2, 40, 37, 3)), jnp.float32)
+    got = np.asarray(explain.make_saliency_fn(score_one, released=True)(jnp.asarray(w), images))
+    g = np.abs(w).sum(-1).astype(np.float64)
+    lo, hi = g.min(), np.percentile(g, 99)
+    want = gaussian_filter(np.clip((g - lo) / (hi - lo), 0, 1), sigma=4)
+    np.testing.assert_allclose(got[0], want, atol=2e-5)
+    np.testing.assert_allclose(got[1], want, atol=2e-5)
+    maps = rng.uniform(size=(2, 21, 30)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(explain.scipy_gaussian_filter(jnp.asarray(maps))),
+                               np.stack([gaussian_filter(m, 4.0) for m in maps]), atol=1e-6)
+
+
 def test_unblurred_saliency_is_exactly_the_gradient_region():
     def score_one(v, x):
         return jnp.sum(x[5:9, 10:12, 0] * v)

@@ -1,7 +1,6 @@
 """The released code's defaults (issue 10): pyramid, heads, init, references, sampling,
 colour jitter, schedules, AHL class balance and weights, ImageNet weights by default."""
 
-import colorsys
 import logging
 import math
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 
 from conftest import SIZE, tiny_config
-from fsad.data import augment
 from fsad.errors import UserError
 from fsad.methods import ahl, build_method
 from fsad.methods.devnet import DevNetModel
@@ -45,12 +43,16 @@ def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
     for module in (configs.ahl_dra, configs.ahl_devnet):
         d = module.get_config()
         assert (d.ahl.head_init, d.ahl.optim.lr, d.ahl.inner_lr) == ("base", d.optim.lr, 2e-4)
+        assert (d.ahl.weight_relative, d.ahl.weight_temperature) == (True, 0.1)
         p = module.get_config("paper")
         assert (p.ahl.head_init, p.ahl.optim.lr, p.ahl.weighting) == ("fresh", 5e-3, "paper")
+        assert (p.ahl.weight_relative, p.ahl.weight_temperature) == (False, 1.0)  # Eq. 7
         r = module.get_config("released")
         assert (r.ahl.head_init, r.ahl.optim.lr, r.ahl.optim.weight_decay,
                 r.ahl.optim.decay_every_epochs, r.ahl.optim.clip_norm,
-                r.ahl.weighting) == ("fresh", 2e-3, 1e-4, 10, 1.0, "released")
+                r.ahl.optim.decay_at_epoch_start, r.ahl.weighting,
+                r.ahl.weight_relative) == ("fresh", 2e-3, 1e-4, 10, 1.0, True, "released",
+                                           False)
         assert p.optim.lr == d.optim.lr  # the base model keeps its released defaults
 
 
@@ -193,40 +195,6 @@ def test_prior_mu_and_sigma_reach_dra_losses():
     assert float(a["seen"]) != pytest.approx(float(b["seen"]))
 
 
-def _reference_jitter(x, order, fb, fc, fs, shift, region):
-    """torchvision's ColorJitter formulas in NumPy (colorsys for HSV), uint8 levels."""
-    q = lambda y: np.round(np.clip(y, 0, 1) * 255) / 255  # noqa: E731
-    grey = lambda y: (0.2989 * y[..., 0] + 0.587 * y[..., 1] + 0.114 * y[..., 2])[..., None]  # noqa: E731,E501
-    for op in order:
-        if op == 0:
-            x = q(fb * x)
-        elif op == 1:
-            x = q(fc * x + (1 - fc) * grey(x)[region].mean())
-        elif op == 2:
-            x = q(fs * x + (1 - fs) * grey(x))
-        else:
-            hsv = np.array([colorsys.rgb_to_hsv(*p) for p in x.reshape(-1, 3)])
-            hsv[:, 0] = (hsv[:, 0] + shift) % 1.0
-            x = q(np.array([colorsys.hsv_to_rgb(*p) for p in hsv]).reshape(x.shape))
-    return x
-
-
-def test_colour_jitter_is_torchvision_on_the_patch():
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (6, 7, 3)) / 255.0
-    region = np.zeros((6, 7), bool)
-    region[1:4, 2:6] = True
-    for order, shift in (([0, 1, 2, 3], 0.07), ([3, 2, 1, 0], -0.09), ([1, 3, 0, 2], 0.03)):
-        got = augment.jitter_ops(jnp.asarray(x, jnp.float32), jnp.array(order), 1.08, 0.93,
-                                 1.05, shift, jnp.asarray(region))
-        want = _reference_jitter(x, order, 1.08, 0.93, 1.05, shift, region)
-        assert np.abs(np.asarray(got) - want).max() <= 1 / 255 + 1e-6
-    # the drawn order varies with the key
-    orders = {tuple(np.asarray(jax.random.permutation(k, 4)).tolist())
-              for k in jax.random.split(jax.random.key(0), 30)}
-    assert len(orders) > 5
-
-
 def test_cutmix_partner_is_another_image_and_textures_span_all():
     idx = ahl.other_indices(jax.random.key(0), 50)
     assert (idx != np.arange(50)).all() and len(set(idx.tolist())) > 25
@@ -283,6 +251,10 @@ def test_importance_temperature_lets_the_weights_spread():
     assert ahl.weight_spread(w) > 1.5  # the better model clearly favoured
     flat = ahl.importance_weights(pred, labels, coef, temperature=100.0)
     assert ahl.weight_spread(flat) < 1.01
+    # the paper's Eq. 7: softmax(-r), near-equal weights for errors this close
+    eq7 = ahl.importance_weights(pred, labels, coef, temperature=1.0, relative=False)
+    np.testing.assert_allclose(eq7, np.exp(-r) / np.exp(-r).sum(), rtol=1e-6)
+    assert ahl.weight_spread(eq7) < 1.05
 
 
 def test_ahl_reference_means_work_with_the_per_batch_reference():

@@ -186,3 +186,21 @@ def test_errors_give_their_advice_in_this_scripts_flags():
         "quick variant (--config FILE:quick) trains at 96 px; pass --config.data.root=/x") == (
         "lower --set batch_size (now 48) or --set data.img_size (now 448); on a CPU the quick "
         "variant (--variants quick) trains at 96 px; pass --set data.root=/x")
+
+
+def test_the_hard_setting_runs_the_known_classes_the_papers_average_over(capsys):
+    """AITEX's and Mastcam's hard means leave out their classes of a few images (a
+    10-shot cell on one of those would stop the table); a dataset without such a list
+    runs every anomaly class, and --known_classes overrides both."""
+    import numpy as np
+
+    class Data:
+        classes = np.array(["good", "Broken_end", "Nep", "Knots", "Crease", "Nep", "good"])
+        labels = np.array([0, 1, 1, 1, 1, 1, 0])
+
+    pick = load_reproduce().hard_known_classes
+    assert pick(None, Data, "AITEX") == ["Broken_end", "Nep"]
+    assert "Broken_pick, Cut_selvage, Fuzzyball, Weft_crack are not in the data" in (
+        capsys.readouterr().out)
+    assert pick(None, Data, "my_fabric") == ["Broken_end", "Crease", "Knots", "Nep"]
+    assert pick(["Knots"], Data, "AITEX") == ["Knots"]

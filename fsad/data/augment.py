@@ -11,6 +11,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from fsad.data import pil_ops
+
 
 def random_rotation(key: jax.Array, image: jax.Array, max_degrees: float = 180.0) -> jax.Array:
     """torchvision RandomRotation(max_degrees): nearest neighbour, zero fill.
@@ -40,49 +42,30 @@ def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
     return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
 
 
-def grey(x: jax.Array) -> jax.Array:
-    """torchvision's rgb_to_grayscale: 0.2989 R + 0.587 G + 0.114 B. [..., 3] -> [..., 1]."""
-    return (0.2989 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])[..., None]
-
-
-def _to_uint8_levels(x: jax.Array) -> jax.Array:
-    # the released code jitters a PIL image, which holds uint8 after every adjustment
-    return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0) / 255.0
-
-
 def jitter_ops(image: jax.Array, order: jax.Array, brightness: jax.Array,
                contrast: jax.Array, saturation: jax.Array, hue: jax.Array,
                region: jax.Array | None = None) -> jax.Array:
-    """torchvision's ColorJitter adjustments with given factors, in the given order.
-
-    brightness: f * x; contrast: f * x + (1 - f) * mean(grey(x)) over `region`;
-    saturation: f * x + (1 - f) * grey(x); hue: (h + shift) mod 1 in HSV (dm-pix's
-    `adjust_hue` is torchvision's formula; dm-pix's brightness (additive), contrast
-    (per-channel mean) and saturation (HSV scaling) follow TensorFlow instead, so those
-    three are written here). Values are clipped to [0, 1] and rounded to uint8 levels
-    after every adjustment, as on the released code's PIL images.
+    """torchvision's ColorJitter adjustments of a PIL image, with given factors, in the
+    given order, bit for bit (`fsad.data.pil_ops`): brightness blends with black,
+    contrast with the rounded mean grey level of the patch, saturation with each
+    pixel's grey level (`Image.blend`, truncating to uint8), hue turns h in Pillow's
+    8-bit HSV.
 
     Args:
-      image: [H, W, 3] float in [0, 1]; order: [4] a permutation of 0..3 (brightness,
-        contrast, saturation, hue); brightness, contrast, saturation: factors; hue: shift
-        in turns; region: optional [H, W] bool, where the contrast mean is taken.
+      image: [H, W, 3] float32 uint8 levels (integers 0..255); order: [4] a permutation
+        of 0..3 (brightness, contrast, saturation, hue); brightness, contrast,
+        saturation: factors; hue: shift in turns; region: optional [H, W] bool, the
+        patch (the contrast mean is taken over it; PIL jitters the cut patch alone).
     Returns:
-      [H, W, 3] float32 in [0, 1].
+      [H, W, 3] float32 uint8 levels.
     """
-    import dm_pix
-
-    weight = jnp.ones(image.shape[:2]) if region is None else region.astype(jnp.float32)
-
-    def adjust_contrast(x):
-        mean = jnp.sum(grey(x)[..., 0] * weight) / jnp.maximum(jnp.sum(weight), 1.0)
-        return contrast * x + (1 - contrast) * mean
-
-    ops = [lambda x: brightness * x, adjust_contrast,
-           lambda x: saturation * x + (1 - saturation) * grey(x),
-           lambda x: dm_pix.adjust_hue(x, hue)]
+    ops = [lambda x: pil_ops.blend(jnp.zeros_like(x), x, brightness),
+           lambda x: pil_ops.blend(jnp.full_like(x, pil_ops.grey_mean(x, region)), x, contrast),
+           lambda x: pil_ops.blend(pil_ops.grey(x)[..., None], x, saturation),
+           lambda x: pil_ops.shift_hue(x, hue)]
 
     def apply(i, x):
-        return _to_uint8_levels(jax.lax.switch(order[i], ops, x))
+        return jax.lax.switch(order[i], ops, x)
 
     return jax.lax.fori_loop(0, len(ops), apply, image.astype(jnp.float32))
 
@@ -96,11 +79,11 @@ def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1,
     see `jitter_ops`.
 
     Args:
-      image: [H, W, 3] float in [0, 1].
+      image: [H, W, 3] float32 uint8 levels.
       region: optional [H, W] bool, the patch (the contrast mean is taken over it);
         default the whole image.
     Returns:
-      [H, W, 3] float32 in [0, 1].
+      [H, W, 3] float32 uint8 levels.
     """
     k_order, kb, kc, ks, kh = jax.random.split(key, 5)
     factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
@@ -142,11 +125,11 @@ def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
     ty = jax.random.randint(kto_y, (), 0, jnp.maximum(h - ch, 1))
     tx = jax.random.randint(kto_x, (), 0, jnp.maximum(w - cw, 1))
     # shift the source so that its box lands on the target box; no wrap reaches the box
-    shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32) / 255.0
+    shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32)
     yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
     mask = (yy >= ty) & (yy < ty + ch) & (xx >= tx) & (xx < tx + cw)
     patch = colour_jitter(kjit, shifted, jitter, mask) if jitter else shifted
-    out = jnp.where(mask[..., None], jnp.round(patch * 255.0), target.astype(jnp.float32))
+    out = jnp.where(mask[..., None], patch, target.astype(jnp.float32))
     return out.astype(jnp.uint8), mask
 
 
@@ -200,7 +183,7 @@ def perlin_blend(key: jax.Array, image: jax.Array, texture: jax.Array,
     mask = noise > threshold
     mask = mask.at[jnp.unravel_index(jnp.argmax(noise), (h, w))].set(True)
     beta = jax.random.uniform(k_beta, (), maxval=max_beta)
-    tex = colour_jitter(k_jit, texture.astype(jnp.float32) / 255.0, jitter) * 255.0
+    tex = colour_jitter(k_jit, texture.astype(jnp.float32), jitter)
     img = image.astype(jnp.float32)
     blended = beta * img + (1 - beta) * tex
     out = jnp.where(mask[..., None], blended, img)

@@ -140,10 +140,21 @@ def list_images_recursive(folder: str) -> list[str]:
     return sorted(out)
 
 
-def load_image_folder(root: str, size: int) -> np.ndarray | None:
-    """Every image under `root` (recursively) decoded at size x size; None for no root.
-    [N, size, size, 3] uint8."""
+def load_image_folder(root: str, size: int, skip_subset: str = "") -> np.ndarray | None:
+    """Outlier-exposure images under `root`, decoded at size x size; None for no root.
+
+    A root in the MVTec layout (subsets with a train/good folder) gives, as the released
+    DRA loader does, the training normals of every subset but `skip_subset` (the one
+    being trained: its images are not outliers); any other folder gives every image
+    under it (recursively). -> [N, size, size, 3] uint8.
+    """
     if not root:
         return None
-    files = list_images_recursive(root)
-    return decode_many([os.path.join(root, f) for f in files], size, desc=f"decoding {root}")
+    subsets = sorted(d for d in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, d, "train", "good")))
+    if subsets:
+        paths = [p for d in subsets if d != skip_subset
+                 for p in list_images(os.path.join(root, d, "train", "good"))]
+    else:
+        paths = [os.path.join(root, f) for f in list_images_recursive(root)]
+    return decode_many(paths, size, desc=f"decoding {root}")

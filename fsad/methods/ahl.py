@@ -406,7 +406,8 @@ def dra_heads(config) -> DRAHeads:
     On CPU the residual conv runs as slices and a matmul at every map size: XLA's CPU
     convolution made the second-order meta-step 5-7x slower (fsad/models/cpu_conv.py)."""
     return DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
-                    config.dra.residual_stride, config.dra.residual_padding, cpu_matmul=True)
+                    config.dra.residual_stride, config.dra.residual_padding, cpu_matmul=True,
+                    topk_abs=config.model.topk_abs)
 
 
 def head_model(config, base_variables, ref_means=None,
@@ -581,8 +582,9 @@ def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
 
 
 def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray,
-                       temperature: float = 0.1) -> np.ndarray:
-    """w = softmax(-(r / mean(r)) / temperature), r from `generalisation_errors`.
+                       temperature: float = 0.1, relative: bool = True) -> np.ndarray:
+    """w = softmax(-(r / mean(r)) / temperature), r from `generalisation_errors`; with
+    relative=False, softmax(-r / temperature) (temperature 1: the paper's Eq. 7).
 
     The paper's softmax(-r) on squared errors of [0, 1]-scaled scores leaves w within a
     few percent of 1/T whatever the tasks' quality (the r_i differ by ~0.01). Dividing
@@ -593,7 +595,9 @@ def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarr
       w: [T] float32, summing to 1.
     """
     r = generalisation_errors(predicted, labels, coef)
-    z = -(r / max(float(r.mean()), 1e-12)) / temperature
+    if relative:
+        r = r / max(float(r.mean()), 1e-12)
+    z = -r / temperature
     e = np.exp(z - z.max())
     return (e / e.sum()).astype(np.float32)
 
@@ -708,7 +712,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                     psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
                 pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
                 w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
-                                                        tasks.pool_coef, a.weight_temperature))
+                                                        tasks.pool_coef, a.weight_temperature,
+                                                        a.weight_relative))
             state = on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
                                       psi_opt, history, w_next,
                                       state.weights_log.at[epoch].set(w),

@@ -62,14 +62,15 @@ class DRAHeads(nn.Module):
     residual_stride: int = 1
     residual_padding: int = 1
     cpu_matmul: bool = False
+    topk_abs: bool = True
 
     @nn.compact
     def __call__(self, feats, ref_means=None, train: bool = False):
         modules = {
-            "seen": TopKScorer(self.topk, True, name="seen"),
-            "pseudo": TopKScorer(self.topk, True, name="pseudo"),
+            "seen": TopKScorer(self.topk, self.topk_abs, name="seen"),
+            "pseudo": TopKScorer(self.topk, self.topk_abs, name="pseudo"),
             "residual": ResidualScorer(self.topk, self.residual_stride, self.residual_padding,
-                                       self.cpu_matmul, name="residual"),
+                                       self.cpu_matmul, self.topk_abs, name="residual"),
             "normality": NormalityScorer(name="normality"),
         }
         per_scale = {h: [] for h in self.heads}
@@ -98,6 +99,7 @@ class DRAModel(nn.Module):
     n_scales: int = 2
     residual_stride: int = 1
     residual_padding: int = 1
+    topk_abs: bool = True
 
     @nn.compact
     def __call__(self, x, ref=None, train: bool = False, ref_means=None):
@@ -114,7 +116,7 @@ class DRAModel(nn.Module):
         if ref_means is not None:
             means = [m.astype(feats[0].dtype) for m in ref_means]
         return DRAHeads(self.topk, self.heads, self.residual_stride, self.residual_padding,
-                        name="heads")(feats, means if (n_ref or ref_means is not None) else None,
+                        topk_abs=self.topk_abs, name="heads")(feats, means if (n_ref or ref_means is not None) else None,
                                       train)
 
 
@@ -195,7 +197,7 @@ def dra(config) -> Method:
     heads = VARIANTS[d.variant]
     uses_ref = "residual" in heads
     model = DRAModel(config.model.backbone, config.model.topk, heads, config.model.n_scales,
-                     d.residual_stride, d.residual_padding)
+                     d.residual_stride, d.residual_padding, config.model.topk_abs)
     use_outliers = bool(d.outlier_root)
     lc = config.loss
     dtype = compute_dtype(config.model.get("dtype", "auto"))

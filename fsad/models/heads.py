@@ -83,6 +83,7 @@ class ResidualScorer(nn.Module):
     stride: int = 1
     padding: int = 1
     cpu_matmul: bool = False
+    use_abs: bool = True
 
     @nn.compact
     def __call__(self, feats, ref_mean, train: bool = False):
@@ -92,7 +93,7 @@ class ResidualScorer(nn.Module):
         x = torch_batch_norm(train, "bn")(x)
         x = nn.relu(x)
         score_map = torch_conv(1, 1, c, "score")(x)[..., 0].astype(jnp.float32)
-        return topk_mean(score_map, self.topk, True)
+        return topk_mean(score_map, self.topk, self.use_abs)
 
 
 class NormalityScorer(nn.Module):

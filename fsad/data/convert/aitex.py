@@ -30,7 +30,6 @@ DEFECT_CLASSES = {"002": "Broken_end", "006": "Broken_yarn", "010": "Broken_pick
                   "016": "Weft_curling", "019": "Fuzzyball", "022": "Cut_selvage",
                   "023": "Crease", "025": "Warp_ball", "027": "Knots",
                   "029": "Contamination", "030": "Nep", "036": "Weft_crack"}
-HARD_CLASSES = ("Broken_end", "Broken_pick", "Cut_selvage", "Fuzzyball", "Nep", "Weft_crack")
 IMAGE_EXT = (".png", ".PNG", ".bmp", ".tif", ".jpg")
 
 

@@ -18,7 +18,6 @@ SUBSET = "hyperkvasir"
 LAYOUT = ("RAW_DIR = the labeled-images folder: "
           "RAW_DIR/upper-gi-tract/anatomical-landmarks/{pylorus,retroflex-stomach,z-line}/*.jpg, "
           "RAW_DIR/upper-gi-tract/pathological-findings/<finding>/*.jpg")
-HARD_CLASSES = ("barretts", "barretts-short-segment", "esophagitis-a", "esophagitis-b-d")
 
 
 def convert(raw_dir: str, out_dir: str, overwrite: bool = False):

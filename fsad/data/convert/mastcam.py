@@ -16,8 +16,6 @@ from fsad.data.convert.common import (Output, RawLayoutError, list_dirs, list_fi
 SUBSET = "mastcam"
 LAYOUT = ("RAW_DIR/train_typical/*.npy, RAW_DIR/test_typical/*.npy, "
           "RAW_DIR/test_novel/<class>/*.npy")
-HARD_CLASSES = ("bedrock", "broken-rock", "drill-hole", "drt", "dump-pile", "float", "meteorite",
-                "scuff", "veins")
 
 
 def convert(raw_dir: str, out_dir: str, overwrite: bool = False):

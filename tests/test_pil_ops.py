@@ -1,0 +1,86 @@
+"""fsad.data.pil_ops against Pillow itself: the HSV round trip on all 2^24 colours,
+the enhancers on random images, and the whole ColorJitter of a CutPaste patch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from fsad.data import augment, pil_ops
+
+
+def every_colour() -> np.ndarray:
+    """[4096, 4096, 3] uint8: each of the 2^24 triples once."""
+    c = np.arange(2 ** 24, dtype=np.uint32)
+    return np.stack([c >> 16, (c >> 8) & 255, c & 255], -1).astype(np.uint8).reshape(
+        4096, 4096, 3)
+
+
+def test_hsv_both_ways_on_every_colour():
+    x = every_colour()
+    to_hsv = jax.jit(pil_ops.rgb_to_hsv)
+    to_rgb = jax.jit(pil_ops.hsv_to_rgb)
+    for rows in np.array_split(np.arange(4096), 4):  # a quarter at a time: less memory
+        part = x[rows]
+        want = np.asarray(Image.fromarray(part).convert("HSV"))
+        np.testing.assert_array_equal(np.asarray(to_hsv(jnp.asarray(part, jnp.float32))), want)
+        # the same triples read as HSV
+        want = np.asarray(Image.fromarray(part, "HSV").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(to_rgb(jnp.asarray(part, jnp.float32))), want)
+
+
+def adjust_hue(image: Image.Image, shift: float) -> Image.Image:
+    """torchvision's PIL adjust_hue (functional_pil.py), written out."""
+    h, s, v = image.convert("HSV").split()
+    np_h = np.array(h, dtype=np.uint8)
+    np_h += np.array(shift * 255).astype(np.int32).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(np_h, "L"), s, v)).convert("RGB")
+
+
+PIL_OPS = [lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+           lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+           lambda im, f: ImageEnhance.Color(im).enhance(f),
+           adjust_hue]
+
+
+def test_enhancers_match_pillow():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    image = Image.fromarray(x)
+    xs = jnp.asarray(x, jnp.float32)
+    jitter = jax.jit(augment.jitter_ops)
+    for f in (0.9, 0.9371, 1.0, 1.0437, 1.1, 0.3, 1.7):
+        for op in range(3):
+            order = jnp.array([op, op, op, op])
+            once = {0: lambda v: pil_ops.blend(jnp.zeros_like(v), v, f),
+                    1: lambda v: pil_ops.blend(jnp.full_like(v, pil_ops.grey_mean(v)), v, f),
+                    2: lambda v: pil_ops.blend(pil_ops.grey(v)[..., None], v, f)}[op]
+            np.testing.assert_array_equal(np.asarray(jax.jit(once)(xs)),
+                                          np.asarray(PIL_OPS[op](image, f)), err_msg=str((op, f)))
+            # four times in a row through jitter_ops
+            want = image
+            for _ in range(4):
+                want = PIL_OPS[op](want, f)
+            np.testing.assert_array_equal(np.asarray(jitter(xs, order, f, f, f, 0.0)),
+                                          np.asarray(want))
+    for shift in (-0.1, -0.0437, 0.0, 0.02, 0.0999):
+        got = jax.jit(pil_ops.shift_hue)(xs, shift)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(adjust_hue(image, shift)))
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2)])
+def test_colour_jitter_is_torchvision_on_the_cut_patch(order):
+    """The released CutPaste crops the patch as a PIL image and jitters it alone (so the
+    contrast mean is the patch's); fsad jitters in place with the patch as region."""
+    rng = np.random.default_rng(sum(order))
+    x = rng.integers(0, 256, (30, 36, 3), dtype=np.uint8)
+    region = np.zeros((30, 36), bool)
+    region[4:19, 7:30] = True
+    factors = (1.08, 0.93, 1.05, -0.07)
+    got = jax.jit(augment.jitter_ops)(jnp.asarray(x, jnp.float32), jnp.array(order),
+                                      *factors, jnp.asarray(region))
+    patch = Image.fromarray(x[4:19, 7:30])
+    for op in order:
+        patch = PIL_OPS[op](patch, factors[op])
+    np.testing.assert_array_equal(np.asarray(got)[4:19, 7:30], np.asarray(patch))
