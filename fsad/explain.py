@@ -24,10 +24,16 @@ from fsad.models.resnet import IMAGENET_STD
 from fsad.train import batch_sharded, mesh_batch
 
 
+def gaussian_taps(size: int, sigma: float) -> np.ndarray:
+    """exp(-x^2 / (2 sigma^2)) at the [size] offsets x from the centre (size - 1) / 2,
+    float64, not normalised."""
+    ax = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    return np.exp(-0.5 * (ax / sigma) ** 2)
+
+
 def gaussian_kernel(size: int = 16, sigma: float = 4.0) -> np.ndarray:
     """A normalised [size, size] Gaussian kernel centred at (size - 1) / 2."""
-    ax = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    g = np.exp(-0.5 * (ax / sigma) ** 2)
+    g = gaussian_taps(size, sigma)
     k = np.outer(g, g)
     return (k / k.sum()).astype(np.float32)
 
@@ -48,8 +54,7 @@ def scipy_gaussian_filter(maps: jax.Array, sigma: float = 4.0, truncate: float =
     released localisation's blur): separable taps out to int(truncate * sigma + 0.5)
     (33 at sigma 4), borders reflected (d c b a | a b c d)."""
     radius = int(truncate * sigma + 0.5)
-    x = np.arange(-radius, radius + 1, dtype=np.float64)
-    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    taps = gaussian_taps(2 * radius + 1, sigma)
     taps = jnp.asarray(taps / taps.sum(), jnp.float32)
     out = jnp.pad(maps.astype(jnp.float32), ((0, 0), (radius, radius), (radius, radius)),
                   mode="symmetric")

@@ -84,3 +84,16 @@ def test_colour_jitter_is_torchvision_on_the_cut_patch(order):
     for op in order:
         patch = PIL_OPS[op](patch, factors[op])
     np.testing.assert_array_equal(np.asarray(got)[4:19, 7:30], np.asarray(patch))
+
+
+def test_colour_jitter_draws_a_new_order_per_key():
+    """torchvision draws the order and the factors of the four adjustments per call:
+    colour_jitter draws both from its key, so different keys give different patches,
+    and the orders drawn vary."""
+    x = jnp.asarray(np.random.default_rng(3).integers(0, 256, (12, 12, 3)), jnp.float32)
+    jitter = jax.jit(augment.colour_jitter)
+    outs = {np.asarray(jitter(k, x)).tobytes() for k in jax.random.split(jax.random.key(0), 8)}
+    assert len(outs) == 8
+    orders = {tuple(np.asarray(jax.random.permutation(k, 4)).tolist())
+              for k in jax.random.split(jax.random.key(0), 30)}
+    assert len(orders) > 5

@@ -1,5 +1,6 @@
-"""The released code's defaults (issue 10): pyramid, heads, init, references, sampling,
-colour jitter, schedules, AHL class balance and weights, ImageNet weights by default."""
+"""The released code's defaults (issue 10): pyramid, heads, init, references, sampling
+(the colour jitter is in test_pil_ops.py), schedules, AHL class balance and weights,
+ImageNet weights by default."""
 
 import logging
 import math

@@ -106,6 +106,15 @@ def _tables():
     return hue, saturation  # saturation: [256 (cr), 256 (max)]
 
 
+@functools.lru_cache(maxsize=None)
+def _sector_tables():
+    """Pillow's hsv2rgb sector i = floor(h * 6 / 255) (int32) and fraction f = h * 6 / 255
+    - i (float32) for every hue level h, computed in double precision as Pillow does."""
+    levels = np.arange(256, dtype=np.float64)
+    sector = np.floor(levels.astype(np.float32).astype(np.float64) * 6.0 / 255.0)
+    return sector.astype(np.int32), (levels * 6.0 / 255.0 - sector).astype(np.float32)
+
+
 def rgb_to_hsv(rgb: jax.Array) -> jax.Array:
     """`Image.convert("HSV")`: [..., 3] RGB levels -> [..., 3] HSV levels (h, s, v)."""
     hue_table, sat_table = (jnp.asarray(t) for t in _tables())
@@ -132,10 +141,7 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     tables; p, q, t are float32, each operation rounded in turn (true divisions, no
     fused multiply-adds), and rounded half up, which equals Pillow's double arithmetic
     on all 2^24 inputs."""
-    levels = np.arange(256, dtype=np.float64)
-    sector = np.floor(levels.astype(np.float32).astype(np.float64) * 6.0 / 255.0)
-    frac = jnp.asarray((levels * 6.0 / 255.0 - sector).astype(np.float32))
-    sector = jnp.asarray(sector.astype(np.int32))
+    sector, frac = (jnp.asarray(t) for t in _sector_tables())
     h = hsv[..., 0].astype(jnp.int32)
     s, v = hsv[..., 1], hsv[..., 2]
     fs = product(frac[h], s)
@@ -146,9 +152,10 @@ def hsv_to_rgb(hsv: jax.Array) -> jax.Array:
     t = jnp.floor(v * (255.0 - s + fs) / d + 0.5)
     p, q, t = (jnp.clip(x, 0.0, 255.0) for x in (p, q, t))
     i = sector[h] % 6
-    r = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [v, q, p, p, t], v)
-    g = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [t, v, v, q, p], p)
-    b = jnp.select([i == 0, i == 1, i == 2, i == 3, i == 4], [p, p, t, v, v], q)
+    first_five = [i == k for k in range(5)]  # sector 5 is each select's default
+    r = jnp.select(first_five, [v, q, p, p, t], v)
+    g = jnp.select(first_five, [t, v, v, q, p], p)
+    b = jnp.select(first_five, [p, p, t, v, v], q)
     out = jnp.stack([r, g, b], -1)
     return jnp.where((s == 0)[..., None], v[..., None], out)
 

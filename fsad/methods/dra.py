@@ -115,9 +115,9 @@ class DRAModel(nn.Module):
             means.append(f[:n_ref].mean(0) if n_ref else None)
         if ref_means is not None:
             means = [m.astype(feats[0].dtype) for m in ref_means]
-        return DRAHeads(self.topk, self.heads, self.residual_stride, self.residual_padding,
-                        topk_abs=self.topk_abs, name="heads")(feats, means if (n_ref or ref_means is not None) else None,
-                                      train)
+        heads = DRAHeads(self.topk, self.heads, self.residual_stride, self.residual_padding,
+                         topk_abs=self.topk_abs, name="heads")
+        return heads(feats, means if (n_ref or ref_means is not None) else None, train)
 
 
 def combine(head_scores: dict) -> jax.Array:
