@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
+from fsad.models.backbone import BACKBONES, trunk_map_shape  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
                         make_score_fn, make_train_step, one_device_mesh, put_train_data,
                         replicated)
@@ -161,12 +162,12 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     tasks are spread over every device (`make_mesh()`); with several, the row also has
     the same step on the first device alone and the ratio."""
     config = config_for("ahl", args, batch, dtype)
-    h = -(-args.img_size // 32)
-    c = 1280 if args.backbone == "efficientnet_lite0" else 512
+    shapes = [trunk_map_shape(args.backbone, size)
+              for size in (args.img_size, args.img_size // 2)]  # the pyramid's two scales
     nn_, na = args.ahl_normals, 10
     rng = np.random.default_rng(0)
-    bank = [jnp.asarray(rng.normal(size=(nn_ + na + 3 * nn_, s, s, c)), jnp.float32)
-            for s in (h, -(-h // 2))]
+    bank = [jnp.asarray(rng.normal(size=(nn_ + na + 3 * nn_, *shape)), jnp.float32)
+            for shape in shapes]
     ref_means = [b[:5].mean(0) for b in bank]
     # the heads alone (the trunk is not in the meta-step): no ResNet init to compile
     heads = jax.jit(ahl.dra_heads(config).init)(jax.random.key(0), [b[:2] for b in bank],
@@ -205,7 +206,7 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
             row["one_device_meta_steps_per_s"]
     if args.torch:
         row.update(with_torch_ratio(row["train_img_per_s"], {}, "ahl", lambda: bench_torch_ahl(
-            args, tasks, [b.shape[1] for b in bank], c, bank[0].shape[0])))
+            args, tasks, [b.shape[1] for b in bank], bank[0].shape[-1], bank[0].shape[0])))
     return row
 
 
@@ -271,8 +272,8 @@ def main(argv=None):
                     help="device-resident training normals (ELPV's general 10-shot split)")
     ap.add_argument("--ahl_normals", type=int, default=300,
                     help="normals in the AHL meta-step's feature bank")
-    ap.add_argument("--backbone", default="resnet18", help="the trunk: resnet18, resnet34, "
-                    "resnet50 or efficientnet_lite0")
+    ap.add_argument("--backbone", default="resnet18", choices=BACKBONES,
+                    help="the trunk (model.backbone)")
     ap.add_argument("--host_fed", action="store_true",
                     help="also time the step fed batches from the host, for the ratio")
     ap.add_argument("--seeds", type=int, default=1, help="N > 1: also time N seeds trained "
@@ -284,6 +285,10 @@ def main(argv=None):
                     help="the PyTorch configurations to time")
     ap.add_argument("--json", default="", help="write the rows here (after every row)")
     args = ap.parse_args(argv)
+    if args.torch and args.backbone != "resnet18" and set(args.methods) - {"ahl"}:
+        ap.error(f"the PyTorch DevNet and DRA steps run the released ResNet-18 trunk, so a "
+                 f"ratio against {args.backbone} would compare two trunks: use --backbone "
+                 f"resnet18 with --torch, or time only --methods ahl (heads alone)")
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
     rows, torch_rows = [], {}

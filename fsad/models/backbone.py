@@ -1,7 +1,8 @@
 """One entry point for every trunk fsad can build: name -> Flax module.
 
-All trunks take ImageNet-normalised NHWC float input and return their
-stride-32 feature map; the heads infer its channel count.
+All trunks take ImageNet-normalised NHWC float input and return their last
+feature map (stride 32; AlexNet's unpadded pools give 13x13 at 448 px); the heads
+infer its channel count.
 """
 
 from __future__ import annotations
@@ -9,17 +10,21 @@ from __future__ import annotations
 import flax.linen as nn
 
 from fsad.errors import UserError
+from fsad.models import alexnet
 from fsad.models.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from fsad.models.resnet import STAGES, ResNet, feature_channels
 
 LITE0 = "efficientnet_lite0"
-BACKBONES = tuple(sorted(STAGES)) + (LITE0,)
+ALEXNET = "alexnet"
+BACKBONES = (ALEXNET,) + tuple(sorted(STAGES)) + (LITE0,)
 
 
 def make_trunk(backbone: str, name: str | None = None) -> nn.Module:
-    """The trunk called `backbone` ("resnet18", "resnet34", "resnet50", "efficientnet_lite0")."""
+    """The trunk called `backbone` (one of `BACKBONES`)."""
     if backbone == LITE0:
         return EfficientNetLite0(name=name)
+    if backbone == ALEXNET:
+        return alexnet.AlexNet(name=name)
     if backbone in STAGES:
         return ResNet(backbone, name=name)
     raise UserError(f"model.backbone={backbone!r} is not a trunk fsad has; use one of "
@@ -27,18 +32,37 @@ def make_trunk(backbone: str, name: str | None = None) -> nn.Module:
 
 
 def trunk_channels(backbone: str) -> int:
-    """Channels of a trunk's stride-32 map."""
+    """Channels of a trunk's output map."""
     if backbone == LITE0:
         return HEAD_CHANNELS
+    if backbone == ALEXNET:
+        return alexnet.CHANNELS
     make_trunk(backbone)  # validates the name
     return feature_channels(backbone)
+
+
+def smallest_input(backbone: str) -> int:
+    """The smallest image side whose trunk map is not empty (the ResNets and Lite0 pad
+    every layer, so any side of at least one pixel gives a map)."""
+    return alexnet.MIN_INPUT if backbone == ALEXNET else 1
+
+
+def trunk_map_shape(backbone: str, size: int) -> tuple[int, int, int]:
+    """(h, w, C) of the trunk's map for a size x size input, from shapes alone."""
+    import jax
+    import jax.numpy as jnp
+    trunk = make_trunk(backbone)
+    out = jax.eval_shape(lambda x: trunk.init_with_output(jax.random.key(0), x)[0],
+                         jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    return tuple(out.shape[1:])
 
 
 def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) -> list:
     """The trunk's eval-mode maps at every pyramid scale.
 
     Args:
-      variables: a model's {"params", "batch_stats"} holding the trunk under "backbone".
+      variables: a model's {"params", "batch_stats"} holding the trunk under "backbone"
+        (a trunk without BatchNorm, AlexNet, has no batch_stats entry).
       images: [B, H, W, 3] ImageNet-normalised float.
       dtype: compute dtype (fsad.precision), default float32.
     Returns:
@@ -51,6 +75,6 @@ def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) 
     trunk = make_trunk(backbone)
     dtype = dtype or jnp.float32
     params = variables["params"]["backbone"]
-    stats = variables["batch_stats"]["backbone"]
+    stats = variables.get("batch_stats", {}).get("backbone", {})
     return [apply_in(trunk, dtype, params, stats, x, train=False).astype(jnp.float32)
             for x in pyramid(images, n_scales)]
