@@ -32,6 +32,10 @@ def main() -> None:
                 os.kill(os.getpid(), sig)
 
     fsad.train.save_checkpoint = save_then_stop
+    if sig == signal.SIGINT:
+        # Python turns SIGINT into KeyboardInterrupt only where it was not ignored when
+        # the interpreter started, and a shell ignores it in background jobs (`pytest &`)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = [sys.argv[0], *sys.argv[4:]]
     runpy.run_module("fsad.main", run_name="__main__", alter_sys=True)
 
