@@ -8,7 +8,8 @@ inner loop), once with `jax.lax.conv_general_dilated` and once with
 inputs and devices. `matmul_conv` routes a conv to im2col on CPU where this
 benchmark measured it faster (`SMALL_MAP`, non-overlapping windows).
 
-    python benchmarks/conv_routes.py --batch 48 --channels 512 --maps 2 3 7 14 --stride 1 --padding 1
+    python benchmarks/conv_routes.py --batch 48 --channels 512 --maps 2 3 7 14 \
+        --stride 1 --padding 1
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def main(argv=None):
         feats = jax.random.normal(jax.random.key(0), (args.batch, hw, hw, args.channels))
         ref = feats[0]
         times = {}
-        im2col = lambda lhs, rhs, strides, padding, **kw: im2col_conv(lhs, rhs, strides, padding)  # noqa: E731,E501
+
+        def im2col(lhs, rhs, strides, padding, **kw):
+            return im2col_conv(lhs, rhs, strides, padding)
+
         for name, conv in (("xla", jax.lax.conv_general_dilated), ("matmul", im2col)):
             head = ResidualHead(args.channels, conv, args.stride, args.padding)
             params = head.init(jax.random.key(1), feats, ref)
@@ -89,11 +93,13 @@ def main(argv=None):
                 "maml2": seconds_per_call(jax.jit(jax.grad(maml)), params, feats,
                                           repeats=args.repeats)}
         for kind in ("grad", "maml2"):
-            row = {"map": hw, "stride": args.stride, "padding": args.padding, "kind": kind, "xla_ms": 1e3 * times["xla"][kind],
+            row = {"map": hw, "stride": args.stride, "padding": args.padding, "kind": kind,
+                   "xla_ms": 1e3 * times["xla"][kind],
                    "matmul_ms": 1e3 * times["matmul"][kind],
                    "speedup": times["xla"][kind] / times["matmul"][kind]}
             rows.append(row)
-            print(f"{hw}x{hw} map, stride {args.stride}, {kind:5s}: XLA conv {row['xla_ms']:8.1f} ms, matmul "
+            print(f"{hw}x{hw} map, stride {args.stride}, {kind:5s}: XLA conv "
+                  f"{row['xla_ms']:8.1f} ms, matmul "
                   f"{row['matmul_ms']:7.1f} ms, speedup x{row['speedup']:.1f} "
                   f"(batch {args.batch}, C {args.channels}, {jax.default_backend()})", flush=True)
     if args.json:

@@ -478,7 +478,10 @@ def summary_text(results: dict) -> str:
     cfg = results["config"]
     d = cfg["data"]
     n = len(results["runs"])
-    pm = lambda k: f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if n > 1 else f"{s[k]['mean']:.3f}"  # noqa: E731
+
+    def pm(k):
+        return f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if n > 1 else f"{s[k]['mean']:.3f}"
+
     setting = d["setting"] + (f" (known: {d['known_class']})" if d["setting"] == "hard" else "")
     lines = [
         f"fsad {results['method']} on {results['dataset']}: {setting}, {d['n_anomaly']}-shot, "
@@ -487,7 +490,8 @@ def summary_text(results: dict) -> str:
         f"  AUPR   {pm('aupr')}",
         f"  train: {r0['split']['train_normal']} normal + {r0['split']['train_anomaly']} seen "
         f"anomalies; test: {r0['split']['test_normal']} normal + "
-        f"{r0['split']['test_anomaly']} anomalies ({', '.join(r0['split']['test_anomaly_classes'])})",
+        f"{r0['split']['test_anomaly']} anomalies "
+        f"({', '.join(r0['split']['test_anomaly_classes'])})",
     ]
     for k in s:
         if k.startswith(("auroc_", "pixel_auroc", "base_auroc")):

@@ -24,7 +24,8 @@ from fsad.data.imageset import NORMAL, ImageSet
 from fsad.errors import UserError
 
 LAYOUT_HELP = ("expected the MVTec AD layout: ROOT/train/good/*.png, ROOT/test/good/*.png, "
-               "ROOT/test/<anomaly_class>/*.png, optional ROOT/ground_truth/<class>/<stem>_mask.png")
+               "ROOT/test/<anomaly_class>/*.png, optional "
+               "ROOT/ground_truth/<class>/<stem>_mask.png")
 
 
 def split_normals_3_to_1(n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -96,7 +96,8 @@ class ResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.depth_name not in STAGES:
-            raise ValueError(f"unknown backbone {self.depth_name!r}; choose one of {sorted(STAGES)}")
+            raise ValueError(f"unknown backbone {self.depth_name!r}; choose one of "
+                             f"{sorted(STAGES)}")
         kind, blocks = STAGES[self.depth_name]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         x = _conv(64, 7, 2, "conv1")(x)
