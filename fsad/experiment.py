@@ -146,21 +146,31 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     return True
 
 
+# a run may go on with another count of seeds: each seed is a run of its own (seed_<s>),
+# so more seeds train the new ones beside the finished ones, and fewer report the first
+SEED_COUNT = ("num_seeds",)
+
+
 def _check_workdir(workdir: str, config) -> None:
     """A workdir holds one config: refuse to resume a run made with another, unless that
     run saved nothing (it stopped before its first checkpoint: a download that failed,
-    out of memory), whose config this one replaces; and it must be writable (checked
-    now, not at the first checkpoint)."""
+    out of memory), whose config this one replaces, or the two differ only in
+    `num_seeds` (SEED_COUNT); and it must be writable (checked now, not at the first
+    checkpoint)."""
     try:
         os.makedirs(workdir, exist_ok=True)
         diff = stored_config_diff(workdir, config)
-        if diff and saved_in(workdir):
+        saved = bool(diff) and saved_in(workdir)
+        if saved and not set(diff) <= set(SEED_COUNT):
             raise _different_config(workdir, diff)
-        if diff:
+        if saved:
+            logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
+                         "the others trained", workdir, config.num_seeds)
+        elif diff:
             logging.warning("%s held the config of a run that saved nothing (no checkpoint, "
                             "no finished seed); this run's config replaces it (it differed "
                             "in %s)", workdir, ", ".join(diff))
-        if diff is None or diff:  # none stored yet, or the unsaved run's replaced
+        if diff is None or diff:  # none stored yet, or replaced (unsaved, or the seed count)
             write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
     except OSError as err:
         raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "

@@ -283,7 +283,7 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     """A workdir holds one config once a run saved something there (a checkpoint, a
     finished seed); the config of a run that saved nothing (it stopped at a failed
     download or out of memory) gives way to the next run's, and the fields that only batch
-    the evaluation may change."""
+    the evaluation may change, and so may the number of seeds."""
     from fsad.experiment import _check_workdir, saved_in
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
@@ -302,6 +302,11 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
                  "data.img_size, seed)", "new --workdir")
     config.eval_batch_size, config.explain.batch_size = 3, 5
     _check_workdir(str(work), config)  # no error: the same trained run
+    config.num_seeds = 3  # more seeds of the same run: the stored config takes the count
+    _check_workdir(str(work), config)
+    assert json.loads((work / "config.json").read_text())["num_seeds"] == 3
+    config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused
+    expect_error(config, work, capsys, "different config (fields num_seeds, seed)")
     per_batch = folder_config(root, "dra", **{"dra.test_reference": "per_batch"})
     (work / "config.json").write_text(per_batch.to_json_best_effort())
     per_batch.eval_batch_size = 3  # here the batch changes the scores
