@@ -55,7 +55,8 @@ from fsad.experiment import (base_fields_that_differ, build_runner,  # noqa: E40
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
-from fsad.paper_figures import paper_known_classes, reference_auroc  # noqa: E402
+from fsad.paper_figures import (devnet_ablation_auroc, is_devnet_ablation,  # noqa: E402
+                                paper_known_classes, reference_auroc)
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # fields that change from cell to cell and leave the method, its shapes and its
@@ -216,9 +217,11 @@ def run_table(args, on_cell=None) -> dict:
         aurocs = [r["auroc"] for r in res["runs"]]
         # AHL: its base model's AUROC in the same run (the heads it started from)
         base_aurocs = [r["base_auroc"] for r in res["runs"] if "base_auroc" in r]
+        trunk = {"variant": config.devnet.variant if "devnet" in config else "MIL-DS",
+                 "backbone": config.model.backbone}
         results.append({**cell, "auroc": aurocs, "base_auroc": base_aurocs, "init": res["init"],
                         "seconds": float(sum(r["wall_seconds"] for r in res["runs"])),
-                        "paper": reference_auroc_or_empty(paper_name, cell)})
+                        **trunk, "paper": reference_auroc_or_empty(paper_name, cell, **trunk)})
         if on_cell is not None:
             on_cell(table())
     return table()
@@ -235,10 +238,15 @@ def cell_name(cell: dict) -> str:
             f"{' ' if cell['known_class'] else ''}{cell['shots']}-shot")
 
 
-def reference_auroc_or_empty(dataset: str, cell: dict) -> dict:
+def reference_auroc_or_empty(dataset: str, cell: dict, variant: str = "MIL-DS",
+                             backbone: str = "resnet18") -> dict:
     """The papers' figures for a cell; {} where they report none (other datasets, shots
-    other than 1 and 10)."""
+    other than 1 and 10). A DevNet ablation (`devnet.variant` other than MIL-DS, or the
+    AlexNet or ResNet-50 trunk) gets DevNet-TPAMI Table 5's figure, not DevNet's."""
     try:
+        if cell["method"] == "devnet" and is_devnet_ablation(variant, backbone):
+            return devnet_ablation_auroc(dataset, variant, backbone, cell["setting"],
+                                         cell["shots"])
         return reference_auroc(dataset, cell["method"], cell["setting"], cell["shots"],
                                cell["known_class"] or None)
     except UserError:
@@ -270,8 +278,9 @@ def rows_of(results: list[dict], dataset: str) -> list[dict]:
                      "mean": float(per_seed.mean()), "std": float(per_seed.std()),
                      "base_mean": base_mean([a for r in rs for a in r["base_auroc"]]),
                      "seeds": len(per_seed),
-                     "paper": reference_auroc_or_empty(dataset, {"method": m, "setting": "hard",
-                                                                 "shots": n, "known_class": ""}),
+                     "paper": reference_auroc_or_empty(
+                         dataset, {"method": m, "setting": "hard", "shots": n, "known_class": ""},
+                         rs[0].get("variant", "MIL-DS"), rs[0].get("backbone", "resnet18")),
                      "seconds": float(sum(r["seconds"] for r in rs))})
     return rows
 

@@ -8,6 +8,8 @@ Sources:
                       with the official code, so these baselines differ from dra_paper's.
   ahl_paper_appendix  the AHL appendix (Table 7) where it disagrees with its Table 1
                       (HeadCT, DRA, 10-shot: 0.988 against 0.978).
+  devnet_table5       DevNet-TPAMI Table 5, its ablations (general setting, 10 shots):
+                      `devnet_ablation_auroc`.
 
     >>> reference_auroc("elpv", "dra", "general", 10)
     {'dra_paper': 0.845, 'ahl_paper': 0.843}
@@ -19,7 +21,7 @@ import re
 
 from fsad.errors import UserError
 
-SOURCES = ("dra_paper", "ahl_paper", "ahl_paper_appendix")
+SOURCES = ("dra_paper", "ahl_paper", "ahl_paper_appendix", "devnet_table5")
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 SETTINGS = ("general", "hard")
 SHOTS = (1, 10)
@@ -62,6 +64,29 @@ _HARD_PER_CLASS = {("elpv", "dra", "mono", 10): {"dra_paper": 0.731},
 # MVTec AD's general row is the mean over its 15 subsets (DRA paper Table 1, AHL paper
 # Table 1); spec §8 quotes its 10-shot DevNet .945, DRA .959 and AHL(DRA) .970.
 _EXTRA = {("headct", "general", 10): {("ahl_paper_appendix", "dra"): 0.988}}
+
+
+# DevNet-TPAMI Table 5: DevNet's ablations in the general setting with 10 labelled
+# anomalies, as (devnet.variant, model.backbone). Its MIL-DS column is DevNet itself (the
+# same figures as dra_paper's 10-shot DevNet). Mastcam is not in it.
+_ABLATION_COLUMNS = (("Rep", "resnet18"), ("DS", "resnet18"), ("Patch-DS", "resnet18"),
+                     ("MIL-DS", "resnet18"), ("DS", "alexnet"), ("DS", "resnet50"))
+_DEVNET_ABLATION = """
+mvtecad      .856 .921 .923 .945 .883 .897
+aitex        .860 .853 .796 .887 .743 .859
+sdd          .865 .982 .949 .988 .974 .984
+elpv         .755 .820 .728 .846 .705 .828
+optical      .777 .769 .776 .782 .622 .766
+brainmri     .851 .964 .969 .958 .912 .904
+headct       .876 .967 .963 .982 .934 .982
+hyperkvasir  .602 .759 .575 .829 .696 .812
+"""
+ABLATION = {(dataset, *column): float(v)
+            for dataset, *cells in (line.split() for line in _DEVNET_ABLATION.strip().splitlines())
+            for column, v in zip(_ABLATION_COLUMNS, cells, strict=True)}
+# trunks the papers did not run, whose cells are set beside ResNet-18's figures (the
+# one pretrained trunk reachable offline is Lite0)
+_STAND_INS = ("resnet18", "resnet34", "efficientnet_lite0")
 
 
 def _parse(text: str, setting: str) -> dict:
@@ -138,3 +163,31 @@ def reference_auroc(dataset: str, method: str, setting: str = "general", shots: 
         return dict(_HARD_PER_CLASS.get((ds, m, known_class, shots), {}))
     cells = FIGURES.get((ds, setting, shots), {})
     return {source: v for (source, method_), v in cells.items() if method_ == m}
+
+
+def is_devnet_ablation(variant: str = "MIL-DS", backbone: str = "resnet18") -> bool:
+    """Whether DevNet with this `devnet.variant` and `model.backbone` is one of Table 5's
+    ablations (any variant but MIL-DS, or the AlexNet or ResNet-50 trunk) rather than
+    DevNet as the papers' main tables ran it."""
+    return variant != "MIL-DS" or backbone not in _STAND_INS
+
+
+def devnet_ablation_auroc(dataset: str, variant: str, backbone: str = "resnet18",
+                          setting: str = "general", shots: int = 10) -> dict[str, float]:
+    """DevNet-TPAMI Table 5's image AUROC for a DevNet ablation: {"devnet_table5": AUROC}.
+
+    Args:
+      variant: devnet.variant ("Rep", "DS", "Patch-DS", "MIL-DS").
+      backbone: model.backbone; Lite0 and ResNet-34 stand in for ResNet-18, as in the
+        main tables.
+    Returns:
+      the figure, or {} where the table has none (another setting or shot count, a
+      variant on a trunk it did not pair, Mastcam).
+    Raises:
+      UserError: an unknown dataset.
+    """
+    ds = canonical_dataset(dataset)
+    trunk = "resnet18" if backbone in _STAND_INS else backbone
+    if setting != "general" or shots != 10 or (ds, variant, trunk) not in ABLATION:
+        return {}
+    return {"devnet_table5": ABLATION[ds, variant, trunk]}

@@ -146,6 +146,33 @@ def test_ahl_rows_show_their_base_models_auroc():
     assert "| dra | hard (mono known) | 10 | 0.500 ± 0.000 | 1 |" in md
 
 
+def test_devnet_ablations_are_set_beside_table_5_not_devnets_figures():
+    """A DevNet cell with another devnet.variant, or DevNet-TPAMI's AlexNet or ResNet-50
+    trunk, shows that ablation's Table 5 figure (general 10-shot only), not DevNet's."""
+    reproduce = load_reproduce()
+    cell = {"method": "devnet", "setting": "general", "shots": 10, "known_class": ""}
+    figures = reproduce.reference_auroc_or_empty
+    assert figures("elpv", cell) == {"dra_paper": 0.846, "ahl_paper": 0.843}
+    # Lite0 (the one pretrained trunk reachable offline) stands in for ResNet-18
+    assert figures("elpv", cell, "MIL-DS", "efficientnet_lite0") == figures("elpv", cell)
+    assert figures("elpv", cell, "DS", "alexnet") == {"devnet_table5": 0.705}
+    assert figures("ELPV", cell, "Rep") == {"devnet_table5": 0.755}
+    assert figures("mvtec", cell, "Patch-DS", "efficientnet_lite0") == {"devnet_table5": 0.923}
+    assert figures("aitex", cell, "DS", "resnet50") == {"devnet_table5": 0.859}
+    for variant, trunk, other in (("MIL-DS", "alexnet", {}), ("DS", "resnet18", {"shots": 1}),
+                                  ("Rep", "resnet18", {"setting": "hard"})):
+        assert figures("elpv", {**cell, **other}, variant, trunk) == {}, (variant, trunk)
+    assert figures("mastcam", cell, "DS") == {}  # not in Table 5
+    dra = {**cell, "method": "dra"}  # only DevNet has ablation figures
+    assert figures("elpv", dra, "MIL-DS", "alexnet") == {"dra_paper": 0.845, "ahl_paper": 0.843}
+    # the hard setting's mean row asks with its cells' variant and trunk
+    rows = reproduce.rows_of([{**cell, "setting": "hard", "known_class": k, "auroc": [0.6],
+                               "base_auroc": [], "paper": {}, "seconds": 1.0,
+                               "variant": "DS", "backbone": "resnet18"}
+                              for k in ("mono", "poly")], "elpv")
+    assert rows[-1]["setting"] == "hard (mean over known classes)" and rows[-1]["paper"] == {}
+
+
 def test_an_override_goes_to_the_methods_that_have_the_field():
     from fsad.errors import UserError
     reproduce = load_reproduce()
