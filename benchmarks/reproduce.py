@@ -55,6 +55,7 @@ from fsad.experiment import (base_fields_that_differ, build_runner,  # noqa: E40
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
+from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (devnet_ablation_auroc, is_devnet_ablation,  # noqa: E402
                                 paper_known_classes, reference_auroc)
 
@@ -217,11 +218,11 @@ def run_table(args, on_cell=None) -> dict:
         aurocs = [r["auroc"] for r in res["runs"]]
         # AHL: its base model's AUROC in the same run (the heads it started from)
         base_aurocs = [r["base_auroc"] for r in res["runs"] if "base_auroc" in r]
-        trunk = {"variant": config.devnet.variant if "devnet" in config else "MIL-DS",
-                 "backbone": config.model.backbone}
+        # which of DevNet-TPAMI's ablations the cell is, for the figures beside it
+        kind = {"variant": devnet_variant(config), "backbone": config.model.backbone}
         results.append({**cell, "auroc": aurocs, "base_auroc": base_aurocs, "init": res["init"],
                         "seconds": float(sum(r["wall_seconds"] for r in res["runs"])),
-                        **trunk, "paper": reference_auroc_or_empty(paper_name, cell, **trunk)})
+                        **kind, "paper": reference_auroc_or_empty(paper_name, cell, **kind)})
         if on_cell is not None:
             on_cell(table())
     return table()

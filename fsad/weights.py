@@ -28,6 +28,7 @@ from flax import traverse_util
 from fsad import pth
 from fsad.data.cache import DEFAULT_CACHE, fsad_cache
 from fsad.errors import UserError
+from fsad.models.alexnet import LAYERS as ALEXNET_LAYERS
 from fsad.models.backbone import ALEXNET, LITE0
 
 DEFAULT_WEIGHTS_CACHE = os.path.join(DEFAULT_CACHE, "weights")
@@ -155,8 +156,7 @@ def torchvision_alexnet_to_flax(state_dict: Mapping[str, np.ndarray]) -> dict:
 
 def _alexnet_path(modules: list[str]) -> list[str] | None:
     """features.i -> convi, for the five conv indices of AlexNet's features."""
-    from fsad.models.alexnet import LAYERS
-    convs = {str(layer[0]) for layer in LAYERS}
+    convs = {str(layer[0]) for layer in ALEXNET_LAYERS}
     ok = len(modules) == 2 and modules[0] == "features" and modules[1] in convs
     return [f"conv{modules[1]}"] if ok else None
 
@@ -205,10 +205,12 @@ def _place(flat: dict, key: str, path: list, leaf: str, value) -> None:
     """
     value = np.asarray(value, np.float32)
     if "conv" in path[-1]:
-        if leaf not in ("weight", "bias"):
+        if leaf == "weight":
+            flat[("params", *path, "kernel")] = value.transpose(2, 3, 1, 0)
+        elif leaf == "bias":  # AlexNet's convs have biases
+            flat[("params", *path, "bias")] = value
+        else:
             raise ValueError(f"unexpected conv parameter {key!r}")
-        flat[("params", *path, "kernel" if leaf == "weight" else "bias")] = (
-            value.transpose(2, 3, 1, 0) if leaf == "weight" else value)
     else:
         if leaf not in _BN:
             raise ValueError(f"unexpected batch-norm entry {key!r}")

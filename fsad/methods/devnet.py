@@ -98,10 +98,16 @@ def check_devnet_config(d) -> None:
                         f"{', '.join(VARIANTS)} (DevNet-TPAMI Table 5; MIL-DS is DevNet)")
 
 
+def devnet_variant(config) -> str:
+    """A config's `devnet.variant`; "MIL-DS" (DevNet itself) for a config without the
+    field (one made before it existed, or another method's)."""
+    return config.devnet.variant if "devnet" in config else "MIL-DS"
+
+
 def devnet(config) -> Method:
     """The DevNet method from a config (fields model.*, augment.*, loss.*, optim.*,
     anomaly_fraction)."""
-    variant = config.devnet.variant if "devnet" in config else "MIL-DS"
+    variant = devnet_variant(config)
     model = DevNetModel(config.model.backbone, config.model.topk, config.model.topk_abs,
                         config.model.n_scales, variant)
     dtype = compute_dtype(config.model.get("dtype", "auto"))
