@@ -29,6 +29,9 @@ def base_config() -> config_dict.ConfigDict:
     c.data.shot_pool = 10  # shots are the first n_anomaly of a draw of this many
     c.data.contamination = 0.0
     c.data.cache_dir = config_dict.placeholder(str)  # None: ~/.cache/fsad; "": no cache
+    # "nearest", or "opencv_linear": the released localization.py's masks (OpenCV's
+    # bilinear resize, then > 0; with explain.released_postprocess=True its pixel AUROC)
+    c.data.mask_resize = "nearest"
     # data.name="tfds": a TFDS dataset read through tfds.data_source (no TensorFlow needed)
     c.data.tfds_name = ""  # e.g. "fsad_elpv" (written by python -m fsad.data.tfds_io)
     c.data.tfds_dir = ""  # TFDS data_dir; "": TFDS's default (~/tensorflow_datasets)

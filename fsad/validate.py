@@ -27,6 +27,7 @@ def check_config(config, n_devices: int = 1) -> None:
     Args:
       n_devices: the devices the batch is split over.
     """
+    from fsad.data.decode import MASK_RESIZES
     from fsad.data.protocols import SETTINGS
     from fsad.models.backbone import BACKBONES, smallest_input
     from fsad.precision import compute_dtype
@@ -35,6 +36,9 @@ def check_config(config, n_devices: int = 1) -> None:
              f"of {', '.join(DATA_NAMES)}")
     _require(d.setting in SETTINGS, f"data.setting={d.setting!r} is not a protocol; use "
              f"general or hard")
+    _require(d.get("mask_resize", "nearest") in MASK_RESIZES, f"data.mask_resize="
+             f"{d.get('mask_resize')!r} is not a mask resize; use nearest or opencv_linear "
+             f"(the released localization.py's)")
     _require(d.setting != "hard" or bool(d.known_class), "the hard setting needs a seen "
              "class; pass --config.data.known_class=NAME (for ELPV mono or poly)")
     _require(d.n_anomaly >= 1, f"data.n_anomaly={d.n_anomaly}: the few-shot protocol needs "

@@ -44,6 +44,11 @@ def test_roundtrip_equals_folder_reader(synthetic_root, written):
     for size in (SIZE, 24):  # stored at 32 px; read at the stored and a smaller size
         back = tfds_io.read_tfds("fsad_synthetic", tfds_dir, size, cache_dir="")
         assert_same_imageset(back, read_folder(synthetic_root, size, cache_dir=""))
+    # the released localisation's masks (OpenCV's bilinear resize, > 0) from either reader
+    near = back  # at 24 px, resized nearest
+    back = tfds_io.read_tfds("fsad_synthetic", tfds_dir, 24, "", "opencv_linear")
+    assert_same_imageset(back, read_folder(synthetic_root, 24, "", "opencv_linear"))
+    assert np.all(back.masks >= near.masks) and back.masks.sum() > near.masks.sum()
     # a plain tfds.data_source reads it too, with the documented features
     ds = tfds.data_source("fsad_synthetic", data_dir=tfds_dir)
     assert (len(ds["train"]), len(ds["test"])) == (60, 56)

@@ -273,6 +273,8 @@ def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
 def test_unknown_dataset_reader_dtype_and_dra_variant(tmp_path, capsys):
     expect_error(folder_config(tmp_path, **{"data.name": "mvtec"}), tmp_path / "w", capsys,
                  "data.name='mvtec' is not a dataset reader")
+    expect_error(folder_config(tmp_path, **{"data.mask_resize": "bilinear"}), tmp_path / "w",
+                 capsys, "data.mask_resize='bilinear' is not a mask resize")
     expect_error(folder_config(tmp_path, **{"model.dtype": "float16"}), tmp_path / "w", capsys,
                  "is not a compute dtype")
     expect_error(folder_config(tmp_path, "dra", **{"dra.variant": "DRA5"}), tmp_path / "w",

@@ -17,8 +17,8 @@ def load_imageset(data_cfg) -> ImageSet:
     """Loads the dataset a config names.
 
     data_cfg fields: name ("elpv", "folder", "synthetic" or "tfds"), root (folder and
-    synthetic), subset (optional folder under root), img_size, cache_dir; for "tfds":
-    tfds_name, tfds_dir, normal_class.
+    synthetic), subset (optional folder under root), img_size, cache_dir, mask_resize; for
+    "tfds": tfds_name, tfds_dir, normal_class.
     """
     cache_dir = data_cfg.get("cache_dir")
     if cache_dir is None:
@@ -32,7 +32,7 @@ def load_imageset(data_cfg) -> ImageSet:
         root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
         if data_cfg.name == "synthetic" and not os.path.isdir(root):
             write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
-        return read_folder(root, data_cfg.img_size, cache_dir)
+        return read_folder(root, data_cfg.img_size, cache_dir, _mask_resize(data_cfg))
     if data_cfg.name == "tfds":
         return _load_tfds(data_cfg, cache_dir)
     raise UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
@@ -51,7 +51,12 @@ def _load_tfds(data_cfg, cache_dir) -> ImageSet:
                                              str(data_cfg.normal_class), data_cfg.img_size,
                                              cache_dir)
     return tfds_io.read_tfds(data_cfg.tfds_name, data_cfg.get("tfds_dir"), data_cfg.img_size,
-                             cache_dir)
+                             cache_dir, _mask_resize(data_cfg))
+
+
+def _mask_resize(data_cfg) -> str:
+    """data.mask_resize, "nearest" where a config predates the field."""
+    return data_cfg.get("mask_resize", "nearest")
 
 
 __all__ = ["ImageSet", "Split", "load_imageset", "make_split", "read_elpv", "read_folder",

@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fsad.data.opencv_resize import resize_linear
 from fsad.errors import UserError
 from fsad.hosts import progress
 
@@ -84,12 +85,26 @@ def decode_image(path: str, size: int) -> np.ndarray:
     return resize_rgb(load_rgb(path), size)
 
 
-def decode_mask(path: str | None, size: int) -> np.ndarray:
-    """Reads a mask (any nonzero pixel is anomalous), nearest-resized. [size, size] uint8 {0,1}."""
+MASK_RESIZES = ("nearest", "opencv_linear")
+
+
+def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndarray:
+    """Reads a mask resized to size x size. [size, size] uint8 {0, 1}.
+
+    resize="nearest": any nonzero pixel is anomalous, nearest-resized. "opencv_linear":
+    as the released localization.py reads a mask, the file as RGB resized by OpenCV's
+    bilinear filter (`fsad.data.opencv_resize`), anomalous where its first channel is
+    above 0 (a mask about one source pixel wider at every edge).
+    """
+    if resize not in MASK_RESIZES:
+        raise ValueError(f"mask_resize={resize!r}; use one of {', '.join(MASK_RESIZES)}")
     if path is None:
         return np.zeros((size, size), np.uint8)
     try:
         with Image.open(path) as im:
+            if resize == "opencv_linear":
+                rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                return (resize_linear(rgb, size, size)[..., 0] > 0).astype(np.uint8)
             im = im.convert("L").resize((size, size), Image.NEAREST)
             return (np.asarray(im) > 0).astype(np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
@@ -97,9 +112,10 @@ def decode_mask(path: str | None, size: int) -> np.ndarray:
 
 
 def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
-                mask: bool = False) -> np.ndarray:
-    """Decodes files in a thread pool, with a progress bar. [N, size, size(, 3)] uint8."""
-    fn = decode_mask if mask else decode_image
+                mask: bool = False, mask_resize: str = "nearest") -> np.ndarray:
+    """Decodes files in a thread pool, with a progress bar (masks resized by
+    `mask_resize`, see decode_mask). [N, size, size(, 3)] uint8."""
+    fn = (lambda p, s: decode_mask(p, s, mask_resize)) if mask else decode_image
     workers = min(16, (os.cpu_count() or 1) * 2)
     with futures.ThreadPoolExecutor(workers) as pool:
         out = list(progress(pool.map(lambda p: fn(p, size), paths), total=len(paths),

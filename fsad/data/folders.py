@@ -108,19 +108,24 @@ def check_masks(root: str, rows, mask_paths) -> None:
                         "metrics leave them out", len(missing), missing[0])
 
 
-def read_folder(root: str, size: int, cache_dir: str | None = None) -> ImageSet:
+def read_folder(root: str, size: int, cache_dir: str | None = None,
+                mask_resize: str = "nearest") -> ImageSet:
     """Decodes an MVTec-layout folder to an ImageSet at size x size (cached).
 
     Args:
       root: the subset folder holding train/ and test/.
       size: output side length in pixels.
       cache_dir: where decoded arrays are kept ("" to disable).
+      mask_resize: how masks are resized, "nearest" or "opencv_linear" (the released
+        localisation's; `fsad.data.decode.decode_mask`).
     """
     root = os.path.abspath(root)
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
     key = {"name": os.path.basename(root.rstrip("/")), "root": root, "size": size,
            "files": listing_fingerprint(paths), "v": 2}
+    if mask_resize != "nearest":  # the key of a nearest read stays what it was
+        key["mask_resize"] = mask_resize
 
     def build() -> ImageSet:
         classes = np.array([r[1] for r in rows])
@@ -136,7 +141,8 @@ def read_folder(root: str, size: int, cache_dir: str | None = None) -> ImageSet:
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
         masks = present = None
         if any(m is not None for m in mask_paths):
-            masks = decode_many(mask_paths, size, desc="decoding masks", mask=True)
+            masks = decode_many(mask_paths, size, desc="decoding masks", mask=True,
+                                mask_resize=mask_resize)
             present = np.array([m is not None for m in mask_paths])
         file_ids = np.array([os.path.relpath(p, root) for p in paths])
         return ImageSet(key["name"], images, labels, classes, split, file_ids, masks, present)

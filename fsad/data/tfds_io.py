@@ -46,6 +46,7 @@ from fsad.data.cache import cached_imageset, listing_fingerprint
 from fsad.data.decode import CorruptImageError, load_rgb, resize_rgb
 from fsad.data.folders import _mask_path, scan_folder, split_normals_3_to_1
 from fsad.data.imageset import NORMAL, ImageSet
+from fsad.data.opencv_resize import resize_linear
 from fsad.errors import UserError
 
 FORMAT = 1  # metadata["fsad_format"] of datasets written here
@@ -290,9 +291,13 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3].astype(np.uint8))
 
 
-def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """As decode_mask: nearest resize, any non-zero pixel anomalous. [size, size] uint8."""
-    im = Image.fromarray(np.asarray(mask).reshape(mask.shape[0], mask.shape[1]))
+def _resize_mask(mask: np.ndarray, size: int, how: str = "nearest") -> np.ndarray:
+    """As decode_mask does (`how`: "nearest" or "opencv_linear"), on the stored binarised
+    mask: any non-zero pixel anomalous. [size, size] uint8."""
+    mask = np.asarray(mask).reshape(mask.shape[0], mask.shape[1])
+    if how == "opencv_linear":
+        return (resize_linear(mask, size, size) > 0).astype(np.uint8)
+    im = Image.fromarray(mask)
     return (np.asarray(im.resize((size, size), Image.NEAREST)) > 0).astype(np.uint8)
 
 
@@ -304,7 +309,7 @@ def _fingerprint(builder) -> str:
 
 
 def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
-              cache_dir: str | None = None) -> ImageSet:
+              cache_dir: str | None = None, mask_resize: str = "nearest") -> ImageSet:
     """Reads an fsad dataset written by `write_tfds` into an ImageSet at size x size (cached).
 
     Args:
@@ -312,6 +317,8 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
       tfds_dir: TFDS data_dir ("" or None: TFDS's default).
       size: output side length in pixels.
       cache_dir: where decoded arrays are kept ("" to disable).
+      mask_resize: "nearest" or "opencv_linear", as `read_folder`'s (the stored masks are
+        binarised, which is the same for masks of 0 and 255).
     Returns:
       The ImageSet the source reader (folder or ELPV) gives, same order, names and pixels.
     """
@@ -324,6 +331,8 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
     has_masks = bool(meta.get("has_masks"))
     key = {"name": meta["name"], "tfds": tfds_name, "dir": str(builder.data_dir), "size": size,
            "files": _fingerprint(builder), "v": 1}
+    if has_masks and mask_resize != "nearest":
+        key["mask_resize"] = mask_resize
 
     def build() -> ImageSet:
         rows = []
@@ -331,7 +340,7 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
             def keep(i, ex, split=split):
                 return (int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"]),
                         int(ex["label"]), resize_rgb(_rgb(ex["image"]), size),
-                        _resize_mask(ex["mask"], size) if has_masks else None)
+                        _resize_mask(ex["mask"], size, mask_resize) if has_masks else None)
             rows += _read_examples(source, keep, f"reading {tfds_name} {split}")
         rows.sort(key=lambda r: r[0])
         if [r[0] for r in rows] != list(range(len(rows))):
