@@ -5,6 +5,11 @@ one run measures:
   * the train step's compile time (ahead of time, apart from the steps) and its
     images/s once warm (device-resident data, batch sampled inside the step);
   * the inference (scoring) step's compile time and images/s;
+  * each program's working memory per device, as XLA planned it when compiling
+    (`fsad.memory.program_bytes`: its temporaries and the outputs that do not reuse a
+    donated argument; the state and the data it reads are not counted), in MiB; for the
+    PyTorch steps on a GPU, the peak of allocated memory during a step above what was
+    allocated before it (the model, its gradients and Adam's state, and the batch);
   * with --host_fed, the conventional host-sampled step, for the ratio;
   * with --seeds N, N seeds trained as one vmapped program against N separate steps;
   * the AHL meta-step with its tasks spread over every local device and, where there
@@ -37,7 +42,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fsad.experiment import write_json_atomic  # noqa: E402
-from fsad.memory import is_out_of_memory, oom_words  # noqa: E402
+from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.models.backbone import BACKBONES, trunk_map_shape  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
@@ -77,6 +82,13 @@ def compile_seconds(jitted, *args) -> tuple[float, object]:
     return time.perf_counter() - t0, compiled
 
 
+def mib(compiled) -> float | None:
+    """A compiled program's working memory per device in MiB (None: the backend does not
+    say)."""
+    n = program_bytes(compiled)
+    return None if n is None else n / 2**20
+
+
 def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
                           torch_rows: dict) -> dict:
     config = config_for(method_name, args, batch, dtype)
@@ -94,7 +106,8 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     t_compile, compiled = compile_seconds(step, state, data, key)
     per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps)
     row = {"method": method_name, "batch": batch, "dtype": dtype,
-           "train_compile_s": t_compile, "train_img_per_s": batch / per_step}
+           "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
+           "train_step_mib": mib(compiled)}
 
     variables = method.prepare_eval({"params": state.params, "batch_stats": state.batch_stats,
                                      "extras": state.extras})
@@ -105,7 +118,8 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     t_compile, compiled_score = compile_seconds(score, variables, images)
     per_batch, _ = timed(lambda vo: (vo[0], compiled_score(vo[0], images)), (variables, None),
                          args.steps)
-    row.update(score_compile_s=t_compile, score_img_per_s=batch / per_batch)
+    row.update(score_compile_s=t_compile, score_img_per_s=batch / per_batch,
+               score_step_mib=mib(compiled_score))
 
     if args.host_fed:
         host = make_host_fed_step(method, tx, mesh)
@@ -152,7 +166,7 @@ def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
     vmapped, _ = timed(lambda s: compiled(s, keys), stacked, args.steps)
     return {"seeds": n, "seeds_sequential_img_per_s": n * batch / sequential,
             "seeds_vmapped_img_per_s": n * batch / vmapped,
-            "seeds_vmapped_compile_s": t_compile,
+            "seeds_vmapped_compile_s": t_compile, "seeds_vmapped_step_mib": mib(compiled),
             "vmapped_over_sequential": sequential / vmapped}
 
 
@@ -181,8 +195,9 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
     key = jax.random.key(0)
 
-    def time_on(mesh) -> tuple[float, float]:
-        """(compile seconds, seconds per step) with the tasks spread over `mesh`."""
+    def time_on(mesh) -> tuple[float, float, float | None]:
+        """(compile seconds, seconds per step, working MiB per device) with the tasks
+        spread over `mesh`."""
         step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps,
                                         config.ahl.inner_lr, False, mesh)
         p, o, b, arrays, ww, pool, consts = jax.device_put(
@@ -192,14 +207,14 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
                                               consts)
         per, _ = timed(lambda po: compiled(po[0], po[1], b, arrays, ww, pool, key,
                                            consts)[:2], (p, o), args.steps)
-        return t_compile, per
+        return t_compile, per, mib(compiled)
 
     mesh = make_mesh()
-    t_compile, per = time_on(mesh)
+    t_compile, per, step_mib = time_on(mesh)
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
     row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
-           "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
+           "train_step_mib": step_mib, "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
     if mesh.size > 1:  # the tasks spread over the devices against the same step on one
         row["one_device_meta_steps_per_s"] = 1 / time_on(one_device_mesh())[1]
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
@@ -232,6 +247,9 @@ def bench_torch(kind: str, args, batch: int) -> dict:
                 extra = (torch.randn(5, 3, args.img_size, args.img_size, device=device),)
             out[f"torch_{mode}_img_per_s"] = tr.time_torch_step(
                 step, (images, labels, *extra), batch, steps=args.steps, device=device)
+            peak = tr.step_peak_bytes(step, (images, labels, *extra), device)
+            if peak is not None:
+                out[f"torch_{mode}_step_mib"] = peak / 2**20
         except Exception as err:  # noqa: BLE001 - a mode torch cannot run here is reported
             out[f"torch_{mode}_error"] = f"{type(err).__name__}: {err}"[:200]
     return out
@@ -251,8 +269,10 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int)
         step, step_args, n = tr.ahl_meta_step_for_benchmark(
             channels, maps, tasks.num_tasks, support, query, base="dra",
             bank_rows=bank_rows, device=tr.default_device())
-        return {"torch_eager_fp32_img_per_s": tr.time_torch_step(step, step_args, n,
-                                                                 steps=args.steps)}
+        out = {"torch_eager_fp32_img_per_s": tr.time_torch_step(step, step_args, n,
+                                                                steps=args.steps)}
+        peak = tr.step_peak_bytes(step, step_args, tr.default_device())
+        return out if peak is None else {**out, "torch_eager_fp32_step_mib": peak / 2**20}
     except Exception as err:  # noqa: BLE001 - reported, as for the other torch modes
         return {"torch_eager_fp32_error": f"{type(err).__name__}: {err}"[:200]}
 
@@ -316,8 +336,8 @@ def main(argv=None):
 
 
 def table(rows) -> str:
-    cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s", "score_compile_s",
-            "score_img_per_s", "fsad_over_best_torch"]
+    cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s", "train_step_mib",
+            "score_compile_s", "score_img_per_s", "fsad_over_best_torch"]
     cols += ["error"] if any("error" in r for r in rows) else []
     cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
                     k.endswith("img_per_s")})

@@ -748,6 +748,20 @@ def time_torch_step(step: Callable, args: tuple, images_per_step: int, steps: in
     return images_per_step * steps / (time.perf_counter() - t0)
 
 
+def step_peak_bytes(step: Callable, args: tuple, device) -> int | None:
+    """On CUDA, the peak of allocated memory during one `step(*args)` (after warm-up calls)
+    above what was allocated before it: the step's working memory, comparable with XLA's
+    plan of a train step's temporaries (benchmarks/throughput.py). None elsewhere."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(*args)
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - before)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

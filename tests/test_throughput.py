@@ -32,6 +32,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     assert [r["method"] for r in rows] == ["ahl_meta_step"]
     row = rows[0]
     assert row["tasks"] == 7 and row["train_compile_s"] > 0 and row["train_img_per_s"] > 0
+    assert row["train_step_mib"] > 0  # XLA's plan of the meta-step's working memory
     if with_torch:
         assert row["torch_eager_fp32_img_per_s"] > 0 and row["fsad_over_best_torch"] > 0, row
     assert "| ahl_meta_step |" in done.stdout  # the printed table
