@@ -312,9 +312,11 @@ def main(argv=None):
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
     rows, torch_rows = [], {}
-    for m in args.methods:
-        for batch in args.batches:
-            for dtype in args.dtypes:
+    # the first dtype's rows of every method come first (with PyTorch's figures, which the
+    # first row of a method and batch measures): a run cut short by a time limit keeps them
+    for dtype in args.dtypes:
+        for m in args.methods:
+            for batch in args.batches:
                 if m == "ahl" and dtype != args.dtypes[0]:
                     continue  # the meta-step runs on float32 features
                 try:
