@@ -227,6 +227,16 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def method_defaults(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The defaults of config's method (config.method, and for AHL config.ahl.base), as
+    its config file gives them without variants."""
+    c = base_config()
+    if config.method == "ahl":
+        base = config.ahl.base
+        return add_ahl(add_dra(c) if base == "dra" else c, base)
+    return add_dra(c) if config.method == "dra" else add_devnet(c)
+
+
 def has_field(config: config_dict.ConfigDict, dotted: str) -> bool:
     """Whether config.<dotted> is a field (e.g. "ahl.epochs" is one of AHL configs only)."""
     node = config

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from fsad.compile_cache import enable_compilation_cache
+from fsad.config import method_defaults
 from fsad.data import load_imageset, make_split
 from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
@@ -75,13 +76,19 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
     stored in workdir/config.json, less BATCHING_ONLY (unless DRA draws its test reference
-    per batch, where the batch changes the scores); None when none is stored."""
+    per batch, where the batch changes the scores); None when none is stored. A field the
+    stored config lacks was added to fsad after that run was saved, which ran as its
+    default does: it differs only where config sets it to another value."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         stored = _flat(json.load(f))
     current = _flat(_config_json(config))
+    defaults = _flat(_config_json(method_defaults(config)))
+    for k in set(current) - set(stored):
+        if k in defaults:
+            stored[k] = defaults[k]
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
                   and (per_batch or k not in BATCHING_ONLY))

@@ -315,6 +315,33 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     expect_error(per_batch, work, capsys, "different config (fields eval_batch_size)")
 
 
+
+@pytest.mark.parametrize("method", ["devnet", "dra", "ahl_dra", "ahl_devnet"])
+def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, capsys,
+                                                                    method):
+    """A config.json written before fsad had a field (data.mask_resize, new in this
+    version) holds a run made as that field's default makes it: the run resumes and
+    scores with the default, and another value of the field is another config."""
+    import importlib
+
+    from fsad.config import method_defaults
+    from fsad.experiment import check_stored_config
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    work.mkdir()
+    config = folder_config(root, method, **{"data.img_size": 64})
+    # the defaults it compares with are the config file's
+    assert method_defaults(config).to_json_best_effort() == importlib.import_module(
+        f"configs.{method}").get_config().to_json_best_effort()
+    old = json.loads(config.to_json_best_effort())
+    del old["data"]["mask_resize"]
+    (work / "config.json").write_text(json.dumps(old))
+    assert check_stored_config(str(work), config)
+    config.data.mask_resize = "opencv_linear"
+    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\)"):
+        check_stored_config(str(work), config)
+
+
 def test_more_clusters_than_normals(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     expect_error(folder_config(root, "ahl_devnet", **{"ahl.clusters": 4}), tmp_path / "w",
