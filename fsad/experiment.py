@@ -73,6 +73,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _with_defaults(stored: dict, config) -> dict:
+    """A stored config (flat) with the fields it lacks that config has, at their defaults
+    for config's method: fields added to fsad after the stored run was saved, which ran
+    as their defaults do."""
+    defaults = _flat(_config_json(method_defaults(config)))
+    return {**{k: defaults[k] for k in _flat(_config_json(config)) if k in defaults},
+            **stored}
+
+
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
     stored in workdir/config.json, less BATCHING_ONLY (unless DRA draws its test reference
@@ -83,12 +92,8 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        stored = _flat(json.load(f))
+        stored = _with_defaults(_flat(json.load(f)), config)
     current = _flat(_config_json(config))
-    defaults = _flat(_config_json(method_defaults(config)))
-    for k in set(current) - set(stored):
-        if k in defaults:
-            stored[k] = defaults[k]
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
                   and (per_batch or k not in BATCHING_ONLY))
@@ -320,19 +325,22 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                start_from=base_run_checkpoints(config, seed))
 
 
-# fields of an AHL config that do not change its base model's trained weights: AHL's
-# own, the seeds (each seed is checked apart), and evaluation and bookkeeping
+# fields of an AHL config that do not change its base model's trained weights (a group,
+# or one dotted field): AHL's own, the seeds (each seed is checked apart), and
+# evaluation and bookkeeping
 NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batch_size",
-                     "keep_checkpoints")
+                     "keep_checkpoints", "data.mask_resize")
 
 
 def base_fields_that_differ(config, base: dict) -> list[str]:
-    """The fields that shape the trained base model in which an AHL config and a base
-    run's config (a config.json dict) differ: none when that run trained the same base
-    model."""
-    mine = _config_json(config)
-    return sorted(k for k in set(mine) | set(base)
-                  if k not in NOT_BASE_TRAINING and mine.get(k) != base.get(k))
+    """The fields (groups, e.g. "data") that shape the trained base model in which an AHL
+    config and a base run's config (a config.json dict) differ: none when that run
+    trained the same base model (a field the base run's config lacks counts as its
+    default, as in `stored_config_diff`)."""
+    mine, theirs = _flat(_config_json(config)), _with_defaults(_flat(base), config)
+    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+              and k not in NOT_BASE_TRAINING and k.split(".")[0] not in NOT_BASE_TRAINING}
+    return sorted({k.split(".")[0] for k in differ})
 
 
 def base_run_checkpoints(config, seed: int) -> str | None:

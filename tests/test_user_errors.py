@@ -321,7 +321,8 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
                                                                     method):
     """A config.json written before fsad had a field (data.mask_resize, new in this
     version) holds a run made as that field's default makes it: the run resumes and
-    scores with the default, and another value of the field is another config."""
+    scores with the default, another value of the field is another config, and such a
+    run serves as an AHL run's trained base."""
     import importlib
 
     from fsad.config import method_defaults
@@ -340,6 +341,15 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     config.data.mask_resize = "opencv_linear"
     with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\)"):
         check_stored_config(str(work), config)
+    if method.startswith("ahl_"):  # an older base run serves AHL (ahl.base_workdir)
+        from fsad.experiment import base_fields_that_differ
+        base = folder_config(root, method[4:], **{"data.img_size": 64})
+        base_json = json.loads(base.to_json_best_effort())
+        del base_json["data"]["mask_resize"]
+        # the masks' resize is evaluation: it does not make another base model
+        assert base_fields_that_differ(config, base_json) == []
+        config.epochs += 1
+        assert base_fields_that_differ(config, base_json) == ["epochs"]
 
 
 def test_more_clusters_than_normals(tmp_path, capsys):
