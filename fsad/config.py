@@ -200,6 +200,16 @@ def quick(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def released_localization(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """Variant `localization`: saliency maps and masks as the released localization.py
+    makes them (the map clipped at its 99th percentile, min-max scaled and blurred by
+    scipy's filter; masks by OpenCV's bilinear resize, then > 0), so that
+    pixel_auroc_per_image_mean is that script's pixel AUROC."""
+    c.explain.released_postprocess = True
+    c.data.mask_resize = "opencv_linear"
+    return c
+
+
 def paper_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `paper` of configs/ahl_*.py: the paper's outer lr, 5e-3, on heads that start
     fresh (as the released code's do; the paper does not say), and its importance weights
@@ -283,10 +293,11 @@ def apply_variants(c: config_dict.ConfigDict, arg: str | None,
                    own: dict | None = None) -> config_dict.ConfigDict:
     """Applies the comma-separated variants of ``--config FILE:VARIANTS`` in order.
 
-    Every config knows `quick` and `lite0`; `own` adds a config's own variants
-    as {name: function(c) -> c}.
+    Every config knows `quick`, `lite0` and `localization`; `own` adds a config's own
+    variants as {name: function(c) -> c}.
     """
-    variants = {"quick": quick, "lite0": use_pretrained_lite0, **(own or {})}
+    variants = {"quick": quick, "lite0": use_pretrained_lite0,
+                "localization": released_localization, **(own or {})}
     for v in (arg or "").split(","):
         if v not in variants and v:
             raise UserError(f"variant {v!r} is not known; use any of {', '.join(variants)}, "

@@ -102,3 +102,15 @@ def test_folder_reader_keeps_the_two_mask_resizes_apart_in_its_cache(tmp_path):
     assert np.all(released.masks >= near.masks) and released.masks.sum() > near.masks.sum()
     again = read_folder(root, 20, cache, mask_resize="opencv_linear")
     np.testing.assert_array_equal(again.masks, released.masks)
+
+
+@pytest.mark.parametrize("method", ["devnet", "dra", "ahl_dra", "ahl_devnet"])
+def test_localization_variant_is_the_released_script(method):
+    """`--config configs/<method>.py:localization`: the released localization.py's maps
+    and masks, on top of any other variant."""
+    import importlib
+    module = importlib.import_module(f"configs.{method}")
+    plain, c = module.get_config("quick"), module.get_config("quick,localization")
+    assert (plain.explain.released_postprocess, plain.data.mask_resize) == (False, "nearest")
+    assert (c.explain.released_postprocess, c.data.mask_resize) == (True, "opencv_linear")
+    assert c.data.img_size == plain.data.img_size == 96
