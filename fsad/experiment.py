@@ -73,13 +73,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _with_defaults(stored: dict, config) -> dict:
-    """A stored config (flat) with the fields it lacks that config has, at their defaults
-    for config's method: fields added to fsad after the stored run was saved, which ran
-    as their defaults do."""
+def _with_defaults(stored: dict, current: dict, config) -> dict:
+    """A stored config (flat) with the fields it lacks that the current one (config,
+    flat) has, at their defaults for config's method: fields added to fsad after the
+    stored run was saved, which ran as their defaults do."""
     defaults = _flat(_config_json(method_defaults(config)))
-    return {**{k: defaults[k] for k in _flat(_config_json(config)) if k in defaults},
-            **stored}
+    return {**{k: defaults[k] for k in current if k in defaults}, **stored}
 
 
 def stored_config_diff(workdir: str, config) -> list[str] | None:
@@ -91,9 +90,9 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        stored = _with_defaults(_flat(json.load(f)), config)
     current = _flat(_config_json(config))
+    with open(path) as f:
+        stored = _with_defaults(_flat(json.load(f)), current, config)
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
                   and (per_batch or k not in BATCHING_ONLY))
@@ -337,7 +336,8 @@ def base_fields_that_differ(config, base: dict) -> list[str]:
     config and a base run's config (a config.json dict) differ: none when that run
     trained the same base model (a field the base run's config lacks counts as its
     default, as in `stored_config_diff`)."""
-    mine, theirs = _flat(_config_json(config)), _with_defaults(_flat(base), config)
+    mine = _flat(_config_json(config))
+    theirs = _with_defaults(_flat(base), mine, config)
     differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
               and k not in NOT_BASE_TRAINING and k.split(".")[0] not in NOT_BASE_TRAINING}
     return sorted({k.split(".")[0] for k in differ})

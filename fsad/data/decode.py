@@ -88,25 +88,33 @@ def decode_image(path: str, size: int) -> np.ndarray:
 MASK_RESIZES = ("nearest", "opencv_linear")
 
 
-def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndarray:
-    """Reads a mask resized to size x size. [size, size] uint8 {0, 1}.
-
-    resize="nearest": any nonzero pixel is anomalous, nearest-resized. "opencv_linear":
-    as the released localization.py reads a mask, the file as RGB resized by OpenCV's
-    bilinear filter (`fsad.data.opencv_resize`), anomalous where its first channel is
-    above 0 (a mask about one source pixel wider at every edge).
-    """
-    if resize not in MASK_RESIZES:
+def resize_mask(mask: np.ndarray, size: int, resize: str = "nearest") -> np.ndarray:
+    """[H, W] mask (any nonzero pixel anomalous) -> [size, size] uint8 {0, 1}: the
+    nearest resize, or (resize="opencv_linear") OpenCV's bilinear resize then > 0, as the
+    released localization.py makes its masks (`fsad.data.opencv_resize`; a mask about one
+    source pixel wider at every edge)."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    if resize == "opencv_linear":
+        return (resize_linear(mask, size, size) > 0).astype(np.uint8)
+    if resize != "nearest":
         raise ValueError(f"mask_resize={resize!r}; use one of {', '.join(MASK_RESIZES)}")
+    im = Image.fromarray(mask).resize((size, size), Image.NEAREST)
+    return (np.asarray(im) > 0).astype(np.uint8)
+
+
+def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndarray:
+    """Reads a mask resized to size x size by `resize_mask`. [size, size] uint8 {0, 1}.
+
+    Where resize="opencv_linear" the file is read as the released localization.py reads
+    it, as RGB, and its first channel counts; otherwise as grey.
+    """
     if path is None:
-        return np.zeros((size, size), np.uint8)
+        return resize_mask(np.zeros((size, size), np.uint8), size, resize)
     try:
         with Image.open(path) as im:
             if resize == "opencv_linear":
-                rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-                return (resize_linear(rgb, size, size)[..., 0] > 0).astype(np.uint8)
-            im = im.convert("L").resize((size, size), Image.NEAREST)
-            return (np.asarray(im) > 0).astype(np.uint8)
+                return resize_mask(np.asarray(im.convert("RGB"))[..., 0], size, resize)
+            return resize_mask(np.asarray(im.convert("L")), size, resize)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise _unreadable("mask", path, err) from err
 

@@ -43,10 +43,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fsad.data.cache import cached_imageset, listing_fingerprint
-from fsad.data.decode import CorruptImageError, load_rgb, resize_rgb
+from fsad.data.decode import CorruptImageError, load_rgb, resize_mask, resize_rgb
 from fsad.data.folders import _mask_path, scan_folder, split_normals_3_to_1
 from fsad.data.imageset import NORMAL, ImageSet
-from fsad.data.opencv_resize import resize_linear
 from fsad.errors import UserError
 
 FORMAT = 1  # metadata["fsad_format"] of datasets written here
@@ -291,16 +290,6 @@ def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[..., :3].astype(np.uint8))
 
 
-def _resize_mask(mask: np.ndarray, size: int, how: str = "nearest") -> np.ndarray:
-    """As decode_mask does (`how`: "nearest" or "opencv_linear"), on the stored binarised
-    mask: any non-zero pixel anomalous. [size, size] uint8."""
-    mask = np.asarray(mask).reshape(mask.shape[0], mask.shape[1])
-    if how == "opencv_linear":
-        return (resize_linear(mask, size, size) > 0).astype(np.uint8)
-    im = Image.fromarray(mask)
-    return (np.asarray(im.resize((size, size), Image.NEAREST)) > 0).astype(np.uint8)
-
-
 def _fingerprint(builder) -> str:
     d = str(builder.data_dir)
     if not os.path.isdir(d):
@@ -340,7 +329,8 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
             def keep(i, ex, split=split):
                 return (int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"]),
                         int(ex["label"]), resize_rgb(_rgb(ex["image"]), size),
-                        _resize_mask(ex["mask"], size, mask_resize) if has_masks else None)
+                        resize_mask(ex["mask"][..., 0], size, mask_resize) if has_masks
+                        else None)
             rows += _read_examples(source, keep, f"reading {tfds_name} {split}")
         rows.sort(key=lambda r: r[0])
         if [r[0] for r in rows] != list(range(len(rows))):
