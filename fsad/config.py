@@ -69,7 +69,7 @@ def base_config() -> config_dict.ConfigDict:
     c.explain.confidence = 0.95  # decision cut-off for calibrated scores
 
     c.augment = config_dict.ConfigDict()
-    c.augment.rotate_degrees = 180.0  # every training image rotated by U(-d, d); 0: off
+    c.augment.rotate_degrees = 180.0  # every training image rotated by U(-d, d) as Pillow; 0: off
 
     # the released code's Adam (spec §5): lr 2e-4, PyTorch-style weight decay 1e-5, x0.1
     # every 10 epochs, gradient-norm clipping at 1

@@ -6,40 +6,98 @@ them over a batch. Shapes are static: rectangles of random size are masks.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsad.data import pil_ops
 
 
+# The angles a random rotation draws from: this many evenly spaced values in (-d, d),
+# 0.0055 degrees apart for d = 180 (a corner pixel of a 448 px image moves 0.03 px from one
+# to the next), so that Pillow's fixed-point matrix of every one of them is computed
+# exactly, in float64 on the host, once per shape (`pil_rotation_table`).
+ROTATION_STEPS = 1 << 16
+
+
+def grid_angles(max_degrees: float, steps: int = ROTATION_STEPS) -> np.ndarray:
+    """The `steps` angles random_rotation draws from: bin centres of (-d, d). -> [steps]
+    float64 degrees."""
+    return -max_degrees + 2.0 * max_degrees * (np.arange(steps) + 0.5) / steps
+
+
+def pil_rotation_coefficients(degrees, height: int, width: int) -> np.ndarray:
+    """Pillow's `Image.rotate(degrees, NEAREST)` (what torchvision's RandomRotation calls
+    on a PIL image) as the 16.16 fixed-point affine map its C code runs.
+
+    Pillow builds the inverse matrix in float64 (cos and sin rounded to 15 decimals,
+    about the centre (w/2, h/2)), converts it to fixed point (floor(v * 2^16 + 0.5)) with
+    the half-pixel offset folded into the constant terms, and reads source pixel
+    (xx >> 16, yy >> 16) for output pixel (x, y), xx = a2 + x*a0 + y*a1 and
+    yy = a5 + x*a3 + y*a4; a source outside the image gives black. Its shortcuts for 0,
+    90, 180 and 270 degrees (a copy or a transpose) give the same pixels.
+
+    Args:
+      degrees: [N] angles (counter-clockwise as displayed), float64.
+    Returns:
+      [N, 6] int64 (a0, a1, a2, a3, a4, a5).
+    """
+    angle = -np.radians(np.asarray(degrees, np.float64) % 360.0)
+    cos, sin = np.round(np.cos(angle), 15), np.round(np.sin(angle), 15)
+    cx, cy = width / 2.0, height / 2.0
+    m = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
+    fix = lambda v: np.floor(v * 65536.0 + 0.5).astype(np.int64)  # noqa: E731
+    return np.stack([fix(m[0]), fix(m[1]), fix(m[2] + m[1] * 0.5 + m[0] * 0.5),
+                     fix(m[3]), fix(m[4]), fix(m[5] + m[4] * 0.5 + m[3] * 0.5)], axis=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def pil_rotation_table(max_degrees: float, height: int, width: int,
+                       steps: int = ROTATION_STEPS) -> np.ndarray:
+    """`pil_rotation_coefficients` of every `grid_angles` angle: [steps, 6] int32
+    (read-only; cached per shape)."""
+    if max(height, width) > 8192:  # xx, yy stay within int32 up to this size
+        raise ValueError(f"rotation of a {height}x{width} image: at most 8192 px a side")
+    table = pil_rotation_coefficients(grid_angles(max_degrees, steps), height,
+                                      width).astype(np.int32)
+    table.flags.writeable = False
+    return table
+
+
+def rotate_fixed(image: jax.Array, coefficients: jax.Array) -> jax.Array:
+    """[H, W, C] rotated by a fixed-point affine map ([6] int32 from
+    `pil_rotation_coefficients`): Pillow's nearest-neighbour rotation, pixel for pixel."""
+    h, w = image.shape[:2]
+    a0, a1, a2, a3, a4, a5 = (coefficients[i] for i in range(6))
+    y = jnp.arange(h, dtype=jnp.int32)[:, None]
+    x = jnp.arange(w, dtype=jnp.int32)[None, :]
+    ix = (a2 + y * a1 + x * a0) >> 16  # arithmetic shift: floor, as Pillow's
+    iy = (a5 + y * a4 + x * a3) >> 16
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    out = image[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
+    return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
+
+
 def random_rotation(key: jax.Array, image: jax.Array, max_degrees: float = 180.0) -> jax.Array:
-    """torchvision RandomRotation(max_degrees): nearest neighbour, zero fill.
+    """torchvision RandomRotation(max_degrees) of a PIL image: Pillow's nearest-neighbour
+    rotation, zero fill, by an angle drawn uniformly from `grid_angles(max_degrees)`.
 
     Args:
       image: [H, W, C]. Returns the same shape and dtype.
     """
-    degrees = jax.random.uniform(key, (), minval=-max_degrees, maxval=max_degrees)
-    return rotate(image, degrees)
+    table = pil_rotation_table(max_degrees, *image.shape[:2])
+    k = jax.random.randint(key, (), 0, table.shape[0])
+    return rotate_fixed(image, jnp.asarray(table)[k])
 
 
-def rotate(image: jax.Array, degrees: jax.Array) -> jax.Array:
-    """Rotates [H, W, C] counter-clockwise about the centre; nearest, zero fill."""
-    h, w = image.shape[:2]
-    theta = degrees * math.pi / 180
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
-                          indexing="ij")
-    c, s = jnp.cos(theta), jnp.sin(theta)
-    # inverse map: output pixel -> source pixel (rows point down, so this turns
-    # the picture counter-clockwise as displayed, like torchvision)
-    sy = c * (yy - cy) + s * (xx - cx) + cy
-    sx = -s * (yy - cy) + c * (xx - cx) + cx
-    iy, ix = jnp.round(sy).astype(jnp.int32), jnp.round(sx).astype(jnp.int32)
-    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-    out = image[jnp.clip(iy, 0, h - 1), jnp.clip(ix, 0, w - 1)]
-    return jnp.where(inside[..., None], out, jnp.zeros((), image.dtype))
+def rotate(image: jax.Array, degrees: float) -> jax.Array:
+    """[H, W, C] rotated counter-clockwise by `degrees` (a number known when tracing):
+    Pillow's `Image.rotate(degrees, NEAREST)`, zero fill, pixel for pixel."""
+    coefficients = pil_rotation_coefficients(np.array([float(degrees)]), *image.shape[:2])[0]
+    return rotate_fixed(image, jnp.asarray(coefficients, jnp.int32))
 
 
 def jitter_ops(image: jax.Array, order: jax.Array, brightness: jax.Array,
