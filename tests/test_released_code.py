@@ -4,14 +4,14 @@ tests/test_released_parity.py checks fsad against `benchmarks/torch_released.py`
 PyTorch re-implementations of the released training steps. This file closes the
 loop: it imports the released code (DevNet: mala-lab/deviation-network-image, DRA:
 Choubo/DRA), runs its own `Trainer` for one step (its model, criterion, optimiser,
-scheduler and loop) and its own data pipeline (`datasets/mvtecad.py`: Resize,
-RandomRotation, ToTensor, Normalize on real image files), and compares them with
-fsad and with `torch_released`. The released code is not part of fsad, so this is
+scheduler and loop), its own data pipeline (`datasets/mvtecad.py`: Resize,
+RandomRotation, ToTensor, Normalize on real image files) and DevNet's localisation
+map (`localization.py`), and compares them with fsad and with `torch_released`. The released code is not part of fsad, so this is
 opt-in:
 
     git clone https://github.com/mala-lab/deviation-network-image released/devnet
     git clone https://github.com/Choubo/DRA released/dra
-    pip install torchvision matplotlib tqdm    # what the released code imports
+    pip install torchvision matplotlib tqdm opencv-python-headless   # the released imports
     FSAD_RELEASED_CODE=released python -m pytest tests/test_released_code.py -s
 
 Skipped without FSAD_RELEASED_CODE or torchvision (CI has neither). How the released
@@ -46,6 +46,7 @@ from PIL import Image  # noqa: E402
 
 from benchmarks import torch_released as tr  # noqa: E402
 from conftest import tiny_config  # noqa: E402
+from fsad import explain  # noqa: E402
 from fsad.data import augment  # noqa: E402
 from fsad.data.decode import decode_image  # noqa: E402
 from fsad.losses import deviation_loss  # noqa: E402
@@ -241,6 +242,40 @@ def test_released_devnet_beside_fsad(released_env):
     lrs = lrs_of_released_epochs(fresh, fresh.train, 21)
     np.testing.assert_allclose(fsad_lrs(config, 21), lrs, rtol=1e-6)
     assert lrs[9] > lrs[10] and lrs[19] > lrs[20]
+
+
+def test_released_devnet_localisation_beside_fsad(released_env):
+    """The released localization.py's saliency map (the eval-mode score's gradient with
+    respect to the normalised input, its `convert_to_grayscale`, scipy's gaussian_filter
+    at sigma 4 as it imports it) against fsad's `explain.released_postprocess=True`."""
+    mods = load_released("devnet", ["localization"])
+    loc = mods["localization"]
+    config = tiny_config("devnet", **{"data.img_size": SIZE, "model.n_scales": 2,
+                                      "explain.released_postprocess": True})
+    method = build_method(config)
+    args = argparse.Namespace(backbone="resnet18", n_scales=2, img_size=SIZE,
+                              topk=config.model.topk)
+    torch.manual_seed(0)
+    ours = tr.DevNet(n_scales=2, topk=config.model.topk)
+    randomise_batch_norm(ours)
+    released = loc.SemiADNet(args)
+    load_weights(released, ours)
+    released.eval()
+    images = uint8_batch(3, 7)
+    want = []
+    for x in tr.normalize_uint8(images):
+        released.zero_grad()  # the script's loop body, one image at a time
+        inputs = x.view(1, 3, SIZE, SIZE)
+        inputs.requires_grad = True
+        released(inputs).backward()
+        grey = loc.convert_to_grayscale(inputs.grad.numpy().squeeze(0)).squeeze(0)
+        want.append(loc.gaussian_filter(grey, sigma=4))
+    fn = explain.method_saliency_fn(method, config)
+    got = np.asarray(fn(tr.state_dict_to_flax("devnet", ours),
+                        jnp.asarray(images, jnp.float32)))
+    err = float(np.abs(got - np.stack(want)).max())
+    MEASURED["devnet saliency map (0..1): released localization.py vs fsad, max |diff|"] = err
+    assert err < 1e-5
 
 
 # ---------------------------------------------------------------- DRA
