@@ -43,15 +43,18 @@ def pil_rotation_coefficients(degrees, height: int, width: int) -> np.ndarray:
     Args:
       degrees: [N] angles (counter-clockwise as displayed), float64.
     Returns:
-      [N, 6] int64 (a0, a1, a2, a3, a4, a5).
+      [N, 6] int32 (a0, a1, a2, a3, a4, a5).
     """
+    if max(height, width) > 8192:  # xx, yy of rotate_fixed stay within int32 up to this size
+        raise ValueError(f"rotation of a {height}x{width} image: at most 8192 px a side")
     angle = -np.radians(np.asarray(degrees, np.float64) % 360.0)
     cos, sin = np.round(np.cos(angle), 15), np.round(np.sin(angle), 15)
     cx, cy = width / 2.0, height / 2.0
     m = (cos, sin, cos * -cx + sin * -cy + cx, -sin, cos, -sin * -cx + cos * -cy + cy)
     fix = lambda v: np.floor(v * 65536.0 + 0.5).astype(np.int64)  # noqa: E731
     return np.stack([fix(m[0]), fix(m[1]), fix(m[2] + m[1] * 0.5 + m[0] * 0.5),
-                     fix(m[3]), fix(m[4]), fix(m[5] + m[4] * 0.5 + m[3] * 0.5)], axis=-1)
+                     fix(m[3]), fix(m[4]), fix(m[5] + m[4] * 0.5 + m[3] * 0.5)],
+                    axis=-1).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,10 +62,7 @@ def pil_rotation_table(max_degrees: float, height: int, width: int,
                        steps: int = ROTATION_STEPS) -> np.ndarray:
     """`pil_rotation_coefficients` of every `grid_angles` angle: [steps, 6] int32
     (read-only; cached per shape)."""
-    if max(height, width) > 8192:  # xx, yy stay within int32 up to this size
-        raise ValueError(f"rotation of a {height}x{width} image: at most 8192 px a side")
-    table = pil_rotation_coefficients(grid_angles(max_degrees, steps), height,
-                                      width).astype(np.int32)
+    table = pil_rotation_coefficients(grid_angles(max_degrees, steps), height, width)
     table.flags.writeable = False
     return table
 
@@ -97,7 +97,7 @@ def rotate(image: jax.Array, degrees: float) -> jax.Array:
     """[H, W, C] rotated counter-clockwise by `degrees` (a number known when tracing):
     Pillow's `Image.rotate(degrees, NEAREST)`, zero fill, pixel for pixel."""
     coefficients = pil_rotation_coefficients(np.array([float(degrees)]), *image.shape[:2])[0]
-    return rotate_fixed(image, jnp.asarray(coefficients, jnp.int32))
+    return rotate_fixed(image, jnp.asarray(coefficients))
 
 
 def jitter_ops(image: jax.Array, order: jax.Array, brightness: jax.Array,
