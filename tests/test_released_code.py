@@ -5,9 +5,10 @@ PyTorch re-implementations of the released training steps. This file closes the
 loop: it imports the released code (DevNet: mala-lab/deviation-network-image, DRA:
 Choubo/DRA), runs its own `Trainer` for one step (its model, criterion, optimiser,
 scheduler and loop), its own data pipeline (`datasets/mvtecad.py`: Resize,
-RandomRotation, ToTensor, Normalize on real image files) and DevNet's localisation
-map (`localization.py`), and compares them with fsad and with `torch_released`. The released code is not part of fsad, so this is
-opt-in:
+RandomRotation, ToTensor, Normalize on real image files; DRA's pseudo anomalies, its
+`datasets/cutmix.py`) and DevNet's localisation map (`localization.py`), and
+compares them with fsad and with `torch_released`. The released code is not part of
+fsad, so this is opt-in:
 
     git clone https://github.com/mala-lab/deviation-network-image released/devnet
     git clone https://github.com/Choubo/DRA released/dra
@@ -24,6 +25,7 @@ Nothing else of the released code is changed.
 """
 
 import argparse
+import contextlib
 import copy
 import importlib
 import os
@@ -381,39 +383,108 @@ def test_released_dra_beside_fsad(released_env):
 
 # ---------------------------------------------------------------- data pipeline
 
-@pytest.mark.parametrize("kind", ["devnet", "dra"])
-def test_released_training_images_beside_fsad(kind, released_env, tmp_path):
-    """The released MVTecAD dataset's training transform (Resize, RandomRotation(180),
-    ToTensor, Normalize) on real PNG files of odd sizes, at fixed angles, against fsad's
-    decode (resize), rotation and normalisation of the same files."""
-    mods = load_released(kind, ["datasets.mvtecad"])
-    tv = import_torchvision()
+def released_toy_dataset(kind: str, tmp_path):
+    """The released MVTecAD training dataset over PNG files of odd sizes (3 normals, 4
+    anomalies of one class) written under tmp_path, and the released modules."""
+    mods = load_released(kind, ["datasets.mvtecad", "datasets.cutmix"][:1 + (kind == "dra")])
     rng = np.random.default_rng(5)
     root = tmp_path / "toy"
-    files = []
     for split, cls, n in (("train", "good", 3), ("test", "good", 2), ("test", "crack", 4)):
         (root / split / cls).mkdir(parents=True)
         for i in range(n):
             h, w = rng.integers(70, 140, 2)
             path = root / split / cls / f"{i:03d}.png"
             Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(path)
-            files.append(str(path))
     args = argparse.Namespace(dataset_root=str(tmp_path), classname="toy", img_size=SIZE,
                               n_anomaly=1, nAnomaly=1, ramdn_seed=42, cont_rate=0.0,
                               test_threshold=0, test_rate=0.0, know_class=None,
                               outlier_root=None)
-    dataset = mods["datasets.mvtecad"].MVTecAD(args, train=True)
+    return mods["datasets.mvtecad"].MVTecAD(args, train=True), mods
+
+
+def normal_paths(dataset):
+    return [os.path.join(dataset.root, p) for p in dataset.images[:len(dataset.normal_idx)]]
+
+
+@contextlib.contextmanager
+def fixed_rotation(tv, angle):
+    """A monkeypatch context in which torchvision's RandomRotation turns by `angle`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tv.transforms.RandomRotation, "get_params",
+                   staticmethod(lambda degrees: float(angle)))
+        yield mp
+
+
+@pytest.mark.parametrize("kind", ["devnet", "dra"])
+def test_released_training_images_beside_fsad(kind, released_env, tmp_path):
+    """The released MVTecAD dataset's training transform (Resize, RandomRotation(180),
+    ToTensor, Normalize) on real PNG files of odd sizes, at fixed angles, against fsad's
+    decode (resize), rotation and normalisation of the same files."""
+    dataset, _ = released_toy_dataset(kind, tmp_path)
+    tv = import_torchvision()
     angles = augment.grid_angles(180.0)[[0, 9000, 30000, 47000, 65535]]
     worst = 0.0
-    for index, path in enumerate(dataset.images[:len(dataset.normal_idx)]):
+    for path in normal_paths(dataset):
         for angle in angles:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(tv.transforms.RandomRotation, "get_params",
-                           staticmethod(lambda degrees: float(angle)))
-                image = dataset.transform(dataset.load_image(os.path.join(dataset.root, path)))
-            ours = augment.rotate(jnp.asarray(decode_image(os.path.join(dataset.root, path),
-                                                           SIZE)), angle)
+            with fixed_rotation(tv, angle):
+                image = dataset.transform(dataset.load_image(path))
+            ours = augment.rotate(jnp.asarray(decode_image(path, SIZE)), angle)
             got = np.asarray(normalize_uint8(ours)).transpose(2, 0, 1)
             worst = max(worst, float(np.abs(got - image.numpy()).max()))
     MEASURED[f"{kind} training image: released transform vs fsad, max |diff|"] = worst
+    assert worst < 1e-5
+
+
+def test_released_pseudo_anomaly_beside_fsad(released_env, tmp_path):
+    """DRA's released pseudo-anomaly transform (Resize, its CutMix: a patch of the image
+    cut, ColorJitter(0.1 x 4) on the patch, pasted elsewhere; RandomRotation(180),
+    ToTensor, Normalize) on real PNG files with the released random draws, against
+    fsad's paste_apply of the same draws, rotation and normalisation; and fsad's
+    box_size on the released area and aspect draws against the released rectangle."""
+    dataset, mods = released_toy_dataset("dra", tmp_path)
+    tv = import_torchvision()
+    released_random = mods["datasets.cutmix"].random
+    draws = {}
+
+    def record(name, fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            draws.setdefault(name, []).append((args, out))
+            return out
+        return wrapped
+
+    worst, angles = 0.0, augment.grid_angles(180.0)[[0, 20000, 52000]]
+    apply = jax.jit(augment.paste_apply)
+    for trial in range(12):
+        path = normal_paths(dataset)[trial % 3]
+        draws.clear()
+        torch.manual_seed(trial)
+        released_random.seed(trial)
+        with fixed_rotation(tv, angles[trial % 3]) as mp:
+            mp.setattr(released_random, "uniform", record("uniform", released_random.uniform))
+            mp.setattr(tv.transforms.ColorJitter, "get_params",
+                       staticmethod(record("jitter", tv.transforms.ColorJitter.get_params)))
+            mp.setattr(Image.Image, "crop", record("crop", Image.Image.crop))
+            mp.setattr(Image.Image, "paste", record("paste", Image.Image.paste))
+            image = dataset.transform_pseudo(dataset.load_image(path))
+        (_, frac), = draws["uniform"][:1]
+        ((_, box), _), = draws["crop"]
+        ((_, _, to), _), = draws["paste"]
+        (_, (order, *factors)), = draws["jitter"]
+        # the released aspect: the first torch draw of the transform, drawn again
+        torch.manual_seed(trial)
+        log_ratio = torch.log(torch.tensor((0.3, 1 / 0.3)))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        size = (box[3] - box[1], box[2] - box[0])
+        assert tuple(int(v) for v in augment.box_size(frac, aspect, SIZE, SIZE)) == size
+        assert to[2] - to[0] == size[1] and to[3] - to[1] == size[0]
+        draw = {"size": size, "source": (box[1], box[0]), "target": (to[1], to[0]),
+                "jitter": (jnp.asarray(order.numpy()), *factors)}
+        ours, mask = apply(jnp.asarray(decode_image(path, SIZE)),
+                           jnp.asarray(decode_image(path, SIZE)), draw)
+        assert int(mask.sum()) == size[0] * size[1]
+        ours = augment.rotate(ours, angles[trial % 3])
+        got = np.asarray(normalize_uint8(ours)).transpose(2, 0, 1)
+        worst = max(worst, float(np.abs(got - image.numpy()).max()))
+    MEASURED["dra pseudo anomaly: released transform_pseudo vs fsad, max |diff|"] = worst
     assert worst < 1e-5

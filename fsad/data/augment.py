@@ -128,13 +128,23 @@ def jitter_ops(image: jax.Array, order: jax.Array, brightness: jax.Array,
     return jax.lax.fori_loop(0, len(ops), apply, image.astype(jnp.float32))
 
 
+def jitter_draw(key: jax.Array, strength: float = 0.1):
+    """The random part of torchvision's ColorJitter(brightness, contrast, saturation,
+    hue = strength), as `ColorJitter.get_params` draws it: a random order of the four
+    adjustments, factors from U(max(0, 1 - strength), 1 + strength) and a hue shift
+    from U(-strength, strength). -> (order [4] int32, brightness, contrast, saturation,
+    hue), the arguments of `jitter_ops` after the image."""
+    k_order, kb, kc, ks, kh = jax.random.split(key, 5)
+    factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
+                                          maxval=1 + strength)
+    shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
+    return jax.random.permutation(k_order, 4), factor(kb), factor(kc), factor(ks), shift
+
+
 def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1,
                   region: jax.Array | None = None) -> jax.Array:
     """torchvision's ColorJitter(brightness, contrast, saturation, hue = strength), as the
-    released CutPaste applies it to the cut patch: a random order of the four
-    adjustments (torchvision draws a permutation), factors from
-    U(max(0, 1 - strength), 1 + strength) and a hue shift from U(-strength, strength);
-    see `jitter_ops`.
+    released CutPaste applies it to the cut patch: `jitter_draw`, then `jitter_ops`.
 
     Args:
       image: [H, W, 3] float32 uint8 levels.
@@ -143,52 +153,86 @@ def colour_jitter(key: jax.Array, image: jax.Array, strength: float = 0.1,
     Returns:
       [H, W, 3] float32 uint8 levels.
     """
-    k_order, kb, kc, ks, kh = jax.random.split(key, 5)
-    factor = lambda k: jax.random.uniform(k, (), minval=max(0.0, 1 - strength),  # noqa: E731
-                                          maxval=1 + strength)
-    shift = jax.random.uniform(kh, (), minval=-strength, maxval=strength)
-    return jitter_ops(image, jax.random.permutation(k_order, 4), factor(kb), factor(kc),
-                      factor(ks), shift, region)
+    return jitter_ops(image, *jitter_draw(key, strength), region)
 
 
-def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3):
-    """Random rectangle size as the released CutPaste: area fraction U(area), aspect
-    ratio log-uniform in [aspect, 1/aspect]. Returns (cut_h, cut_w) int32 scalars."""
-    ka, kr = jax.random.split(key)
-    frac = jax.random.uniform(ka, (), minval=area[0], maxval=area[1])
-    ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(aspect), maxval=-math.log(aspect)))
+def box_size(frac: jax.Array, ratio: jax.Array, h: int, w: int):
+    """The released CutPaste's rectangle for area fraction `frac` and aspect `ratio`
+    (width over height): cut_w = round(sqrt(frac h w ratio)), cut_h =
+    round(sqrt(frac h w / ratio)), each kept within 1 .. side - 1 (the released
+    ranges never leave it). -> (cut_h, cut_w) int32 scalars."""
     a = frac * h * w
     cut_w = jnp.clip(jnp.round(jnp.sqrt(a * ratio)), 1, w - 1).astype(jnp.int32)
     cut_h = jnp.clip(jnp.round(jnp.sqrt(a / ratio)), 1, h - 1).astype(jnp.int32)
     return cut_h, cut_w
 
 
+def cut_box(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3):
+    """Random rectangle size as the released CutPaste: area fraction U(area), aspect
+    ratio log-uniform in [aspect, 1/aspect] (`box_size`). Returns (cut_h, cut_w) int32
+    scalars."""
+    ka, kr = jax.random.split(key)
+    frac = jax.random.uniform(ka, (), minval=area[0], maxval=area[1])
+    ratio = jnp.exp(jax.random.uniform(kr, (), minval=math.log(aspect), maxval=-math.log(aspect)))
+    return box_size(frac, ratio, h, w)
+
+
+def paste_draw(key: jax.Array, h: int, w: int, area=(0.02, 0.15), aspect: float = 0.3,
+               jitter: float = 0.1) -> dict:
+    """The random part of `paste_patch` for an h x w image, as the released CutPaste draws
+    it: the rectangle's size (`cut_box`), its corner in the source and in the target,
+    each int(U(0, side - cut)) (so 0 .. side - cut - 1), and the colour jitter
+    (`jitter_draw`; None when jitter is 0).
+
+    Returns:
+      {"size": (cut_h, cut_w), "source": (y, x), "target": (y, x), "jitter": tuple or
+      None}, int32 scalars and jitter_draw's values.
+    """
+    kbox, kfrom_y, kfrom_x, kto_y, kto_x, kjit = jax.random.split(key, 6)
+    ch, cw = cut_box(kbox, h, w, area, aspect)
+    corner = lambda k, side, cut: jax.random.randint(k, (), 0,  # noqa: E731
+                                                     jnp.maximum(side - cut, 1))
+    return {"size": (ch, cw),
+            "source": (corner(kfrom_y, h, ch), corner(kfrom_x, w, cw)),
+            "target": (corner(kto_y, h, ch), corner(kto_x, w, cw)),
+            "jitter": jitter_draw(kjit, jitter) if jitter else None}
+
+
+def paste_apply(target: jax.Array, source: jax.Array, draw: dict):
+    """Cuts the rectangle `draw["size"]` at `draw["source"]` of `source`, jitters it
+    (`jitter_ops` on the patch alone) and pastes it at `draw["target"]` of `target`: the
+    released CutPaste (PIL crop, ColorJitter, paste) for given draws.
+
+    Args:
+      target, source: [H, W, 3] uint8; draw: as `paste_draw` returns.
+    Returns:
+      (image [H, W, 3] uint8, mask [H, W] bool of the pasted rectangle).
+    """
+    h, w = target.shape[:2]
+    (ch, cw), (fy, fx), (ty, tx) = draw["size"], draw["source"], draw["target"]
+    # shift the source so that its box lands on the target box; no wrap reaches the box
+    shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32)
+    yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    mask = (yy >= ty) & (yy < ty + ch) & (xx >= tx) & (xx < tx + cw)
+    if draw["jitter"] is not None:
+        shifted = jitter_ops(shifted, *draw["jitter"], mask)
+    out = jnp.where(mask[..., None], shifted, target.astype(jnp.float32))
+    return out.astype(jnp.uint8), mask
+
+
 def paste_patch(key: jax.Array, target: jax.Array, source: jax.Array,
                 area=(0.02, 0.15), aspect: float = 0.3, jitter: float = 0.1):
-    """Cuts a rectangle from `source`, colour-jitters it (`colour_jitter` on the patch),
-    pastes it at a random place of `target`. CutPaste when source is target, CutMix when
-    it is another image.
+    """Cuts a rectangle from `source`, colour-jitters it, pastes it at a random place of
+    `target` (`paste_draw`, then `paste_apply`). CutPaste when source is target, CutMix
+    when it is another image.
 
     Args:
       target, source: [H, W, 3] uint8.
     Returns:
       (image [H, W, 3] uint8, mask [H, W] bool of the pasted rectangle).
     """
-    h, w = target.shape[:2]
-    kbox, kfrom_y, kfrom_x, kto_y, kto_x, kjit = jax.random.split(key, 6)
-    ch, cw = cut_box(kbox, h, w, area, aspect)
-    # int(random.uniform(0, h - cut_h)) in the released code: 0 .. h - cut_h - 1
-    fy = jax.random.randint(kfrom_y, (), 0, jnp.maximum(h - ch, 1))
-    fx = jax.random.randint(kfrom_x, (), 0, jnp.maximum(w - cw, 1))
-    ty = jax.random.randint(kto_y, (), 0, jnp.maximum(h - ch, 1))
-    tx = jax.random.randint(kto_x, (), 0, jnp.maximum(w - cw, 1))
-    # shift the source so that its box lands on the target box; no wrap reaches the box
-    shifted = jnp.roll(source, (ty - fy, tx - fx), axis=(0, 1)).astype(jnp.float32)
-    yy, xx = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-    mask = (yy >= ty) & (yy < ty + ch) & (xx >= tx) & (xx < tx + cw)
-    patch = colour_jitter(kjit, shifted, jitter, mask) if jitter else shifted
-    out = jnp.where(mask[..., None], patch, target.astype(jnp.float32))
-    return out.astype(jnp.uint8), mask
+    draw = paste_draw(key, *target.shape[:2], area, aspect, jitter)
+    return paste_apply(target, source, draw)
 
 
 def cutpaste(key: jax.Array, image: jax.Array, **kw):
