@@ -45,6 +45,7 @@ pytestmark = pytest.mark.skipif(
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from PIL import Image  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from benchmarks import torch_released as tr  # noqa: E402
 from conftest import tiny_config  # noqa: E402
@@ -282,7 +283,7 @@ def test_released_devnet_localisation_beside_fsad(released_env):
 
 # ---------------------------------------------------------------- DRA
 
-def test_released_dra_beside_fsad(released_env):
+def test_released_dra_beside_fsad(released_env, tmp_path):
     mods = load_released("dra", ["modeling.net", "train"])
     config = tiny_config("dra", **{"data.img_size": SIZE})
     method = build_method(config)
@@ -339,6 +340,17 @@ def test_released_dra_beside_fsad(released_env):
         part = -got[name] if name == "normality" else got[name]
         MEASURED[f"dra eval {name}: released vs fsad"] = rel_err(part, o_r.numpy())
         assert rel_err(part, o_r.numpy()) < 1e-4, name
+    # the released Trainer.eval's anomaly score (its sum of the heads, normality negated,
+    # written to result.txt) on the batch as a test set, against fsad's score
+    trainer.args.experiment_dir = str(tmp_path)
+    train_mod.args = trainer.args  # eval() saves its plot under the script's global args
+    trainer.test_loader = [{"image": x_t, "label": torch.as_tensor(labels == 1)}]
+    released_env.extend(fixed_prior(30 + i)[0] for i in range(4))  # its test loss's priors
+    auroc_r, _ = trainer.eval()
+    released_scores = np.loadtxt(tmp_path / "result.txt")[:, 1]
+    err = rel_err(np.asarray(got["score"]), released_scores)
+    MEASURED["dra test score: released Trainer.eval vs fsad"] = err
+    assert err < 1e-4 and auroc_r == pytest.approx(roc_auc_score(labels == 1, got["score"]))
 
     # the released criterion and generate_target against fsad's per-head losses
     priors = {h: fixed_prior(20 + i) for i, h in enumerate(tr.DRA_HEADS)}
