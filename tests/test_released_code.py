@@ -6,7 +6,8 @@ loop: it imports the released code (DevNet: mala-lab/deviation-network-image, DR
 Choubo/DRA), runs its own `Trainer` for one step (its model, criterion, optimiser,
 scheduler and loop), its own data pipeline (`datasets/mvtecad.py`: Resize,
 RandomRotation, ToTensor, Normalize on real image files; DRA's pseudo anomalies, its
-`datasets/cutmix.py`) and DevNet's localisation map (`localization.py`), and
+`datasets/cutmix.py`, and its outlier-exposure listing), DRA's `Trainer.eval` and
+DevNet's localisation map (`localization.py`), and
 compares them with fsad and with `torch_released`. The released code is not part of
 fsad, so this is opt-in:
 
@@ -51,7 +52,7 @@ from benchmarks import torch_released as tr  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from fsad import explain  # noqa: E402
 from fsad.data import augment  # noqa: E402
-from fsad.data.decode import decode_image  # noqa: E402
+from fsad.data.decode import decode_image, load_image_folder  # noqa: E402
 from fsad.losses import deviation_loss  # noqa: E402
 from fsad.methods import build_method  # noqa: E402
 from fsad.methods.devnet import DevNetModel  # noqa: E402
@@ -395,9 +396,10 @@ def test_released_dra_beside_fsad(released_env, tmp_path):
 
 # ---------------------------------------------------------------- data pipeline
 
-def released_toy_dataset(kind: str, tmp_path):
+def released_toy_dataset(kind: str, tmp_path, outlier_root=None):
     """The released MVTecAD training dataset over PNG files of odd sizes (3 normals, 4
-    anomalies of one class) written under tmp_path, and the released modules."""
+    anomalies of one class) written under tmp_path (its class "toy"), and the released
+    modules."""
     mods = load_released(kind, ["datasets.mvtecad", "datasets.cutmix"][:1 + (kind == "dra")])
     rng = np.random.default_rng(5)
     root = tmp_path / "toy"
@@ -410,7 +412,7 @@ def released_toy_dataset(kind: str, tmp_path):
     args = argparse.Namespace(dataset_root=str(tmp_path), classname="toy", img_size=SIZE,
                               n_anomaly=1, nAnomaly=1, ramdn_seed=42, cont_rate=0.0,
                               test_threshold=0, test_rate=0.0, know_class=None,
-                              outlier_root=None)
+                              outlier_root=outlier_root)
     return mods["datasets.mvtecad"].MVTecAD(args, train=True), mods
 
 
@@ -500,3 +502,23 @@ def test_released_pseudo_anomaly_beside_fsad(released_env, tmp_path):
         worst = max(worst, float(np.abs(got - image.numpy()).max()))
     MEASURED["dra pseudo anomaly: released transform_pseudo vs fsad, max |diff|"] = worst
     assert worst < 1e-5
+
+
+def test_released_outlier_exposure_images_beside_fsad(released_env, tmp_path):
+    """DRA's released outlier exposure from a root in the MVTec layout (`get_ood_data`:
+    the train/good images of every subset but the one trained) against fsad's
+    `load_image_folder` for dra.outlier_root: the same images, and not the trained
+    subset's or any test image."""
+    rng = np.random.default_rng(9)
+    root = tmp_path / "outliers"
+    for subset, n in (("toy", 2), ("bottle", 3), ("cable", 2)):
+        for split, count in (("train", n), ("test", 1)):
+            (root / subset / split / "good").mkdir(parents=True)
+            for i in range(count):
+                h, w = rng.integers(40, 90, 2)
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
+                    root / subset / split / "good" / f"{subset}{i}.png")
+    dataset, _ = released_toy_dataset("dra", tmp_path, outlier_root=str(root))
+    released = sorted(decode_image(p, SIZE).tobytes() for p in dataset.ood_data)
+    ours = sorted(im.tobytes() for im in load_image_folder(str(root), SIZE, "toy"))
+    assert len(released) == 5 and ours == released
