@@ -113,15 +113,23 @@ def test_aitex(tmp_path):
 
 # ---------------------------------------------------------------- SDD
 
-def test_sdd(tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+SDD_H, SDD_W = 31, 8  # bands at rows 10 and 20, the last band 11 rows
+
+
+def _raw_sdd(raw):
     rng = np.random.default_rng(1)
-    h, w = 31, 8  # bands at rows 10 and 20, the last band 11 rows
+    h, w = SDD_H, SDD_W
     for kos, part, rows in (("kos01", "Part0", [(12, 14)]), ("kos01", "Part1", []),
                             ("kos02", "Part0", [(25, 31)])):
         _png(f"{raw}/{kos}/{part}.jpg", _grey(rng, h, w))
         Image.fromarray(_mask(h, w, rows=rows)).save(f"{raw}/{kos}/{part}_label.bmp")
     open(f"{raw}/kos01/Thumbs.db", "w").close()
+
+
+def test_sdd(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_sdd(raw)
+    w = SDD_W
     res = convert("sdd", raw, out)
     root = os.path.join(out, "SDD")
     assert _layout(root) == {"train/good": 5, "test/good": 2, "test/defect": 2,
@@ -149,8 +157,7 @@ def test_sdd_label_missing(tmp_path):
 
 # ---------------------------------------------------------------- Optical
 
-def test_optical(tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+def _raw_optical(raw):
     rng = np.random.default_rng(2)
     for k in range(1, 11):
         for part, flags in (("Train", (0, 1, 0)), ("Test", (1, 0))):
@@ -165,6 +172,11 @@ def test_optical(tmp_path):
             os.makedirs(f"{folder}/Label", exist_ok=True)
             with open(f"{folder}/Label/Labels.txt", "w") as f:
                 f.write("\n".join(lines) + "\n")
+
+
+def test_optical(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_optical(raw)
     convert("optical", raw, out)
     root = os.path.join(out, "optical_class")
     expected = {"train/good": 22, "test/good": 8}  # 30 normals pooled over the 10 classes
@@ -186,8 +198,8 @@ def test_optical(tmp_path):
 
 # ---------------------------------------------------------------- Mastcam
 
-def test_mastcam(tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+def _raw_mastcam(raw):
+    """-> {relative path: the array saved there}."""
     rng = np.random.default_rng(3)
     arrays = {}
     for rel, n in (("train_typical", 3), ("test_typical", 2), ("test_novel/drill-hole", 2),
@@ -196,6 +208,12 @@ def test_mastcam(tmp_path):
         for j in range(n):
             arrays[f"{rel}/{j}.npy"] = a = rng.uniform(0, 255, (8, 8, 6)).astype(np.float32)
             np.save(f"{raw}/{rel}/{j}.npy", a)
+    return arrays
+
+
+def test_mastcam(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    arrays = _raw_mastcam(raw)
     convert("mastcam", raw, out)
     root = os.path.join(out, "mastcam")
     assert _layout(root) == {"train/good": 3, "test/good": 2, "test/drill-hole": 2,
@@ -208,16 +226,23 @@ def test_mastcam(tmp_path):
 
 # ---------------------------------------------------------------- BrainMRI
 
-def test_brainmri(tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+BRAIN_NO = ["1 no.jpeg", "N1.JPG", "N2.jpg", "N4.png", "no 3.jpg"]
+
+
+def _raw_brainmri(raw):
     rng = np.random.default_rng(4)
-    no = ["1 no.jpeg", "N1.JPG", "N2.jpg", "N4.png", "no 3.jpg"]
     yes = ["Y1.jpg", "Y2.JPG", "Y3.jpeg"]
-    for folder, names in (("no", no), ("yes", yes)):
+    for folder, names in (("no", BRAIN_NO), ("yes", yes)):
         for n in names:
             os.makedirs(f"{raw}/{folder}", exist_ok=True)
             Image.fromarray(_grey(rng, 12, 10)).save(f"{raw}/{folder}/{n}",
                                                      format="PNG" if n.endswith("png") else "JPEG")
+
+
+def test_brainmri(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_brainmri(raw)
+    no = BRAIN_NO
     res = convert("brainmri", raw, out)
     root = os.path.join(out, "brainmri")
     assert _layout(root) == {"train/good": 3, "test/good": 2, "test/defect": 3}
@@ -260,8 +285,8 @@ def test_headct(tmp_path):
 
 # ---------------------------------------------------------------- Hyper-Kvasir
 
-def test_hyperkvasir(tmp_path):
-    raw, out = str(tmp_path / "hyper-kvasir"), str(tmp_path / "out")
+def _raw_hyperkvasir(raw):
+    """Writes the download's layout under raw; -> its labeled-images folder."""
     rng = np.random.default_rng(6)
     base = f"{raw}/labeled-images"
     for rel, n in (("upper-gi-tract/anatomical-landmarks/pylorus", 2),
@@ -271,6 +296,12 @@ def test_hyperkvasir(tmp_path):
                    ("lower-gi-tract/pathological-findings/polyps", 2)):
         for j in range(n):
             _png(f"{base}/{rel}/{rel.split('/')[-1]}-{j}.jpg", _grey(rng, 10, 12))
+    return base
+
+
+def test_hyperkvasir(tmp_path):
+    raw, out = str(tmp_path / "hyper-kvasir"), str(tmp_path / "out")
+    base = _raw_hyperkvasir(raw)
     with pytest.raises(RawLayoutError, match="labeled-images"):
         convert("hyper-kvasir", raw, out)  # the download's root instead of labeled-images
     convert("hyper-kvasir", base, out)
@@ -281,23 +312,37 @@ def test_hyperkvasir(tmp_path):
 
 # ---------------------------------------------------------------- ELPV
 
-def test_elpv(tmp_path):
-    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+ELPV_ROWS = [(1, 1.0, "mono"), (2, 0.0, "mono"), (3, 1 / 3, "poly"), (4, 0.0, "poly"),
+             (5, 1.0, "poly"), (6, 0.0, "mono"), (7, 2 / 3, "mono"), (8, 0.0, "poly"),
+             (9, 1.0, "mono"), (10, 0.0, "mono"), (11, 0.0, "poly")]
+
+
+def _raw_elpv(raw):
     rng = np.random.default_rng(7)
-    rows = [(1, 1.0, "mono"), (2, 0.0, "mono"), (3, 1 / 3, "poly"), (4, 0.0, "poly"),
-            (5, 1.0, "poly"), (6, 0.0, "mono"), (7, 2 / 3, "mono"), (8, 0.0, "poly"),
-            (9, 1.0, "mono"), (10, 0.0, "mono"), (11, 0.0, "poly")]
     os.makedirs(f"{raw}/images")
     with open(f"{raw}/labels.csv", "w") as f:
-        for i, p, t in rows:
+        for i, p, t in ELPV_ROWS:
             f.write(f"images/cell{i:04d}.png  {p:<19} {t}\n")
             _png(f"{raw}/images/cell{i:04d}.png", _grey(rng, 6, 6))
+
+
+def test_elpv(tmp_path):
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_elpv(raw)
+    rows = ELPV_ROWS
     res = convert("elpv", raw, out)
     root = os.path.join(out, "elpv")
     assert _layout(root) == {"train/good": 4, "test/good": 2, "test/mono": 2, "test/poly": 1}
     assert res.extra == {"dropped_uncertain": 2}
     normal = [f"cell{i:04d}.png" for i, p, _ in rows if p == 0.0]
     assert _files(root, "test/good") == _expected_split(normal)[1]
+
+
+# the raw layout writer of each converter (tests/test_released_code.py runs the released
+# converters on them): name -> (writer(raw) -> the folder to convert or None, converter name)
+RAW_LAYOUTS = {"AITEX": _raw_aitex, "SDD": _raw_sdd, "optical": _raw_optical,
+               "MastCam": _raw_mastcam, "BrainMRI": _raw_brainmri, "HeadCT": _raw_headct,
+               "hyperkvasir": _raw_hyperkvasir, "elpv": _raw_elpv}
 
 
 # ---------------------------------------------------------------- no conversion: VisA
