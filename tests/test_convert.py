@@ -57,20 +57,26 @@ def _expected_split(names):
 
 # ---------------------------------------------------------------- AITEX
 
-def _raw_aitex(raw):
+def _raw_aitex(raw, tile=TILE, released_cases_only=False):
+    """The AITEX layout with tiles of `tile` px. released_cases_only leaves out the image
+    without a mask and the one with two partial masks, on which the released script stops
+    (tests/test_released_code.py)."""
     rng = np.random.default_rng(0)
-    w, h = 16 * TILE, TILE
+    k = tile // TILE  # the columns below are for 16 px tiles
+    cols = lambda *spans: [(a * k, b * k) for a, b in spans]  # noqa: E731
+    w, h = 16 * tile, tile
     for fabric, name in (("2311694-2040n7u", "0001_000_05"), ("2306894-2040n7u", "0002_000_01")):
         _png(f"{raw}/NODefect_images/{fabric}/{name}.png", _grey(rng, h, w))
     d, m = f"{raw}/Defect_images/Defect_images", f"{raw}/Mask_images/Mask_images"
     _png(f"{d}/0001_002_00.png", _grey(rng, h, w))  # defect over tiles 1 and 2
-    _png(f"{m}/0001_002_00_mask.png", _mask(h, w, [(20, 40)]))
-    _png(f"{d}/0044_019_04.png", _grey(rng, h, w))  # two partial masks: tiles 0 and 6
-    _png(f"{m}/0044_019_04_mask1.png", _mask(h, w, [(0, 5)]))
-    _png(f"{m}/0044_019_04_mask2.png", _mask(h, w, [(100, 110)]))
-    _png(f"{d}/0100_025_08.png", _grey(rng, h, w))  # no mask: skipped
-    _png(f"{d}/0094_027_05.png", _grey(rng, h, 200))  # narrow: 13 tiles, the last 8 px wide
-    _png(f"{m}/0094_027_05_mask.png", _mask(h, 200, [(195, 199)]))
+    _png(f"{m}/0001_002_00_mask.png", _mask(h, w, cols((20, 40))))
+    if not released_cases_only:
+        _png(f"{d}/0044_019_04.png", _grey(rng, h, w))  # two partial masks: tiles 0 and 6
+        _png(f"{m}/0044_019_04_mask1.png", _mask(h, w, cols((0, 5))))
+        _png(f"{m}/0044_019_04_mask2.png", _mask(h, w, cols((100, 110))))
+        _png(f"{d}/0100_025_08.png", _grey(rng, h, w))  # no mask: skipped
+    _png(f"{d}/0094_027_05.png", _grey(rng, h, 200 * k))  # narrow: 13 tiles, the last 8 px wide
+    _png(f"{m}/0094_027_05_mask.png", _mask(h, 200 * k, cols((195, 199))))
     _png(f"{d}/0106_010_03.png", _grey(rng, h, w))  # all-black mask: no tile kept
     _png(f"{m}/0106_010_03_mask.png", _mask(h, w))
 
@@ -340,7 +346,8 @@ def test_elpv(tmp_path):
 
 # the raw layout writer of each converter (tests/test_released_code.py runs the released
 # converters on them): name -> (writer(raw) -> the folder to convert or None, converter name)
-RAW_LAYOUTS = {"AITEX": _raw_aitex, "SDD": _raw_sdd, "optical": _raw_optical,
+RAW_LAYOUTS = {"AITEX": lambda raw: _raw_aitex(raw, 256, released_cases_only=True),
+               "SDD": _raw_sdd, "optical": _raw_optical,
                "MastCam": _raw_mastcam, "BrainMRI": _raw_brainmri, "HeadCT": _raw_headct,
                "hyperkvasir": _raw_hyperkvasir, "elpv": _raw_elpv}
 

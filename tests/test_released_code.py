@@ -531,6 +531,7 @@ def test_released_outlier_exposure_images_beside_fsad(released_env, tmp_path):
 # the released data/convert_<script>.py of DRA's repository: its output folder (under its
 # working directory) and fsad's converter of the same dataset
 RELEASED_CONVERTERS = {
+    "AITEX": ("AITEX_anomaly_detection/AITEX", "AITEX"),
     "SDD": ("SDD_anomaly_detection/SDD", "sdd"),
     "optical": ("optical_anomaly_detection/optical_class", "optical"),
     "MastCam": ("MastCam_anomaly_detection/mastcam", "mastcam"),
@@ -565,15 +566,17 @@ def test_released_converter_beside_fsad(script, tmp_path):
     """The released converter script and fsad's on the same miniature raw layout (the one
     tests/test_convert.py writes): the same files in the same folders, pixel for pixel.
 
-    The released scripts that list folders with os.listdir (SDD, BrainMRI, Hyper-Kvasir)
-    split the normals 3:1 in that order, which depends on the filesystem; here they run
-    with a sorted listing, the order fsad fixes, so their split is fsad's. BrainMRI's
+    The released scripts that list folders with os.listdir (AITEX, SDD, BrainMRI,
+    Hyper-Kvasir) split the normals 3:1 in that order, which depends on the filesystem;
+    here they run with a sorted listing, the order fsad fixes, so their split is fsad's.
+    BrainMRI's
     names differ by fsad's normalised extensions alone (`normalised_name`). The released
-    Optical script is given a root at which its file names are right. AITEX is not
-    compared: its released script stops on the layout's image without a mask and on the
-    one with two partial masks (fsad skips the first and merges the second)."""
-    if script == "SDD":
-        pytest.importorskip("cv2")  # the released SDD script decodes with OpenCV
+    Optical script is given a root at which its file names are right. AITEX's layout
+    leaves out the image without a mask and the one with two partial masks: the released
+    script stops on them (fsad skips the first and merges the second).
+    """
+    if script in ("AITEX", "SDD"):
+        pytest.importorskip("cv2")  # the released script decodes with OpenCV
     from test_convert import RAW_LAYOUTS
     from fsad.data.convert import convert
     from fsad.data.convert.brainmri import normalised_name
