@@ -75,7 +75,7 @@ def _raw_aitex(raw, tile=TILE, released_cases_only=False):
         _png(f"{m}/0044_019_04_mask1.png", _mask(h, w, cols((0, 5))))
         _png(f"{m}/0044_019_04_mask2.png", _mask(h, w, cols((100, 110))))
         _png(f"{d}/0100_025_08.png", _grey(rng, h, w))  # no mask: skipped
-    _png(f"{d}/0094_027_05.png", _grey(rng, h, 200 * k))  # narrow: 13 tiles, the last 8 px wide
+    _png(f"{d}/0094_027_05.png", _grey(rng, h, 200 * k))  # narrow: 13 tiles, the last half a tile
     _png(f"{m}/0094_027_05_mask.png", _mask(h, 200 * k, cols((195, 199))))
     _png(f"{d}/0106_010_03.png", _grey(rng, h, w))  # all-black mask: no tile kept
     _png(f"{m}/0106_010_03_mask.png", _mask(h, w))
