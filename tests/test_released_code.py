@@ -7,10 +7,9 @@ Choubo/DRA), runs its own `Trainer` for one step (its model, criterion, optimise
 scheduler and loop), its own data pipeline (`datasets/mvtecad.py`: Resize,
 RandomRotation, ToTensor, Normalize on real image files; DRA's pseudo anomalies, its
 `datasets/cutmix.py`, and its outlier-exposure listing), DRA's `Trainer.eval`,
-DevNet's localisation map (`localization.py`) and DRA's dataset converters
-(`data/convert_*.py`), and
-compares them with fsad and with `torch_released`. The released code is not part of
-fsad, so this is opt-in:
+DevNet's localisation map (`localization.py`) and the dataset converters
+(`data/convert_*.py`), and compares them with fsad and with `torch_released`. The
+released code is not part of fsad, so this is opt-in:
 
     git clone https://github.com/mala-lab/deviation-network-image released/devnet
     git clone https://github.com/Choubo/DRA released/dra
@@ -23,7 +22,8 @@ gives an untrained ResNet-18 (the seeded weights are loaded next); `Tensor.cuda(
 returns the tensor (the released criterion and DRA's loop call it unconditionally);
 `torch.normal` hands out fixed prior vectors (the released DeviationLoss draws a fresh
 one per call), the same ones fsad's losses get; the dataloaders are one fixed batch.
-Nothing else of the released code is changed.
+Nothing else of the released code is changed but what a test's docstring names (the
+converters run with a sorted os.listdir).
 """
 
 import argparse
@@ -569,12 +569,11 @@ def test_released_converter_beside_fsad(script, tmp_path):
     The released scripts that list folders with os.listdir (AITEX, SDD, BrainMRI,
     Hyper-Kvasir) split the normals 3:1 in that order, which depends on the filesystem;
     here they run with a sorted listing, the order fsad fixes, so their split is fsad's.
-    BrainMRI's
-    names differ by fsad's normalised extensions alone (`normalised_name`). The released
-    Optical script is given a root at which its file names are right. AITEX's layout
-    leaves out the image without a mask and the one with two partial masks: the released
-    script stops on them (fsad skips the first and merges the second).
-    """
+    BrainMRI's names differ by fsad's normalised extensions alone (`normalised_name`).
+    The released Optical script is given a root at which its file names are right.
+    AITEX's layout leaves out the image without a mask and the one with two partial
+    masks: the released script stops on them (fsad skips the first and merges the
+    second)."""
     if script in ("AITEX", "SDD"):
         pytest.importorskip("cv2")  # the released script decodes with OpenCV
     from test_convert import RAW_LAYOUTS
