@@ -6,7 +6,7 @@ loop: it imports the released code (DevNet: mala-lab/deviation-network-image, DR
 Choubo/DRA), runs its own `Trainer` for one step (its model, criterion, optimiser,
 scheduler and loop), its own data pipeline (`datasets/mvtecad.py`: Resize,
 RandomRotation, ToTensor, Normalize on real image files; DRA's pseudo anomalies, its
-`datasets/cutmix.py`, and its outlier-exposure listing), DRA's `Trainer.eval`,
+`datasets/cutmix.py`, and its outlier-exposure listing), its `Trainer.eval`,
 DevNet's localisation map (`localization.py`) and the dataset converters
 (`data/convert_*.py`), and compares them with fsad and with `torch_released`. The
 released code is not part of fsad, so this is opt-in:
@@ -48,13 +48,13 @@ pytestmark = pytest.mark.skipif(
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from PIL import Image  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from benchmarks import torch_released as tr  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from fsad import explain  # noqa: E402
 from fsad.data import augment  # noqa: E402
 from fsad.data.decode import decode_image, load_image_folder  # noqa: E402
+from fsad.evaluate import image_metrics  # noqa: E402
 from fsad.losses import deviation_loss  # noqa: E402
 from fsad.methods import build_method  # noqa: E402
 from fsad.methods.devnet import DevNetModel  # noqa: E402
@@ -219,6 +219,12 @@ def test_released_devnet_beside_fsad(released_env):
         MEASURED[f"devnet {mode} scores: released vs torch_released"] = rel_err(out_m, out_r)
         MEASURED[f"devnet {mode} scores: released vs fsad"] = rel_err(out_f, out_r)
         assert rel_err(out_m, out_r) < 1e-6 and rel_err(out_f, out_r) < 1e-5, mode
+    # the released Trainer.eval (eval mode, its aucPerformance) on the batch as a test set,
+    # against fsad's metrics of fsad's eval-mode scores
+    trainer.test_loader = batch
+    released_env.append(fixed_prior(11)[0])  # its test loss's prior
+    auroc_r, aupr_r = trainer.eval()
+    assert (auroc_r, aupr_r) == pytest.approx(tuple(image_metrics(labels, out_f).values()))
 
     # the released criterion against fsad's loss on the same outputs and prior
     prior_t, prior_j = fixed_prior(10)
@@ -353,7 +359,8 @@ def test_released_dra_beside_fsad(released_env, tmp_path):
     released_scores = np.loadtxt(tmp_path / "result.txt")[:, 1]
     err = rel_err(np.asarray(got["score"]), released_scores)
     MEASURED["dra test score: released Trainer.eval vs fsad"] = err
-    assert err < 1e-4 and auroc_r == pytest.approx(roc_auc_score(labels == 1, got["score"]))
+    assert err < 1e-4
+    assert auroc_r == pytest.approx(image_metrics(labels == 1, got["score"])["auroc"])
 
     # the released criterion and generate_target against fsad's per-head losses
     priors = {h: fixed_prior(20 + i) for i, h in enumerate(tr.DRA_HEADS)}
