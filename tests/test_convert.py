@@ -344,8 +344,10 @@ def test_elpv(tmp_path):
     assert _files(root, "test/good") == _expected_split(normal)[1]
 
 
-# the raw layout writer of each converter (tests/test_released_code.py runs the released
-# converters on them): name -> (writer(raw) -> the folder to convert or None, converter name)
+# the raw layout writer of each dataset, by the name of its released converter script
+# (tests/test_released_code.py runs those scripts on them): name -> writer(raw), which
+# writes the layout under raw; the folder to convert is raw, or the path the writer
+# returns where it returns one (Hyper-Kvasir's labeled-images)
 RAW_LAYOUTS = {"AITEX": lambda raw: _raw_aitex(raw, 256, released_cases_only=True),
                "SDD": _raw_sdd, "optical": _raw_optical,
                "MastCam": _raw_mastcam, "BrainMRI": _raw_brainmri, "HeadCT": _raw_headct,

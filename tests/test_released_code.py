@@ -31,6 +31,7 @@ import contextlib
 import copy
 import importlib
 import os
+import random
 import subprocess
 import sys
 import types
@@ -407,9 +408,8 @@ def test_released_dra_beside_fsad(released_env, tmp_path):
 
 def released_toy_dataset(kind: str, tmp_path, outlier_root=None):
     """The released MVTecAD training dataset over PNG files of odd sizes (3 normals, 4
-    anomalies of one class) written under tmp_path (its class "toy"), and the released
-    modules."""
-    mods = load_released(kind, ["datasets.mvtecad", "datasets.cutmix"][:1 + (kind == "dra")])
+    anomalies of one class) written under tmp_path (its class "toy")."""
+    mods = load_released(kind, ["datasets.mvtecad"])
     rng = np.random.default_rng(5)
     root = tmp_path / "toy"
     for split, cls, n in (("train", "good", 3), ("test", "good", 2), ("test", "crack", 4)):
@@ -422,7 +422,7 @@ def released_toy_dataset(kind: str, tmp_path, outlier_root=None):
                               n_anomaly=1, nAnomaly=1, ramdn_seed=42, cont_rate=0.0,
                               test_threshold=0, test_rate=0.0, know_class=None,
                               outlier_root=outlier_root)
-    return mods["datasets.mvtecad"].MVTecAD(args, train=True), mods
+    return mods["datasets.mvtecad"].MVTecAD(args, train=True)
 
 
 def normal_paths(dataset):
@@ -443,7 +443,7 @@ def test_released_training_images_beside_fsad(kind, released_env, tmp_path):
     """The released MVTecAD dataset's training transform (Resize, RandomRotation(180),
     ToTensor, Normalize) on real PNG files of odd sizes, at fixed angles, against fsad's
     decode (resize), rotation and normalisation of the same files."""
-    dataset, _ = released_toy_dataset(kind, tmp_path)
+    dataset = released_toy_dataset(kind, tmp_path)
     tv = import_torchvision()
     angles = augment.grid_angles(180.0)[[0, 9000, 30000, 47000, 65535]]
     worst = 0.0
@@ -464,9 +464,8 @@ def test_released_pseudo_anomaly_beside_fsad(released_env, tmp_path):
     ToTensor, Normalize) on real PNG files with the released random draws, against
     fsad's paste_apply of the same draws, rotation and normalisation; and fsad's
     box_size on the released area and aspect draws against the released rectangle."""
-    dataset, mods = released_toy_dataset("dra", tmp_path)
+    dataset = released_toy_dataset("dra", tmp_path)
     tv = import_torchvision()
-    released_random = mods["datasets.cutmix"].random
     draws = {}
 
     def record(name, fn):
@@ -482,9 +481,9 @@ def test_released_pseudo_anomaly_beside_fsad(released_env, tmp_path):
         path = normal_paths(dataset)[trial % 3]
         draws.clear()
         torch.manual_seed(trial)
-        released_random.seed(trial)
+        random.seed(trial)  # the released CutMix draws from Python's random module
         with fixed_rotation(tv, angles[trial % 3]) as mp:
-            mp.setattr(released_random, "uniform", record("uniform", released_random.uniform))
+            mp.setattr(random, "uniform", record("uniform", random.uniform))
             mp.setattr(tv.transforms.ColorJitter, "get_params",
                        staticmethod(record("jitter", tv.transforms.ColorJitter.get_params)))
             mp.setattr(Image.Image, "crop", record("crop", Image.Image.crop))
@@ -503,8 +502,8 @@ def test_released_pseudo_anomaly_beside_fsad(released_env, tmp_path):
         assert to[2] - to[0] == size[1] and to[3] - to[1] == size[0]
         draw = {"size": size, "source": (box[1], box[0]), "target": (to[1], to[0]),
                 "jitter": (jnp.asarray(order.numpy()), *factors)}
-        ours, mask = apply(jnp.asarray(decode_image(path, SIZE)),
-                           jnp.asarray(decode_image(path, SIZE)), draw)
+        image_u8 = jnp.asarray(decode_image(path, SIZE))
+        ours, mask = apply(image_u8, image_u8, draw)
         assert int(mask.sum()) == size[0] * size[1]
         ours = augment.rotate(ours, angles[trial % 3])
         got = np.asarray(normalize_uint8(ours)).transpose(2, 0, 1)
@@ -527,7 +526,7 @@ def test_released_outlier_exposure_images_beside_fsad(released_env, tmp_path):
                 h, w = rng.integers(40, 90, 2)
                 Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(
                     root / subset / split / "good" / f"{subset}{i}.png")
-    dataset, _ = released_toy_dataset("dra", tmp_path, outlier_root=str(root))
+    dataset = released_toy_dataset("dra", tmp_path, outlier_root=str(root))
     released = sorted(decode_image(p, SIZE).tobytes() for p in dataset.ood_data)
     ours = sorted(im.tobytes() for im in load_image_folder(str(root), SIZE, "toy"))
     assert len(released) == 5 and ours == released
