@@ -8,7 +8,7 @@ inner loop), once with `jax.lax.conv_general_dilated` and once with
 inputs and devices. `matmul_conv` routes a conv to im2col on CPU where this
 benchmark measured it faster (`SMALL_MAP`, non-overlapping windows).
 
-    python benchmarks/conv_routes.py --batch 48 --channels 512 --maps 2 3 7 14 \
+    python benchmarks/conv_routes.py --batch 48 --channels 512 --maps 2 3 7 14 \\
         --stride 1 --padding 1
 """
 

@@ -17,11 +17,11 @@ the cell) and writes it to OUT/table.md, with every number in OUT/table.json, af
 every cell. With --budget_minutes no cell starts after that time (for a machine lent for
 a fixed time), and --order protocol runs every method on a cell before the next cell.
 
-    python benchmarks/reproduce.py --dataset elpv --methods devnet dra ahl_dra \
+    python benchmarks/reproduce.py --dataset elpv --methods devnet dra ahl_dra \\
         --settings general hard --shots 10 1 --seeds 3 --out runs/elpv_table
-    python benchmarks/reproduce.py --dataset elpv --methods devnet dra --variants quick,lite0 \
+    python benchmarks/reproduce.py --dataset elpv --methods devnet dra --variants quick,lite0 \\
         --settings general --shots 10 --seeds 1 --out runs/elpv_quick
-    python benchmarks/reproduce.py --dataset folder --set data.root=/data/mvtec \
+    python benchmarks/reproduce.py --dataset folder --set data.root=/data/mvtec \\
         --set data.subset=bottle --methods dra --out runs/bottle
 
 On several hosts, run the same command on each with fsad.main's host flags

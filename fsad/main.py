@@ -15,7 +15,7 @@ Any config field can be overridden: ``--config.data.n_anomaly=1``,
 On several hosts (one process each, the same command and shared files; `fsad.hosts`)::
 
     python -m fsad.main --config ... --workdir runs/x --distributed      # TPU pod, SLURM
-    python -m fsad.main --config ... --workdir runs/x --coordinator_address HOST0:1234 \
+    python -m fsad.main --config ... --workdir runs/x --coordinator_address HOST0:1234 \\
         --num_processes 2 --process_id I
 """
 
