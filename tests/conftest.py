@@ -22,6 +22,7 @@ UNOPTIMIZED = os.environ.get("FSAD_TEST_OPTIMIZE") != "1"
 if UNOPTIMIZED:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,6 +75,13 @@ def tiny_config(method="devnet", **overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def norm_rel_err(a, b) -> float:
+    """||a - b|| / ||a|| (Frobenius): the norm-wise relative error that suits float
+    reductions and bfloat16 rounding, where single elements can be far apart."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
 
 
 def cpu_env(devices: int = 1, optimize: bool = False) -> dict:

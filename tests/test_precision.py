@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import norm_rel_err, tiny_config
 from fsad.errors import UserError
 from fsad.explain import method_saliency_fn
 from fsad.methods import build_method
@@ -28,11 +28,6 @@ def test_auto_is_float32_on_cpu_and_other_names_are_refused():
     assert compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(UserError, match="use auto, float32 or bfloat16"):
         compute_dtype("float16")
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(a))
 
 
 def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):
@@ -77,7 +72,7 @@ def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):
     for head, s in bf16["scores"].items():
         assert s.dtype == np.float32, head
         # measured: relative error 0.005 (score) to 0.047 (residual), correlation > 0.995
-        assert _rel(f32["scores"][head], s) < 0.15, head
+        assert norm_rel_err(f32["scores"][head], s) < 0.15, head
         assert np.corrcoef(f32["scores"][head], s)[0, 1] > 0.98, head
     assert bf16["saliency"].dtype == np.float32 and np.isfinite(bf16["saliency"]).all()
     # measured: relative error 0.021, correlation 0.9988

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import run_with_devices, tiny_config
+from conftest import norm_rel_err, run_with_devices, tiny_config
 from fsad.errors import UserError
 from fsad.methods import build_method
 from fsad.train import init_state, make_mesh, make_train_step, put_train_data, sample_balanced
@@ -23,12 +23,6 @@ def _setup(devices, synthetic, tx=None, **overrides):
     data = put_train_data(normal, anomaly, mesh)
     state = init_state(method, jax.random.key(0), data, tx, mesh)
     return method, mesh, tx, state, data
-
-
-def _rel_err(a, b):
-    """Norm-wise relative error, the measure that suits float reductions."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
 
 
 def compare_one_and_eight_devices(folder: str) -> dict:
@@ -59,11 +53,11 @@ def compare_one_and_eight_devices(folder: str) -> dict:
                         placed))
     (u1, b1, l1, _), (u8, b8, l8, placed8) = results
     return {"devices": jax.device_count(), "loss": [l1, l8], "replicated_over": placed8,
-            "update_errors": [float(_rel_err(a, b)) for a, b in zip(jax.tree.leaves(u1),
-                                                                   jax.tree.leaves(u8))],
-            "stats_errors": [float(_rel_err(a, b)) for a, b in zip(jax.tree.leaves(b1),
-                                                                  jax.tree.leaves(b8))],
-            "saliency_error": float(_rel_err(*maps))}
+            "update_errors": [norm_rel_err(a, b)
+                              for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u8))],
+            "stats_errors": [norm_rel_err(a, b)
+                             for a, b in zip(jax.tree.leaves(b1), jax.tree.leaves(b8))],
+            "saliency_error": norm_rel_err(*maps)}
 
 
 def test_eight_devices_match_one(tmp_path):
