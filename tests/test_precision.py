@@ -5,7 +5,8 @@ losses; bfloat16 scores and saliency maps follow float32's.
 
 One bfloat16 train step's update is not compared with float32's: at random init many
 deviations sit near zero, where bfloat16 rounding flips the sign of d|dev|/d dev and
-moves top-K's picks (measured: DRA's updates 33% apart, median over the leaves)."""
+moves top-K's picks (measured: one SGD step of DRA on two scales, the updates 33%
+apart, median over the leaves)."""
 
 import re
 
@@ -71,9 +72,9 @@ def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):
     assert set(bf16["scores"]) == {"score", "seen", "pseudo", "residual", "normality"}
     for head, s in bf16["scores"].items():
         assert s.dtype == np.float32, head
-        # measured: relative error 0.005 (score) to 0.047 (residual), correlation > 0.995
+        # measured: relative error 0.005 (seen) to 0.055 (residual), correlation > 0.995
         assert norm_rel_err(f32["scores"][head], s) < 0.15, head
         assert np.corrcoef(f32["scores"][head], s)[0, 1] > 0.98, head
     assert bf16["saliency"].dtype == np.float32 and np.isfinite(bf16["saliency"]).all()
-    # measured: relative error 0.021, correlation 0.9988
+    # measured: relative error 0.023, correlation 0.9987
     assert np.corrcoef(f32["saliency"].ravel(), bf16["saliency"].ravel())[0, 1] > 0.99
