@@ -41,14 +41,14 @@ def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):
     images = synthetic.images[:16]
     configs = {name: tiny_config("dra", **{"model.dtype": name, "model.n_scales": 1})
                for name in ("float32", "bfloat16")}
+    methods = {name: build_method(config) for name, config in configs.items()}
     # one initial model for both: the parameters are float32 whatever the compute dtype
-    first = build_method(configs["float32"])
-    tx = first.optimizer(configs["float32"].steps_per_epoch)
-    state = init_state(first, jax.random.key(0), data, tx, mesh)
+    tx = methods["float32"].optimizer(configs["float32"].steps_per_epoch)
+    state = init_state(methods["float32"], jax.random.key(0), data, tx, mesh)
     variables = variables_of(state)
     out = {}
     for name, config in configs.items():
-        method = build_method(config)
+        method = methods[name]
         step = make_train_step(method, tx, mesh, config.batch_size)
         program = step.lower(state, data, jax.random.key(1)).as_text()
         convs = re.findall(r"stablehlo\.convolution.*", program)
