@@ -32,12 +32,26 @@ if ROOT not in sys.path:  # configs/ is not a package
 SIZE = 32  # tiny images keep the suite fast on a 2-core CPU
 
 
+def pytest_collection_modifyitems(items):
+    """The end-to-end file first, the rest in their order. It is the longest file (its
+    fixture trains three models by the command line, one after another under
+    pytest-xdist: minutes), so with the two workers of setup.cfg (`--dist loadfile
+    --no-loadscope-reorder`: a file to a worker, in this order) it starts at once
+    instead of ending last, while the other worker takes the other files."""
+    items.sort(key=lambda item: item.path.name != "test_end_to_end.py")  # a stable sort
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory):
-    """An isolated fsad cache, and JAX's persistent compilation cache in it: the many
-    tests that compile the same small steps (and their CLI subprocesses, which inherit
-    FSAD_CACHE) compile each program once per session."""
+    """An isolated fsad cache, and JAX's persistent compilation cache beside it, shared
+    by the session's pytest-xdist workers: the many tests that compile the same small
+    steps (and their CLI subprocesses, which inherit FSAD_CACHE and FSAD_COMPILE_CACHE)
+    compile each program once per session, whichever worker runs them."""
     os.environ["FSAD_CACHE"] = str(tmp_path_factory.mktemp("fsad_cache"))
+    session = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session = session.parent  # a worker's folder sits in the session's
+    os.environ["FSAD_COMPILE_CACHE"] = str(session / "jax_compilation_cache")
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache()
 

@@ -14,7 +14,7 @@ released code is not part of fsad, so this is opt-in:
     git clone https://github.com/mala-lab/deviation-network-image released/devnet
     git clone https://github.com/Choubo/DRA released/dra
     pip install torchvision matplotlib tqdm opencv-python-headless   # the released imports
-    FSAD_RELEASED_CODE=released python -m pytest tests/test_released_code.py -s
+    FSAD_RELEASED_CODE=released python -m pytest tests/test_released_code.py -s -n 0
 
 Skipped without FSAD_RELEASED_CODE or torchvision (CI has neither). How the released
 code is run on a CPU without downloads: `torchvision.models.resnet18(pretrained=True)`
