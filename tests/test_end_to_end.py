@@ -183,8 +183,8 @@ def runs(tmp_path_factory):
     checkpoints in that folder, then restarted with the same command ("k"). Each run's
     commands go in turn; the three runs go side by side (much of a run, compilation
     included, is single-threaded) where the suite runs in one process, and one after
-    another under pytest-xdist, whose other worker keeps the second core busy (side by
-    side there, the suite took 540 to 700 s; one after another, 535 to 576 s).
+    another under pytest-xdist, whose other worker keeps the second core busy (README,
+    "Tests", has both ways measured).
     -> {name: {"root", "u", "k", "args", "stopped_log" (the stopped run's output)}}.
     """
     base = tmp_path_factory.mktemp("runs")
