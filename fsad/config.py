@@ -40,8 +40,9 @@ def base_config() -> config_dict.ConfigDict:
     c.model = config_dict.ConfigDict()
     c.model.backbone = "resnet18"  # resnet18 | resnet34 | resnet50 | alexnet | efficientnet_lite0
     c.model.n_scales = 2  # image pyramid: the input and its nearest half size (released code)
-    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16;
-    # parameters, BatchNorm statistics and losses stay float32 (fsad/precision.py)
+    # compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16
+    # (float64, with JAX_ENABLE_X64=1, for numerical checks); parameters, BatchNorm
+    # statistics and losses stay float32 (fsad/precision.py)
     c.model.dtype = "auto"
     c.model.topk = 0.1
     c.model.topk_abs = True  # rank |s| as the released code; False: s as the paper

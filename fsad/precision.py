@@ -1,7 +1,9 @@
 """Mixed precision: bfloat16 compute with float32 parameters, statistics and losses.
 
 `model.dtype` = "auto" (bfloat16 on GPU/TPU, float32 on CPU, where bfloat16 is
-emulated and slower), "float32" or "bfloat16". The parameters stay float32 in the
+emulated and slower), "float32" or "bfloat16"; "float64" (JAX_ENABLE_X64=1) for
+numerical checks, where float32 rounding would hide what is compared (a ReLU input
+within rounding of 0 can take either branch). The parameters stay float32 in the
 state and the optimiser; each forward pass casts them and the input images to the
 compute dtype (the cast is differentiable, so gradients arrive in float32).
 BatchNorm reduces its statistics in float32 (`fsad.models.norm.TorchBatchNorm`) and
@@ -13,7 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from fsad.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
 def compute_dtype(name: str = "auto"):
@@ -21,9 +25,11 @@ def compute_dtype(name: str = "auto"):
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
     if name not in DTYPES:
-        from fsad.errors import UserError
         raise UserError(f"model.dtype={name!r} is not a compute dtype; use auto, float32 or "
-                        f"bfloat16")
+                        f"bfloat16 (or float64 for numerical checks)")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise UserError("model.dtype=float64 needs JAX's 64-bit mode, which is off: set "
+                        "JAX_ENABLE_X64=1, or use float32")
     return DTYPES[name]
 
 

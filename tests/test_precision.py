@@ -29,6 +29,11 @@ def test_auto_is_float32_on_cpu_and_other_names_are_refused():
     assert compute_dtype("bfloat16") == jnp.bfloat16
     with pytest.raises(UserError, match="use auto, float32 or bfloat16"):
         compute_dtype("float16")
+    # float64 (numerical checks, tests/test_train.py) only in JAX's 64-bit mode: without
+    # it JAX would compute in float32 and say nothing
+    assert not jax.config.jax_enable_x64
+    with pytest.raises(UserError, match="JAX_ENABLE_X64=1"):
+        compute_dtype("float64")
 
 
 def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):

@@ -15,7 +15,8 @@ class TorchBatchNorm(nn.Module):
     E[x^2] - E[x]^2 cancels catastrophically on small late-stage maps: an 8-device step
     differed from a 1-device one by 5e-3), and the running variance is updated with the
     unbiased batch variance (n / (n - 1)), as PyTorch does. Statistics are reduced in
-    float32 whatever the input dtype; the output has the input's dtype.
+    float32, or float64 for a float64 input (`fsad.precision`), and kept in float32; the
+    output has the input's dtype.
 
     Variables: params scale, bias [C]; batch_stats mean, var [C] (the names
     `fsad.weights` maps torchvision's weight, bias, running_mean, running_var to).
@@ -33,18 +34,20 @@ class TorchBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        acc = jnp.promote_types(jnp.float32, x.dtype)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            xf = x.astype(jnp.float32)
+            xf = x.astype(acc)
             mean = jnp.mean(xf, axes)
             var = jnp.mean(jnp.square(xf - mean), axes)
             if not self.is_initializing():
                 n = x.size // c
                 m = self.momentum
-                ra_mean.value = (1 - m) * ra_mean.value + m * mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
+                ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(jnp.float32)
+                ra_var.value = ((1 - m) * ra_var.value
+                                + m * var * (n / max(n - 1, 1))).astype(jnp.float32)
         # (x - mean) first: x * mul - mean * mul cancels when |mean| >> std
-        y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        y = (x.astype(acc) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
         return y.astype(x.dtype)
