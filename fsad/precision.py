@@ -6,8 +6,8 @@ numerical checks, where float32 rounding would hide what is compared (a ReLU inp
 within rounding of 0 can take either branch). The parameters stay float32 in the
 state and the optimiser; each forward pass casts them and the input images to the
 compute dtype (the cast is differentiable, so gradients arrive in float32).
-BatchNorm reduces its statistics in float32 (`fsad.models.norm.TorchBatchNorm`) and
-the heads hand float32 scores to the losses.
+BatchNorm reduces its statistics in float32 (float64 under float64;
+`fsad.models.norm.TorchBatchNorm`) and the heads hand float32 scores to the losses.
 """
 
 from __future__ import annotations
