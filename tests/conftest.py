@@ -15,12 +15,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tests' programs run for milliseconds on tiny images and compile for seconds: XLA's
 # backend optimisations (LLVM -O0, its expensive passes off) cost more than they save,
 # so the suite and the subprocesses it starts compile without them (about 25% less
-# time for the in-process tests). The end-to-end CLI runs, which train for longer,
-# choose for themselves (tests/test_end_to_end.py). FSAD_TEST_OPTIMIZE=1 compiles
-# everything as a user's run does.
+# time for the in-process tests), and without XLA's CPU fusion emitters (the MLIR
+# ones, on by default since jax 0.5: elementwise fusions then go through the older
+# emitter, whose programs compile in about 35% less CPU time, README "Tests"). The
+# end-to-end CLI runs, which train for longer, choose for themselves
+# (tests/test_end_to_end.py). FSAD_TEST_OPTIMIZE=1 compiles everything as a user's run
+# does.
 UNOPTIMIZED = os.environ.get("FSAD_TEST_OPTIMIZE") != "1"
+QUICK_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+
+
+def with_xla_flags(flags: str, *more: str) -> str:
+    """XLA_FLAGS `flags` with each of `more` added where it is not there yet."""
+    return " ".join([flags.strip(), *(m for m in more if m not in flags.split())]).strip()
+
+
 if UNOPTIMIZED:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""),
+                                             QUICK_COMPILE_XLA_FLAGS)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -106,10 +119,14 @@ def cpu_env(devices: int = 1, optimize: bool = False) -> dict:
     e = {k: v for k, v in os.environ.items()
          if k not in ("XLA_FLAGS", "JAX_DISABLE_MOST_OPTIMIZATIONS")}
     e["JAX_PLATFORMS"] = "cpu"
+    flags = ""
     if not optimize and UNOPTIMIZED:
         e["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+        flags = QUICK_COMPILE_XLA_FLAGS
     if devices > 1:
-        e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags = with_xla_flags(flags, f"--xla_force_host_platform_device_count={devices}")
+    if flags:
+        e["XLA_FLAGS"] = flags
     return e
 
 

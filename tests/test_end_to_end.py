@@ -236,10 +236,12 @@ def test_devnet_detects_and_localises_the_defects(runs):
     res = results(u)
     run0 = res["runs"][0]
     assert res["init"] == "random init (resnet18)"
-    assert run0["auroc"] > 0.8, run0["auroc"]  # measured 0.88; a blind guess scores 0.5
+    # measured 0.88, 0.87 with XLA's CPU fusion emitters off (conftest.py); a blind guess
+    # scores 0.5
+    assert run0["auroc"] > 0.8, run0["auroc"]
     assert set(run0["per_class_auroc"]) == {"scratch", "spot", "stain"}
     assert run0["split"]["train_anomaly"] == 10 and len(run0["split"]["seen_anomalies"]) == 10
-    # gradient saliency against the masks (chance is 0.5): measured 0.80 and 0.84
+    # gradient saliency against the masks (chance is 0.5): measured 0.79 to 0.80 and 0.80 to 0.84
     assert run0["pixel_auroc_pooled"] > 0.65 and run0["pixel_auroc_per_image_mean"] > 0.7
     assert len(os.listdir(u / "seed_0" / "overlays")) == 8
     assert (u / "seed_0" / "auroc_f1_curve.png").exists()
