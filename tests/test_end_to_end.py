@@ -28,7 +28,7 @@ import pytest
 from conftest import ROOT, SIZE, coordinator_address, cpu_env
 from fsad.data.synthetic import write_synthetic_dataset
 
-# The first test sets up the `runs` fixture, timed with it: 265 to 475 s alone, about
+# The first test sets up the `runs` fixture, timed with it: 265 to 475 s alone, up to
 # 800 s beside another xdist worker on an AMD EPYC host with AVX2 (README, "Tests")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
