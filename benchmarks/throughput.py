@@ -63,7 +63,7 @@ def config_for(method: str, args, batch: int, dtype: str):
     return c
 
 
-def timed(fn, state, steps: int, warmup: int = 2) -> tuple[float, object]:
+def timed(fn, state, steps: int, warmup: int) -> tuple[float, object]:
     """(seconds per call of state = fn(state) after warm-up calls, the final state): the
     state is threaded through, as donated buffers must be."""
     for _ in range(warmup):
@@ -104,7 +104,8 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     state = init_state(method, key, data, tx, mesh)
     step = make_train_step(method, tx, mesh, batch)
     t_compile, compiled = compile_seconds(step, state, data, key)
-    per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps)
+    per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
+                            args.warmup)
     row = {"method": method_name, "batch": batch, "dtype": dtype,
            "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
            "train_step_mib": mib(compiled)}
@@ -117,7 +118,7 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
         variables = {**variables, "key": key}
     t_compile, compiled_score = compile_seconds(score, variables, images)
     per_batch, _ = timed(lambda vo: (vo[0], compiled_score(vo[0], images)), (variables, None),
-                         args.steps)
+                         args.steps, args.warmup)
     row.update(score_compile_s=t_compile, score_img_per_s=batch / per_batch,
                score_step_mib=mib(compiled_score))
 
@@ -129,7 +130,8 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
             b = jax.device_put(jax.device_get(batch_dev), batch_sharded(mesh))  # a host copy
             return host(s, b, key)[0]
         state = init_state(method, key, data, tx, mesh)
-        row["host_fed_img_per_s"] = batch / timed(host_run, state, args.steps)[0]
+        row["host_fed_img_per_s"] = batch / timed(host_run, state, args.steps,
+                                                  args.warmup)[0]
         row["speedup_vs_host_fed"] = row["train_img_per_s"] / row["host_fed_img_per_s"]
 
     if args.seeds > 1:
@@ -160,10 +162,10 @@ def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
     stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
     step = make_train_step(method, tx, mesh, batch)
     sequential, _ = timed(lambda ss: [step(s, data, k)[0] for s, k in zip(ss, keys)], states,
-                          args.steps)
+                          args.steps, args.warmup)
     vstep = jax.jit(jax.vmap(lambda s, k: step(s, data, k)[0]))
     t_compile, compiled = compile_seconds(vstep, stacked, keys)
-    vmapped, _ = timed(lambda s: compiled(s, keys), stacked, args.steps)
+    vmapped, _ = timed(lambda s: compiled(s, keys), stacked, args.steps, args.warmup)
     return {"seeds": n, "seeds_sequential_img_per_s": n * batch / sequential,
             "seeds_vmapped_img_per_s": n * batch / vmapped,
             "seeds_vmapped_compile_s": t_compile, "seeds_vmapped_step_mib": mib(compiled),
@@ -206,7 +208,7 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
         t_compile, compiled = compile_seconds(step.jitted, p, o, b, arrays, ww, pool, key,
                                               consts)
         per, _ = timed(lambda po: compiled(po[0], po[1], b, arrays, ww, pool, key,
-                                           consts)[:2], (p, o), args.steps)
+                                           consts)[:2], (p, o), args.steps, args.warmup)
         return t_compile, per, mib(compiled)
 
     mesh = make_mesh()
@@ -246,7 +248,8 @@ def bench_torch(kind: str, args, batch: int) -> dict:
             if kind == "dra":
                 extra = (torch.randn(5, 3, args.img_size, args.img_size, device=device),)
             out[f"torch_{mode}_img_per_s"] = tr.time_torch_step(
-                step, (images, labels, *extra), batch, steps=args.steps, device=device)
+                step, (images, labels, *extra), batch, steps=args.steps, warmup=args.warmup,
+                device=device)
             peak = tr.step_peak_bytes(step, (images, labels, *extra), device)
             if peak is not None:
                 out[f"torch_{mode}_step_mib"] = peak / 2**20
@@ -269,8 +272,8 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int)
         step, step_args, n = tr.ahl_meta_step_for_benchmark(
             channels, maps, tasks.num_tasks, support, query, base="dra",
             bank_rows=bank_rows, device=tr.default_device())
-        out = {"torch_eager_fp32_img_per_s": tr.time_torch_step(step, step_args, n,
-                                                                steps=args.steps)}
+        out = {"torch_eager_fp32_img_per_s": tr.time_torch_step(
+            step, step_args, n, steps=args.steps, warmup=args.warmup)}
         peak = tr.step_peak_bytes(step, step_args, tr.default_device())
         return out if peak is None else {**out, "torch_eager_fp32_step_mib": peak / 2**20}
     except Exception as err:  # noqa: BLE001 - reported, as for the other torch modes
@@ -288,6 +291,8 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
                     choices=["bfloat16", "float32"], help="compute dtypes (model.dtype)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each step "
+                    "(fsad's and PyTorch's) before the timed ones")
     ap.add_argument("--n_normal", type=int, default=1131,
                     help="device-resident training normals (ELPV's general 10-shot split)")
     ap.add_argument("--ahl_normals", type=int, default=300,

@@ -21,8 +21,8 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
            "--methods", "ahl", "--img_size", "32", "--batches", "4",
-           "--dtypes", "float32", "--steps", "1", "--n_normal", "16", "--ahl_normals", "6",
-           "--json", str(out)]
+           "--dtypes", "float32", "--steps", "1", "--warmup", "1", "--n_normal", "16",
+           "--ahl_normals", "6", "--json", str(out)]
     with_torch = importlib.util.find_spec("torch") is not None
     if with_torch:
         cmd += ["--torch", "--torch_modes", "eager_fp32"]
