@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
 from fsad.models.resnet import normalize_uint8
+from fsad.quick_compile import quick_jit
 
 DATA_AXIS = "data"
 
@@ -301,10 +302,11 @@ def init_state(method: Method, key: jax.Array, data: TrainData, tx, mesh: Mesh,
     """Initialises params (optionally overwritten by `pretrained` variables), optimiser
     and the method's extras (drawn from the training data)."""
     k_init, k_extras = jax.random.split(key)
-    # one compiled program: op by op, a ResNet-18's init compiles each layer's ops apart
-    # (14 s against 5 s on a 2-core CPU)
-    variables = jax.jit(method.init)(k_init, jnp.zeros((1, *data.images.shape[1:]),
-                                                       jnp.float32))
+    # one compiled program (op by op, a ResNet-18's init compiles each layer's ops apart:
+    # 14 s against 5 s on a 2-core CPU), without the backend optimisations, which took
+    # longer to compile than the program takes to run (fsad.quick_compile)
+    variables = quick_jit(method.init)(k_init, jnp.zeros((1, *data.images.shape[1:]),
+                                                         jnp.float32))
     if pretrained is not None:
         from fsad.weights import merge_variables
         variables = merge_variables(variables, pretrained)

@@ -50,6 +50,7 @@ from fsad.models.resnet import normalize_uint8
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.optim import optimizer_from_config
 from fsad.precision import compute_dtype
+from fsad.quick_compile import quick_jit
 from fsad.train import (DATA_AXIS, checkpoint_manager, one_device_mesh, replicated,
                         restore_latest, save_checkpoint, score_images)
 
@@ -613,7 +614,7 @@ def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
     model = ScoreSequenceModel(num_tasks, hidden, fc)
     tx = optax.adam(lr)
 
-    @functools.partial(jax.jit, static_argnums=1)
+    @functools.partial(quick_jit, static_argnums=1)  # called once
     def init(key, k):
         params = model.init(key, jnp.zeros((1, k, num_tasks)))["params"]
         return params, tx.init(params)
@@ -855,7 +856,7 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base)
     hm, base_hm, base_params = head_models(config, method, base_variables, seed)
     params_g = base_params if a.head_init == "base" else \
-        jax.jit(hm.init)(k_init, [b[:1] for b in bank])
+        quick_jit(hm.init)(k_init, [b[:1] for b in bank])
     params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir, mesh=mesh)
     scores_of = make_head_scorer(base_hm, config.eval_batch_size)
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
