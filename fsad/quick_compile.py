@@ -1,5 +1,6 @@
 """Programs a run calls once whose optimised compile costs far more than their run (a
-model's init, AHL's fresh heads), compiled without XLA's backend optimisations.
+model's init, AHL's fresh heads and psi's init), compiled without XLA's backend
+optimisations.
 
 Measured on a 2-core AMD EPYC CPU, DRA's ResNet-18 init (`Method.init`, compile and
 first call): 13.6 s optimised against 3.5 s without, at 448 px and at 64 px alike (the
