@@ -160,8 +160,12 @@ def test_packaged_imagenet_weights_load_and_run():
                                   sd["_conv_stem.weight"].transpose(2, 3, 1, 0))
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(5, 2, 9)])
-def test_depthwise_slices_equal_grouped_conv(kernel, stride, size):
+@pytest.mark.parametrize("kernel,stride,size,padding", [
+    (5, 2, 9, "SAME"), (3, 1, 6, "SAME"), (3, 2, 8, ((0, 2), (3, 0)))])
+def test_depthwise_slices_equal_grouped_conv(kernel, stride, size, padding):
+    """The CPU route (`depthwise_slices`, whose gradient is written out by hand) gives
+    XLA's grouped conv's outputs, gradients and second-order gradients (a gradient's
+    gradient, as a MAML step takes), and its jaxpr has no conv left."""
     from fsad.models.efficientnet import depthwise_conv
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
@@ -169,11 +173,15 @@ def test_depthwise_slices_equal_grouped_conv(kernel, stride, size):
     dn = ("NHWC", "HWIO", "NHWC")
 
     def f(conv):
-        return lambda x, w: (conv(x, w, (stride, stride), "SAME", dimension_numbers=dn,
+        return lambda x, w: (conv(x, w, (stride, stride), padding, dimension_numbers=dn,
                                   feature_group_count=6) ** 2).sum()
 
     ours, ref = f(depthwise_conv), f(jax.lax.conv_general_dilated)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(jax.grad(ours, (0, 1)))(x, w))
     np.testing.assert_allclose(jax.jit(ours)(x, w), jax.jit(ref)(x, w), rtol=1e-5)
     grads = [jax.jit(jax.grad(g, (0, 1)))(x, w) for g in (ours, ref)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    second = [jax.jit(jax.grad(lambda w, g=g: (jax.grad(g)(x, w) ** 2).sum()))(w)
+              for g in (ours, ref)]
+    np.testing.assert_allclose(second[0], second[1], rtol=1e-4, atol=1e-3)

@@ -185,3 +185,21 @@ def test_matmul_conv_equals_lax(hw, k, stride, route):
     g = jax.grad(lambda w: matmul_conv(x, w, *args[2:], **kw).sum())(w)
     g_ref = jax.grad(lambda w: jax.lax.conv_general_dilated(x, w, *args[2:], **kw).sum())(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride,padding", [(1, 1, "SAME"), (1, 2, "VALID"), (3, 3, "SAME")])
+def test_a_string_padding_takes_the_matmul_route(k, stride, padding):
+    """"SAME" and "VALID" (EfficientNet-Lite0's convs) become explicit pads on CPU, so a
+    1x1 or non-overlapping conv is a matmul there too, with XLA's conv's numbers."""
+    from fsad.models.cpu_conv import matmul_conv
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 7, 7, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, 8, 5)), jnp.float32)
+    kw = {"dimension_numbers": ("NHWC", "HWIO", "NHWC")}
+
+    def ours(w):
+        return matmul_conv(x, w, (stride, stride), padding, **kw)
+
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(jax.grad(lambda w: ours(w).sum()))(w))
+    ref = jax.lax.conv_general_dilated(x, w, (stride, stride), padding, **kw)
+    np.testing.assert_allclose(ours(w), ref, rtol=1e-5, atol=1e-5)
