@@ -201,12 +201,14 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
         """(compile seconds, seconds per step, working MiB per device) with the tasks
         spread over `mesh`."""
         step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps,
-                                        config.ahl.inner_lr, False, mesh)
+                                        config.ahl.inner_lr, False, mesh, args.ahl_chunk)
         p, o, b, arrays, ww, pool, consts = jax.device_put(
             (params, tx.init(params), bank, tasks.device_arrays(), w,
              jnp.asarray(tasks.pool_idx), hm.consts), replicated(mesh))
         t_compile, compiled = compile_seconds(step.jitted, p, o, b, arrays, ww, pool, key,
                                               consts)
+        if args.compile_only:
+            return t_compile, float("nan"), mib(compiled)
         per, _ = timed(lambda po: compiled(po[0], po[1], b, arrays, ww, pool, key,
                                            consts)[:2], (p, o), args.steps, args.warmup)
         return t_compile, per, mib(compiled)
@@ -216,7 +218,8 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
     row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
-           "train_step_mib": step_mib, "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks}
+           "train_step_mib": step_mib, "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks,
+           "chunk": args.ahl_chunk}
     if mesh.size > 1:  # the tasks spread over the devices against the same step on one
         row["one_device_meta_steps_per_s"] = 1 / time_on(one_device_mesh())[1]
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
@@ -297,6 +300,12 @@ def main(argv=None):
                     help="device-resident training normals (ELPV's general 10-shot split)")
     ap.add_argument("--ahl_normals", type=int, default=300,
                     help="normals in the AHL meta-step's feature bank")
+    ap.add_argument("--ahl_chunk", type=int, default=0,
+                    help="samples of a task's set the AHL meta-step takes at a time "
+                    "(ahl.chunk_size; 0: the whole set)")
+    ap.add_argument("--compile_only", action="store_true",
+                    help="AHL: compile the meta-step and report its memory, without running "
+                    "it (img/s nan)")
     ap.add_argument("--backbone", default="resnet18", choices=BACKBONES,
                     help="the trunk (model.backbone)")
     ap.add_argument("--host_fed", action="store_true",

@@ -153,6 +153,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.inner_steps = 3
     c.ahl.inner_lr = 2e-4
     c.ahl.first_order = False  # MAML second order by default
+    # samples of a task's support or query set the meta-step takes at a time: 0 (auto) the
+    # whole set where that fits the free memory, else the largest of 256, 64, 16 that fits
+    # (the same result, up to the order of the sums; fsad/methods/ahl.py `chunked_sum`)
+    c.ahl.chunk_size = 0
     c.ahl.history = 5  # K
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
     # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model

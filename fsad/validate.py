@@ -130,6 +130,8 @@ def check_ahl_config(a) -> None:
              f"{a.psi_hidden}, ahl.psi_fc={a.psi_fc}, ahl.psi_steps={a.psi_steps}: the "
              f"BiLSTM needs at least one hidden unit and one fc unit (7 and 14 in the paper); "
              f"psi_steps at least 0")
+    _require(a.chunk_size >= 0, f"ahl.chunk_size={a.chunk_size}; use 0 (the whole set where "
+             f"it fits) or a number of samples at a time")
     _require(0.0 <= a.pseudo_frac <= 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "
              f"fraction; use a value in [0, 1] (0.5 in the paper)")
 

@@ -17,8 +17,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # so the suite and the subprocesses it starts compile without them (about 25% less
 # time for the in-process tests), and without XLA's CPU fusion emitters (the MLIR
 # ones, on by default in current JAX: elementwise fusions then go through the older
-# emitter, whose programs compile in a quarter to a third less CPU time, README
-# "Tests"; the flag is known from jax 0.7.0, the lowest version allowed, on). The
+# emitter, whose programs compile in a quarter to a third less CPU time,
+# tests/TIMINGS.md; the flag is known from jax 0.7.0, the lowest version allowed, on). The
 # end-to-end CLI runs, which train for longer, choose for themselves
 # (tests/test_end_to_end.py). FSAD_TEST_OPTIMIZE=1 compiles everything as a user's run
 # does.

@@ -416,3 +416,61 @@ def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):
     mngr.close()
     got = ahl.unified_heads_of(config, str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, got, heads)
+
+
+@pytest.mark.parametrize("base", ["dra", "devnet"])
+def test_chunked_meta_step_equals_the_whole_sets(base):
+    """ahl.chunk_size: the second-order meta-step taking 7 samples of a set at a time (the
+    sets hold 20: the last chunk is padded) gives the whole sets' losses, update and pool
+    scores, up to the order of the sums (first order is the same code, its inner
+    gradients cut from the graph). Each head's loss is a weighted
+    mean over its samples, so a chunk's mean must count by its share of the set's
+    weight: plain chunk means would be off by far more than the tolerance."""
+    hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
+    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+    assert tasks.support_idx.shape[1] % 7 and tasks.query_idx.shape[1] > 7
+    weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(tasks.num_tasks)),
+                          jnp.float32)
+    tx = optax.sgd(1.0)
+    got = {}
+    for chunk in (0, 7):
+        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, chunk=chunk)
+        got[chunk] = step(params, tx.init(params), bank, tasks.device_arrays(), weights,
+                          jnp.asarray(tasks.pool_idx), jax.random.key(3))
+    (whole, _, out), (chunked, _, out_c) = got[0], got[7]
+    np.testing.assert_allclose(out_c["task_losses"], out["task_losses"], rtol=1e-5)
+    np.testing.assert_allclose(out_c["pool_scores"], out["pool_scores"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):
+    """ahl.chunk_size=0 (auto): where the whole task sets do not fit the free memory (3
+    tasks of 2**22 support and query samples, compiled from shapes alone: no array that
+    large is made), the meta-step takes 256 samples of a set at a time, and says so. A
+    chunk size that does not fit either is refused before any step, in one line."""
+    from fsad.memory import free_bytes
+    from fsad.train import one_device_mesh
+    free = free_bytes(jax.devices()[:1]) or 0
+    if free > 300 * 2**30:
+        pytest.skip("this machine has more than 300 GiB free")
+    hm, params, bank = _dra_head_model()
+    T, S = 3, 2**22
+    tasks = {k: jax.ShapeDtypeStruct((T, S), jnp.int32 if k.endswith(("idx", "lab")) else
+                                     jnp.float32)
+             for k in ("support_idx", "support_lab", "support_weight", "query_idx",
+                       "query_lab", "query_weight")}
+    tx = optax.adam(1e-3)
+    args = (params, tx.init(params), bank, tasks, jnp.full((T,), 1 / T),
+            jnp.arange(40), jax.random.key(0), hm.consts)
+    config = tiny_config("ahl_dra")
+    config.ahl.first_order = True  # the quicker compile: chunks serve both orders alike
+    with caplog.at_level("WARNING"):
+        compiled = ahl.fitted_meta_step(hm, tx, config.ahl, one_device_mesh(), args)
+    assert "takes 256 samples of a set at a time" in caplog.text
+    assert compiled.memory_analysis().temp_size_in_bytes < free
+    config.ahl.chunk_size = S
+    with pytest.raises(UserError, match=r"^AHL's meta-step \(4194304 samples of a set at a "
+                       r"time\) needs [0-9.]+ GiB of memory and this machine has [0-9.]+ GiB "
+                       r"free; lower --config.ahl.chunk_size \(now 4194304\)$"):
+        ahl.fitted_meta_step(hm, tx, config.ahl, one_device_mesh(), args)

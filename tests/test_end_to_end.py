@@ -28,7 +28,7 @@ from conftest import ROOT, SIZE, coordinator_address, cpu_env
 from fsad.data.synthetic import write_synthetic_dataset
 
 # The first test sets up the `runs` fixture, timed with it: 265 to 475 s alone, up to
-# 800 s beside another xdist worker on an AMD EPYC host with AVX2 (README, "Tests")
+# 800 s beside another xdist worker on an AMD EPYC host with AVX2 (tests/TIMINGS.md)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
@@ -180,7 +180,7 @@ def runs(tmp_path_factory):
     processes where RUNS says restart_hosts). Each run's commands go in turn; the three
     runs go side by side (much of a run, compilation included, is single-threaded) where
     the suite runs in one process, and one after another under pytest-xdist, whose other
-    worker keeps the second core busy (README, "Tests", has both ways measured).
+    worker keeps the second core busy (tests/TIMINGS.md has both ways measured).
     -> {name: {"root", "u", "k", "args", "stopped_log" (the stopped run's output),
     "host_logs" (each restarting host's output, where there are several)}}.
     """

@@ -43,7 +43,8 @@ from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.errors import UserError
 from fsad.hosts import is_primary, progress, put
 from fsad.losses import deviation_loss, sample_prior
-from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses
+from fsad.memory import check_fits, free_bytes, gib, hint_on_oom, program_bytes
+from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, head_weights
 from fsad.models.backbone import trunk_features
 from fsad.models.heads import TopKScorer
 from fsad.models.resnet import normalize_uint8
@@ -371,7 +372,10 @@ class HeadModel:
     """The base method's heads as functions of bank features.
 
     apply_with(params, feats [scales] of [B,h,w,C], consts) -> {head: [B]}
-    loss(head_scores, labels [B], weight [B], key) -> scalar (weighted mean per head)
+    losses(head_scores, labels [B], weight [B], key) -> {head: scalar}, each the mean
+      over the samples weighted by `weights`; `loss` is their sum
+    weights(labels [B], weight [B]) -> {head: [B]} each sample's weight in that head's
+      loss (its routing to the head times weight)
     score(head_scores) -> [B] anomaly score
     init(key, feats) -> fresh head params (PyTorch's default initialisation)
     consts: this seed's arrays that the heads read and do not learn (DRA: the residual
@@ -382,7 +386,8 @@ class HeadModel:
     """
 
     apply_with: callable
-    loss: callable
+    losses: callable
+    weights: callable
     score: callable
     init: callable
     consts: object = None
@@ -390,6 +395,10 @@ class HeadModel:
     def apply(self, params, feats):
         """apply_with this seed's consts."""
         return self.apply_with(params, feats, self.consts)
+
+    def loss(self, head_scores, labels, weight, key):
+        """The sum of the heads' losses: scalar."""
+        return sum(self.losses(head_scores, labels, weight, key).values())
 
 
 HEAD_INITS = ("base", "fresh")
@@ -435,15 +444,15 @@ def head_model(config, base_variables, ref_means=None,
             v = {"params": params, "batch_stats": stats} if stats else {"params": params}
             return heads.apply(v, feats, consts["ref_means"], train=False)
 
-        def loss(scores, labels, weight, key):
-            return sum(head_losses(scores, labels, key, config.dra.loss, lc.prior_size,
-                                   lc.margin, sample_weight=weight, prior_mu=lc.prior_mu,
-                                   prior_sigma=lc.prior_sigma).values())
+        def losses(scores, labels, weight, key):
+            return head_losses(scores, labels, key, config.dra.loss, lc.prior_size, lc.margin,
+                               sample_weight=weight, prior_mu=lc.prior_mu,
+                               prior_sigma=lc.prior_sigma)
 
         def init(key, feats):
             return heads.init(key, feats, ref_means)["params"]
 
-        return (HeadModel(apply_with, loss, combine, init,
+        return (HeadModel(apply_with, losses, head_weights, combine, init,
                           {"batch_stats": bstats, "ref_means": ref_means}),
                 base_variables["params"]["heads"])
     scorer = TopKScorer(config.model.topk, config.model.topk_abs)
@@ -452,21 +461,22 @@ def head_model(config, base_variables, ref_means=None,
         per_scale = [scorer.apply({"params": params}, f)[0] for f in feats]
         return {"score": jnp.mean(jnp.stack(per_scale), axis=0)}
 
-    def loss_devnet(scores, labels, weight, key):
+    def losses_devnet(scores, labels, weight, key):
         prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
-        return deviation_loss(scores["score"], labels > 0, prior, lc.margin, weight)
+        return {"score": deviation_loss(scores["score"], labels > 0, prior, lc.margin, weight)}
 
     def init_devnet(key, feats):
         return scorer.init(key, feats[0])["params"]
 
-    return (HeadModel(apply_devnet, loss_devnet, lambda s: s["score"], init_devnet),
+    return (HeadModel(apply_devnet, losses_devnet, lambda labels, w: {"score": w},
+                      lambda s: s["score"], init_devnet),
             base_variables["params"]["head"])
 
 
 # ---------------------------------------------------------------- CDL
 
 def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
-                   mesh=None):
+                   mesh=None, chunk: int = 0):
     """The jitted CDL epoch step.
 
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
@@ -484,18 +494,47 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     outer gradient and loss are summed across devices. Inputs and outputs are replicated
     on the mesh. Every mesh gives the same task losses; the sum's order, and so the last
     bits of the update, depend on the mesh's size.
+
+    chunk: 0 takes each task's support or query set in one pass, whose memory grows with
+    the set (every task's samples, activations and their second-order graph at once: 12.6
+    GiB for ELPV's 1,131 normals at 96 px with Lite0). N > 0 takes N samples of a set at a
+    time (`chunked_sum`), each chunk's gradient recomputed in the backward pass rather
+    than kept, so memory is bounded by the chunk and the result is the whole set's, up to
+    the order of the sums.
     """
     if mesh is None:
         mesh = one_device_mesh()
 
-    def task_loss_with(params, bank, idx, lab, weight, key, consts):
+    def whole_set_loss(params, bank, idx, lab, weight, key, consts):
         feats = [f[idx] for f in bank]
         return hm.loss(hm.apply_with(params, feats, consts), lab, weight, key)
 
+    def set_loss_and_grad(params, bank, idx, lab, weight, key, consts, with_grad: bool):
+        """A set's loss, or its gradient, in one pass or chunk by chunk: each head's
+        weighted mean over the set is the sum over chunks of the chunk's mean times the
+        chunk's share of the head's total weight (the prior draws are the same in every
+        chunk: the same key)."""
+        if not chunk or idx.shape[0] <= chunk:
+            fn = jax.grad(whole_set_loss) if with_grad else whole_set_loss
+            return fn(params, bank, idx, lab, weight, key, consts)
+        totals = {h: jnp.sum(w) for h, w in hm.weights(lab, weight).items()}
+
+        def chunk_loss(p, i, l, w):
+            losses = hm.losses(hm.apply_with(p, [f[i] for f in bank], consts), l, w, key)
+            shares = hm.weights(l, w)
+            return sum(loss * jnp.sum(shares[h]) / jnp.where(totals[h] > 0, totals[h], 1.0)
+                       for h, loss in losses.items())
+
+        return chunked_sum(jax.grad(chunk_loss) if with_grad else chunk_loss, params,
+                           (idx, lab, weight), chunk)
+
+    def task_loss_with(params, bank, idx, lab, weight, key, consts):
+        return set_loss_and_grad(params, bank, idx, lab, weight, key, consts, False)
+
     def adapt_with(params, bank, idx, lab, weight, key, consts):
         for k in range(inner_steps):
-            g = jax.grad(task_loss_with)(params, bank, idx, lab, weight,
-                                         jax.random.fold_in(key, k), consts)
+            g = set_loss_and_grad(params, bank, idx, lab, weight, jax.random.fold_in(key, k),
+                                  consts, True)
             if first_order:
                 g = jax.lax.stop_gradient(g)
             params = jax.tree.map(lambda p, gi: p - inner_lr * gi, params, g)
@@ -514,13 +553,22 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
             params_g, bank, tasks, keys, consts)
         return jnp.sum(weights * losses), (losses, thetas)
 
+    def pool_scores_of(theta, bank, pool_idx, consts):
+        """[P] scores of the pool under one adapted model, `chunk` samples at a time."""
+        def score(i):
+            return hm.score(hm.apply_with(theta, [f[i] for f in bank], consts))
+        if not chunk or len(pool_idx) <= chunk:
+            return score(pool_idx)
+        n = len(pool_idx)
+        rows = jnp.pad(pool_idx, (0, -n % chunk)).reshape(-1, chunk)
+        return jax.lax.map(score, rows).reshape(-1)[:n]
+
     def on_device(params, bank, tasks, weights, keys, pool_idx, consts):
         """One device's share of the tasks -> the loss and outer gradient summed over the
         devices, every task's loss [Tp] and pool scores [Tp, P]."""
         (loss, (losses, thetas)), grads = jax.value_and_grad(outer, has_aux=True)(
             params, bank, tasks, weights, keys, consts)
-        pool_feats = [f[pool_idx] for f in bank]
-        pool_scores = jax.vmap(lambda th: hm.score(hm.apply_with(th, pool_feats, consts)))(
+        pool_scores = jax.vmap(lambda th: pool_scores_of(th, bank, pool_idx, consts))(
             jax.lax.stop_gradient(thetas))
         return (jax.lax.psum(loss, DATA_AXIS), jax.lax.psum(grads, DATA_AXIS),
                 jax.lax.all_gather(losses, DATA_AXIS, tiled=True),
@@ -561,6 +609,27 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
         return adapt_with(params, bank, idx, lab, weight, key, hm.consts)
 
     return step, task_loss, adapt
+
+
+def chunked_sum(fn, params, samples: tuple, chunk: int):
+    """sum over chunks of fn(params, *chunk's samples): a pytree (a loss, or a gradient).
+
+    samples: arrays [N] (indices, labels, weights) cut into chunks of `chunk`, the last
+    one padded with zeros (weight 0: padding adds nothing). A `lax.scan` over the chunks
+    whose body is rematerialised (`jax.checkpoint`): differentiated (the outer gradient
+    of MAML through an inner gradient), each chunk is recomputed in the backward pass
+    instead of being kept, so memory holds one chunk's activations at a time.
+    """
+    n = samples[0].shape[0]
+    rows = [jnp.pad(a, (0, -n % chunk)).reshape(-1, chunk) for a in samples]
+    body = jax.checkpoint(lambda p, xs: fn(p, *xs))
+    first = jax.eval_shape(body, params, [r[0] for r in rows])
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)
+
+    def add(total, xs):
+        return jax.tree.map(jnp.add, total, body(params, xs)), None
+
+    return jax.lax.scan(add, zero, rows)[0]
 
 
 # ---------------------------------------------------------------- importance
@@ -651,6 +720,44 @@ class MetaState:
     losses: jax.Array
 
 
+CHUNK_SIZES = (256, 64, 16)  # what ahl.chunk_size=0 tries where the whole sets do not fit
+
+
+def fitted_meta_step(hm: HeadModel, tx, a, mesh, args: tuple):
+    """The meta-step compiled for args (`make_meta_step`'s step.jitted arguments), checked
+    against the free memory of the mesh's devices before its first call.
+
+    a: config.ahl. chunk_size N > 0: N samples of a set at a time; 0: the whole sets where
+    that program fits, else the largest of CHUNK_SIZES that does (logged). On several
+    hosts 0 means the whole sets: each host would judge its own free memory, and hosts
+    that compiled different programs would wait on each other's collectives for ever.
+    Raises UserError when none fits, naming the memory it needs and what to lower.
+    """
+    devices = list(mesh.devices.flat)
+    several_hosts = jax.process_count() > 1
+    chunks = [a.chunk_size] if a.chunk_size else [0] if several_hosts else [0, *CHUNK_SIZES]
+    fix = (f"lower --config.ahl.chunk_size (now {a.chunk_size})" if a.chunk_size else
+           "set --config.ahl.chunk_size (e.g. 64: the same result in less memory)"
+           if several_hosts else "lower --config.data.img_size")
+    if not a.first_order:
+        fix += " or train with first-order MAML (--config.ahl.first_order=True)"
+    for n, chunk in enumerate(chunks):
+        step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh,
+                                    chunk)
+        what = "AHL's meta-step" + (f" ({chunk} samples of a set at a time)" if chunk else
+                                    " (whole task sets)")
+        with hint_on_oom(f"compiling {what}", fix):
+            compiled = step.jitted.lower(*args).compile()
+        need, free = program_bytes(compiled), free_bytes(devices)
+        if need is None or free is None or need <= free or n == len(chunks) - 1:
+            check_fits(compiled, devices, what, fix)
+            if chunk and not a.chunk_size:
+                logging.warning("AHL: the meta-step on whole task sets does not fit the free "
+                                "memory; it takes %d samples of a set at a time (%s, the "
+                                "same result)", chunk, gib(need))
+            return compiled
+
+
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
                stop_after: int | None = None, mesh=None) -> tuple[dict, dict]:
     """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
@@ -671,7 +778,6 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     tx = optimizer_from_config(a.optim, 1)
     if mesh is None:
         mesh = one_device_mesh()
-    step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh)
     psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
     k_psi, k_meta = jax.random.split(key)
     psi_params, psi_opt = psi_init(k_psi, K)
@@ -689,6 +795,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     bank_dev = on_mesh(list(bank))
     task_arrays = on_mesh(tasks.device_arrays())
     pool_idx = on_mesh(tasks.pool_idx)
+    step = fitted_meta_step(hm, tx, a, mesh, (
+        state.params, state.opt_state, bank_dev, task_arrays, state.weights, pool_idx,
+        jax.random.fold_in(k_meta, 0), hm.consts))
     times = []
     with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
                   unit="epoch") as bar:
@@ -697,7 +806,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             w = state.weights
             qw = 0.5 + 0.5 * w if a.weighting == "released" else w
             params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
-                                          qw, pool_idx, jax.random.fold_in(k_meta, epoch))
+                                          qw, pool_idx, jax.random.fold_in(k_meta, epoch),
+                                          hm.consts)
             loss = float(out["loss"])
             if not np.isfinite(loss):
                 raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "

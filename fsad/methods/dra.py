@@ -145,6 +145,23 @@ def head_routing(labels: jax.Array) -> dict:
     }
 
 
+def head_weights(labels: jax.Array, sample_weight: jax.Array | None = None) -> dict:
+    """Each sample's weight in each head's loss (`head_losses`): its routing mask
+    (`head_routing`) times sample_weight. A head's loss is the mean over the samples
+    weighted so.
+
+    Args:
+      labels: [B] {0, 1, 2}; sample_weight: optional [B] >= 0.
+    Returns:
+      {head: [B] float32}.
+    """
+    out = {}
+    for h, (_, mask) in head_routing(labels).items():
+        mask = mask.astype(jnp.float32)
+        out[h] = mask if sample_weight is None else mask * sample_weight
+    return out
+
+
 def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str = "deviation",
                 prior_size: int = 5000, margin: float = 5.0,
                 sample_weight: jax.Array | None = None, prior_mu: float = 0.0,
