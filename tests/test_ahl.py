@@ -452,8 +452,9 @@ def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):
     from fsad.memory import free_bytes
     from fsad.train import one_device_mesh
     free = free_bytes(jax.devices()[:1]) or 0
-    if free > 300 * 2**30:
-        pytest.skip("this machine has more than 300 GiB free")
+    if free > 150 * 2**30:  # the whole sets' program needs 162 GiB (measured), 256 at a
+        # time 0.6 GiB
+        pytest.skip("this machine has more than 150 GiB free: the whole sets might fit")
     hm, params, bank = _dra_head_model()
     T, S = 3, 2**22
     tasks = {k: jax.ShapeDtypeStruct((T, S), jnp.int32 if k.endswith(("idx", "lab")) else
