@@ -204,11 +204,12 @@ def test_vmapped_meta_step_equals_a_loop(base):
         assert diff < 1e-6, diff
 
 
-def meta_step_on_meshes(sizes: list) -> dict:
+def meta_step_on_meshes(sizes: list, chunked: tuple = ()) -> dict:
     """Runs in a Python with max(sizes) forced CPU devices (conftest.run_with_devices):
     one second-order meta-step on DRA's heads (3 tasks) with the tasks spread over a mesh
-    of each size. -> {size: {"task_losses", "loss", "params" (the update's leaves),
-    "pool_scores", "replicated" (every output replicated on the mesh)}}."""
+    of each size, and for each size in `chunked` the same with 7 samples of a set at a
+    time (key "<size>/7"). -> {key: {"task_losses", "loss", "params" (the update's
+    leaves), "pool_scores", "replicated" (every output replicated on the mesh)}}."""
     from fsad.train import make_mesh, replicated
     hm, params, bank = _dra_head_model()
     tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
@@ -216,14 +217,14 @@ def meta_step_on_meshes(sizes: list) -> dict:
                           jnp.float32)
     tx = optax.sgd(1.0)
     out = {}
-    for n in sizes:
+    for n, chunk in [(n, 0) for n in sizes] + [(n, 7) for n in chunked]:
         mesh = make_mesh(jax.devices()[:n])
-        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, mesh)
+        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, mesh, chunk)
         args = jax.device_put((params, tx.init(params), bank, tasks.device_arrays(), weights,
                                jnp.asarray(tasks.pool_idx)), replicated(mesh))
         new, _, res = step(*args, jax.random.key(3))
         leaves = [new, res["task_losses"], res["loss"], res["pool_scores"]]
-        out[n] = {"task_losses": np.asarray(res["task_losses"]).tolist(),
+        out[f"{n}/{chunk}" if chunk else n] = {"task_losses": np.asarray(res["task_losses"]).tolist(),
                   "loss": float(res["loss"]),
                   "params": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(new)],
                   "pool_scores": np.asarray(res["pool_scores"]).tolist(),
@@ -239,10 +240,11 @@ def test_meta_step_spreads_the_tasks_over_the_devices():
     device, the same loss and update up to the order of the sum, all replicated. Each
     device adapts its own tasks only: were the inner steps' gradients summed across the
     devices (JAX's varying-axis typing does that to the unsharded params in a
-    `shard_map`), the tasks' losses would differ (measured: by 1e-3 of 9.8 on 2 devices)."""
-    got = run_with_devices(8, "test_ahl", "meta_step_on_meshes", [1, 2, 8])
+    `shard_map`), the tasks' losses would differ (measured: by 1e-3 of 9.8 on 2 devices).
+    The sets taken 7 samples at a time (ahl.chunk_size) on 2 devices give the same."""
+    got = run_with_devices(8, "test_ahl", "meta_step_on_meshes", [1, 2, 8], [2])
     one = got["1"]
-    for n in ("2", "8"):
+    for n in ("2", "8", "2/7"):
         assert got[n]["replicated"], n
         np.testing.assert_allclose(got[n]["task_losses"], one["task_losses"], rtol=1e-6,
                                    err_msg=n)
