@@ -224,13 +224,13 @@ def meta_step_on_meshes(sizes: list, chunked: tuple = ()) -> dict:
                                jnp.asarray(tasks.pool_idx)), replicated(mesh))
         new, _, res = step(*args, jax.random.key(3))
         leaves = [new, res["task_losses"], res["loss"], res["pool_scores"]]
-        out[f"{n}/{chunk}" if chunk else n] = {"task_losses": np.asarray(res["task_losses"]).tolist(),
-                  "loss": float(res["loss"]),
-                  "params": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(new)],
-                  "pool_scores": np.asarray(res["pool_scores"]).tolist(),
-                  "replicated": all(a.sharding.is_fully_replicated and
-                                    len(a.sharding.device_set) == n
-                                    for a in jax.tree.leaves(leaves))}
+        out[f"{n}/{chunk}" if chunk else n] = {
+            "task_losses": np.asarray(res["task_losses"]).tolist(),
+            "loss": float(res["loss"]),
+            "params": [np.asarray(a).ravel().tolist() for a in jax.tree.leaves(new)],
+            "pool_scores": np.asarray(res["pool_scores"]).tolist(),
+            "replicated": all(a.sharding.is_fully_replicated and len(a.sharding.device_set) == n
+                              for a in jax.tree.leaves(leaves))}
     return out
 
 
