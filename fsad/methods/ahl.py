@@ -559,9 +559,7 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
             return hm.score(hm.apply_with(theta, [f[i] for f in bank], consts))
         if not chunk or len(pool_idx) <= chunk:
             return score(pool_idx)
-        n = len(pool_idx)
-        rows = jnp.pad(pool_idx, (0, -n % chunk)).reshape(-1, chunk)
-        return jax.lax.map(score, rows).reshape(-1)[:n]
+        return jax.lax.map(score, chunk_rows(pool_idx, chunk)).reshape(-1)[:len(pool_idx)]
 
     def on_device(params, bank, tasks, weights, keys, pool_idx, consts):
         """One device's share of the tasks -> the loss and outer gradient summed over the
@@ -611,6 +609,12 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     return step, task_loss, adapt
 
 
+def chunk_rows(a: jax.Array, chunk: int) -> jax.Array:
+    """[N] -> [ceil(N / chunk), chunk]: the rows of `chunk` samples, the last padded with
+    zeros."""
+    return jnp.pad(a, (0, -a.shape[0] % chunk)).reshape(-1, chunk)
+
+
 def chunked_sum(fn, params, samples: tuple, chunk: int):
     """sum over chunks of fn(params, *chunk's samples): a pytree (a loss, or a gradient).
 
@@ -620,8 +624,7 @@ def chunked_sum(fn, params, samples: tuple, chunk: int):
     of MAML through an inner gradient), each chunk is recomputed in the backward pass
     instead of being kept, so memory holds one chunk's activations at a time.
     """
-    n = samples[0].shape[0]
-    rows = [jnp.pad(a, (0, -n % chunk)).reshape(-1, chunk) for a in samples]
+    rows = [chunk_rows(a, chunk) for a in samples]
     body = jax.checkpoint(lambda p, xs: fn(p, *xs))
     first = jax.eval_shape(body, params, [r[0] for r in rows])
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first)

@@ -145,19 +145,20 @@ def head_routing(labels: jax.Array) -> dict:
     }
 
 
-def head_weights(labels: jax.Array, sample_weight: jax.Array | None = None) -> dict:
+def head_weights(labels: jax.Array, sample_weight: jax.Array | None = None,
+                 dtype=jnp.float32) -> dict:
     """Each sample's weight in each head's loss (`head_losses`): its routing mask
-    (`head_routing`) times sample_weight. A head's loss is the mean over the samples
-    weighted so.
+    (`head_routing`, as dtype) times sample_weight. A head's loss is the mean over the
+    samples weighted so.
 
     Args:
       labels: [B] {0, 1, 2}; sample_weight: optional [B] >= 0.
     Returns:
-      {head: [B] float32}.
+      {head: [B]} (dtype, or promoted with sample_weight's).
     """
     out = {}
     for h, (_, mask) in head_routing(labels).items():
-        mask = mask.astype(jnp.float32)
+        mask = mask.astype(dtype)
         out[h] = mask if sample_weight is None else mask * sample_weight
     return out
 
@@ -180,10 +181,8 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
     routes = head_routing(labels)
     out = {}
     for i, (h, s) in enumerate(sorted(head_scores.items())):
-        target, mask = routes[h]
-        mask = mask.astype(s.dtype)
-        if sample_weight is not None:
-            mask = mask * sample_weight
+        target = routes[h][0]
+        mask = head_weights(labels, sample_weight, s.dtype)[h]
         if loss == "deviation":
             prior = sample_prior(jax.random.fold_in(key, i), prior_size, prior_mu, prior_sigma)
             out[h] = deviation_loss(s, target, prior, margin, mask)
