@@ -45,6 +45,7 @@ from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.models.backbone import BACKBONES, trunk_map_shape  # noqa: E402
+from fsad.optim import optimizer_from_config  # noqa: E402
 from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
                         make_score_fn, make_train_step, one_device_mesh, put_train_data,
                         replicated)
@@ -193,7 +194,7 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
                                 ref_means)
     clusters = np.array_split(np.arange(nn_), 3)
     tasks = ahl.build_tasks(clusters, nn_, na, seed=0, base="dra")
-    tx = ahl.optimizer_from_config(config.ahl.optim, 1)
+    tx = optimizer_from_config(config.ahl.optim, 1)
     w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
     key = jax.random.key(0)
 

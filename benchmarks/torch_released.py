@@ -19,8 +19,8 @@ Released code mirrored:
           the batch through the trunk; training-mode routing), train.py
           (generate_target, the four head losses summed, the same Adam and clipping,
           StepLR stepped at the START of each epoch).
-  AHL     fsad's CDL step (fsad/methods/ahl.py `make_meta_step`) in PyTorch: T tasks
-          looped, functional heads (torch.func.functional_call), `inner_steps` SGD
+  AHL     fsad's CDL step (`make_meta_step` in fsad/methods/ahl/meta_step.py) in PyTorch:
+          T tasks looped, functional heads (torch.func.functional_call), `inner_steps` SGD
           steps with create_graph=True, weighted query losses, one outer Adam step;
           on DevNet's head (`DevNetFeatureHead`, `weighted_devnet_loss`) or on DRA's
           heads (`DRAFeatureHeads`, `weighted_dra_loss`) over bank features.

@@ -155,13 +155,14 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.first_order = False  # MAML second order by default
     # samples of a task's support or query set the meta-step takes at a time: 0 (auto) the
     # whole set where that fits the free memory, else the largest of 256, 64, 16 that fits
-    # (the same result, up to the order of the sums; fsad/methods/ahl.py `chunked_sum`)
+    # (the same result, up to the order of the sums; `chunked_sum` in
+    # fsad/methods/ahl/meta_step.py)
     c.ahl.chunk_size = 0
     c.ahl.history = 5  # K
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
     # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model
-    # whose error is 10% above another's gets e^-1 of its weight (fsad/methods/ahl.py
-    # `importance_weights`; the paper's softmax(-r) keeps w within ~7% of 1/T).
+    # whose error is 10% above another's gets e^-1 of its weight (`importance_weights` in
+    # fsad/methods/ahl/importance.py; the paper's softmax(-r) keeps w within ~7% of 1/T).
     # weight_relative=False: softmax(-r / T); with T = 1 the paper's Eq. 7 (`:paper`)
     c.ahl.weight_temperature = 0.1
     c.ahl.weight_relative = True

@@ -53,6 +53,7 @@ from fsad.optim import make_optimizer, step_decay  # noqa: E402
 fsad_devnet = importlib.import_module("fsad.methods.devnet")
 fsad_dra = importlib.import_module("fsad.methods.dra")
 fsad_ahl = importlib.import_module("fsad.methods.ahl")
+fsad_ahl_heads = importlib.import_module("fsad.methods.ahl.heads")  # its sample_prior
 
 SIZE = 64
 N_REF = 5
@@ -624,7 +625,7 @@ def test_ahl_meta_step_matches_torch():
     inner_steps, inner_lr = 2, 0.05
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(fsad_ahl, "sample_prior", lambda *a, **k: prior_j)
+    mp.setattr(fsad_ahl_heads, "sample_prior", lambda *a, **k: prior_j)
     try:
         grads_f, out, new_f = fsad_meta_steps(hm, params, bank_np, tasks_np, inner_steps,
                                               inner_lr)

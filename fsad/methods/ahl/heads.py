@@ -1,0 +1,159 @@
+"""The base method's heads as functions of bank features (`HeadModel`): what AHL's
+meta-step adapts and its unified model scores with, for a DRA or a DevNet base."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsad.losses import deviation_loss, sample_prior
+from fsad.methods.ahl.bank import make_feature_fn
+from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, head_weights
+from fsad.models.heads import TopKScorer
+
+@dataclasses.dataclass(frozen=True)
+class HeadModel:
+    """The base method's heads as functions of bank features.
+
+    apply_with(params, feats [scales] of [B,h,w,C], consts) -> {head: [B]}
+    losses(head_scores, labels [B], weight [B], key) -> {head: scalar}, each the mean
+      over the samples weighted by `weights`; `loss` is their sum
+    weights(labels [B], weight [B]) -> {head: [B]} each sample's weight in that head's
+      loss (its routing to the head times weight)
+    score(head_scores) -> [B] anomaly score
+    init(key, feats) -> fresh head params (PyTorch's default initialisation)
+    consts: this seed's arrays that the heads read and do not learn (DRA: the residual
+      head's BatchNorm statistics and the reference mean maps; None for DevNet). The
+      compiled steps take them as arguments: closed over, they would be constants of
+      the program, which would then differ from seed to seed and be compiled anew for
+      each (the persistent compilation cache could not serve it).
+    """
+
+    apply_with: callable
+    losses: callable
+    weights: callable
+    score: callable
+    init: callable
+    consts: object = None
+
+    def apply(self, params, feats):
+        """apply_with this seed's consts."""
+        return self.apply_with(params, feats, self.consts)
+
+    def loss(self, head_scores, labels, weight, key):
+        """The sum of the heads' losses: scalar."""
+        return sum(self.losses(head_scores, labels, weight, key).values())
+
+
+HEAD_INITS = ("base", "fresh")
+
+
+def fresh_batch_stats(batch_stats):
+    """PyTorch's new BatchNorm buffers for a tree of Flax BN statistics: mean 0, var 1."""
+    return flax.traverse_util.unflatten_dict({
+        k: (jnp.ones_like(v) if k[-1] == "var" else jnp.zeros_like(v))
+        for k, v in flax.traverse_util.flatten_dict(batch_stats).items()})
+
+
+def dra_heads(config) -> DRAHeads:
+    """The DRA heads that AHL meta-trains on bank features, as config's DRA builds them.
+    On CPU the residual conv runs as slices and a matmul at every map size: XLA's CPU
+    convolution made the second-order meta-step 5-7x slower (fsad/models/cpu_conv.py)."""
+    return DRAHeads(config.model.topk, VARIANTS[config.dra.variant],
+                    config.dra.residual_stride, config.dra.residual_padding, cpu_matmul=True,
+                    topk_abs=config.model.topk_abs)
+
+
+def head_model(config, base_variables, ref_means=None,
+               fresh: bool = False) -> tuple[HeadModel, dict]:
+    """Builds the base method's heads and their trained params (the initial theta_g).
+
+    ref_means: DRA's reference mean maps per scale (from the test reference set).
+    fresh: heads to be initialised afresh (ahl.head_init=fresh): the residual head's
+    BatchNorm, which normalises its conv's output, then uses new statistics (mean 0, var
+    1, as PyTorch's new BatchNorm) instead of those of the base model's trained conv.
+    Both bases score every pyramid scale and average, as their base models do.
+    """
+    lc = config.loss
+    if config.ahl.base == "dra":
+        heads = dra_heads(config)
+        bstats = base_variables.get("batch_stats", {}).get("heads", {})
+        if fresh:
+            bstats = fresh_batch_stats(bstats)
+
+        def apply_with(params, feats, consts):
+            # BN in the residual head in eval mode: the base model's statistics, or new
+            # ones for fresh heads
+            stats = consts["batch_stats"]
+            v = {"params": params, "batch_stats": stats} if stats else {"params": params}
+            return heads.apply(v, feats, consts["ref_means"], train=False)
+
+        def losses(scores, labels, weight, key):
+            return head_losses(scores, labels, key, config.dra.loss, lc.prior_size, lc.margin,
+                               sample_weight=weight, prior_mu=lc.prior_mu,
+                               prior_sigma=lc.prior_sigma)
+
+        def init(key, feats):
+            return heads.init(key, feats, ref_means)["params"]
+
+        return (HeadModel(apply_with, losses, head_weights, combine, init,
+                          {"batch_stats": bstats, "ref_means": ref_means}),
+                base_variables["params"]["heads"])
+    scorer = TopKScorer(config.model.topk, config.model.topk_abs)
+
+    def apply_devnet(params, feats, consts):
+        per_scale = [scorer.apply({"params": params}, f)[0] for f in feats]
+        return {"score": jnp.mean(jnp.stack(per_scale), axis=0)}
+
+    def losses_devnet(scores, labels, weight, key):
+        prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
+        return {"score": deviation_loss(scores["score"], labels > 0, prior, lc.margin, weight)}
+
+    def init_devnet(key, feats):
+        return scorer.init(key, feats[0])["params"]
+
+    return (HeadModel(apply_devnet, losses_devnet, lambda labels, w: {"score": w},
+                      lambda s: s["score"], init_devnet),
+            base_variables["params"]["head"])
+
+
+def reference_means(config, method, base_variables, seed: int):
+    """DRA's reference mean maps per scale, from the base model's test reference set
+    (the fixed set; with test_reference=per_batch one seeded draw from its pool), or
+    None for a base without a residual head."""
+    if method.reference is None:
+        return None
+    ref = jax.jit(method.reference)({**base_variables, "key": jax.random.key(seed + 30_000)})
+    feats = make_feature_fn(config)(base_variables, ref)
+    return [feats[k].mean(0) for k in sorted(feats)]
+
+
+def head_models(config, method, base_variables, seed: int) -> tuple[HeadModel, HeadModel,
+                                                                    dict]:
+    """(the head model the unified heads are meta-trained and scored with: the base
+    heads', or fresh heads' per ahl.head_init; the base heads' model; their trained
+    params), on this seed's reference means. Training (`run_ahl`) and scoring new images
+    (`score_unified`) both build them here, so they cannot differ."""
+    refs = reference_means(config, method, base_variables, seed)
+    base_hm, base_params = head_model(config, base_variables, refs)
+    hm = base_hm if config.ahl.head_init == "base" else \
+        head_model(config, base_variables, refs, fresh=True)[0]
+    return hm, base_hm, base_params
+
+
+def make_head_scorer(base_hm: HeadModel, batch_size: int):
+    """-> scores_of(head model, head params, feats [scales] of [N,h,w,C]) -> [N] anomaly
+    scores, in batches. One compiled function serves the base and the unified heads:
+    fresh heads differ from the base heads only in their consts (new BatchNorm
+    statistics), which are its argument."""
+    fn = jax.jit(lambda p, feats, consts: base_hm.score(base_hm.apply_with(p, feats, consts)))
+
+    def scores_of(hm: HeadModel, params, feats) -> np.ndarray:
+        return np.concatenate([np.asarray(fn(params, [f[s:s + batch_size] for f in feats],
+                                             hm.consts))
+                               for s in range(0, len(feats[0]), batch_size)])
+    return scores_of

@@ -1,0 +1,125 @@
+"""AHL's meta-training loop: CDL epochs with importance weights, checkpointed every
+epoch and resumable (`MetaState`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsad.errors import UserError
+from fsad.hosts import progress, put
+from fsad.methods.ahl.heads import HeadModel
+from fsad.methods.ahl.importance import importance_weights, make_psi_fns, weight_spread
+from fsad.methods.ahl.meta_step import fitted_meta_step
+from fsad.methods.ahl.tasks import Tasks
+from fsad.optim import optimizer_from_config
+from fsad.train import (checkpoint_manager, one_device_mesh, replicated, restore_latest,
+                        save_checkpoint)
+
+@flax.struct.dataclass
+class MetaState:
+    """What a meta-training checkpoint keeps. history: [epochs, P, T] pool scores;
+    weights: [T] for the next epoch; weights_log: [epochs, T] the weights each epoch
+    used; losses: [epochs] its L_cdl."""
+
+    epoch: jax.Array
+    params: dict
+    opt_state: tuple
+    psi_params: dict
+    psi_opt: tuple
+    history: jax.Array
+    weights: jax.Array
+    weights_log: jax.Array
+    losses: jax.Array
+
+
+def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
+               stop_after: int | None = None, mesh=None) -> tuple[dict, dict]:
+    """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
+
+    stop_after: end after this epoch (checkpointed), as an interruption would.
+    mesh: where the state, bank and tasks live, replicated, and the devices the meta-step
+      spreads the tasks over (default: the first local device). Every epoch's inputs
+      have the same placement, so the meta-step and psi's steps compile once: a fresh
+      array (uncommitted) and a step's output (committed to the mesh) would otherwise be
+      two programs.
+
+    Returns:
+      (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
+       "weight_spread" [epochs] max/min of those, "loss" [epochs], "epoch_seconds"}).
+    """
+    a = config.ahl
+    T, K, E = tasks.num_tasks, a.history, a.epochs
+    tx = optimizer_from_config(a.optim, 1)
+    if mesh is None:
+        mesh = one_device_mesh()
+    psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
+    k_psi, k_meta = jax.random.split(key)
+    psi_params, psi_opt = psi_init(k_psi, K)
+    state = MetaState(jnp.int32(0), params_g, tx.init(params_g), psi_params, psi_opt,
+                      jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
+                      jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
+                      jnp.zeros((E,), jnp.float32))
+    on_mesh = functools.partial(put, sharding=replicated(mesh))
+    state = on_mesh(state)  # restore_latest keeps these shardings
+    mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
+    if mngr is not None:
+        state = restore_latest(mngr, state)
+    # straight from the host arrays to the mesh (the bank is the largest input), not
+    # through the default device first
+    bank_dev = on_mesh(list(bank))
+    task_arrays = on_mesh(tasks.device_arrays())
+    pool_idx = on_mesh(tasks.pool_idx)
+    step = fitted_meta_step(hm, tx, a, mesh, (
+        state.params, state.opt_state, bank_dev, task_arrays, state.weights, pool_idx,
+        jax.random.fold_in(k_meta, 0), hm.consts))
+    times = []
+    with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
+                  unit="epoch") as bar:
+        for epoch in range(int(state.epoch), min(E, stop_after or E)):
+            t0 = time.time()
+            w = state.weights
+            qw = 0.5 + 0.5 * w if a.weighting == "released" else w
+            params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
+                                          qw, pool_idx, jax.random.fold_in(k_meta, epoch),
+                                          hm.consts)
+            loss = float(out["loss"])
+            if not np.isfinite(loss):
+                raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
+                                f"{epoch + 1}; lower --config.ahl.optim.lr or "
+                                f"--config.ahl.inner_lr")
+            history = state.history.at[epoch].set(out["pool_scores"].T)
+            psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
+            if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
+                # psi learns online: the newest window each epoch (fixed shapes, one compile)
+                seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
+                targets = history[epoch]  # [P, T]
+                for _ in range(a.psi_steps):
+                    psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
+                pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
+                w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
+                                                        tasks.pool_coef, a.weight_temperature,
+                                                        a.weight_relative))
+            state = on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
+                                      psi_opt, history, w_next,
+                                      state.weights_log.at[epoch].set(w),
+                                      state.losses.at[epoch].set(loss)))
+            times.append(time.time() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if mngr is not None:
+                save_checkpoint(mngr, epoch + 1, state)
+    if mngr is not None:
+        mngr.close()
+    done = int(state.epoch)
+    weights = np.asarray(state.weights_log)[:done]
+    return state.params, {"weights": weights.tolist(),
+                          "weight_spread": [weight_spread(w) for w in weights],
+                          "loss": np.asarray(state.losses)[:done].tolist(),
+                          "epoch_seconds": float(np.median(times)) if times else None}
