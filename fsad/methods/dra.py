@@ -156,11 +156,14 @@ def head_weights(labels: jax.Array, sample_weight: jax.Array | None = None,
     Returns:
       {head: [B]} (dtype, or promoted with sample_weight's).
     """
-    out = {}
-    for h, (_, mask) in head_routing(labels).items():
-        mask = mask.astype(dtype)
-        out[h] = mask if sample_weight is None else mask * sample_weight
-    return out
+    return {h: _weighted(mask, sample_weight, dtype)
+            for h, (_, mask) in head_routing(labels).items()}
+
+
+def _weighted(mask: jax.Array, sample_weight: jax.Array | None, dtype) -> jax.Array:
+    """A head's routing mask [B] as dtype, times sample_weight [B] where given."""
+    mask = mask.astype(dtype)
+    return mask if sample_weight is None else mask * sample_weight
 
 
 def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str = "deviation",
@@ -181,8 +184,8 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
     routes = head_routing(labels)
     out = {}
     for i, (h, s) in enumerate(sorted(head_scores.items())):
-        target = routes[h][0]
-        mask = head_weights(labels, sample_weight, s.dtype)[h]
+        target, mask = routes[h]
+        mask = _weighted(mask, sample_weight, s.dtype)  # as head_weights gives it
         if loss == "deviation":
             prior = sample_prior(jax.random.fold_in(key, i), prior_size, prior_mu, prior_sigma)
             out[h] = deviation_loss(s, target, prior, margin, mask)
