@@ -50,14 +50,14 @@ sys.path.insert(0, ROOT)
 from fsad.config import has_field, override  # noqa: E402
 from fsad.data import load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
-from fsad.experiment import (base_fields_that_differ, build_runner,  # noqa: E402
-                             run_experiment, write_json_atomic)
+from fsad.experiment import build_runner, run_experiment  # noqa: E402
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (devnet_ablation_auroc, is_devnet_ablation,  # noqa: E402
                                 paper_known_classes, reference_auroc)
+from fsad.workdir import base_fields_that_differ, write_json_atomic  # noqa: E402
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # fields that change from cell to cell and leave the method, its shapes and its

@@ -41,14 +41,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fsad.experiment import write_json_atomic  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
+from fsad.mesh import batch_sharded, make_mesh, one_device_mesh, replicated  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
 from fsad.models.backbone import BACKBONES, trunk_map_shape  # noqa: E402
 from fsad.optim import optimizer_from_config  # noqa: E402
-from fsad.train import (batch_sharded, init_state, make_host_fed_step, make_mesh,  # noqa: E402
-                        make_score_fn, make_train_step, one_device_mesh, put_train_data,
-                        replicated)
+from fsad.train import (init_state, make_host_fed_step, make_score_fn,  # noqa: E402
+                        make_train_step, put_train_data)
+from fsad.workdir import write_json_atomic  # noqa: E402
 
 CONFIGS = {"devnet": "configs.devnet", "dra": "configs.dra", "ahl": "configs.ahl_dra"}
 

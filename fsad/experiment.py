@@ -4,7 +4,8 @@ A seed runs as named stages (split, train, score, metrics, explain, then the
 method's own stages such as AHL's meta-training) over a `Runner` that holds what
 every seed shares and is built once: the method, the mesh, the pretrained trunk
 and the jitted train, score and saliency functions. A protocol grid
-(benchmarks/reproduce.py) reuses one Runner across seeds and settings.
+(benchmarks/reproduce.py) reuses one Runner across seeds and settings. What the
+workdir must hold for a run to go on there is `fsad.workdir`'s.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from fsad.checkpoints import checkpoint_folder
 from fsad.compile_cache import enable_compilation_cache
-from fsad.config import method_defaults
 from fsad.data import load_imageset, make_split
 from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
@@ -32,11 +33,14 @@ from fsad.explain import explain_run, method_saliency_fn
 from fsad.hosts import is_primary
 from fsad.lock import workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
+from fsad.mesh import make_mesh
 from fsad.methods import build_method, method_stages
 from fsad.scoring import calibrate
-from fsad.train import (Method, checkpoint_folder, fit, init_state, make_mesh, make_score_fn,
-                        make_train_step, put_train_data, score_images, variables_of)
+from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
+                        score_images, variables_of)
 from fsad.validate import check_against_data, check_config
+from fsad.workdir import (base_run_checkpoints, check_workdir, checkpoint_steps, config_json,
+                          write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -51,141 +55,6 @@ def software_versions() -> dict[str, str]:
     out["devices"] = [str(d) for d in jax.devices()]
     out["processes"] = jax.process_count()  # hosts of a multi-host run (fsad.hosts)
     return out
-
-
-def _config_json(config) -> dict:
-    return json.loads(config.to_json_best_effort())
-
-
-# fields that only batch the evaluation: a run may go on, or be scored, with other values
-# (they change no trained weight and, with a fixed reference set, no score)
-BATCHING_ONLY = ("eval_batch_size", "explain.batch_size")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"data": {"img_size": 448}} -> {"data.img_size": 448}."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _with_defaults(stored: dict, current: dict, config) -> dict:
-    """A stored config (flat) with the fields it lacks that the current one (config,
-    flat) has, at their defaults for config's method: fields added to fsad after the
-    stored run was saved, which ran as their defaults do."""
-    defaults = _flat(_config_json(method_defaults(config)))
-    return {**{k: defaults[k] for k in current if k in defaults}, **stored}
-
-
-def stored_config_diff(workdir: str, config) -> list[str] | None:
-    """The fields (dotted, e.g. "data.img_size") in which config differs from the one
-    stored in workdir/config.json, less BATCHING_ONLY (unless DRA draws its test reference
-    per batch, where the batch changes the scores); None when none is stored. A field the
-    stored config lacks was added to fsad after that run was saved, which ran as its
-    default does: it differs only where config sets it to another value."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return None
-    current = _flat(_config_json(config))
-    with open(path) as f:
-        stored = _with_defaults(_flat(json.load(f)), current, config)
-    per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
-    return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
-                  and (per_batch or k not in BATCHING_ONLY))
-
-
-CHECKPOINT_FOLDERS = ("checkpoints", "ahl_checkpoints")  # base training, AHL's meta-training
-
-
-def checkpoint_steps(seed_dir: str) -> dict[str, int]:
-    """{checkpoint folder: its newest complete step} of one seed's folder, for the
-    folders of CHECKPOINT_FOLDERS that hold one (a half-written save is no step)."""
-    found = {}
-    for folder in CHECKPOINT_FOLDERS:
-        path = os.path.join(seed_dir, folder)
-        steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
-        if steps:
-            found[folder] = max(steps)
-    return found
-
-
-def newest_checkpoints(workdir: str) -> list[str]:
-    """The newest checkpoint of each checkpoint folder in a workdir, as
-    "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
-    (AHL's meta-training), seeds in order."""
-    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
-        if os.path.isdir(workdir) else []
-    return [f"{seed}/{folder} step {step}"
-            for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1)
-            for folder, step in checkpoint_steps(os.path.join(workdir, seed)).items()]
-
-
-def saved_in(workdir: str) -> list[str]:
-    """What runs saved in a workdir: each checkpoint folder's newest checkpoint, each
-    finished seed, the results; empty when a run there stopped before saving anything."""
-    finished = [f"{d} finished" for d in sorted(os.listdir(workdir)) if d.startswith("seed_")
-                and os.path.exists(os.path.join(workdir, d, "metrics.json"))] \
-        if os.path.isdir(workdir) else []
-    results = ["results.json"] if os.path.exists(os.path.join(workdir, "results.json")) else []
-    return newest_checkpoints(workdir) + finished + results
-
-
-def _different_config(workdir: str, diff: list[str]) -> UserError:
-    return UserError(f"{workdir!r} holds a run with a different config (fields "
-                     f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
-
-
-def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
-    """Compares config with workdir/config.json; True when one is stored.
-
-    Raises:
-      UserError: the stored config differs (BATCHING_ONLY fields aside), or none is
-        stored and must_exist.
-    """
-    diff = stored_config_diff(workdir, config)
-    if diff is None:
-        if must_exist:
-            raise UserError(f"{workdir!r} holds no trained run (no config.json); train it "
-                            f"first with --mode train, or point --workdir at a trained run")
-        return False
-    if diff:
-        raise _different_config(workdir, diff)
-    return True
-
-
-# a run may go on with another count of seeds: each seed is a run of its own (seed_<s>),
-# so more seeds train the new ones beside the finished ones, and fewer report the first
-SEED_COUNT = ("num_seeds",)
-
-
-def _check_workdir(workdir: str, config) -> None:
-    """A workdir holds one config: refuse to resume a run made with another, unless that
-    run saved nothing (it stopped before its first checkpoint: a download that failed,
-    out of memory), whose config this one replaces, or the two differ only in
-    `num_seeds` (SEED_COUNT); and it must be writable (checked now, not at the first
-    checkpoint)."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        diff = stored_config_diff(workdir, config)
-        saved = bool(diff) and saved_in(workdir)
-        if saved and not set(diff) <= set(SEED_COUNT):
-            raise _different_config(workdir, diff)
-        if saved:
-            logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
-                         "the others trained", workdir, config.num_seeds)
-        elif diff:
-            logging.warning("%s held the config of a run that saved nothing (no checkpoint, "
-                            "no finished seed); this run's config replaces it (it differed "
-                            "in %s)", workdir, ", ".join(diff))
-        if diff is None or diff:  # none stored yet, or replaced (unsaved, or the seed count)
-            write_json_atomic(os.path.join(workdir, "config.json"), _config_json(config))
-    except OSError as err:
-        raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "
-                        f"choose a writable folder with free space") from err
 
 
 def load_outliers(config) -> np.ndarray | None:
@@ -324,56 +193,6 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                start_from=base_run_checkpoints(config, seed))
 
 
-# fields of an AHL config that do not change its base model's trained weights (a group,
-# or one dotted field): AHL's own, the seeds (each seed is checked apart), and
-# evaluation and bookkeeping
-NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batch_size",
-                     "keep_checkpoints", "data.mask_resize")
-
-
-def base_fields_that_differ(config, base: dict) -> list[str]:
-    """The fields (groups, e.g. "data") that shape the trained base model in which an AHL
-    config and a base run's config (a config.json dict) differ: none when that run
-    trained the same base model (a field the base run's config lacks counts as its
-    default, as in `stored_config_diff`)."""
-    mine = _flat(_config_json(config))
-    theirs = _with_defaults(_flat(base), mine, config)
-    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-              and k not in NOT_BASE_TRAINING and k.split(".")[0] not in NOT_BASE_TRAINING}
-    return sorted({k.split(".")[0] for k in differ})
-
-
-def base_run_checkpoints(config, seed: int) -> str | None:
-    """AHL with ahl.base_workdir: the checkpoint folder of that run's seed, after checking
-    that the run trained this config's base model and finished that seed; else None."""
-    if config.method != "ahl" or not config.ahl.get("base_workdir"):
-        return None
-    root = config.ahl.base_workdir
-    path = os.path.join(root, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"ahl.base_workdir={root!r} holds no run (no config.json); train "
-                        f"the base first (--config configs/{config.ahl.base}.py --workdir "
-                        f"{root}), or leave ahl.base_workdir empty to train it here")
-    with open(path) as f:
-        base = json.load(f)
-    differ = base_fields_that_differ(config, base)
-    if base.get("method") != config.ahl.base or differ:
-        raise UserError(f"ahl.base_workdir={root!r} holds a {base.get('method')} run that "
-                        f"differs from this AHL({config.ahl.base}) run's base in "
-                        f"{', '.join(differ) or 'method'}; use a base run with the same "
-                        f"settings, or leave ahl.base_workdir empty")
-    seed_dir = os.path.join(root, f"seed_{seed}")
-    if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
-        raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
-                        f"with --config.seed={seed} first, or leave ahl.base_workdir empty")
-    checkpoints = os.path.join(seed_dir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
-        raise UserError(f"ahl.base_workdir={root!r} kept no checkpoint of seed {seed} (its "
-                        f"checkpoints folder is empty or gone); rerun the base with "
-                        f"keep_checkpoints of 1 or more, or leave ahl.base_workdir empty")
-    return checkpoints
-
-
 def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:
     """Eval-mode scores of test images. -> {"score": [N], one entry per head}."""
     key = jax.random.key(seed + 10_000) if runner.method.random_scores else None
@@ -450,18 +269,6 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     return result
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Writes JSON through a temporary file and a rename: a crash leaves the old file or
-    the new one, never half of one. In a multi-host run the primary process writes it
-    (the others hold the same object, `fsad.hosts`)."""
-    if not is_primary():
-        return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
 def run_experiment(config, workdir: str, devices=None, runner: Runner | None = None,
                    data=None) -> dict:
     """Runs every seed of a config in `workdir` and writes workdir/results.json.
@@ -472,7 +279,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     t0 = time.time()
     check_config(config, len(devices) if devices is not None else len(jax.devices()))
     with workdir_lock(workdir):  # before the config check, which may replace config.json
-        _check_workdir(workdir, config)
+        check_workdir(workdir, config)
         enable_compilation_cache()
         runner = runner or build_runner(config, devices)
         data = data if data is not None else load_imageset(config.data)
@@ -488,7 +295,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
             "summary": mean_std(runs),
             "runs": runs,
             "dataset_counts": data.counts(),
-            "config": _config_json(config),
+            "config": config_json(config),
             "versions": software_versions(),
             "wall_seconds": time.time() - t0,
         }

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
 from fsad.hosts import is_primary, put, to_host
+from fsad.mesh import batch_sharded, mesh_batch
 from fsad.models.resnet import IMAGENET_STD
-from fsad.train import batch_sharded, mesh_batch
 
 
 def gaussian_taps(size: int, sigma: float) -> np.ndarray:

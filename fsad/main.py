@@ -73,7 +73,7 @@ def interrupted_line(workdir: str, mode: str) -> str:
 
 def kept_checkpoints(workdir: str) -> str:
     """What a stopped run left to resume from, in words."""
-    from fsad.experiment import newest_checkpoints
+    from fsad.workdir import newest_checkpoints
     kept = newest_checkpoints(workdir)
     return f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
         f"no checkpoint was written yet in {workdir}"
@@ -94,7 +94,8 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     prints one line to stderr and returns 2; Ctrl-C (KeyboardInterrupt) prints one line
     naming the checkpoints kept and returns 130, as does (with 3) the loss of another
     process of a multi-host run; any other exception keeps its traceback."""
-    from fsad.experiment import check_stored_config, print_summary, run_experiment
+    from fsad.experiment import print_summary, run_experiment
+    from fsad.workdir import check_stored_config
     from fsad.hosts import is_primary, lost_host
     try:
         if mode == "score":

@@ -17,13 +17,14 @@ import jax
 import numpy as np
 from scipy import stats
 
+from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many, list_images_recursive
 from fsad.errors import UserError
 from fsad.hosts import is_primary
 from fsad.memory import eval_fix, hint_on_oom
+from fsad.mesh import make_mesh, replicated
 from fsad.methods import build_method
-from fsad.train import (checkpoint_manager, make_mesh, make_score_fn, replicated, restore_latest,
-                        score_images)
+from fsad.train import make_score_fn, score_images
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -44,7 +45,7 @@ def load_trained(config, workdir: str, mesh=None):
     the mesh: no model is built to restore into, so nothing depends on the training
     data's size (DRA's per-batch reference pool is all its training normals).
     """
-    from fsad.experiment import base_run_checkpoints
+    from fsad.workdir import base_run_checkpoints
     mesh = mesh or make_mesh()
     method = build_method(config)
     # AHL on another run's base (ahl.base_workdir) reads that run's trained network

@@ -5,7 +5,7 @@ a checkpoint folder (the end-to-end tests' interrupted runs):
 
 FOLDER: the checkpoint folder's name ("checkpoints", "ahl_checkpoints"); SIGNAL: a
 signal's name ("SIGINT" for Ctrl-C, "SIGKILL"). The process sends the signal to itself
-(`os.kill`) once `fsad.train.save_checkpoint` has returned for the Nth time in FOLDER,
+(`os.kill`) once `fsad.checkpoints.save_checkpoint` has returned for the Nth time in FOLDER,
 so the run is stopped at that point whatever the host's load. A test that polled the
 folder from outside and signalled then could be late: on an overloaded host the signal
 once came after training had ended, and the run finished instead of being stopped.
@@ -19,9 +19,11 @@ import sys
 
 def main() -> None:
     folder, n, sig = sys.argv[1], int(sys.argv[2]), signal.Signals[sys.argv[3]]
-    import fsad.train  # before fsad.main imports the modules that import its function
+    # patched before fsad.main imports the modules that import the function (fsad.train
+    # for base training, fsad.methods.ahl.meta_train for AHL's meta-epochs)
+    import fsad.checkpoints
 
-    save = fsad.train.save_checkpoint
+    save = fsad.checkpoints.save_checkpoint
     saved = []
 
     def save_then_stop(mngr, step, state):
@@ -31,7 +33,7 @@ def main() -> None:
             if len(saved) == n:
                 os.kill(os.getpid(), sig)
 
-    fsad.train.save_checkpoint = save_then_stop
+    fsad.checkpoints.save_checkpoint = save_then_stop
     if sig == signal.SIGINT:
         # Python turns SIGINT into KeyboardInterrupt only where it was not ignored when
         # the interpreter started, and a shell ignores it in background jobs (`pytest &`)

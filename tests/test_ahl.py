@@ -210,7 +210,7 @@ def meta_step_on_meshes(sizes: list, chunked: tuple = ()) -> dict:
     of each size, and for each size in `chunked` the same with 7 samples of a set at a
     time (key "<size>/7"). -> {key: {"task_losses", "loss", "params" (the update's
     leaves), "pool_scores", "replicated" (every output replicated on the mesh)}}."""
-    from fsad.train import make_mesh, replicated
+    from fsad.mesh import make_mesh, replicated
     hm, params, bank = _dra_head_model()
     tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
     weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(tasks.num_tasks)),
@@ -403,7 +403,7 @@ def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):
     """--mode score on an AHL run (`ahl.unified_heads_of`): the newest meta-training
     checkpoint's head params, read without a model to restore into, once every
     meta-epoch is done; before that, a UserError saying how far it got."""
-    from fsad.train import checkpoint_manager, save_checkpoint
+    from fsad.checkpoints import checkpoint_manager, save_checkpoint
     config = tiny_config("ahl_devnet")
     config.ahl.epochs = 4
     with pytest.raises(UserError, match=r"not finished \(it has no checkpoint of 4\)"):
@@ -452,7 +452,7 @@ def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):
     large is made), the meta-step takes 256 samples of a set at a time, and says so. A
     chunk size that does not fit either is refused before any step, in one line."""
     from fsad.memory import free_bytes
-    from fsad.train import one_device_mesh
+    from fsad.mesh import one_device_mesh
     free = free_bytes(jax.devices()[:1]) or 0
     if free > 150 * 2**30:  # the whole sets' program needs 162 GiB (measured), 256 at a
         # time 0.6 GiB

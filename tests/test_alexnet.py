@@ -71,9 +71,10 @@ def test_devnet_on_alexnet_trains_and_checkpoints_without_batch_stats(tmp_path,
                                                                         synthetic_root):
     """No BatchNorm anywhere in DevNet on AlexNet: an empty batch_stats collection goes
     through the train step and an Orbax save and restore."""
+    from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
     from fsad.data import read_folder
-    from fsad.train import (checkpoint_manager, init_state, make_mesh, make_train_step,
-                            put_train_data, restore_latest, save_checkpoint)
+    from fsad.mesh import make_mesh
+    from fsad.train import init_state, make_train_step, put_train_data
     data = read_folder(synthetic_root, 64, cache_dir="")
     config = tiny_config(**{"data.img_size": 64, "model.backbone": "alexnet",
                             "model.n_scales": 1, "batch_size": 8})

@@ -7,9 +7,10 @@ import pytest
 
 from conftest import SIZE, tiny_config
 from fsad.data import augment
+from fsad.mesh import make_mesh
 from fsad.methods import build_method
 from fsad.methods.dra import HEADS, combine, head_losses, head_routing
-from fsad.train import init_state, make_mesh, make_score_fn, put_train_data, score_images
+from fsad.train import init_state, make_score_fn, put_train_data, score_images
 
 
 def dra_config(**kw):

@@ -18,10 +18,10 @@ import pytest
 from conftest import norm_rel_err, tiny_config
 from fsad.errors import UserError
 from fsad.explain import method_saliency_fn
+from fsad.mesh import make_mesh
 from fsad.methods import build_method
 from fsad.precision import compute_dtype
-from fsad.train import (init_state, make_mesh, make_score_fn, make_train_step, put_train_data,
-                        variables_of)
+from fsad.train import init_state, make_score_fn, make_train_step, put_train_data, variables_of
 
 
 def test_auto_is_float32_on_cpu_and_other_names_are_refused():

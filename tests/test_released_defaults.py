@@ -12,12 +12,13 @@ import pytest
 
 from conftest import SIZE, tiny_config
 from fsad.errors import UserError
+from fsad.mesh import make_mesh
 from fsad.methods import ahl, build_method
 from fsad.methods.devnet import DevNetModel
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.pyramid import nearest_indices, pyramid
 from fsad.optim import step_decay
-from fsad.train import cycle_draw, init_state, make_mesh, put_train_data
+from fsad.train import cycle_draw, init_state, put_train_data
 
 
 def test_configs_default_to_the_released_code():

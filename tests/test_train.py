@@ -9,8 +9,9 @@ import pytest
 
 from conftest import norm_rel_err, run_with_devices, tiny_config
 from fsad.errors import UserError
+from fsad.mesh import make_mesh
 from fsad.methods import build_method
-from fsad.train import init_state, make_mesh, make_train_step, put_train_data, sample_balanced
+from fsad.train import init_state, make_train_step, put_train_data, sample_balanced
 
 
 def _setup(devices, synthetic, tx=None, **overrides):

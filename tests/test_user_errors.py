@@ -287,7 +287,7 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     finished seed); the config of a run that saved nothing (it stopped at a failed
     download or out of memory) gives way to the next run's, and the fields that only batch
     the evaluation may change, and so may the number of seeds."""
-    from fsad.experiment import _check_workdir, saved_in
+    from fsad.workdir import check_workdir, saved_in
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
     work.mkdir()
@@ -296,7 +296,7 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     (work / "config.json").write_text(stored.to_json_best_effort())
     (work / "seed_0" / "checkpoints" / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)
     assert saved_in(str(work)) == []  # a half-written checkpoint is not one
-    _check_workdir(str(work), config)
+    check_workdir(str(work), config)
     assert "saved nothing" in caplog.text and "data.img_size, seed" in caplog.text
     assert json.loads((work / "config.json").read_text())["seed"] == config.seed
     (work / "seed_0" / "checkpoints" / "10").mkdir()
@@ -304,9 +304,9 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     expect_error(stored, work, capsys, "holds a run with a different config (fields "
                  "data.img_size, seed)", "new --workdir")
     config.eval_batch_size, config.explain.batch_size = 3, 5
-    _check_workdir(str(work), config)  # no error: the same trained run
+    check_workdir(str(work), config)  # no error: the same trained run
     config.num_seeds = 3  # more seeds of the same run: the stored config takes the count
-    _check_workdir(str(work), config)
+    check_workdir(str(work), config)
     assert json.loads((work / "config.json").read_text())["num_seeds"] == 3
     config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused
     expect_error(config, work, capsys, "different config (fields num_seeds, seed)")
@@ -327,7 +327,7 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     import importlib
 
     from fsad.config import method_defaults
-    from fsad.experiment import check_stored_config
+    from fsad.workdir import check_stored_config
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
     work.mkdir()
@@ -343,7 +343,7 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\)"):
         check_stored_config(str(work), config)
     if method.startswith("ahl_"):  # an older base run serves AHL (ahl.base_workdir)
-        from fsad.experiment import base_fields_that_differ
+        from fsad.workdir import base_fields_that_differ
         base = folder_config(root, method[4:], **{"data.img_size": 64})
         base_json = json.loads(base.to_json_best_effort())
         del base_json["data"]["mask_resize"]
@@ -372,8 +372,8 @@ def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
                  input_dir=root)
     work = tmp_path / "w2"
     work.mkdir()
-    from fsad.experiment import _config_json
-    (work / "config.json").write_text(json.dumps(_config_json(cfg)))
+    from fsad.workdir import config_json
+    (work / "config.json").write_text(json.dumps(config_json(cfg)))
     expect_error(cfg, work, capsys, "no checkpoints", mode="score", input_dir=root)
     empty = tmp_path / "nothing"
     empty.mkdir()
@@ -509,7 +509,7 @@ def test_a_train_step_larger_than_free_memory_is_refused_before_a_step(tmp_path,
     the machine has free (batch 2**18 at 32 px: about 220 GiB) is refused in one line
     that names the settings to lower, before it runs; the run saved nothing, so the
     same --workdir takes the fixed config."""
-    from fsad.experiment import saved_in
+    from fsad.workdir import saved_in
     from fsad.memory import free_bytes
     if (free_bytes(jax.devices()[:1]) or 0) > 300 * 2**30:
         pytest.skip("this machine has more than 300 GiB free")

@@ -14,8 +14,8 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from fsad.memory import check_fits, free_bytes, gib, hint_on_oom, program_bytes
+from fsad.mesh import DATA_AXIS, one_device_mesh
 from fsad.methods.ahl.heads import HeadModel
-from fsad.train import DATA_AXIS, one_device_mesh
 
 def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
                    mesh=None, chunk: int = 0):

@@ -12,15 +12,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
 from fsad.errors import UserError
 from fsad.hosts import progress, put
+from fsad.mesh import one_device_mesh, replicated
 from fsad.methods.ahl.heads import HeadModel
 from fsad.methods.ahl.importance import importance_weights, make_psi_fns, weight_spread
 from fsad.methods.ahl.meta_step import fitted_meta_step
 from fsad.methods.ahl.tasks import Tasks
 from fsad.optim import optimizer_from_config
-from fsad.train import (checkpoint_manager, one_device_mesh, replicated, restore_latest,
-                        save_checkpoint)
 
 @flax.struct.dataclass
 class MetaState:

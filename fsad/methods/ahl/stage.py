@@ -11,13 +11,14 @@ import time
 import jax
 import numpy as np
 
+from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.errors import UserError
 from fsad.methods.ahl.bank import FAMILIES, load_or_build_bank, make_feature_fn
 from fsad.methods.ahl.heads import HEAD_INITS, head_models, make_head_scorer
 from fsad.methods.ahl.meta_train import meta_train
 from fsad.methods.ahl.tasks import build_tasks, normal_clusters
 from fsad.quick_compile import quick_jit
-from fsad.train import checkpoint_manager, restore_latest, score_images
+from fsad.train import score_images
 
 def unified_heads_of(config, seed_dir: str) -> dict:
     """The unified head params a finished meta-training left in seed_dir/ahl_checkpoints

@@ -1,0 +1,166 @@
+"""Orbax checkpoints of a run: made synchronously, restored from the newest readable
+one, and a failed write (a full disk) reported as one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
+
+from fsad.errors import UserError
+from fsad.mesh import one_device_mesh, replicated
+
+
+def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """Orbax checkpoints in `directory`, saved synchronously: every save is waited for
+    anyway (a run killed right after an epoch must find that epoch's checkpoint), and a
+    failed write (full disk) then surfaces at once instead of in a background thread."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    try:
+        # the handler named, so that a checkpoint's metadata (its own structure) is readable
+        return ocp.CheckpointManager(checkpoint_folder(directory), options=options,
+                                     item_handlers=ocp.StandardCheckpointHandler())
+    except OSError as err:
+        raise _folder_error(directory, err) from err
+
+
+def checkpoint_folder(directory: str) -> str:
+    """Makes the checkpoint folder (a run calls this before compiling anything, so that a
+    workdir it cannot write stops it at once). -> its absolute path."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise _folder_error(directory, err) from err
+    return os.path.abspath(directory)
+
+
+def _folder_error(directory: str, err: OSError) -> UserError:
+    return UserError(f"cannot create the checkpoint folder {directory} "
+                     f"({err.strerror or err}); choose a writable --workdir")
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
+                   sharding: NamedSharding | None = None) -> Any:
+    """The newest readable checkpoint restored into `state`'s structure and shardings (or
+    state when there is none).
+
+    With state None, the checkpoint's own structure (nested dicts and lists of arrays,
+    as saved: what a reader that did not train the run can rebuild), every array placed
+    by `sharding` (default: the first local device); None when there is no checkpoint.
+
+    Orbax writes a checkpoint into a temporary folder and renames it when complete, so a
+    crash during a save leaves no half checkpoint among the steps; should the newest one
+    still fail to restore (a damaged disk, a file removed by hand), the one before it is
+    used, with a warning.
+    """
+    if state is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    elif sharding is None:
+        sharding = replicated(one_device_mesh())
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            if state is None:
+                abstract = jax.tree.map(
+                    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                    mngr.item_metadata(step))
+            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
+            logging.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
+                            step, mngr.directory, err)
+    return state
+
+
+class _WithoutOrbaxLogs(logging.Filter):
+    """Drops Orbax's own log records while a save is attempted: a failed write becomes
+    one UserError, not that and Orbax's error lines."""
+
+    def filter(self, record):
+        return "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+def _write_failure(err: Exception) -> str | None:
+    """The OS's reason when `err` is a failed file write (an OSError, or the ValueError
+    with an os_error_code that Orbax's TensorStore raises), else None."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    return os.strerror(int(code.group(1))) if code else None
+
+
+class _DropClosedLoopWakeups:
+    """A `sys.unraisablehook` for checkpoint saves: drops the RuntimeError "Event loop is
+    closed" raised in asyncio's `call_soon_threadsafe`, passes every other unraisable
+    exception to the hook it replaced.
+
+    A checkpoint is many TensorStore writes awaited together on Orbax's event loop. When
+    one fails (a full disk), Orbax raises at once and closes the loop; the others go on
+    in TensorStore's threads, and each one, on finishing, tries to wake the closed loop.
+    Python prints each of those as an unraisable exception: over a thousand lines of
+    tracebacks above the one-line error, for a ResNet-18. They repeat a failure that is
+    already reported.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        exc, tb, names = unraisable.exc_value, unraisable.exc_traceback, []
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                and "call_soon_threadsafe" in names):
+            self.previous(unraisable)
+
+
+class _DropUnretrievedWriteFailures(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of failed file
+    writes: the futures of the writes a failed save left behind (`_DropClosedLoopWakeups`)."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, Exception) and _write_failure(exc) is not None
+                    and record.getMessage().startswith("Future exception was never retrieved"))
+
+
+def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Saves (and waits for) one checkpoint. A disk that is full or not writable is the
+    user's to fix: a UserError; the checkpoints saved before stay, the newest of them
+    the latest (Orbax writes into a temporary folder and renames it when complete)."""
+    quiet = _WithoutOrbaxLogs()
+    handlers = logging.getLogger().handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _DropClosedLoopWakeups(previous_hook)
+    abandoned = False  # writes may still be running after the save has ended
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    except KeyboardInterrupt:  # Ctrl-C during the save: fsad.main prints its one line
+        abandoned = True
+        raise
+    except (OSError, ValueError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        abandoned = True
+        raise UserError(f"cannot write the checkpoint of step {step} to {mngr.directory} "
+                        f"({reason}); free disk space or choose a writable --workdir") from err
+    finally:
+        if abandoned:  # they go on finishing after the save: stay quiet
+            log = logging.getLogger("asyncio")
+            if not any(isinstance(f, _DropUnretrievedWriteFailures) for f in log.filters):
+                log.addFilter(_DropUnretrievedWriteFailures())
+        else:
+            sys.unraisablehook = previous_hook
+        for h in handlers:
+            h.removeFilter(quiet)
