@@ -19,6 +19,7 @@ from fsad.hosts import is_primary
 
 
 def config_json(config) -> dict:
+    """The config as plain JSON values: what workdir/config.json holds."""
     return json.loads(config.to_json_best_effort())
 
 
