@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, SIZE, coordinator_address, cpu_env
+from conftest import ROOT, coordinator_address, cpu_env
 
 pytestmark = pytest.mark.slow
 
