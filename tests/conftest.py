@@ -24,6 +24,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # does.
 UNOPTIMIZED = os.environ.get("FSAD_TEST_OPTIMIZE") != "1"
 QUICK_COMPILE_XLA_FLAGS = "--xla_cpu_use_fusion_emitters=false"
+# XLA's own defaults, which a user's run compiles with, as `jax.jit(compiler_options=...)`
+# for an in-process program that runs for longer than it compiles (the opposite of
+# fsad.quick_compile.UNOPTIMIZED)
+USER_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2,
+                        "xla_llvm_disable_expensive_passes": False}
 
 
 def with_xla_flags(flags: str, *more: str) -> str:

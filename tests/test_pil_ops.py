@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
+from conftest import USER_COMPILE_OPTIONS
 from fsad.data import augment, pil_ops
 
 
@@ -24,9 +25,8 @@ def test_hsv_both_ways_on_every_colour():
     # compiled as a user's run compiles (XLA's default options, which the suite turns off,
     # tests/conftest.py): the 2^24 pixels took 3 s at -O0, under 1 s so; both compile in
     # a fraction of a second
-    opt = {"xla_backend_optimization_level": 2, "xla_llvm_disable_expensive_passes": False}
-    to_hsv = jax.jit(pil_ops.rgb_to_hsv, compiler_options=opt)
-    to_rgb = jax.jit(pil_ops.hsv_to_rgb, compiler_options=opt)
+    to_hsv = jax.jit(pil_ops.rgb_to_hsv, compiler_options=USER_COMPILE_OPTIONS)
+    to_rgb = jax.jit(pil_ops.hsv_to_rgb, compiler_options=USER_COMPILE_OPTIONS)
     for rows in np.array_split(np.arange(4096), 4):  # a quarter at a time: less memory
         part = x[rows]
         want = np.asarray(Image.fromarray(part).convert("HSV"))
