@@ -1,7 +1,8 @@
 """DevNet, DRA and AHL trained end to end by the real command line on the procedural
 dataset. DRA and AHL run twice: once uninterrupted, once stopped mid-run and restarted
 with the same command: DRA by Ctrl-C (SIGINT) after its first checkpoint, AHL by SIGKILL
-during meta-training, each signal sent from inside the run at that point
+during meta-training (from a copy of the uninterrupted run's finished base training: its
+own would repeat it), each signal sent from inside the run at that point
 (tests/stop_at_checkpoint.py). The restarted run's test scores equal the uninterrupted
 run's bit for bit (so the same seed and config give the same numbers). DevNet runs once: its
 resume is the same code as DRA's (`experiment.train_stage`), whose state has more in it
@@ -16,6 +17,7 @@ import concurrent.futures
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,6 +131,10 @@ class Run(NamedTuple):
     # XLA's backend optimisations (conftest.py): off where compiling costs more than the
     # slower steps
     optimize: bool = True
+    # the stopped run starts in a copy of what the uninterrupted run had on disk when its
+    # base training ended (`copy_base_training`): it would repeat that training step for
+    # step (the DRA pair checks that a resumed training gives the same numbers)
+    stop_after_base: bool = False
 
 
 RUNS = {
@@ -148,7 +154,8 @@ RUNS = {
         "--config.optim.decay_every_epochs=0", "--config.explain.enabled=False"],
         "checkpoints", 1, signal.SIGINT),
     # AHL on DevNet in the hard setting (seen: spot), 2 x 4 base steps of batch 8, 6
-    # meta-epochs, on two devices; killed after its second meta-training checkpoint and
+    # meta-epochs, on two devices; killed after its second meta-training checkpoint (the
+    # killed run starts from the uninterrupted one's base training, copied) and
     # restarted on two hosts, whose mesh has the same two devices. First-order MAML:
     # with DevNet's head it equals second order exactly (tests/test_ahl.py) and compiles
     # faster. Compiled without XLA's backend optimisations: its programs are many and
@@ -159,8 +166,16 @@ RUNS = {
         "--config.steps_per_epoch=4", "--config.ahl.epochs=6", "--config.ahl.history=2",
         "--config.ahl.psi_steps=5", "--config.ahl.first_order=True",
         "--config.explain.num_overlays=2"], "ahl_checkpoints", 2, devices=2, restart_hosts=2,
-        optimize=False),
+        optimize=False, stop_after_base=True),
 }
+
+
+def copy_base_training(u, k) -> None:
+    """Workdir k as a run of u's command stood when its base training ended: the config,
+    seed 0's split record and its base checkpoints (the last one final)."""
+    shutil.copytree(u / "seed_0" / "checkpoints", k / "seed_0" / "checkpoints")
+    for name in ("config.json", os.path.join("seed_0", "split.json")):
+        shutil.copy(u / name, k / name)
 
 
 def start_hosts(args: list, n: int, log_prefix, optimize: bool = True) -> dict:
@@ -206,6 +221,8 @@ def runs(tmp_path_factory):
         finish(launch("u", base / f"{name}_u.log"))
         if run.stop_folder is None:
             return
+        if run.stop_after_base:
+            copy_base_training(r["u"], r["k"])
         finish({name: start(stopped(r["args"](r["k"]), run.stop_folder, run.stop_after,
                                     run.stop_signal),
                             r["stopped_log"], run.devices, run.optimize)}, run.stop_signal)
