@@ -134,7 +134,7 @@ class Run(NamedTuple):
     # the stopped run starts in a copy of what the uninterrupted run had on disk when its
     # base training ended (`copy_base_training`): it would repeat that training step for
     # step (the DRA pair checks that a resumed training gives the same numbers)
-    stop_after_base: bool = False
+    copy_base: bool = False
 
 
 RUNS = {
@@ -166,13 +166,13 @@ RUNS = {
         "--config.steps_per_epoch=4", "--config.ahl.epochs=6", "--config.ahl.history=2",
         "--config.ahl.psi_steps=5", "--config.ahl.first_order=True",
         "--config.explain.num_overlays=2"], "ahl_checkpoints", 2, devices=2, restart_hosts=2,
-        optimize=False, stop_after_base=True),
+        optimize=False, copy_base=True),
 }
 
 
 def copy_base_training(u, k) -> None:
     """Workdir k as a run of u's command stood when its base training ended: the config,
-    seed 0's split record and its base checkpoints (the last one final)."""
+    seed 0's split record and its base checkpoints, the newest one the trained model."""
     shutil.copytree(u / "seed_0" / "checkpoints", k / "seed_0" / "checkpoints")
     for name in ("config.json", os.path.join("seed_0", "split.json")):
         shutil.copy(u / name, k / name)
@@ -221,7 +221,7 @@ def runs(tmp_path_factory):
         finish(launch("u", base / f"{name}_u.log"))
         if run.stop_folder is None:
             return
-        if run.stop_after_base:
+        if run.copy_base:
             copy_base_training(r["u"], r["k"])
         finish({name: start(stopped(r["args"](r["k"]), run.stop_folder, run.stop_after,
                                     run.stop_signal),
