@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 11 in one fixed-length call, for a machine lent by the minute:
-#   1. the throughput table (fsad's DevNet, DRA and AHL steps, bf16 and fp32, beside the
-#      PyTorch versions of the released steps measured in the same run);
+#   1. the throughput table (fsad's DevNet, AHL and DRA steps in that order, bf16 and
+#      fp32, beside the PyTorch versions of the released steps measured in the same run);
 #   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
 #   3. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
@@ -16,9 +16,10 @@
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
-# Environment: THROUGHPUT_ARGS (default: 448 px, batch 48, bf16 and fp32, --torch),
-# VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs
-# no download), SEEDS (default 3), SKIP_THROUGHPUT=1, PYTHON (default python3).
+# Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
+# fp32, --torch), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0
+# trunk, which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, PYTHON
+# (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +30,10 @@ RUNS=${RUNS:-runs/gpu_session}
 VARIANTS=${VARIANTS:-lite0}
 SEEDS=${SEEDS:-3}
 PY=${PYTHON:-python3}
-THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---img_size 448 --batches 48 --dtypes bfloat16 float32 --torch}
+# AHL before DRA: DRA's torch.compile may take much of the stage's time, and the AHL row
+# holds the meta-step's 448 px memory (XLA's plan) that no CPU run can confirm
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
+--dtypes bfloat16 float32 --torch}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"
