@@ -25,7 +25,7 @@ import numpy as np
 
 from fsad.checkpoints import checkpoint_folder
 from fsad.compile_cache import enable_compilation_cache
-from fsad.data import load_imageset, make_split
+from fsad.data import check_dataset_folder, load_imageset, make_split
 from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
@@ -278,6 +278,8 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     """
     t0 = time.time()
     check_config(config, len(devices) if devices is not None else len(jax.devices()))
+    if data is None:
+        check_dataset_folder(config.data)  # a mistyped root before any weight or workdir
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
         enable_compilation_cache()

@@ -392,20 +392,20 @@ def _weights_file(tmp_path, name="resnet18"):
     return path
 
 
-def test_weights_whose_sha256_differs(tmp_path, capsys):
-    cfg = folder_config(tmp_path, **{"model.pretrained": _weights_file(tmp_path),
+def test_weights_whose_sha256_differs(tmp_path, synthetic_root, capsys):
+    cfg = folder_config(synthetic_root, **{"model.pretrained": _weights_file(tmp_path),
                                      "model.pretrained_sha256": "ab" * 32})
     expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "delete it")
 
 
-def test_weights_that_do_not_fit_the_backbone(tmp_path, capsys):
-    cfg = folder_config(tmp_path, **{"model.pretrained": _weights_file(tmp_path),
+def test_weights_that_do_not_fit_the_backbone(tmp_path, synthetic_root, capsys):
+    cfg = folder_config(synthetic_root, **{"model.pretrained": _weights_file(tmp_path),
                                      "model.backbone": "resnet50"})
     expect_error(cfg, tmp_path / "w", capsys, "another trunk", "--config.model.backbone")
 
 
 @pytest.mark.parametrize("make", ["text", "cut short"])
-def test_weights_file_that_is_not_a_checkpoint(tmp_path, capsys, make):
+def test_weights_file_that_is_not_a_checkpoint(tmp_path, synthetic_root, capsys, make):
     """A text file named .pth, and a real checkpoint cut short (a stopped download): one
     line naming the file (both were tracebacks from the unpickler)."""
     path = tmp_path / "resnet18.pth"
@@ -415,12 +415,12 @@ def test_weights_file_that_is_not_a_checkpoint(tmp_path, capsys, make):
         whole = open(_weights_file(tmp_path), "rb").read()
         path = tmp_path / "resnet18.npz"
         path.write_bytes(whole[: len(whole) // 2])
-    cfg = folder_config(tmp_path, **{"model.pretrained": str(path)})
+    cfg = folder_config(synthetic_root, **{"model.pretrained": str(path)})
     expect_error(cfg, tmp_path / "w", capsys, f"cannot read the weights in '{path}'",
                  "fetch it again, or pass another --config.model.pretrained")
 
 
-def test_weights_download_cut_mid_stream(tmp_path, capsys):
+def test_weights_download_cut_mid_stream(tmp_path, synthetic_root, capsys):
     """A server that promises 1,000,000 bytes and closes after 10 is a failed download in
     one line, and leaves no file in the cache (the 10 bytes were kept as the weights, and
     every later run took them from the cache and failed to read them)."""
@@ -441,7 +441,7 @@ def test_weights_download_cut_mid_stream(tmp_path, capsys):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/resnet18.pth"
-        cfg = folder_config(tmp_path, **{"model.pretrained": url})
+        cfg = folder_config(synthetic_root, **{"model.pretrained": url})
         expect_error(cfg, tmp_path / "w", capsys, f"cannot download the weights of resnet18 "
                      f"from {url} (the download stopped after 10 of 1000000 bytes)",
                      "pretrained=none")
@@ -452,18 +452,18 @@ def test_weights_download_cut_mid_stream(tmp_path, capsys):
     assert not [f for f in os.listdir(weights_cache()) if f.startswith("resnet18.pth")]
 
 
-def test_unreachable_weights_url(tmp_path, capsys):
-    cfg = folder_config(tmp_path, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
+def test_unreachable_weights_url(tmp_path, synthetic_root, capsys):
+    cfg = folder_config(synthetic_root, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
     expect_error(cfg, tmp_path / "w", capsys, "cannot download", "lite0", "pretrained=none")
 
 
 # ---- writing and training ----
 
-def test_workdir_that_cannot_be_written(tmp_path, capsys):
+def test_workdir_that_cannot_be_written(tmp_path, synthetic_root, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    expect_error(folder_config(tmp_path), blocker / "run", capsys, "cannot write to --workdir",
-                 "writable folder")
+    expect_error(folder_config(synthetic_root), blocker / "run", capsys,
+                 "cannot write to --workdir", "writable folder")
 
 
 def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys):
@@ -634,9 +634,10 @@ def cli(*args):
     (["--config", "configs/devnet.py:quick,bogus"], "variant 'bogus' is not known"),
     (["--config", "configs/devnet.py", "--config.data.sizee=3"],
      "--config.data.sizee is not a config field"),
+    # with the default ImageNet ResNet-18 weights, which no test downloads: the folder is
+    # checked first, before any weight is looked for
     (["--config", "configs/devnet.py", "--config.data.name=folder",
-      "--config.data.root=/no/such/folder", "--config.model.pretrained=none"],
-     "'/no/such/folder' does not exist"),
+      "--config.data.root=/no/such/folder"], "'/no/such/folder' does not exist"),
     (["--config", "configs/nope.py:quick"], "cannot load config file 'configs/nope.py' ([Errno "
      "2] No such file or directory"),
     (["--config", "{tmp}/mine.py"], "defines no get_config()"),
@@ -650,6 +651,7 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
     assert len(lines) == 1 and lines[0].startswith("fsad: error: ") and fragment in lines[0], \
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+    assert not (tmp_path / "w").exists()  # refused before the workdir is made
 
 
 def test_a_config_file_with_a_syntax_error_is_named_with_its_line():

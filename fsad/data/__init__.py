@@ -6,7 +6,7 @@ import os
 
 from fsad.data.cache import DEFAULT_CACHE
 from fsad.data.elpv import read_elpv
-from fsad.data.folders import read_folder
+from fsad.data.folders import read_folder, scan_folder
 from fsad.data.imageset import ImageSet
 from fsad.data.protocols import Split, make_split
 from fsad.data.synthetic import write_synthetic_dataset
@@ -26,10 +26,7 @@ def load_imageset(data_cfg) -> ImageSet:
     if data_cfg.name == "elpv":
         return read_elpv(data_cfg.img_size, cache_dir)
     if data_cfg.name in ("folder", "synthetic"):
-        if not data_cfg.get("root"):
-            raise UserError(f"data.name={data_cfg.name!r} reads a folder and data.root is "
-                            f"empty; pass --config.data.root=PATH")
-        root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
+        root = _folder_root(data_cfg)
         if data_cfg.name == "synthetic" and not os.path.isdir(root):
             write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
         return read_folder(root, data_cfg.img_size, cache_dir, _mask_resize(data_cfg))
@@ -37,6 +34,23 @@ def load_imageset(data_cfg) -> ImageSet:
         return _load_tfds(data_cfg, cache_dir)
     raise UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
                     f"synthetic or tfds")
+
+
+def check_dataset_folder(data_cfg) -> None:
+    """Raises the UserError that `load_imageset` would for a folder dataset
+    (data.name=folder) that is not where the config says or breaks the MVTec layout (a
+    missing folder, an empty class), by listing its files: no image is decoded, so a run
+    says it before it creates its workdir, loads weights or compiles."""
+    if data_cfg.name == "folder":
+        scan_folder(os.path.abspath(_folder_root(data_cfg)))
+
+
+def _folder_root(data_cfg) -> str:
+    """data.root/data.subset of a folder reader (folder, synthetic)."""
+    if not data_cfg.get("root"):
+        raise UserError(f"data.name={data_cfg.name!r} reads a folder and data.root is "
+                        f"empty; pass --config.data.root=PATH")
+    return os.path.join(data_cfg.root, data_cfg.get("subset") or "")
 
 
 def _load_tfds(data_cfg, cache_dir) -> ImageSet:
@@ -59,5 +73,5 @@ def _mask_resize(data_cfg) -> str:
     return data_cfg.get("mask_resize", "nearest")
 
 
-__all__ = ["ImageSet", "Split", "load_imageset", "make_split", "read_elpv", "read_folder",
-           "write_synthetic_dataset"]
+__all__ = ["ImageSet", "Split", "check_dataset_folder", "load_imageset", "make_split",
+           "read_elpv", "read_folder", "write_synthetic_dataset"]
