@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 
 from fsad.errors import UserError
 from fsad.methods.ahl.bank import FAMILIES
@@ -74,8 +76,15 @@ def _pad_float(rows: list[np.ndarray], width: int) -> np.ndarray:
 
 def cluster_normals(normal_flat: np.ndarray, n_clusters: int, seed: int,
                     min_size: int = 3) -> list[np.ndarray]:
-    """k-means clusters of normal indices, clusters smaller than min_size dropped."""
-    km = KMeans(n_clusters, random_state=seed, n_init=10).fit(normal_flat)
+    """k-means clusters of normal indices, clusters smaller than min_size dropped.
+
+    Rows that repeat (all-zero features of a trunk that silenced most normals) can leave
+    fewer distinct clusters than asked. scikit-learn's warning about it is not shown: the
+    kept clusters' sizes go to the run's results (cluster_sizes), and `feature_health`,
+    `normal_clusters` and `build_tasks` say in fsad's words what the user can do."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        km = KMeans(n_clusters, random_state=seed, n_init=10).fit(normal_flat)
     clusters = [np.flatnonzero(km.labels_ == c) for c in range(n_clusters)]
     return [c for c in clusters if len(c) >= min_size]
 
