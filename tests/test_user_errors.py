@@ -394,13 +394,13 @@ def _weights_file(tmp_path, name="resnet18"):
 
 def test_weights_whose_sha256_differs(tmp_path, synthetic_root, capsys):
     cfg = folder_config(synthetic_root, **{"model.pretrained": _weights_file(tmp_path),
-                                     "model.pretrained_sha256": "ab" * 32})
+                                           "model.pretrained_sha256": "ab" * 32})
     expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "delete it")
 
 
 def test_weights_that_do_not_fit_the_backbone(tmp_path, synthetic_root, capsys):
     cfg = folder_config(synthetic_root, **{"model.pretrained": _weights_file(tmp_path),
-                                     "model.backbone": "resnet50"})
+                                           "model.backbone": "resnet50"})
     expect_error(cfg, tmp_path / "w", capsys, "another trunk", "--config.model.backbone")
 
 
