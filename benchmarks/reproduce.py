@@ -42,21 +42,23 @@ import re
 import sys
 import time
 
+import jax
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fsad.config import has_field, override  # noqa: E402
-from fsad.data import load_imageset  # noqa: E402
+from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
-from fsad.experiment import build_runner, run_experiment  # noqa: E402
+from fsad.experiment import build_runner, check_protocol, run_experiment  # noqa: E402
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (devnet_ablation_auroc, is_devnet_ablation,  # noqa: E402
                                 paper_known_classes, reference_auroc)
+from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import base_fields_that_differ, write_json_atomic  # noqa: E402
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
@@ -147,6 +149,34 @@ def cells(methods, settings, shots, known_classes, order: str = "method") -> lis
     return [{"method": m, "setting": s, "known_class": k, "shots": n} for m, (s, k, n) in pairs]
 
 
+def cell_config(base: dict, cell: dict, args):
+    """A cell's config: its method's (`method_configs`) with the cell's protocol and the
+    table's seeds."""
+    config = base[cell["method"]].copy_and_resolve_references()
+    config.data.setting = cell["setting"]
+    config.data.known_class = cell["known_class"]
+    config.data.n_anomaly = cell["shots"]
+    config.seed = args.seed
+    config.num_seeds = args.seeds
+    return config
+
+
+def check_grid(grid: list[dict], base: dict, args, data) -> None:
+    """Raises the UserError of the first cell that cannot run, before any cell does: its
+    config (`check_config`), a data.img_size other than the first method's, or a protocol
+    the data cannot give for one of its seeds (more shots than a known class has
+    anomalies), which would otherwise stop the table after the cells before it had
+    trained. `data` may be without pixels (`fsad.data.dataset_without_pixels`)."""
+    img_size = base[grid[0]["method"]].data.img_size if grid else None
+    for cell in grid:
+        config = cell_config(base, cell, args)
+        check_config(config, len(jax.devices()))
+        if config.data.img_size != img_size:
+            raise UserError("every method of a table must use the same data.img_size; "
+                            "pass the same variants and --set data.img_size for all")
+        check_protocol(config, data, [config.seed + i for i in range(config.num_seeds)])
+
+
 def cell_dir(out: str, cell: dict) -> str:
     setting = cell["setting"] + (f"_{cell['known_class']}" if cell["known_class"] else "")
     return os.path.join(out, cell["method"], setting, f"{cell['shots']}shot")
@@ -171,12 +201,15 @@ def run_table(args, on_cell=None) -> dict:
     t0 = time.time()
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
-    data = load_imageset(first.data)
+    rows = dataset_without_pixels(first.data)  # None: synthetic or tfds, decoded here
+    data = load_imageset(first.data) if rows is None else None
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
-    known = hard_known_classes(args.known_classes, data, paper_name)
+    known = hard_known_classes(args.known_classes, rows or data, paper_name)
     runners: dict = {}
     results, skipped = [], []
     grid = cells(args.methods, args.settings, args.shots, known, args.order)
+    check_grid(grid, base, args, rows or data)
+    data = data or load_imageset(first.data)
 
     def table() -> dict:
         return {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
@@ -194,18 +227,10 @@ def run_table(args, on_cell=None) -> dict:
                 f"{args.budget_minutes:g}-minute budget is spent")
             skipped.append(cell)
             continue
-        config = base[cell["method"]].copy_and_resolve_references()
-        config.data.setting = cell["setting"]
-        config.data.known_class = cell["known_class"]
-        config.data.n_anomaly = cell["shots"]
-        config.seed = args.seed
-        config.num_seeds = args.seeds
+        config = cell_config(base, cell, args)
         if config.method == "ahl":
             config.ahl.base_workdir = base_cell_workdir(cell, base, config, args.out,
                                                         args.seeds)
-        if config.data.img_size != first.data.img_size:
-            raise UserError("every method of a table must use the same data.img_size; "
-                            "pass the same variants and --set data.img_size for all")
         key = runner_key(config)
         if key not in runners:
             runners[key] = build_runner(config)

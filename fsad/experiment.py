@@ -25,7 +25,7 @@ import numpy as np
 
 from fsad.checkpoints import checkpoint_folder
 from fsad.compile_cache import enable_compilation_cache
-from fsad.data import check_dataset_folder, load_imageset, make_split
+from fsad.data import dataset_without_pixels, load_imageset, make_split
 from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
@@ -145,6 +145,16 @@ def split_stage(config, data, seed: int):
     d = config.data
     return make_split(data, d.setting, d.n_anomaly, d.known_class or None, d.contamination,
                       seed, d.shot_pool)
+
+
+def check_protocol(config, data, seeds) -> None:
+    """Raises the UserError of a seed whose protocol the data cannot give (more shots than
+    anomalies, an unknown known class, a contamination the test set cannot give) or whose
+    split the method cannot train on (fsad.validate.check_against_data). `data` may be
+    without pixels (fsad.data.dataset_without_pixels): only labels, classes and split are
+    read."""
+    for seed in seeds:
+        check_against_data(config, len(split_stage(config, data, seed).train_normal))
 
 
 def check_split_unchanged(data, split, seed: int, seed_dir: str) -> None:
@@ -278,16 +288,18 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     """
     t0 = time.time()
     check_config(config, len(devices) if devices is not None else len(jax.devices()))
-    if data is None:
-        check_dataset_folder(config.data)  # a mistyped root before any weight or workdir
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    if data is None:  # a mistyped root or too many shots, before any weight or workdir
+        rows = dataset_without_pixels(config.data)
+        if rows is not None:
+            check_protocol(config, rows, seeds)
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
         enable_compilation_cache()
         runner = runner or build_runner(config, devices)
         data = data if data is not None else load_imageset(config.data)
-        seeds = [config.seed + i for i in range(config.num_seeds)]
-        for seed in seeds:  # every seed's protocol checked against the data, then trained
-            check_against_data(config, len(split_stage(config, data, seed).train_normal))
+        check_protocol(config, data, seeds)  # every seed's, before the first trains
+        for seed in seeds:
             base_run_checkpoints(config, seed)  # AHL on another run's base: that run checked
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import SIZE
 from fsad.data import make_split, read_elpv, read_folder
+from fsad.data.elpv import elpv_without_pixels
+from fsad.data.folders import folder_without_pixels
 from fsad.data.decode import CorruptImageError
 from fsad.data.synthetic import DEFECTS, write_synthetic_dataset
 from fsad.errors import UserError
@@ -69,13 +71,33 @@ def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_roo
     assert "compiling without the persistent cache" in caplog.text
 
 
+def assert_same_rows(rows, data):
+    """`rows` (a dataset without its pixels) lists the rows of `data`, the same dataset
+    decoded, in its order and split, and gives the same protocol splits."""
+    assert rows.name == data.name and rows.images.shape == (len(data.labels), 0, 0, 3)
+    assert rows.masks is None
+    for field in ("labels", "classes", "split", "file_ids"):
+        np.testing.assert_array_equal(getattr(rows, field), getattr(data, field))
+    known = data.anomaly_classes[0]
+    for setting, n, known_class in [("general", 10, None), ("hard", 1, known)]:
+        a, b = (make_split(d, setting, n, known_class, contamination=0.05, seed=1)
+                for d in (rows, data))
+        for field in ("train_normal", "train_anomaly", "test", "contamination"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_folder_without_pixels_lists_the_rows_it_decodes(synthetic_root, synthetic):
+    assert_same_rows(folder_without_pixels(synthetic_root), synthetic)
+
+
 def test_no_test_good_splits_normals_3_to_1(tmp_path):
     root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=30, n_test_good=10,
-                                   n_per_class=3, defects=("spot",), test_good=False)
+                                   n_per_class=6, defects=("spot", "stain"), test_good=False)
     assert not os.path.exists(os.path.join(root, "test", "good"))
     data = read_folder(root, SIZE, "")
     c = data.counts()
     assert (c["train_normal"], c["test_normal"]) == (30, 10)
+    assert_same_rows(folder_without_pixels(root), data)  # the same 3:1 split
 
 
 def test_layout_errors(tmp_path, synthetic_root):
@@ -147,6 +169,7 @@ def test_elpv_counts():
     s = make_split(data, "hard", 10, known_class="mono", seed=0)
     assert set(data.classes[s.test]) == {"good", "poly"}
     assert s.describe(data)["test_normal"] == 377
+    assert_same_rows(elpv_without_pixels(), data)
 
 
 def test_image_folders_follow_symlinked_folders_once(tmp_path, synthetic_root):

@@ -121,6 +121,26 @@ def test_incomplete_host_flags_are_refused_in_one_line(tmp_path, capsys):
     assert not os.listdir(tmp_path)
 
 
+def test_a_cell_the_data_cannot_give_stops_the_table_before_any_cell_runs(
+        tmp_path, synthetic_root, capsys):
+    """The last cell asks 13 shots of scratch, which has 12 anomalies: the three cells
+    before it would have trained first. Said from the folder's listing, before any image
+    is decoded (the cache stays empty) or any cell's workdir is made."""
+    out, cache = tmp_path / "table", tmp_path / "cache"
+    argv = ["--dataset", "folder", "--methods", "devnet", "--settings", "general", "hard",
+            "--known_classes", "scratch", "--shots", "1", "13", "--seeds", "2",
+            "--out", str(out),
+            *[f"--set={kv}" for kv in (
+                f"data.root={synthetic_root}", f"data.cache_dir={cache}", "data.img_size=64",
+                "model.pretrained=none", "model.backbone=alexnet", "model.n_scales=1",
+                "batch_size=8", "epochs=1", "steps_per_epoch=2", "explain.enabled=False")]]
+    assert load_reproduce().main(argv) == 2
+    assert capsys.readouterr().err == (
+        "reproduce: error: data.n_anomaly=13 but class 'scratch' has only 12 anomalies; "
+        "lower --set data.n_anomaly\n")
+    assert not cache.exists() and not (out / "devnet").exists()
+
+
 def test_protocol_order_puts_the_methods_side_by_side():
     reproduce = load_reproduce()
     by_method = reproduce.cells(["devnet", "dra"], ["general", "hard"], [10, 1], ["mono"])

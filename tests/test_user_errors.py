@@ -64,6 +64,15 @@ def expect_error(config, workdir, capsys, *fragments, **kw):
     return line
 
 
+def expect_error_before_decoding(config, tmp_path, capsys, *fragments):
+    """expect_error, said from the folder's listing: no image decoded into the cache
+    (tmp_path/cache) and no workdir (tmp_path/w) made."""
+    config.data.cache_dir = str(tmp_path / "cache")
+    line = expect_error(config, tmp_path / "w", capsys, *fragments)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "w").exists()
+    return line
+
+
 # ---- the dataset folder ----
 
 def test_missing_dataset_folder(tmp_path, capsys):
@@ -190,8 +199,8 @@ def test_mask_without_image_and_image_without_mask(tmp_path, caplog):
 
 def test_more_shots_than_anomalies(tmp_path, capsys):
     root = dataset(tmp_path / "d")
-    expect_error(folder_config(root, **{"data.n_anomaly": 20}), tmp_path / "w", capsys,
-                 "data.n_anomaly=20", "has only 15 anomalies", "lower")
+    expect_error_before_decoding(folder_config(root, **{"data.n_anomaly": 20}), tmp_path,
+                                 capsys, "data.n_anomaly=20", "has only 15 anomalies", "lower")
 
 
 @pytest.mark.parametrize("n", [0, -1])
@@ -203,8 +212,8 @@ def test_no_or_negative_shots(tmp_path, capsys, n):
 def test_unknown_known_class(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     cfg = folder_config(root, **{"data.setting": "hard", "data.known_class": "crack"})
-    expect_error(cfg, tmp_path / "w", capsys, "'crack' is not an anomaly class",
-                 "scratch, spot, stain")
+    expect_error_before_decoding(cfg, tmp_path, capsys, "'crack' is not an anomaly class",
+                                 "scratch, spot, stain")
 
 
 def test_hard_setting_without_a_known_class(tmp_path, capsys):
@@ -215,8 +224,8 @@ def test_hard_setting_without_a_known_class(tmp_path, capsys):
 def test_hard_setting_on_one_anomaly_class(tmp_path, capsys):
     root = dataset(tmp_path / "d", defects=("spot",))
     cfg = folder_config(root, **{"data.setting": "hard", "data.known_class": "spot"})
-    expect_error(cfg, tmp_path / "w", capsys, "at least two anomaly classes",
-                 "setting=general")
+    expect_error_before_decoding(cfg, tmp_path, capsys, "at least two anomaly classes",
+                                 "setting=general")
 
 
 def test_contamination_outside_its_range(tmp_path, capsys):
@@ -226,8 +235,8 @@ def test_contamination_outside_its_range(tmp_path, capsys):
 
 def test_contamination_beyond_the_test_anomalies(tmp_path, capsys):
     root = dataset(tmp_path / "d")
-    expect_error(folder_config(root, **{"data.contamination": 0.6}), tmp_path / "w", capsys,
-                 "unlabelled anomalies but the test set has")
+    expect_error_before_decoding(folder_config(root, **{"data.contamination": 0.6}), tmp_path,
+                                 capsys, "unlabelled anomalies but the test set has")
 
 
 # ---- the config ----
@@ -355,14 +364,16 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
 
 def test_more_clusters_than_normals(tmp_path, capsys):
     root = dataset(tmp_path / "d")
-    expect_error(folder_config(root, "ahl_devnet", **{"ahl.clusters": 4}), tmp_path / "w",
-                 capsys, "ahl.clusters=4 asks k-means for more clusters than 8")
+    expect_error_before_decoding(folder_config(root, "ahl_devnet", **{"ahl.clusters": 4}),
+                                 tmp_path, capsys,
+                                 "ahl.clusters=4 asks k-means for more clusters than 8")
 
 
 def test_more_dra_references_than_normals(tmp_path, capsys):
     root = dataset(tmp_path / "d")  # was numpy's "Cannot take a larger sample" traceback
-    expect_error(folder_config(root, "dra", **{"dra.n_ref": 9}), tmp_path / "w", capsys,
-                 "dra.n_ref=9 asks for more reference images than the 8 training normals")
+    expect_error_before_decoding(
+        folder_config(root, "dra", **{"dra.n_ref": 9}), tmp_path, capsys,
+        "dra.n_ref=9 asks for more reference images than the 8 training normals")
 
 
 def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
@@ -638,6 +649,9 @@ def cli(*args):
     # checked first, before any weight is looked for
     (["--config", "configs/devnet.py", "--config.data.name=folder",
       "--config.data.root=/no/such/folder"], "'/no/such/folder' does not exist"),
+    # and ELPV's protocol from its label table, before the weights and any decode
+    (["--config", "configs/devnet.py", "--config.data.setting=hard",
+      "--config.data.known_class=crack"], "'crack' is not an anomaly class of elpv"),
     (["--config", "configs/nope.py:quick"], "cannot load config file 'configs/nope.py' ([Errno "
      "2] No such file or directory"),
     (["--config", "{tmp}/mine.py"], "defines no get_config()"),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from fsad.data.cache import DEFAULT_CACHE
-from fsad.data.elpv import read_elpv
-from fsad.data.folders import read_folder, scan_folder
+from fsad.data.elpv import elpv_without_pixels, read_elpv
+from fsad.data.folders import folder_without_pixels, read_folder
 from fsad.data.imageset import ImageSet
 from fsad.data.protocols import Split, make_split
 from fsad.data.synthetic import write_synthetic_dataset
@@ -36,13 +36,22 @@ def load_imageset(data_cfg) -> ImageSet:
                     f"synthetic or tfds")
 
 
-def check_dataset_folder(data_cfg) -> None:
-    """Raises the UserError that `load_imageset` would for a folder dataset
-    (data.name=folder) that is not where the config says or breaks the MVTec layout (a
-    missing folder, an empty class), by listing its files: no image is decoded, so a run
-    says it before it creates its workdir, loads weights or compiles."""
+def dataset_without_pixels(data_cfg) -> ImageSet | None:
+    """The rows of the dataset a config names without their pixels, where that needs no
+    decode: elpv (the package's label table) and folder (its files listed, which raises the
+    UserError `load_imageset` would for a missing folder or an empty class). The labels,
+    classes and split are those `load_imageset` returns, so a run checks its protocol
+    (shots, known class, contamination) before it creates its workdir, loads weights,
+    decodes or compiles. None for synthetic (written when missing) and tfds.
+
+    Returns:
+      an ImageSet with images [N, 0, 0, 3] and no masks, or None.
+    """
+    if data_cfg.name == "elpv":
+        return elpv_without_pixels()
     if data_cfg.name == "folder":
-        scan_folder(os.path.abspath(_folder_root(data_cfg)))
+        return folder_without_pixels(_folder_root(data_cfg))
+    return None
 
 
 def _folder_root(data_cfg) -> str:
@@ -73,5 +82,5 @@ def _mask_resize(data_cfg) -> str:
     return data_cfg.get("mask_resize", "nearest")
 
 
-__all__ = ["ImageSet", "Split", "check_dataset_folder", "load_imageset", "make_split",
+__all__ = ["ImageSet", "Split", "dataset_without_pixels", "load_imageset", "make_split",
            "read_elpv", "read_folder", "write_synthetic_dataset"]

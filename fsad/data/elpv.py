@@ -8,6 +8,7 @@ Counts: 1,131 train normal, 377 test normal, 313 mono and 402 poly anomalies.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -53,15 +54,22 @@ def elpv_layout() -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     return data_dir, paths[order].astype(str), classes, split
 
 
+def elpv_without_pixels() -> ImageSet:
+    """ELPV's rows without their pixels (`ImageSet.without_pixels`), from the package's
+    label table: what the protocol's checks read, with no image decoded."""
+    _, paths, classes, split = elpv_layout()
+    return ImageSet.without_pixels("elpv", classes, split, paths)
+
+
 def read_elpv(size: int, cache_dir: str | None = None) -> ImageSet:
     """Decodes ELPV at size x size into an ImageSet (cached)."""
     data_dir, paths, classes, split = elpv_layout()
 
     def build() -> ImageSet:
-        labels = (classes != NORMAL).astype(np.int8)
         images = decode_many([os.path.join(data_dir, p) for p in paths], size,
                              desc="decoding ELPV")
-        return ImageSet("elpv", images, labels, classes, split, paths)
+        return dataclasses.replace(ImageSet.without_pixels("elpv", classes, split, paths),
+                                   images=images)
 
     return cached_imageset({"name": "elpv", "size": size, "n": len(paths), "v": 1}, build,
                            cache_dir)

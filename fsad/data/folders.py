@@ -12,6 +12,7 @@ authors did.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -108,6 +109,31 @@ def check_masks(root: str, rows, mask_paths) -> None:
                         "metrics leave them out", len(missing), missing[0])
 
 
+def folder_without_pixels(root: str) -> ImageSet:
+    """The rows of an MVTec-layout folder without their pixels (`ImageSet.without_pixels`):
+    its files listed and the layout checked (`scan_folder`), none decoded; the rows, their
+    order and split are those `read_folder` decodes."""
+    root = os.path.abspath(root)
+    return _rows_without_pixels(root, scan_folder(root))
+
+
+def _rows_without_pixels(root: str, rows) -> ImageSet:
+    """The pixel-free ImageSet of `scan_folder`'s rows: normals split 3:1 where the set has
+    no test/good."""
+    classes = np.array([r[1] for r in rows])
+    split = np.array([r[2] for r in rows])
+    if not np.any((classes == NORMAL) & (split == "test")):
+        normals = np.flatnonzero(classes == NORMAL)
+        _, test = split_normals_3_to_1(len(normals))
+        split[normals[test]] = "test"
+    file_ids = np.array([os.path.relpath(r[0], root) for r in rows])
+    return ImageSet.without_pixels(_folder_name(root), classes, split, file_ids)
+
+
+def _folder_name(root: str) -> str:
+    return os.path.basename(root.rstrip("/"))
+
+
 def read_folder(root: str, size: int, cache_dir: str | None = None,
                 mask_resize: str = "nearest") -> ImageSet:
     """Decodes an MVTec-layout folder to an ImageSet at size x size (cached).
@@ -122,20 +148,12 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
     root = os.path.abspath(root)
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
-    key = {"name": os.path.basename(root.rstrip("/")), "root": root, "size": size,
+    key = {"name": _folder_name(root), "root": root, "size": size,
            "files": listing_fingerprint(paths), "v": 2}
     if mask_resize != "nearest":  # the key of a nearest read stays what it was
         key["mask_resize"] = mask_resize
 
     def build() -> ImageSet:
-        classes = np.array([r[1] for r in rows])
-        split = np.array([r[2] for r in rows])
-        labels = (classes != NORMAL).astype(np.int8)
-        has_test_good = bool(np.any((classes == NORMAL) & (split == "test")))
-        if not has_test_good:
-            normals = np.flatnonzero(classes == NORMAL)
-            _, test = split_normals_3_to_1(len(normals))
-            split[normals[test]] = "test"
         mask_paths = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
         check_masks(root, rows, mask_paths)
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
@@ -144,7 +162,7 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
             masks = decode_many(mask_paths, size, desc="decoding masks", mask=True,
                                 mask_resize=mask_resize)
             present = np.array([m is not None for m in mask_paths])
-        file_ids = np.array([os.path.relpath(p, root) for p in paths])
-        return ImageSet(key["name"], images, labels, classes, split, file_ids, masks, present)
+        return dataclasses.replace(_rows_without_pixels(root, rows), images=images,
+                                   masks=masks, mask_present=present)
 
     return cached_imageset(key, build, cache_dir)

@@ -43,6 +43,21 @@ class ImageSet:
                 raise ValueError(f"{self.name}: {field} has {len(getattr(self, field))} rows, "
                                  f"images has {n}")
 
+    @classmethod
+    def without_pixels(cls, name: str, classes, split, file_ids) -> "ImageSet":
+        """A dataset's rows without their pixels (images [N, 0, 0, 3], no masks): the
+        labels, classes and split that the protocol's checks read, known from a file
+        listing or label table before any image is decoded.
+
+        Args:
+          classes: [N] str, "good" for normals. split: [N] "train" | "test".
+          file_ids: [N] str, paths relative to the dataset root.
+        """
+        classes = np.asarray(classes)
+        return cls(name, np.zeros((len(classes), 0, 0, 3), np.uint8),
+                   (classes != NORMAL).astype(np.int8), classes, np.asarray(split),
+                   np.asarray(file_ids))
+
     @property
     def anomaly_classes(self) -> list[str]:
         return sorted(set(self.classes[self.labels == 1].tolist()))
