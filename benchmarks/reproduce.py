@@ -65,6 +65,10 @@ METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # fields that change from cell to cell and leave the method, its shapes and its
 # compiled functions as they are
 PROTOCOL_FIELDS = ("setting", "known_class", "n_anomaly")
+# the fields each cell sets from this script's own flags: a --set of one is refused (every
+# cell would overwrite it), and fsad's advice names the flag
+GRID_FLAGS = {"data.setting": "--settings", "data.known_class": "--known_classes",
+              "data.n_anomaly": "--shots", "seed": "--seed", "num_seeds": "--seeds"}
 
 
 def method_configs(methods, variants: str, overrides: list[str], dataset: str) -> dict:
@@ -82,6 +86,9 @@ def method_configs(methods, variants: str, overrides: list[str], dataset: str) -
         if "=" not in item:
             raise UserError(f"--set {item!r}: write FIELD=VALUE, e.g. --set data.img_size=96")
         field, text = item.split("=", 1)
+        if field in GRID_FLAGS:
+            raise UserError(f"--set {item}: every cell of a table sets {field}; pass it as "
+                            f"{GRID_FLAGS[field]}")
         takers = [c for c in configs.values() if has_field(c, field)] or list(configs.values())
         for c in takers:  # with no taker, the first override raises "not a config field"
             override(c, field, text)
@@ -381,10 +388,17 @@ def parse_args(argv=None):
 
 def in_reproduce_terms(message: str) -> str:
     """fsad's advice in this script's flags: "--config.batch_size" is "--set batch_size",
-    a variant "--config FILE:quick" is "--variants quick"."""
+    "--config.data.n_anomaly" is "--shots" (GRID_FLAGS), a variant "--config FILE:quick"
+    is "--variants quick"."""
     message = re.sub(r"--config FILE:(\w+)", r"--variants \1", message)
-    return re.sub(r"--config\.([\w.]+)=?", lambda m: f"--set {m.group(1)}"
-                  + ("=" if m.group(0).endswith("=") else ""), message)
+
+    def flag(m: re.Match) -> str:
+        field, value = m.group(1), m.group(0).endswith("=")
+        if field in GRID_FLAGS:
+            return GRID_FLAGS[field] + (" " if value else "")
+        return f"--set {field}" + ("=" if value else "")
+
+    return re.sub(r"--config\.([\w.]+)=?", flag, message)
 
 
 def main(argv=None) -> int:

@@ -137,7 +137,7 @@ def test_a_cell_the_data_cannot_give_stops_the_table_before_any_cell_runs(
     assert load_reproduce().main(argv) == 2
     assert capsys.readouterr().err == (
         "reproduce: error: data.n_anomaly=13 but class 'scratch' has only 12 anomalies; "
-        "lower --set data.n_anomaly\n")
+        "lower --shots\n")
     assert not cache.exists() and not (out / "devnet").exists()
 
 
@@ -235,13 +235,24 @@ def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
 
 def test_errors_give_their_advice_in_this_scripts_flags():
     """fsad's one-line errors name --config.FIELD and variants after the config file; the
-    script takes them as --set FIELD=VALUE and --variants."""
+    script takes them as --set FIELD=VALUE and --variants, and the fields every cell sets
+    (shots, setting, known class, seeds) as its own flags, where a --set is refused."""
+    from fsad.errors import UserError
     reproduce = load_reproduce()
     assert reproduce.in_reproduce_terms(
         "lower --config.batch_size (now 48) or --config.data.img_size (now 448); on a CPU the "
         "quick variant (--config FILE:quick) trains at 96 px; pass --config.data.root=/x") == (
         "lower --set batch_size (now 48) or --set data.img_size (now 448); on a CPU the quick "
         "variant (--variants quick) trains at 96 px; pass --set data.root=/x")
+    # the fields a cell sets are this script's own flags
+    assert reproduce.in_reproduce_terms(
+        "set --config.data.known_class to one of mono, poly; lower --config.data.n_anomaly; "
+        "use --config.data.setting=general; set --config.num_seeds to 1") == (
+        "set --known_classes to one of mono, poly; lower --shots; use --settings general; "
+        "set --seeds to 1")
+    with pytest.raises(UserError, match="every cell of a table sets data.n_anomaly; pass it "
+                                        "as --shots"):
+        reproduce.method_configs(["devnet"], "", ["data.n_anomaly=1"], "synthetic")
 
 
 def test_the_hard_setting_runs_the_known_classes_the_papers_average_over(capsys):
