@@ -41,6 +41,10 @@ def check_config(config, n_devices: int = 1) -> None:
              f"(the released localization.py's)")
     _require(d.setting != "hard" or bool(d.known_class), "the hard setting needs a seen "
              "class; pass --config.data.known_class=NAME (for ELPV mono or poly)")
+    _require(d.setting == "hard" or not d.known_class, f"data.known_class="
+             f"{d.known_class!r} is read only in the hard setting, and data.setting is "
+             f"{d.setting!r} (shots from every anomaly class); add "
+             f"--config.data.setting=hard, or leave data.known_class empty")
     _require(d.n_anomaly >= 1, f"data.n_anomaly={d.n_anomaly}: the few-shot protocol needs "
              f"at least one labelled anomaly; set --config.data.n_anomaly to 1 or more "
              f"(1 to 10 in the papers)")

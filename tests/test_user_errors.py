@@ -221,6 +221,13 @@ def test_hard_setting_without_a_known_class(tmp_path, capsys):
                  "needs a seen class", "--config.data.known_class")
 
 
+def test_known_class_without_the_hard_setting(tmp_path, capsys):
+    """It was silently a general run, on every anomaly class."""
+    expect_error(folder_config(tmp_path, **{"data.known_class": "spot"}), tmp_path / "w",
+                 capsys, "data.known_class='spot' is read only in the hard setting",
+                 "--config.data.setting=hard")
+
+
 def test_hard_setting_on_one_anomaly_class(tmp_path, capsys):
     root = dataset(tmp_path / "d", defects=("spot",))
     cfg = folder_config(root, **{"data.setting": "hard", "data.known_class": "spot"})
