@@ -13,6 +13,10 @@ import os
 from fsad.errors import UserError
 
 DATA_NAMES = ("elpv", "folder", "synthetic", "tfds")
+# the data fields only some readers read: set for another, they would be silently ignored
+# (a data.root without data.name=folder trained on ELPV, the default)
+READER_FIELDS = {"root": ("folder", "synthetic"), "subset": ("folder", "synthetic"),
+                 "tfds_name": ("tfds",), "tfds_dir": ("tfds",), "normal_class": ("tfds",)}
 MIN_IMG_SIZE = 32  # one cell of the trunks' stride-32 map
 
 
@@ -34,6 +38,12 @@ def check_config(config, n_devices: int = 1) -> None:
     d, m = config.data, config.model
     _require(d.name in DATA_NAMES, f"data.name={d.name!r} is not a dataset reader; use one "
              f"of {', '.join(DATA_NAMES)}")
+    for field, readers in READER_FIELDS.items():
+        value = d.get(field)
+        _require(not value or d.name in readers, f"data.{field}={value!r} is read only by the "
+                 f"{' and '.join(readers)} reader{'s' if len(readers) > 1 else ''}, and "
+                 f"data.name is {d.name!r}; add --config.data.name={readers[0]} to read it, or "
+                 f"leave data.{field} empty")
     _require(d.setting in SETTINGS, f"data.setting={d.setting!r} is not a protocol; use "
              f"general or hard")
     _require(d.get("mask_resize", "nearest") in MASK_RESIZES, f"data.mask_resize="

@@ -287,6 +287,21 @@ def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
                  capsys, "gives 0 seen anomalies", "a batch needs both")
 
 
+@pytest.mark.parametrize("name,field,value,fragment", [
+    # it trained on ELPV, the configs' default, and said nothing of the folder
+    ("elpv", "root", "{tmp}", "read only by the folder and synthetic readers, and data.name "
+     "is 'elpv'; add --config.data.name=folder"),
+    ("folder", "tfds_name", "mnist", "data.tfds_name='mnist' is read only by the tfds reader, "
+     "and data.name is 'folder'; add --config.data.name=tfds"),
+])
+def test_a_data_field_that_the_reader_does_not_read(tmp_path, capsys, name, field, value,
+                                                   fragment):
+    cfg = folder_config(tmp_path, **{"data.name": name, f"data.{field}": value.format(
+        tmp=tmp_path)})
+    expect_error(cfg, tmp_path / "w", capsys, fragment)
+    assert not (tmp_path / "w").exists()
+
+
 def test_unknown_dataset_reader_dtype_and_dra_variant(tmp_path, capsys):
     expect_error(folder_config(tmp_path, **{"data.name": "mvtec"}), tmp_path / "w", capsys,
                  "data.name='mvtec' is not a dataset reader")
