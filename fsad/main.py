@@ -108,6 +108,13 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             if is_primary():
                 print(f"scores: {path}")
             return 0
+        given = [f for f, v in (("--input", input_dir), ("--output", output),
+                                ("--heatmaps", heatmaps)) if v]
+        if given:  # they were ignored, and a run trained in the workdir
+            raise UserError(f"{', '.join(given)} {'is a' if len(given) == 1 else 'are'} "
+                            f"score-mode flag{'s' if len(given) > 1 else ''} and --mode is "
+                            f"train; add --mode score to score images with the trained run "
+                            f"in --workdir, or leave {'it' if len(given) == 1 else 'them'} out")
         results = run_experiment(config, workdir)
     except UserError as err:
         print(error_line(err), file=sys.stderr, flush=True)

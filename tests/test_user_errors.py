@@ -398,6 +398,16 @@ def test_more_dra_references_than_normals(tmp_path, capsys):
         "dra.n_ref=9 asks for more reference images than the 8 training normals")
 
 
+def test_score_flags_without_score_mode(tmp_path, capsys):
+    """--input without --mode score was ignored, and a run trained in the workdir."""
+    cfg = folder_config(dataset(tmp_path / "d"))
+    expect_error(cfg, tmp_path / "w", capsys, "--input is a score-mode flag and --mode is "
+                 "train; add --mode score", input_dir=str(tmp_path / "d" / "test"))
+    expect_error(cfg, tmp_path / "w", capsys, "--output, --heatmaps are score-mode flags",
+                 "leave them out", output=str(tmp_path / "s.csv"), heatmaps=True)
+    assert not (tmp_path / "w").exists()
+
+
 def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     cfg = folder_config(root)
