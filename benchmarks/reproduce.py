@@ -206,6 +206,9 @@ def run_table(args, on_cell=None) -> dict:
     already finished are still read back); the cells left out are listed in "skipped".
     """
     t0 = time.time()
+    if args.known_classes and "hard" not in args.settings:
+        raise UserError("--known_classes is read only by the hard setting and --settings "
+                        f"is {' '.join(args.settings)}; add --settings hard (or general hard)")
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
     rows = dataset_without_pixels(first.data)  # None: synthetic or tfds, decoded here
