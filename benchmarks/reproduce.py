@@ -56,7 +56,8 @@ from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
-from fsad.paper_figures import (devnet_ablation_auroc, is_devnet_ablation,  # noqa: E402
+from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
+                                devnet_ablation_auroc, is_devnet_ablation,
                                 paper_known_classes, reference_auroc)
 from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import base_fields_that_differ, write_json_atomic  # noqa: E402
@@ -209,6 +210,13 @@ def run_table(args, on_cell=None) -> dict:
     if args.known_classes and "hard" not in args.settings:
         raise UserError("--known_classes is read only by the hard setting and --settings "
                         f"is {' '.join(args.settings)}; add --settings hard (or general hard)")
+    if args.paper_dataset:  # a misspelt name left the papers' column empty
+        try:
+            canonical_dataset(args.paper_dataset)
+        except UserError:
+            raise UserError(f"--paper_dataset {args.paper_dataset!r} is not a dataset of the "
+                            f"papers' tables; use one of {', '.join(DATASETS)}, or leave it "
+                            f"out") from None
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
     rows = dataset_without_pixels(first.data)  # None: synthetic or tfds, decoded here

@@ -141,13 +141,19 @@ def test_a_cell_the_data_cannot_give_stops_the_table_before_any_cell_runs(
     assert not cache.exists() and not (out / "devnet").exists()
 
 
-def test_known_classes_without_the_hard_setting_are_refused(tmp_path, capsys):
-    """They were ignored: the table ran the general setting alone."""
+def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
+    """--known_classes without the hard setting were ignored: the table ran the general
+    setting alone."""
     argv = ["--dataset", "synthetic", "--known_classes", "spot", "--out", str(tmp_path)]
     assert load_reproduce().main(argv) == 2
     assert capsys.readouterr().err == (
         "reproduce: error: --known_classes is read only by the hard setting and --settings "
         "is general; add --settings hard (or general hard)\n")
+    # a misspelt --paper_dataset left the papers' column empty
+    argv = ["--dataset", "synthetic", "--paper_dataset", "elvp", "--out", str(tmp_path)]
+    assert load_reproduce().main(argv) == 2
+    assert "--paper_dataset 'elvp' is not a dataset of the papers' tables; use one of " \
+        "aitex, brainmri, elpv," in capsys.readouterr().err
 
 
 def test_protocol_order_puts_the_methods_side_by_side():
