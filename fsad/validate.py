@@ -3,7 +3,9 @@
 Every failure is a `UserError` naming the field, what is wrong with it and how to
 fix it. Checks that need the data (shots against the anomalies there are, the
 hard setting's classes, contamination, k-means clusters against the normals) run
-when the splits are drawn, also before training (fsad.experiment.run_experiment).
+when the splits are drawn, also before training (fsad.experiment.check_protocol):
+for ELPV and folders on their rows without pixels, before the workdir is made, any
+weight is loaded or any image decoded.
 """
 
 from __future__ import annotations
