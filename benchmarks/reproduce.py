@@ -63,11 +63,10 @@ from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import base_fields_that_differ, write_json_atomic  # noqa: E402
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
-# fields that change from cell to cell and leave the method, its shapes and its
-# compiled functions as they are
-PROTOCOL_FIELDS = ("setting", "known_class", "n_anomaly")
-# the fields each cell sets from this script's own flags: a --set of one is refused (every
-# cell would overwrite it), and fsad's advice names the flag
+# the fields each cell sets from this script's own flags: they change from cell to cell
+# and leave the method, its shapes and its compiled functions as they are (`runner_key`);
+# a --set of one is refused (every cell would overwrite it), and fsad's advice names the
+# flag
 GRID_FLAGS = {"data.setting": "--settings", "data.known_class": "--known_classes",
               "data.n_anomaly": "--shots", "seed": "--seed", "num_seeds": "--seeds"}
 
@@ -99,10 +98,12 @@ def method_configs(methods, variants: str, overrides: list[str], dataset: str) -
 def runner_key(config) -> str:
     """The config without the protocol fields: cells with equal keys share a Runner."""
     d = config.to_dict()
-    for f in PROTOCOL_FIELDS:
-        d["data"].pop(f, None)
-    d.pop("seed", None)
-    d.pop("num_seeds", None)
+    for field in GRID_FLAGS:
+        *groups, name = field.split(".")
+        node = d
+        for group in groups:
+            node = node[group]
+        node.pop(name, None)
     d.get("ahl", {}).pop("base_workdir", None)
     return json.dumps(d, sort_keys=True, default=str)
 
