@@ -220,15 +220,19 @@ def run_table(args, on_cell=None) -> dict:
                             f"out") from None
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
-    rows = dataset_without_pixels(first.data)  # None: synthetic or tfds, decoded here
-    data = load_imageset(first.data) if rows is None else None
+    # ELPV's and a folder's rows without their pixels: the grid is checked before a decode
+    data = None
+    rows = dataset_without_pixels(first.data)
+    if rows is None:  # synthetic or tfds: decoded first
+        rows = data = load_imageset(first.data)
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
-    known = hard_known_classes(args.known_classes, rows or data, paper_name)
+    known = hard_known_classes(args.known_classes, rows, paper_name)
     runners: dict = {}
     results, skipped = [], []
     grid = cells(args.methods, args.settings, args.shots, known, args.order)
-    check_grid(grid, base, args, rows or data)
-    data = data or load_imageset(first.data)
+    check_grid(grid, base, args, rows)
+    if data is None:
+        data = load_imageset(first.data)
 
     def table() -> dict:
         return {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
