@@ -21,7 +21,10 @@ one run measures:
     ratio to the fastest of them. (fsad's meta-step also scores the importance pool
     under the T adapted heads, which the torch step leaves out.)
 Warm-up calls are excluded and every clock read follows block_until_ready (or
-torch.cuda.synchronize). Prints a table; --json writes the rows.
+torch.cuda.synchronize). Prints a table; --json writes the rows. --compile_only
+compiles every step and reports its compile time and memory without running it. Flags
+that no step of the run would read, and values no step could run with, are refused
+before anything compiles (`check_args`).
 
     python benchmarks/throughput.py --img_size 448 --batches 48 --dtypes bfloat16 float32 --torch
     python benchmarks/throughput.py --methods devnet dra ahl --img_size 96 --batches 16 --steps 5
@@ -31,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
+import re
 import sys
 import time
 
@@ -105,8 +110,10 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     state = init_state(method, key, data, tx, mesh)
     step = make_train_step(method, tx, mesh, batch)
     t_compile, compiled = compile_seconds(step, state, data, key)
-    per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
-                            args.warmup)
+    per_step = float("nan")  # --compile_only: nothing runs, img/s nan
+    if not args.compile_only:
+        per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
+                                args.warmup)
     row = {"method": method_name, "batch": batch, "dtype": dtype,
            "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
            "train_step_mib": mib(compiled)}
@@ -118,8 +125,10 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     if method.random_scores:
         variables = {**variables, "key": key}
     t_compile, compiled_score = compile_seconds(score, variables, images)
-    per_batch, _ = timed(lambda vo: (vo[0], compiled_score(vo[0], images)), (variables, None),
-                         args.steps, args.warmup)
+    per_batch = float("nan")
+    if not args.compile_only:
+        per_batch, _ = timed(lambda vo: (vo[0], compiled_score(vo[0], images)),
+                             (variables, None), args.steps, args.warmup)
     row.update(score_compile_s=t_compile, score_img_per_s=batch / per_batch,
                score_step_mib=mib(compiled_score))
 
@@ -284,29 +293,110 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int)
         return {"torch_eager_fp32_error": f"{type(err).__name__}: {err}"[:200]}
 
 
+TRAIN_METHODS = ("devnet", "dra")  # the steps --batches, --dtypes, --host_fed, --seeds set
+ARG_DEFAULTS = {"batches": [48], "dtypes": ["bfloat16", "float32"], "ahl_normals": 300,
+                "ahl_chunk": 0}  # --torch_modes: torch_released.MODES, with --torch
+FLAG_OF_FIELD = {"data.img_size": "--img_size", "model.backbone": "--backbone",
+                 "batch_size": "--batches"}
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Refuses, before anything compiles, flags that no step of the run would read and
+    values no step could run with (argparse's one-line error, exit 2), then fills the
+    defaults of the flags left out (None in the parser, so that "given" can be told)."""
+    trains = [m for m in args.methods if m in TRAIN_METHODS]
+    given = {f for f in ARG_DEFAULTS if getattr(args, f) is not None}
+    given |= {f for f in ("host_fed", "torch", "torch_modes") if getattr(args, f)}
+    given |= {"seeds"} if args.seeds != 1 else set()
+
+    def refuse_unread(flags, needed: bool, why: str) -> None:
+        used = [f"--{f}" for f in flags if f in given]
+        if used and not needed:
+            ap.error(f"{' and '.join(used)}: {why}")
+
+    refuse_unread(("batches", "dtypes", "host_fed", "seeds"), bool(trains),
+                  "read only by DevNet's and DRA's steps, and --methods is ahl alone (the "
+                  "AHL meta-step's samples are its tasks' sets, --ahl_normals, and its heads "
+                  "run in float32): add devnet or dra to --methods, or leave them out")
+    refuse_unread(("ahl_normals", "ahl_chunk"), "ahl" in args.methods,
+                  "read only by the AHL meta-step, and --methods has no ahl: add ahl to "
+                  "--methods, or leave them out")
+    refuse_unread(("torch_modes",), args.torch, "read only with --torch: add --torch, or "
+                  "leave it out")
+    refuse_unread(("host_fed", "seeds", "torch"), not args.compile_only, "timings, and "
+                  "--compile_only runs no step: leave one or the other out")
+    for field, default in ARG_DEFAULTS.items():
+        if getattr(args, field) is None:
+            setattr(args, field, default)
+    for flag, value, least in (("steps", args.steps, 1), ("warmup", args.warmup, 0),
+                               ("seeds", args.seeds, 1), ("n_normal", args.n_normal, 1),
+                               ("ahl_normals", args.ahl_normals, 3),
+                               ("ahl_chunk", args.ahl_chunk, 0)):
+        if value < least:
+            ap.error(f"--{flag} {value}: use {least} or more")
+    if trains and args.n_normal < max(args.batches):
+        ap.error(f"--n_normal {args.n_normal} is fewer than the batch of "
+                 f"{max(args.batches)} that the score step times: raise --n_normal to at "
+                 f"least {max(args.batches)}")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        ap.error(f"--json {args.json}: its folder does not exist; make it first")
+    if args.torch:
+        check_torch_args(ap, args, trains)
+    from fsad.validate import UserError, check_config
+    steps = [(m, b) for m in trains for b in args.batches]
+    steps += [("ahl", args.batches[0])] if "ahl" in args.methods else []
+    for m, batch in steps:  # fsad's own rules (image size, batch), in this script's flags
+        try:
+            check_config(config_for(m, args, batch, args.dtypes[0]), len(jax.devices()))
+        except UserError as err:
+            words = re.sub(r" or lower model\.n_scales", "", str(err))
+            for field, flag in FLAG_OF_FIELD.items():  # "batch_size=1": "--batches 1"
+                words = re.sub(rf"(?<![\w.-])(?:--config\.)?{re.escape(field)}(=?)",
+                               lambda f, flag=flag: flag + " " * len(f.group(1)), words)
+            ap.error(words)
+
+
+def check_torch_args(ap: argparse.ArgumentParser, args, trains: list[str]) -> None:
+    if importlib.util.find_spec("torch") is None:
+        ap.error("--torch needs PyTorch, which is not installed: pip install torch, or "
+                 "leave --torch out")
+    from benchmarks.torch_released import MODES
+    args.torch_modes = args.torch_modes or list(MODES)
+    unknown = [m for m in args.torch_modes if m not in MODES]
+    if unknown:
+        ap.error(f"--torch_modes {' '.join(unknown)}: not a PyTorch configuration; use "
+                 f"some of {' '.join(MODES)}")
+    if args.backbone != "resnet18" and trains:
+        ap.error(f"the PyTorch DevNet and DRA steps run the released ResNet-18 trunk, so a "
+                 f"ratio against {args.backbone} would compare two trunks: use --backbone "
+                 f"resnet18 with --torch, or time only --methods ahl (heads alone)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=["devnet", "dra", "ahl"],
                     choices=["devnet", "dra", "ahl"], help="the steps to time (ahl: the "
                     "AHL meta-step on DRA's heads)")
     ap.add_argument("--img_size", type=int, default=448, help="image side in pixels")
-    ap.add_argument("--batches", type=int, nargs="+", default=[48],
-                    help="batch sizes, one row each")
-    ap.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"],
-                    choices=["bfloat16", "float32"], help="compute dtypes (model.dtype)")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="DevNet's and DRA's batch sizes, one row each (default 48; the AHL "
+                    "meta-step's samples are its tasks' sets: --ahl_normals)")
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["bfloat16", "float32"],
+                    help="DevNet's and DRA's compute dtypes (model.dtype; default bfloat16 "
+                    "float32; the AHL meta-step runs float32 heads)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls of each step "
                     "(fsad's and PyTorch's) before the timed ones")
     ap.add_argument("--n_normal", type=int, default=1131,
                     help="device-resident training normals (ELPV's general 10-shot split)")
-    ap.add_argument("--ahl_normals", type=int, default=300,
-                    help="normals in the AHL meta-step's feature bank")
-    ap.add_argument("--ahl_chunk", type=int, default=0,
+    ap.add_argument("--ahl_normals", type=int, default=None,
+                    help="normals in the AHL meta-step's feature bank (default 300)")
+    ap.add_argument("--ahl_chunk", type=int, default=None,
                     help="samples of a task's set the AHL meta-step takes at a time "
-                    "(ahl.chunk_size; 0: the whole set)")
+                    "(ahl.chunk_size; default 0: the whole set)")
     ap.add_argument("--compile_only", action="store_true",
-                    help="AHL: compile the meta-step and report its memory, without running "
-                    "it (img/s nan)")
+                    help="compile every step and report its compile time and memory, "
+                    "without running it (img/s nan)")
     ap.add_argument("--backbone", default="resnet18", choices=BACKBONES,
                     help="the trunk (model.backbone)")
     ap.add_argument("--host_fed", action="store_true",
@@ -315,15 +405,12 @@ def main(argv=None):
                     "as one vmapped program against N separate steps")
     ap.add_argument("--torch", action="store_true",
                     help="also time PyTorch versions of the released steps (needs torch)")
-    ap.add_argument("--torch_modes", nargs="+",
-                    default=["eager_fp32", "amp_bf16_channels_last", "compile"],
-                    help="the PyTorch configurations to time")
+    ap.add_argument("--torch_modes", nargs="+", default=None,
+                    help="the PyTorch configurations to time (default eager_fp32 "
+                    "amp_bf16_channels_last compile)")
     ap.add_argument("--json", default="", help="write the rows here (after every row)")
     args = ap.parse_args(argv)
-    if args.torch and args.backbone != "resnet18" and set(args.methods) - {"ahl"}:
-        ap.error(f"the PyTorch DevNet and DRA steps run the released ResNet-18 trunk, so a "
-                 f"ratio against {args.backbone} would compare two trunks: use --backbone "
-                 f"resnet18 with --torch, or time only --methods ahl (heads alone)")
+    check_args(ap, args)
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
     rows, torch_rows = [], {}
@@ -332,8 +419,8 @@ def main(argv=None):
     for dtype in args.dtypes:
         for m in args.methods:
             for batch in args.batches:
-                if m == "ahl" and dtype != args.dtypes[0]:
-                    continue  # the meta-step runs on float32 features
+                if m == "ahl" and (dtype, batch) != (args.dtypes[0], args.batches[0]):
+                    continue  # one meta-step row: it uses neither (float32 heads)
                 try:
                     row = bench_ahl(args, batch, dtype) if m == "ahl" else \
                         bench_train_and_score(m, args, batch, dtype, torch_rows)

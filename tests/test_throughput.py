@@ -20,8 +20,7 @@ pytestmark = pytest.mark.slow
 def test_the_ahl_row_at_a_tiny_size(tmp_path):
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
-           "--methods", "ahl", "--img_size", "32", "--batches", "4",
-           "--dtypes", "float32", "--steps", "1", "--warmup", "1", "--n_normal", "16",
+           "--methods", "ahl", "--img_size", "32", "--steps", "1", "--warmup", "1",
            "--ahl_normals", "6", "--json", str(out)]
     with_torch = importlib.util.find_spec("torch") is not None
     if with_torch:
@@ -36,3 +35,52 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     if with_torch:
         assert row["torch_eager_fp32_img_per_s"] > 0 and row["fsad_over_best_torch"] > 0, row
     assert "| ahl_meta_step |" in done.stdout  # the printed table
+
+
+@pytest.mark.parametrize("flags, words", [
+    # flags no step of the run reads (before: ignored, or the same AHL row once per batch)
+    ("--methods ahl --batches 8 16", "--batches: read only by DevNet's and DRA's steps"),
+    ("--methods ahl --dtypes float32 --seeds 2", "--dtypes and --seeds: read only by"),
+    ("--methods ahl --host_fed", "--host_fed: read only"),
+    ("--methods devnet --ahl_chunk 64", "--ahl_chunk: read only by the AHL meta-step, and "
+     "--methods has no ahl"),
+    ("--torch_modes compile", "--torch_modes: read only with --torch"),
+    ("--compile_only --seeds 2", "--seeds: timings, and --compile_only runs no step"),
+    # values no step can run with (before: a ZeroDivisionError after the compile, or a
+    # score img/s counted over images the step never had)
+    ("--steps 0", "--steps 0: use 1 or more"),
+    ("--ahl_normals 2", "--ahl_normals 2: use 3 or more"),
+    ("--methods devnet --batches 64 --n_normal 32", "--n_normal 32 is fewer than the batch "
+     "of 64 that the score step times"),
+    ("--json {tmp}/no/rows.json", "its folder does not exist"),
+    # fsad's own rules, said in this script's flags
+    ("--methods devnet --batches 1", "--batches 1 cannot be split over the"),
+    ("--img_size 16", "--img_size 16 is smaller than the trunk's stride of 32 pixels"),
+    ("--backbone alexnet --img_size 64", "raise --img_size to at least 126"),
+])
+def test_flags_that_would_be_ignored_or_fail_later_are_refused(flags, words, tmp_path,
+                                                               capsys, monkeypatch):
+    """Refused by argparse (exit 2, one line) before anything compiles: compiling is
+    made to fail the test."""
+    from benchmarks import throughput
+    monkeypatch.setattr(throughput, "compile_seconds",
+                        lambda *a: pytest.fail("compiled before the flags were checked"))
+    with pytest.raises(SystemExit) as exit_:
+        throughput.main(flags.format(tmp=tmp_path).split())
+    assert exit_.value.code == 2
+    usage, err = capsys.readouterr().err.strip().splitlines()[-2:]
+    assert usage.startswith("  ") or usage.startswith("usage"), usage  # argparse's usage
+    assert ": error: " in err and words in err, err
+
+
+def test_torch_flags_are_checked_before_the_run(capsys, monkeypatch):
+    from benchmarks import throughput
+    monkeypatch.setattr(throughput.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit):
+        throughput.main(["--methods", "ahl", "--torch"])
+    assert "--torch needs PyTorch, which is not installed" in capsys.readouterr().err
+    monkeypatch.undo()
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit):
+        throughput.main(["--torch", "--torch_modes", "eager_fp32", "fast"])
+    assert "--torch_modes fast: not a PyTorch configuration" in capsys.readouterr().err
