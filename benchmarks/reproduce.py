@@ -51,7 +51,8 @@ sys.path.insert(0, ROOT)
 from fsad.config import has_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
-from fsad.experiment import build_runner, check_protocol, run_experiment  # noqa: E402
+from fsad.experiment import (build_runner, check_protocol, check_resumed_splits,  # noqa: E402
+                             run_experiment, seeds_of)
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
@@ -175,7 +176,9 @@ def check_grid(grid: list[dict], base: dict, args, data) -> None:
     config (`check_config`), a data.img_size other than the first method's, or a protocol
     the data cannot give for one of its seeds (more shots than a known class has
     anomalies), which would otherwise stop the table after the cells before it had
-    trained. `data` may be without pixels (`fsad.data.dataset_without_pixels`)."""
+    trained, or a resumed seed whose training images changed since its checkpoints
+    (`check_resumed_splits`). `data` may be without pixels
+    (`fsad.data.dataset_without_pixels`)."""
     img_size = base[grid[0]["method"]].data.img_size if grid else None
     for cell in grid:
         config = cell_config(base, cell, args)
@@ -183,7 +186,8 @@ def check_grid(grid: list[dict], base: dict, args, data) -> None:
         if config.data.img_size != img_size:
             raise UserError("every method of a table must use the same data.img_size; "
                             "pass the same variants and --set data.img_size for all")
-        check_protocol(config, data, [config.seed + i for i in range(config.num_seeds)])
+        check_protocol(config, data, seeds_of(config))
+        check_resumed_splits(config, data, seeds_of(config), cell_dir(args.out, cell))
 
 
 def cell_dir(out: str, cell: dict) -> str:

@@ -40,7 +40,7 @@ from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
 from fsad.workdir import (base_run_checkpoints, check_workdir, checkpoint_steps, config_json,
-                          write_json_atomic)
+                          seed_dir_of, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -147,6 +147,11 @@ def split_stage(config, data, seed: int):
                       seed, d.shot_pool)
 
 
+def seeds_of(config) -> list[int]:
+    """The seeds a run trains: config.seed and the config.num_seeds - 1 after it."""
+    return [config.seed + i for i in range(config.num_seeds)]
+
+
 def check_protocol(config, data, seeds) -> None:
     """Raises the UserError of a seed whose protocol the data cannot give (more shots than
     anomalies, an unknown known class, a contamination the test set cannot give) or whose
@@ -157,11 +162,12 @@ def check_protocol(config, data, seeds) -> None:
         check_against_data(config, len(split_stage(config, data, seed).train_normal))
 
 
-def check_split_unchanged(data, split, seed: int, seed_dir: str) -> None:
+def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = True) -> None:
     """A seed resumes only on the training images it started with. Their fingerprint
     (and counts) go to seed_<s>/split.json at the seed's start; when that seed has kept a
     checkpoint, a split whose training images differ (the dataset gained, lost or renamed
-    images since) is refused: its checkpoints were trained on other data.
+    images since) is refused: its checkpoints were trained on other data. `data` may be
+    without pixels (only file_ids are read); write=False checks without writing.
 
     Raises:
       UserError: the training images differ from those of the seed's checkpoints.
@@ -181,8 +187,20 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str) -> None:
                 f"{kept.get('train_anomaly')} seen anomalies then, {record['train_normal']} "
                 f"and {record['train_anomaly']} now: the dataset changed since); use a new "
                 f"--workdir, or restore the dataset as it was")
-    os.makedirs(seed_dir, exist_ok=True)
-    write_json_atomic(path, record)
+    if write:
+        os.makedirs(seed_dir, exist_ok=True)
+        write_json_atomic(path, record)
+
+
+def check_resumed_splits(config, data, seeds, workdir: str) -> None:
+    """check_split_unchanged, without writing, for every seed of `workdir` not finished
+    (a finished seed is read back, not trained): a dataset changed under a run's
+    checkpoints is refused from its rows, before any weight or decode."""
+    for seed in seeds:
+        seed_dir = seed_dir_of(workdir, seed)
+        if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
+            check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
+                                  write=False)
 
 
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
@@ -240,7 +258,7 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     """Split, train, score, evaluate, explain, then the method's own stages (AHL), and
     write seed_<s>/metrics.json and test_scores.npz; a finished seed is read back."""
     config = runner.config
-    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    seed_dir = seed_dir_of(workdir, seed)
     done = os.path.join(seed_dir, "metrics.json")
     if os.path.exists(done):
         with open(done) as f:
@@ -288,13 +306,16 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     """
     t0 = time.time()
     check_config(config, len(devices) if devices is not None else len(jax.devices()))
-    seeds = [config.seed + i for i in range(config.num_seeds)]
+    seeds = seeds_of(config)
+    rows = None
     if data is None:  # a mistyped root or too many shots, before any weight or workdir
         rows = dataset_without_pixels(config.data)
         if rows is not None:
             check_protocol(config, rows, seeds)
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
+        if rows is not None:  # a dataset changed under kept checkpoints, before the weights
+            check_resumed_splits(config, rows, seeds, workdir)
         enable_compilation_cache()
         runner = runner or build_runner(config, devices)
         data = data if data is not None else load_imageset(config.data)

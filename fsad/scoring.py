@@ -25,6 +25,7 @@ from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
 from fsad.methods import build_method
 from fsad.train import make_score_fn, score_images
+from fsad.workdir import seed_dir_of
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -50,7 +51,7 @@ def load_trained(config, workdir: str, mesh=None):
     method = build_method(config)
     # AHL on another run's base (ahl.base_workdir) reads that run's trained network
     ckpt = base_run_checkpoints(config, config.seed) or \
-        os.path.join(workdir, f"seed_{config.seed}", "checkpoints")
+        os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
     if not os.path.isdir(ckpt):
         raise UserError(f"no checkpoints in {ckpt!r}; train this workdir first "
                         f"(--mode train), or point --workdir at a trained run")
@@ -124,7 +125,7 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
         if config.method == "ahl":  # the unified heads on the base trunk's features
             from fsad.methods.ahl import score_unified
             scores = score_unified(config, method, variables, images, mesh,
-                                   os.path.join(workdir, f"seed_{config.seed}"), config.seed)
+                                   seed_dir_of(workdir, config.seed), config.seed)
         else:
             key = jax.random.key(config.seed + 10_000) if method.random_scores else None
             scores = score_images(make_score_fn(method, mesh), variables, images, mesh,

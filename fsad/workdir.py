@@ -18,6 +18,11 @@ from fsad.errors import UserError
 from fsad.hosts import is_primary
 
 
+def seed_dir_of(workdir: str, seed: int) -> str:
+    """The folder of one seed of a run: its checkpoints, split.json and metrics.json."""
+    return os.path.join(workdir, f"seed_{seed}")
+
+
 def config_json(config) -> dict:
     """The config as plain JSON values: what workdir/config.json holds."""
     return json.loads(config.to_json_best_effort())
@@ -192,7 +197,7 @@ def base_run_checkpoints(config, seed: int) -> str | None:
                         f"differs from this AHL({config.ahl.base}) run's base in "
                         f"{', '.join(differ) or 'method'}; use a base run with the same "
                         f"settings, or leave ahl.base_workdir empty")
-    seed_dir = os.path.join(root, f"seed_{seed}")
+    seed_dir = seed_dir_of(root, seed)
     if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
         raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
                         f"with --config.seed={seed} first, or leave ahl.base_workdir empty")

@@ -141,6 +141,30 @@ def test_a_cell_the_data_cannot_give_stops_the_table_before_any_cell_runs(
     assert not cache.exists() and not (out / "devnet").exists()
 
 
+
+def test_a_resumed_cell_on_changed_images_stops_the_table_before_any_cell_runs(
+        tmp_path, synthetic_root, capsys):
+    """The last cell's seed kept a checkpoint of other training images (its split.json
+    records them; the folder changed since): the table stops before its first cell,
+    from the folder's listing, where it stopped only when that cell's seed started."""
+    out, cache = tmp_path / "table", tmp_path / "cache"
+    seed_dir = out / "devnet" / "general" / "1shot" / "seed_0"
+    (seed_dir / "checkpoints" / "2").mkdir(parents=True)
+    (seed_dir / "split.json").write_text(json.dumps(
+        {"train_files_sha1": "0" * 40, "train_normal": 7, "train_anomaly": 1}))
+    argv = ["--dataset", "folder", "--methods", "devnet", "--settings", "general",
+            "--shots", "10", "1", "--seeds", "1", "--out", str(out),
+            *[f"--set={kv}" for kv in (
+                f"data.root={synthetic_root}", f"data.cache_dir={cache}", "data.img_size=64",
+                "model.pretrained=none", "model.backbone=alexnet", "model.n_scales=1",
+                "batch_size=8", "epochs=1", "steps_per_epoch=2", "explain.enabled=False")]]
+    assert load_reproduce().main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reproduce: error: the training images of seed 0 differ from "
+                          f"those its checkpoints in {seed_dir} were trained on (7 normals "
+                          "and 1 seen anomalies then, ") and len(err.splitlines()) == 1, err
+    assert not cache.exists() and not (out / "devnet" / "general" / "10shot").exists()
+
 def test_flags_that_would_be_ignored_are_refused(tmp_path, capsys):
     """--known_classes without the hard setting were ignored: the table ran the general
     setting alone."""

@@ -509,14 +509,16 @@ def test_workdir_that_cannot_be_written(tmp_path, synthetic_root, capsys):
                  "cannot write to --workdir", "writable folder")
 
 
-def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys):
+def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys, monkeypatch):
     """A seed's checkpoints were trained on its split's training images; when the dataset
-    changed since (here: two normals added), the rerun is refused before any step (it
-    went on training the old checkpoint on other images)."""
+    changed since (here: two normals added), the rerun is refused (it went on training
+    the old checkpoint on other images), from the folder's listing: before the weights
+    are loaded or any image is decoded (it came after both)."""
+    from fsad import experiment
     from fsad.data import read_folder
     from fsad.experiment import check_split_unchanged, split_stage
     root = dataset(tmp_path / "d")
-    config = folder_config(root)
+    config = folder_config(root, **{"data.cache_dir": str(tmp_path / "cache")})
     seed_dir = tmp_path / "w" / "seed_0"
     data = read_folder(root, SIZE, "")
     check_split_unchanged(data, split_stage(config, data, 0), 0, str(seed_dir))
@@ -525,8 +527,11 @@ def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys):
     good = os.path.join(root, "train", "good")
     for i, name in enumerate(sorted(os.listdir(good))[:2]):
         shutil.copy(os.path.join(good, name), os.path.join(good, f"added_{i}.png"))
+    monkeypatch.setattr(experiment, "build_runner",
+                        lambda *a: pytest.fail("weights loaded before the split check"))
     expect_error(config, tmp_path / "w", capsys, "the training images of seed 0 differ",
                  "(8 normals and 2 seen anomalies then, 10 and 2 now", "use a new --workdir")
+    assert not (tmp_path / "cache").exists()  # no image decoded
 
 
 def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
