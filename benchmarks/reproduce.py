@@ -227,7 +227,7 @@ def run_table(args, on_cell=None) -> dict:
     # ELPV's and a folder's rows without their pixels: the grid is checked before a decode
     data = None
     rows = dataset_without_pixels(first.data)
-    if rows is None:  # synthetic or tfds: decoded first
+    if rows is None:  # tfds: decoded first
         rows = data = load_imageset(first.data)
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
     known = hard_known_classes(args.known_classes, rows, paper_name)

@@ -203,6 +203,16 @@ def test_more_shots_than_anomalies(tmp_path, capsys):
                                  capsys, "data.n_anomaly=20", "has only 15 anomalies", "lower")
 
 
+
+def test_more_shots_than_the_synthetic_set_has(tmp_path, capsys):
+    """data.name=synthetic writes its folder when missing, then is checked from the
+    listing like any folder (it was decoded first, and the workdir made)."""
+    cfg = folder_config(tmp_path / "synth", **{"data.name": "synthetic",
+                                               "data.n_anomaly": 40})
+    expect_error_before_decoding(cfg, tmp_path, capsys, "data.n_anomaly=40",
+                                 "has only 36 anomalies", "lower")
+    assert (tmp_path / "synth" / "train" / "good").is_dir()  # the set itself is written
+
 @pytest.mark.parametrize("n", [0, -1])
 def test_no_or_negative_shots(tmp_path, capsys, n):
     expect_error(folder_config(tmp_path, **{"data.n_anomaly": n}), tmp_path / "w", capsys,

@@ -26,10 +26,8 @@ def load_imageset(data_cfg) -> ImageSet:
     if data_cfg.name == "elpv":
         return read_elpv(data_cfg.img_size, cache_dir)
     if data_cfg.name in ("folder", "synthetic"):
-        root = _folder_root(data_cfg)
-        if data_cfg.name == "synthetic" and not os.path.isdir(root):
-            write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
-        return read_folder(root, data_cfg.img_size, cache_dir, _mask_resize(data_cfg))
+        return read_folder(_folder_root(data_cfg), data_cfg.img_size, cache_dir,
+                           _mask_resize(data_cfg))
     if data_cfg.name == "tfds":
         return _load_tfds(data_cfg, cache_dir)
     raise UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
@@ -42,24 +40,29 @@ def dataset_without_pixels(data_cfg) -> ImageSet | None:
     UserError `load_imageset` would for a missing folder or an empty class). The labels,
     classes and split are those `load_imageset` returns, so a run checks its protocol
     (shots, known class, contamination) before it creates its workdir, loads weights,
-    decodes or compiles. None for synthetic (written when missing) and tfds.
+    decodes or compiles. The synthetic set is a folder (written first when missing). None
+    for tfds, whose records would have to be read.
 
     Returns:
       an ImageSet with images [N, 0, 0, 3] and no masks, or None.
     """
     if data_cfg.name == "elpv":
         return elpv_without_pixels()
-    if data_cfg.name == "folder":
+    if data_cfg.name in ("folder", "synthetic"):
         return folder_without_pixels(_folder_root(data_cfg))
     return None
 
 
 def _folder_root(data_cfg) -> str:
-    """data.root/data.subset of a folder reader (folder, synthetic)."""
+    """data.root/data.subset of a folder reader (folder, synthetic); the synthetic set is
+    written there first when that folder is missing."""
     if not data_cfg.get("root"):
         raise UserError(f"data.name={data_cfg.name!r} reads a folder and data.root is "
                         f"empty; pass --config.data.root=PATH")
-    return os.path.join(data_cfg.root, data_cfg.get("subset") or "")
+    root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
+    if data_cfg.name == "synthetic" and not os.path.isdir(root):
+        write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
+    return root
 
 
 def _load_tfds(data_cfg, cache_dir) -> ImageSet:
