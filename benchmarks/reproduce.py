@@ -186,8 +186,9 @@ def check_grid(grid: list[dict], base: dict, args, data) -> None:
         if config.data.img_size != img_size:
             raise UserError("every method of a table must use the same data.img_size; "
                             "pass the same variants and --set data.img_size for all")
-        check_protocol(config, data, seeds_of(config))
-        check_resumed_splits(config, data, seeds_of(config), cell_dir(args.out, cell))
+        seeds = seeds_of(config)
+        check_protocol(config, data, seeds)
+        check_resumed_splits(config, data, seeds, cell_dir(args.out, cell))
 
 
 def cell_dir(out: str, cell: dict) -> str:

@@ -40,7 +40,7 @@ from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
 from fsad.workdir import (base_run_checkpoints, check_workdir, checkpoint_steps, config_json,
-                          seed_dir_of, write_json_atomic)
+                          seed_dir_of, seed_metrics_path, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -198,7 +198,7 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
     checkpoints is refused from its rows, before any weight or decode."""
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
-        if not os.path.exists(os.path.join(seed_dir, "metrics.json")):
+        if not os.path.exists(seed_metrics_path(seed_dir)):
             check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
                                   write=False)
 
@@ -259,7 +259,7 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     write seed_<s>/metrics.json and test_scores.npz; a finished seed is read back."""
     config = runner.config
     seed_dir = seed_dir_of(workdir, seed)
-    done = os.path.join(seed_dir, "metrics.json")
+    done = seed_metrics_path(seed_dir)
     if os.path.exists(done):
         with open(done) as f:
             logging.info("seed %d already finished in %s", seed, seed_dir)
