@@ -225,19 +225,14 @@ def run_table(args, on_cell=None) -> dict:
                             f"out") from None
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
-    # ELPV's and a folder's rows without their pixels: the grid is checked before a decode
-    data = None
-    rows = dataset_without_pixels(first.data)
-    if rows is None:  # tfds: decoded first
-        rows = data = load_imageset(first.data)
+    rows = dataset_without_pixels(first.data)  # the grid is checked before a decode
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
     known = hard_known_classes(args.known_classes, rows, paper_name)
     runners: dict = {}
     results, skipped = [], []
     grid = cells(args.methods, args.settings, args.shots, known, args.order)
     check_grid(grid, base, args, rows)
-    if data is None:
-        data = load_imageset(first.data)
+    data = load_imageset(first.data)
 
     def table() -> dict:
         return {"dataset": paper_name, "init": sorted({r["init"] for r in results}),

@@ -310,8 +310,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     rows = None
     if data is None:  # a mistyped root or too many shots, before any weight or workdir
         rows = dataset_without_pixels(config.data)
-        if rows is not None:
-            check_protocol(config, rows, seeds)
+        check_protocol(config, rows, seeds)
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
         if rows is not None:  # a dataset changed under kept checkpoints, before the weights

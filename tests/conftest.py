@@ -110,6 +110,24 @@ def tiny_config(method="devnet", **overrides):
     return c
 
 
+def assert_same_rows(rows, data, splits: bool = True):
+    """`rows` (a dataset without its pixels) lists the rows of `data`, the same dataset
+    decoded, in its order and split, and (splits) gives the same protocol splits: general
+    10-shot and hard 1-shot on the first anomaly class, which a set of fewer than a shot
+    pool of anomalies per class cannot give."""
+    from fsad.data import make_split
+    assert rows.name == data.name and rows.images.shape == (len(data.labels), 0, 0, 3)
+    assert rows.masks is None
+    for field in ("labels", "classes", "split", "file_ids"):
+        np.testing.assert_array_equal(getattr(rows, field), getattr(data, field))
+    known = data.anomaly_classes[0]
+    for setting, n, known_class in [("general", 10, None), ("hard", 1, known)] * splits:
+        a, b = (make_split(d, setting, n, known_class, contamination=0.05, seed=1)
+                for d in (rows, data))
+        for field in ("train_normal", "train_anomaly", "test", "contamination"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
 def norm_rel_err(a, b) -> float:
     """||a - b|| / ||a|| (Frobenius): the norm-wise relative error that suits float
     reductions and bfloat16 rounding, where single elements can be far apart."""

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import SIZE
+from conftest import SIZE, assert_same_rows
 from fsad.data import make_split, read_elpv, read_folder
 from fsad.data.elpv import elpv_without_pixels
 from fsad.data.folders import folder_without_pixels
@@ -69,21 +69,6 @@ def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_roo
     assert a.images.shape[1:] == (SIZE, SIZE, 3) and "going on without the cache" in caplog.text
     assert enable_compilation_cache(str(blocker / "jax")) is None
     assert "compiling without the persistent cache" in caplog.text
-
-
-def assert_same_rows(rows, data):
-    """`rows` (a dataset without its pixels) lists the rows of `data`, the same dataset
-    decoded, in its order and split, and gives the same protocol splits."""
-    assert rows.name == data.name and rows.images.shape == (len(data.labels), 0, 0, 3)
-    assert rows.masks is None
-    for field in ("labels", "classes", "split", "file_ids"):
-        np.testing.assert_array_equal(getattr(rows, field), getattr(data, field))
-    known = data.anomaly_classes[0]
-    for setting, n, known_class in [("general", 10, None), ("hard", 1, known)]:
-        a, b = (make_split(d, setting, n, known_class, contamination=0.05, seed=1)
-                for d in (rows, data))
-        for field in ("train_normal", "train_anomaly", "test", "contamination"):
-            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
 
 
 def test_a_folder_without_pixels_lists_the_rows_it_decodes(synthetic_root, synthetic):

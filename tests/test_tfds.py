@@ -10,8 +10,8 @@ import pytest
 from ml_collections import config_dict
 from PIL import Image
 
-from conftest import SIZE
-from fsad.data import load_imageset, read_elpv, read_folder
+from conftest import SIZE, assert_same_rows
+from fsad.data import dataset_without_pixels, load_imageset, read_elpv, read_folder
 from fsad.data.synthetic import write_synthetic_dataset
 from fsad.errors import UserError
 
@@ -26,6 +26,20 @@ def assert_same_imageset(a, b):
     assert (a.masks is None) == (b.masks is None)
     if a.masks is not None:
         np.testing.assert_array_equal(a.masks, b.masks)
+
+
+def undecoded_rows(monkeypatch, **data_cfg):
+    """`dataset_without_pixels` of a data.name=tfds config, with TFDS's image decode and
+    fsad's resize made to fail: the rows come from the records, no image decoded."""
+    def fail(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+    cfg = config_dict.ConfigDict({"name": "tfds", "tfds_dir": "", "normal_class": "",
+                                  **data_cfg})
+    with monkeypatch.context() as m:
+        m.setattr(tfds.features.Image, "decode_example_np", fail)
+        m.setattr(tfds_io, "resize_rgb", fail)
+        m.setattr(tfds_io, "resize_mask", fail)
+        return dataset_without_pixels(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +85,17 @@ def test_load_imageset_tfds_and_cache(synthetic_root, written, tmp_path):
     cfg.tfds_name = ""
     with pytest.raises(UserError, match="tfds_name"):
         load_imageset(cfg)
+
+
+def test_the_rows_without_pixels_are_those_it_decodes(written, monkeypatch):
+    tfds_dir, _ = written
+    data = tfds_io.read_tfds("fsad_synthetic", tfds_dir, SIZE, cache_dir="")
+    assert_same_rows(undecoded_rows(monkeypatch, tfds_name="fsad_synthetic",
+                                    tfds_dir=tfds_dir), data)
+    with pytest.raises(UserError, match="tfds_name"):
+        undecoded_rows(monkeypatch, tfds_name="")
+    with pytest.raises(UserError, match="no TFDS dataset 'nope'"):
+        undecoded_rows(monkeypatch, tfds_name="nope", tfds_dir=tfds_dir)
 
 
 def test_no_test_good_and_no_masks(tmp_path):
@@ -125,7 +150,7 @@ def _write_classification(tfds_dir, name, splits):
         download_dir=os.path.join(tfds_dir, "downloads"))
 
 
-def test_one_vs_rest_train_test(tmp_path):
+def test_one_vs_rest_train_test(tmp_path, monkeypatch):
     d = str(tmp_path)
     _write_classification(d, "pets", {"train": [0, 1, 1, 2, 1, 0], "test": [1, 0, 2, 2, 1]})
     with pytest.raises(UserError, match="normal_class"):
@@ -148,9 +173,14 @@ def test_one_vs_rest_train_test(tmp_path):
     np.testing.assert_array_equal(same.file_ids, data.file_ids)
     with pytest.raises(UserError, match="not a class of 'pets'"):
         tfds_io.read_tfds_one_vs_rest("pets", d, "fish", 16, cache_dir="")
+    # the rows a run checks its protocol on, from the labels with the images undecoded
+    assert_same_rows(undecoded_rows(monkeypatch, tfds_name="pets", tfds_dir=d,
+                                    normal_class="dog"), data, splits=False)
+    with pytest.raises(UserError, match="not a class of 'pets'"):
+        undecoded_rows(monkeypatch, tfds_name="pets", tfds_dir=d, normal_class="fish")
 
 
-def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path):
+def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path, monkeypatch):
     d = str(tmp_path)
     labels = [0, 1, 0, 0, 2, 0, 0, 0, 1]
     _write_classification(d, "pets_all", {"train": labels})
@@ -164,6 +194,8 @@ def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path):
     # marked as read_folder marks a folder without test/good: rows stay in record order
     assert list(data.file_ids[:6]) == ([normals[i] for i in sorted(train)]
                                        + [normals[i] for i in sorted(test)])
+    assert_same_rows(undecoded_rows(monkeypatch, tfds_name="pets_all", tfds_dir=d,
+                                    normal_class="cat"), data, splits=False)
 
 
 def test_one_vs_rest_on_mocked_mnist():
@@ -195,9 +227,11 @@ def test_command_line(synthetic_root, tmp_path, capsys):
 @pytest.mark.skipif(not os.environ.get("FSAD_TEST_ELPV_TFDS"),
                     reason="ELPV round trip (2,624 images, about a minute): set "
                            "FSAD_TEST_ELPV_TFDS=1")
-def test_elpv_roundtrip(tmp_path):
+def test_elpv_roundtrip(tmp_path, monkeypatch):
     tfds_io.write_tfds(tfds_io.elpv_source(), "fsad_elpv", str(tmp_path))
     back = tfds_io.read_tfds("fsad_elpv", str(tmp_path), SIZE, cache_dir="")
     assert back.counts() == {"train_normal": 1131, "test_normal": 377, "anomaly_mono": 313,
                              "anomaly_poly": 402}
     assert_same_imageset(back, read_elpv(SIZE, cache_dir=""))
+    assert_same_rows(undecoded_rows(monkeypatch, tfds_name="fsad_elpv",
+                                    tfds_dir=str(tmp_path)), back)

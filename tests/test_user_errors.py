@@ -213,6 +213,26 @@ def test_more_shots_than_the_synthetic_set_has(tmp_path, capsys):
                                  "has only 36 anomalies", "lower")
     assert (tmp_path / "synth" / "train" / "good").is_dir()  # the set itself is written
 
+
+def test_a_tfds_protocol_error_comes_before_any_decode(tmp_path, capsys):
+    """data.name=tfds is checked from its records with the images left encoded (it was
+    decoded first, and the workdir made): too many shots, an unknown known class, an
+    unknown dataset."""
+    pytest.importorskip("tensorflow_datasets")
+    from fsad.data import tfds_io
+    tfds_dir = str(tmp_path / "tfds")
+    tfds_io.write_tfds(tfds_io.folder_source(dataset(tmp_path / "d")), "fsad_small", tfds_dir)
+    tfds_data = {"data.name": "tfds", "data.root": "", "data.tfds_name": "fsad_small",
+                 "data.tfds_dir": tfds_dir}
+    for overrides, fragments in [
+            ({"data.n_anomaly": 16}, ("data.n_anomaly=16", "has only 15 anomalies")),
+            ({"data.setting": "hard", "data.known_class": "crack"},
+             ("'crack' is not an anomaly class", "scratch, spot, stain")),
+            ({"data.tfds_name": "fsad_other"}, ("no TFDS dataset 'fsad_other'",))]:
+        cfg = folder_config(tmp_path, **{**tfds_data, **overrides})
+        expect_error_before_decoding(cfg, tmp_path, capsys, *fragments)
+
+
 @pytest.mark.parametrize("n", [0, -1])
 def test_no_or_negative_shots(tmp_path, capsys, n):
     expect_error(folder_config(tmp_path, **{"data.n_anomaly": n}), tmp_path / "w", capsys,

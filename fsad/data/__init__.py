@@ -30,27 +30,30 @@ def load_imageset(data_cfg) -> ImageSet:
                            _mask_resize(data_cfg))
     if data_cfg.name == "tfds":
         return _load_tfds(data_cfg, cache_dir)
-    raise UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
-                    f"synthetic or tfds")
+    raise _unknown_reader(data_cfg)
 
 
-def dataset_without_pixels(data_cfg) -> ImageSet | None:
-    """The rows of the dataset a config names without their pixels, where that needs no
-    decode: elpv (the package's label table) and folder (its files listed, which raises the
-    UserError `load_imageset` would for a missing folder or an empty class). The labels,
-    classes and split are those `load_imageset` returns, so a run checks its protocol
-    (shots, known class, contamination) before it creates its workdir, loads weights,
-    decodes or compiles. The synthetic set is a folder (written first when missing). None
-    for tfds, whose records would have to be read.
+def dataset_without_pixels(data_cfg) -> ImageSet:
+    """The rows of the dataset a config names without their pixels, none decoded: elpv
+    (the package's label table), folder and synthetic (the files listed; the synthetic set
+    is a folder, written first when missing) and tfds (the records read with their images
+    left encoded). It raises the UserError `load_imageset` would for a missing folder, an
+    empty class or an unknown TFDS dataset or class. The labels, classes and split are
+    those `load_imageset` returns, so a run checks its protocol (shots, known class,
+    contamination) before it creates its workdir, loads weights, decodes or compiles.
 
     Returns:
-      an ImageSet with images [N, 0, 0, 3] and no masks, or None.
+      an ImageSet with images [N, 0, 0, 3] and no masks.
     """
     if data_cfg.name == "elpv":
         return elpv_without_pixels()
     if data_cfg.name in ("folder", "synthetic"):
         return folder_without_pixels(_folder_root(data_cfg))
-    return None
+    if data_cfg.name == "tfds":
+        from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
+        return tfds_io.tfds_without_pixels(_tfds_name(data_cfg), data_cfg.get("tfds_dir"),
+                                           str(data_cfg.get("normal_class") or ""))
+    raise _unknown_reader(data_cfg)
 
 
 def _folder_root(data_cfg) -> str:
@@ -69,15 +72,25 @@ def _load_tfds(data_cfg, cache_dir) -> ImageSet:
     """data.name=tfds: data.tfds_name in data.tfds_dir; with data.normal_class, one class of
     a TFDS image-classification dataset against the rest (fsad.data.tfds_io)."""
     from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
+    name = _tfds_name(data_cfg)
+    if data_cfg.get("normal_class"):
+        return tfds_io.read_tfds_one_vs_rest(name, data_cfg.get("tfds_dir"),
+                                             str(data_cfg.normal_class), data_cfg.img_size,
+                                             cache_dir)
+    return tfds_io.read_tfds(name, data_cfg.get("tfds_dir"), data_cfg.img_size, cache_dir,
+                             _mask_resize(data_cfg))
+
+
+def _tfds_name(data_cfg) -> str:
     if not data_cfg.get("tfds_name"):
         raise UserError("data.name='tfds' needs a dataset name; pass "
                         "--config.data.tfds_name=NAME (and --config.data.tfds_dir=DIR)")
-    if data_cfg.get("normal_class"):
-        return tfds_io.read_tfds_one_vs_rest(data_cfg.tfds_name, data_cfg.get("tfds_dir"),
-                                             str(data_cfg.normal_class), data_cfg.img_size,
-                                             cache_dir)
-    return tfds_io.read_tfds(data_cfg.tfds_name, data_cfg.get("tfds_dir"), data_cfg.img_size,
-                             cache_dir, _mask_resize(data_cfg))
+    return data_cfg.tfds_name
+
+
+def _unknown_reader(data_cfg) -> UserError:
+    return UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
+                     f"synthetic or tfds")
 
 
 def _mask_resize(data_cfg) -> str:

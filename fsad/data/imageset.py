@@ -47,7 +47,7 @@ class ImageSet:
     def without_pixels(cls, name: str, classes, split, file_ids) -> "ImageSet":
         """A dataset's rows without their pixels (images [N, 0, 0, 3], no masks): the
         labels, classes and split that the protocol's checks read, known from a file
-        listing or label table before any image is decoded.
+        listing, label table or records before any image is decoded.
 
         Args:
           classes: [N] str, "good" for normals. split: [N] "train" | "test".

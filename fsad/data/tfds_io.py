@@ -243,12 +243,14 @@ def _builder(tfds_name: str, tfds_dir: str | None):
                         f"one with python -m fsad.data.tfds_io") from err
 
 
-def _sources(builder, tfds_name: str) -> dict:
-    """{split: data source}. A builder that lists no splits (not prepared, or mocked by
-    tfds.testing.mock_data) is asked for the usual train and test."""
+def _sources(builder, tfds_name: str, skip=()) -> dict:
+    """{split: data source}; the features named in `skip` (images, masks) come back as
+    their encoded bytes, not decoded. A builder that lists no splits (not prepared, or
+    mocked by tfds.testing.mock_data) is asked for the usual train and test."""
     splits = sorted(builder.info.splits) or ["train", "test"]
+    decoders = {k: _tfds().decode.SkipDecoding() for k in skip} or None
     try:
-        return {s: builder.as_data_source(split=s) for s in splits}
+        return {s: builder.as_data_source(split=s, decoders=decoders) for s in splits}
     except Exception as err:
         raise UserError(f"TFDS dataset {tfds_name!r} cannot be read as a data source "
                         f"({type(err).__name__}: {str(err).splitlines()[0]}); it must be "
@@ -277,6 +279,10 @@ def _read_examples(source, keep, desc: str) -> list:
     return out
 
 
+def _progress_label(tfds_name: str, split: str, size: int | None) -> str:
+    return f"{'reading' if size is not None else 'listing'} {tfds_name} {split}"
+
+
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -297,6 +303,47 @@ def _fingerprint(builder) -> str:
     return listing_fingerprint(sorted(os.path.join(d, f) for f in os.listdir(d)))
 
 
+def _fsad_builder(tfds_name: str, tfds_dir: str | None):
+    """The builder of a dataset written by `write_tfds`, and its metadata."""
+    builder = _builder(tfds_name, tfds_dir)
+    meta = builder.info.metadata or {}
+    if meta.get("fsad_format") != FORMAT:
+        raise UserError(f"TFDS dataset {tfds_name!r} was not written by fsad (no fsad_format in "
+                        f"its metadata); to read an image-classification dataset one class "
+                        f"against the rest, set --config.data.normal_class=CLASS")
+    return builder, meta
+
+
+def _fsad_imageset(builder, meta, tfds_name: str, size: int | None,
+                   mask_resize: str = "nearest") -> ImageSet:
+    """The ImageSet of a dataset written by `write_tfds`, at size x size; size None: its
+    rows without their pixels (`ImageSet.without_pixels`), the images and masks read as
+    bytes and never decoded."""
+    has_masks = bool(meta.get("has_masks"))
+    skip = () if size is not None else ("image", "mask") if has_masks else ("image",)
+    rows = []
+    for split, source in _sources(builder, tfds_name, skip).items():
+        def keep(i, ex, split=split):
+            if size is None:
+                return int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"])
+            return (int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"]),
+                    int(ex["label"]), resize_rgb(_rgb(ex["image"]), size),
+                    resize_mask(ex["mask"][..., 0], size, mask_resize) if has_masks
+                    else None)
+        rows += _read_examples(source, keep, _progress_label(tfds_name, split, size))
+    rows.sort(key=lambda r: r[0])
+    if [r[0] for r in rows] != list(range(len(rows))):
+        raise UserError(f"TFDS dataset {tfds_name!r} has missing or repeated indices; "
+                        f"write it again with python -m fsad.data.tfds_io")
+    name, classes = str(meta["name"]), np.array([r[2] for r in rows])
+    split, file_ids = np.array([r[1] for r in rows]), np.array([r[3] for r in rows])
+    if size is None:
+        return ImageSet.without_pixels(name, classes, split, file_ids)
+    return ImageSet(name, np.stack([r[5] for r in rows]), np.array([r[4] for r in rows], np.int8),
+                    classes, split, file_ids,
+                    np.stack([r[6] for r in rows]) if has_masks else None)
+
+
 def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
               cache_dir: str | None = None, mask_resize: str = "nearest") -> ImageSet:
     """Reads an fsad dataset written by `write_tfds` into an ImageSet at size x size (cached).
@@ -311,38 +358,26 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
     Returns:
       The ImageSet the source reader (folder or ELPV) gives, same order, names and pixels.
     """
-    builder = _builder(tfds_name, tfds_dir)
-    meta = builder.info.metadata or {}
-    if meta.get("fsad_format") != FORMAT:
-        raise UserError(f"TFDS dataset {tfds_name!r} was not written by fsad (no fsad_format in "
-                        f"its metadata); to read an image-classification dataset one class "
-                        f"against the rest, set --config.data.normal_class=CLASS")
-    has_masks = bool(meta.get("has_masks"))
+    builder, meta = _fsad_builder(tfds_name, tfds_dir)
     key = {"name": meta["name"], "tfds": tfds_name, "dir": str(builder.data_dir), "size": size,
            "files": _fingerprint(builder), "v": 1}
-    if has_masks and mask_resize != "nearest":
+    if meta.get("has_masks") and mask_resize != "nearest":
         key["mask_resize"] = mask_resize
+    return cached_imageset(
+        key, lambda: _fsad_imageset(builder, meta, tfds_name, size, mask_resize), cache_dir)
 
-    def build() -> ImageSet:
-        rows = []
-        for split, source in _sources(builder, tfds_name).items():
-            def keep(i, ex, split=split):
-                return (int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"]),
-                        int(ex["label"]), resize_rgb(_rgb(ex["image"]), size),
-                        resize_mask(ex["mask"][..., 0], size, mask_resize) if has_masks
-                        else None)
-            rows += _read_examples(source, keep, f"reading {tfds_name} {split}")
-        rows.sort(key=lambda r: r[0])
-        if [r[0] for r in rows] != list(range(len(rows))):
-            raise UserError(f"TFDS dataset {tfds_name!r} has missing or repeated indices; "
-                            f"write it again with python -m fsad.data.tfds_io")
-        return ImageSet(
-            str(meta["name"]), np.stack([r[5] for r in rows]),
-            np.array([r[4] for r in rows], np.int8), np.array([r[2] for r in rows]),
-            np.array([r[1] for r in rows]), np.array([r[3] for r in rows]),
-            np.stack([r[6] for r in rows]) if has_masks else None)
 
-    return cached_imageset(key, build, cache_dir)
+def tfds_without_pixels(tfds_name: str, tfds_dir: str | None,
+                        normal_class: str = "") -> ImageSet:
+    """The rows `read_tfds` (or, with normal_class, `read_tfds_one_vs_rest`) returns, in
+    their order and split, without their pixels (`ImageSet.without_pixels`): the records
+    are read with their images (and masks) left encoded, none decoded or resized, so a
+    run checks its protocol before it decodes. Raises the UserErrors the readers raise
+    for a missing dataset, a foreign one, or an unknown normal class."""
+    if normal_class:
+        return _one_vs_rest_imageset(*_one_vs_rest_builder(tfds_name, tfds_dir, normal_class),
+                                     tfds_name, None)
+    return _fsad_imageset(*_fsad_builder(tfds_name, tfds_dir), tfds_name, None)
 
 
 def _feature_key(features, kind, preferred: str, tfds_name: str) -> str:
@@ -354,6 +389,76 @@ def _feature_key(features, kind, preferred: str, tfds_name: str) -> str:
                         f"{kind.__name__} features ({keys}), not one named {preferred!r}; "
                         f"the one-vs-rest reader needs an image and a class label")
     return keys[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneVsRest:
+    """A TFDS classification dataset read one class against the rest: its image and label
+    features, class names and the index of the normal class."""
+    image_key: str
+    label_key: str
+    names: list
+    normal: int
+
+
+def _one_vs_rest_builder(tfds_name: str, tfds_dir: str | None, normal_class: str):
+    """The builder of a TFDS classification dataset and its `_OneVsRest`."""
+    tfds = _tfds()
+    builder = _builder(tfds_name, tfds_dir)
+    features = builder.info.features
+    image_key = _feature_key(features, tfds.features.Image, "image", tfds_name)
+    label_key = _feature_key(features, tfds.features.ClassLabel, "label", tfds_name)
+    names = list(features[label_key].names)
+    if normal_class in names:
+        normal = names.index(normal_class)
+    elif str(normal_class).isdigit() and int(normal_class) < len(names):
+        normal = int(normal_class)
+    else:
+        raise UserError(f"normal_class {normal_class!r} is not a class of {tfds_name!r}; use "
+                        f"one of {names[:20]}{' ...' if len(names) > 20 else ''} or an index")
+    return builder, _OneVsRest(image_key, label_key, names, normal)
+
+
+def _one_vs_rest_imageset(builder, ovr: _OneVsRest, tfds_name: str,
+                          size: int | None) -> ImageSet:
+    """`read_tfds_one_vs_rest`'s ImageSet at size x size; size None: its rows without their
+    pixels, the images read as bytes and never decoded."""
+    normal, names = ovr.normal, ovr.names
+    sources = _sources(builder, tfds_name, (ovr.image_key,) if size is None else ())
+    has_test = "test" in sources and "train" in sources
+    rows = []  # (split name, index, label, image or None)
+    for split, source in sources.items():
+        if has_test and split not in ("train", "test"):
+            continue
+
+        def keep(i, ex, split=split):
+            y = int(ex[ovr.label_key])
+            if has_test and split == "train" and y != normal:
+                return None
+            return split, i, y, (resize_rgb(_rgb(ex[ovr.image_key]), size)
+                                 if size is not None else None)
+        rows += _read_examples(source, keep, _progress_label(tfds_name, split, size))
+    normals = [r for r in rows if r[2] == normal]
+    if has_test:
+        normal_split = ["train" if r[0] == "train" else "test" for r in normals]
+    else:
+        normal_split = np.array(["train"] * len(normals), dtype=object)
+        normal_split[split_normals_3_to_1(len(normals))[1]] = "test"
+    anomalies = sorted((r for r in rows if r[2] != normal), key=lambda r: names[r[2]])
+    if not normals or not anomalies:
+        raise UserError(f"{tfds_name!r} with normal class {names[normal]!r} has "
+                        f"{len(normals)} normal and {len(anomalies)} anomalous images; "
+                        f"the protocol needs both")
+    order = [i for i in range(len(normals)) if normal_split[i] == "train"] + \
+            [i for i in range(len(normals)) if normal_split[i] == "test"]
+    ordered = [normals[i] for i in order] + anomalies
+    classes = np.array([NORMAL] * len(normals) + [names[r[2]] for r in anomalies])
+    split = np.array([normal_split[i] for i in order] + ["test"] * len(anomalies))
+    name, file_ids = f"{tfds_name}:{names[normal]}", np.array([f"{r[0]}/{r[1]}" for r in ordered])
+    if size is None:
+        return ImageSet.without_pixels(name, classes, split, file_ids)
+    return ImageSet(name, np.stack([r[3] for r in ordered]), (classes != NORMAL).astype(np.int8),
+                    classes, split, file_ids)
 
 
 def read_tfds_one_vs_rest(tfds_name: str, tfds_dir: str | None, normal_class: str, size: int,
@@ -375,58 +480,13 @@ def read_tfds_one_vs_rest(tfds_name: str, tfds_dir: str | None, normal_class: st
     Returns:
       ImageSet named "<tfds_name>:<class>", file_ids "<split>/<index in split>".
     """
-    tfds = _tfds()
-    builder = _builder(tfds_name, tfds_dir)
-    features = builder.info.features
-    image_key = _feature_key(features, tfds.features.Image, "image", tfds_name)
-    label_key = _feature_key(features, tfds.features.ClassLabel, "label", tfds_name)
-    names = list(features[label_key].names)
-    if normal_class in names:
-        normal = names.index(normal_class)
-    elif str(normal_class).isdigit() and int(normal_class) < len(names):
-        normal = int(normal_class)
-    else:
-        raise UserError(f"normal_class {normal_class!r} is not a class of {tfds_name!r}; use "
-                        f"one of {names[:20]}{' ...' if len(names) > 20 else ''} or an index")
-    key = {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tfds_name}-{names[normal]}"),
-           "tfds": tfds_name, "dir": str(builder.data_dir), "normal": names[normal],
+    builder, ovr = _one_vs_rest_builder(tfds_name, tfds_dir, normal_class)
+    normal = ovr.names[ovr.normal]
+    key = {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tfds_name}-{normal}"),
+           "tfds": tfds_name, "dir": str(builder.data_dir), "normal": normal,
            "size": size, "files": _fingerprint(builder), "v": 1}
-
-    def build() -> ImageSet:
-        sources = _sources(builder, tfds_name)
-        has_test = "test" in sources and "train" in sources
-        rows = []  # (split name, index, label, image)
-        for split, source in sources.items():
-            if has_test and split not in ("train", "test"):
-                continue
-
-            def keep(i, ex, split=split):
-                y = int(ex[label_key])
-                if has_test and split == "train" and y != normal:
-                    return None
-                return split, i, y, resize_rgb(_rgb(ex[image_key]), size)
-            rows += _read_examples(source, keep, f"reading {tfds_name} {split}")
-        normals = [r for r in rows if r[2] == normal]
-        if has_test:
-            normal_split = ["train" if r[0] == "train" else "test" for r in normals]
-        else:
-            normal_split = np.array(["train"] * len(normals), dtype=object)
-            normal_split[split_normals_3_to_1(len(normals))[1]] = "test"
-        anomalies = sorted((r for r in rows if r[2] != normal), key=lambda r: names[r[2]])
-        if not normals or not anomalies:
-            raise UserError(f"{tfds_name!r} with normal class {names[normal]!r} has "
-                            f"{len(normals)} normal and {len(anomalies)} anomalous images; "
-                            f"the protocol needs both")
-        order = [i for i in range(len(normals)) if normal_split[i] == "train"] + \
-                [i for i in range(len(normals)) if normal_split[i] == "test"]
-        ordered = [normals[i] for i in order] + anomalies
-        classes = np.array([NORMAL] * len(normals) + [names[r[2]] for r in anomalies])
-        split = np.array([normal_split[i] for i in order] + ["test"] * len(anomalies))
-        return ImageSet(f"{tfds_name}:{names[normal]}", np.stack([r[3] for r in ordered]),
-                        (classes != NORMAL).astype(np.int8), classes, split,
-                        np.array([f"{r[0]}/{r[1]}" for r in ordered]))
-
-    return cached_imageset(key, build, cache_dir)
+    return cached_imageset(key, lambda: _one_vs_rest_imageset(builder, ovr, tfds_name, size),
+                           cache_dir)
 
 
 # ------------------------------------------------------------------ command line
