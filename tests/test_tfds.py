@@ -29,12 +29,12 @@ def assert_same_imageset(a, b):
 
 
 def undecoded_rows(monkeypatch, **data_cfg):
-    """`dataset_without_pixels` of a data.name=tfds config, with TFDS's image decode and
-    fsad's resize made to fail: the rows come from the records, no image decoded."""
+    """`dataset_without_pixels` of a data.name=tfds config (no cache), with TFDS's image
+    decode and fsad's resize made to fail: the rows come from the records, none decoded."""
     def fail(*args, **kwargs):
         raise AssertionError("an image was decoded")
     cfg = config_dict.ConfigDict({"name": "tfds", "tfds_dir": "", "normal_class": "",
-                                  **data_cfg})
+                                  "img_size": SIZE, "cache_dir": "", **data_cfg})
     with monkeypatch.context() as m:
         m.setattr(tfds.features.Image, "decode_example_np", fail)
         m.setattr(tfds_io, "resize_rgb", fail)
@@ -72,7 +72,7 @@ def test_roundtrip_equals_folder_reader(synthetic_root, written):
     assert "tensorflow" not in sys.modules
 
 
-def test_load_imageset_tfds_and_cache(synthetic_root, written, tmp_path):
+def test_load_imageset_tfds_and_cache(synthetic_root, written, tmp_path, monkeypatch):
     tfds_dir, _ = written
     cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "fsad_synthetic",
                                   "tfds_dir": tfds_dir, "normal_class": "", "img_size": SIZE,
@@ -82,6 +82,12 @@ def test_load_imageset_tfds_and_cache(synthetic_root, written, tmp_path):
     b = load_imageset(cfg)  # from the cache
     assert_same_imageset(a, b)
     assert_same_imageset(a, read_folder(synthetic_root, SIZE, cache_dir=""))
+    # a run's rows come from that cache, no record read; from the records when it is torn
+    with monkeypatch.context() as m:
+        m.setattr(tfds_io, "_sources", None)
+        assert_same_rows(dataset_without_pixels(cfg), a)
+    (tmp_path / "cache" / os.listdir(tmp_path / "cache")[0]).write_bytes(b"torn")
+    assert_same_rows(dataset_without_pixels(cfg), a)
     cfg.tfds_name = ""
     with pytest.raises(UserError, match="tfds_name"):
         load_imageset(cfg)

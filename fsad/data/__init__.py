@@ -20,9 +20,7 @@ def load_imageset(data_cfg) -> ImageSet:
     synthetic), subset (optional folder under root), img_size, cache_dir, mask_resize; for
     "tfds": tfds_name, tfds_dir, normal_class.
     """
-    cache_dir = data_cfg.get("cache_dir")
-    if cache_dir is None:
-        cache_dir = os.environ.get("FSAD_CACHE", DEFAULT_CACHE)
+    cache_dir = _cache_dir(data_cfg)
     if data_cfg.name == "elpv":
         return read_elpv(data_cfg.img_size, cache_dir)
     if data_cfg.name in ("folder", "synthetic"):
@@ -36,11 +34,12 @@ def load_imageset(data_cfg) -> ImageSet:
 def dataset_without_pixels(data_cfg) -> ImageSet:
     """The rows of the dataset a config names without their pixels, none decoded: elpv
     (the package's label table), folder and synthetic (the files listed; the synthetic set
-    is a folder, written first when missing) and tfds (the records read with their images
-    left encoded). It raises the UserError `load_imageset` would for a missing folder, an
-    empty class or an unknown TFDS dataset or class. The labels, classes and split are
-    those `load_imageset` returns, so a run checks its protocol (shots, known class,
-    contamination) before it creates its workdir, loads weights, decodes or compiles.
+    is a folder, written first when missing) and tfds (from its decoded cache, else the
+    records read with their images left encoded). It raises the UserError `load_imageset`
+    would for a missing folder, an empty class or an unknown TFDS dataset or class. The
+    labels, classes and split are those `load_imageset` returns, so a run checks its
+    protocol (shots, known class, contamination) before it creates its workdir, loads
+    weights, decodes or compiles.
 
     Returns:
       an ImageSet with images [N, 0, 0, 3] and no masks.
@@ -52,7 +51,9 @@ def dataset_without_pixels(data_cfg) -> ImageSet:
     if data_cfg.name == "tfds":
         from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
         return tfds_io.tfds_without_pixels(_tfds_name(data_cfg), data_cfg.get("tfds_dir"),
-                                           str(data_cfg.get("normal_class") or ""))
+                                           str(data_cfg.get("normal_class") or ""),
+                                           data_cfg.img_size, _cache_dir(data_cfg),
+                                           _mask_resize(data_cfg))
     raise _unknown_reader(data_cfg)
 
 
@@ -91,6 +92,12 @@ def _tfds_name(data_cfg) -> str:
 def _unknown_reader(data_cfg) -> UserError:
     return UserError(f"data.name={data_cfg.name!r} is not a dataset reader; use elpv, folder, "
                      f"synthetic or tfds")
+
+
+def _cache_dir(data_cfg) -> str:
+    """data.cache_dir; None (unset): $FSAD_CACHE, else ~/.cache/fsad; "": no cache."""
+    cache_dir = data_cfg.get("cache_dir")
+    return cache_dir if cache_dir is not None else os.environ.get("FSAD_CACHE", DEFAULT_CACHE)
 
 
 def _mask_resize(data_cfg) -> str:

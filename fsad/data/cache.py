@@ -32,8 +32,7 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
     """
     if not cache_dir:
         return build()
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir, f"{key.get('name', 'data')}-{key.get('size')}-{digest}.npz")
+    path = _cache_path(key, cache_dir)
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -53,6 +52,26 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         if os.path.exists(tmp):
             os.remove(tmp)
     return data
+
+
+def cached_rows(key: dict, cache_dir: str | None) -> ImageSet | None:
+    """The rows of the ImageSet `cached_imageset` keeps for `key`, without their pixels
+    (`ImageSet.without_pixels`; the images are not read from the file), or None when it
+    keeps none (or the file cannot be read)."""
+    path = _cache_path(key, cache_dir) if cache_dir else ""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return ImageSet.without_pixels(str(f["name"]), f["classes"], f["split"],
+                                           f["file_ids"])
+    except (OSError, ValueError, KeyError):  # a torn write: cached_imageset rebuilds it
+        return None
+
+
+def _cache_path(key: dict, cache_dir: str) -> str:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{key.get('name', 'data')}-{key.get('size')}-{digest}.npz")
 
 
 def listing_fingerprint(paths) -> str:

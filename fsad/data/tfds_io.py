@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fsad.data.cache import cached_imageset, listing_fingerprint
+from fsad.data.cache import cached_imageset, cached_rows, listing_fingerprint
 from fsad.data.decode import CorruptImageError, load_rgb, resize_mask, resize_rgb
 from fsad.data.folders import _mask_path, scan_folder, split_normals_3_to_1
 from fsad.data.imageset import NORMAL, ImageSet
@@ -359,25 +359,39 @@ def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
       The ImageSet the source reader (folder or ELPV) gives, same order, names and pixels.
     """
     builder, meta = _fsad_builder(tfds_name, tfds_dir)
+    return cached_imageset(
+        _fsad_key(builder, meta, tfds_name, size, mask_resize),
+        lambda: _fsad_imageset(builder, meta, tfds_name, size, mask_resize), cache_dir)
+
+
+def _fsad_key(builder, meta, tfds_name: str, size: int, mask_resize: str) -> dict:
+    """`read_tfds`'s cache key."""
     key = {"name": meta["name"], "tfds": tfds_name, "dir": str(builder.data_dir), "size": size,
            "files": _fingerprint(builder), "v": 1}
     if meta.get("has_masks") and mask_resize != "nearest":
         key["mask_resize"] = mask_resize
-    return cached_imageset(
-        key, lambda: _fsad_imageset(builder, meta, tfds_name, size, mask_resize), cache_dir)
+    return key
 
 
-def tfds_without_pixels(tfds_name: str, tfds_dir: str | None,
-                        normal_class: str = "") -> ImageSet:
-    """The rows `read_tfds` (or, with normal_class, `read_tfds_one_vs_rest`) returns, in
-    their order and split, without their pixels (`ImageSet.without_pixels`): the records
-    are read with their images (and masks) left encoded, none decoded or resized, so a
-    run checks its protocol before it decodes. Raises the UserErrors the readers raise
+def tfds_without_pixels(tfds_name: str, tfds_dir: str | None, normal_class: str, size: int,
+                        cache_dir: str | None = None, mask_resize: str = "nearest") -> ImageSet:
+    """The rows `read_tfds` (or, with normal_class, `read_tfds_one_vs_rest`) returns with
+    the same arguments, in their order and split, without their pixels
+    (`ImageSet.without_pixels`), so a run checks its protocol before it decodes: from
+    the readers' cache where it holds them, else from the records with their images (and
+    masks) left encoded, none decoded or resized. Raises the UserErrors the readers raise
     for a missing dataset, a foreign one, or an unknown normal class."""
     if normal_class:
-        return _one_vs_rest_imageset(*_one_vs_rest_builder(tfds_name, tfds_dir, normal_class),
-                                     tfds_name, None)
-    return _fsad_imageset(*_fsad_builder(tfds_name, tfds_dir), tfds_name, None)
+        builder, ovr = _one_vs_rest_builder(tfds_name, tfds_dir, normal_class)
+        rows = cached_rows(_one_vs_rest_key(builder, ovr, tfds_name, size), cache_dir)
+        if rows is None:
+            rows = _one_vs_rest_imageset(builder, ovr, tfds_name, None)
+        return rows
+    builder, meta = _fsad_builder(tfds_name, tfds_dir)
+    rows = cached_rows(_fsad_key(builder, meta, tfds_name, size, mask_resize), cache_dir)
+    if rows is None:
+        rows = _fsad_imageset(builder, meta, tfds_name, None)
+    return rows
 
 
 def _feature_key(features, kind, preferred: str, tfds_name: str) -> str:
@@ -481,12 +495,17 @@ def read_tfds_one_vs_rest(tfds_name: str, tfds_dir: str | None, normal_class: st
       ImageSet named "<tfds_name>:<class>", file_ids "<split>/<index in split>".
     """
     builder, ovr = _one_vs_rest_builder(tfds_name, tfds_dir, normal_class)
-    normal = ovr.names[ovr.normal]
-    key = {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tfds_name}-{normal}"),
-           "tfds": tfds_name, "dir": str(builder.data_dir), "normal": normal,
-           "size": size, "files": _fingerprint(builder), "v": 1}
-    return cached_imageset(key, lambda: _one_vs_rest_imageset(builder, ovr, tfds_name, size),
+    return cached_imageset(_one_vs_rest_key(builder, ovr, tfds_name, size),
+                           lambda: _one_vs_rest_imageset(builder, ovr, tfds_name, size),
                            cache_dir)
+
+
+def _one_vs_rest_key(builder, ovr: _OneVsRest, tfds_name: str, size: int) -> dict:
+    """`read_tfds_one_vs_rest`'s cache key."""
+    normal = ovr.names[ovr.normal]
+    return {"name": re.sub(r"[^A-Za-z0-9_.-]", "_", f"{tfds_name}-{normal}"),
+            "tfds": tfds_name, "dir": str(builder.data_dir), "normal": normal,
+            "size": size, "files": _fingerprint(builder), "v": 1}
 
 
 # ------------------------------------------------------------------ command line
