@@ -315,12 +315,13 @@ def _fsad_builder(tfds_name: str, tfds_dir: str | None):
 
 
 def _fsad_imageset(builder, meta, tfds_name: str, size: int | None,
-                   mask_resize: str = "nearest") -> ImageSet:
+                   mask_resize: str = "nearest", encoded: bool = True) -> ImageSet:
     """The ImageSet of a dataset written by `write_tfds`, at size x size; size None: its
     rows without their pixels (`ImageSet.without_pixels`), the images and masks read as
-    bytes and never decoded."""
+    bytes and never decoded (encoded=False: decoded by TFDS, not resized)."""
     has_masks = bool(meta.get("has_masks"))
-    skip = () if size is not None else ("image", "mask") if has_masks else ("image",)
+    skip = ("image", "mask") if has_masks else ("image",)
+    skip = skip if size is None and encoded else ()
     rows = []
     for split, source in _sources(builder, tfds_name, skip).items():
         def keep(i, ex, split=split):
@@ -384,14 +385,23 @@ def tfds_without_pixels(tfds_name: str, tfds_dir: str | None, normal_class: str,
     if normal_class:
         builder, ovr = _one_vs_rest_builder(tfds_name, tfds_dir, normal_class)
         rows = cached_rows(_one_vs_rest_key(builder, ovr, tfds_name, size), cache_dir)
-        if rows is None:
-            rows = _one_vs_rest_imageset(builder, ovr, tfds_name, None)
-        return rows
+        return rows if rows is not None else _rows_from_records(
+            lambda encoded: _one_vs_rest_imageset(builder, ovr, tfds_name, None,
+                                                  encoded=encoded))
     builder, meta = _fsad_builder(tfds_name, tfds_dir)
     rows = cached_rows(_fsad_key(builder, meta, tfds_name, size, mask_resize), cache_dir)
-    if rows is None:
-        rows = _fsad_imageset(builder, meta, tfds_name, None)
-    return rows
+    return rows if rows is not None else _rows_from_records(
+        lambda encoded: _fsad_imageset(builder, meta, tfds_name, None, encoded=encoded))
+
+
+def _rows_from_records(read) -> ImageSet:
+    """read(encoded=True): the rows with the images left encoded. A source that needs
+    TensorFlow to hand its images over encoded, as `tfds.testing.mock_data`'s (it
+    encodes random arrays), is read decoded instead: the same rows, more slowly."""
+    try:
+        return read(True)
+    except ModuleNotFoundError:
+        return read(False)
 
 
 def _feature_key(features, kind, preferred: str, tfds_name: str) -> str:
@@ -433,12 +443,14 @@ def _one_vs_rest_builder(tfds_name: str, tfds_dir: str | None, normal_class: str
     return builder, _OneVsRest(image_key, label_key, names, normal)
 
 
-def _one_vs_rest_imageset(builder, ovr: _OneVsRest, tfds_name: str,
-                          size: int | None) -> ImageSet:
+def _one_vs_rest_imageset(builder, ovr: _OneVsRest, tfds_name: str, size: int | None,
+                          encoded: bool = True) -> ImageSet:
     """`read_tfds_one_vs_rest`'s ImageSet at size x size; size None: its rows without their
-    pixels, the images read as bytes and never decoded."""
+    pixels, the images read as bytes and never decoded (encoded=False: decoded by TFDS,
+    not resized)."""
     normal, names = ovr.normal, ovr.names
-    sources = _sources(builder, tfds_name, (ovr.image_key,) if size is None else ())
+    sources = _sources(builder, tfds_name,
+                       (ovr.image_key,) if size is None and encoded else ())
     has_test = "test" in sources and "train" in sources
     rows = []  # (split name, index, label, image or None)
     for split, source in sources.items():
