@@ -50,10 +50,8 @@ def dataset_without_pixels(data_cfg) -> ImageSet:
         return folder_without_pixels(_folder_root(data_cfg))
     if data_cfg.name == "tfds":
         from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
-        return tfds_io.tfds_without_pixels(_tfds_name(data_cfg), data_cfg.get("tfds_dir"),
-                                           str(data_cfg.get("normal_class") or ""),
-                                           data_cfg.img_size, _cache_dir(data_cfg),
-                                           _mask_resize(data_cfg))
+        return tfds_io.tfds_without_pixels(*_tfds_source(data_cfg), data_cfg.img_size,
+                                           _cache_dir(data_cfg), _mask_resize(data_cfg))
     raise _unknown_reader(data_cfg)
 
 
@@ -73,20 +71,22 @@ def _load_tfds(data_cfg, cache_dir) -> ImageSet:
     """data.name=tfds: data.tfds_name in data.tfds_dir; with data.normal_class, one class of
     a TFDS image-classification dataset against the rest (fsad.data.tfds_io)."""
     from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
-    name = _tfds_name(data_cfg)
-    if data_cfg.get("normal_class"):
-        return tfds_io.read_tfds_one_vs_rest(name, data_cfg.get("tfds_dir"),
-                                             str(data_cfg.normal_class), data_cfg.img_size,
+    name, tfds_dir, normal_class = _tfds_source(data_cfg)
+    if normal_class:
+        return tfds_io.read_tfds_one_vs_rest(name, tfds_dir, normal_class, data_cfg.img_size,
                                              cache_dir)
-    return tfds_io.read_tfds(name, data_cfg.get("tfds_dir"), data_cfg.img_size, cache_dir,
+    return tfds_io.read_tfds(name, tfds_dir, data_cfg.img_size, cache_dir,
                              _mask_resize(data_cfg))
 
 
-def _tfds_name(data_cfg) -> str:
+def _tfds_source(data_cfg) -> tuple[str, str | None, str]:
+    """(data.tfds_name, data.tfds_dir, data.normal_class as a string, "" for a dataset
+    written by fsad) of a data.name=tfds config."""
     if not data_cfg.get("tfds_name"):
         raise UserError("data.name='tfds' needs a dataset name; pass "
                         "--config.data.tfds_name=NAME (and --config.data.tfds_dir=DIR)")
-    return data_cfg.tfds_name
+    return (data_cfg.tfds_name, data_cfg.get("tfds_dir"),
+            str(data_cfg.normal_class) if data_cfg.get("normal_class") else "")
 
 
 def _unknown_reader(data_cfg) -> UserError:
