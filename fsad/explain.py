@@ -64,12 +64,15 @@ def scipy_gaussian_filter(maps: jax.Array, sigma: float = 4.0, truncate: float =
 
 
 def released_postprocess(maps: jax.Array) -> jax.Array:
-    """The released code's clip at the 99th percentile then min-max scaling, per map."""
+    """The released code's clip at the 99th percentile then min-max scaling, per map
+    ([N, H, W] -> [N, H, W]); a map whose 99th percentile is 0 (at most 1% of its
+    pixels non-zero) is kept as it is, as the released `convert_to_grayscale` keeps it."""
     flat = maps.reshape(maps.shape[0], -1)
     hi = jnp.percentile(flat, 99, axis=1)[:, None, None]
-    maps = jnp.minimum(maps, hi)
-    lo = maps.min(axis=(1, 2), keepdims=True)
-    return (maps - lo) / jnp.maximum(maps.max(axis=(1, 2), keepdims=True) - lo, 1e-12)
+    clipped = jnp.minimum(maps, hi)
+    lo = clipped.min(axis=(1, 2), keepdims=True)
+    scaled = (clipped - lo) / jnp.maximum(clipped.max(axis=(1, 2), keepdims=True) - lo, 1e-12)
+    return jnp.where(hi > 0, scaled, maps)
 
 
 def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 4.0,

@@ -30,6 +30,7 @@ import optax
 from jax.sharding import Mesh
 
 from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
 from fsad.mesh import batch_sharded, check_batch, mesh_batch, replicated
@@ -164,8 +165,7 @@ def sample_balanced(data: TrainData, key: jax.Array, step: jax.Array, batch_size
     Returns:
       images: [B, H, W, 3] uint8; labels: [B] int32 (0 normal, 1 seen anomaly).
     """
-    n_anom = int(round(batch_size * anomaly_fraction))
-    n_norm = batch_size - n_anom
+    n_norm, n_anom = batch_counts(batch_size, anomaly_fraction)
     k_n, k_a = jax.random.split(key)
     cap = data.images.shape[0]
     idx_n = cycle_draw(k_n, step, n_norm, data.n_normal, cap)

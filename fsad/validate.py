@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 
 DATA_NAMES = ("elpv", "folder", "synthetic", "tfds")
@@ -80,9 +81,9 @@ def check_config(config, n_devices: int = 1) -> None:
     b = config.batch_size
     _require(b >= 2 and b % n_devices == 0, f"batch_size={b} cannot be split over the "
              f"{n_devices} device(s); use a multiple of {n_devices} of at least 2")
-    n_anom = int(round(b * config.anomaly_fraction))
-    _require(1 <= n_anom <= b - 1, f"batch_size={b} with anomaly_fraction="
-             f"{config.anomaly_fraction:.3g} gives {n_anom} seen anomalies and {b - n_anom} "
+    n_norm, n_anom = batch_counts(b, config.anomaly_fraction)
+    _require(n_anom >= 1 and n_norm >= 1, f"batch_size={b} with anomaly_fraction="
+             f"{config.anomaly_fraction:.3g} gives {n_anom} seen anomalies and {n_norm} "
              f"normals per batch; a batch needs both: raise --config.batch_size")
     _require(config.epochs >= 1 and config.steps_per_epoch >= 1, "epochs and steps_per_epoch "
              "must be at least 1; set --config.epochs and --config.steps_per_epoch")

@@ -371,6 +371,35 @@ def test_visa_style_folder_reads_as_is(tmp_path):
     assert np.all(data.masks[data.labels == 1][:, :, 2:5] == 1)
 
 
+# ---------------------------------------------------------------- the raw images
+
+def test_raw_images_read_as_the_released_scripts_cv2_imread_reads_them(tmp_path):
+    """AITEX's and SDD's released converters read with `cv2.imread(path)`: fsad's
+    reader gives its pixels (in RGB order) for 8-bit colour, grey, palette and RGBA
+    images, 16-bit grey and colour PNGs (Pillow's convert clipped 16-bit grey, where
+    OpenCV keeps the high byte) and a JPEG with an EXIF rotation (which Pillow did not
+    apply)."""
+    cv2 = pytest.importorskip("cv2")
+    from fsad.data.convert.common import read_rgb
+    rng = np.random.default_rng(3)
+    colour = rng.integers(0, 256, (20, 32, 3), dtype=np.uint8)
+    grey16 = rng.integers(0, 65536, (20, 32), dtype=np.uint16)
+    images = {"colour.png": Image.fromarray(colour), "grey.bmp": Image.fromarray(colour[..., 0]),
+              "palette.png": Image.fromarray(colour).quantize(16),
+              "rgba.png": Image.fromarray(np.dstack([colour, colour[..., :1]]), "RGBA"),
+              "grey16.png": Image.fromarray(grey16)}
+    for name, im in images.items():
+        im.save(tmp_path / name)
+    cv2.imwrite(str(tmp_path / "colour16.png"), np.dstack([grey16, grey16 // 2, grey16 // 3]))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(colour).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    for name in [*images, "colour16.png", "rotated.jpg"]:
+        path = str(tmp_path / name)
+        np.testing.assert_array_equal(read_rgb(path), cv2.imread(path)[..., ::-1], err_msg=name)
+    assert read_rgb(str(tmp_path / "rotated.jpg")).shape == (32, 20, 3)
+
+
 # ---------------------------------------------------------------- errors and the command
 
 @pytest.mark.parametrize("dataset,missing", [

@@ -57,6 +57,20 @@ def test_released_saliency_is_the_released_localisation():
                                np.stack([gaussian_filter(m, 4.0) for m in maps]), atol=1e-6)
 
 
+def test_a_sparse_gradient_map_is_kept_as_the_released_code_keeps_it():
+    """`convert_to_grayscale` (localization.py) scales only where the 99th percentile
+    is above 0: a map with at most 1% of its pixels non-zero stays as it is (its peak
+    3.0), where clipping at that percentile would leave nothing."""
+    sparse = np.zeros((1, 20, 20), np.float32)
+    sparse[0, 3, 4], sparse[0, 10, 11] = 3.0, 1.5  # 2 of 400 pixels
+    np.testing.assert_array_equal(np.asarray(explain.released_postprocess(jnp.asarray(sparse))),
+                                  sparse)
+    dense = np.random.default_rng(2).uniform(size=(1, 20, 20)).astype(np.float32)
+    lo, hi = dense.min(), np.percentile(dense, 99)
+    np.testing.assert_allclose(np.asarray(explain.released_postprocess(jnp.asarray(dense))),
+                               np.clip((dense - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
 def test_unblurred_saliency_is_exactly_the_gradient_region():
     def score_one(v, x):
         return jnp.sum(x[5:9, 10:12, 0] * v)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import SIZE, tiny_config
+from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.mesh import make_mesh
 from fsad.methods import ahl, build_method
@@ -18,7 +19,7 @@ from fsad.methods.devnet import DevNetModel
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.pyramid import nearest_indices, pyramid
 from fsad.optim import step_decay
-from fsad.train import cycle_draw, init_state, put_train_data
+from fsad.train import cycle_draw, init_state, put_train_data, sample_balanced
 
 
 def test_configs_default_to_the_released_code():
@@ -56,6 +57,19 @@ def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
                 r.ahl.weight_relative) == ("fresh", 2e-3, 1e-4, 10, 1.0, True, "released",
                                            False)
         assert p.optim.lr == d.optim.lr  # the base model keeps its released defaults
+
+
+def test_released_query_weights_sum_to_one_until_psi_gives_weights():
+    """The released main.py divides the summed query losses by episode_num until psi
+    runs, and weighs them by 0.5 + 0.5 w_i, undivided, after (`ahl.weighting=released`);
+    before, fsad's gave each 0.5 + 0.5 / T from the first epoch on."""
+    from fsad.methods.ahl.meta_train import query_weights
+    uniform, w = jnp.full((7,), 1 / 7), jnp.linspace(0.05, 0.25, 7)
+    for epoch in range(6):  # K = 5: psi's first weights serve epoch 6 (0-based)
+        np.testing.assert_allclose(query_weights(uniform, epoch, 5, "released"), 1 / 7)
+    np.testing.assert_allclose(query_weights(w, 6, 5, "released"), 0.5 + 0.5 * w)
+    np.testing.assert_allclose(query_weights(w, 6, 5, "paper"), w)
+    np.testing.assert_allclose(query_weights(uniform, 0, 5, "paper"), 1 / 7)
 
 
 def test_step_decay_matches_where_the_released_code_steps_its_scheduler():
@@ -173,6 +187,23 @@ def test_dra_references_are_rotated_and_half_of_them_pseudo():
     levels = [set(np.unique(r).tolist()) - {0} for r in refs]
     pseudo = np.array([len(lv) > 1 for lv in levels])  # a jittered patch adds grey levels
     assert 0.35 < pseudo.mean() < 0.65, pseudo.mean()
+
+
+def test_a_batch_splits_as_the_released_samplers_split_it():
+    """The released balanced samplers (dataloaders/utlis.py) take batch_size // 2 normals
+    (DevNet) and 2 * batch_size // 3 (DRA), the rest seen anomalies: rounding the
+    anomalies' share instead gave a DevNet batch of 17 one anomaly less, and a DRA batch
+    of 16 too."""
+    for b in range(2, 100):
+        assert batch_counts(b, 1 / 2) == (b // 2, b - b // 2)
+        assert batch_counts(b, 1 / 3) == (2 * b // 3, b - 2 * b // 3)
+    data, _ = _flat_data()
+    key = jax.random.key(0)
+    _, labels = jax.jit(lambda d, k: sample_balanced(d, k, 0, 17, 1 / 2))(data, key)
+    assert int(labels.sum()) == 9
+    method = build_method(tiny_config("dra", batch_size=16))
+    labels = jax.jit(lambda d, k: method.sample_batch(d, k, 16, 0))(data, key)["labels"]
+    assert np.asarray(labels[10:]).tolist() == [1] * 6 and (np.asarray(labels[:10]) != 1).all()
 
 
 def test_variants_without_the_residual_head_take_no_references():

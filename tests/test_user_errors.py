@@ -162,16 +162,19 @@ def test_mixed_sizes_and_modes_are_read(tmp_path):
     Image.fromarray(np.dstack([ramp] * 3 + [np.full_like(ramp, 128)]), "RGBA").save(
         os.path.join(good, "rgba.png"))
     Image.fromarray(ramp.astype(np.uint16) * 257).save(os.path.join(good, "deep.png"))  # I;16
+    # 16-bit samples within 0..255: read as the released loader's convert("RGB") reads them
+    Image.fromarray(ramp.astype(np.uint16)).save(os.path.join(good, "shallow.png"))
     Image.fromarray(ramp, "L").convert("P").save(os.path.join(good, "palette.png"))
     Image.fromarray(np.zeros((70, 20, 3), np.uint8)).save(os.path.join(good, "tall.jpg"))
     data = read_folder(root, SIZE, cache_dir="")
     ids = list(data.file_ids)
-    for name in ("grey.png", "rgba.png", "deep.png", "palette.png", "tall.jpg"):
+    for name in ("grey.png", "rgba.png", "deep.png", "shallow.png", "palette.png", "tall.jpg"):
         img = data.images[ids.index(f"train/good/{name}")]
         assert img.shape == (SIZE, SIZE, 3)
     deep = data.images[ids.index("train/good/deep.png")].astype(int)
     grey = data.images[ids.index("train/good/grey.png")].astype(int)
     assert np.abs(deep - grey).max() <= 1  # 16 bits scaled to 8, not clipped to white
+    np.testing.assert_array_equal(data.images[ids.index("train/good/shallow.png")], grey)
 
 
 def test_mask_of_another_size_is_resized(tmp_path):
@@ -313,8 +316,8 @@ def test_counts_below_their_least(tmp_path, field, value, fragment):
 
 
 def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
-    expect_error(folder_config(tmp_path, batch_size=8, anomaly_fraction=0.05), tmp_path / "w",
-                 capsys, "gives 0 seen anomalies", "a batch needs both")
+    expect_error(folder_config(tmp_path, batch_size=8, anomaly_fraction=0.9), tmp_path / "w",
+                 capsys, "gives 8 seen anomalies and 0 normals", "a batch needs both")
 
 
 @pytest.mark.parametrize("name,field,value,fragment", [

@@ -9,6 +9,7 @@ examples of the same seed, and both are scored on the same test set.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -16,6 +17,16 @@ from fsad.data.imageset import NORMAL, ImageSet
 from fsad.errors import UserError
 
 SETTINGS = ("general", "hard")
+
+
+def batch_counts(batch_size: int, anomaly_fraction: float) -> tuple[int, int]:
+    """(normals, seen anomalies) in a training batch: floor(batch_size * (1 -
+    anomaly_fraction)) normals and the rest seen anomalies, as the released balanced
+    samplers split a batch (DevNet's batch_size // 2 normals, DRA's 2 * batch_size // 3):
+    so an odd DevNet batch, or a DRA batch of 3k + 1, has the extra image an anomaly.
+    The 1e-9 keeps a product such as 48 * (1 - 1/3) from falling below its integer."""
+    n_normal = math.floor(batch_size * (1.0 - anomaly_fraction) + 1e-9)
+    return n_normal, batch_size - n_normal
 
 
 @dataclasses.dataclass

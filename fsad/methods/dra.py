@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from fsad.data.augment import cutpaste
+from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
 from fsad.models.backbone import make_trunk, trunk_features
@@ -256,8 +257,7 @@ def dra(config) -> Method:
         return {"ref_images": ref}
 
     def sample_batch(data, key, batch_size, step):
-        n_anom = int(round(batch_size * config.anomaly_fraction))
-        n_norm = batch_size - n_anom
+        n_norm, n_anom = batch_counts(batch_size, config.anomaly_fraction)
         k_n, k_a, k_r, k_aug = jax.random.split(key, 4)
         cap = data.images.shape[0]
         idx_n = cycle_draw(k_n, step, n_norm, data.n_normal, cap)

@@ -16,7 +16,7 @@ import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from fsad.data.folders import split_normals_3_to_1
@@ -161,9 +161,15 @@ class Output:
 
 
 def read_rgb(path: str) -> np.ndarray:
-    """A raw image as OpenCV's default colour mode gives it (grey -> 3 equal channels),
-    in RGB order. [H, W, 3] uint8."""
+    """A raw image as the released scripts' `cv2.imread(path)` (OpenCV's default colour
+    mode) gives it, in RGB order. [H, W, 3] uint8: grey as 3 equal channels, alpha
+    dropped, 16-bit samples shifted right by 8 bits (Pillow's convert would clip
+    them), an EXIF orientation applied (Pillow leaves it to the caller)."""
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            grey = (np.asarray(im, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+            return np.repeat(grey[..., None], 3, axis=-1)
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 

@@ -39,6 +39,14 @@ class MetaState:
     losses: jax.Array
 
 
+def query_weights(w: jax.Array, epoch: int, history: int, weighting: str) -> jax.Array:
+    """[T] the weights of the T query losses at (0-based) meta-epoch `epoch`, from the
+    importance weights w [T] that epoch uses: w itself ("paper"), or the released code's
+    0.5 + 0.5 w once psi's weights exist (from epoch `history` + 1 on; "released"), the
+    plain w = 1/T before that (its loss_q[-1] / episode_num: they sum to 1)."""
+    return 0.5 + 0.5 * w if weighting == "released" and epoch > history else w
+
+
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
                stop_after: int | None = None, mesh=None) -> tuple[dict, dict]:
     """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
@@ -85,7 +93,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
         for epoch in range(int(state.epoch), min(E, stop_after or E)):
             t0 = time.time()
             w = state.weights
-            qw = 0.5 + 0.5 * w if a.weighting == "released" else w
+            qw = query_weights(w, epoch, K, a.weighting)
             params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
                                           qw, pool_idx, jax.random.fold_in(k_meta, epoch),
                                           hm.consts)
