@@ -148,8 +148,9 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
     root = os.path.abspath(root)
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
+    # v 3: 16-bit grey within 0..255 read as it is, no longer scaled (decode.pil_rgb)
     key = {"name": _folder_name(root), "root": root, "size": size,
-           "files": listing_fingerprint(paths), "v": 2}
+           "files": listing_fingerprint(paths), "v": 3}
     if mask_resize != "nearest":  # the key of a nearest read stays what it was
         key["mask_resize"] = mask_resize
 
