@@ -29,12 +29,16 @@ def _unreadable(kind: str, path: str, err: Exception) -> CorruptImageError:
                              f"file, then rerun")
 
 
+# Pillow's modes of 16-bit (and 32-bit integer) grey, which its convert("RGB") clips at 255
+DEEP_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def pil_rgb(im: Image.Image) -> np.ndarray:
     """A PIL image as [H, W, 3] uint8 RGB, as the released loader's `.convert("RGB")`
     gives it (grey, palette and RGBA converted), except 16-bit (and 32-bit integer) grey
     whose values pass 255: scaled to 8 bits (/257) where that convert would clip them
     all to white. Values within 0..255 are read as they are, as that convert reads them."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+    if im.mode in DEEP_GREY_MODES:
         arr = np.asarray(im, dtype=np.float64)
         if arr.max() > 255:
             arr = arr / 257.0  # 65535 -> 255

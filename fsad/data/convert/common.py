@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
+from fsad.data.decode import DEEP_GREY_MODES
 from fsad.data.folders import split_normals_3_to_1
 from fsad.errors import UserError
 
@@ -167,7 +168,7 @@ def read_rgb(path: str) -> np.ndarray:
     them), an EXIF orientation applied (Pillow leaves it to the caller)."""
     with Image.open(path) as im:
         im = ImageOps.exif_transpose(im)
-        if im.mode.startswith("I;16") or im.mode == "I":
+        if im.mode in DEEP_GREY_MODES:
             grey = (np.asarray(im, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=-1)
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
