@@ -19,7 +19,9 @@
 # Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
 # fp32, --torch), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0
 # trunk, which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, PYTHON
-# (default python3).
+# (default python3), CHECK=1 (every stage checks its flags, configs and protocols and
+# lists what it would run, in seconds and without a GPU: nothing compiles or trains;
+# tests/test_readme.py runs it so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +42,8 @@ LOG="$OUT/session.log"
 END=$(( $(date +%s) + ${MINUTES%.*} * 60 ))
 left() { echo $(( END - $(date +%s) )); }   # seconds left in the call
 SETS=(--set explain.enabled=False)
+CHECK_FLAG=()
+[[ -n ${CHECK:-} ]] && CHECK_FLAG=(--check)
 PARITY_SETS=("${SETS[@]}")  # the DevNet-only tables take no ahl.* or dra.* field
 for kv in "$@"; do
   SETS+=(--set "$kv")
@@ -75,10 +79,12 @@ stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stop
 if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
   # JAX leaves half of the GPU to PyTorch's steps in the same process
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
-    "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json"
+    "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json" \
+    "${CHECK_FLAG[@]}"
 fi
 
-TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS")
+TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS"
+       "${CHECK_FLAG[@]}")
 # parity: the grid's first cell in the default dtype (bf16 on a GPU), then in float32
 stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
   --settings general --shots 10 --out "$RUNS/elpv"

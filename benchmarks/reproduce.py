@@ -16,6 +16,7 @@ from `fsad.paper_figures.reference_auroc`, the training-and-evaluation wall time
 the cell) and writes it to OUT/table.md, with every number in OUT/table.json, after
 every cell. With --budget_minutes no cell starts after that time (for a machine lent for
 a fixed time), and --order protocol runs every method on a cell before the next cell.
+--check checks every cell and lists the grid without decoding or training anything.
 
     python benchmarks/reproduce.py --dataset elpv --methods devnet dra ahl_dra \\
         --settings general hard --shots 10 1 --seeds 3 --out runs/elpv_table
@@ -48,7 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fsad.config import has_field, override  # noqa: E402
+from fsad.config import has_field, nearest_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.experiment import (build_runner, check_protocol, check_resumed_splits,  # noqa: E402
@@ -90,8 +91,11 @@ def method_configs(methods, variants: str, overrides: list[str], dataset: str) -
         if field in GRID_FLAGS:
             raise UserError(f"--set {item}: every cell of a table sets {field}; pass it as "
                             f"{GRID_FLAGS[field]}")
-        takers = [c for c in configs.values() if has_field(c, field)] or list(configs.values())
-        for c in takers:  # with no taker, the first override raises "not a config field"
+        # with no taker, the override raises "not a config field" for the first config
+        # that has a field of a name close to it (which the error names), else the first
+        takers = [c for c in configs.values() if has_field(c, field)] or sorted(
+            configs.values(), key=lambda c: nearest_field(c, field) is None)
+        for c in takers:
             override(c, field, text)
     return configs
 
@@ -211,6 +215,7 @@ def run_table(args, on_cell=None) -> dict:
 
     With args.budget_minutes, no cell starts once that many minutes have passed (cells
     already finished are still read back); the cells left out are listed in "skipped".
+    With args.check, every cell is checked and listed, none run: "skipped" holds the grid.
     """
     t0 = time.time()
     if args.known_classes and "hard" not in args.settings:
@@ -232,6 +237,13 @@ def run_table(args, on_cell=None) -> dict:
     results, skipped = [], []
     grid = cells(args.methods, args.settings, args.shots, known, args.order)
     check_grid(grid, base, args, rows)
+    if args.check:  # the grid as it would run, and nothing decoded or trained
+        for i, cell in enumerate(grid):
+            workdir = cell_dir(args.out, cell)
+            say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir} "
+                f"({'finished' if finished(workdir, args.seeds) else 'to run'})")
+        say(f"every cell checked ({len(grid)}); nothing trained (--check)")
+        return {"cells": [], "rows": [], "skipped": grid}
     data = load_imageset(first.data)
 
     def table() -> dict:
@@ -390,6 +402,9 @@ def parse_args(argv=None):
                    help="start no cell after this many minutes (finished cells are still "
                    "read back); the table lists the cells left out")
     p.add_argument("--out", required=True, help="folder of the cells' workdirs and the table")
+    p.add_argument("--check", action="store_true", help="check every cell (its config, its "
+                   "protocol against the data's rows, a resumed seed's images) and list the "
+                   "grid, then stop: no image is decoded, no cell trained, no table written")
     hosts = p.add_argument_group("several hosts", "the same command on every host, one "
                                  "process each, on shared files (as fsad.main's host flags)")
     hosts.add_argument("--distributed", action="store_true", help="join a multi-host run; "
@@ -447,7 +462,7 @@ def main(argv=None) -> int:
         print(f"reproduce: another host of the run stopped ({' '.join(str(err).split())[:200]}"
               f"); run the same command on every host to resume", file=sys.stderr)
         return EXIT_HOST_LOST
-    if is_primary():
+    if is_primary() and not args.check:
         print(write_table(args.out, table))
     return 0
 

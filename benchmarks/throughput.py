@@ -24,7 +24,7 @@ Warm-up calls are excluded and every clock read follows block_until_ready (or
 torch.cuda.synchronize). Prints a table; --json writes the rows. --compile_only
 compiles every step and reports its compile time and memory without running it. Flags
 that no step of the run would read, and values no step could run with, are refused
-before anything compiles (`check_args`).
+before anything compiles (`check_args`); --check stops there and lists the rows.
 
     python benchmarks/throughput.py --img_size 448 --batches 48 --dtypes bfloat16 float32 --torch
     python benchmarks/throughput.py --methods devnet dra ahl --img_size 96 --batches 16 --steps 5
@@ -409,34 +409,48 @@ def main(argv=None):
                     help="the PyTorch configurations to time (default eager_fp32 "
                     "amp_bf16_channels_last compile)")
     ap.add_argument("--json", default="", help="write the rows here (after every row)")
+    ap.add_argument("--check", action="store_true", help="check the flags as a run would "
+                    "and list the rows it would time, then stop: nothing compiles")
     args = ap.parse_args(argv)
     check_args(ap, args)
+    if args.check:
+        for m, batch, dtype in planned_rows(args):
+            step = f"ahl meta-step, {args.ahl_normals} normals, float32 heads" if m == "ahl" \
+                else f"{m} batch {batch} {dtype}"
+            torch_modes = f"; PyTorch {' '.join(args.torch_modes)}" if args.torch else ""
+            print(f"{step}, {args.img_size} px, {args.backbone}{torch_modes}", flush=True)
+        print("flags checked; nothing compiled or timed (--check)")
+        return
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
     rows, torch_rows = [], {}
-    # the first dtype's rows of every method come first (with PyTorch's figures, which the
-    # first row of a method and batch measures): a run cut short by a time limit keeps them
-    for dtype in args.dtypes:
-        for m in args.methods:
-            for batch in args.batches:
-                if m == "ahl" and (dtype, batch) != (args.dtypes[0], args.batches[0]):
-                    continue  # one meta-step row: it uses neither (float32 heads)
-                try:
-                    row = bench_ahl(args, batch, dtype) if m == "ahl" else \
-                        bench_train_and_score(m, args, batch, dtype, torch_rows)
-                except Exception as err:  # noqa: BLE001  (out of memory: the row says so)
-                    if not is_out_of_memory(err):
-                        raise
-                    row = {"method": "ahl_meta_step" if m == "ahl" else m, "batch": batch,
-                           "dtype": dtype, "error": oom_words(err)[:160]}
-                row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
-                           img_size=args.img_size, backbone=args.backbone)
-                rows.append(row)
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in row.items()), flush=True)
-                if args.json:  # after every row: a run cut short keeps what it measured
-                    write_json_atomic(args.json, rows)
+    for m, batch, dtype in planned_rows(args):
+        try:
+            row = bench_ahl(args, batch, dtype) if m == "ahl" else \
+                bench_train_and_score(m, args, batch, dtype, torch_rows)
+        except Exception as err:  # noqa: BLE001  (out of memory: the row says so)
+            if not is_out_of_memory(err):
+                raise
+            row = {"method": "ahl_meta_step" if m == "ahl" else m, "batch": batch,
+                   "dtype": dtype, "error": oom_words(err)[:160]}
+        row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
+                   img_size=args.img_size, backbone=args.backbone)
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in row.items()), flush=True)
+        if args.json:  # after every row: a run cut short keeps what it measured
+            write_json_atomic(args.json, rows)
     print(table(rows))
+
+
+def planned_rows(args) -> list[tuple[str, int, str]]:
+    """(method, batch, dtype) of each row in the order they are timed: the first dtype's
+    rows of every method first (with PyTorch's figures, which the first row of a method
+    and batch measures), so a run cut short by a time limit keeps them; the AHL meta-step
+    has one row (its samples are its tasks' sets and its heads run in float32)."""
+    return [(m, batch, dtype) for dtype in args.dtypes for m in args.methods
+            for batch in args.batches
+            if m != "ahl" or (dtype, batch) == (args.dtypes[0], args.batches[0])]
 
 
 def table(rows) -> str:

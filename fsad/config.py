@@ -5,6 +5,8 @@ image pyramid), data pipeline (random rotation, balanced batches), optimiser and
 schedule. Each config's `paper` variant restores the values its paper's text states.
 """
 
+import difflib
+
 from ml_collections import config_dict
 
 from fsad.errors import UserError
@@ -263,6 +265,24 @@ def has_field(config: config_dict.ConfigDict, dotted: str) -> bool:
     return True
 
 
+def nearest_field(config: config_dict.ConfigDict, dotted: str) -> str | None:
+    """The field a misspelt dotted name most likely meant: each part that names nothing
+    at its level replaced by the closest name there (difflib, as ml_collections suggests
+    one for ``--config.FIELD``); None where a part has no close name."""
+    node, parts = config, []
+    for part in dotted.split("."):
+        if not isinstance(node, config_dict.ConfigDict):
+            return None
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            if not close:
+                return None
+            part = close[0]
+        parts.append(part)
+        node = node[part]
+    return ".".join(parts)
+
+
 def override(config: config_dict.ConfigDict, dotted: str, text: str) -> None:
     """config.<dotted> = text converted to the field's type, as ``--config.<dotted>=text``
     does on the command line (benchmarks/reproduce.py's ``--set``).
@@ -271,8 +291,10 @@ def override(config: config_dict.ConfigDict, dotted: str, text: str) -> None:
       UserError: no such field, or text that is not a value of the field's type.
     """
     if not has_field(config, dotted):
-        raise UserError(f"{dotted} is not a config field; check its spelling against the "
-                        f"config file (fsad/config.py lists the shared fields)")
+        near = nearest_field(config, dotted)
+        raise UserError(f"{dotted} is not a config field"
+                        f"{f' (did you mean {near}?)' if near else ''}; check its spelling "
+                        f"against the config file (fsad/config.py lists the shared fields)")
     *path, leaf = dotted.split(".")
     node = config
     for p in path:

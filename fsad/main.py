@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -223,15 +224,29 @@ def config_problem(err: Exception, argv) -> str | None:
             return (f"config file {path!r} defines no get_config(); a config file defines "
                     f"get_config() returning an ml_collections ConfigDict (see "
                     f"configs/devnet.py)")
-        name = message.strip("\"'")  # ml_collections: an override of no field
-        bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-               and a.split("=")[0].split(".")[-1] == name] or [f"--config.*.{name}"]
-        return (f"{bad[0]} is not a config field; check its spelling against the config "
-                f"file (fsad/config.py lists the shared fields)")
+        return unknown_field_line(err, argv)
     if isinstance(err, flags.Error):
         return message if "; " in message else (
             message.rstrip(".") + "; see python -m fsad.main --helpfull for the flags")
     return None
+
+
+def unknown_field_line(err: Exception, argv) -> str:
+    """The line for an override of no field: ml_collections raises a KeyError (or an
+    AttributeError holding one) whose text is the name, quoted, then, for a name close to
+    a field's at its level, 'Did you mean "NAME" instead of "name"?' on the next line."""
+    while isinstance(err, (AttributeError, KeyError)) and err.args and \
+            isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    text = str(err.args[0]) if err.args else str(err)
+    name = text.splitlines()[0].strip("\"'") if text.strip() else "?"
+    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    bad = next((g for g in given if name in g.split(".")[1:]), f"--config.*.{name}")
+    hint = re.search(r'Did you mean "([^"]+)"', text)
+    near = "" if not hint else " (did you mean " + ".".join(
+        hint.group(1) if part == name else part for part in bad.split(".")) + "?)"
+    return (f"{bad} is not a config field{near}; check its spelling against the config "
+            f"file (fsad/config.py lists the shared fields)")
 
 
 def parse_flags(argv):

@@ -168,6 +168,29 @@ def run_with_devices(n: int, module: str, function: str, *args, timeout: int = 6
     return json.loads(lines[-1][len("RESULT"):])
 
 
+def parse_command_line(args: list):
+    """fsad.main's flags `args` (without the program) parsed as fsad.main parses them
+    (`fsad.main.parse_flags`: absl's flags, the config file and its --config.FIELD
+    overrides), in this process; a config file path under configs/ is the repository's.
+    -> the config. A command fsad.main refuses raises SystemExit(2), its one line on
+    stderr. The flags are left unparsed, and the overrides' flags (ml_collections defines
+    them as it parses, from sys.argv) undefined, as before."""
+    from absl import flags
+
+    from fsad import main
+    argv = ["fsad.main", *(os.path.join(ROOT, a) if a.startswith("configs/") else a
+                           for a in args)]
+    argv_before, sys.argv = sys.argv, argv
+    try:
+        main.parse_flags(argv)
+        return main._CONFIG.value
+    finally:
+        sys.argv = argv_before
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
+
 def coordinator_address() -> str:
     """A free localhost port for the coordinator of a multi-process (multi-host) run."""
     with socket.socket() as s:

@@ -1,10 +1,20 @@
 """The README's code runs as written: every ```python block of the section "Using the
-pieces in your own JAX code" is executed, in order, in one namespace."""
+pieces in your own JAX code" is executed, in order, in one namespace. Its commands
+(fsad.main, benchmarks/reproduce.py and benchmarks/throughput.py, in ```bash blocks and
+in the text) parse and pass the checks a run makes before its first step, and so do the
+commands of benchmarks/gpu_session.sh, which runs where a GPU is lent for minutes."""
 
+import importlib
+import importlib.util
 import os
 import re
+import shlex
+import subprocess
+import sys
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, cpu_env, parse_command_line
 
 SECTION = "## Using the pieces in your own JAX code"
 
@@ -46,3 +56,128 @@ def test_commands_in_module_docstrings_keep_their_line_breaks():
         joined += [f"{os.path.relpath(path, ROOT)}: {line.strip()}"
                    for line in doc.splitlines() if re.search(r"\S {4,}--", line)]
     assert joined == []
+
+
+# the commands whose flags are checked, as the README writes them
+COMMANDS = ("python -m fsad.main", "python benchmarks/reproduce.py",
+            "python benchmarks/throughput.py")
+# a placeholder of a command: the values the README's text gives it
+PLACEHOLDERS = {"$DT": ("float32", "bfloat16"),
+                "--backbone B": ("--backbone efficientnet_lite0", "--backbone resnet18")}
+CONFIGS = ("devnet", "dra", "ahl_dra", "ahl_devnet")
+
+
+def readme_text() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command of COMMANDS in the README's ```bash blocks (a line continued by a
+    backslash joined to the next) and code spans (which may wrap), as argv from the
+    script on: comments dropped, optional [--flag value] brackets opened, each
+    placeholder once per value."""
+    text = readme_text()
+    lines = []
+    for body in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        lines += re.sub(r"\\\n", " ", body).splitlines()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    lines += [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    commands = []
+    for line in lines:
+        starts = [line.find(c) for c in COMMANDS if c in line]
+        if not starts:
+            continue
+        line = line[min(starts):].replace("[", "").replace("]", "")
+        variants = [line]
+        for name, values in PLACEHOLDERS.items():
+            variants = [v.replace(name, value) for v in variants for value in values] \
+                if name in line else variants
+        commands += [shlex.split(v, comments=True) for v in variants]
+    return commands
+
+
+def test_readme_commands_parse_and_pass_the_checks_before_a_run(tmp_path, monkeypatch,
+                                                                capsys):
+    """fsad.main's flags and config overrides parse as fsad.main parses them, and the
+    config passes fsad.validate.check_config; reproduce.py and throughput.py commands
+    pass their own --check (every cell's config and protocol on the data's rows; the
+    flags): nothing is decoded, compiled or trained. Relative paths land in tmp_path
+    (the procedural set a command names is written there)."""
+    from benchmarks import reproduce, throughput
+    from fsad.validate import check_config
+    commands = readme_commands()
+    kinds = {c: sum(" ".join(argv).startswith(c) for argv in commands) for c in COMMANDS}
+    assert kinds[COMMANDS[0]] >= 15 and kinds[COMMANDS[1]] >= 4 and kinds[COMMANDS[2]] >= 4
+    monkeypatch.setattr(throughput, "compile_seconds",
+                        lambda *a: pytest.fail("throughput --check compiled a step"))
+    monkeypatch.chdir(tmp_path)
+    with_torch = importlib.util.find_spec("torch") is not None
+    for argv in commands:
+        line = " ".join(argv)
+        if argv[1] == "-m":  # fsad.main
+            try:
+                check_config(parse_command_line(argv[3:]))
+            except SystemExit:
+                pytest.fail(f"{line}: {capsys.readouterr().err}")
+        elif argv[1].endswith("reproduce.py"):
+            code = reproduce.main([*argv[2:], "--check"])
+            out, err = capsys.readouterr()
+            assert code == 0 and "every cell checked" in out, f"{line}: {err}"
+        elif "--torch" in argv and not with_torch:
+            continue  # refused without PyTorch, as it should be
+        else:
+            try:
+                throughput.main([*argv[2:], "--check"])
+            except SystemExit:
+                pytest.fail(f"{line}: {capsys.readouterr().err}")
+            assert "flags checked" in capsys.readouterr().out, line
+
+
+def test_readme_fields_and_variants_are_the_configs():
+    """Every --config.FIELD and --set FIELD the README names is a field of one of the
+    configs, and every configs/FILE.py:VARIANTS it names loads."""
+    from fsad.config import has_field
+    text = readme_text()
+    configs = {m: importlib.import_module(f"configs.{m}").get_config() for m in CONFIGS}
+    # (a field the text says is not one, as an error's example, is left out)
+    fields = set(re.findall(r"--config\.([A-Za-z_][\w.]*\w)(?![\w.]| is not a config field)",
+                            text))
+    fields |= set(re.findall(r"--set ([A-Za-z_][\w.]*)=", text))
+    assert len(fields) > 25
+    unknown = [f for f in sorted(fields) if f not in ("FIELD",)
+               and not any(has_field(c, f) for c in configs.values())]
+    assert unknown == []
+    named = set(re.findall(r"configs/(\w+)\.py:([\w,]+)", text))
+    assert len(named) >= 6
+    for module, variants in sorted(named):
+        importlib.import_module(f"configs.{module}").get_config(variants)
+
+
+def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
+    """benchmarks/gpu_session.sh with CHECK=1: each stage (the throughput table, the
+    bf16/fp32 parity cells, the ELPV grid of 3 methods x general and hard (mono, poly) x
+    10 and 1 shots) passes its script's checks, in seconds, with the flags the GPU run
+    will use."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable}
+    if importlib.util.find_spec("torch") is None:  # --torch is refused without PyTorch
+        env["SKIP_THROUGHPUT"] = "1"
+    done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"),
+                           str(out), "9"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "session.log").read_text()
+    stages = ["parity_default", "parity_fp32", "grid"]
+    stages += [] if env.get("SKIP_THROUGHPUT") else ["throughput"]
+    for stage in stages:
+        assert f"## {stage}: exit 0 after" in log, log[-4000:]
+    assert log.count("every cell checked (1)") == 2
+    assert "every cell checked (18)" in log
+    assert "[18/18] ahl_dra hard poly 1-shot" in log
+    if "throughput" in stages:  # DevNet, AHL, DRA in bf16, then DevNet and DRA in fp32
+        rows = re.findall(r"^(\w+) (?:batch 48 (\w+)|meta-step, 300 normals, float32 heads), "
+                          r"448 px", log, flags=re.M)
+        assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
+                        ("devnet", "float32"), ("dra", "float32")], log
+    assert os.listdir(runs) == []  # nothing ran, nothing written

@@ -248,8 +248,12 @@ def test_an_override_goes_to_the_methods_that_have_the_field():
                                                                    "batch_size=8"], "synthetic")
     assert configs["ahl_dra"].ahl.epochs == 2 and "ahl" not in configs["devnet"]
     assert configs["devnet"].batch_size == 8 == configs["ahl_dra"].batch_size
-    with pytest.raises(UserError, match="ahl.epoch is not a config field"):
+    # named with the field it likely meant, of the one method that has it
+    with pytest.raises(UserError, match=r"ahl.epoch is not a config field \(did you mean "
+                       r"ahl.epochs\?\)"):
         reproduce.method_configs(["devnet", "ahl_dra"], "", ["ahl.epoch=2"], "synthetic")
+    with pytest.raises(UserError, match="data.zzz is not a config field; check"):
+        reproduce.method_configs(["devnet"], "", ["data.zzz=2"], "synthetic")
 
 
 def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, SIZE, tiny_config
+from conftest import ROOT, SIZE, parse_command_line, tiny_config
 from fsad.data import read_folder
 from fsad.data.synthetic import write_synthetic_dataset
 from fsad.errors import UserError
@@ -736,6 +736,25 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
         out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "w").exists()  # refused before the workdir is made
+
+
+@pytest.mark.parametrize("override, line", [
+    # ml_collections names a close field at the misspelt part's level; fsad names the flag
+    ("--config.num_seed=3", "--config.num_seed is not a config field (did you mean "
+     "--config.num_seeds?)"),
+    ("--config.dat.img_size=64", "--config.dat.img_size is not a config field (did you mean "
+     "--config.data.img_size?)"),
+    ("--config.data.sizee=3", "--config.data.sizee is not a config field; check its "
+     "spelling"),
+])
+def test_a_misspelt_field_is_named_with_the_field_it_likely_meant(override, line, capsys):
+    """Parsed as fsad.main parses it (absl, ml_collections), in this process. Before, a
+    name close to a field came out as "--config.*.\\'num_seed\\'\\nDid you mean ...". """
+    with pytest.raises(SystemExit) as exit_:
+        parse_command_line(["--config", "configs/devnet.py", "--workdir", "w", override])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fsad: error: {line}"), err
 
 
 def test_a_config_file_with_a_syntax_error_is_named_with_its_line():
