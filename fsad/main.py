@@ -54,6 +54,12 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-host: the nu
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-host: this process's index, "
                                    "0 (the coordinator) to num_processes - 1.")
 
+# the flags every command needs: how to give each
+REQUIRED_FLAGS = {
+    "config": "pass a config file, e.g. --config configs/devnet.py (variants after a colon: "
+              "configs/devnet.py:quick)",
+    "workdir": "pass the run's folder (checkpoints, results.json; the same one again "
+               "resumes), e.g. --workdir runs/devnet"}
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C
 EXIT_HOST_LOST = 3  # another process of a multi-host run stopped
@@ -226,6 +232,9 @@ def config_problem(err: Exception, argv) -> str | None:
                     f"configs/devnet.py)")
         return unknown_field_line(err, argv)
     if isinstance(err, flags.Error):
+        missing = re.search(r"Flag --(\w+) must have a value other than None", message)
+        if missing and missing.group(1) in REQUIRED_FLAGS:
+            return f"--{missing.group(1)} is required; {REQUIRED_FLAGS[missing.group(1)]}"
         return message if "; " in message else (
             message.rstrip(".") + "; see python -m fsad.main --helpfull for the flags")
     return None
@@ -270,7 +279,7 @@ def parse_flags(argv):
 
 
 def run():
-    flags.mark_flags_as_required(["config", "workdir"])
+    flags.mark_flags_as_required(list(REQUIRED_FLAGS))
     app.run(main, flags_parser=parse_flags)
 
 

@@ -725,6 +725,7 @@ def cli(*args):
     (["--config", "configs/nope.py:quick"], "cannot load config file 'configs/nope.py' ([Errno "
      "2] No such file or directory"),
     (["--config", "{tmp}/mine.py"], "defines no get_config()"),
+    ([], "--config is required; pass a config file, e.g. --config configs/devnet.py"),
 ])
 def test_command_line_answers_in_one_line(tmp_path, args, fragment):
     (tmp_path / "mine.py").write_text("config = {}\n")  # a config file without get_config
