@@ -328,9 +328,11 @@ def apply_variants(c: config_dict.ConfigDict, arg: str | None,
                 "localization": released_localization, **(own or {})}
     for v in (arg or "").split(","):
         if v not in variants and v:
-            raise UserError(f"variant {v!r} is not known; use any of {', '.join(variants)}, "
-                            f"comma-separated after the config file, e.g. "
-                            f"configs/devnet.py:quick,lite0")
+            near = difflib.get_close_matches(v, list(variants), n=1)
+            raise UserError(f"variant {v!r} is not known"
+                            f"{f' (did you mean {near[0]}?)' if near else ''}; use any of "
+                            f"{', '.join(variants)}, comma-separated after the config file, "
+                            f"e.g. configs/devnet.py:quick,lite0")
         if v:
             c = variants[v](c)
     return c

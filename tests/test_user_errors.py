@@ -739,20 +739,23 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
     assert not (tmp_path / "w").exists()  # refused before the workdir is made
 
 
-@pytest.mark.parametrize("override, line", [
+@pytest.mark.parametrize("config, override, line", [
     # ml_collections names a close field at the misspelt part's level; fsad names the flag
-    ("--config.num_seed=3", "--config.num_seed is not a config field (did you mean "
-     "--config.num_seeds?)"),
-    ("--config.dat.img_size=64", "--config.dat.img_size is not a config field (did you mean "
-     "--config.data.img_size?)"),
-    ("--config.data.sizee=3", "--config.data.sizee is not a config field; check its "
-     "spelling"),
+    ("devnet.py", "--config.num_seed=3", "--config.num_seed is not a config field (did you "
+     "mean --config.num_seeds?)"),
+    ("devnet.py", "--config.dat.img_size=64", "--config.dat.img_size is not a config field "
+     "(did you mean --config.data.img_size?)"),
+    ("devnet.py", "--config.data.sizee=3", "--config.data.sizee is not a config field; check "
+     "its spelling"),
+    ("devnet.py:quik", "--config.seed=1", "variant 'quik' is not known (did you mean quick?); "
+     "use any of quick, lite0"),
 ])
-def test_a_misspelt_field_is_named_with_the_field_it_likely_meant(override, line, capsys):
+def test_a_misspelt_field_is_named_with_the_field_it_likely_meant(config, override, line,
+                                                                  capsys):
     """Parsed as fsad.main parses it (absl, ml_collections), in this process. Before, a
     name close to a field came out as "--config.*.\\'num_seed\\'\\nDid you mean ...". """
     with pytest.raises(SystemExit) as exit_:
-        parse_command_line(["--config", "configs/devnet.py", "--workdir", "w", override])
+        parse_command_line(["--config", f"configs/{config}", "--workdir", "w", override])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fsad: error: {line}"), err
