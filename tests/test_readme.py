@@ -105,6 +105,7 @@ def test_readme_commands_parse_and_pass_the_checks_before_a_run(tmp_path, monkey
     flags): nothing is decoded, compiled or trained. Relative paths land in tmp_path
     (the procedural set a command names is written there)."""
     from benchmarks import reproduce, throughput
+    from fsad.errors import UserError
     from fsad.validate import check_config
     commands = readme_commands()
     kinds = {c: sum(" ".join(argv).startswith(c) for argv in commands) for c in COMMANDS}
@@ -120,6 +121,8 @@ def test_readme_commands_parse_and_pass_the_checks_before_a_run(tmp_path, monkey
                 check_config(parse_command_line(argv[3:]))
             except SystemExit:
                 pytest.fail(f"{line}: {capsys.readouterr().err}")
+            except UserError as err:
+                pytest.fail(f"{line}: {err}")
         elif argv[1].endswith("reproduce.py"):
             code = reproduce.main([*argv[2:], "--check"])
             out, err = capsys.readouterr()

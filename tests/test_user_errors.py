@@ -750,8 +750,8 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
     ("devnet.py:quik", "--config.seed=1", "variant 'quik' is not known (did you mean quick?); "
      "use any of quick, lite0"),
 ])
-def test_a_misspelt_field_is_named_with_the_field_it_likely_meant(config, override, line,
-                                                                  capsys):
+def test_a_misspelt_field_or_variant_is_named_with_the_one_it_likely_meant(config, override,
+                                                                          line, capsys):
     """Parsed as fsad.main parses it (absl, ml_collections), in this process. Before, a
     name close to a field came out as "--config.*.\\'num_seed\\'\\nDid you mean ...". """
     with pytest.raises(SystemExit) as exit_:
