@@ -2,7 +2,8 @@
 pieces in your own JAX code" is executed, in order, in one namespace. Its commands
 (fsad.main, benchmarks/reproduce.py and benchmarks/throughput.py, in ```bash blocks and
 in the text) parse and pass the checks a run makes before its first step, and so do the
-commands of benchmarks/gpu_session.sh, which runs where a GPU is lent for minutes."""
+commands of benchmarks/gpu_session.sh, which runs where a GPU is lent for minutes. Its
+field tables give the configs' fields and defaults."""
 
 import importlib
 import importlib.util
@@ -184,3 +185,89 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
                         ("devnet", "float32"), ("dra", "float32")], log
     assert os.listdir(runs) == []  # nothing ran, nothing written
+
+
+# the README's field tables: (section, the config whose defaults the table gives)
+FIELD_TABLES = (("## Config fields", "devnet"), ("## DRA", "dra"), ("## AHL", "ahl_dra"))
+METHOD_CONFIGS = {"DevNet": "devnet", "DRA": "dra"}  # "50 (DRA 30)", "DevNet False"
+
+
+def field_table_rows(text: str, section: str) -> list[tuple[list[str], list[str]]]:
+    """([field, ...], [default, ...]) of each row of the table under `section`: the
+    backticked names of the first column, the second column split at commas outside
+    parentheses."""
+    start = text.index(section)
+    end = text.find("\n## ", start + len(section))
+    rows = []
+    for line in text[start:end].splitlines():
+        if not line.startswith("| `"):
+            continue
+        names, defaults = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:3]]
+        rows.append((re.findall(r"`([^`]+)`", names),
+                     [d.strip() for d in re.split(r",\s*(?![^()]*\))", defaults)] if defaults
+                     else []))
+    return rows
+
+
+def readme_value(text: str):
+    """A default as the README writes it: `word` a string, True/False, 1/3 a fraction,
+    else a number."""
+    if text.startswith("`"):
+        return text.strip("`")
+    if text in ("True", "False"):
+        return text == "True"
+    num, _, den = text.partition("/")
+    return float(num) / float(den or 1)
+
+
+def test_readme_field_tables_give_the_configs_defaults():
+    """Each field of the README's tables (Config fields, DRA, AHL) is a field of its
+    config, with the default the table gives: "50 (DRA 30)" is devnet's 50 and dra's 30;
+    a row of fewer defaults than fields gives its first field's; an empty default is an
+    empty field; a default the config leaves None (resolved at run time, as data.cache_dir)
+    and a group's wildcard (`ahl.optim.*`) are checked for the field alone."""
+    text = readme_text()
+    configs = {m: importlib.import_module(f"configs.{m}").get_config() for m in CONFIGS}
+
+    def value(config, field):
+        node = configs[config]
+        for part in field.split("."):
+            assert part in node, f"{field} is not a field of configs/{config}.py"
+            node = node[part]
+        return node
+
+    checked = 0
+    for section, config in FIELD_TABLES:
+        rows = field_table_rows(text, section)
+        assert len(rows) >= 6, section
+        for fields, defaults in rows:
+            for f in fields:
+                group, _, last = f.rpartition(".")
+                if "*" in last:  # a group, or the fields of a group that start so
+                    assert any(k.startswith(last.rstrip("*")) for k in value(config, group))
+                else:
+                    value(config, f)
+            if not defaults:
+                assert all(value(config, f) == "" for f in fields), fields
+                continue
+            pairs = list(zip(fields, defaults))
+            if len(defaults) > len(fields):  # "DevNet False, DRA True": one field, per method
+                pairs = [(fields[0], d) for d in defaults]
+            for f, d in pairs:
+                if "*" in f:
+                    continue
+                m = re.fullmatch(r"(DevNet|DRA) (.+)", d)
+                given = [(METHOD_CONFIGS[m.group(1)], m.group(2))] if m else []
+                m = re.fullmatch(r"(.+?) \((DevNet|DRA) (.+)\)", d)
+                given = given or ([(config, m.group(1)), (METHOD_CONFIGS[m.group(2)],
+                                                          m.group(3))] if m else [(config, d)])
+                for c, written in given:
+                    have = value(c, f)
+                    if have is None:
+                        continue
+                    want = readme_value(written)
+                    assert have == want or (isinstance(want, float) and
+                                            abs(have - want) <= 1e-9 * abs(want)), \
+                        f"{section}: {f} is {have!r} in configs/{c}.py, the README says {d}"
+                    checked += 1
+    assert checked >= 50
