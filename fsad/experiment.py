@@ -39,8 +39,9 @@ from fsad.scoring import calibrate
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.workdir import (base_run_checkpoints, check_workdir, checkpoint_steps, config_json,
-                          seed_dir_of, seed_metrics_path, write_json_atomic)
+from fsad.workdir import (base_run_checkpoints, check_workdir, check_workdir_config,
+                          checkpoint_steps, config_json, seed_dir_of, seed_metrics_path,
+                          write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -295,6 +296,41 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
                  labels=labels, p_value=cal["p_value"], **scores)  # base scores' p-values
     write_json_atomic(done, result)
     return result
+
+
+def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
+    """Every check a run of `config` in `workdir` makes before its first step, with
+    nothing written, loaded or decoded (``python -m fsad.main ... --check``): the config,
+    every seed's protocol on the dataset's rows (`dataset_without_pixels`), the config
+    stored in the workdir and the training images of its seeds that would resume, and an
+    AHL run's base run (ahl.base_workdir). The trunk's weights are not fetched.
+
+    Returns:
+      one line per seed: what it trains and tests on, and whether it starts, resumes or
+      is read back.
+    """
+    check_config(config, n_devices if n_devices is not None else len(jax.devices()))
+    seeds = seeds_of(config)
+    rows = dataset_without_pixels(config.data)
+    check_protocol(config, rows, seeds)
+    if os.path.isdir(workdir):
+        check_workdir_config(workdir, config)
+        check_resumed_splits(config, rows, seeds, workdir)
+    lines = []
+    for seed in seeds:
+        base_run_checkpoints(config, seed)
+        split = split_stage(config, rows, seed)
+        seed_dir = seed_dir_of(workdir, seed)
+        kept = checkpoint_steps(seed_dir)
+        state = "finished, read back" if os.path.exists(seed_metrics_path(seed_dir)) else \
+            "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) if kept \
+            else "starts"
+        mixed = f" (of them {len(split.contamination)} unlabelled anomalies)" \
+            if len(split.contamination) else ""
+        lines.append(f"seed {seed}: trains on {len(split.train_normal)} normals{mixed} and "
+                     f"{len(split.train_anomaly)} seen anomalies, tests on {len(split.test)} "
+                     f"images ({int(rows.labels[split.test].sum())} anomalies); {state}")
+    return lines
 
 
 def run_experiment(config, workdir: str, devices=None, runner: Runner | None = None,

@@ -4,6 +4,11 @@ Train and evaluate (resumes from the last checkpoint of the same workdir)::
 
     python -m fsad.main --config configs/devnet.py --workdir runs/x
 
+Check a run before it starts (the config, the dataset, every seed's protocol, the workdir;
+nothing written or trained)::
+
+    python -m fsad.main --config configs/devnet.py --workdir runs/x --check
+
 Score a folder of new images (or one image) with a trained run (CSV of file, score, z,
 p-value, decision; ``--heatmaps`` adds saliency overlays)::
 
@@ -41,6 +46,10 @@ _INPUT = flags.DEFINE_string("input", None, "score mode: a folder of images (sea
 _OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default WORKDIR/scores.csv).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
                               "WORKDIR/heatmaps/.")
+_CHECK = flags.DEFINE_bool("check", False, "train mode: check the config, the dataset, "
+                           "every seed's protocol and the workdir as a run does before its "
+                           "first step, say what each seed would train on, and stop: nothing "
+                           "is written, fetched, decoded or trained.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Join a multi-host run: one process per host, each running the "
     "same command on shared files. jax.distributed.initialize() finds the other hosts on a "
@@ -96,15 +105,18 @@ def host_lost_line(workdir: str, mode: str, err: Exception) -> str:
 
 
 def execute(config, workdir: str, mode: str = "train", input_dir: str | None = None,
-            output: str | None = None, heatmaps: bool = False) -> int:
+            output: str | None = None, heatmaps: bool = False, check: bool = False) -> int:
     """Runs one command; returns the exit status. A UserError (bad input, bad config)
     prints one line to stderr and returns 2; Ctrl-C (KeyboardInterrupt) prints one line
     naming the checkpoints kept and returns 130, as does (with 3) the loss of another
     process of a multi-host run; any other exception keeps its traceback."""
-    from fsad.experiment import print_summary, run_experiment
+    from fsad.experiment import check_run, print_summary, run_experiment
     from fsad.workdir import check_stored_config
     from fsad.hosts import is_primary, lost_host
     try:
+        if check and mode == "score":
+            raise UserError("--check checks a training run and --mode is score; leave "
+                            "--check out (scoring checks its run and images before it scores)")
         if mode == "score":
             from fsad.scoring import score_folder
             if not input_dir:
@@ -122,6 +134,12 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
                             f"score-mode flag{'s' if len(given) > 1 else ''} and --mode is "
                             f"train; add --mode score to score images with the trained run "
                             f"in --workdir, or leave {'it' if len(given) == 1 else 'them'} out")
+        if check:
+            lines = check_run(config, workdir)
+            if is_primary():
+                print("\n".join(lines + ["checked: nothing was written or trained; run the "
+                                          "same command without --check to train"]))
+            return 0
         results = run_experiment(config, workdir)
     except UserError as err:
         print(error_line(err), file=sys.stderr, flush=True)
@@ -184,7 +202,7 @@ def main(argv):
         print(error_line(err), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
-                   _HEATMAPS.value)
+                   _HEATMAPS.value, _CHECK.value)
     if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_HOST_LOST):
         # the one line is printed: leave before background threads (Orbax's writers of a
         # failed or interrupted checkpoint) add their shutdown noise, and (a lost host)

@@ -139,18 +139,29 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
 SEED_COUNT = ("num_seeds",)
 
 
+def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
+    """A workdir holds one config: a run made with another is refused, unless that run
+    saved nothing (it stopped before its first checkpoint: a download that failed, out of
+    memory), whose config this one replaces, or the two differ only in `num_seeds`
+    (SEED_COUNT). Reads only. -> (the fields that differ, None when no config is stored;
+    whether the run there saved something).
+
+    Raises:
+      UserError: the workdir holds a run of another config that saved something.
+    """
+    diff = stored_config_diff(workdir, config)
+    saved = bool(diff) and bool(saved_in(workdir))
+    if saved and not set(diff) <= set(SEED_COUNT):
+        raise _different_config(workdir, diff)
+    return diff, saved
+
+
 def check_workdir(workdir: str, config) -> None:
-    """A workdir holds one config: refuse to resume a run made with another, unless that
-    run saved nothing (it stopped before its first checkpoint: a download that failed,
-    out of memory), whose config this one replaces, or the two differ only in
-    `num_seeds` (SEED_COUNT); and it must be writable (checked now, not at the first
-    checkpoint)."""
+    """`check_workdir_config`, then the config stored where none is or where it replaces
+    another; the workdir must be writable (checked now, not at the first checkpoint)."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        diff = stored_config_diff(workdir, config)
-        saved = bool(diff) and saved_in(workdir)
-        if saved and not set(diff) <= set(SEED_COUNT):
-            raise _different_config(workdir, diff)
+        diff, saved = check_workdir_config(workdir, config)
         if saved:
             logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
                          "the others trained", workdir, config.num_seeds)

@@ -306,10 +306,19 @@ def test_rerun_scoring_and_another_config(runs, capsys):
     with open(u / "one.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row == {**rows[os.path.join("spot", "000.png")], "file": "000.png"}
+    # --check on the trained run: the seed is finished; nothing is written
+    mtime = os.path.getmtime(u / "results.json")
+    capsys.readouterr()
+    assert execute(config, str(u), check=True) == 0
+    assert capsys.readouterr().out.startswith("seed 0: trains on 60 normals and 10 seen "
+                                              "anomalies, tests on 46 images (26 anomalies); "
+                                              "finished, read back\n")
+    assert os.path.getmtime(u / "results.json") == mtime
     config.data.n_anomaly = 2
-    assert execute(config, str(u)) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("fsad: error:") and "different config" in err
+    for check in (True, False):
+        assert execute(config, str(u), check=check) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("fsad: error:") and "different config" in err
 
 
 # ---------------------------------------------------------------- DRA

@@ -761,6 +761,31 @@ def test_a_misspelt_field_or_variant_is_named_with_the_one_it_likely_meant(confi
     assert len(err) == 1 and err[0].startswith(f"fsad: error: {line}"), err
 
 
+def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys):
+    """--check (execute(check=True)) runs the checks a run makes before its first step,
+    prints one line per seed and the way on, and leaves no workdir, cache or decoded
+    image; what a run would refuse it refuses in the same one line, and --mode score
+    takes no --check. (On a trained run: tests/test_end_to_end.py.)"""
+    root = dataset(tmp_path / "data", n_train=18)  # 18 + 4 normals; 3 classes of 5
+    cfg = folder_config(root, **{"num_seeds": 2, "data.cache_dir": str(tmp_path / "cache"),
+                                 "data.contamination": 0.1})
+    capsys.readouterr()
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the 10-image shot pool leaves 5 test anomalies, floor(18 / 0.9 * 0.1) = 2 of them
+    # join the training normals unlabelled
+    assert out == [f"seed {s}: trains on 20 normals (of them 2 unlabelled anomalies) and 2 "
+                   f"seen anomalies, tests on 7 images (3 anomalies); starts"
+                   for s in (0, 1)] + [
+        "checked: nothing was written or trained; run the same command without --check to "
+        "train"]
+    assert not (tmp_path / "w").exists() and not (tmp_path / "cache").exists()
+    cfg.data.n_anomaly = 20
+    expect_error(cfg, tmp_path / "w", capsys, "data.n_anomaly=20", check=True)
+    expect_error(cfg, tmp_path / "w", capsys, "--check checks a training run and --mode is "
+                 "score", mode="score", input_dir=str(root), check=True)
+
+
 def test_a_config_file_with_a_syntax_error_is_named_with_its_line():
     from fsad.main import config_problem
     try:
