@@ -20,13 +20,21 @@ from conftest import ROOT, cpu_env, parse_command_line
 SECTION = "## Using the pieces in your own JAX code"
 
 
-def readme_blocks(section: str = SECTION) -> list[str]:
+def readme_text() -> str:
     with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
+        return f.read()
+
+
+def readme_section(section: str) -> str:
+    """The README from the heading `section` to the next level-2 heading (or the end)."""
+    text = readme_text()
     start = text.index(section)
     end = text.find("\n## ", start + len(section))
-    body = text[start:end if end > 0 else None]
-    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+    return text[start:end if end > 0 else None]
+
+
+def readme_blocks(section: str = SECTION) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme_section(section), flags=re.S)
 
 
 def test_readme_snippets_run_as_written(capsys):
@@ -66,11 +74,6 @@ COMMANDS = ("python -m fsad.main", "python benchmarks/reproduce.py",
 PLACEHOLDERS = {"$DT": ("float32", "bfloat16"),
                 "--backbone B": ("--backbone efficientnet_lite0", "--backbone resnet18")}
 CONFIGS = ("devnet", "dra", "ahl_dra", "ahl_devnet")
-
-
-def readme_text() -> str:
-    with open(os.path.join(ROOT, "README.md")) as f:
-        return f.read()
 
 
 def readme_commands() -> list[list[str]]:
@@ -192,14 +195,12 @@ FIELD_TABLES = (("## Config fields", "devnet"), ("## DRA", "dra"), ("## AHL", "a
 METHOD_CONFIGS = {"DevNet": "devnet", "DRA": "dra"}  # "50 (DRA 30)", "DevNet False"
 
 
-def field_table_rows(text: str, section: str) -> list[tuple[list[str], list[str]]]:
+def field_table_rows(section: str) -> list[tuple[list[str], list[str]]]:
     """([field, ...], [default, ...]) of each row of the table under `section`: the
     backticked names of the first column, the second column split at commas outside
     parentheses."""
-    start = text.index(section)
-    end = text.find("\n## ", start + len(section))
     rows = []
-    for line in text[start:end].splitlines():
+    for line in readme_section(section).splitlines():
         if not line.startswith("| `"):
             continue
         names, defaults = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:3]]
@@ -226,7 +227,6 @@ def test_readme_field_tables_give_the_configs_defaults():
     a row of fewer defaults than fields gives its first field's; an empty default is an
     empty field; a default the config leaves None (resolved at run time, as data.cache_dir)
     and a group's wildcard (`ahl.optim.*`) are checked for the field alone."""
-    text = readme_text()
     configs = {m: importlib.import_module(f"configs.{m}").get_config() for m in CONFIGS}
 
     def value(config, field):
@@ -238,7 +238,7 @@ def test_readme_field_tables_give_the_configs_defaults():
 
     checked = 0
     for section, config in FIELD_TABLES:
-        rows = field_table_rows(text, section)
+        rows = field_table_rows(section)
         assert len(rows) >= 6, section
         for fields, defaults in rows:
             for f in fields:
