@@ -1,5 +1,6 @@
-"""Orbax checkpoints of a run: made synchronously, restored from the newest readable
-one, and a failed write (a full disk) reported as one line naming the fix.
+"""Orbax checkpoints of a run: made synchronously at the end of an epoch when one is due
+(`SavePace`), restored from the newest readable one, and a failed write (a full disk)
+reported as one line naming the fix.
 """
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ import logging
 import os
 import re
 import sys
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from fsad.errors import UserError
+from fsad.hosts import same_on_every_host, several_hosts
 from fsad.mesh import one_device_mesh, replicated
 
 
@@ -30,6 +33,32 @@ def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointMa
                                      item_handlers=ocp.StandardCheckpointHandler())
     except OSError as err:
         raise _folder_error(directory, err) from err
+
+
+class SavePace:
+    """Whether the end of an epoch saves a checkpoint: when `every_seconds` have passed
+    since the last save (or since training started), and always after the last epoch;
+    after every epoch when `every_seconds` is 0.
+
+    A save waits for the device and writes every array (about 0.4 s for a ResNet-18
+    DevNet's state and 0.9 s for EfficientNet-Lite0's many small arrays, on a 2-core
+    CPU); on an H200, saving after each of DevNet's 50 epochs of 20 steps took about half
+    of its training time. An interrupted run loses at most `every_seconds` of training
+    (it resumes from the last save and draws the same batches from there on). All
+    processes of a multi-host run save together, so the first process's clock decides.
+    """
+
+    def __init__(self, every_seconds: float, clock: Callable[[], float] = time.monotonic):
+        self.every, self.clock = float(every_seconds), clock
+        self.last = clock()
+
+    def due(self, last_epoch: bool) -> bool:
+        """Whether to save now (an epoch has just ended); a True restarts the clock."""
+        due = last_epoch or self.every <= 0 or same_on_every_host(
+            self.clock() - self.last >= self.every)
+        if due:
+            self.last = self.clock()
+        return due
 
 
 def checkpoint_folder(directory: str) -> str:
@@ -164,3 +193,16 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
             sys.unraisablehook = previous_hook
         for h in handlers:
             h.removeFilter(quiet)
+
+
+def save_interrupted(mngr: ocp.CheckpointManager, step: int, state: Any) -> bool:
+    """On Ctrl-C between checkpoints (`SavePace`): saves `state` as `step`, so that the
+    rerun loses nothing. Not when the state is not whole (the interrupt came while a
+    step took its donated arrays in), `step` is saved already, or the run spans several
+    hosts (they save together, and Ctrl-C reaches one). -> whether it saved."""
+    if several_hosts() or step in mngr.all_steps() or any(
+            getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state)):
+        return False
+    save_checkpoint(mngr, step, state)
+    logging.info("Ctrl-C: saved the checkpoint of step %d in %s", step, mngr.directory)
+    return True

@@ -92,6 +92,10 @@ def base_config() -> config_dict.ConfigDict:
     c.steps_per_epoch = 20
     c.eval_batch_size = 64
     c.keep_checkpoints = 3
+    # an epoch's end saves a checkpoint once this many seconds have passed since the last
+    # save (the last epoch's always): an interrupted run loses at most that much training;
+    # 0 saves every epoch (fsad.checkpoints.SavePace)
+    c.checkpoint_seconds = 60.0
     return c
 
 

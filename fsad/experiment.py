@@ -219,7 +219,8 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
                config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
                make_step=lambda s: runner.train_step_for(s, train_data, k_train),
-               start_from=base_run_checkpoints(config, seed))
+               start_from=base_run_checkpoints(config, seed),
+               checkpoint_seconds=config.checkpoint_seconds)
 
 
 def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:

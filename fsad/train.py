@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from fsad.checkpoints import (SavePace, checkpoint_manager, restore_latest, save_checkpoint,
+                              save_interrupted)
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
@@ -285,11 +286,14 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         batch_size: int, epochs: int, steps_per_epoch: int, workdir: str | None,
         keep_checkpoints: int = 3, desc: str = "train",
         make_step: Callable | None = None,
-        start_from: str | None = None) -> tuple[TrainState, dict]:
+        start_from: str | None = None,
+        checkpoint_seconds: float = 0.0) -> tuple[TrainState, dict]:
     """Runs (or resumes) training to epochs * steps_per_epoch steps.
 
-    Checkpoints go to ``workdir/checkpoints`` at the end of every epoch; when
-    one exists, training resumes from it.
+    Checkpoints go to ``workdir/checkpoints`` at the end of an epoch when one is due
+    (`SavePace`: `checkpoint_seconds` after the last, 0 for every epoch), after the
+    last step, and on Ctrl-C (`save_on_ctrl_c`); when one exists, training resumes from
+    it.
 
     Args:
       make_step: state -> (the train step for that state's shapes, seconds spent
@@ -316,30 +320,38 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         step_fn, compile_seconds = (make_step(state) if make_step is not None
                                     else (make_train_step(method, tx, mesh, batch_size), 0.0))
     t0 = time.time()
+    pace = SavePace(checkpoint_seconds)
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
+    in_flight, saving = None, False
     with progress(total=total, initial=start, desc=desc, unit="step",
                   dynamic_ncols=True) as bar:
-        in_flight = None
-        for step in range(start, total):
-            state, metrics = step_fn(state, data, key)
-            if in_flight is not None:
-                # One step stays queued behind the running one, so the device never
-                # idles, while the bar (and its ETA) counts finished steps, not
-                # dispatched ones; each finished step's loss is checked.
-                check_finite(float(in_flight[1]), in_flight[0] + 1)
-                bar.update(1)
-                finished_at.append(time.time())
-                if len(finished_at) == 3:  # the first step may hold a compilation
-                    per_step = (finished_at[2] - finished_at[0]) / 2
-                    warn_if_long_on_cpu(per_step * (total - step), total)
-            in_flight = (step, metrics["loss"])
-            if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
-                loss = check_finite(float(metrics["loss"]), step + 1)
-                losses.append(loss)
-                bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
-                if mngr is not None:
-                    save_checkpoint(mngr, step + 1, state)
+        try:
+            for step in range(start, total):
+                state, metrics = step_fn(state, data, key)
+                if in_flight is not None:
+                    # One step stays queued behind the running one, so the device never
+                    # idles, while the bar (and its ETA) counts finished steps, not
+                    # dispatched ones; each finished step's loss is checked.
+                    check_finite(float(in_flight[1]), in_flight[0] + 1)
+                    bar.update(1)
+                    finished_at.append(time.time())
+                    if len(finished_at) == 3:  # the first step may hold a compilation
+                        per_step = (finished_at[2] - finished_at[0]) / 2
+                        warn_if_long_on_cpu(per_step * (total - step), total)
+                in_flight = (step, metrics["loss"])
+                if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
+                    loss = check_finite(float(metrics["loss"]), step + 1)
+                    losses.append(loss)
+                    bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
+                    if mngr is not None and pace.due(step + 1 == total):
+                        saving = True
+                        save_checkpoint(mngr, step + 1, state)
+                        saving = False
+        except KeyboardInterrupt:
+            if mngr is not None and not saving:
+                save_on_ctrl_c(mngr, state, in_flight)
+            raise
         if in_flight is not None:
             check_finite(float(in_flight[1]), in_flight[0] + 1)
             bar.update(1)
@@ -354,6 +366,16 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                    "loss": losses[-1] if losses else None,
                    "step_seconds": float(np.median(gaps)) if len(gaps) else None,
                    "compile_seconds": compile_seconds}
+
+
+def save_on_ctrl_c(mngr, state: TrainState, in_flight: tuple | None) -> None:
+    """On Ctrl-C between checkpoints: the newest state saved (`save_interrupted`) when the
+    loss of the step that made it is at hand and finite; the run resumes from that step
+    (its batches and schedule follow from the step alone)."""
+    step = int(state.step)  # in_flight: (the newest dispatched step, its loss)
+    if in_flight is not None and in_flight[0] + 1 == step \
+            and np.isfinite(float(in_flight[1])):
+        save_interrupted(mngr, step, state)
 
 
 def check_finite(loss: float, step: int) -> float:

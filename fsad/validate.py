@@ -105,6 +105,8 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"--config.{field} to 1 or more")
     _require(config.keep_checkpoints >= 0, f"keep_checkpoints={config.keep_checkpoints}; "
              f"use 0 (keep none) or more (3 by default)")
+    _require(config.checkpoint_seconds >= 0, f"checkpoint_seconds={config.checkpoint_seconds}; "
+             f"use 0 (a checkpoint every epoch) or more seconds between checkpoints")
     _require(0.0 < config.explain.confidence < 1.0, f"explain.confidence="
              f"{config.explain.confidence} is not a confidence; use a value in (0, 1)")
     if "devnet" in config:

@@ -37,6 +37,9 @@ def config_json(config) -> dict:
 # fields that only batch the evaluation: a run may go on, or be scored, with other values
 # (they change no trained weight and, with a fixed reference set, no score)
 BATCHING_ONLY = ("eval_batch_size", "explain.batch_size")
+# how often checkpoints are saved: a run may go on with another value (every save holds
+# the same state an uninterrupted run has at that step)
+CHECKPOINT_PACE = ("checkpoint_seconds",)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -60,10 +63,10 @@ def _with_defaults(stored: dict, current: dict, config) -> dict:
 
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
-    stored in workdir/config.json, less BATCHING_ONLY (unless DRA draws its test reference
-    per batch, where the batch changes the scores); None when none is stored. A field the
-    stored config lacks was added to fsad after that run was saved, which ran as its
-    default does: it differs only where config sets it to another value."""
+    stored in workdir/config.json, less CHECKPOINT_PACE and BATCHING_ONLY (unless DRA draws
+    its test reference per batch, where the batch changes the scores); None when none is
+    stored. A field the stored config lacks was added to fsad after that run was saved,
+    which ran as its default does: it differs only where config sets it to another value."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
@@ -72,7 +75,7 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
         stored = _with_defaults(_flat(json.load(f)), current, config)
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
-                  and (per_batch or k not in BATCHING_ONLY))
+                  and k not in CHECKPOINT_PACE and (per_batch or k not in BATCHING_ONLY))
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "ahl_checkpoints")  # base training, AHL's meta-training
@@ -120,8 +123,8 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     """Compares config with workdir/config.json; True when one is stored.
 
     Raises:
-      UserError: the stored config differs (BATCHING_ONLY fields aside), or none is
-        stored and must_exist.
+      UserError: the stored config differs (CHECKPOINT_PACE and BATCHING_ONLY fields
+        aside), or none is stored and must_exist.
     """
     diff = stored_config_diff(workdir, config)
     if diff is None:
@@ -180,7 +183,7 @@ def check_workdir(workdir: str, config) -> None:
 # or one dotted field): AHL's own, the seeds (each seed is checked apart), and
 # evaluation and bookkeeping
 NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batch_size",
-                     "keep_checkpoints", "data.mask_resize")
+                     "keep_checkpoints", "checkpoint_seconds", "data.mask_resize")
 
 
 def base_fields_that_differ(config, base: dict) -> list[str]:

@@ -90,7 +90,8 @@ def synthetic(synthetic_root):
 
 
 def tiny_config(method="devnet", **overrides):
-    """A method's config for SIZE-px synthetic data, a few steps, batch 16."""
+    """A method's config for SIZE-px synthetic data, a few steps, batch 16, a checkpoint
+    after every epoch."""
     import importlib
     c = importlib.import_module(f"configs.{method}").get_config()
     c.data.name = "synthetic"
@@ -101,6 +102,9 @@ def tiny_config(method="devnet", **overrides):
     c.epochs = 3
     c.steps_per_epoch = 10
     c.eval_batch_size = 32
+    # a checkpoint after every epoch, where the tests' interruptions expect one
+    # (test_train.py checks the default pace)
+    c.checkpoint_seconds = 0.0
     for key, value in overrides.items():
         node = c
         *path, leaf = key.split(".")

@@ -1,5 +1,7 @@
 """AHL: HADG tasks, the vmapped CDL step against a loop, importance weights, resume."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -379,6 +381,7 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     # T = 7 tasks and K = 2, as the end-to-end AHL run: psi's init is one program for both
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
     config.ahl.first_order = True  # DevNet's heads: the same update, a quicker compile
+    config.checkpoint_seconds = 1e6  # a checkpoint where a run ends (stop_after) only
     hm, params, bank = _devnet_head_model()
     tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
     assert tasks.num_tasks == 7
@@ -395,10 +398,45 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     # epochs 0 and 1; psi trains from epoch index K = 2 on (a window and its next epoch)
     info, counts = compiles(stop_after=2)
     assert len(info["loss"]) == 2 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
+    assert os.listdir(tmp_path / "ahl_checkpoints") == ["2"]
     # resumed: epochs 2 and 3 from the restored state, psi trained in both
     info, counts = compiles()
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
+    assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
+
+
+def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeypatch):
+    """Between checkpoints (a pace longer than the run), Ctrl-C during meta-epoch 3
+    saves epoch 2's state, and the rerun goes on from there."""
+    import importlib
+    mt = importlib.import_module("fsad.methods.ahl.meta_train")  # the module, not the function
+    config = tiny_config("ahl_devnet")
+    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
+    config.ahl.first_order = True
+    config.checkpoint_seconds = 1e6
+    hm, params, bank = _devnet_head_model()
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+    fitted = mt.fitted_meta_step
+
+    def ctrl_c_at_the_third_call(*args):
+        step, calls = fitted(*args), []
+
+        def stepped(*a):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return step(*a)
+        return stepped
+
+    monkeypatch.setattr(mt, "fitted_meta_step", ctrl_c_at_the_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
+    assert os.listdir(tmp_path / "ahl_checkpoints") == ["2"]
+    monkeypatch.undo()
+    _, info = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
+    assert len(info["loss"]) == 4 and sorted(os.listdir(tmp_path / "ahl_checkpoints")) == [
+        "2", "4"]
 
 
 def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):

@@ -38,7 +38,9 @@ def cli_args(config: str, workdir, root, *overrides, size: int = SIZE) -> list:
     return [sys.executable, "-m", "fsad.main", "--config", os.path.join(ROOT, config),
             "--workdir", str(workdir), "--config.data.name=folder", f"--config.data.root={root}",
             f"--config.data.img_size={size}", "--config.data.cache_dir=",
-            "--config.model.pretrained=none", *overrides]
+            "--config.model.pretrained=none",
+            # a checkpoint after every epoch, where the interrupted runs are stopped
+            "--config.checkpoint_seconds=0", *overrides]
 
 
 def start(args, log, devices: int = 1, optimize: bool = True) -> tuple:

@@ -1,4 +1,5 @@
-"""The shared loop: sharded step == single-device step, on-device sampling, resume."""
+"""The shared loop: sharded step == single-device step, on-device sampling, resume, the
+checkpoints' pace."""
 
 import os
 
@@ -11,7 +12,7 @@ from conftest import norm_rel_err, run_with_devices, tiny_config
 from fsad.errors import UserError
 from fsad.mesh import make_mesh
 from fsad.methods import build_method
-from fsad.train import init_state, make_train_step, put_train_data, sample_balanced
+from fsad.train import fit, init_state, make_train_step, put_train_data, sample_balanced
 
 
 def _setup(devices, synthetic, tx=None, **overrides):
@@ -109,3 +110,57 @@ def test_sample_balanced_draws_from_the_right_rows():
         data, jax.random.key(0))
     assert images.shape == (48, 4, 4, 3) and int(labels.sum()) == 16
     np.testing.assert_array_equal(np.asarray(images).max(axis=(1, 2, 3)), 255 * labels)
+
+
+def test_save_pace_saves_once_its_seconds_have_passed_and_after_the_last_epoch():
+    from fsad.checkpoints import SavePace
+    now = [0.0]
+    pace = SavePace(60, clock=lambda: now[0])
+    due = []
+    for t, last in [(30, False), (61, False), (100, False), (125, False), (126, True)]:
+        now[0] = t
+        due.append(pace.due(last))
+    assert due == [False, True, False, True, True]  # the clock restarts at each save
+    every_epoch = SavePace(0, clock=lambda: 0.0)
+    assert all(every_epoch.due(False) for _ in range(3))
+
+
+def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
+    """checkpoint_seconds 0: a checkpoint after every epoch; a pace longer than the run:
+    after the last epoch only (DevNet's 50 short epochs on a GPU spent about half of
+    their time saving one after each), and on Ctrl-C. All runs end in the same state."""
+    method, mesh, tx, state, data = _setup(jax.devices()[:1], synthetic, **{
+        "model.n_scales": 1, "augment.rotate_degrees": 0.0})
+    step = make_train_step(method, tx, mesh, 16)
+    saved, ends = {}, []
+    for seconds in (0.0, 1e6):
+        work = tmp_path / f"pace_{seconds:g}"
+        end, info = fit(method, jax.tree.map(jax.numpy.copy, state), tx, data, mesh,
+                        jax.random.key(1), 16, 3, 2, str(work), keep_checkpoints=5,
+                        make_step=lambda s: (step, 0.0), checkpoint_seconds=seconds)
+        assert info["steps"] == 6
+        saved[seconds] = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
+        ends.append(jax.device_get(end.params))
+    assert saved == {0.0: [2, 4, 6], 1e6: [6]}
+    jax.tree.map(np.testing.assert_array_equal, *ends)
+
+    # Ctrl-C in the middle of an epoch (here as the 5th step is called): the state of
+    # step 4 is saved, and the rerun goes on from it to the same end
+    calls = []
+
+    def step_until_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(*args)
+
+    work = tmp_path / "ctrl_c"
+    for make in (lambda s: (step_until_ctrl_c, 0.0), lambda s: (step, 0.0)):
+        try:
+            end, info = fit(method, jax.tree.map(jax.numpy.copy, state), tx, data, mesh,
+                            jax.random.key(1), 16, 3, 2, str(work), keep_checkpoints=5,
+                            make_step=make, checkpoint_seconds=1e6)
+        except KeyboardInterrupt:
+            assert os.listdir(work / "checkpoints") == ["4"]
+    assert info["resumed_from"] == 4 and info["steps"] == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])

@@ -298,6 +298,7 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("seed", -1, "seed=-1; seeds are non-negative"),  # was numpy's ValueError
     ("explain.batch_size", 0, "explain.batch_size=0; a batch holds at least one image"),
     ("eval_batch_size", 0, "eval_batch_size=0; a batch holds at least one image"),
+    ("checkpoint_seconds", -1.0, "checkpoint_seconds=-1.0; use 0 (a checkpoint every epoch)"),
     ("keep_checkpoints", -1, "keep_checkpoints=-1; use 0 (keep none) or more"),
     ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
@@ -350,7 +351,7 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     """A workdir holds one config once a run saved something there (a checkpoint, a
     finished seed); the config of a run that saved nothing (it stopped at a failed
     download or out of memory) gives way to the next run's, and the fields that only batch
-    the evaluation may change, and so may the number of seeds."""
+    the evaluation or pace the checkpoints may change, and so may the number of seeds."""
     from fsad.workdir import check_workdir, saved_in
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
@@ -368,6 +369,7 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     expect_error(stored, work, capsys, "holds a run with a different config (fields "
                  "data.img_size, seed)", "new --workdir")
     config.eval_batch_size, config.explain.batch_size = 3, 5
+    config.checkpoint_seconds = 600.0  # how often it saves: no other state
     check_workdir(str(work), config)  # no error: the same trained run
     config.num_seeds = 3  # more seeds of the same run: the stored config takes the count
     check_workdir(str(work), config)

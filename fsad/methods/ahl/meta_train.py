@@ -1,5 +1,6 @@
-"""AHL's meta-training loop: CDL epochs with importance weights, checkpointed every
-epoch and resumable (`MetaState`)."""
+"""AHL's meta-training loop: CDL epochs with importance weights, checkpointed at the end
+of an epoch when one is due (`SavePace`, config.checkpoint_seconds) and on Ctrl-C, and
+resumable (`MetaState`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+from fsad.checkpoints import (SavePace, checkpoint_manager, restore_latest, save_checkpoint,
+                              save_interrupted)
 from fsad.errors import UserError
 from fsad.hosts import progress, put
 from fsad.mesh import one_device_mesh, replicated
@@ -87,42 +89,56 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     step = fitted_meta_step(hm, tx, a, mesh, (
         state.params, state.opt_state, bank_dev, task_arrays, state.weights, pool_idx,
         jax.random.fold_in(k_meta, 0), hm.consts))
+
+    def run_epoch(state: MetaState, epoch: int) -> tuple[MetaState, float]:
+        w = state.weights
+        qw = query_weights(w, epoch, K, a.weighting)
+        params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
+                                      qw, pool_idx, jax.random.fold_in(k_meta, epoch),
+                                      hm.consts)
+        loss = float(out["loss"])
+        if not np.isfinite(loss):
+            raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
+                            f"{epoch + 1}; lower --config.ahl.optim.lr or "
+                            f"--config.ahl.inner_lr")
+        history = state.history.at[epoch].set(out["pool_scores"].T)
+        psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
+        if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
+            # psi learns online: the newest window each epoch (fixed shapes, one compile)
+            seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
+            targets = history[epoch]  # [P, T]
+            for _ in range(a.psi_steps):
+                psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
+            pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
+            w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
+                                                    tasks.pool_coef, a.weight_temperature,
+                                                    a.weight_relative))
+        return on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
+                                 psi_opt, history, w_next,
+                                 state.weights_log.at[epoch].set(w),
+                                 state.losses.at[epoch].set(loss))), loss
+
     times = []
+    pace = SavePace(config.checkpoint_seconds)
+    end = min(E, stop_after or E)
+    saving = False
     with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
                   unit="epoch") as bar:
-        for epoch in range(int(state.epoch), min(E, stop_after or E)):
-            t0 = time.time()
-            w = state.weights
-            qw = query_weights(w, epoch, K, a.weighting)
-            params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
-                                          qw, pool_idx, jax.random.fold_in(k_meta, epoch),
-                                          hm.consts)
-            loss = float(out["loss"])
-            if not np.isfinite(loss):
-                raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
-                                f"{epoch + 1}; lower --config.ahl.optim.lr or "
-                                f"--config.ahl.inner_lr")
-            history = state.history.at[epoch].set(out["pool_scores"].T)
-            psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
-            if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
-                # psi learns online: the newest window each epoch (fixed shapes, one compile)
-                seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
-                targets = history[epoch]  # [P, T]
-                for _ in range(a.psi_steps):
-                    psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
-                pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
-                w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
-                                                        tasks.pool_coef, a.weight_temperature,
-                                                        a.weight_relative))
-            state = on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
-                                      psi_opt, history, w_next,
-                                      state.weights_log.at[epoch].set(w),
-                                      state.losses.at[epoch].set(loss)))
-            times.append(time.time() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if mngr is not None:
-                save_checkpoint(mngr, epoch + 1, state)
+        try:
+            for epoch in range(int(state.epoch), end):
+                t0 = time.time()
+                state, loss = run_epoch(state, epoch)
+                times.append(time.time() - t0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if mngr is not None and pace.due(epoch + 1 == end):
+                    saving = True
+                    save_checkpoint(mngr, epoch + 1, state)
+                    saving = False
+        except KeyboardInterrupt:  # the newest finished epoch saved, unless being saved
+            if mngr is not None and not saving and int(state.epoch):
+                save_interrupted(mngr, int(state.epoch), state)
+            raise
     if mngr is not None:
         mngr.close()
     done = int(state.epoch)
