@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: made synchronously at the end of an epoch when one is due
-(`SavePace`), restored from the newest readable one, and a failed write (a full disk)
-reported as one line naming the fix.
+(`SavePace`) and on Ctrl-C (`PacedCheckpoints`), restored from the newest readable one,
+and a failed write (a full disk) reported as one line naming the fix.
 """
 
 from __future__ import annotations
@@ -195,14 +195,30 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
             h.removeFilter(quiet)
 
 
-def save_interrupted(mngr: ocp.CheckpointManager, step: int, state: Any) -> bool:
-    """On Ctrl-C between checkpoints (`SavePace`): saves `state` as `step`, so that the
-    rerun loses nothing. Not when the state is not whole (the interrupt came while a
-    step took its donated arrays in), `step` is saved already, or the run spans several
-    hosts (they save together, and Ctrl-C reaches one). -> whether it saved."""
-    if several_hosts() or step in mngr.all_steps() or any(
-            getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state)):
-        return False
-    save_checkpoint(mngr, step, state)
-    logging.info("Ctrl-C: saved the checkpoint of step %d in %s", step, mngr.directory)
-    return True
+class PacedCheckpoints:
+    """A training loop's checkpoints: at the end of an epoch when `SavePace` says one is
+    due (`epoch_end`), and on Ctrl-C between them (`interrupted`)."""
+
+    def __init__(self, mngr: ocp.CheckpointManager, every_seconds: float):
+        self.mngr, self.pace, self.saving = mngr, SavePace(every_seconds), False
+
+    def epoch_end(self, step: int, state: Any, last: bool) -> None:
+        """An epoch has ended at `step` (`last`: the loop's last one): saves if due."""
+        if self.pace.due(last):
+            self.saving = True  # a Ctrl-C during the save leaves it to Orbax's rename
+            save_checkpoint(self.mngr, step, state)
+            self.saving = False
+
+    def interrupted(self, step: int, state: Any) -> bool:
+        """On Ctrl-C: saves `state` as `step`, so that the rerun loses nothing. Not
+        while a save was under way, when the state is not whole (the interrupt came while
+        a step took its donated arrays in), `step` is saved already, or the run spans
+        several hosts (they save together, and Ctrl-C reaches one). -> whether it
+        saved."""
+        if self.saving or several_hosts() or step in self.mngr.all_steps() or any(
+                getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state)):
+            return False
+        save_checkpoint(self.mngr, step, state)
+        logging.info("Ctrl-C: saved the checkpoint of step %d in %s", step,
+                     self.mngr.directory)
+        return True

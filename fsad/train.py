@@ -29,8 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fsad.checkpoints import (SavePace, checkpoint_manager, restore_latest, save_checkpoint,
-                              save_interrupted)
+from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, restore_latest
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
@@ -320,10 +319,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         step_fn, compile_seconds = (make_step(state) if make_step is not None
                                     else (make_train_step(method, tx, mesh, batch_size), 0.0))
     t0 = time.time()
-    pace = SavePace(checkpoint_seconds)
+    saver = PacedCheckpoints(mngr, checkpoint_seconds) if mngr is not None else None
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
-    in_flight, saving = None, False
+    in_flight = None
     with progress(total=total, initial=start, desc=desc, unit="step",
                   dynamic_ncols=True) as bar:
         try:
@@ -344,13 +343,11 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                     loss = check_finite(float(metrics["loss"]), step + 1)
                     losses.append(loss)
                     bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
-                    if mngr is not None and pace.due(step + 1 == total):
-                        saving = True
-                        save_checkpoint(mngr, step + 1, state)
-                        saving = False
+                    if saver is not None:
+                        saver.epoch_end(step + 1, state, step + 1 == total)
         except KeyboardInterrupt:
-            if mngr is not None and not saving:
-                save_on_ctrl_c(mngr, state, in_flight)
+            if saver is not None:
+                save_on_ctrl_c(saver, state, in_flight)
             raise
         if in_flight is not None:
             check_finite(float(in_flight[1]), in_flight[0] + 1)
@@ -368,14 +365,15 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                    "compile_seconds": compile_seconds}
 
 
-def save_on_ctrl_c(mngr, state: TrainState, in_flight: tuple | None) -> None:
-    """On Ctrl-C between checkpoints: the newest state saved (`save_interrupted`) when the
-    loss of the step that made it is at hand and finite; the run resumes from that step
-    (its batches and schedule follow from the step alone)."""
+def save_on_ctrl_c(saver: PacedCheckpoints, state: TrainState,
+                   in_flight: tuple | None) -> None:
+    """On Ctrl-C: the newest state saved (`PacedCheckpoints.interrupted`) when the loss of
+    the step that made it is at hand and finite; the run resumes from that step (its
+    batches and schedule follow from the step alone)."""
     step = int(state.step)  # in_flight: (the newest dispatched step, its loss)
     if in_flight is not None and in_flight[0] + 1 == step \
             and np.isfinite(float(in_flight[1])):
-        save_interrupted(mngr, step, state)
+        saver.interrupted(step, state)
 
 
 def check_finite(loss: float, step: int) -> float:

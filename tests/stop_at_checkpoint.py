@@ -19,8 +19,8 @@ import sys
 
 def main() -> None:
     folder, n, sig = sys.argv[1], int(sys.argv[2]), signal.Signals[sys.argv[3]]
-    # patched before fsad.main imports the modules that import the function (fsad.train
-    # for base training, fsad.methods.ahl.meta_train for AHL's meta-epochs)
+    # patched where base training's and AHL's meta-epochs' checkpoints call it
+    # (fsad.checkpoints.PacedCheckpoints), before fsad.main imports anything
     import fsad.checkpoints
 
     save = fsad.checkpoints.save_checkpoint

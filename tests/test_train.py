@@ -125,6 +125,27 @@ def test_save_pace_saves_once_its_seconds_have_passed_and_after_the_last_epoch()
     assert all(every_epoch.due(False) for _ in range(3))
 
 
+def test_ctrl_c_during_a_save_leaves_it_to_orbax(tmp_path, monkeypatch):
+    """A Ctrl-C that stops a save half-way saves nothing more (Orbax renames a checkpoint
+    only once complete; a second save of the step would meet the first's leftovers),
+    and one between saves saves the state once."""
+    from fsad import checkpoints
+    state = {"w": jax.numpy.arange(3.0)}
+    saver = checkpoints.PacedCheckpoints(checkpoints.checkpoint_manager(str(tmp_path)), 0)
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        saver.epoch_end(2, state, last=False)
+    monkeypatch.undo()
+    assert not saver.interrupted(2, state) and saver.mngr.all_steps() == []
+    saver.saving = False  # the run resumed: Ctrl-C between its saves
+    assert saver.interrupted(3, state) and not saver.interrupted(3, state)
+    assert list(saver.mngr.all_steps()) == [3]
+
+
 def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
     """checkpoint_seconds 0: a checkpoint after every epoch; a pace longer than the run:
     after the last epoch only (DevNet's 50 short epochs on a GPU spent about half of

@@ -683,17 +683,18 @@ def test_scoring_a_run_stopped_by_ctrl_c_says_it_is_unfinished(tmp_path, capsys,
     """Ctrl-C (a KeyboardInterrupt, raised here right after the first checkpoint; the
     end-to-end tests send a real SIGINT) ends the run with exit status 130 and one line;
     --mode score then scores with that checkpoint and warns that training is not done."""
-    from fsad import train
+    from fsad import checkpoints
     root = dataset(tmp_path / "d")
     # one scale, as the disk-full test: its init and train step are compiled already
     cfg = folder_config(root, **{"epochs": 2, "model.n_scales": 1})
-    real_save = train.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_ctrl_c(mngr, step, state):
         real_save(mngr, step, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_ctrl_c)
+    # where the loop's checkpoints call it (fsad.checkpoints.PacedCheckpoints)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_ctrl_c)
     work = tmp_path / "w"
     assert execute(cfg, str(work)) == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (

@@ -1,6 +1,6 @@
 """AHL's meta-training loop: CDL epochs with importance weights, checkpointed at the end
-of an epoch when one is due (`SavePace`, config.checkpoint_seconds) and on Ctrl-C, and
-resumable (`MetaState`)."""
+of an epoch when one is due (`PacedCheckpoints`, config.checkpoint_seconds) and on Ctrl-C,
+and resumable (`MetaState`)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fsad.checkpoints import (SavePace, checkpoint_manager, restore_latest, save_checkpoint,
-                              save_interrupted)
+from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, restore_latest
 from fsad.errors import UserError
 from fsad.hosts import progress, put
 from fsad.mesh import one_device_mesh, replicated
@@ -119,9 +118,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                                  state.losses.at[epoch].set(loss))), loss
 
     times = []
-    pace = SavePace(config.checkpoint_seconds)
+    saver = PacedCheckpoints(mngr, config.checkpoint_seconds) if mngr is not None else None
     end = min(E, stop_after or E)
-    saving = False
     with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
                   unit="epoch") as bar:
         try:
@@ -131,13 +129,11 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                 times.append(time.time() - t0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if mngr is not None and pace.due(epoch + 1 == end):
-                    saving = True
-                    save_checkpoint(mngr, epoch + 1, state)
-                    saving = False
-        except KeyboardInterrupt:  # the newest finished epoch saved, unless being saved
-            if mngr is not None and not saving and int(state.epoch):
-                save_interrupted(mngr, int(state.epoch), state)
+                if saver is not None:
+                    saver.epoch_end(epoch + 1, state, epoch + 1 == end)
+        except KeyboardInterrupt:  # the newest finished epoch saved
+            if saver is not None and int(state.epoch):
+                saver.interrupted(int(state.epoch), state)
             raise
     if mngr is not None:
         mngr.close()
