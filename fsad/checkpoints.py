@@ -195,6 +195,12 @@ def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
             h.removeFilter(quiet)
 
 
+def is_whole(state: Any) -> bool:
+    """Whether every array of `state` still holds its data: not when a jitted step has
+    taken it in (donated) and a Ctrl-C came before the step's output was kept."""
+    return not any(getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state))
+
+
 class PacedCheckpoints:
     """A training loop's checkpoints: at the end of an epoch when `SavePace` says one is
     due (`epoch_end`), and on Ctrl-C between them (`interrupted`)."""
@@ -215,8 +221,8 @@ class PacedCheckpoints:
         a step took its donated arrays in), `step` is saved already, or the run spans
         several hosts (they save together, and Ctrl-C reaches one). -> whether it
         saved."""
-        if self.saving or several_hosts() or step in self.mngr.all_steps() or any(
-                getattr(a, "is_deleted", lambda: False)() for a in jax.tree.leaves(state)):
+        if self.saving or several_hosts() or not is_whole(state) \
+                or step in self.mngr.all_steps():
             return False
         save_checkpoint(self.mngr, step, state)
         logging.info("Ctrl-C: saved the checkpoint of step %d in %s", step,

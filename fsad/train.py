@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, restore_latest
+from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, is_whole, restore_latest
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
@@ -367,12 +367,14 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
 
 def save_on_ctrl_c(saver: PacedCheckpoints, state: TrainState,
                    in_flight: tuple | None) -> None:
-    """On Ctrl-C: the newest state saved (`PacedCheckpoints.interrupted`) when the loss of
-    the step that made it is at hand and finite; the run resumes from that step (its
-    batches and schedule follow from the step alone)."""
+    """On Ctrl-C: the newest state saved (`PacedCheckpoints.interrupted`) when it is whole
+    (not given to a step already) and the loss of the step that made it is at hand and
+    finite; the run resumes from that step (its batches and schedule follow from the step
+    alone)."""
+    if in_flight is None or not is_whole(state):  # a state given to a step: gone
+        return
     step = int(state.step)  # in_flight: (the newest dispatched step, its loss)
-    if in_flight is not None and in_flight[0] + 1 == step \
-            and np.isfinite(float(in_flight[1])):
+    if in_flight[0] + 1 == step and np.isfinite(float(in_flight[1])):
         saver.interrupted(step, state)
 
 

@@ -185,3 +185,17 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
             assert os.listdir(work / "checkpoints") == ["4"]
     assert info["resumed_from"] == 4 and info["steps"] == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
+
+    # Ctrl-C just after a step took the state in (its arrays donated, the new state not
+    # yet kept): still the KeyboardInterrupt, and no checkpoint of a state that is gone
+    def step_then_ctrl_c(*args):
+        step(*args)
+        raise KeyboardInterrupt
+
+    work = tmp_path / "ctrl_c_after_donation"
+    given = jax.tree.map(jax.numpy.copy, state)
+    with pytest.raises(KeyboardInterrupt):
+        fit(method, given, tx, data, mesh, jax.random.key(1), 16, 3, 2, str(work),
+            make_step=lambda s: (step_then_ctrl_c, 0.0), checkpoint_seconds=1e6)
+    assert jax.tree.leaves(given)[0].is_deleted()  # donated (else this case is not met)
+    assert os.listdir(work / "checkpoints") == []
