@@ -153,12 +153,18 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
     method, mesh, tx, state, data = _setup(jax.devices()[:1], synthetic, **{
         "model.n_scales": 1, "augment.rotate_degrees": 0.0})
     step = make_train_step(method, tx, mesh, 16)
+
+    def train(work, seconds, step_fn=step, given=None):
+        """3 epochs of 2 steps from `state` (a copy, unless `given`) in `work`."""
+        given = jax.tree.map(jax.numpy.copy, state) if given is None else given
+        return fit(method, given, tx, data, mesh, jax.random.key(1), 16, 3, 2, str(work),
+                   keep_checkpoints=5, make_step=lambda s: (step_fn, 0.0),
+                   checkpoint_seconds=seconds)
+
     saved, ends = {}, []
     for seconds in (0.0, 1e6):
         work = tmp_path / f"pace_{seconds:g}"
-        end, info = fit(method, jax.tree.map(jax.numpy.copy, state), tx, data, mesh,
-                        jax.random.key(1), 16, 3, 2, str(work), keep_checkpoints=5,
-                        make_step=lambda s: (step, 0.0), checkpoint_seconds=seconds)
+        end, info = train(work, seconds)
         assert info["steps"] == 6
         saved[seconds] = sorted(int(d) for d in os.listdir(work / "checkpoints") if d.isdigit())
         ends.append(jax.device_get(end.params))
@@ -176,13 +182,10 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
         return step(*args)
 
     work = tmp_path / "ctrl_c"
-    for make in (lambda s: (step_until_ctrl_c, 0.0), lambda s: (step, 0.0)):
-        try:
-            end, info = fit(method, jax.tree.map(jax.numpy.copy, state), tx, data, mesh,
-                            jax.random.key(1), 16, 3, 2, str(work), keep_checkpoints=5,
-                            make_step=make, checkpoint_seconds=1e6)
-        except KeyboardInterrupt:
-            assert os.listdir(work / "checkpoints") == ["4"]
+    with pytest.raises(KeyboardInterrupt):
+        train(work, 1e6, step_until_ctrl_c)
+    assert os.listdir(work / "checkpoints") == ["4"]
+    end, info = train(work, 1e6)
     assert info["resumed_from"] == 4 and info["steps"] == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
 
@@ -195,7 +198,6 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
     work = tmp_path / "ctrl_c_after_donation"
     given = jax.tree.map(jax.numpy.copy, state)
     with pytest.raises(KeyboardInterrupt):
-        fit(method, given, tx, data, mesh, jax.random.key(1), 16, 3, 2, str(work),
-            make_step=lambda s: (step_then_ctrl_c, 0.0), checkpoint_seconds=1e6)
+        train(work, 1e6, step_then_ctrl_c, given)
     assert jax.tree.leaves(given)[0].is_deleted()  # donated (else this case is not met)
     assert os.listdir(work / "checkpoints") == []
