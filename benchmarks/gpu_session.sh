@@ -2,13 +2,16 @@
 # The GPU figures of issue 11 in one fixed-length call, for a machine lent by the minute:
 #   1. the throughput table (fsad's DevNet, AHL and DRA steps in that order, bf16 and
 #      fp32, beside the PyTorch versions of the released steps measured in the same run);
-#   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
-#   3. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
+#   2. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
+#      released bf16 step at 448 px split by kind and part, and its img/s without the
+#      pyramid, without the rotation and without both), in at most a third of the call;
+#   3. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
+#   4. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
 #
 #   bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]
 #
-# OUT gets at most 8 files: session.log, throughput.json, parity_fp32.md,
+# OUT gets at most 8 files: session.log, throughput.json, profile.json, parity_fp32.md,
 # elpv_table.md, elpv_table.json, seeds.json (every finished seed of every run, also
 # of a cell cut short), cell_types.md (each run's AUROC within a cell type). The runs
 # themselves go to $RUNS (default runs/gpu_session): calling again resumes them
@@ -17,11 +20,11 @@
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
 # Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
-# fp32, --torch), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0
-# trunk, which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, PYTHON
-# (default python3), CHECK=1 (every stage checks its flags, configs and protocols and
-# lists what it would run, in seconds and without a GPU: nothing compiles or trains;
-# tests/test_readme.py runs it so).
+# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 2.), VARIANTS (default
+# lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs no download), SEEDS
+# (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1, PYTHON (default python3), CHECK=1
+# (every stage checks its flags, configs and protocols and lists what it would run, in
+# seconds and without a GPU: nothing compiles or trains; tests/test_readme.py runs it so).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +39,8 @@ PY=${PYTHON:-python3}
 # holds the meta-step's 448 px memory (XLA's plan) that no CPU run can confirm
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
+PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
+--ablate model.n_scales=1 augment.rotate_degrees=0 model.n_scales=1,augment.rotate_degrees=0}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"
@@ -81,6 +86,13 @@ if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
     "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json" \
     "${CHECK_FLAG[@]}"
+fi
+
+if [[ -z ${SKIP_PROFILE:-} ]]; then
+  # the rows in order (the released step and its trace first); a stage cut short keeps
+  # the rows it finished
+  stage profile $(( $(left) / 3 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
+    --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
 fi
 
 TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS"

@@ -95,20 +95,29 @@ def mib(compiled) -> float | None:
     return None if n is None else n / 2**20
 
 
-def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
-                          torch_rows: dict) -> dict:
-    config = config_for(method_name, args, batch, dtype)
+def train_setup(config, n_normal: int):
+    """What timing a config's train step needs, on random uint8 images of the config's
+    size (n_normal normals and 10 anomalies, device-resident): (method, tx, mesh, data,
+    state, step, key, normal [n_normal, H, W, 3]); `step` is the jitted train step at the
+    config's batch size, not yet compiled."""
     method = build_method(config)
     mesh = make_mesh()
     tx = method.optimizer(config.steps_per_epoch)
     rng = np.random.default_rng(0)
-    shape = (args.img_size, args.img_size, 3)
-    normal = rng.integers(0, 256, (args.n_normal, *shape), dtype=np.uint8)
+    shape = (config.data.img_size, config.data.img_size, 3)
+    normal = rng.integers(0, 256, (n_normal, *shape), dtype=np.uint8)
     anomaly = rng.integers(0, 256, (10, *shape), dtype=np.uint8)
     data = put_train_data(normal, anomaly, mesh, bucket=64)
     key = jax.random.key(0)
     state = init_state(method, key, data, tx, mesh)
-    step = make_train_step(method, tx, mesh, batch)
+    step = make_train_step(method, tx, mesh, config.batch_size)
+    return method, tx, mesh, data, state, step, key, normal
+
+
+def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
+                          torch_rows: dict) -> dict:
+    method, tx, mesh, data, state, step, key, normal = train_setup(
+        config_for(method_name, args, batch, dtype), args.n_normal)
     t_compile, compiled = compile_seconds(step, state, data, key)
     per_step = float("nan")  # --compile_only: nothing runs, img/s nan
     if not args.compile_only:
@@ -349,11 +358,17 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         try:
             check_config(config_for(m, args, batch, args.dtypes[0]), len(jax.devices()))
         except UserError as err:
-            words = re.sub(r" or lower model\.n_scales", "", str(err))
-            for field, flag in FLAG_OF_FIELD.items():  # "batch_size=1": "--batches 1"
-                words = re.sub(rf"(?<![\w.-])(?:--config\.)?{re.escape(field)}(=?)",
-                               lambda f, flag=flag: flag + " " * len(f.group(1)), words)
-            ap.error(words)
+            # no advice to lower model.n_scales, which this script does not set
+            ap.error(in_flags(re.sub(r" or lower model\.n_scales", "", str(err)),
+                              FLAG_OF_FIELD))
+
+
+def in_flags(words: str, flag_of_field: dict[str, str]) -> str:
+    """fsad's advice said in a script's flags: "batch_size=1" -> "--batches 1"."""
+    for field, flag in flag_of_field.items():
+        words = re.sub(rf"(?<![\w.-])(?:--config\.)?{re.escape(field)}(=?)",
+                       lambda f, flag=flag: flag + " " * len(f.group(1)), words)
+    return words
 
 
 def check_torch_args(ap: argparse.ArgumentParser, args, trains: list[str]) -> None:

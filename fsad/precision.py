@@ -43,6 +43,7 @@ def cast_floating(tree, dtype):
 def apply_in(model, dtype, params, batch_stats, *inputs, **kw):
     """model.apply with params and floating inputs cast to the compute dtype; BatchNorm
     statistics (batch_stats) stay float32."""
-    variables = {"params": cast_floating(params, dtype), "batch_stats": batch_stats}
-    inputs = [None if x is None else cast_floating(x, dtype) for x in inputs]
+    with jax.named_scope("cast_to_compute_dtype"):  # a name for profiles
+        variables = {"params": cast_floating(params, dtype), "batch_stats": batch_stats}
+        inputs = [None if x is None else cast_floating(x, dtype) for x in inputs]
     return model.apply(variables, *inputs, **kw)

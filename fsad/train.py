@@ -188,9 +188,12 @@ def rotate_batch(key: jax.Array, images: jax.Array, max_degrees: float) -> jax.A
 def _update(method: Method, tx, state: TrainState, batch: dict, key: jax.Array):
     """One optimiser step on a given batch: (state, metrics)."""
     grad_fn = jax.value_and_grad(method.loss, has_aux=True)
-    (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, key)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    with jax.named_scope("loss_and_grad"):  # names for profiles (benchmarks/profile_step.py)
+        (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
+                                                        batch, key)
+    with jax.named_scope("optimizer"):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     new_state = TrainState(state.step + 1, params, batch_stats, opt_state, state.extras)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
 
@@ -212,8 +215,9 @@ def make_train_step(method: Method, tx: optax.GradientTransformation, mesh: Mesh
 
     def step(state: TrainState, data: TrainData, key: jax.Array):
         k_batch, k_loss = jax.random.split(key)
-        batch = jax.tree.map(constrain, method.sample_batch(data, k_batch, batch_size,
-                                                            state.step))
+        with jax.named_scope("sample_batch"):
+            batch = jax.tree.map(constrain, method.sample_batch(data, k_batch, batch_size,
+                                                                state.step))
         return _update(method, tx, state, batch, jax.random.fold_in(k_loss, state.step))
 
     return jax.jit(step, donate_argnums=(0,), out_shardings=replicated(mesh))

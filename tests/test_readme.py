@@ -1,7 +1,7 @@
 """The README's code runs as written: every ```python block of the section "Using the
 pieces in your own JAX code" is executed, in order, in one namespace. Its commands
-(fsad.main, benchmarks/reproduce.py and benchmarks/throughput.py, in ```bash blocks and
-in the text) parse and pass the checks a run makes before its first step, and so do the
+(fsad.main, benchmarks/reproduce.py, throughput.py and profile_step.py, in ```bash blocks
+and in the text) parse and pass the checks a run makes before its first step, and so do the
 commands of benchmarks/gpu_session.sh, which runs where a GPU is lent for minutes. Its
 field tables give the configs' fields and defaults."""
 
@@ -69,7 +69,7 @@ def test_commands_in_module_docstrings_keep_their_line_breaks():
 
 # the commands whose flags are checked, as the README writes them
 COMMANDS = ("python -m fsad.main", "python benchmarks/reproduce.py",
-            "python benchmarks/throughput.py")
+            "python benchmarks/throughput.py", "python benchmarks/profile_step.py")
 # a placeholder of a command: the values the README's text gives it
 PLACEHOLDERS = {"$DT": ("float32", "bfloat16"),
                 "--backbone B": ("--backbone efficientnet_lite0", "--backbone resnet18")}
@@ -104,18 +104,20 @@ def readme_commands() -> list[list[str]]:
 def test_readme_commands_parse_and_pass_the_checks_before_a_run(tmp_path, monkeypatch,
                                                                 capsys):
     """fsad.main's flags and config overrides parse as fsad.main parses them, and the
-    config passes fsad.validate.check_config; reproduce.py and throughput.py commands
-    pass their own --check (every cell's config and protocol on the data's rows; the
-    flags): nothing is decoded, compiled or trained. Relative paths land in tmp_path
-    (the procedural set a command names is written there)."""
-    from benchmarks import reproduce, throughput
+    config passes fsad.validate.check_config; reproduce.py, throughput.py and
+    profile_step.py commands pass their own --check (every cell's config and protocol
+    on the data's rows; the flags): nothing is decoded, compiled or trained. Relative
+    paths land in tmp_path (the procedural set a command names is written there)."""
+    from benchmarks import profile_step, reproduce, throughput
     from fsad.errors import UserError
     from fsad.validate import check_config
     commands = readme_commands()
     kinds = {c: sum(" ".join(argv).startswith(c) for argv in commands) for c in COMMANDS}
     assert kinds[COMMANDS[0]] >= 15 and kinds[COMMANDS[1]] >= 4 and kinds[COMMANDS[2]] >= 4
-    monkeypatch.setattr(throughput, "compile_seconds",
-                        lambda *a: pytest.fail("throughput --check compiled a step"))
+    assert kinds[COMMANDS[3]] >= 1
+    for script in (throughput, profile_step):
+        monkeypatch.setattr(script, "compile_seconds",
+                            lambda *a: pytest.fail("--check compiled a step"))
     monkeypatch.chdir(tmp_path)
     with_torch = importlib.util.find_spec("torch") is not None
     for argv in commands:
@@ -131,6 +133,12 @@ def test_readme_commands_parse_and_pass_the_checks_before_a_run(tmp_path, monkey
             code = reproduce.main([*argv[2:], "--check"])
             out, err = capsys.readouterr()
             assert code == 0 and "every cell checked" in out, f"{line}: {err}"
+        elif argv[1].endswith("profile_step.py"):
+            try:
+                profile_step.main([*argv[2:], "--check"])
+            except SystemExit:
+                pytest.fail(f"{line}: {capsys.readouterr().err}")
+            assert "flags and configs checked" in capsys.readouterr().out, line
         elif "--torch" in argv and not with_torch:
             continue  # refused without PyTorch, as it should be
         else:
@@ -163,9 +171,9 @@ def test_readme_fields_and_variants_are_the_configs():
 
 def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
     """benchmarks/gpu_session.sh with CHECK=1: each stage (the throughput table, the
-    bf16/fp32 parity cells, the ELPV grid of 3 methods x general and hard (mono, poly) x
-    10 and 1 shots) passes its script's checks, in seconds, with the flags the GPU run
-    will use."""
+    profile of the DevNet step, the bf16/fp32 parity cells, the ELPV grid of 3 methods x
+    general and hard (mono, poly) x 10 and 1 shots) passes its script's checks, in
+    seconds, with the flags the GPU run will use."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable}
     if importlib.util.find_spec("torch") is None:  # --torch is refused without PyTorch
@@ -175,7 +183,7 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (out / "session.log").read_text()
-    stages = ["parity_default", "parity_fp32", "grid"]
+    stages = ["profile", "parity_default", "parity_fp32", "grid"]
     stages += [] if env.get("SKIP_THROUGHPUT") else ["throughput"]
     for stage in stages:
         assert f"## {stage}: exit 0 after" in log, log[-4000:]
@@ -187,6 +195,11 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                           r"448 px", log, flags=re.M)
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
                         ("devnet", "float32"), ("dra", "float32")], log
+    # the released DevNet step, then without the pyramid, the rotation, and both
+    assert re.findall(r"^devnet (.+): batch 48, 448 px, bfloat16, resnet18$", log,
+                      flags=re.M) == ["as released", "model.n_scales=1",
+                                      "augment.rotate_degrees=0",
+                                      "model.n_scales=1,augment.rotate_degrees=0"], log
     assert os.listdir(runs) == []  # nothing ran, nothing written
 
 
