@@ -4,7 +4,8 @@
 #      fp32, beside the PyTorch versions of the released steps measured in the same run);
 #   2. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
 #      released bf16 step at 448 px split by kind and part, and its img/s without the
-#      pyramid, without the rotation and without both), in at most a third of the call;
+#      pyramid and rotation, on the Lite0 trunk, and without the pyramid), in at most a
+#      third of the call;
 #   3. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
 #   4. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
@@ -39,8 +40,11 @@ PY=${PYTHON:-python3}
 # holds the meta-step's 448 px memory (XLA's plan) that no CPU run can confirm
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
+# the released step (traced), the one-scale step without rotation that the anchor
+# figures time, the same step on the grid's Lite0 trunk, and the pyramid's cost alone
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate model.n_scales=1 augment.rotate_degrees=0 model.n_scales=1,augment.rotate_degrees=0}
+--ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0 \
+model.n_scales=1}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"

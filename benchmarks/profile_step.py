@@ -15,9 +15,10 @@ program's HLO, is put under
   * a part of the step: the batch draw (`sample_batch`: sampling, rotation, DRA's pseudo
     anomalies), the model's modules forward and backward (the trunk by stage), the loss,
     the optimizer update (the named scopes of `fsad.train`, and Flax's module names).
-On a GPU the times are the device's ("XLA Ops" of the device plane); on a CPU they are
-the threads' times of each operation, summed over threads, so they may add up to more
-than the step's wall time. `--trace_dir` keeps the trace for TensorBoard or Perfetto.
+On a GPU the times are the device's (its kernels, each naming its instruction; or a
+device plane's "XLA Ops" line where the trace has one); on a CPU they are the threads'
+times of each operation, summed over threads, so they may add up to more than the step's
+wall time. `--trace_dir` keeps the trace for TensorBoard or Perfetto.
 
     python benchmarks/profile_step.py --method devnet --img_size 448 --batch 48 \\
         --dtype bfloat16 --ablate model.n_scales=1 augment.rotate_degrees=0 \\
@@ -111,7 +112,10 @@ def hlo_ops(text: str) -> dict[str, HloOp]:
         op_name = _OP_NAME.search(rest)
         entry = (name, _opcode(rest), called, target.group(1) if target else "",
                  op_name.group(1) if op_name else "")
-        current.insert(0, entry) if root else current.append(entry)  # the root first
+        if root:  # the root first
+            current.insert(0, entry)
+        else:
+            current.append(entry)
 
     def opcodes(comp: str, seen: frozenset = frozenset()) -> set[str]:
         out = set()
@@ -447,9 +451,9 @@ def main(argv=None):
     try:
         configs = row_configs(args)
         if args.check:
-            for label, _ in configs:
-                print(f"{args.method} {label}: batch {args.batch}, {args.img_size} px, "
-                      f"{args.dtype}, {args.backbone}")
+            for label, c in configs:
+                print(f"{args.method} {label}: batch {c.batch_size}, {c.data.img_size} px, "
+                      f"{c.model.dtype}, {c.model.backbone}")
             print("flags and configs checked; nothing compiled or timed (--check)")
             return
         from fsad.compile_cache import enable_compilation_cache
