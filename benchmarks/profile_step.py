@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import glob
 import os
@@ -346,9 +347,35 @@ def row_configs(args) -> list[tuple[str, object]]:
     return out
 
 
+def traced_breakdown(run, state, compiled, args) -> tuple[dict, object]:
+    """(breakdown of `--trace_steps` calls of state = run(state) traced with the JAX
+    profiler, the state after them); the trace goes to --trace_dir, or to a temporary
+    folder removed after it is read."""
+    text = compiled.as_text()
+    with contextlib.ExitStack() as stack:
+        trace_dir = args.trace_dir or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="fsad_trace_"))
+        t0 = time.perf_counter()
+        with jax.profiler.trace(trace_dir):
+            state, _ = timed(run, state, args.trace_steps, 0)
+        wall = time.perf_counter() - t0
+        times, source = traced_op_times(trace_dir, module_name(text))
+    out = {"source": source, "traced_steps": args.trace_steps,
+           "trace_wall_ms_per_step": wall / args.trace_steps * 1e3,
+           **breakdown(times, hlo_ops(text), args.trace_steps, args.top)}
+    return ({**out, "trace_dir": trace_dir} if args.trace_dir else out), state
+
+
 def profile(args, configs) -> dict:
-    """The rows of `configs` (row_configs) and the first row's breakdown."""
+    """The rows of `configs` (row_configs) and the first row's breakdown. A trace that
+    fails (a GPU without the CUPTI library the profiler needs) is reported in the
+    breakdown's place, and the rows go on."""
     rows, result = [], {}
+
+    def save():  # after every row: a run cut short keeps what it measured
+        if args.json:
+            write_json_atomic(args.json, {"setup": setup_of(args), **result})
+
     for i, (label, config) in enumerate(configs):
         _, _, _, data, state, step, key, _ = train_setup(config, args.n_normal)
         t_compile, compiled = compile_seconds(step, state, data, key)
@@ -362,26 +389,18 @@ def profile(args, configs) -> dict:
         if rows:
             row["over_released"] = row["img_per_s"] / rows[0]["img_per_s"]
         rows.append(row)
+        result["rows"] = rows
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                        for k, v in row.items()), flush=True)
+        save()
         if i == 0 and args.trace_steps:
-            text = compiled.as_text()
-            trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="fsad_trace_")
-            t0 = time.perf_counter()
-            with jax.profiler.trace(trace_dir):
-                state, _ = timed(run, state, args.trace_steps, 0)
-            wall = time.perf_counter() - t0
-            times, source = traced_op_times(trace_dir, module_name(text))
-            result["breakdown"] = {"source": source, "traced_steps": args.trace_steps,
-                                   "trace_wall_ms_per_step": wall / args.trace_steps * 1e3,
-                                   **breakdown(times, hlo_ops(text), args.trace_steps,
-                                               args.top)}
-            if args.trace_dir:
-                result["breakdown"]["trace_dir"] = trace_dir
+            try:
+                result["breakdown"], state = traced_breakdown(run, state, compiled, args)
+            except Exception as err:  # noqa: BLE001 - the rows are still worth having
+                result["breakdown_error"] = f"{type(err).__name__}: {err}"[:400]
+                print(f"the trace failed: {result['breakdown_error']}", flush=True)
+            save()
         state = data = None  # freed before the next row's arrays
-        result["rows"] = rows
-        if args.json:  # after every row: a run cut short keeps what it measured
-            write_json_atomic(args.json, {"setup": setup_of(args), **result})
     return result
 
 
@@ -403,6 +422,8 @@ def tables(result: dict) -> str:
     parts = [table(result["rows"], ["variant", "img_per_s", "over_released", "step_ms",
                                     "compile_s", "gflop_per_img", "tflop_per_s",
                                     "step_mib"])]
+    if "breakdown_error" in result:
+        parts.append(f"\nno breakdown: the trace failed ({result['breakdown_error']})")
     b = result.get("breakdown")
     if b:
         parts.append(f"\nthe as-released step traced over {b['traced_steps']} calls: "
@@ -417,7 +438,7 @@ def tables(result: dict) -> str:
     return "\n".join(parts)
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="devnet", choices=["devnet", "dra"])
     ap.add_argument("--img_size", type=int, default=448, help="image side in pixels")
@@ -441,6 +462,11 @@ def main(argv=None):
     ap.add_argument("--json", default="", help="write the rows and the breakdown here")
     ap.add_argument("--check", action="store_true", help="check the flags and every row's "
                     "config, list the rows, then stop: nothing compiles")
+    return ap
+
+
+def main(argv=None):
+    ap = parser()
     args = ap.parse_args(argv)
     for flag, least in (("steps", 1), ("warmup", 0), ("trace_steps", 0), ("top", 1),
                         ("n_normal", 1)):

@@ -137,6 +137,41 @@ def test_the_trace_reader_takes_the_device_s_times_of_the_step_s_module():
     assert [r["op"] for r in b["top_ops"]] == ["cudnn-conv.1", "adam_fusion"]
 
 
+def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
+    """A trace that fails (no CUPTI on a GPU) is reported where the breakdown would be,
+    and every row is still timed and written; a trace that works is read back from a
+    temporary folder that is then removed. A small jitted step stands in for the
+    train step (the DevNet step runs in the next test)."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    step = jax.jit(lambda s, d, k: (jnp.tanh(s @ d) + s, {}))
+    state, data = jnp.ones((64, 64)), jnp.eye(64) * 0.5
+    monkeypatch.setattr(ps, "train_setup", lambda config, n: (None, None, None, data,
+                                                               state, step, None, None))
+    args = ps.parser().parse_args(["--batch", "8", "--steps", "2", "--warmup", "1",
+                                   "--trace_steps", "2", "--json", str(tmp_path / "p.json")])
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the trace goes
+    result = ps.profile(args, [("as released", None), ("other", None)])
+    b = result["breakdown"]
+    assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b
+    assert {k["kind"] for k in b["by_kind"]} >= {"matmul"}
+    assert os.listdir(temp) == []  # the trace was removed
+
+    def no_cupti(folder):
+        raise RuntimeError("CUPTI could not be loaded")
+    monkeypatch.setattr(ps.jax.profiler, "trace", no_cupti)
+    result = ps.profile(args, [("as released", None), ("other", None)])
+    assert [r["variant"] for r in result["rows"]] == ["as released", "other"]
+    assert "breakdown" not in result
+    assert result["breakdown_error"] == "RuntimeError: CUPTI could not be loaded"
+    assert json.loads((tmp_path / "p.json").read_text())["rows"][1]["variant"] == "other"
+    assert "no breakdown: the trace failed (RuntimeError: CUPTI" in ps.tables(result)
+
+
 @pytest.mark.slow
 def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     """The released DevNet step and the same without the pyramid, at 64 px: the pyramid's
