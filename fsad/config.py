@@ -90,7 +90,9 @@ def base_config() -> config_dict.ConfigDict:
     c.anomaly_fraction = 0.5
     c.epochs = 50
     c.steps_per_epoch = 20
-    c.eval_batch_size = 64
+    # the released code's test loaders take its --batch_size (48); the same batch as
+    # training also gives the score step the train step's convolution shapes
+    c.eval_batch_size = 48
     c.keep_checkpoints = 3
     # an epoch's end saves a checkpoint once this many seconds have passed since the last
     # save (the last epoch's always): an interrupted run loses at most that much training;

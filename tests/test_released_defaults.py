@@ -36,6 +36,8 @@ def test_configs_default_to_the_released_code():
     assert (r.dra.residual_stride, r.dra.residual_padding, r.optim.decay_at_epoch_start,
             r.epochs, r.model.n_scales) == (1, 1, True, 30, 2)
     assert configs.dra.get_config("paper").optim.lr == 1e-3
+    # both released codes test in batches of their --batch_size (dataloaders/dataloader.py)
+    assert d.eval_batch_size == d.batch_size == r.eval_batch_size == r.batch_size == 48
 
 
 def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
