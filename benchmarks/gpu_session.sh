@@ -2,11 +2,10 @@
 # The GPU figures of issue 11 in one fixed-length call, for a machine lent by the minute:
 #   1. the throughput table (fsad's DevNet, AHL and DRA steps in that order, bf16 and
 #      fp32, beside the PyTorch versions of the released steps measured in the same run);
-#   2. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
+#   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
+#   3. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
 #      released bf16 step at 448 px split by kind and part, and its img/s without the
-#      pyramid and rotation, on the Lite0 trunk, and without the pyramid), in at most a
-#      third of the call;
-#   3. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
+#      pyramid and rotation, and on the Lite0 trunk);
 #   4. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
 #
@@ -21,7 +20,7 @@
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
 # Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
-# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 2.), VARIANTS (default
+# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 3.), VARIANTS (default
 # lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs no download), SEEDS
 # (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1, PYTHON (default python3), CHECK=1
 # (every stage checks its flags, configs and protocols and lists what it would run, in
@@ -41,10 +40,9 @@ PY=${PYTHON:-python3}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
 # the released step (traced), the one-scale step without rotation that the issue's anchor
-# figures time, the same step on the grid's Lite0 trunk, and the pyramid's cost alone
+# figures time, and the released step on the grid's Lite0 trunk
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0 \
-model.n_scales=1}
+--ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"
@@ -92,13 +90,6 @@ if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
     "${CHECK_FLAG[@]}"
 fi
 
-if [[ -z ${SKIP_PROFILE:-} ]]; then
-  # the rows in order (the released step and its trace first); a stage cut short keeps
-  # the rows it finished
-  stage profile $(( $(left) / 3 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
-    --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
-fi
-
 TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS"
        "${CHECK_FLAG[@]}")
 # parity: the grid's first cell in the default dtype (bf16 on a GPU), then in float32
@@ -106,6 +97,12 @@ stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --met
   --settings general --shots 10 --out "$RUNS/elpv"
 stage parity_fp32 $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
   --settings general --shots 10 --set model.dtype=float32 --out "$RUNS/elpv_fp32"
+if [[ -z ${SKIP_PROFILE:-} ]]; then
+  # the rows in order (the released step and its trace first); a stage cut short keeps
+  # the rows it finished
+  stage profile $(( $(left) - 60 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
+    --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
+fi
 budget=$(( ($(left) - 60) / 60 ))
 stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \
   --settings general hard --shots 10 1 --order protocol --budget_minutes "$budget" \
