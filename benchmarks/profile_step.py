@@ -271,6 +271,13 @@ def breakdown(times: dict[str, float], ops: dict[str, HloOp], steps: int,
     instructions, from traced_op_times' nanoseconds over `steps` steps; `matched` is the
     share of the traced time whose instruction is in the compiled program's HLO."""
     total = sum(times.values())
+
+    def ms(ns: float) -> float:  # per step
+        return ns / steps / 1e6
+
+    def share(ns: float) -> float:
+        return ns / total if total else 0.0
+
     by_kind: dict[str, float] = collections.defaultdict(float)
     by_part: dict[tuple, float] = collections.defaultdict(float)
     matched = 0.0
@@ -282,9 +289,7 @@ def breakdown(times: dict[str, float], ops: dict[str, HloOp], steps: int,
         by_kind[kind] += ns
         by_part[part] += ns
         rows.append({"op": name, "kind": kind, "part": part[0], "pass": part[1],
-                     "ms": ns / steps / 1e6, "op_name": op.op_name[:160] if op else ""})
-    ms = lambda ns: ns / steps / 1e6  # noqa: E731
-    share = lambda ns: ns / total if total else 0.0  # noqa: E731
+                     "ms": ms(ns), "op_name": op.op_name[:160] if op else ""})
     return {
         "op_ms_per_step": ms(total), "matched": share(matched), "ops": len(times),
         "by_kind": [{"kind": k, "ms": ms(v), "share": share(v)}
