@@ -44,7 +44,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.throughput import (compile_seconds, config_for, in_flags, mib,  # noqa: E402
-                                   timed, train_setup)
+                                   step_flops, timed, train_setup)
 from fsad.config import override  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.models.backbone import BACKBONES  # noqa: E402
@@ -303,17 +303,6 @@ def breakdown(times: dict[str, float], ops: dict[str, HloOp], steps: int,
 def module_name(hlo_text: str) -> str:
     m = re.match(r"HloModule\s+([\w.\-]+)", hlo_text)
     return m.group(1) if m else ""
-
-
-def step_flops(compiled) -> float | None:
-    """XLA's count of one call's floating-point operations (None: not given)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without a cost model
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 For each method (DevNet, DRA and the AHL meta-step), batch size and compute dtype,
 one run measures:
   * the train step's compile time (ahead of time, apart from the steps) and its
-    images/s once warm (device-resident data, batch sampled inside the step);
+    images/s once warm (device-resident data, batch sampled inside the step), with
+    XLA's count of its floating-point operations per image and the rate that makes
+    (`step_flops`; DevNet and DRA);
   * the inference (scoring) step's compile time and images/s;
   * each program's working memory per device, as XLA planned it when compiling
     (`fsad.memory.program_bytes`: its temporaries and the outputs that do not reuse a
@@ -95,6 +97,17 @@ def mib(compiled) -> float | None:
     return None if n is None else n / 2**20
 
 
+def step_flops(compiled) -> float | None:
+    """XLA's count of one call's floating-point operations (None: not given)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - a backend without a cost model
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def train_setup(config, n_normal: int):
     """What timing a config's train step needs, on random uint8 images of the config's
     size (n_normal normals and 10 anomalies, device-resident): (method, tx, mesh, data,
@@ -123,9 +136,12 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     if not args.compile_only:
         per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
                                 args.warmup)
+    flops = step_flops(compiled)  # XLA's count, for the rate the step reaches
     row = {"method": method_name, "batch": batch, "dtype": dtype,
            "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
-           "train_step_mib": mib(compiled)}
+           "train_step_mib": mib(compiled),
+           "train_gflop_per_img": flops / batch / 1e9 if flops else None,
+           "train_tflop_per_s": flops / per_step / 1e12 if flops else None}
 
     variables = method.prepare_eval({"params": state.params, "batch_stats": state.batch_stats,
                                      "extras": state.extras})
@@ -469,8 +485,9 @@ def planned_rows(args) -> list[tuple[str, int, str]]:
 
 
 def table(rows) -> str:
-    cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s", "train_step_mib",
-            "score_compile_s", "score_img_per_s", "fsad_over_best_torch"]
+    cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s",
+            "train_tflop_per_s", "train_step_mib", "score_compile_s", "score_img_per_s",
+            "fsad_over_best_torch"]
     cols += ["error"] if any("error" in r for r in rows) else []
     cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
                     k.endswith("img_per_s")})
