@@ -43,8 +43,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.throughput import (compile_seconds, config_for, in_flags, mib,  # noqa: E402
-                                   step_flops, timed, train_setup)
+from benchmarks.throughput import (compile_seconds, config_for, flop_rates,  # noqa: E402
+                                   in_flags, markdown_table, mib, row_line, timed,
+                                   train_setup)
 from fsad.config import override  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.models.backbone import BACKBONES  # noqa: E402
@@ -375,17 +376,15 @@ def profile(args, configs) -> dict:
         t_compile, compiled = compile_seconds(step, state, data, key)
         run = lambda s: compiled(s, data, key)[0]  # noqa: E731
         per_step, state = timed(run, state, args.steps, args.warmup)
-        flops = step_flops(compiled)
+        gflop_per_img, tflop_per_s = flop_rates(compiled, args.batch, per_step)
         row = {"variant": label, "compile_s": t_compile, "img_per_s": args.batch / per_step,
                "step_ms": per_step * 1e3, "step_mib": mib(compiled),
-               "gflop_per_img": flops / args.batch / 1e9 if flops else None,
-               "tflop_per_s": flops / per_step / 1e12 if flops else None}
+               "gflop_per_img": gflop_per_img, "tflop_per_s": tflop_per_s}
         if rows:
             row["over_released"] = row["img_per_s"] / rows[0]["img_per_s"]
         rows.append(row)
         result["rows"] = rows
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        print(row_line(row), flush=True)
         save()
         if i == 0 and args.trace_steps:
             try:
@@ -405,17 +404,9 @@ def setup_of(args) -> dict:
 
 
 def tables(result: dict) -> str:
-    def fmt(v):
-        return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    def table(rows, cols):
-        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-        return "\n".join(out)
-
-    parts = [table(result["rows"], ["variant", "img_per_s", "over_released", "step_ms",
-                                    "compile_s", "gflop_per_img", "tflop_per_s",
-                                    "step_mib"])]
+    parts = [markdown_table(result["rows"], ["variant", "img_per_s", "over_released",
+                                             "step_ms", "compile_s", "gflop_per_img",
+                                             "tflop_per_s", "step_mib"])]
     if "breakdown_error" in result:
         parts.append(f"\nno breakdown: the trace failed ({result['breakdown_error']})")
     b = result.get("breakdown")
@@ -424,11 +415,12 @@ def tables(result: dict) -> str:
                      f"{b['trace_wall_ms_per_step']:.3g} ms per step (wall), "
                      f"{b['op_ms_per_step']:.3g} ms of operations ({b['source']}); "
                      f"{b['matched']:.1%} of it matched to the compiled program's HLO\n")
-        parts.append(table(b["by_kind"], ["kind", "ms", "share"]))
+        parts.append(markdown_table(b["by_kind"], ["kind", "ms", "share"]))
         parts.append("")
-        parts.append(table(b["by_part"], ["part", "pass", "ms", "share"]))
+        parts.append(markdown_table(b["by_part"], ["part", "pass", "ms", "share"]))
         parts.append("")
-        parts.append(table(b["top_ops"], ["op", "kind", "part", "pass", "ms", "op_name"]))
+        parts.append(markdown_table(b["top_ops"], ["op", "kind", "part", "pass", "ms",
+                                                   "op_name"]))
     return "\n".join(parts)
 
 

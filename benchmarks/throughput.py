@@ -108,6 +108,13 @@ def step_flops(compiled) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
+def flop_rates(compiled, batch: int, seconds: float) -> tuple[float | None, float | None]:
+    """(GFLOP per image, TFLOP/s) of one call of `compiled` on `batch` images that took
+    `seconds`, from XLA's count (`step_flops`); (None, None) where the backend gives none."""
+    flops = step_flops(compiled)
+    return (flops / batch / 1e9, flops / seconds / 1e12) if flops else (None, None)
+
+
 def train_setup(config, n_normal: int):
     """What timing a config's train step needs, on random uint8 images of the config's
     size (n_normal normals and 10 anomalies, device-resident): (method, tx, mesh, data,
@@ -136,12 +143,11 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     if not args.compile_only:
         per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
                                 args.warmup)
-    flops = step_flops(compiled)  # XLA's count, for the rate the step reaches
+    gflop_per_img, tflop_per_s = flop_rates(compiled, batch, per_step)
     row = {"method": method_name, "batch": batch, "dtype": dtype,
            "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
-           "train_step_mib": mib(compiled),
-           "train_gflop_per_img": flops / batch / 1e9 if flops else None,
-           "train_tflop_per_s": flops / per_step / 1e12 if flops else None}
+           "train_step_mib": mib(compiled), "train_gflop_per_img": gflop_per_img,
+           "train_tflop_per_s": tflop_per_s}
 
     variables = method.prepare_eval({"params": state.params, "batch_stats": state.batch_stats,
                                      "extras": state.extras})
@@ -467,8 +473,7 @@ def main(argv=None):
         row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
                    img_size=args.img_size, backbone=args.backbone)
         rows.append(row)
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in row.items()), flush=True)
+        print(row_line(row), flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured
             write_json_atomic(args.json, rows)
     print(table(rows))
@@ -491,12 +496,23 @@ def table(rows) -> str:
     cols += ["error"] if any("error" in r for r in rows) else []
     cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
                     k.endswith("img_per_s")})
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{r[c]:.3g}" if isinstance(r.get(c), float)
-                                       else str(r.get(c, "")) for c in cols) + " |")
-    return "\n".join(lines)
+    return markdown_table(rows, cols)
 
+
+def row_line(row: dict) -> str:
+    """A row as one line of key=value pairs (floats to 4 significant digits)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in row.items())
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """The rows' `cols` as a markdown table (floats to 3 significant digits; a cell a row
+    lacks, or None, empty)."""
+    def cell(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
