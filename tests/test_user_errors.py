@@ -7,6 +7,8 @@ Most cases call `fsad.main.execute`, the command line's body, in-process; three 
 real command line as a subprocess (flag parsing, a config file's variant, a data error).
 """
 
+import asyncio
+import gc
 import json
 import os
 import re
@@ -636,9 +638,32 @@ def test_out_of_memory_inside_a_stage_is_one_line():
 # an unraisable exception (of which the failed save's abandoned writes made over a
 # thousand lines of tracebacks) fails the test, not only warns
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_disk_full_at_the_first_checkpoint(tmp_path, capsys):
+def left_unretrieved(kind: str, exc: Exception) -> None:
+    """A Future or a Task of a fresh asyncio loop that ended with `exc`, which nobody
+    retrieved, let go: asyncio logs it when it is garbage-collected."""
+    loop = asyncio.new_event_loop()
+    try:
+        if kind == "Task":
+            async def fail():
+                raise exc
+            done = loop.create_task(fail())
+            loop.run_until_complete(asyncio.wait([done]))
+        else:
+            done = loop.create_future()
+            done.set_exception(exc)
+    finally:
+        loop.close()
+    del done
+    gc.collect()
+
+
+def test_disk_full_at_the_first_checkpoint(tmp_path, capsys, caplog):
     """RLIMIT_FSIZE makes every file write past 2 MB fail (EFBIG) as a full disk would
-    (ENOSPC), for root too; the config and images are written, the 8 MB checkpoint not."""
+    (ENOSPC), for root too; the config and images are written, the 8 MB checkpoint not.
+    The failed save's other writes, which finish later, leave futures and tasks whose
+    failure nobody retrieves; asyncio logs each one when it is collected, as late as the
+    process's exit (10 such tracebacks once ended a pytest-xdist worker's output): after
+    a failed save, those of a failed write are not logged, any other still is."""
     resource = pytest.importorskip("resource")
     root = dataset(tmp_path / "d")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
@@ -651,6 +676,17 @@ def test_disk_full_at_the_first_checkpoint(tmp_path, capsys):
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     ckpts = tmp_path / "w" / "seed_0" / "checkpoints"
     assert not [d for d in os.listdir(ckpts) if d.isdigit()]  # no half checkpoint as a step
+
+    write_failed = ValueError("OUT_OF_RANGE: Failed to write 4 bytes to file 14: File too "
+                              "large [os_error_code='27']")  # as TensorStore words it
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for kind in ("Future", "Task"):
+            left_unretrieved(kind, write_failed)
+            left_unretrieved(kind, KeyError("not a write"))
+    logged = [(r.getMessage().splitlines()[0], type(r.exc_info[1]).__name__)
+              for r in caplog.records if r.name == "asyncio"]
+    assert logged == [("Future exception was never retrieved", "KeyError"),
+                      ("Task exception was never retrieved", "KeyError")], logged
 
 
 def test_checkpoint_folder_that_cannot_be_made(tmp_path, capsys, monkeypatch):
