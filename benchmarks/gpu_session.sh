@@ -6,7 +6,10 @@
 #   3. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
 #      released bf16 step at 448 px split by kind and part, and its img/s without the
 #      pyramid and rotation, and on the Lite0 trunk);
-#   4. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
+#   4. the DevNet step of 3 seeds as one vmapped program against the 3 one after another
+#      (the seeds question, measured on a CPU only so far); its row goes to
+#      session.log and $RUNS/vmapped_seeds.json (OUT's 8 files are taken);
+#   5. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
 #
 #   bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]
@@ -20,9 +23,10 @@
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
 # Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
-# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 3.), VARIANTS (default
-# lite0: the packaged ImageNet EfficientNet-Lite0 trunk, which needs no download), SEEDS
-# (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1, PYTHON (default python3), CHECK=1
+# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 3.), VMAP_ARGS (default:
+# as in 4.), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk,
+# which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1,
+# SKIP_VMAP=1, PYTHON (default python3), CHECK=1
 # (every stage checks its flags, configs and protocols and lists what it would run, in
 # seconds and without a GPU: nothing compiles or trains; tests/test_readme.py runs it so).
 set -uo pipefail
@@ -43,6 +47,8 @@ THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --bat
 # figures time, and the released step on the grid's Lite0 trunk
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
 --ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0}
+VMAP_ARGS=${VMAP_ARGS:---methods devnet --img_size 448 --batches 48 --dtypes bfloat16 \
+--seeds 3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"
@@ -102,6 +108,10 @@ if [[ -z ${SKIP_PROFILE:-} ]]; then
   # the rows it finished
   stage profile $(( $(left) - 60 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
     --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
+fi
+if [[ -z ${SKIP_VMAP:-} ]]; then
+  stage vmapped_seeds $(( $(left) - 60 )) "$PY" benchmarks/throughput.py $VMAP_ARGS \
+    --json "$RUNS/vmapped_seeds.json" "${CHECK_FLAG[@]}"
 fi
 budget=$(( ($(left) - 60) / 60 ))
 stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \

@@ -455,7 +455,10 @@ def main(argv=None):
             step = f"ahl meta-step, {args.ahl_normals} normals, float32 heads" if m == "ahl" \
                 else f"{m} batch {batch} {dtype}"
             torch_modes = f"; PyTorch {' '.join(args.torch_modes)}" if args.torch else ""
-            print(f"{step}, {args.img_size} px, {args.backbone}{torch_modes}", flush=True)
+            seeds = (f"; {args.seeds} seeds vmapped and one after another"
+                     if args.seeds > 1 and m != "ahl" else "")
+            print(f"{step}, {args.img_size} px, {args.backbone}{torch_modes}{seeds}",
+                  flush=True)
         print("flags checked; nothing compiled or timed (--check)")
         return
     from fsad.compile_cache import enable_compilation_cache

@@ -171,9 +171,9 @@ def test_readme_fields_and_variants_are_the_configs():
 
 def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
     """benchmarks/gpu_session.sh with CHECK=1: each stage (the throughput table, the
-    bf16/fp32 parity cells, the profile of the DevNet step, the ELPV grid of 3 methods x
-    general and hard (mono, poly) x 10 and 1 shots) passes its script's checks, in
-    seconds, with the flags the GPU run will use."""
+    bf16/fp32 parity cells, the profile of the DevNet step, vmapped seeds, the ELPV grid
+    of 3 methods x general and hard (mono, poly) x 10 and 1 shots) passes its script's
+    checks, in seconds, with the flags the GPU run will use."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable}
     if importlib.util.find_spec("torch") is None:  # --torch is refused without PyTorch
@@ -183,7 +183,7 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (out / "session.log").read_text()
-    stages = ["parity_default", "parity_fp32", "profile", "grid"]
+    stages = ["parity_default", "parity_fp32", "profile", "vmapped_seeds", "grid"]
     stages += [] if env.get("SKIP_THROUGHPUT") else ["throughput"]
     for stage in stages:
         assert f"## {stage}: exit 0 after" in log, log[-4000:]
@@ -191,8 +191,8 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
     assert "every cell checked (18)" in log
     assert "[18/18] ahl_dra hard poly 1-shot" in log
     if "throughput" in stages:  # DevNet, AHL, DRA in bf16, then DevNet and DRA in fp32
-        rows = re.findall(r"^(\w+) (?:batch 48 (\w+)|meta-step, 300 normals, float32 heads), "
-                          r"448 px", log, flags=re.M)
+        rows = re.findall(r"^(?!.*seeds vmapped)(\w+) (?:batch 48 (\w+)|meta-step, 300 "
+                          r"normals, float32 heads), 448 px", log, flags=re.M)
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
                         ("devnet", "float32"), ("dra", "float32")], log
     # the released DevNet step, then without the pyramid and rotation, and on Lite0
@@ -202,6 +202,8 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                                        "resnet18"),
                                       ("model.backbone=efficientnet_lite0",
                                        "efficientnet_lite0")], log
+    assert re.findall(r"^devnet batch 48 bfloat16, 448 px, resnet18; 3 seeds vmapped and "
+                      r"one after another$", log, flags=re.M), log
     assert os.listdir(runs) == []  # nothing ran, nothing written
 
 
