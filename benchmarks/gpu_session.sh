@@ -3,12 +3,12 @@
 #   1. the throughput table (fsad's DevNet, AHL and DRA steps in that order, bf16 and
 #      fp32, beside the PyTorch versions of the released steps measured in the same run);
 #   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
-#   3. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
-#      released bf16 step at 448 px split by kind and part, and its img/s without the
-#      pyramid and rotation, and on the Lite0 trunk);
-#   4. the DevNet step of 3 seeds as one vmapped program against the 3 one after another
+#   3. the DevNet step of 3 seeds as one vmapped program against the 3 one after another
 #      (the issue's seeds question, measured on a CPU only so far); its row goes to
 #      session.log and $RUNS/vmapped_seeds.json (OUT's 8 files are taken);
+#   4. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
+#      released bf16 step at 448 px split by kind and part, and its img/s without the
+#      pyramid and rotation, and on the Lite0 trunk);
 #   5. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
 #      shots; 3 seeds) as the time left allows, every method on a cell before the next.
 #
@@ -23,8 +23,8 @@
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
 # Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
-# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 3.), VMAP_ARGS (default:
-# as in 4.), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk,
+# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 4.), VMAP_ARGS (default:
+# as in 3.), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk,
 # which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1,
 # SKIP_VMAP=1, PYTHON (default python3), CHECK=1
 # (every stage checks its flags, configs and protocols and lists what it would run, in
@@ -103,15 +103,16 @@ stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --met
   --settings general --shots 10 --out "$RUNS/elpv"
 stage parity_fp32 $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
   --settings general --shots 10 --set model.dtype=float32 --out "$RUNS/elpv_fp32"
+if [[ -z ${SKIP_VMAP:-} ]]; then
+  # a must-have of the issue, before the profile, which serves a target
+  stage vmapped_seeds $(( $(left) - 60 )) "$PY" benchmarks/throughput.py $VMAP_ARGS \
+    --json "$RUNS/vmapped_seeds.json" "${CHECK_FLAG[@]}"
+fi
 if [[ -z ${SKIP_PROFILE:-} ]]; then
   # the rows in order (the released step and its trace first); a stage cut short keeps
   # the rows it finished
   stage profile $(( $(left) - 60 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
     --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
-fi
-if [[ -z ${SKIP_VMAP:-} ]]; then
-  stage vmapped_seeds $(( $(left) - 60 )) "$PY" benchmarks/throughput.py $VMAP_ARGS \
-    --json "$RUNS/vmapped_seeds.json" "${CHECK_FLAG[@]}"
 fi
 budget=$(( ($(left) - 60) / 60 ))
 stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \
