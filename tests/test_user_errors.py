@@ -635,9 +635,6 @@ def test_out_of_memory_inside_a_stage_is_one_line():
     check_fits(small, jax.devices()[:1], "the step", "lower it")  # fits: no error
 
 
-# an unraisable exception (of which the failed save's abandoned writes made over a
-# thousand lines of tracebacks) fails the test, not only warns
-@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def left_unretrieved(kind: str, exc: Exception) -> None:
     """A Future or a Task of a fresh asyncio loop that ended with `exc`, which nobody
     retrieved, let go: asyncio logs it when it is garbage-collected."""
@@ -657,6 +654,9 @@ def left_unretrieved(kind: str, exc: Exception) -> None:
     gc.collect()
 
 
+# an unraisable exception (of which the failed save's abandoned writes made over a
+# thousand lines of tracebacks) fails the test, not only warns
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_disk_full_at_the_first_checkpoint(tmp_path, capsys, caplog):
     """RLIMIT_FSIZE makes every file write past 2 MB fail (EFBIG) as a full disk would
     (ENOSPC), for root too; the config and images are written, the 8 MB checkpoint not.
