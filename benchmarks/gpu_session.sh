@@ -44,9 +44,11 @@ PY=${PYTHON:-python3}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
 # the released step (traced), the one-scale step without rotation that the anchor
-# figures time, and the released step on the grid's Lite0 trunk
+# figures time, and the released step on the grid's Lite0 trunk, its depthwise convs as
+# XLA's grouped convolutions (model.depthwise_conv=auto on a GPU) and as slices
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0}
+--ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0 \
+model.backbone=efficientnet_lite0,model.depthwise_conv=slices}
 VMAP_ARGS=${VMAP_ARGS:---methods devnet --img_size 448 --batches 48 --dtypes bfloat16 \
 --seeds 3}
 export PYTHONUNBUFFERED=1

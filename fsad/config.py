@@ -46,6 +46,10 @@ def base_config() -> config_dict.ConfigDict:
     # (float64, with JAX_ENABLE_X64=1, for numerical checks); parameters, BatchNorm
     # statistics and losses stay float32 (fsad/precision.py)
     c.model.dtype = "auto"
+    # how EfficientNet-Lite0's depthwise convs are computed: auto (as shifted slices on CPU,
+    # where XLA's grouped convolution is 10x slower; as that convolution elsewhere), slices
+    # or grouped on every backend: the same sums (fsad/models/cpu_conv.py)
+    c.model.depthwise_conv = "auto"
     c.model.topk = 0.1
     c.model.topk_abs = True  # rank |s| as the released code; False: s as the paper
     # "imagenet": the ImageNet weights of the chosen trunk (torchvision's published file,

@@ -36,7 +36,7 @@ def check_config(config, n_devices: int = 1) -> None:
     """
     from fsad.data.decode import MASK_RESIZES
     from fsad.data.protocols import SETTINGS
-    from fsad.models.backbone import BACKBONES, smallest_input
+    from fsad.models.backbone import BACKBONES, depthwise_route, make_trunk, smallest_input
     from fsad.precision import compute_dtype
     d, m = config.data, config.model
     _require(d.name in DATA_NAMES, f"data.name={d.name!r} is not a dataset reader; use one "
@@ -78,6 +78,7 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(0.0 < m.topk <= 1.0, f"model.topk={m.topk} is not a fraction; use a value in "
              f"(0, 1], e.g. 0.1")
     compute_dtype(m.get("dtype", "auto"))
+    make_trunk(m.backbone, depthwise=depthwise_route(config))  # refuses an unknown route
     b = config.batch_size
     _require(b >= 2 and b % n_devices == 0, f"batch_size={b} cannot be split over the "
              f"{n_devices} device(s); use a multiple of {n_devices} of at least 2")

@@ -7,6 +7,7 @@ ReLU6, identity skip when stride 1 and channels match.
 """
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +167,7 @@ def test_depthwise_slices_equal_grouped_conv(kernel, stride, size, padding):
     """The CPU route (`depthwise_slices`, whose gradient is written out by hand) gives
     XLA's grouped conv's outputs, gradients and second-order gradients (a gradient's
     gradient, as a MAML step takes), and its jaxpr has no conv left."""
-    from fsad.models.efficientnet import depthwise_conv
+    from fsad.models.cpu_conv import depthwise_conv
 
     x = jax.random.normal(jax.random.key(0), (2, size, size, 6))
     w = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, 6))
@@ -185,3 +186,67 @@ def test_depthwise_slices_equal_grouped_conv(kernel, stride, size, padding):
     second = [jax.jit(jax.grad(lambda w, g=g: (jax.grad(g)(x, w) ** 2).sum()))(w)
               for g in (ours, ref)]
     np.testing.assert_allclose(second[0], second[1], rtol=1e-4, atol=1e-3)
+
+
+def grouped_convs(hlo: str) -> int:
+    """The convolutions with feature groups in a lowered program's StableHLO text."""
+    return len(re.findall(r"feature_group_count = (?!1\b)\d+", hlo))
+
+
+@pytest.mark.parametrize("route", ["auto", "slices", "grouped"])
+def test_the_configs_depthwise_route_reaches_every_depthwise_conv(route):
+    """`model.depthwise_conv` decides how the Lite0 trunk computes its 16 depthwise convs
+    in a method's score and its gradient, and in `trunk_features` (the frozen maps of
+    DRA's fixed references and AHL's bank, which pass it the config's route): `grouped`
+    leaves them to XLA's grouped convolution, `slices` (and `auto`, on this CPU) to
+    shifted slices, whatever the backend. Lowered only, not compiled."""
+    from conftest import tiny_config
+    from fsad.methods import build_method
+    from fsad.models.backbone import trunk_features
+
+    config = tiny_config("devnet", **{"model.backbone": "efficientnet_lite0",
+                                      "model.n_scales": 1, "model.depthwise_conv": route})
+    method = build_method(config)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    variables = jax.eval_shape(method.init, jax.random.key(0), x)
+
+    def score_grad(params, variables, x):
+        return jax.grad(lambda p: method.score({**variables, "params": p}, x)["score"].sum())(
+            params)
+
+    lowered = [jax.jit(method.score).lower(variables, x),
+               jax.jit(score_grad).lower(variables["params"], variables, x),
+               jax.jit(lambda v, x: trunk_features("efficientnet_lite0", v, x, 1,
+                                                   depthwise=route)).lower(variables, x)]
+    counts = [grouped_convs(lo.as_text()) for lo in lowered]
+    if route == "grouped":  # the gradient adds the transposed convs
+        assert counts[0] == counts[2] == 16 and counts[1] >= 32, counts
+    else:
+        assert counts == [0, 0, 0]
+
+
+def test_depthwise_slices_sum_bfloat16_in_float32():
+    """In bfloat16 the slices route sums its k*k products in float32 and rounds once, as
+    a convolution kernel does: its output and input gradient are within bfloat16's
+    rounding of float32's (summed in bfloat16, the output was up to 2e4 times that bound
+    away where the products cancel)."""
+    from fsad.models.cpu_conv import depthwise_slices
+
+    x, w, g = (jax.random.normal(jax.random.key(i), shape).astype(jnp.bfloat16)
+               for i, shape in enumerate([(2, 12, 12, 64), (5, 5, 1, 64), (2, 12, 12, 64)]))
+    pads = ((2, 2), (2, 2))
+
+    def ref(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), pads, feature_group_count=64,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ours(x, w):
+        return depthwise_slices(x, w, (1, 1), pads)
+
+    f32 = [a.astype(jnp.float32) for a in (x, w, g)]
+    out, vjp = jax.vjp(ours, x, w)
+    ref_out, ref_vjp = jax.vjp(ref, *f32[:2])
+    for got, want in [(out, ref_out), (vjp(g)[0], ref_vjp(f32[2])[0])]:
+        assert got.dtype == jnp.bfloat16
+        got, want = np.asarray(got, np.float32), np.asarray(want)
+        assert np.all(np.abs(got - want) <= 2.0 ** -8 * np.abs(want) + 1e-6)

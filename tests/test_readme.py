@@ -194,12 +194,15 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                           r"normals, float32 heads), 448 px", log, flags=re.M)
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
                         ("devnet", "float32"), ("dra", "float32")], log
-    # the released DevNet step, then without the pyramid and rotation, and on Lite0
+    # the released DevNet step, then without the pyramid and rotation, and on Lite0 with
+    # XLA's grouped convolutions, then with slices
+    lite0 = "model.backbone=efficientnet_lite0"
     assert re.findall(r"^devnet (.+): batch 48, 448 px, bfloat16, (\w+)$", log,
                       flags=re.M) == [("as released", "resnet18"),
                                       ("model.n_scales=1,augment.rotate_degrees=0",
                                        "resnet18"),
-                                      ("model.backbone=efficientnet_lite0",
+                                      (lite0, "efficientnet_lite0"),
+                                      (f"{lite0},model.depthwise_conv=slices",
                                        "efficientnet_lite0")], log
     assert re.findall(r"^devnet batch 48 bfloat16, 448 px, resnet18; 3 seeds vmapped and "
                       r"one after another$", log, flags=re.M), log

@@ -338,13 +338,16 @@ def test_a_data_field_that_the_reader_does_not_read(tmp_path, capsys, name, fiel
     assert not (tmp_path / "w").exists()
 
 
-def test_unknown_dataset_reader_dtype_and_dra_variant(tmp_path, capsys):
+def test_unknown_dataset_reader_dtype_depthwise_route_and_dra_variant(tmp_path, capsys):
     expect_error(folder_config(tmp_path, **{"data.name": "mvtec"}), tmp_path / "w", capsys,
                  "data.name='mvtec' is not a dataset reader")
     expect_error(folder_config(tmp_path, **{"data.mask_resize": "bilinear"}), tmp_path / "w",
                  capsys, "data.mask_resize='bilinear' is not a mask resize")
     expect_error(folder_config(tmp_path, **{"model.dtype": "float16"}), tmp_path / "w", capsys,
                  "is not a compute dtype")
+    expect_error(folder_config(tmp_path, **{"model.depthwise_conv": "fft"}), tmp_path / "w",
+                 capsys, "model.depthwise_conv='fft' is not a route fsad has; use one of auto, "
+                 "slices, grouped")
     expect_error(folder_config(tmp_path, "dra", **{"dra.variant": "DRA5"}), tmp_path / "w",
                  capsys, "'DRA5' is not a DRA variant")
 

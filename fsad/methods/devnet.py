@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fsad.errors import UserError
 from fsad.losses import deviation_loss, sample_prior
-from fsad.models.backbone import make_trunk
+from fsad.models.backbone import depthwise_route, make_trunk
 from fsad.models.heads import TopKScorer
 from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
@@ -44,10 +44,11 @@ class DevNetModel(nn.Module):
     use_abs: bool = True
     n_scales: int = 2
     variant: str = "MIL-DS"
+    depthwise: str = "auto"  # the trunk's depthwise route (`make_trunk`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        trunk = make_trunk(self.backbone, name="backbone")
+        trunk = make_trunk(self.backbone, name="backbone", depthwise=self.depthwise)
         if self.variant == "Rep":
             reps = [trunk(images, train).astype(jnp.float32).mean(axis=(1, 2))
                     for images in pyramid(x, self.n_scales)]
@@ -109,7 +110,7 @@ def devnet(config) -> Method:
     anomaly_fraction)."""
     variant = devnet_variant(config)
     model = DevNetModel(config.model.backbone, config.model.topk, config.model.topk_abs,
-                        config.model.n_scales, variant)
+                        config.model.n_scales, variant, depthwise_route(config))
     dtype = compute_dtype(config.model.get("dtype", "auto"))
     lc = config.loss
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 
 from fsad.errors import UserError
 from fsad.models import alexnet
+from fsad.models.cpu_conv import DEPTHWISE_ROUTES
 from fsad.models.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from fsad.models.resnet import STAGES, ResNet, feature_channels
 
@@ -19,10 +20,20 @@ ALEXNET = "alexnet"
 BACKBONES = (ALEXNET,) + tuple(sorted(STAGES)) + (LITE0,)
 
 
-def make_trunk(backbone: str, name: str | None = None) -> nn.Module:
-    """The trunk called `backbone` (one of `BACKBONES`)."""
+def depthwise_route(config) -> str:
+    """A config's `model.depthwise_conv` (one of DEPTHWISE_ROUTES); "auto" for a config
+    made before the field existed."""
+    return config.model.get("depthwise_conv", "auto")
+
+
+def make_trunk(backbone: str, name: str | None = None, depthwise: str = "auto") -> nn.Module:
+    """The trunk called `backbone` (one of `BACKBONES`); `depthwise`: the route of its
+    depthwise convs (DEPTHWISE_ROUTES; only EfficientNet-Lite0 has any)."""
+    if depthwise not in DEPTHWISE_ROUTES:
+        raise UserError(f"model.depthwise_conv={depthwise!r} is not a route fsad has; use "
+                        f"one of {', '.join(DEPTHWISE_ROUTES)}")
     if backbone == LITE0:
-        return EfficientNetLite0(name=name)
+        return EfficientNetLite0(depthwise, name=name)
     if backbone == ALEXNET:
         return alexnet.AlexNet(name=name)
     if backbone in STAGES:
@@ -57,7 +68,8 @@ def trunk_map_shape(backbone: str, size: int) -> tuple[int, int, int]:
     return tuple(out.shape[1:])
 
 
-def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) -> list:
+def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None,
+                   depthwise: str = "auto") -> list:
     """The trunk's eval-mode maps at every pyramid scale.
 
     Args:
@@ -65,6 +77,7 @@ def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) 
         (a trunk without BatchNorm, AlexNet, has no batch_stats entry).
       images: [B, H, W, 3] ImageNet-normalised float.
       dtype: compute dtype (fsad.precision), default float32.
+      depthwise: the route of the trunk's depthwise convs (`make_trunk`).
     Returns:
       [scale 0 map [B, h, w, C], scale 1 map, ...] in float32.
     """
@@ -72,7 +85,7 @@ def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None) 
 
     from fsad.models.pyramid import pyramid
     from fsad.precision import apply_in
-    trunk = make_trunk(backbone)
+    trunk = make_trunk(backbone, depthwise=depthwise)
     dtype = dtype or jnp.float32
     params = variables["params"]["backbone"]
     stats = variables.get("batch_stats", {}).get("backbone", {})

@@ -7,6 +7,10 @@ map or non-overlapping windows (string paddings made explicit first), a per-chan
 weighted sum for a depthwise kernel (its gradient written out, `depthwise_slices`).
 Same sums up to summation order; every other case goes to
 `jax.lax.conv_general_dilated`. benchmarks/conv_routes.py times both against XLA.
+The depthwise route can be asked for on any backend (`model.depthwise_conv`,
+`DEPTHWISE_CONVS`): XLA's grouped convolution is reported slow on GPUs too, above
+all its gradient (jax-ml/jax#13800, #23713), which benchmarks/profile_step.py
+measures.
 """
 
 from __future__ import annotations
@@ -104,18 +108,26 @@ def routed_pads(lhs, rhs, window_strides, padding: str) -> tuple:
                                          padding))
 
 
+# how a depthwise conv is computed (`model.depthwise_conv`): "auto" as slices on CPU and
+# as XLA's grouped convolution elsewhere, or either on every backend
+DEPTHWISE_ROUTES = ("auto", "slices", "grouped")
+
+
 def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers=None, feature_group_count=1, precision=None, **kw):
+                   dimension_numbers=None, feature_group_count=1, precision=None,
+                   route: str = "auto", **kw):
     """`lax.conv_general_dilated` whose depthwise case (NHWC x HWIO, groups = channels,
-    no dilation) runs on CPU as k*k shifted slices times per-channel weights
-    (`depthwise_slices`).
+    no dilation) runs as k*k shifted slices times per-channel weights
+    (`depthwise_slices`) where `route` (one of DEPTHWISE_ROUTES) asks for them: "auto"
+    on CPU only, "slices" on every backend, "grouped" never.
 
     The same sums; it exists because XLA's CPU grouped convolution is about 10x
     slower (forward and backward) than the slices for Lite0's depthwise layers.
-    Other backends, and every other conv, go to `matmul_conv`.
+    Every other conv goes to `matmul_conv`.
     """
     cin = lhs.shape[-1]
-    routed = (jax.default_backend() == "cpu" and feature_group_count == cin
+    slices = route == "slices" or (route == "auto" and jax.default_backend() == "cpu")
+    routed = (slices and feature_group_count == cin
               and rhs.shape[2] == 1 and rhs.shape[3] == cin
               and _undilated(lhs_dilation, rhs_dilation))
     if not routed:
@@ -133,7 +145,8 @@ def depthwise_slices(x, w, strides: tuple, pads: tuple):
     per-channel weights, summed: one pass over the input.
 
     x: [B, H, W, C]; w: [kh, kw, 1, C]; strides (sh, sw); pads ((top, bottom), (left,
-    right)). Returns [B, ho, wo, C].
+    right)). Returns [B, ho, wo, C] in x's dtype: bfloat16 products are summed in float32
+    and rounded once, as a convolution kernel sums them (the input gradient too).
 
     Its gradient is written out (`_depthwise_bwd`) rather than left to autodiff, whose
     transpose of the slices kept every window as an array of its own in the forward
@@ -146,8 +159,10 @@ def depthwise_slices(x, w, strides: tuple, pads: tuple):
     custom_vjp has no forward-mode derivative (jax.jvp).
     """
     kh, kw = w.shape[:2]
+    acc = jnp.promote_types(jnp.float32, x.dtype)  # as a conv kernel sums bfloat16
     windows = conv_windows(x, (kh, kw), strides, pads)
-    return sum(win * w[n // kw, n % kw, 0] for n, win in enumerate(windows))
+    return sum(win.astype(acc) * w[n // kw, n % kw, 0].astype(acc)
+               for n, win in enumerate(windows)).astype(x.dtype)
 
 
 def _depthwise_fwd(x, w, strides, pads):
@@ -173,13 +188,18 @@ def _depthwise_bwd(strides, pads, residuals, g):
     high_w = width + pl - 1 - ((wo - 1) * sw)
     gdp = jax.lax.pad(g, jnp.zeros((), g.dtype),
                       ((0, 0, 0), (low_h, high_h, sh - 1), (low_w, high_w, sw - 1), (0, 0, 0)))
-    dx = sum(gdp[:, pt + kh - 1 - i:pt + kh - 1 - i + height,
-                 pl + kw - 1 - j:pl + kw - 1 - j + width, :] * w[i, j, 0]
-             for i in range(kh) for j in range(kw))
     acc = jnp.promote_types(jnp.float32, g.dtype)
+    dx = sum(gdp[:, pt + kh - 1 - i:pt + kh - 1 - i + height,
+                 pl + kw - 1 - j:pl + kw - 1 - j + width, :].astype(acc) * w[i, j, 0].astype(acc)
+             for i in range(kh) for j in range(kw))
     dw = jnp.stack([jnp.sum(win.astype(acc) * g.astype(acc), axis=(0, 1, 2))
                     for win in conv_windows(x, (kh, kw), strides, pads)])
     return dx.astype(x.dtype), dw.reshape(kh, kw, 1, channels).astype(w.dtype)
 
 
 depthwise_slices.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+# `depthwise_conv` for each route, made once: a module's conv function is part of its
+# identity
+DEPTHWISE_CONVS = {route: partial(depthwise_conv, route=route) for route in DEPTHWISE_ROUTES}

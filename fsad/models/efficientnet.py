@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from fsad.models.cpu_conv import depthwise_conv
+from fsad.models.cpu_conv import DEPTHWISE_CONVS
 from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, torch_batch_norm
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
@@ -54,10 +54,12 @@ def _bn(train: bool, name: str):
     return torch_batch_norm(train, name, epsilon=1e-3)
 
 
-def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str, groups: int = 1,
+          depthwise: str = "auto") -> nn.Conv:
+    """depthwise: the route of a depthwise conv (fsad.models.cpu_conv.DEPTHWISE_ROUTES)."""
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding="SAME",
                    use_bias=False, feature_group_count=groups, kernel_init=conv_init,
-                   conv_general_dilated=depthwise_conv, name=name)
+                   conv_general_dilated=DEPTHWISE_CONVS[depthwise], name=name)
 
 
 class MBConv(nn.Module):
@@ -68,6 +70,7 @@ class MBConv(nn.Module):
     stride: int
     expand: int
     out_channels: int
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -76,7 +79,8 @@ class MBConv(nn.Module):
         out = x
         if self.expand != 1:
             out = nn.relu6(_bn(train, "bn0")(_conv(hidden, 1, 1, "expand_conv")(out)))
-        out = _conv(hidden, self.kernel, self.stride, "depthwise_conv", groups=hidden)(out)
+        out = _conv(hidden, self.kernel, self.stride, "depthwise_conv", groups=hidden,
+                    depthwise=self.depthwise)(out)
         out = nn.relu6(_bn(train, "bn1")(out))
         out = _bn(train, "bn2")(_conv(self.out_channels, 1, 1, "project_conv")(out))
         if self.stride == 1 and cin == self.out_channels:
@@ -95,13 +99,18 @@ class EfficientNetLite0(nn.Module):
 
     Call:
       x: [B, H, W, 3] ImageNet-normalised float32 -> [B, H/32, W/32, 1280] float32.
+
+    depthwise: how its depthwise convs are computed (fsad.models.cpu_conv.DEPTHWISE_ROUTES;
+    `model.depthwise_conv`).
     """
+
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = imagenet_to_lite_input(x)
         x = nn.relu6(_bn(train, "bn0")(_conv(STEM_CHANNELS, 3, 2, "conv_stem")(x)))
         for i, (k, s, e, _, cout) in enumerate(lite0_blocks()):
-            x = MBConv(k, s, e, cout, name=f"blocks_{i}")(x, train)
+            x = MBConv(k, s, e, cout, self.depthwise, name=f"blocks_{i}")(x, train)
         return nn.relu6(_bn(train, "bn1")(_conv(HEAD_CHANNELS, 1, 1, "conv_head")(x)))
 

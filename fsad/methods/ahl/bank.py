@@ -15,7 +15,7 @@ import numpy as np
 
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.hosts import is_primary
-from fsad.models.backbone import trunk_features
+from fsad.models.backbone import depthwise_route, trunk_features
 from fsad.models.resnet import normalize_uint8
 from fsad.precision import compute_dtype
 from fsad.train import score_images
@@ -35,7 +35,7 @@ def make_feature_fn(config):
 
     def features(variables, images):
         maps = trunk_features(config.model.backbone, variables, normalize_uint8(images),
-                              n_scales_of(config), dtype)
+                              n_scales_of(config), dtype, depthwise_route(config))
         return {f"s{i}": m for i, m in enumerate(maps)}
 
     return jax.jit(features)
