@@ -83,3 +83,26 @@ def test_bfloat16_dra_computes_in_bfloat16_and_keeps_float32_state(synthetic):
     assert bf16["saliency"].dtype == np.float32 and np.isfinite(bf16["saliency"]).all()
     # measured: relative error 0.023, correlation 0.9987
     assert np.corrcoef(f32["saliency"].ravel(), bf16["saliency"].ravel())[0, 1] > 0.99
+
+
+def test_bfloat16_lite0_computes_in_bfloat16():
+    """The EfficientNet-Lite0 trunk too: every convolution and matmul of DevNet's train
+    step in bfloat16, its depthwise convs as XLA's grouped convolutions (`grouped`) so
+    that the program shows them. (Its input rescaling once multiplied by float32
+    constants, which promoted the trunk, and every layer after, to float32.) Lowered,
+    not compiled."""
+    mesh = make_mesh(jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    data = put_train_data(rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
+                          rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), mesh)
+    config = tiny_config("devnet", **{"model.backbone": "efficientnet_lite0",
+                                      "model.dtype": "bfloat16", "model.n_scales": 1,
+                                      "model.depthwise_conv": "grouped"})
+    m = build_method(config)
+    tx = m.optimizer(config.steps_per_epoch)
+    state = init_state(m, jax.random.key(0), data, tx, mesh)
+    program = make_train_step(m, tx, mesh, config.batch_size).lower(
+        state, data, jax.random.key(1)).as_text()
+    ops = re.findall(r"stablehlo\.(?:convolution|dot_general).*", program)
+    # Lite0's 16 depthwise, 16 + 16 1x1 convs, stem and head, forward and backward
+    assert len(ops) > 100 and all("bf16" in op for op in ops), len(ops)
