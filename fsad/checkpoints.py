@@ -151,17 +151,18 @@ class _DropClosedLoopWakeups:
 
 
 class _DropUnretrievedWriteFailures(logging.Filter):
-    """Drops asyncio's "Future exception was never retrieved" and "Task exception was
-    never retrieved" records of failed file writes: the futures and tasks of the writes a
-    failed save left behind (`_DropClosedLoopWakeups`), which asyncio logs when they are
-    garbage-collected, as late as the process's exit. Any other record passes."""
+    """Drops asyncio's "<class> exception was never retrieved" records (a Future, a Task,
+    a _GatheringFuture of asyncio.gather, ...) of failed file writes: the futures and
+    tasks of the writes a failed save left behind (`_DropClosedLoopWakeups`), which
+    asyncio logs when they are garbage-collected, as late as the process's exit. Any
+    other record passes."""
 
-    UNRETRIEVED = ("Future exception was never retrieved", "Task exception was never retrieved")
+    UNRETRIEVED = re.compile(r"\w+ exception was never retrieved")
 
     def filter(self, record):
         exc = record.exc_info[1] if record.exc_info else None
         return not (isinstance(exc, Exception) and _write_failure(exc) is not None
-                    and record.getMessage().startswith(self.UNRETRIEVED))
+                    and self.UNRETRIEVED.match(record.getMessage()))
 
 
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
