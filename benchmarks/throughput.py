@@ -517,5 +517,6 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
     lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
+
 if __name__ == "__main__":
     main()

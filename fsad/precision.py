@@ -33,6 +33,12 @@ def compute_dtype(name: str = "auto"):
     return DTYPES[name]
 
 
+def accumulation_dtype(dtype):
+    """The dtype that sums of `dtype` values run in: float32, or the input's own where it
+    is wider (float64), as a convolution kernel sums bfloat16 products in float32."""
+    return jnp.promote_types(jnp.float32, dtype)
+
+
 def cast_floating(tree, dtype):
     """Every floating-point leaf of a pytree cast to dtype (others untouched)."""
     def cast(x):

@@ -20,6 +20,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from fsad.precision import accumulation_dtype
+
 
 def conv_windows(lhs, kernel_hw, window_strides, pads) -> list:
     """The kh*kw strided windows of the padded NHWC input, in (i, j) order.
@@ -159,7 +161,7 @@ def depthwise_slices(x, w, strides: tuple, pads: tuple):
     custom_vjp has no forward-mode derivative (jax.jvp).
     """
     kh, kw = w.shape[:2]
-    acc = jnp.promote_types(jnp.float32, x.dtype)  # as a conv kernel sums bfloat16
+    acc = accumulation_dtype(x.dtype)
     windows = conv_windows(x, (kh, kw), strides, pads)
     return sum(win.astype(acc) * w[n // kw, n % kw, 0].astype(acc)
                for n, win in enumerate(windows)).astype(x.dtype)
@@ -188,7 +190,7 @@ def _depthwise_bwd(strides, pads, residuals, g):
     high_w = width + pl - 1 - ((wo - 1) * sw)
     gdp = jax.lax.pad(g, jnp.zeros((), g.dtype),
                       ((0, 0, 0), (low_h, high_h, sh - 1), (low_w, high_w, sw - 1), (0, 0, 0)))
-    acc = jnp.promote_types(jnp.float32, g.dtype)
+    acc = accumulation_dtype(g.dtype)
     dx = sum(gdp[:, pt + kh - 1 - i:pt + kh - 1 - i + height,
                  pl + kw - 1 - j:pl + kw - 1 - j + width, :].astype(acc) * w[i, j, 0].astype(acc)
              for i in range(kh) for j in range(kw))

@@ -18,10 +18,10 @@ conv, BatchNorm and ReLU6.
 from __future__ import annotations
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from fsad.models.cpu_conv import DEPTHWISE_CONVS
 from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, torch_batch_norm
+from fsad.precision import accumulation_dtype
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
 LITE0_STAGES = (
@@ -93,7 +93,7 @@ def imagenet_to_lite_input(x):
     """ImageNet-normalised [..., 3] -> the (pixel - 127) / 128 scaling of the Lite weights,
     in x's dtype (computed in float32 at least: the float32 constants would otherwise
     promote a bfloat16 input, and with it the whole trunk, to float32)."""
-    acc = jnp.promote_types(jnp.float32, x.dtype)
+    acc = accumulation_dtype(x.dtype)
     pixels = (x.astype(acc) * IMAGENET_STD + IMAGENET_MEAN) * 255.0
     return ((pixels - 127.0) / 128.0).astype(x.dtype)
 

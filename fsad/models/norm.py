@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fsad.precision import accumulation_dtype
+
 
 class TorchBatchNorm(nn.Module):
     """PyTorch's BatchNorm over every axis but the last (channels).
@@ -34,7 +36,7 @@ class TorchBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        acc = jnp.promote_types(jnp.float32, x.dtype)
+        acc = accumulation_dtype(x.dtype)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
