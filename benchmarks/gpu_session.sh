@@ -10,9 +10,10 @@
 #      after another; its row goes to session.log and $RUNS/vmapped_seeds.json (OUT's 8
 #      files are taken);
 #   profile: where the DevNet step's time goes (benchmarks/profile_step.py: a trace of
-#      the released bf16 step at 448 px split by kind and part, then its img/s on the
-#      Lite0 trunk with the depthwise convs as slices and as XLA's grouped convolutions,
-#      and without the pyramid and rotation);
+#      the released bf16 step at 448 px split by kind and part, then its compile time
+#      and img/s on the Lite0 trunk with the depthwise convs as slices and as XLA's
+#      grouped convolutions without autotuning, without the pyramid and rotation, and
+#      on Lite0 as the runs compile it);
 #   grid: as much of the ELPV paper grid (DevNet, DRA, AHL(DRA); general and hard; 10
 #      and 1 shots; SEEDS seeds) as the time left allows, every method on a cell before
 #      the next.
@@ -47,12 +48,14 @@ PY=${PYTHON:-python3}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 float32 --torch}
 # the released step (traced); the released step on the grid's Lite0 trunk, its depthwise
-# convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU,
-# whose bf16 step took 243 s to compile on an H200: last of the two); the one-scale step
-# without rotation that the issue's anchor figures time
+# convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU)
+# compiled without autotuning; the one-scale step without rotation that the issue's
+# anchor figures time; last, Lite0's grouped convolutions autotuned, as the runs compile
+# them (243 s to compile in bf16 on an H200, 1,550 img/s in its ELPV run)
+LITE0=model.backbone=efficientnet_lite0
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate model.backbone=efficientnet_lite0,model.depthwise_conv=slices \
-model.backbone=efficientnet_lite0 model.n_scales=1,augment.rotate_degrees=0}
+--ablate $LITE0,model.depthwise_conv=slices $LITE0,xla_gpu_autotune_level=0 \
+model.n_scales=1,augment.rotate_degrees=0 $LITE0}
 VMAP_ARGS=${VMAP_ARGS:---methods devnet --img_size 448 --batches 48 --dtypes bfloat16 \
 --seeds 3}
 ALL_STAGES=(throughput parity_default parity_fp32 vmapped_seeds profile grid)

@@ -5,7 +5,10 @@ its images/s with parts of the released step switched off (`--ablate`).
 Each row (the config as released, then one per `--ablate`) is compiled ahead of time and
 timed over `--steps` calls after `--warmup`, with `block_until_ready` before every clock
 read, as in benchmarks/throughput.py; it also gives XLA's count of the step's
-floating-point operations (`Compiled.cost_analysis`) and the rate that makes. The first
+floating-point operations (`Compiled.cost_analysis`) and the rate that makes. An
+`--ablate` field named xla_... is an option of XLA's compile of that row instead of a
+config field (e.g. xla_gpu_autotune_level=0: no timing of candidate GPU kernels), so a
+row's compile_s and img/s show what the option saves and costs. The first
 row is then traced over `--trace_steps` calls and the trace read back
 (`jax.profiler.ProfileData`): each XLA operation's time, matched by name to the compiled
 program's HLO, is put under
@@ -323,22 +326,53 @@ def parse_ablation(text: str) -> list[tuple[str, str]]:
 
 FLAG_OF_FIELD = {"data.img_size": "--img_size", "model.backbone": "--backbone",
                  "batch_size": "--batch"}
+XLA_OPTION = "xla_"  # an --ablate field named so is an XLA option of the row's compile
 
 
-def row_configs(args) -> list[tuple[str, object]]:
-    """[(label, config)] of the rows: the config as released, then one per --ablate, each
-    checked by fsad's own rules (UserError naming the row)."""
+def xla_option_value(text: str) -> bool | int | float | str:
+    """An XLA option's value as written: true or false, an integer, a float, else text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def check_xla_options(label: str, options: dict) -> None:
+    """Refuses options this jaxlib's XLA does not take (a tiny program compiled with them:
+    seconds, not a train step's compile)."""
+    if options:
+        try:
+            jax.jit(lambda x: x + 1).lower(1.0).compile(compiler_options=options)
+        except Exception as err:  # noqa: BLE001 - XLA's error names the option
+            raise UserError(f"{label}: XLA refused the options {options}: "
+                            f"{str(err).splitlines()[0]}") from None
+
+
+def row_configs(args) -> list[tuple[str, object, dict]]:
+    """[(label, config, XLA options)] of the rows: the config as released, then one per
+    --ablate, each checked by fsad's own rules and XLA's (UserError naming the row).
+    Fields that start with "xla_" (e.g. xla_gpu_autotune_level=0) go to XLA's compile
+    of the row's step instead of the config."""
     from fsad.validate import check_config
     out = []
     for label in ["as released", *args.ablate]:
         c = config_for(args.method, args, args.batch, args.dtype)
+        options = {}
         for field, value in (parse_ablation(label) if label != "as released" else []):
-            override(c, field, value)
+            if field.startswith(XLA_OPTION):
+                options[field] = xla_option_value(value)
+            else:
+                override(c, field, value)
         try:
             check_config(c, len(jax.devices()))
         except UserError as err:
             raise UserError(f"{label}: {in_flags(str(err), FLAG_OF_FIELD)}") from None
-        out.append((label, c))
+        check_xla_options(label, options)
+        out.append((label, c, options))
     return out
 
 
@@ -371,9 +405,9 @@ def profile(args, configs) -> dict:
         if args.json:
             write_json_atomic(args.json, {"setup": setup_of(args), **result})
 
-    for i, (label, config) in enumerate(configs):
+    for i, (label, config, options) in enumerate(configs):
         _, _, _, data, state, step, key, _ = train_setup(config, args.n_normal)
-        t_compile, compiled = compile_seconds(step, state, data, key)
+        t_compile, compiled = compile_seconds(step, state, data, key, options=options)
         run = lambda s: compiled(s, data, key)[0]  # noqa: E731
         per_step, state = timed(run, state, args.steps, args.warmup)
         gflop_per_img, tflop_per_s = flop_rates(compiled, args.batch, per_step)
@@ -435,7 +469,9 @@ def parser() -> argparse.ArgumentParser:
                     help="the trunk (model.backbone)")
     ap.add_argument("--ablate", nargs="*", default=[], metavar="FIELD=VALUE[,...]",
                     help="one more row per argument, with these config fields set, e.g. "
-                    "model.n_scales=1 (no pyramid) or augment.rotate_degrees=0")
+                    "model.n_scales=1 (no pyramid) or augment.rotate_degrees=0; a field "
+                    "named xla_... is an XLA option of the row's compile, e.g. "
+                    "xla_gpu_autotune_level=0")
     ap.add_argument("--steps", type=int, default=20, help="timed steps after the warm-up")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed")
     ap.add_argument("--trace_steps", type=int, default=5,
@@ -463,9 +499,10 @@ def main(argv=None):
     try:
         configs = row_configs(args)
         if args.check:
-            for label, c in configs:
+            for label, c, options in configs:
+                xla = f" (XLA {options})" if options else ""
                 print(f"{args.method} {label}: batch {c.batch_size}, {c.data.img_size} px, "
-                      f"{c.model.dtype}, {c.model.backbone}")
+                      f"{c.model.dtype}, {c.model.backbone}{xla}")
             print("flags and configs checked; nothing compiled or timed (--check)")
             return
         from fsad.compile_cache import enable_compilation_cache

@@ -84,9 +84,11 @@ def timed(fn, state, steps: int, warmup: int) -> tuple[float, object]:
     return (time.perf_counter() - t0) / steps, state
 
 
-def compile_seconds(jitted, *args) -> tuple[float, object]:
+def compile_seconds(jitted, *args, options: dict | None = None) -> tuple[float, object]:
+    """(seconds to lower and compile `jitted` for `args`, with XLA `options`; the
+    executable)."""
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options=options or None)
     return time.perf_counter() - t0, compiled
 
 

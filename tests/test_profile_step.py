@@ -8,6 +8,8 @@ import subprocess
 import sys
 from types import SimpleNamespace as NS
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -155,7 +157,8 @@ def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
     temp = tmp_path / "temp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the trace goes
-    result = ps.profile(args, [("as released", None), ("other", None)])
+    result = ps.profile(args, [("as released", None, {}),
+                                 ("other", None, {"xla_gpu_autotune_level": 0})])
     b = result["breakdown"]
     assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b
     assert {k["kind"] for k in b["by_kind"]} >= {"matmul"}
@@ -164,7 +167,8 @@ def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
     def no_cupti(folder):
         raise RuntimeError("CUPTI could not be loaded")
     monkeypatch.setattr(ps.jax.profiler, "trace", no_cupti)
-    result = ps.profile(args, [("as released", None), ("other", None)])
+    result = ps.profile(args, [("as released", None, {}),
+                                 ("other", None, {"xla_gpu_autotune_level": 0})])
     assert [r["variant"] for r in result["rows"]] == ["as released", "other"]
     assert "breakdown" not in result
     assert result["breakdown_error"] == "RuntimeError: CUPTI could not be loaded"
@@ -206,6 +210,8 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     ("--img_size 16", "as released: --img_size 16 is smaller than the trunk's stride"),
     ("--batch 1", "as released: --batch 1 cannot be split"),
     ("--steps 0", "--steps 0: use 1 or more"),
+    ("--ablate xla_no_such_option=1", "xla_no_such_option=1: XLA refused the options "
+     "{'xla_no_such_option': 1}"),
     ("--json {tmp}/no/p.json", "its folder does not exist"),
 ])
 def test_bad_flags_are_refused_before_anything_compiles(flags, words, tmp_path, capsys,
@@ -223,10 +229,33 @@ def test_check_lists_the_rows(capsys, monkeypatch):
     monkeypatch.setattr(ps, "compile_seconds",
                         lambda *a: pytest.fail("--check compiled"))
     ps.main(["--img_size", "64", "--batch", "8", "--check", "--ablate",
-             "augment.rotate_degrees=0", "model.n_scales=1,augment.rotate_degrees=0"])
+             "augment.rotate_degrees=0", "model.n_scales=1,augment.rotate_degrees=0",
+             "model.backbone=efficientnet_lite0,xla_gpu_autotune_level=0"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines == ["devnet as released: batch 8, 64 px, bfloat16, resnet18",
                      "devnet augment.rotate_degrees=0: batch 8, 64 px, bfloat16, resnet18",
                      "devnet model.n_scales=1,augment.rotate_degrees=0: batch 8, 64 px, "
                      "bfloat16, resnet18",
+                     "devnet model.backbone=efficientnet_lite0,xla_gpu_autotune_level=0: "
+                     "batch 8, 64 px, bfloat16, efficientnet_lite0 (XLA "
+                     "{'xla_gpu_autotune_level': 0})",
                      "flags and configs checked; nothing compiled or timed (--check)"]
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("true", True), ("False", False),
+                                         ("0.5", 0.5), ("fast", "fast")])
+def test_xla_option_values_are_typed(text, value):
+    got = ps.xla_option_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_a_rows_xla_options_reach_its_compile():
+    """compile_seconds hands the row's options to XLA: a name XLA does not know fails
+    the compile, and a known one compiles (its number is this program's)."""
+    import jax.numpy as jnp
+    step = jax.jit(lambda x: jnp.sin(x) @ x)
+    x = jnp.ones((4, 4))
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        ps.compile_seconds(step, x, options={"xla_no_such_option": 1})
+    seconds, compiled = ps.compile_seconds(step, x, options={"xla_gpu_autotune_level": 0})
+    assert seconds > 0 and float(compiled(x)[0, 0]) == pytest.approx(4 * np.sin(1.0))
