@@ -51,7 +51,9 @@ THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --bat
 # convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU)
 # compiled without autotuning; the one-scale step without rotation that the issue's
 # anchor figures time; last, Lite0's grouped convolutions autotuned, as the runs compile
-# them (243 s to compile in bf16 on an H200, 1,550 img/s in its ELPV run)
+# them (243 s to compile in bf16 on an H200, 1,550 img/s in its ELPV run; here its
+# compile may be shorter: XLA keeps autotuning results within a process, and the slices
+# row has autotuned the same pointwise convolutions)
 LITE0=model.backbone=efficientnet_lite0
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
 --ablate $LITE0,model.depthwise_conv=slices $LITE0,xla_gpu_autotune_level=0 \
