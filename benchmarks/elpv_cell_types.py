@@ -32,6 +32,8 @@ from sklearn.metrics import roc_auc_score
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fsad.errors import UserError  # noqa: E402
+
 
 def cell_type_aurocs(file_ids, labels, scores, types_by_path: dict[str, str]) -> dict:
     """AUROC overall, of the cell type on the normals, and within each cell type.
@@ -71,13 +73,17 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folders", nargs="+", help="fsad workdirs or reproduce.py --out folders")
     args = parser.parse_args(argv)
-    types = elpv_types()
-    rows = []
-    for folder in args.folders:
-        files = score_files(folder)
+    files_of = {folder: score_files(folder) for folder in args.folders}
+    for folder, files in files_of.items():
         if not files:
-            raise SystemExit(f"no seed_*/test_scores.npz under {folder}: give a finished "
-                             "fsad workdir or a benchmarks/reproduce.py --out folder")
+            parser.error(f"no seed_*/test_scores.npz under {folder}: give a finished "
+                         "fsad workdir or a benchmarks/reproduce.py --out folder")
+    try:
+        types = elpv_types()
+    except UserError as err:
+        parser.error(str(err))
+    rows = []
+    for folder, files in files_of.items():
         for path in files:
             z = np.load(path)
             row = {"run": os.path.relpath(os.path.dirname(path), folder),

@@ -37,6 +37,24 @@ def test_cell_type_and_defects_are_told_apart(tmp_path, capsys):
     assert "| both/seed_0 | " in capsys.readouterr().out
 
 
-def test_a_folder_without_scores_says_what_to_give(tmp_path):
-    with pytest.raises(SystemExit, match="no seed_\\*/test_scores.npz"):
+def test_a_folder_without_scores_says_what_to_give(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
         script.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "no seed_*/test_scores.npz under" in capsys.readouterr().err
+
+
+def test_without_the_elpv_package_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """The scores are found first; ELPV's labels missing is the package's own message,
+    not a traceback (gpu_session's first call has no ELPV wheel yet)."""
+    from fsad.data import elpv
+    from fsad.errors import UserError
+
+    def missing():
+        raise UserError("ELPV needs the elpv-dataset package")
+    monkeypatch.setattr(elpv, "elpv_labels", missing)
+    write_run(tmp_path / "run", ["a.png", "b.png"], [0, 1], [0.1, 0.9])
+    with pytest.raises(SystemExit) as exit_:
+        script.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "error: ELPV needs the elpv-dataset package" in capsys.readouterr().err
