@@ -160,6 +160,7 @@ for path in sorted(glob.glob(os.path.join(runs, "*", "*", "*", "*", "seed_*", "m
         m = json.load(f)
     with open(os.path.join(runs, cell, "config.json")) as f:
         dtype = json.load(f)["model"]["dtype"]
+    dtype = m.get("compute_dtype", dtype)  # what "auto" meant there
     rows.append({"cell": cell, "dtype": dtype, **{k: m.get(k) for k in (
         "seed", "auroc", "aupr", "base_auroc", "compile_seconds", "train_seconds",
         "eval_seconds", "wall_seconds")}})

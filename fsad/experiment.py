@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fsad.checkpoints import checkpoint_folder
@@ -35,6 +36,7 @@ from fsad.lock import workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.mesh import make_mesh
 from fsad.methods import build_method, method_stages
+from fsad.precision import compute_dtype
 from fsad.scoring import calibrate
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
@@ -290,6 +292,8 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     result = {"seed": seed, **metrics,
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,
+              # what model.dtype meant here ("auto": bfloat16 on a GPU, float32 on a CPU)
+              "compute_dtype": jnp.dtype(compute_dtype(config.model.dtype)).name,
               "eval_seconds": time.time() - t_eval, "wall_seconds": time.time() - t0}
     if is_primary():
         os.makedirs(seed_dir, exist_ok=True)

@@ -260,6 +260,7 @@ def test_devnet_detects_and_localises_the_defects(runs):
     assert len(os.listdir(u / "seed_0" / "overlays")) == 8
     assert (u / "seed_0" / "auroc_f1_curve.png").exists()
     assert run0["compile_seconds"] > 0 and run0["step_seconds"] > 0
+    assert run0["compute_dtype"] == "float32"  # model.dtype=auto on a CPU
     # the summary averages measurements, not the seed that names a run
     assert "seed" not in res["summary"] and res["summary"]["auroc"]["mean"] == run0["auroc"]
 
