@@ -4,7 +4,12 @@
 # Pillow, tqdm, absl-py and PyYAML; nothing can be downloaded there). Run it here, in the
 # repository root, where pip reaches PyPI:
 #
-#   bash benchmarks/gpu_carry.sh          # writes .whl/a and .whl/b (git ignores .whl/)
+#   bash benchmarks/gpu_carry.sh [STATE.tgz]   # writes .whl/a and .whl/b (git ignores .whl/)
+#
+# STATE.tgz: the state.tgz that an earlier machine's gpu_session.sh left in its OUT (its
+# finished seeds and compiled programs: benchmarks/session_state.py); it travels in .whl/b
+# (the second call, whose ELPV stages go on with those runs), and .whl/b/install.sh
+# exports STATE for gpu_session.sh to unpack.
 #
 # A call of the device tool carries at most 64 MiB, and the ELPV wheel alone is 87 MiB,
 # so the wheels travel in two calls to one warm machine (it waits 30 s for the next).
@@ -19,6 +24,12 @@
 # .whl/b/install.sh joins the halves, checks the SHA-256 and installs the ELPV wheel there
 # too. Both put /tmp/site and the repository (fsad itself) on PYTHONPATH.
 set -euo pipefail
+CARRIED=${1:-}
+if [[ -n $CARRIED && ! -f $CARRIED ]]; then
+  echo "gpu_carry.sh: no state file $CARRIED (give the state.tgz of an earlier call's OUT)" >&2
+  exit 2
+fi
+[[ -z $CARRIED ]] || CARRIED=$(realpath "$CARRIED")
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 rm -rf .whl/a .whl/b .whl/dl
@@ -54,5 +65,7 @@ INSTALL="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-
   echo "  echo '$sum  /tmp/carry/$name' | sha256sum -c - &&"
   echo "  $INSTALL /tmp/carry/$name &&"
   echo "  export PYTHONPATH=/tmp/site:\$PWD"
+  if [[ -n $CARRIED ]]; then echo "export STATE=\$PWD/.whl/b/state.tgz"; fi
 } > .whl/b/install.sh
+if [[ -n $CARRIED ]]; then cp "$CARRIED" .whl/b/state.tgz; fi
 du -sh .whl/a .whl/b

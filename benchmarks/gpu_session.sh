@@ -21,10 +21,14 @@
 #   bash benchmarks/gpu_session.sh OUT [MINUTES] [FIELD=VALUE ...]
 #
 # OUT gets at most 8 files: session.log, throughput.json, profile.json, parity_fp32.md,
-# elpv_table.md, elpv_table.json, seeds.json (every finished seed of every run, also
-# of a cell cut short), cell_types.md (each run's AUROC within a cell type). The runs
+# elpv_table.md, seeds.json (every finished seed of every run, also of a cell cut
+# short), cell_types.md (each run's AUROC within a cell type) and state.tgz. The runs
 # themselves go to $RUNS (default runs/gpu_session): calling again resumes them
-# (finished seeds and cells are read back, not retrained).
+# (finished seeds and cells are read back, not retrained). state.tgz
+# (benchmarks/session_state.py: the finished seeds under $RUNS, the ELPV table's
+# table.json among them, and the newest compiled programs, 15 MiB at most) takes that
+# to the next lent machine, which starts bare: `bash benchmarks/gpu_carry.sh STATE.tgz`
+# carries it, and STATE=path unpacks it here before the first stage.
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
 # time left, and no grid cell starts in the last minute. FIELD=VALUE pairs are passed
 # to every ELPV run (e.g. data.img_size=64 for a quick check on a CPU).
@@ -32,7 +36,8 @@
 # (default: DevNet, AHL, DRA; 448 px, batch 48, bf16 and fp32, --torch), PROFILE_ARGS
 # (default: as above), VMAP_ARGS (default: as above), VARIANTS (default lite0: the
 # packaged ImageNet EfficientNet-Lite0 trunk, which needs no download), SEEDS (default
-# 3), PYTHON (default python3), CHECK=1
+# 3), PYTHON (default python3), STATE (a state.tgz of an earlier call, unpacked into
+# $RUNS and fsad's compilation cache first), CHECK=1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,6 +106,10 @@ print("jax devices:", jax.devices())
 EOF
 } 2>&1 | tee "$LOG"
 
+if [[ -n ${STATE:-} ]]; then  # what an earlier machine finished and compiled
+  "$PY" benchmarks/session_state.py unpack "$STATE" "$RUNS" 2>&1 | tee -a "$LOG"
+fi
+
 stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stops the script
   local name=$1 secs=$2; shift 2
   if (( secs < 20 )); then echo "## $name: skipped, $secs s left" | tee -a "$LOG"; return; fi
@@ -147,7 +156,6 @@ if want grid; then
 fi
 
 cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
-cp "$RUNS/elpv/table.json" "$OUT/elpv_table.json" 2>/dev/null
 cp "$RUNS/elpv_fp32/table.md" "$OUT/parity_fp32.md" 2>/dev/null
 "$PY" - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
 # every finished seed under RUNS (a cell cut short keeps its finished seeds)
@@ -173,4 +181,6 @@ if [[ -d $RUNS/elpv ]]; then  # (a call without the ELPV stages has none)
   "$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
     || rm -f "$OUT/cell_types.md"
 fi
+# for the next machine: the finished seeds and the newest compiled programs
+"$PY" benchmarks/session_state.py pack "$RUNS" "$OUT/state.tgz" 2>&1 | tee -a "$LOG"
 echo "# done, $(left) s of the call left" | tee -a "$LOG"

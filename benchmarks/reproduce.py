@@ -62,7 +62,8 @@ from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 devnet_ablation_auroc, is_devnet_ablation,
                                 paper_known_classes, reference_auroc)
 from fsad.validate import check_config  # noqa: E402
-from fsad.workdir import base_fields_that_differ, write_json_atomic  # noqa: E402
+from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
+                          write_json_atomic)
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # the fields each cell sets from this script's own flags: they change from cell to cell
@@ -115,15 +116,19 @@ def runner_key(config) -> str:
 
 def base_cell_workdir(cell: dict, configs: dict, config, out: str, seeds: int) -> str:
     """For an AHL cell whose base method's cell of the same protocol is in the table and
-    finished with the same base settings: that cell's workdir (the AHL run starts from
-    its trained models, `ahl.base_workdir`); else "" (the AHL run trains its base)."""
+    finished with the same base settings, its trained models kept: that cell's workdir
+    (the AHL run starts from them, `ahl.base_workdir`); else "" (the AHL run trains its
+    base). A base cell carried from another machine without its checkpoints
+    (benchmarks/session_state.py) is no base."""
     stored = os.path.join(cell_dir(out, cell), "config.json")
     if os.path.exists(stored):  # a cell begun earlier keeps its choice (and can resume)
         with open(stored) as f:
             return json.load(f).get("ahl", {}).get("base_workdir", "")
     base = config.ahl.base if config.method == "ahl" else ""
     workdir = cell_dir(out, {**cell, "method": base}) if base in configs else ""
-    if not workdir or not finished(workdir, seeds):
+    if not workdir or not finished(workdir, seeds) or not all(
+            "checkpoints" in checkpoint_steps(seed_dir_of(workdir, s))
+            for s in seeds_of(config)):
         return ""
     with open(os.path.join(workdir, "config.json")) as f:
         return "" if base_fields_that_differ(config, json.load(f)) else workdir

@@ -323,11 +323,13 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         check_resumed_splits(config, rows, seeds, workdir)
     lines = []
     for seed in seeds:
-        base_run_checkpoints(config, seed)
-        split = split_stage(config, rows, seed)
         seed_dir = seed_dir_of(workdir, seed)
+        finished = os.path.exists(seed_metrics_path(seed_dir))
+        if not finished:  # a finished seed needs no base model
+            base_run_checkpoints(config, seed)
+        split = split_stage(config, rows, seed)
         kept = checkpoint_steps(seed_dir)
-        state = "finished, read back" if os.path.exists(seed_metrics_path(seed_dir)) else \
+        state = "finished, read back" if finished else \
             "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) if kept \
             else "starts"
         mixed = f" (of them {len(split.contamination)} unlabelled anomalies)" \
@@ -360,8 +362,11 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
         runner = runner or build_runner(config, devices)
         data = data if data is not None else load_imageset(config.data)
         check_protocol(config, data, seeds)  # every seed's, before the first trains
-        for seed in seeds:
-            base_run_checkpoints(config, seed)  # AHL on another run's base: that run checked
+        for seed in seeds:  # AHL on another run's base: that run checked, for the seeds
+            # that train (a finished seed is read back and needs no base model: its base
+            # run's checkpoints may be gone, e.g. a table carried to another machine)
+            if not os.path.exists(seed_metrics_path(seed_dir_of(workdir, seed))):
+                base_run_checkpoints(config, seed)
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {
             "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",

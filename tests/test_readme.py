@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -210,14 +211,24 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
                                       (lite0, "efficientnet_lite0", "")], log
     assert "seeds vmapped" not in log  # answered on an H200: asked for by STAGES only
     assert os.listdir(runs) == []  # nothing ran, nothing written
+    # what the next machine gets (benchmarks/session_state.py): nothing finished here
+    assert "session_state: " in log and "0 finished seeds" in log
+    assert (out / "state.tgz").exists() and len(os.listdir(out)) <= 8
 
 
 def test_the_gpu_session_runs_the_stages_named(tmp_path):
     """STAGES picks stages (the script keeps its order); an unknown name is refused with
-    the list, before anything runs."""
+    the list, before anything runs. STATE, what an earlier machine left, is unpacked
+    into RUNS before the first stage, and goes on to the next machine in OUT/state.tgz."""
     out, runs = tmp_path / "out", tmp_path / "runs"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "table.md").write_text("| a table of an earlier machine |\n")
+    script = os.path.join(ROOT, "benchmarks", "session_state.py")
+    subprocess.run([sys.executable, script, "pack", str(earlier), str(tmp_path / "s.tgz"),
+                    "--cache", ""], check=True, env=cpu_env(), timeout=120)
     env = {**cpu_env(), "CHECK": "1", "RUNS": str(runs), "PYTHON": sys.executable,
-           "STAGES": "parity_fp32 vmapped_seeds"}
+           "STAGES": "parity_fp32 vmapped_seeds", "STATE": str(tmp_path / "s.tgz")}
     script = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
     done = subprocess.run(["bash", script, str(out), "3"], capture_output=True, text=True,
                           env=env, timeout=300)
@@ -230,6 +241,11 @@ def test_the_gpu_session_runs_the_stages_named(tmp_path):
     assert len(limits) == 2 and 3 * 60 - 30 < limits[0] <= 3 * 60 - 15, log
     assert re.findall(r"^devnet batch 48 bfloat16, 448 px, resnet18; 3 seeds vmapped and "
                       r"one after another$", log, flags=re.M), log
+    assert log.index(f"1 file into {runs}") < log.index("## parity_fp32")
+    assert os.listdir(runs) == ["table.md"]  # the carried file; nothing else written
+    with tarfile.open(out / "state.tgz") as tar:
+        assert "runs/table.md" in tar.getnames()
+    os.remove(runs / "table.md")
     done = subprocess.run(["bash", script, str(tmp_path / "out2"), "3"],
                           capture_output=True, text=True,
                           env={**env, "STAGES": "profile parity"}, timeout=60)
