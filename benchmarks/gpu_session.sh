@@ -103,6 +103,8 @@ for p in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "numpy"
         print(p, "MISSING")
 import jax
 print("jax devices:", jax.devices())
+from fsad.compile_cache import compilation_cache_dir
+print("fsad compilation cache:", compilation_cache_dir())  # where state.tgz's programs go
 EOF
 } 2>&1 | tee "$LOG"
 

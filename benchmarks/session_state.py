@@ -8,8 +8,8 @@ the carried seeds back instead of training them again (their metrics.json) and J
 persistent compilation cache finds the carried programs (same JAX, same GPU kind, same
 program, and the same cache folder: JAX's cache key holds the folder's path, through the
 autotuning subfolder that it names among XLA's options; else it compiles, as without
-them). On the lent machines fsad's default folder, /root/.cache/fsad/jax, is the same on
-every one:
+them). fsad's default folder, ~/.cache/fsad/jax, is one path on every lent machine
+(each starts from one image and runs the commands as root):
 
     python benchmarks/session_state.py pack RUNS STATE.tgz [--cache DIR] [--max_mib 15]
     python benchmarks/session_state.py unpack STATE.tgz RUNS [--cache DIR]
