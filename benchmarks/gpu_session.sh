@@ -26,7 +26,7 @@
 # themselves go to $RUNS (default runs/gpu_session): calling again resumes them
 # (finished seeds and cells are read back, not retrained). state.tgz
 # (benchmarks/session_state.py: the finished seeds under $RUNS, the ELPV table's
-# table.json among them, and the newest compiled programs, 15 MiB at most) takes that
+# table.json among them, and the compiled programs last used, 15 MiB at most) takes that
 # to the next lent machine, which starts bare: `bash benchmarks/gpu_carry.sh STATE.tgz`
 # carries it, and STATE=path unpacks it here before the first stage.
 # MINUTES (default 9) bounds the whole call: each stage runs under `timeout` with the
@@ -183,6 +183,6 @@ if [[ -d $RUNS/elpv ]]; then  # (a call without the ELPV stages has none)
   "$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
     || rm -f "$OUT/cell_types.md"
 fi
-# for the next machine: the finished seeds and the newest compiled programs
+# for the next machine: the finished seeds and the compiled programs last used
 "$PY" benchmarks/session_state.py pack "$RUNS" "$OUT/state.tgz" 2>&1 | tee -a "$LOG"
 echo "# done, $(left) s of the call left" | tee -a "$LOG"

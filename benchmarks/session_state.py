@@ -27,8 +27,10 @@ What travels:
     config.json says ahl.base_workdir="", and its carried.json which base run its
     finished seeds started from.
   * of the compilation cache (--cache, default fsad's: `fsad.compile_cache`): XLA's
-    autotuning results first (JAX keeps them in a subfolder on a GPU), then the newest
-    compiled programs, as many as fit in --max_mib with the runs.
+    autotuning results first (JAX keeps them in a subfolder on a GPU), then the compiled
+    programs last used or written first (a carried program that this machine loaded
+    counts as used, where the file system records reads: relatime, Linux's default), as
+    many as fit in --max_mib with the runs.
 
 `unpack` writes no file that exists already (what this machine made stays), and
 refuses a member outside RUNS or the cache.
@@ -110,8 +112,8 @@ def rebased_ahl_run(run: str) -> tuple[bytes, bytes] | None:
 
 def cache_files(cache: str, budget: int) -> tuple[list[tuple[str, str]], int, int]:
     """The cache's files that fit in `budget` bytes: XLA's autotuning results, then the
-    newest compiled programs. -> ([(path in the cache, path)], files left out, their
-    bytes)."""
+    compiled programs last used (read) or written first. -> ([(path in the cache, path)],
+    files left out, their bytes)."""
     if not cache or not os.path.isdir(cache):
         return [], 0, 0
     tuned, programs = [], []
@@ -120,7 +122,7 @@ def cache_files(cache: str, budget: int) -> tuple[list[tuple[str, str]], int, in
             path = os.path.join(folder, name)
             rel = os.path.relpath(path, cache)
             (tuned if rel.split(os.sep)[0] == AUTOTUNE else programs).append((rel, path))
-    programs.sort(key=lambda rp: -os.path.getmtime(rp[1]))
+    programs.sort(key=lambda rp: -last_use(rp[1]))
     chosen, left, left_bytes = [], 0, 0
     for rel, path in sorted(tuned) + programs:
         size = os.path.getsize(path)
@@ -130,6 +132,13 @@ def cache_files(cache: str, budget: int) -> tuple[list[tuple[str, str]], int, in
         else:
             left, left_bytes = left + 1, left_bytes + size
     return chosen, left, left_bytes
+
+
+def last_use(path: str) -> float:
+    """When a file was last read or written (its atime, where the file system keeps
+    it, else its mtime)."""
+    st = os.stat(path)
+    return max(st.st_atime, st.st_mtime)
 
 
 def pack(runs: str, state: str, cache: str, max_mib: float) -> dict:

@@ -146,12 +146,12 @@ def test_carried_programs_are_found_by_jax_on_the_next_machine(tmp_path, capsys)
         in capsys.readouterr().err
 
 
-def test_the_cache_carries_autotuning_first_then_the_newest_programs(tmp_path):
+def test_the_cache_carries_autotuning_first_then_the_programs_last_used(tmp_path):
     state_tool = load("session_state")
     cache = tmp_path / "cache"
     (cache / state_tool.AUTOTUNE).mkdir(parents=True)
     (cache / state_tool.AUTOTUNE / "tuned.textproto").write_bytes(b"t" * 500)
-    for i, size in enumerate((3000, 2000, 1000, 4000)):  # made in this order
+    for i, size in enumerate((3000, 2000, 1000, 4000)):  # written in this order
         path = cache / f"jit_step{i}-cache"
         path.write_bytes(b"p" * size)
         os.utime(path, (1000 + i, 1000 + i))
@@ -160,6 +160,10 @@ def test_the_cache_carries_autotuning_first_then_the_newest_programs(tmp_path):
     assert [rel for rel, _ in chosen] == [os.path.join(state_tool.AUTOTUNE, "tuned.textproto"),
                                          "jit_step3-cache", "jit_step2-cache"]
     assert (left, left_bytes) == (2, 5000)
+    # the oldest program read since (a carried program that JAX loaded) goes first
+    os.utime(cache / "jit_step0-cache", (2000, 1000))
+    chosen, left, _ = state_tool.cache_files(str(cache), 6000)
+    assert [rel for rel, _ in chosen][1:] == ["jit_step0-cache", "jit_step2-cache"]
     assert state_tool.cache_files(str(tmp_path / "none"), 6000) == ([], 0, 0)
 
 
