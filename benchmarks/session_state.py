@@ -52,6 +52,7 @@ sys.path.insert(0, ROOT)
 
 from fsad.compile_cache import compilation_cache_dir  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
+from fsad.workdir import seed_finished  # noqa: E402
 
 SEED_FILES = ("metrics.json", "split.json", "test_scores.npz")  # of a finished seed
 RUN_FILES = ("config.json", "results.json", "carried.json")
@@ -69,7 +70,7 @@ def run_files(runs: str) -> tuple[dict[str, bytes | str], list[str], list[str]]:
     for folder, dirs, names in os.walk(runs):
         rel = os.path.relpath(folder, runs)
         dirs[:] = sorted(d for d in dirs if not (
-            SEED_DIR.match(d) and not os.path.exists(os.path.join(folder, d, "metrics.json"))))
+            SEED_DIR.match(d) and not seed_finished(os.path.join(folder, d))))
         in_seed = SEED_DIR.match(os.path.basename(folder)) is not None
         if in_seed:
             dirs[:] = []  # checkpoints and caches
@@ -83,7 +84,7 @@ def run_files(runs: str) -> tuple[dict[str, bytes | str], list[str], list[str]]:
             if keep:
                 files[os.path.normpath(os.path.join(rel, name))] = path
         if is_run:
-            config = rebased_ahl_run(folder)
+            config = rebased_ahl_run(folder, [d for d in dirs if SEED_DIR.match(d)])
             if config is not None:
                 files[os.path.normpath(os.path.join(rel, "config.json"))] = config[0]
                 files[os.path.normpath(os.path.join(rel, "carried.json"))] = config[1]
@@ -91,10 +92,10 @@ def run_files(runs: str) -> tuple[dict[str, bytes | str], list[str], list[str]]:
     return files, seeds, rebased
 
 
-def rebased_ahl_run(run: str) -> tuple[bytes, bytes] | None:
+def rebased_ahl_run(run: str, finished: list[str]) -> tuple[bytes, bytes] | None:
     """For an AHL run on another run's base (`ahl.base_workdir`): (its config.json with
-    ahl.base_workdir "", a carried.json that says which base its finished seeds started
-    from); else None."""
+    ahl.base_workdir "", a carried.json that says which base its finished seeds, the
+    folders `finished` ("seed_<s>"), started from); else None."""
     with open(os.path.join(run, "config.json")) as f:
         config = json.load(f)
     base = config.get("ahl", {}).get("base_workdir", "") if config.get("method") == "ahl" \
@@ -102,8 +103,7 @@ def rebased_ahl_run(run: str) -> tuple[bytes, bytes] | None:
     if not base:
         return None
     config["ahl"]["base_workdir"] = ""
-    done = sorted(int(d[len("seed_"):]) for d in os.listdir(run) if SEED_DIR.match(d)
-                  and os.path.exists(os.path.join(run, d, "metrics.json")))
+    done = sorted(int(d[len("seed_"):]) for d in finished)
     note = {"ahl.base_workdir": base, "finished_seeds_on_that_base": done,
             "why": "the base run's checkpoints stay on the machine that trained them; "
                    "a seed that trains on another machine trains its base model itself"}

@@ -42,8 +42,8 @@ from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
 from fsad.workdir import (base_run_checkpoints, check_workdir, check_workdir_config,
-                          checkpoint_steps, config_json, seed_dir_of, seed_metrics_path,
-                          write_json_atomic)
+                          checkpoint_steps, config_json, seed_dir_of, seed_finished,
+                          seed_metrics_path, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -201,7 +201,7 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
     checkpoints is refused from its rows, before any weight or decode."""
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
-        if not os.path.exists(seed_metrics_path(seed_dir)):
+        if not seed_finished(seed_dir):
             check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
                                   write=False)
 
@@ -324,7 +324,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     lines = []
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
-        finished = os.path.exists(seed_metrics_path(seed_dir))
+        finished = seed_finished(seed_dir)
         if not finished:  # a finished seed needs no base model
             base_run_checkpoints(config, seed)
         split = split_stage(config, rows, seed)
@@ -365,7 +365,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
         for seed in seeds:  # AHL on another run's base: that run checked, for the seeds
             # that train (a finished seed is read back and needs no base model: its base
             # run's checkpoints may be gone, e.g. a table carried to another machine)
-            if not os.path.exists(seed_metrics_path(seed_dir_of(workdir, seed))):
+            if not seed_finished(seed_dir_of(workdir, seed)):
                 base_run_checkpoints(config, seed)
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {

@@ -29,6 +29,11 @@ def seed_metrics_path(seed_dir: str) -> str:
     return os.path.join(seed_dir, "metrics.json")
 
 
+def seed_finished(seed_dir: str) -> bool:
+    """Whether a seed's folder holds its metrics.json (`seed_metrics_path`)."""
+    return os.path.exists(seed_metrics_path(seed_dir))
+
+
 def config_json(config) -> dict:
     """The config as plain JSON values: what workdir/config.json holds."""
     return json.loads(config.to_json_best_effort())
@@ -108,7 +113,7 @@ def saved_in(workdir: str) -> list[str]:
     """What runs saved in a workdir: each checkpoint folder's newest checkpoint, each
     finished seed, the results; empty when a run there stopped before saving anything."""
     finished = [f"{d} finished" for d in sorted(os.listdir(workdir)) if d.startswith("seed_")
-                and os.path.exists(seed_metrics_path(os.path.join(workdir, d)))] \
+                and seed_finished(os.path.join(workdir, d))] \
         if os.path.isdir(workdir) else []
     results = ["results.json"] if os.path.exists(os.path.join(workdir, "results.json")) else []
     return newest_checkpoints(workdir) + finished + results
@@ -218,7 +223,7 @@ def base_run_checkpoints(config, seed: int) -> str | None:
                         f"{', '.join(differ) or 'method'}; use a base run with the same "
                         f"settings, or leave ahl.base_workdir empty")
     seed_dir = seed_dir_of(root, seed)
-    if not os.path.exists(seed_metrics_path(seed_dir)):
+    if not seed_finished(seed_dir):
         raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
                         f"with --config.seed={seed} first, or leave ahl.base_workdir empty")
     checkpoints = os.path.join(seed_dir, "checkpoints")

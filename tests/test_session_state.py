@@ -2,7 +2,6 @@
 from one machine to the next (a lent GPU machine starts bare), where reproduce.py goes on
 with the table and JAX finds the programs."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,17 +11,11 @@ import tarfile
 
 import pytest
 
+from benchmarks import reproduce
+from benchmarks import session_state as state_tool
 from conftest import ROOT, cpu_env
 
 pytestmark = pytest.mark.slow
-
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def table_argv(out, root, seeds):
@@ -45,7 +38,6 @@ def test_a_table_carried_to_another_machine_goes_on_there(tmp_path, synthetic_ro
     seeds: the carried seeds are read back (not trained again), the new DevNet seed
     trains, and the new AHL seed trains its base itself (the base cell's checkpoints did
     not travel)."""
-    reproduce, state_tool = load("reproduce"), load("session_state")
     first, second, state = tmp_path / "first", tmp_path / "second", tmp_path / "state.tgz"
     assert reproduce.main(table_argv(first, synthetic_root, 1)) == 0
     devnet_0, ahl_0 = cell_runs(first, "devnet")[0], cell_runs(first, "ahl_devnet")[0]
@@ -120,7 +112,6 @@ def test_carried_programs_are_found_by_jax_on_the_next_machine(tmp_path, capsys)
     goes back) and unpacked at the same path (fsad's default on every lent machine): a
     new process loads the programs instead of compiling them. Unpacked at another path,
     the tool says that JAX will not find them there."""
-    state_tool = load("session_state")
     cache, state, runs = tmp_path / "cache", tmp_path / "state.tgz", str(tmp_path / "runs")
 
     def compile_program():
@@ -147,7 +138,6 @@ def test_carried_programs_are_found_by_jax_on_the_next_machine(tmp_path, capsys)
 
 
 def test_the_cache_carries_autotuning_first_then_the_programs_last_used(tmp_path):
-    state_tool = load("session_state")
     cache = tmp_path / "cache"
     (cache / state_tool.AUTOTUNE).mkdir(parents=True)
     (cache / state_tool.AUTOTUNE / "tuned.textproto").write_bytes(b"t" * 500)
@@ -168,7 +158,6 @@ def test_the_cache_carries_autotuning_first_then_the_programs_last_used(tmp_path
 
 
 def test_a_state_file_not_of_this_script_is_refused(tmp_path, capsys):
-    state_tool = load("session_state")
     bad = tmp_path / "bad.tgz"
     with tarfile.open(bad, "w:gz") as tar:
         state_tool.add_bytes(tar, "runs/../../outside.txt", b"x")
