@@ -60,7 +60,7 @@ from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 devnet_ablation_auroc, is_devnet_ablation,
-                                paper_known_classes, reference_auroc)
+                                config_protocol_note, paper_known_classes, reference_auroc)
 from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
                           write_json_atomic)
@@ -242,6 +242,9 @@ def run_table(args, on_cell=None) -> dict:
     results, skipped = [], []
     grid = cells(args.methods, args.settings, args.shots, known, args.order)
     check_grid(grid, base, args, rows)
+    notes = protocol_notes(base, paper_name)
+    for note in notes:
+        say(f"note: {note}")
     if args.check:  # the grid as it would run, and nothing decoded or trained
         for i, cell in enumerate(grid):
             workdir = cell_dir(args.out, cell)
@@ -255,7 +258,7 @@ def run_table(args, on_cell=None) -> dict:
         return {"dataset": paper_name, "init": sorted({r["init"] for r in results}),
                 "variants": args.variants, "overrides": args.set, "cells": results,
                 "rows": rows_of(results, paper_name), "skipped": skipped,
-                "wall_seconds": time.time() - t0}
+                "notes": notes, "wall_seconds": time.time() - t0}
 
     for i, cell in enumerate(grid):
         workdir = cell_dir(args.out, cell)
@@ -291,6 +294,13 @@ def run_table(args, on_cell=None) -> dict:
         if on_cell is not None:
             on_cell(table())
     return table()
+
+
+def protocol_notes(base: dict, dataset: str) -> list[str]:
+    """`fsad.paper_figures.protocol_note` of each method of the table (its config in
+    `base`): where its cells depart from the protocol of the papers' figures beside them."""
+    notes = [config_protocol_note(config, dataset) for config in base.values()]
+    return [in_reproduce_terms(n) for n in notes if n]
 
 
 def say(line: str) -> None:
@@ -366,6 +376,7 @@ def markdown(table: dict) -> str:
     if table.get("skipped"):
         lines += ["", "Not run (the time budget was spent): "
                   + "; ".join(cell_name(c) for c in table["skipped"]) + "."]
+    lines += [f"\nNote: {n}." for n in table.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 

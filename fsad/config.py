@@ -174,10 +174,15 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
     # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model
     # whose error is 10% above another's gets e^-1 of its weight (`importance_weights` in
-    # fsad/methods/ahl/importance.py; the paper's softmax(-r) keeps w within ~7% of 1/T).
-    # weight_relative=False: softmax(-r / T); with T = 1 the paper's Eq. 7 (`:paper`)
+    # fsad/methods/ahl/importance.py). weight_relative=False: softmax(-r / T); with T = 1
+    # and error_scale=raw the paper's Eq. 6 and 7 (`:paper`, `:released`), whose weights
+    # hang on the scores' scale: within ~7% of 1/T on min-max scaled scores, close to
+    # one-hot on raw deviation-scale ones
     c.ahl.weight_temperature = 0.1
     c.ahl.weight_relative = True
+    # r from psi's predicted scores min-max scaled jointly to [0, 1] ("minmax"), or as
+    # they are ("raw": Eq. 6, the released get_reward), against the {0, 1} labels
+    c.ahl.error_scale = "minmax"
     # the unified heads start from the trained base heads ("base"), or fresh from
     # PyTorch's default initialisation ("fresh": the released AHL code)
     c.ahl.head_init = "base"
@@ -231,18 +236,21 @@ def released_localization(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 def paper_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `paper` of configs/ahl_*.py: the paper's outer lr, 5e-3, on heads that start
     fresh (as the released code's do; the paper does not say), and its importance weights
-    w = softmax(-r) (Eq. 7). The base model keeps its released defaults."""
+    w = softmax(-r) (Eq. 7) of the raw scores' errors r (Eq. 6). The base model keeps its
+    released defaults."""
     c.ahl.optim.lr = 5e-3
     c.ahl.head_init = "fresh"
     c.ahl.weight_relative = False
     c.ahl.weight_temperature = 1.0
+    c.ahl.error_scale = "raw"
     return c
 
 
 def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
     optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
-    weighting with w = softmax(-r)."""
+    weighting with w = softmax(-r) of the raw scores' errors (its get_reward), read from
+    the epoch after psi's first weights on."""
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
     c.ahl.optim.weight_decay = 1e-4
@@ -252,6 +260,7 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.ahl.weighting = "released"
     c.ahl.weight_relative = False
     c.ahl.weight_temperature = 1.0
+    c.ahl.error_scale = "raw"
     return c
 
 

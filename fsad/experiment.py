@@ -37,7 +37,7 @@ from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.mesh import make_mesh
 from fsad.methods import build_method, method_stages
 from fsad.precision import compute_dtype
-from fsad.scoring import calibrate
+from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
@@ -232,17 +232,13 @@ def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dic
                         runner.config.eval_batch_size, key=key)
 
 
-def metrics_stage(config, labels: np.ndarray, scores: dict) -> tuple[dict, dict]:
-    """Image AUROC/AUPR, each head's AUROC, and the calibrated decisions (Proposition 1).
-    -> (metrics, calibration)."""
+def metrics_stage(labels: np.ndarray, scores: dict) -> dict:
+    """Image AUROC/AUPR and each head's AUROC. -> metrics."""
     metrics = image_metrics(labels, scores["score"])
     for head, s in scores.items():
         if head != "score":
             metrics[f"auroc_{head}"] = image_metrics(labels, s)["auroc"]
-    cal = calibrate(scores["score"], config.loss.prior_mu, config.loss.prior_sigma,
-                    config.explain.confidence)
-    metrics["flagged_at_confidence"] = float(np.mean(cal["anomalous"]))
-    return metrics, cal
+    return metrics
 
 
 def explain_stage(runner: Runner, variables, data, split, scores: dict, seed_dir: str) -> dict:
@@ -279,7 +275,7 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     with hint_on_oom("scoring the test images", eval_fix(config)):
         scores = score_stage(runner, variables, data.images[split.test], seed)
     labels = data.labels[split.test]
-    metrics, cal = metrics_stage(config, labels, scores)
+    metrics = metrics_stage(labels, scores)
     if config.explain.enabled:
         # explanations are of the base network (AHL replaces only its heads)
         with hint_on_oom("the saliency maps", eval_fix(config)):
@@ -289,6 +285,9 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
                          f"and scoring)", run_fix(config, n_devices)):
             scores, metrics = stage(runner, data, split, variables, scores, metrics, seed,
                                     seed_dir)
+    cal = calibrate_run(config, scores["score"])  # the final scores' (AHL's, after its stage)
+    if cal is not None:
+        metrics["flagged_at_confidence"] = float(np.mean(cal["anomalous"]))
     result = {"seed": seed, **metrics,
               "per_class_auroc": per_class_auroc(labels, scores["score"], data.classes[split.test]),
               "split": split.describe(data), **train_info,
@@ -298,7 +297,8 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
     if is_primary():
         os.makedirs(seed_dir, exist_ok=True)
         np.savez(os.path.join(seed_dir, "test_scores.npz"), file_ids=data.file_ids[split.test],
-                 labels=labels, p_value=cal["p_value"], **scores)  # base scores' p-values
+                 labels=labels, **({} if cal is None else {"p_value": cal["p_value"]}),
+                 **scores)
     write_json_atomic(done, result)
     return result
 

@@ -5,6 +5,8 @@
 DevNet's scores are calibrated against the N(mu, sigma) prior (Proposition 1):
 z = (score - mu) / sigma, p = 1 - Phi(z), and an image is flagged anomalous at
 confidence c when z > Phi^-1((1 + c) / 2), the paper's cut-off (1.96 for 95%).
+DRA's scores are not (`prior_calibrated`): their CSV rows leave z, p_value and
+anomalous empty.
 """
 
 from __future__ import annotations
@@ -37,6 +39,25 @@ def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
     z = (np.asarray(scores, np.float64) - mu) / sigma
     cut = stats.norm.ppf((1.0 + confidence) / 2.0)
     return {"z": z, "p_value": stats.norm.sf(z), "anomalous": z > cut, "cutoff": cut}
+
+
+def prior_calibrated(config) -> bool:
+    """Whether a run's image score is one deviation-trained score, which Proposition 1
+    reads against the N(mu, sigma) prior: DevNet's and AHL(DevNet)'s. DRA's score adds
+    three heads' scores and subtracts the normality head's (spec §6), which its training
+    pushes to the margin (5) on normal images: no prior describes that sum, and the
+    DRA paper claims no calibration."""
+    base = config.ahl.base if config.method == "ahl" else config.method
+    return base == "devnet"
+
+
+def calibrate_run(config, scores: np.ndarray) -> dict[str, np.ndarray] | None:
+    """`calibrate` with the run's prior and explain.confidence, or None where the run's
+    scores have no calibration (`prior_calibrated`)."""
+    if not prior_calibrated(config):
+        return None
+    return calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
+                     config.explain.confidence)
 
 
 def load_trained(config, workdir: str, mesh=None):
@@ -111,9 +132,10 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     """Scores every image under input_dir (or the one image it names); writes a CSV (and
     heat maps); returns its path.
 
-    CSV columns: file (relative to input_dir), score, z, p_value, anomalous. An AHL run
-    scores with its unified heads (as its evaluation does); its heat maps, like its
-    evaluation's, are the base network's saliency.
+    CSV columns: file (relative to input_dir), score, z, p_value, anomalous; the last
+    three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`).
+    An AHL run scores with its unified heads (as its evaluation does); its heat maps,
+    like its evaluation's, are the base network's saliency.
     """
     files, input_dir = images_to_score(input_dir)
     output = writable_output(output or os.path.join(workdir, "scores.csv"))
@@ -130,15 +152,19 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
             key = jax.random.key(config.seed + 10_000) if method.random_scores else None
             scores = score_images(make_score_fn(method, mesh), variables, images, mesh,
                                   config.eval_batch_size, key=key)["score"]
-    cal = calibrate(scores, config.loss.prior_mu, config.loss.prior_sigma,
-                    config.explain.confidence)
+    cal = calibrate_run(config, scores)
+    if cal is None:
+        logging.warning("%s's scores have no calibrated p-value (only DevNet's follow its "
+                        "N(0, 1) prior): the CSV leaves z, p_value and anomalous empty; "
+                        "rank the images by score", config.method.upper())
     if is_primary():  # the other hosts of a multi-host run computed the same
         with open(output, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["file", "score", "z", "p_value", "anomalous"])
             for i, name in enumerate(files):
-                w.writerow([name, f"{scores[i]:.6g}", f"{cal['z'][i]:.6g}",
-                            f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])])
+                decision = ["", "", ""] if cal is None else [
+                    f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
+                w.writerow([name, f"{scores[i]:.6g}", *decision])
     if heatmaps:
         from fsad.explain import explain_images, overlay_png
         with hint_on_oom("the saliency maps", eval_fix(config)):

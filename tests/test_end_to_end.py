@@ -359,9 +359,16 @@ def test_dra_stopped_by_ctrl_c_says_where_it_resumes_and_resumes_to_the_same_sco
 
 def test_dra_scores_new_images_as_evaluated(runs, tmp_path, capsys):
     """(--mode score once failed on every DRA run: it rebuilt the model to restore into
-    from one blank image, and DRA's reference set draws five.)"""
-    assert_scored_as_evaluated(config_of("dra", runs["dra"]["root"]), runs["dra"]["u"],
+    from one blank image, and DRA's reference set draws five.) DRA's scores have no
+    N(0, 1) calibration: no p-values, no decisions (fsad.scoring.prior_calibrated)."""
+    u = runs["dra"]["u"]
+    assert_scored_as_evaluated(config_of("dra", runs["dra"]["root"]), u,
                                runs["dra"]["root"], tmp_path, capsys)
+    with open(tmp_path / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["z"] == r["p_value"] == r["anomalous"] == "" for r in rows)
+    assert "p_value" not in test_scores(u)
+    assert "flagged_at_confidence" not in results(u)["runs"][0]
 
 
 # ---------------------------------------------------------------- AHL
@@ -386,6 +393,11 @@ def test_ahl_devnet_end_to_end(runs):
     assert run0["base_auroc_same_features"] == pytest.approx(run0["base_auroc"], abs=1e-6)
     assert 0.0 <= run0["auroc"] <= 1.0
     assert (u / "seed_0" / "ahl_features.npz").exists()
+    # AHL(DevNet)'s p-values and decisions are its unified heads' (before: the base's)
+    from scipy import stats
+    ev = test_scores(u)
+    np.testing.assert_allclose(ev["p_value"], stats.norm.sf(ev["score"]), rtol=1e-6)
+    assert run0["flagged_at_confidence"] == pytest.approx(np.mean(ev["score"] > 1.959964))
 
 
 def test_ahl_scores_new_images_with_its_unified_heads(runs, tmp_path, capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fsad import explain
-from fsad.scoring import calibrate
+from fsad.scoring import calibrate, calibrate_run, prior_calibrated
 
 
 def test_saliency_concentrates_on_the_region_the_score_reads():
@@ -138,6 +138,20 @@ def test_calibration():
     assert cal["anomalous"].tolist() == [False, False, True]
     with pytest.raises(ValueError):
         calibrate(np.zeros(2), confidence=1.5)
+
+
+def test_only_one_deviation_score_is_read_against_the_prior():
+    """Proposition 1 (DevNet) reads one deviation-trained score against N(mu, sigma);
+    DRA's score sums four heads, the normality head's subtracted, and gets none."""
+    import importlib
+    for name, calibrated in (("devnet", True), ("ahl_devnet", True), ("dra", False),
+                             ("ahl_dra", False)):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert prior_calibrated(config) is calibrated, name
+        cal = calibrate_run(config, np.array([0.0, 2.5]))
+        assert (cal is not None) is calibrated, name
+    config.method, config.loss.prior_mu, config.loss.prior_sigma = "devnet", 1.0, 2.0
+    np.testing.assert_allclose(calibrate_run(config, np.array([1.0, 5.0]))["z"], [0.0, 2.0])
 
 
 def test_overlay_and_curve_pngs(tmp_path):

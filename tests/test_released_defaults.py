@@ -48,28 +48,35 @@ def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
     for module in (configs.ahl_dra, configs.ahl_devnet):
         d = module.get_config()
         assert (d.ahl.head_init, d.ahl.optim.lr, d.ahl.inner_lr) == ("base", d.optim.lr, 2e-4)
-        assert (d.ahl.weight_relative, d.ahl.weight_temperature) == (True, 0.1)
+        assert (d.ahl.weight_relative, d.ahl.weight_temperature,
+                d.ahl.error_scale) == (True, 0.1, "minmax")
         p = module.get_config("paper")
         assert (p.ahl.head_init, p.ahl.optim.lr, p.ahl.weighting) == ("fresh", 5e-3, "paper")
-        assert (p.ahl.weight_relative, p.ahl.weight_temperature) == (False, 1.0)  # Eq. 7
+        assert (p.ahl.weight_relative, p.ahl.weight_temperature,
+                p.ahl.error_scale) == (False, 1.0, "raw")  # Eq. 6 and 7
         r = module.get_config("released")
         assert (r.ahl.head_init, r.ahl.optim.lr, r.ahl.optim.weight_decay,
                 r.ahl.optim.decay_every_epochs, r.ahl.optim.clip_norm,
-                r.ahl.optim.decay_at_epoch_start, r.ahl.weighting,
-                r.ahl.weight_relative) == ("fresh", 2e-3, 1e-4, 10, 1.0, True, "released",
-                                           False)
+                r.ahl.optim.decay_at_epoch_start, r.ahl.weighting, r.ahl.weight_relative,
+                r.ahl.error_scale) == ("fresh", 2e-3, 1e-4, 10, 1.0, True, "released",
+                                       False, "raw")
         assert p.optim.lr == d.optim.lr  # the base model keeps its released defaults
 
 
-def test_released_query_weights_sum_to_one_until_psi_gives_weights():
-    """The released main.py divides the summed query losses by episode_num until psi
-    runs, and weighs them by 0.5 + 0.5 w_i, undivided, after (`ahl.weighting=released`);
-    before, fsad's gave each 0.5 + 0.5 / T from the first epoch on."""
-    from fsad.methods.ahl.meta_train import query_weights
+def test_released_query_weights_sum_to_one_until_the_released_code_reads_psi():
+    """The released main.py divides the summed query losses by episode_num until it reads
+    psi's weights, at 0-based epoch sequence_len + 2 (`epoch > sequence_len + 1`), and
+    weighs them by 0.5 + 0.5 w_i, undivided, after (`ahl.weighting=released`). fsad's psi
+    gives weights for epoch K + 1 already: the paper's weighting uses them there, the
+    released one from K + 2 (before, from K + 1)."""
+    from fsad.methods.ahl.meta_train import query_weights, weights_in_use
     uniform, w = jnp.full((7,), 1 / 7), jnp.linspace(0.05, 0.25, 7)
-    for epoch in range(6):  # K = 5: psi's first weights serve epoch 6 (0-based)
+    for epoch in range(6):  # K = 5: psi's first weights come after epoch 5 (0-based)
         np.testing.assert_allclose(query_weights(uniform, epoch, 5, "released"), 1 / 7)
-    np.testing.assert_allclose(query_weights(w, 6, 5, "released"), 0.5 + 0.5 * w)
+    np.testing.assert_allclose(query_weights(w, 6, 5, "released"), 1 / 7)
+    np.testing.assert_allclose(weights_in_use(w, 6, 5, "released"), 1 / 7)
+    np.testing.assert_allclose(query_weights(w, 7, 5, "released"), 0.5 + 0.5 * w)
+    np.testing.assert_allclose(weights_in_use(w, 7, 5, "released"), w)
     np.testing.assert_allclose(query_weights(w, 6, 5, "paper"), w)
     np.testing.assert_allclose(query_weights(uniform, 0, 5, "paper"), 1 / 7)
 
@@ -290,6 +297,33 @@ def test_importance_temperature_lets_the_weights_spread():
     eq7 = ahl.importance_weights(pred, labels, coef, temperature=1.0, relative=False)
     np.testing.assert_allclose(eq7, np.exp(-r) / np.exp(-r).sum(), rtol=1e-6)
     assert ahl.weight_spread(eq7) < 1.05
+
+
+def test_the_papers_errors_take_the_scores_as_they_are():
+    """Eq. 6 (and the released get_reward) squares raw score minus label; fsad's default
+    min-max scales the scores first. On deviation-scale scores (normals near 0, anomalies
+    at 5 and more) the raw errors are tens, and Eq. 7's softmax(-r) favours one model
+    where the scaled errors leave the weights near 1/T."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 10)
+    pred = np.stack([np.where(labels == 1, 6.0, 0.0) + rng.normal(0, s, 40)
+                     for s in (1.0, 1.2, 1.5)], 1)  # [P, T]: the first model the best
+    coef = np.ones((3, 40))
+    coef[1, :5] = 0.0  # model 1 judged on the other 35
+    raw = ahl.generalisation_errors(pred, labels, coef, "raw")
+    for t in range(3):  # the slow reference: Eq. 6 sample by sample
+        kept = [j for j in range(40) if coef[t, j] > 0]
+        assert raw[t] == pytest.approx(
+            sum((pred[j, t] - labels[j]) ** 2 for j in kept) / len(kept), rel=1e-12)
+    scaled = (pred - pred.min()) / (pred.max() - pred.min())
+    np.testing.assert_allclose(ahl.generalisation_errors(pred, labels, coef),
+                               ahl.generalisation_errors(scaled, labels, coef, "raw"))
+    eq7 = ahl.importance_weights(pred, labels, coef, 1.0, False, "raw")
+    np.testing.assert_allclose(eq7, np.exp(-raw) / np.exp(-raw).sum(), rtol=1e-6)
+    assert eq7[0] > 0.5 and ahl.weight_spread(eq7) > 5
+    assert ahl.weight_spread(ahl.importance_weights(pred, labels, coef, 1.0, False)) < 1.1
+    with pytest.raises(ValueError, match="error_scale"):
+        ahl.generalisation_errors(pred, labels, coef, "scaled")
 
 
 def test_ahl_reference_means_work_with_the_per_batch_reference():

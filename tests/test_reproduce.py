@@ -256,6 +256,28 @@ def test_an_override_goes_to_the_methods_that_have_the_field():
         reproduce.method_configs(["devnet"], "", ["data.zzz=2"], "synthetic")
 
 
+def test_dra_on_a_medical_dataset_without_outlier_exposure_is_noted_beside_the_table():
+    """The DRA paper took its medical datasets' pseudo anomalies from LAG (outlier
+    exposure): a table of DRA or AHL(DRA) there without dra.outlier_root says so, once per
+    method, and its markdown carries the note under the figures it differs from."""
+    reproduce = load_reproduce()
+    base = reproduce.method_configs(["devnet", "dra", "ahl_dra", "ahl_devnet"], "", [],
+                                    "synthetic")
+    notes = reproduce.protocol_notes(base, "Hyper-Kvasir")
+    assert [n.split(":")[0] for n in notes] == ["dra on Hyper-Kvasir", "ahl_dra on Hyper-Kvasir"]
+    assert "--set dra.outlier_root=" in notes[0] and "0.844 with LAG" in notes[0]
+    assert len(reproduce.protocol_notes(base, "headct")) == 2
+    assert reproduce.protocol_notes(base, "elpv") == []  # CutPaste, as the papers
+    assert reproduce.protocol_notes(base, "my_scans") == []  # no papers' figures
+    for config in base.values():
+        if "dra" in config:
+            config.dra.outlier_root = "/data/lag"
+    assert reproduce.protocol_notes(base, "brainmri") == []
+    md = reproduce.markdown({"dataset": "hyperkvasir", "init": ["x"], "variants": "",
+                             "overrides": [], "rows": [], "notes": notes[:1]})
+    assert md.endswith(f"\nNote: {notes[0]}.\n")
+
+
 def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
     """Ctrl-C (KeyboardInterrupt, here raised where the cells run) ends the table with
     exit status 130 and one line on stderr, not a traceback."""

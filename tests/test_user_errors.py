@@ -836,6 +836,22 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
                  "score", mode="score", input_dir=str(root), check=True)
 
 
+def test_dra_on_a_medical_dataset_without_its_outlier_images_is_told_the_papers_protocol(
+        tmp_path, capsys, caplog):
+    """The DRA paper's HeadCT, BrainMRI and Hyper-Kvasir figures took their pseudo
+    anomalies from LAG (outlier exposure): a DRA run there with CutPaste says so, with the
+    field that sets the external images; DevNet's, and DRA's with the field set, do not."""
+    dataset(tmp_path / "d" / "headct")
+    for method, overrides, told in (("dra", {}, True), ("devnet", {}, False),
+                                    ("dra", {"dra.outlier_root": str(tmp_path)}, False)):
+        cfg = folder_config(tmp_path / "d", method, **{"data.subset": "headct", **overrides})
+        caplog.clear()
+        assert execute(cfg, str(tmp_path / "w"), check=True) == 0, capsys.readouterr().err
+        said = "LAG (outlier exposure)" in caplog.text
+        assert said is told, (method, caplog.text)
+        assert ("--config.dra.outlier_root=<a folder of LAG images>" in caplog.text) is told
+
+
 def test_a_config_file_with_a_syntax_error_is_named_with_its_line():
     from fsad.main import config_problem
     try:

@@ -31,8 +31,8 @@ from fsad.methods.ahl.bank import (FAMILIES, build_bank, load_or_build_bank, mak
 from fsad.methods.ahl.heads import (HEAD_INITS, HeadModel, dra_heads, fresh_batch_stats,
                                     head_model, head_models, make_head_scorer,
                                     reference_means)
-from fsad.methods.ahl.importance import (generalisation_errors, importance_weights,
-                                         make_psi_fns, weight_spread)
+from fsad.methods.ahl.importance import (ERROR_SCALES, generalisation_errors,
+                                         importance_weights, make_psi_fns, weight_spread)
 from fsad.methods.ahl.meta_step import (CHUNK_SIZES, chunk_rows, chunked_sum,
                                         fitted_meta_step, make_meta_step)
 from fsad.methods.ahl.meta_train import MetaState, meta_train
@@ -46,7 +46,8 @@ __all__ = [
     "n_scales_of", "other_indices",
     "HEAD_INITS", "HeadModel", "dra_heads", "fresh_batch_stats", "head_model", "head_models",
     "make_head_scorer", "reference_means",
-    "generalisation_errors", "importance_weights", "make_psi_fns", "weight_spread",
+    "ERROR_SCALES", "generalisation_errors", "importance_weights", "make_psi_fns",
+    "weight_spread",
     "CHUNK_SIZES", "chunk_rows", "chunked_sum", "fitted_meta_step", "make_meta_step",
     "MetaState", "meta_train",
     "ahl_stage", "run_ahl", "score_unified", "unified_heads_of",

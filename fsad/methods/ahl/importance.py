@@ -14,37 +14,49 @@ import optax
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.quick_compile import quick_jit
 
+ERROR_SCALES = ("minmax", "raw")
+
+
 def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
-                          coef: np.ndarray) -> np.ndarray:
-    """r_i = sum_j c_ij (s'_ji - y_j)^2 / |{j: c_ij > 0}| (spec §7).
+                          coef: np.ndarray, error_scale: str = "minmax") -> np.ndarray:
+    """r_i = sum_j c_ij (s'_ji - y_j)^2 / |{j: c_ij > 0}| (spec §7, the paper's Eq. 6).
 
     Args:
-      predicted: [P, T] predicted scores of the T models; min-max scaled jointly to
-        [0, 1] first (scores live on the deviation scale, labels in {0, 1}).
+      predicted: [P, T] predicted scores of the T models.
       labels: [P] {0, 1}; coef: [T, P] c_j per model (0 = excluded).
+      error_scale: "minmax" scales the scores jointly to [0, 1] first (fsad's default:
+        scores live on the deviation scale, labels in {0, 1}); "raw" takes them as they
+        are, as Eq. 6 and the released code's get_reward do.
     Returns:
       r: [T] float64.
     """
+    if error_scale not in ERROR_SCALES:
+        raise ValueError(f"error_scale={error_scale!r}; use one of {ERROR_SCALES}")
     p = np.asarray(predicted, np.float64)
-    p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
+    if error_scale == "minmax":
+        p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
     err = (p.T - labels[None].astype(np.float64)) ** 2  # [T, P]
     return (coef * err).sum(1) / np.maximum((coef > 0).sum(1), 1)
 
 
 def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray,
-                       temperature: float = 0.1, relative: bool = True) -> np.ndarray:
+                       temperature: float = 0.1, relative: bool = True,
+                       error_scale: str = "minmax") -> np.ndarray:
     """w = softmax(-(r / mean(r)) / temperature), r from `generalisation_errors`; with
-    relative=False, softmax(-r / temperature) (temperature 1: the paper's Eq. 7).
+    relative=False, softmax(-r / temperature) (temperature 1 and error_scale "raw": the
+    paper's Eq. 6 and 7).
 
-    The paper's softmax(-r) on squared errors of [0, 1]-scaled scores leaves w within a
-    few percent of 1/T whatever the tasks' quality (the r_i differ by ~0.01). Dividing
-    r by its mean makes the weights scale-free: a model whose error is `temperature`
-    (10% by default) above another's gets e^-1 of its weight.
+    softmax(-r) depends on the scores' scale: on [0, 1]-scaled scores it leaves w within
+    a few percent of 1/T whatever the tasks' quality (the r_i differ by ~0.01); on raw
+    deviation-scale scores (normals near 0 or below, anomalies at 5 and more) the r_i
+    are tens apart by units, and w is close to one-hot. Dividing r by its mean makes the
+    weights scale-free: a model whose error is `temperature` (10% by default) above
+    another's gets e^-1 of its weight.
 
     Returns:
       w: [T] float32, summing to 1.
     """
-    r = generalisation_errors(predicted, labels, coef)
+    r = generalisation_errors(predicted, labels, coef, error_scale)
     if relative:
         r = r / max(float(r.mean()), 1e-12)
     z = -r / temperature

@@ -40,12 +40,23 @@ class MetaState:
     losses: jax.Array
 
 
+def weights_in_use(w: jax.Array, epoch: int, history: int, weighting: str) -> jax.Array:
+    """[T] the importance weights that (0-based) meta-epoch `epoch` uses: psi's w [T]
+    as soon as they exist (from epoch `history` + 1 on), or, with the released code's
+    weighting, from epoch `history` + 2 on (its main.py reads psi only once
+    `epoch > sequence_len + 1`); 1/T before."""
+    if weighting == "released" and epoch <= history + 1:
+        return jnp.full_like(w, 1.0 / w.shape[0])
+    return w
+
+
 def query_weights(w: jax.Array, epoch: int, history: int, weighting: str) -> jax.Array:
-    """[T] the weights of the T query losses at (0-based) meta-epoch `epoch`, from the
-    importance weights w [T] that epoch uses: w itself ("paper"), or the released code's
-    0.5 + 0.5 w once psi's weights exist (from epoch `history` + 1 on; "released"), the
-    plain w = 1/T before that (its loss_q[-1] / episode_num: they sum to 1)."""
-    return 0.5 + 0.5 * w if weighting == "released" and epoch > history else w
+    """[T] the weights of the T query losses at (0-based) meta-epoch `epoch`, from psi's
+    importance weights w [T] (1/T until psi has run): `weights_in_use` itself ("paper"),
+    or the released code's 0.5 + 0.5 w once it reads psi's weights ("released"), the
+    plain 1/T before that (its loss_q[-1] / episode_num: they sum to 1)."""
+    used = weights_in_use(w, epoch, history, weighting)
+    return 0.5 + 0.5 * used if weighting == "released" and epoch > history + 1 else used
 
 
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
@@ -90,8 +101,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
         jax.random.fold_in(k_meta, 0), hm.consts))
 
     def run_epoch(state: MetaState, epoch: int) -> tuple[MetaState, float]:
-        w = state.weights
-        qw = query_weights(w, epoch, K, a.weighting)
+        w = weights_in_use(state.weights, epoch, K, a.weighting)
+        qw = query_weights(state.weights, epoch, K, a.weighting)
         params, opt_state, out = step(state.params, state.opt_state, bank_dev, task_arrays,
                                       qw, pool_idx, jax.random.fold_in(k_meta, epoch),
                                       hm.consts)
@@ -101,7 +112,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                             f"{epoch + 1}; lower --config.ahl.optim.lr or "
                             f"--config.ahl.inner_lr")
         history = state.history.at[epoch].set(out["pool_scores"].T)
-        psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, w
+        psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, state.weights
         if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
             # psi learns online: the newest window each epoch (fixed shapes, one compile)
             seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
@@ -111,7 +122,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
             w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
                                                     tasks.pool_coef, a.weight_temperature,
-                                                    a.weight_relative))
+                                                    a.weight_relative, a.error_scale))
         return on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
                                  psi_opt, history, w_next,
                                  state.weights_log.at[epoch].set(w),
