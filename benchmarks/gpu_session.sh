@@ -158,8 +158,11 @@ stage() {  # stage NAME SECONDS command...: runs under timeout, logs, never stop
 }
 
 if want throughput; then
+  # 2/5 of the call where other stages follow, else all of it
+  share=$(( $(left) - RESERVE ))
+  [[ $STAGES == " throughput " ]] || share=$(( $(left) * 2 / 5 ))
   # JAX leaves half of the GPU to PyTorch's steps in the same process
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $(( $(left) * 2 / 5 )) \
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 stage throughput $share \
     "$PY" benchmarks/throughput.py $THROUGHPUT_ARGS --json "$OUT/throughput.json" \
     "${CHECK_FLAG[@]}"
 fi

@@ -251,6 +251,17 @@ def test_the_gpu_session_runs_the_stages_named(tmp_path):
     with tarfile.open(out / "state.tgz") as tar:
         assert "runs/table.md" in tar.getnames()
     os.remove(runs / "table.md")
+    if importlib.util.find_spec("torch") is not None:  # (--torch is checked for torch)
+        # the throughput stage alone takes the whole call, not its 2/5 beside others
+        done = subprocess.run(["bash", script, str(tmp_path / "out3"), "3"],
+                              capture_output=True, text=True,
+                              env={**env, "STAGES": "throughput", "STATE": ""},
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        log = (tmp_path / "out3" / "session.log").read_text()
+        (limit,) = [int(x) for x in re.findall(r"^## throughput \(at most (\d+) s\)", log,
+                                               flags=re.M)]
+        assert 3 * 60 - 30 < limit <= 3 * 60 - 15, log
     done = subprocess.run(["bash", script, str(tmp_path / "out2"), "3"],
                           capture_output=True, text=True,
                           env={**env, "STAGES": "profile parity"}, timeout=60)
