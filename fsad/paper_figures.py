@@ -122,7 +122,7 @@ def canonical_dataset(name: str) -> str:
 # The DRA paper made its pseudo anomalies on its three medical datasets from another
 # medical dataset, LAG (outlier exposure; DRA §3.2 and §4.1), not by CutPaste as on every
 # other dataset; its Table 4 gives Hyper-Kvasir's hard setting 0.751 with CutPaste against
-# the published 0.844 with LAG. The AHL paper's DRA base follows the released DRA code.
+# the published 0.844 with LAG. (The AHL paper does not say what its DRA re-runs used.)
 DRA_OUTLIER_EXPOSURE = ("brainmri", "headct", "hyperkvasir")
 
 

@@ -79,6 +79,11 @@ def test_released_query_weights_sum_to_one_until_the_released_code_reads_psi():
     np.testing.assert_allclose(weights_in_use(w, 7, 5, "released"), w)
     np.testing.assert_allclose(query_weights(w, 6, 5, "paper"), w)
     np.testing.assert_allclose(query_weights(uniform, 0, 5, "paper"), 1 / 7)
+    # every epoch's weights sit where psi's do (the meta-step's inputs: one program)
+    from fsad.mesh import one_device_mesh, replicated
+    placed = jax.device_put(w, replicated(one_device_mesh()))
+    for epoch, weighting in ((0, "released"), (6, "released"), (7, "released"), (6, "paper")):
+        assert query_weights(placed, epoch, 5, weighting).sharding == placed.sharding
 
 
 def test_step_decay_matches_where_the_released_code_steps_its_scheduler():

@@ -46,7 +46,7 @@ def weights_in_use(w: jax.Array, epoch: int, history: int, weighting: str) -> ja
     weighting, from epoch `history` + 2 on (its main.py reads psi only once
     `epoch > sequence_len + 1`); 1/T before."""
     if weighting == "released" and epoch <= history + 1:
-        return jnp.full_like(w, 1.0 / w.shape[0])
+        return jnp.full_like(w, 1.0 / w.shape[0])  # w's placement: the step's inputs
     return w
 
 
