@@ -25,7 +25,7 @@ from fsad.errors import UserError
 from fsad.hosts import is_primary
 from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
-from fsad.methods import build_method
+from fsad.methods import base_method_name, build_method
 from fsad.train import make_score_fn, score_images
 from fsad.workdir import seed_dir_of
 
@@ -47,8 +47,7 @@ def prior_calibrated(config) -> bool:
     three heads' scores and subtracts the normality head's (spec §6), which its training
     pushes to the margin (5) on normal images: no prior describes that sum, and the
     DRA paper claims no calibration."""
-    base = config.ahl.base if config.method == "ahl" else config.method
-    return base == "devnet"
+    return base_method_name(config) == "devnet"
 
 
 def calibrate_run(config, scores: np.ndarray) -> dict[str, np.ndarray] | None:
