@@ -235,7 +235,8 @@ def run_table(args, on_cell=None) -> dict:
                             f"out") from None
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
-    rows = dataset_without_pixels(first.data)  # the grid is checked before a decode
+    # the grid is checked before a decode (--check: nothing written either)
+    rows = dataset_without_pixels(first.data, write=not args.check)
     paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
     known = hard_known_classes(args.known_classes, rows, paper_name)
     runners: dict = {}

@@ -19,8 +19,9 @@ one run measures:
   * with --torch (PyTorch installed), PyTorch versions of the released steps
     (benchmarks/torch_released.py: eager float32, AMP bf16 + channels_last, and
     torch.compile; for the AHL meta-step, whose released code cannot run, a torch.func
-    version of the same second-order step on DRA's heads, eager float32), and fsad's
-    ratio to the fastest of them. (fsad's meta-step also scores the importance pool
+    version of the same second-order step on DRA's heads, eager float32, with its tasks
+    one after another as the released loop and vmapped as fsad's), and fsad's ratio to
+    the fastest of them. (fsad's meta-step also scores the importance pool
     under the T adapted heads, which the torch step leaves out.)
 Warm-up calls are excluded and every clock read follows block_until_ready (or
 torch.cuda.synchronize). Prints a table; --json writes the rows. --compile_only
@@ -184,22 +185,23 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     if args.seeds > 1:
         row.update(bench_seeds(method, tx, mesh, data, batch, args))
     if args.torch and method_name in ("devnet", "dra"):
-        publish(row)
-
-        def publish_with(figures: dict) -> None:  # PyTorch's modes timed so far
-            publish({**row, **torch_ratio(row["train_img_per_s"], figures)})
-        row.update(with_torch_ratio(row["train_img_per_s"], torch_rows, (method_name, batch),
-                                    lambda: bench_torch(method_name, args, batch,
-                                                        publish_with)))
+        def measure(on_mode) -> dict:  # once per method and batch, for every dtype's row
+            if (method_name, batch) not in torch_rows:
+                torch_rows[method_name, batch] = bench_torch(method_name, args, batch, on_mode)
+            return torch_rows[method_name, batch]
+        add_torch_figures(row, publish, measure)
     return row
 
 
-def with_torch_ratio(fsad_img_per_s: float, torch_rows: dict, key, measure) -> dict:
-    """PyTorch's figures for key (measured once per run by measure(), then reused by the
-    rows of other dtypes) and fsad's ratio to the fastest PyTorch mode."""
-    if key not in torch_rows:
-        torch_rows[key] = measure()
-    return torch_ratio(fsad_img_per_s, torch_rows[key])
+def add_torch_figures(row: dict, publish, measure) -> None:
+    """Adds to row PyTorch's figures, measure(on_mode), and fsad's ratio to the fastest
+    PyTorch mode, publishing the row (partial) before them and after each mode that
+    measure hands to on_mode, so that a run cut short keeps what it timed."""
+    publish(row)
+
+    def publish_with(figures: dict) -> None:  # PyTorch's modes timed so far
+        publish({**row, **torch_ratio(row["train_img_per_s"], figures)})
+    row.update(torch_ratio(row["train_img_per_s"], measure(publish_with)))
 
 
 def torch_ratio(fsad_img_per_s: float, figures: dict) -> dict:
@@ -282,27 +284,50 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
             row["one_device_meta_steps_per_s"]
     if args.torch:
-        publish(row)  # before PyTorch's step, as bench_train_and_score
-        row.update(with_torch_ratio(row["train_img_per_s"], {}, "ahl", lambda: bench_torch_ahl(
-            args, tasks, [b.shape[1] for b in bank], bank[0].shape[-1], bank[0].shape[0])))
+        add_torch_figures(row, publish, lambda on_mode: bench_torch_ahl(
+            args, tasks, [b.shape[1] for b in bank], bank[0].shape[-1], bank[0].shape[0],
+            on_mode))
     return row
 
 
 def bench_torch(kind: str, args, batch: int, on_mode=lambda out: None) -> dict:
-    """PyTorch's released step in each of args.torch_modes (`torch_released.speed_step`:
-    cuDNN's autotuning and fused Adam on a GPU, the released batch composition);
-    on_mode(figures so far) after each mode."""
-    try:
-        from benchmarks import torch_released as tr
-    except ImportError:
-        return {}
+    """PyTorch's released step in each of its modes in args.torch_modes
+    (`torch_released.speed_step`: cuDNN's autotuning and fused Adam on a GPU, the released
+    batch composition); on_mode(figures so far) after each mode."""
+    return time_torch_modes(torch_modes_of(kind, args.torch_modes), lambda tr, mode, device: (
+        *tr.speed_step(kind, args.img_size, batch, mode, device), batch), args, on_mode)
+
+
+def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int,
+                    on_mode=lambda out: None) -> dict:
+    """PyTorch's version of the same meta-step (benchmarks/torch_released.py
+    `ahl_meta_step_for_benchmark`: DRA's heads, torch.func, second order, eager float32)
+    on bank features of the same shapes, with the same task count and samples per task,
+    in each of its modes in args.torch_modes (the tasks looped, eager_fp32, or vmapped,
+    vmap_fp32); on_mode(figures so far) after each mode."""
+    support = round(float(tasks.support_mask.sum()) / tasks.num_tasks)
+    query = round(float(tasks.query_mask.sum()) / tasks.num_tasks)
+    return time_torch_modes(torch_modes_of("ahl", args.torch_modes), lambda tr, mode, device:
+                            tr.ahl_meta_step_for_benchmark(
+                                channels, maps, tasks.num_tasks, support, query, base="dra",
+                                bank_rows=bank_rows, device=device,
+                                vmap_tasks=tr.AHL_MODES[mode]), args, on_mode)
+
+
+def time_torch_modes(modes: list[str], make, args, on_mode=lambda out: None) -> dict:
+    """{torch_<mode>_img_per_s (and on CUDA torch_<mode>_step_mib) or torch_<mode>_error}
+    for each mode, make(torch_released, mode, device) -> (step, its args, images per
+    step) timed as fsad's steps are (--steps after --warmup; `tune_for_speed`); a mode
+    PyTorch cannot run is reported, not raised; on_mode(figures so far) after each."""
+    from benchmarks import torch_released as tr  # --torch: installed (check_torch_args)
     device = tr.default_device()
+    tr.tune_for_speed(device)
     out = {}
-    for mode in args.torch_modes:
+    for mode in modes:
         try:
-            step, step_args = tr.speed_step(kind, args.img_size, batch, mode, device)
+            step, step_args, n = make(tr, mode, device)
             out[f"torch_{mode}_img_per_s"] = tr.time_torch_step(
-                step, step_args, batch, steps=args.steps, warmup=args.warmup, device=device)
+                step, step_args, n, steps=args.steps, warmup=args.warmup, device=device)
             peak = tr.step_peak_bytes(step, step_args, device)
             if peak is not None:
                 out[f"torch_{mode}_step_mib"] = peak / 2**20
@@ -312,32 +337,16 @@ def bench_torch(kind: str, args, batch: int, on_mode=lambda out: None) -> dict:
     return out
 
 
-def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int) -> dict:
-    """PyTorch's version of the same meta-step (benchmarks/torch_released.py
-    `ahl_meta_step_for_benchmark`: DRA's heads, torch.func, second order, eager float32)
-    on bank features of the same shapes, with the same task count and samples per task."""
-    try:
-        from benchmarks import torch_released as tr
-    except ImportError:
-        return {}
-    try:
-        tr.tune_for_speed(tr.default_device())
-        support = round(float(tasks.support_mask.sum()) / tasks.num_tasks)
-        query = round(float(tasks.query_mask.sum()) / tasks.num_tasks)
-        step, step_args, n = tr.ahl_meta_step_for_benchmark(
-            channels, maps, tasks.num_tasks, support, query, base="dra",
-            bank_rows=bank_rows, device=tr.default_device())
-        out = {"torch_eager_fp32_img_per_s": tr.time_torch_step(
-            step, step_args, n, steps=args.steps, warmup=args.warmup)}
-        peak = tr.step_peak_bytes(step, step_args, tr.default_device())
-        return out if peak is None else {**out, "torch_eager_fp32_step_mib": peak / 2**20}
-    except Exception as err:  # noqa: BLE001 - reported, as for the other torch modes
-        return {"torch_eager_fp32_error": f"{type(err).__name__}: {err}"[:200]}
+def torch_modes_of(method: str, modes: list[str]) -> list[str]:
+    """The modes among `modes` that PyTorch's version of `method`'s step has: DevNet's and
+    DRA's released steps `torch_released.MODES`, the AHL meta-step `AHL_MODES`."""
+    from benchmarks.torch_released import AHL_MODES, MODES
+    return [m for m in modes if m in (AHL_MODES if method == "ahl" else MODES)]
 
 
 TRAIN_METHODS = ("devnet", "dra")  # the steps --batches, --dtypes, --host_fed, --seeds set
 ARG_DEFAULTS = {"batches": [48], "dtypes": ["bfloat16", "float32"], "ahl_normals": 300,
-                "ahl_chunk": 0}  # --torch_modes: torch_released.MODES, with --torch
+                "ahl_chunk": 0}  # --torch_modes: all of torch_released's, with --torch
 FLAG_OF_FIELD = {"data.img_size": "--img_size", "model.backbone": "--backbone",
                  "batch_size": "--batches"}
 
@@ -410,12 +419,21 @@ def check_torch_args(ap: argparse.ArgumentParser, args, trains: list[str]) -> No
     if importlib.util.find_spec("torch") is None:
         ap.error("--torch needs PyTorch, which is not installed: pip install torch, or "
                  "leave --torch out")
-    from benchmarks.torch_released import MODES
-    args.torch_modes = args.torch_modes or list(MODES)
-    unknown = [m for m in args.torch_modes if m not in MODES]
+    from benchmarks.torch_released import AHL_MODES, MODES
+    every = list(dict.fromkeys((*MODES, *AHL_MODES)))
+    given = args.torch_modes
+    args.torch_modes = given or every
+    unknown = [m for m in args.torch_modes if m not in every]
     if unknown:
         ap.error(f"--torch_modes {' '.join(unknown)}: not a PyTorch configuration; use "
-                 f"some of {' '.join(MODES)}")
+                 f"some of {' '.join(every)}")
+    methods = trains + (["ahl"] if "ahl" in args.methods else [])
+    unread = [m for m in given or () if not any(torch_modes_of(s, [m]) for s in methods)]
+    if unread:
+        ap.error(f"--torch_modes {' '.join(unread)}: no step of --methods "
+                 f"{' '.join(args.methods)} has it in PyTorch (DevNet's and DRA's: "
+                 f"{' '.join(MODES)}; the AHL meta-step's: {' '.join(AHL_MODES)}); leave "
+                 f"it out, or add the method")
     if args.backbone != "resnet18" and trains:
         ap.error(f"the PyTorch DevNet and DRA steps run the released ResNet-18 trunk, so a "
                  f"ratio against {args.backbone} would compare two trunks: use --backbone "
@@ -456,8 +474,9 @@ def main(argv=None):
     ap.add_argument("--torch", action="store_true",
                     help="also time PyTorch versions of the released steps (needs torch)")
     ap.add_argument("--torch_modes", nargs="+", default=None,
-                    help="the PyTorch configurations to time (default eager_fp32 "
-                    "amp_bf16_channels_last compile)")
+                    help="the PyTorch configurations to time (default all: DevNet's and "
+                    "DRA's eager_fp32 amp_bf16_channels_last compile; the AHL meta-step's "
+                    "eager_fp32, its tasks looped, and vmap_fp32, vmapped)")
     ap.add_argument("--json", default="", help="write the rows here (after every row)")
     ap.add_argument("--check", action="store_true", help="check the flags as a run would "
                     "and list the rows it would time, then stop: nothing compiles")
@@ -467,7 +486,8 @@ def main(argv=None):
         for m, batch, dtype in planned_rows(args):
             step = f"ahl meta-step, {args.ahl_normals} normals, float32 heads" if m == "ahl" \
                 else f"{m} batch {batch} {dtype}"
-            torch_modes = f"; PyTorch {' '.join(args.torch_modes)}" if args.torch else ""
+            torch_modes = (f"; PyTorch {' '.join(torch_modes_of(m, args.torch_modes))}"
+                           if args.torch else "")
             seeds = (f"; {args.seeds} seeds vmapped and one after another"
                      if args.seeds > 1 and m != "ahl" else "")
             print(f"{step}, {args.img_size} px, {args.backbone}{torch_modes}{seeds}",

@@ -20,8 +20,9 @@ Released code mirrored:
           (generate_target, the four head losses summed, the same Adam and clipping,
           StepLR stepped at the START of each epoch).
   AHL     fsad's CDL step (`make_meta_step` in fsad/methods/ahl/meta_step.py) in PyTorch:
-          T tasks looped, functional heads (torch.func.functional_call), `inner_steps` SGD
-          steps with create_graph=True, weighted query losses, one outer Adam step;
+          T tasks looped (or vmapped with torch.func), functional heads
+          (torch.func.functional_call), `inner_steps` SGD steps keeping the graph,
+          weighted query losses, one outer Adam step;
           on DevNet's head (`DevNetFeatureHead`, `weighted_devnet_loss`) or on DRA's
           heads (`DRAFeatureHeads`, `weighted_dra_loss`) over bank features.
           (The released AHL main.py cannot run as published; see spec §7.)
@@ -51,6 +52,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 MODES = ("eager_fp32", "amp_bf16_channels_last", "compile")
+# the AHL meta-step's PyTorch configurations: its tasks one after another or vmapped
+# (`make_torch_meta_step`'s vmap_tasks), both eager float32
+AHL_MODES = {"eager_fp32": False, "vmap_fp32": True}
 KINDS = ("devnet", "dra")
 MARGIN = 5.0
 PRIOR_SIZE = 5000
@@ -614,11 +618,12 @@ def weighted_dra_loss(scores: Mapping, labels: torch.Tensor, weight: torch.Tenso
 
 def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
                          inner_steps: int, inner_lr: float, first_order: bool = False,
-                         clip_norm: float = 0.0, loss: Callable | None = None) -> Callable:
+                         clip_norm: float = 0.0, loss: Callable | None = None,
+                         vmap_tasks: bool = False) -> Callable:
     """fsad's CDL epoch step (`fsad.methods.ahl.make_meta_step`) in PyTorch.
 
     For each task t: theta = params; `inner_steps` plain SGD steps on the support loss
-    (torch.autograd.grad with create_graph=True unless first_order); the query loss
+    (with the graph kept for the outer gradient unless first_order); the query loss
     L_t of the adapted theta. The unified params take one optimizer step on
     sum_t weights[t] * L_t (after clip_grad_norm_ when clip_norm > 0). The head runs in
     eval mode, as fsad applies it (train=False).
@@ -627,6 +632,12 @@ def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
       or `DRAFeatureHeads` ({head: [B]}).
     loss: (scores, labels [B], weight [B], prior) -> scalar; default
       `weighted_devnet_loss` (DevNet's head); `weighted_dra_loss` for DRA's heads.
+    vmap_tasks: False, the tasks one after another (torch.autograd.grad with
+      create_graph=True in each task's inner loop, as the released code's loop over its
+      tasks); True, all tasks as one batched computation (torch.func.vmap over the tasks
+      of torch.func.grad's inner loop, as fsad vmaps them: the heads' weights then differ
+      per task, so every convolution becomes a grouped one). The same losses and
+      gradients either way, to float rounding.
 
     Returns step(bank, tasks, weights, prior=None) -> (loss, task_losses [T]):
       bank: list over scales of [M,C,h,w]; tasks: dict of [T,S] / [T,Q] tensors
@@ -635,30 +646,45 @@ def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
       None (fresh draws on every loss, as fsad's fresh keys), one [l] vector, or (DRA)
       {head: [l]}.
     """
-    from torch.func import functional_call
+    from torch.func import functional_call, grad, vmap
 
     loss = weighted_devnet_loss if loss is None else loss
     names = [n for n, _ in head.named_parameters()]
+    fields = [f"{s}_{f}" for s in ("support", "query") for f in ("idx", "lab", "weight")]
 
     def task_loss(theta, bank, idx, lab, weight, prior):
         feats = [f[idx] for f in bank]
         return loss(functional_call(head, theta, (feats,)), lab, weight, prior)
 
+    def sgd_step(theta, grads):
+        return {n: theta[n] - inner_lr * g for n, g in zip(names, grads)}
+
+    def looped_grads(theta, *task):  # the graph kept for the outer gradient
+        return torch.autograd.grad(task_loss(theta, *task), [theta[n] for n in names],
+                                   create_graph=not first_order)
+
+    def vmapped_grads(theta, *task):  # torch.func.grad keeps it unless detached
+        g = grad(task_loss)(theta, *task)
+        return [g[n].detach() if first_order else g[n] for n in names]
+
+    def query_loss(params, bank, prior, inner_grads, s_idx, s_lab, s_w, q_idx, q_lab, q_w):
+        """One task's query loss L_t after its inner SGD steps from params."""
+        theta = dict(params)
+        for _ in range(inner_steps):
+            theta = sgd_step(theta, inner_grads(theta, bank, s_idx, s_lab, s_w, prior))
+        return task_loss(theta, bank, q_idx, q_lab, q_w, prior)
+
     def step(bank, tasks, weights, prior=None):
         head.eval()
         params = dict(head.named_parameters())
-        losses = []
-        for t in range(weights.shape[0]):
-            theta = dict(params)
-            for _ in range(inner_steps):
-                inner = task_loss(theta, bank, tasks["support_idx"][t], tasks["support_lab"][t],
-                                  tasks["support_weight"][t], prior)
-                grads = torch.autograd.grad(inner, [theta[n] for n in names],
-                                            create_graph=not first_order)
-                theta = {n: theta[n] - inner_lr * g for n, g in zip(names, grads)}
-            losses.append(task_loss(theta, bank, tasks["query_idx"][t], tasks["query_lab"][t],
-                                    tasks["query_weight"][t], prior))
-        losses = torch.stack(losses)
+        per_task = [tasks[f] for f in fields]
+        if vmap_tasks:
+            losses = vmap(lambda *task: query_loss(params, bank, prior, vmapped_grads, *task),
+                          randomness="different")(*per_task)
+        else:
+            losses = torch.stack([query_loss(params, bank, prior, looped_grads,
+                                             *(x[t] for x in per_task))
+                                  for t in range(weights.shape[0])])
         total = (weights * losses).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -675,7 +701,8 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
                                 inner_lr: float = 2e-4, first_order: bool = False,
                                 lr: float = 2e-4, bank_rows: int | None = None,
                                 topk: float = 0.1, residual_stride: int = 1,
-                                residual_padding: int = 1, device=None, seed: int = 0):
+                                residual_padding: int = 1, device=None, seed: int = 0,
+                                vmap_tasks: bool = False):
     """A random-init AHL meta-step on random bank features, ready to time:
 
         step, args, n = ahl_meta_step_for_benchmark(512, (14, 7), 7, 120, 120)
@@ -692,7 +719,8 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
         samples per task (no padding), each a third normal (label 0), a third pseudo
         (2), the rest seen anomalies (1), with fsad's class-balance weights
         (`fsad.methods.ahl.class_balance`); bank_rows: M (default T * (S + Q)); device:
-        default `default_device()`.
+        default `default_device()`; vmap_tasks: the tasks as one vmapped computation
+        (`make_torch_meta_step`).
     Returns:
       (step, args, images_per_step): step(*args) runs one meta-step; args = (bank: list
       over scales of [M,C,h_s,h_s] float32, tasks: dict of [T,S] / [T,Q] tensors
@@ -725,7 +753,7 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
             np.tile(class_balance(lab, base), (num_tasks, 1)), device=device)
     weights = torch.full((num_tasks,), 1.0 / num_tasks, device=device)
     step = make_torch_meta_step(head, torch.optim.Adam(head.parameters(), lr=lr), inner_steps,
-                                inner_lr, first_order, loss=loss)
+                                inner_lr, first_order, loss=loss, vmap_tasks=vmap_tasks)
     bank = [b.to(device) for b in bank]
     return step, (bank, tasks, weights), num_tasks * (support + query)
 

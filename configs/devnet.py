@@ -29,9 +29,11 @@ from fsad.config import add_devnet, apply_variants, base_config
 
 
 def paper(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
-    """The DevNet paper's text (spec §5): one scale, lr 1e-3, weight decay 1e-2, no
-    rotation, no schedule, no clipping."""
+    """The DevNet paper's text (spec §4, §5): one scale, top-K of the scores s (Eq. 6:
+    the patches with the largest scores; the released code ranks |s|), lr 1e-3, weight
+    decay 1e-2, no rotation, no schedule, no clipping."""
     c.model.n_scales = 1
+    c.model.topk_abs = False
     c.augment.rotate_degrees = 0.0
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-2

@@ -23,6 +23,10 @@ from fsad.config import add_dra, apply_variants, base_config
 
 
 def paper(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The DRA paper's text: lr 1e-3, weight decay 1e-2, and top-K of the scores s in the
+    seen, pseudo and residual heads (Eq. 3: the K vectors with the largest scores; the
+    released code ranks |s|)."""
+    c.model.topk_abs = False
     c.optim.lr = 1e-3
     c.optim.weight_decay = 1e-2
     return c

@@ -316,7 +316,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     """
     check_config(config, n_devices if n_devices is not None else len(jax.devices()))
     seeds = seeds_of(config)
-    rows = dataset_without_pixels(config.data)
+    rows = dataset_without_pixels(config.data, write=False)
     check_protocol(config, rows, seeds)
     if os.path.isdir(workdir):
         check_workdir_config(workdir, config)

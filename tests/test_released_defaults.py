@@ -32,10 +32,14 @@ def test_configs_default_to_the_released_code():
     p = configs.devnet.get_config("paper")
     assert (p.model.n_scales, p.augment.rotate_degrees, p.optim.lr, p.optim.weight_decay,
             p.optim.decay_every_epochs, p.optim.clip_norm) == (1, 0.0, 1e-3, 1e-2, 0, 0.0)
+    # both papers' top-K takes the largest scores s; both released codes rank |s|
+    assert d.model.topk_abs and not p.model.topk_abs
     r = configs.dra.get_config()
     assert (r.dra.residual_stride, r.dra.residual_padding, r.optim.decay_at_epoch_start,
             r.epochs, r.model.n_scales) == (1, 1, True, 30, 2)
-    assert configs.dra.get_config("paper").optim.lr == 1e-3
+    p = configs.dra.get_config("paper")
+    assert (p.optim.lr, p.optim.weight_decay, r.model.topk_abs, p.model.topk_abs) == (
+        1e-3, 1e-2, True, False)
     # both released codes test in batches of their --batch_size (dataloaders/dataloader.py)
     assert d.eval_batch_size == d.batch_size == r.eval_batch_size == r.batch_size == 48
 

@@ -23,8 +23,8 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
            "--methods", "ahl", "--img_size", "32", "--steps", "1", "--warmup", "1",
            "--ahl_normals", "6", "--json", str(out)]
     with_torch = importlib.util.find_spec("torch") is not None
-    if with_torch:
-        cmd += ["--torch", "--torch_modes", "eager_fp32"]
+    if with_torch:  # the tasks looped, as the released code, and vmapped, as fsad's
+        cmd += ["--torch", "--torch_modes", "eager_fp32", "vmap_fp32"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -33,7 +33,9 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     assert row["tasks"] == 7 and row["train_compile_s"] > 0 and row["train_img_per_s"] > 0
     assert row["train_step_mib"] > 0  # XLA's plan of the meta-step's working memory
     if with_torch:
-        assert row["torch_eager_fp32_img_per_s"] > 0 and row["fsad_over_best_torch"] > 0, row
+        speeds = [row["torch_eager_fp32_img_per_s"], row["torch_vmap_fp32_img_per_s"]]
+        assert row["fsad_over_best_torch"] == pytest.approx(row["train_img_per_s"] /
+                                                            max(speeds)), row
     assert "| ahl_meta_step |" in done.stdout  # the printed table
 
 
@@ -86,6 +88,12 @@ def test_torch_flags_are_checked_before_the_run(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         throughput.main(["--torch", "--torch_modes", "eager_fp32", "fast"])
     assert "--torch_modes fast: not a PyTorch configuration" in capsys.readouterr().err
+    # a mode that only the other methods' PyTorch steps have
+    for methods, mode in (("devnet", "vmap_fp32"), ("ahl", "compile")):
+        with pytest.raises(SystemExit):
+            throughput.main(["--methods", methods, "--torch", "--torch_modes", mode])
+        assert f"--torch_modes {mode}: no step of --methods {methods} has it in PyTorch" in \
+            capsys.readouterr().err
 
 
 def test_pytorch_modes_are_reported_as_each_finishes(tmp_path):

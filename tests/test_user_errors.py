@@ -834,6 +834,14 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
     expect_error(cfg, tmp_path / "w", capsys, "data.n_anomaly=20", check=True)
     expect_error(cfg, tmp_path / "w", capsys, "--check checks a training run and --mode is "
                  "score", mode="score", input_dir=str(root), check=True)
+    # the procedural set: listed as a run would write it, and not written (it was)
+    cfg = folder_config(str(tmp_path / "synthetic"), **{
+        "data.name": "synthetic", "data.img_size": 32, "data.n_anomaly": 10})
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "seed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
+        "anomalies); starts")
+    assert not (tmp_path / "synthetic").exists() and not (tmp_path / "w").exists()
 
 
 def test_dra_on_a_medical_dataset_without_its_outlier_images_is_told_the_papers_protocol(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from fsad.data.cache import DEFAULT_CACHE
 from fsad.data.elpv import elpv_without_pixels, read_elpv
@@ -31,7 +32,7 @@ def load_imageset(data_cfg) -> ImageSet:
     raise _unknown_reader(data_cfg)
 
 
-def dataset_without_pixels(data_cfg) -> ImageSet:
+def dataset_without_pixels(data_cfg, write: bool = True) -> ImageSet:
     """The rows of the dataset a config names without their pixels, none decoded: elpv
     (the package's label table), folder and synthetic (the files listed; the synthetic set
     is a folder, written first when missing) and tfds (from its decoded cache, else the
@@ -41,11 +42,21 @@ def dataset_without_pixels(data_cfg) -> ImageSet:
     protocol (shots, known class, contamination) before it creates its workdir, loads
     weights, decodes or compiles.
 
+    write: False (a --check) leaves a missing synthetic set unwritten: its rows are listed
+      from a copy written to a temporary folder and removed.
+
     Returns:
       an ImageSet with images [N, 0, 0, 3] and no masks.
     """
     if data_cfg.name == "elpv":
         return elpv_without_pixels()
+    if data_cfg.name == "synthetic" and not write:
+        root = _folder_root(data_cfg, write=False)
+        if not os.path.isdir(root):
+            with tempfile.TemporaryDirectory() as tmp:  # named as root: the rows' set name
+                return folder_without_pixels(write_synthetic_dataset(
+                    os.path.join(tmp, os.path.basename(os.path.abspath(root))),
+                    size=data_cfg.img_size, seed=0))
     if data_cfg.name in ("folder", "synthetic"):
         return folder_without_pixels(_folder_root(data_cfg))
     if data_cfg.name == "tfds":
@@ -55,14 +66,14 @@ def dataset_without_pixels(data_cfg) -> ImageSet:
     raise _unknown_reader(data_cfg)
 
 
-def _folder_root(data_cfg) -> str:
+def _folder_root(data_cfg, write: bool = True) -> str:
     """data.root/data.subset of a folder reader (folder, synthetic); the synthetic set is
-    written there first when that folder is missing."""
+    written there first when that folder is missing (unless write is False)."""
     if not data_cfg.get("root"):
         raise UserError(f"data.name={data_cfg.name!r} reads a folder and data.root is "
                         f"empty; pass --config.data.root=PATH")
     root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
-    if data_cfg.name == "synthetic" and not os.path.isdir(root):
+    if write and data_cfg.name == "synthetic" and not os.path.isdir(root):
         write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
     return root
 
