@@ -291,10 +291,12 @@ def field_table_rows(section: str) -> list[tuple[list[str], list[str]]]:
 
 
 def readme_value(text: str):
-    """A default as the README writes it: `word` a string, True/False, 1/3 a fraction,
-    else a number."""
+    """A default as the README writes it: `word` a string, "empty" the empty string,
+    True/False, 1/3 a fraction, else a number."""
     if text.startswith("`"):
         return text.strip("`")
+    if text == "empty":
+        return ""
     if text in ("True", "False"):
         return text == "True"
     num, _, den = text.partition("/")
