@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 11 in fixed-length calls, for a machine lent by the minute.
 # Its stages, in this order (STAGES picks some; the default is every stage but
-# vmapped_seeds, which an H200 has answered: README "Benchmarks"):
+# vmapped_seeds, whose seeds half an H200 has answered: README "Benchmarks"):
 #   throughput: fsad's DevNet, AHL and DRA steps in that order, bf16 and fp32, beside
 #      the PyTorch versions of the released steps measured in the same run;
 #   parity_default, parity_fp32: the bf16/fp32 AUROC parity on ELPV (DevNet, general
 #      10-shot, SEEDS seeds in the default dtype, bf16 on a GPU, then in float32);
 #   vmapped_seeds: the DevNet step of 3 seeds as one vmapped program against the 3 one
-#      after another; its row goes to session.log and $RUNS/vmapped_seeds.json (OUT's 8
-#      files are taken);
+#      after another, and the AHL meta-step's 7 tasks the same two ways
+#      (ahl.task_batching, default vmap: on a CPU the tasks one after another gained
+#      too little for their memory); its rows go
+#      to session.log and $RUNS/vmapped_seeds.json (OUT's 8 files are taken);
 #   profile: where the DevNet step's time goes (benchmarks/profile_step.py: a trace of
 #      the released bf16 step at 448 px split by kind and part, then its compile time
 #      and img/s on the Lite0 trunk with the depthwise convs as slices and as XLA's
@@ -65,8 +67,8 @@ LITE0=model.backbone=efficientnet_lite0
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
 --ablate $LITE0,model.depthwise_conv=slices $LITE0,xla_gpu_autotune_level=0 \
 model.n_scales=1,augment.rotate_degrees=0 $LITE0}
-VMAP_ARGS=${VMAP_ARGS:---methods devnet --img_size 448 --batches 48 --dtypes bfloat16 \
---seeds 3}
+VMAP_ARGS=${VMAP_ARGS:---methods devnet ahl --img_size 448 --batches 48 --dtypes bfloat16 \
+--seeds 3 --ahl_task_batching vmap map}
 ALL_STAGES=(throughput parity_default parity_fp32 vmapped_seeds profile grid)
 STAGES=" ${STAGES:-throughput parity_default parity_fp32 profile grid} "
 for name in $STAGES; do

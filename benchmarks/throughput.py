@@ -235,7 +235,10 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
     """AHL's meta-step (DRA heads, T = 7 tasks, second order) on random bank features of
     the trunk's map size; img/s counts the support and query samples it adapts on. The
     tasks are spread over every device (`make_mesh()`); with several, the row also has
-    the same step on the first device alone and the ratio."""
+    the same step on the first device alone and the ratio. The row times the first of
+    --ahl_task_batching (`ahl.task_batching`: a device's tasks vmapped or one after
+    another); each one's figures are in tasks_<vmap|map>_img_per_s and _compile_s, and
+    with both, tasks_vmap_over_map."""
     config = config_for("ahl", args, batch, dtype)
     shapes = [trunk_map_shape(args.backbone, size)
               for size in (args.img_size, args.img_size // 2)]  # the pyramid's two scales
@@ -256,11 +259,12 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
     w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
     key = jax.random.key(0)
 
-    def time_on(mesh) -> tuple[float, float, float | None]:
+    def time_on(mesh, batching: str) -> tuple[float, float, float | None]:
         """(compile seconds, seconds per step, working MiB per device) with the tasks
-        spread over `mesh`."""
+        spread over `mesh`, each device's computed as `batching` says."""
         step, _, _ = ahl.make_meta_step(hm, tx, config.ahl.inner_steps,
-                                        config.ahl.inner_lr, False, mesh, args.ahl_chunk)
+                                        config.ahl.inner_lr, False, mesh, args.ahl_chunk,
+                                        batching)
         p, o, b, arrays, ww, pool, consts = jax.device_put(
             (params, tx.init(params), bank, tasks.device_arrays(), w,
              jnp.asarray(tasks.pool_idx), hm.consts), replicated(mesh))
@@ -273,14 +277,23 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
         return t_compile, per, mib(compiled)
 
     mesh = make_mesh()
-    t_compile, per, step_mib = time_on(mesh)
+    batchings = list(dict.fromkeys(args.ahl_task_batching))
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
+    timings = {}
+    for b in batchings:
+        timings[b] = time_on(mesh, b)
+    t_compile, per, step_mib = timings[batchings[0]]
     row = {"method": "ahl_meta_step", "batch": samples, "dtype": "float32",
            "train_compile_s": t_compile, "train_img_per_s": samples / per,
            "train_step_mib": step_mib, "meta_steps_per_s": 1 / per, "tasks": tasks.num_tasks,
-           "chunk": args.ahl_chunk}
+           "chunk": args.ahl_chunk, "task_batching": batchings[0]}
+    if len(batchings) > 1:
+        for b, (t_b, per_b, mib_b) in timings.items():
+            row.update({f"tasks_{b}_img_per_s": samples / per_b, f"tasks_{b}_compile_s": t_b,
+                        f"tasks_{b}_step_mib": mib_b})
+        row["tasks_vmap_over_map"] = timings["map"][1] / timings["vmap"][1]
     if mesh.size > 1:  # the tasks spread over the devices against the same step on one
-        row["one_device_meta_steps_per_s"] = 1 / time_on(one_device_mesh())[1]
+        row["one_device_meta_steps_per_s"] = 1 / time_on(one_device_mesh(), batchings[0])[1]
         row["meta_step_over_one_device"] = row["meta_steps_per_s"] / \
             row["one_device_meta_steps_per_s"]
     if args.torch:
@@ -345,8 +358,9 @@ def torch_modes_of(method: str, modes: list[str]) -> list[str]:
 
 
 TRAIN_METHODS = ("devnet", "dra")  # the steps --batches, --dtypes, --host_fed, --seeds set
+# --torch_modes: all of torch_released's, with --torch
 ARG_DEFAULTS = {"batches": [48], "dtypes": ["bfloat16", "float32"], "ahl_normals": 300,
-                "ahl_chunk": 0}  # --torch_modes: all of torch_released's, with --torch
+                "ahl_chunk": 0, "ahl_task_batching": ["vmap"]}
 FLAG_OF_FIELD = {"data.img_size": "--img_size", "model.backbone": "--backbone",
                  "batch_size": "--batches"}
 
@@ -369,7 +383,7 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
                   "read only by DevNet's and DRA's steps, and --methods is ahl alone (the "
                   "AHL meta-step's samples are its tasks' sets, --ahl_normals, and its heads "
                   "run in float32): add devnet or dra to --methods, or leave them out")
-    refuse_unread(("ahl_normals", "ahl_chunk"), "ahl" in args.methods,
+    refuse_unread(("ahl_normals", "ahl_chunk", "ahl_task_batching"), "ahl" in args.methods,
                   "read only by the AHL meta-step, and --methods has no ahl: add ahl to "
                   "--methods, or leave them out")
     refuse_unread(("torch_modes",), args.torch, "read only with --torch: add --torch, or "
@@ -462,6 +476,10 @@ def main(argv=None):
     ap.add_argument("--ahl_chunk", type=int, default=None,
                     help="samples of a task's set the AHL meta-step takes at a time "
                     "(ahl.chunk_size; default 0: the whole set)")
+    ap.add_argument("--ahl_task_batching", nargs="+", default=None, choices=ahl.TASK_BATCHINGS,
+                    help="how the AHL meta-step computes a device's tasks (ahl.task_batching;"
+                    " default vmap: as one batched program; map: one after another); with "
+                    "vmap and map, both are timed and the row has the first")
     ap.add_argument("--compile_only", action="store_true",
                     help="compile every step and report its compile time and memory, "
                     "without running it (img/s nan)")
@@ -484,7 +502,8 @@ def main(argv=None):
     check_args(ap, args)
     if args.check:
         for m, batch, dtype in planned_rows(args):
-            step = f"ahl meta-step, {args.ahl_normals} normals, float32 heads" if m == "ahl" \
+            step = (f"ahl meta-step, {args.ahl_normals} normals, float32 heads, tasks "
+                    f"{' and '.join(args.ahl_task_batching)}") if m == "ahl" \
                 else f"{m} batch {batch} {dtype}"
             torch_modes = (f"; PyTorch {' '.join(torch_modes_of(m, args.torch_modes))}"
                            if args.torch else "")

@@ -170,6 +170,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # (the same result, up to the order of the sums; `chunked_sum` in
     # fsad/methods/ahl/meta_step.py)
     c.ahl.chunk_size = 0
+    # how a device computes its tasks: "vmap" as one batched program, "map" one after
+    # another (TASK_BATCHINGS in fsad/methods/ahl/meta_step.py); the same result up to
+    # the order of the sums
+    c.ahl.task_batching = "vmap"
     c.ahl.history = 5  # K
     c.ahl.weighting = "paper"  # paper: w_i; released: 0.5 + 0.5 w_i
     # w = softmax(-(r / mean r) / T), r each base model's generalisation error: a model

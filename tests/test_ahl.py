@@ -461,13 +461,15 @@ def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):
 
 
 @pytest.mark.parametrize("base", ["dra", "devnet"])
-def test_chunked_meta_step_equals_the_whole_sets(base):
+def test_chunked_or_one_by_one_meta_step_equals_the_whole_vmapped_sets(base):
     """ahl.chunk_size: the second-order meta-step taking 7 samples of a set at a time (the
     sets hold 20: the last chunk is padded) gives the whole sets' losses, update and pool
     scores, up to the order of the sums (first order is the same code, its inner
     gradients cut from the graph). Each head's loss is a weighted
     mean over its samples, so a chunk's mean must count by its share of the set's
-    weight: plain chunk means would be off by far more than the tolerance."""
+    weight: plain chunk means would be off by far more than the tolerance.
+    ahl.task_batching: the tasks one after another (map) give the vmapped tasks' figures
+    too, chunked or not."""
     hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
     tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
     assert tasks.support_idx.shape[1] % 7 and tasks.query_idx.shape[1] > 7
@@ -475,15 +477,18 @@ def test_chunked_meta_step_equals_the_whole_sets(base):
                           jnp.float32)
     tx = optax.sgd(1.0)
     got = {}
-    for chunk in (0, 7):
-        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, chunk=chunk)
-        got[chunk] = step(params, tx.init(params), bank, tasks.device_arrays(), weights,
-                          jnp.asarray(tasks.pool_idx), jax.random.key(3))
-    (whole, _, out), (chunked, _, out_c) = got[0], got[7]
-    np.testing.assert_allclose(out_c["task_losses"], out["task_losses"], rtol=1e-5)
-    np.testing.assert_allclose(out_c["pool_scores"], out["pool_scores"], rtol=1e-5, atol=1e-6)
-    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for chunk, batching in ((0, "vmap"), (7, "vmap"), (0, "map"), (7, "map")):
+        step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, chunk=chunk,
+                                        task_batching=batching)
+        got[chunk, batching] = step(params, tx.init(params), bank, tasks.device_arrays(),
+                                    weights, jnp.asarray(tasks.pool_idx), jax.random.key(3))
+    whole, _, out = got.pop((0, "vmap"))
+    for other, _, out_o in got.values():
+        np.testing.assert_allclose(out_o["task_losses"], out["task_losses"], rtol=1e-5)
+        np.testing.assert_allclose(out_o["pool_scores"], out["pool_scores"], rtol=1e-5,
+                                   atol=1e-6)
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(whole)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):

@@ -192,7 +192,7 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
     assert "[18/18] ahl_dra hard poly 1-shot" in log
     if "throughput" in stages:  # DevNet, AHL, DRA in bf16 (fp32 rows: THROUGHPUT_ARGS)
         rows = re.findall(r"^(?!.*seeds vmapped)(\w+) (?:batch 48 (\w+)|meta-step, 300 "
-                          r"normals, float32 heads), 448 px", log, flags=re.M)
+                          r"normals, float32 heads, tasks vmap), 448 px", log, flags=re.M)
         assert rows == [("devnet", "bfloat16"), ("ahl", ""), ("dra", "bfloat16")], log
     # OUT's files after every stage, not only at the end: a call cut short keeps them
     packed = [m.start() for m in re.finditer(r"^session_state: .*state\.tgz: ", log,

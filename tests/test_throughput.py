@@ -46,6 +46,8 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     ("--methods ahl --host_fed", "--host_fed: read only"),
     ("--methods devnet --ahl_chunk 64", "--ahl_chunk: read only by the AHL meta-step, and "
      "--methods has no ahl"),
+    ("--methods dra --ahl_task_batching map", "--ahl_task_batching: read only by the AHL "
+     "meta-step"),
     ("--torch_modes compile", "--torch_modes: read only with --torch"),
     ("--compile_only --seeds 2", "--seeds: timings, and --compile_only runs no step"),
     # values no step can run with (before: a ZeroDivisionError after the compile, or a

@@ -306,6 +306,8 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
     ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
     ("ahl.chunk_size", -1, "ahl.chunk_size=-1; use 0 (the whole set where it fits)"),
+    ("ahl.task_batching", "loop", "ahl.task_batching='loop'; use vmap (a device's tasks as "
+     "one batched program) or map"),
     ("loss.prior_sigma", 0.0, "loss.prior_sigma=0.0: the deviation divides by it"),  # was
     # "training diverged ... lower --config.optim.lr"
     ("dra.outlier_root", "/no/such", "dra.outlier_root='/no/such' is not a folder"),

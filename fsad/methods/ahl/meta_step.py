@@ -1,7 +1,8 @@
 """AHL's CDL step (spec §7 step 3): T base models adapt to their support sets
 (MAML, second or first order), are scored on their query sets, and the unified heads
-take one step on the weighted sum; the T tasks one vmapped program spread over the
-devices, a set taken whole or in chunks of bounded memory."""
+take one step on the weighted sum; the T tasks spread over the devices, each device's
+share one vmapped program or one task after another (`ahl.task_batching`), a set taken
+whole or in chunks of bounded memory."""
 
 from __future__ import annotations
 
@@ -13,12 +14,20 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
+from fsad.errors import UserError
 from fsad.memory import check_fits, free_bytes, gib, hint_on_oom, program_bytes
 from fsad.mesh import DATA_AXIS, one_device_mesh
 from fsad.methods.ahl.heads import HeadModel
 
+# how a device's tasks are computed (`ahl.task_batching`): "vmap", as one batched
+# program (every head's weights then differ per task: its convolutions become grouped
+# ones); "map", one after another (`jax.lax.map`). On a CPU, map was 1.06x faster on
+# ELPV's sets and needed 2.6 GiB more (README "AHL"): vmap is the default
+TASK_BATCHINGS = ("vmap", "map")
+
+
 def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
-                   mesh=None, chunk: int = 0):
+                   mesh=None, chunk: int = 0, task_batching: str = "vmap"):
     """The jitted CDL epoch step.
 
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
@@ -43,9 +52,20 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     time (`chunked_sum`), each chunk's gradient recomputed in the backward pass rather
     than kept, so memory is bounded by the chunk and the result is the whole set's, up to
     the order of the sums.
+
+    task_batching: how each device computes its tasks (TASK_BATCHINGS): as one vmapped
+    program or one after another; the same losses and update up to the order of the sums.
     """
     if mesh is None:
         mesh = one_device_mesh()
+    if task_batching not in TASK_BATCHINGS:
+        raise UserError(f"ahl.task_batching={task_batching!r} is not a way fsad computes the "
+                        f"tasks; use vmap (as one batched program) or map (one after another)")
+    one_by_one = task_batching == "map"
+
+    def over_tasks(fn, *xs):
+        """fn mapped over the leading (task) axis of the pytrees xs."""
+        return jax.lax.map(lambda x: fn(*x), xs) if one_by_one else jax.vmap(fn)(*xs)
 
     def whole_set_loss(params, bank, idx, lab, weight, key, consts):
         feats = [f[idx] for f in bank]
@@ -91,8 +111,8 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
         return q, theta
 
     def outer(params_g, bank, tasks, weights, keys, consts):
-        losses, thetas = jax.vmap(per_task, in_axes=(None, None, 0, 0, None))(
-            params_g, bank, tasks, keys, consts)
+        losses, thetas = over_tasks(lambda task, key: per_task(params_g, bank, task, key,
+                                                               consts), tasks, keys)
         return jnp.sum(weights * losses), (losses, thetas)
 
     def pool_scores_of(theta, bank, pool_idx, consts):
@@ -108,8 +128,8 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
         devices, every task's loss [Tp] and pool scores [Tp, P]."""
         (loss, (losses, thetas)), grads = jax.value_and_grad(outer, has_aux=True)(
             params, bank, tasks, weights, keys, consts)
-        pool_scores = jax.vmap(lambda th: pool_scores_of(th, bank, pool_idx, consts))(
-            jax.lax.stop_gradient(thetas))
+        pool_scores = over_tasks(lambda th: pool_scores_of(th, bank, pool_idx, consts),
+                                 jax.lax.stop_gradient(thetas))
         return (jax.lax.psum(loss, DATA_AXIS), jax.lax.psum(grads, DATA_AXIS),
                 jax.lax.all_gather(losses, DATA_AXIS, tiled=True),
                 jax.lax.all_gather(pool_scores, DATA_AXIS, tiled=True))
@@ -200,7 +220,7 @@ def fitted_meta_step(hm: HeadModel, tx, a, mesh, args: tuple):
         fix += " or train with first-order MAML (--config.ahl.first_order=True)"
     for n, chunk in enumerate(chunks):
         step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh,
-                                    chunk)
+                                    chunk, a.get("task_batching", "vmap"))
         what = "AHL's meta-step" + (f" ({chunk} samples of a set at a time)" if chunk else
                                     " (whole task sets)")
         with hint_on_oom(f"compiling {what}", fix):
