@@ -277,7 +277,7 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
         return t_compile, per, mib(compiled)
 
     mesh = make_mesh()
-    batchings = list(dict.fromkeys(args.ahl_task_batching))
+    batchings = args.ahl_task_batching
     samples = int(tasks.support_mask.sum() + tasks.query_mask.sum())
     timings = {}
     for b in batchings:
@@ -393,6 +393,7 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     for field, default in ARG_DEFAULTS.items():
         if getattr(args, field) is None:
             setattr(args, field, default)
+    args.ahl_task_batching = list(dict.fromkeys(args.ahl_task_batching))  # each once
     # a first call compiles PyTorch's compiled mode and the host-fed and seeds steps:
     # at least one untimed call keeps that out of their timings
     for flag, value, least in (("steps", args.steps, 1), ("warmup", args.warmup, 1),
@@ -505,8 +506,8 @@ def main(argv=None):
             step = (f"ahl meta-step, {args.ahl_normals} normals, float32 heads, tasks "
                     f"{' and '.join(args.ahl_task_batching)}") if m == "ahl" \
                 else f"{m} batch {batch} {dtype}"
-            torch_modes = (f"; PyTorch {' '.join(torch_modes_of(m, args.torch_modes))}"
-                           if args.torch else "")
+            modes = torch_modes_of(m, args.torch_modes) if args.torch else []
+            torch_modes = f"; PyTorch {' '.join(modes)}" if modes else ""
             seeds = (f"; {args.seeds} seeds vmapped and one after another"
                      if args.seeds > 1 and m != "ahl" else "")
             print(f"{step}, {args.img_size} px, {args.backbone}{torch_modes}{seeds}",

@@ -668,7 +668,10 @@ def make_torch_meta_step(head: nn.Module, optimizer: torch.optim.Optimizer,
         return [g[n].detach() if first_order else g[n] for n in names]
 
     def query_loss(params, bank, prior, inner_grads, s_idx, s_lab, s_w, q_idx, q_lab, q_w):
-        """One task's query loss L_t after its inner SGD steps from params."""
+        """One task's query loss L_t (scalar) after its inner SGD steps from params:
+        s_* its support set's [S] indices into the bank, labels and weights, q_* its query
+        set's [Q]; inner_grads(theta, bank, idx, lab, weight, prior) -> [grads], each as
+        its param (looped_grads or vmapped_grads)."""
         theta = dict(params)
         for _ in range(inner_steps):
             theta = sgd_step(theta, inner_grads(theta, bank, s_idx, s_lab, s_w, prior))

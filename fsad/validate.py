@@ -128,7 +128,7 @@ def check_config(config, n_devices: int = 1) -> None:
 
 
 def check_ahl_config(a) -> None:
-    from fsad.methods.ahl import CLUSTER_ON, ERROR_SCALES, HEAD_INITS, TASK_BATCHINGS
+    from fsad.methods.ahl import CLUSTER_ON, ERROR_SCALES, HEAD_INITS, check_task_batching
     _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
     _require(a.clusters >= 2, f"ahl.clusters={a.clusters}: the tasks pair clusters; use at "
              f"least 2 (3 in the paper)")
@@ -140,9 +140,7 @@ def check_ahl_config(a) -> None:
              f"paper or released")
     _require(a.error_scale in ERROR_SCALES, f"ahl.error_scale={a.error_scale!r}; use "
              f"minmax (psi's scores scaled to [0, 1] before the errors) or raw (Eq. 6)")
-    _require(a.get("task_batching", "vmap") in TASK_BATCHINGS,
-             f"ahl.task_batching={a.get('task_batching')!r}; use vmap (a device's tasks as "
-             f"one batched program) or map (one after another)")
+    check_task_batching(a.task_batching)
     _require(a.epochs >= 1 and a.history >= 1 and a.inner_steps >= 0, "ahl.epochs and "
              "ahl.history must be at least 1 and ahl.inner_steps at least 0")
     _require(a.weight_temperature > 0, f"ahl.weight_temperature={a.weight_temperature}; use "

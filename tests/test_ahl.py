@@ -468,8 +468,8 @@ def test_chunked_or_one_by_one_meta_step_equals_the_whole_vmapped_sets(base):
     gradients cut from the graph). Each head's loss is a weighted
     mean over its samples, so a chunk's mean must count by its share of the set's
     weight: plain chunk means would be off by far more than the tolerance.
-    ahl.task_batching: the tasks one after another (map) give the vmapped tasks' figures
-    too, chunked or not."""
+    ahl.task_batching: the tasks one after another (map: a loop in the program, where
+    vmap has none) give the vmapped tasks' figures too, chunked or not."""
     hm, params, bank = _dra_head_model() if base == "dra" else _devnet_head_model()
     tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
     assert tasks.support_idx.shape[1] % 7 and tasks.query_idx.shape[1] > 7
@@ -480,8 +480,12 @@ def test_chunked_or_one_by_one_meta_step_equals_the_whole_vmapped_sets(base):
     for chunk, batching in ((0, "vmap"), (7, "vmap"), (0, "map"), (7, "map")):
         step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, False, chunk=chunk,
                                         task_batching=batching)
-        got[chunk, batching] = step(params, tx.init(params), bank, tasks.device_arrays(),
-                                    weights, jnp.asarray(tasks.pool_idx), jax.random.key(3))
+        args = (params, tx.init(params), bank, tasks.device_arrays(), weights,
+                jnp.asarray(tasks.pool_idx), jax.random.key(3))
+        if not chunk:  # chunks are a scan of their own
+            assert ("scan[" in str(jax.make_jaxpr(step.jitted)(*args, hm.consts))) == (
+                batching == "map")
+        got[chunk, batching] = step(*args)
     whole, _, out = got.pop((0, "vmap"))
     for other, _, out_o in got.values():
         np.testing.assert_allclose(out_o["task_losses"], out["task_losses"], rtol=1e-5)

@@ -577,32 +577,35 @@ def torch_meta_step(head, bank_np, tasks_np, prior, inner_steps, inner_lr, loss=
     its tasks looped. Returns (total loss, task losses [T]).
 
     Before it, the same step with the tasks vmapped (`vmap_tasks`, throughput.py's
-    vmap_fp32) runs on a copy of the head and must agree with the loop: the task losses
-    to 1e-6, the clipped outer gradient and the params after the outer step to 1e-5 of
-    their scale."""
+    vmap_fp32) runs on copies of the head, second and first order, and must agree with
+    the loop: the task losses to 1e-6, the clipped outer gradient and the params after
+    the outer step to 1e-5 of their scale."""
     bank_t = [torch.as_tensor(b).permute(0, 3, 1, 2).contiguous() for b in bank_np]
     tasks_t = {k: torch.as_tensor(v).long() if v.dtype == np.int32 else torch.as_tensor(v)
                for k, v in tasks_np.items()}
     kw = {} if loss is None else {"loss": loss}
-    results = {}
-    for vmap_tasks, h in ((True, copy.deepcopy(head)), (False, head)):
+
+    def run(h, vmap_tasks, order):
         opt = torch.optim.Adam(h.parameters(), lr=AHL_LR, weight_decay=AHL_WD)
-        tstep = tr.make_torch_meta_step(h, opt, inner_steps, inner_lr, first_order,
+        tstep = tr.make_torch_meta_step(h, opt, inner_steps, inner_lr, order,
                                         clip_norm=1.0, vmap_tasks=vmap_tasks, **kw)
         total, losses = tstep(bank_t, tasks_t, torch.as_tensor(AHL_WEIGHTS), prior)
-        results[vmap_tasks] = (total, losses, {n: (p.grad, p.detach())
-                                               for n, p in h.named_parameters()})
-    (_, losses_v, leaves_v), (total, losses, leaves) = results[True], results[False]
-    name = f"ahl{'' if loss is None else ' dra'} torch, tasks vmapped against looped"
-    err = rel_err(losses_v.numpy(), losses.numpy())
-    MEASURED[f"{name}: query losses rel err"] = err
-    assert err < 1e-6
-    for i, what in enumerate(("outer grad", "params after the outer step")):
-        scale = max(float(v[i].abs().max()) for v in leaves.values())
-        err = max(float((leaves_v[n][i] - v[i]).abs().max()) for n, v in leaves.items())
-        MEASURED[f"{name}: {what} max|diff| / scale"] = err / scale
-        assert err < 1e-5 * scale, what
-    return total, losses
+        return total, losses, {n: (p.grad, p.detach()) for n, p in h.named_parameters()}
+
+    for order in (True, False):  # first order, then second
+        (_, losses_v, leaves_v), (_, losses, leaves) = (
+            run(copy.deepcopy(head), vmap_tasks, order) for vmap_tasks in (True, False))
+        name = (f"ahl{'' if loss is None else ' dra'} torch {('second', 'first')[order]} "
+                f"order, tasks vmapped against looped")
+        err = rel_err(losses_v.numpy(), losses.numpy())
+        MEASURED[f"{name}: query losses rel err"] = err
+        assert err < 1e-6
+        for i, what in enumerate(("outer grad", "params after the outer step")):
+            scale = max(float(v[i].abs().max()) for v in leaves.values())
+            err = max(float((leaves_v[n][i] - v[i]).abs().max()) for n, v in leaves.items())
+            MEASURED[f"{name}: {what} max|diff| / scale"] = err / scale
+            assert err < 1e-5 * scale, what
+    return run(head, False, first_order)[:2]
 
 
 def compare_meta_steps(name, out, grads_f, new_f, total_t, losses_t, grads_t, new_t):

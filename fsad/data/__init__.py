@@ -54,9 +54,8 @@ def dataset_without_pixels(data_cfg, write: bool = True) -> ImageSet:
         root = _folder_root(data_cfg, write=False)
         if not os.path.isdir(root):
             with tempfile.TemporaryDirectory() as tmp:  # named as root: the rows' set name
-                return folder_without_pixels(write_synthetic_dataset(
-                    os.path.join(tmp, os.path.basename(os.path.abspath(root))),
-                    size=data_cfg.img_size, seed=0))
+                return folder_without_pixels(_write_synthetic(
+                    os.path.join(tmp, os.path.basename(os.path.abspath(root))), data_cfg))
     if data_cfg.name in ("folder", "synthetic"):
         return folder_without_pixels(_folder_root(data_cfg))
     if data_cfg.name == "tfds":
@@ -74,8 +73,13 @@ def _folder_root(data_cfg, write: bool = True) -> str:
                         f"empty; pass --config.data.root=PATH")
     root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
     if write and data_cfg.name == "synthetic" and not os.path.isdir(root):
-        write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
+        _write_synthetic(root, data_cfg)
     return root
+
+
+def _write_synthetic(root: str, data_cfg) -> str:
+    """The procedural set a data.name=synthetic config reads, written to root."""
+    return write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
 
 
 def _load_tfds(data_cfg, cache_dir) -> ImageSet:

@@ -33,8 +33,9 @@ from fsad.methods.ahl.heads import (HEAD_INITS, HeadModel, dra_heads, fresh_batc
                                     reference_means)
 from fsad.methods.ahl.importance import (ERROR_SCALES, generalisation_errors,
                                          importance_weights, make_psi_fns, weight_spread)
-from fsad.methods.ahl.meta_step import (CHUNK_SIZES, TASK_BATCHINGS, chunk_rows,
-                                        chunked_sum, fitted_meta_step, make_meta_step)
+from fsad.methods.ahl.meta_step import (CHUNK_SIZES, TASK_BATCHINGS, check_task_batching,
+                                        chunk_rows, chunked_sum, fitted_meta_step,
+                                        make_meta_step)
 from fsad.methods.ahl.meta_train import MetaState, meta_train
 from fsad.methods.ahl.stage import ahl_stage, run_ahl, score_unified, unified_heads_of
 from fsad.methods.ahl.tasks import (CLASS_SHARES, CLUSTER_ON, NORMAL, PSEUDO, SEEN, Tasks,
@@ -48,8 +49,8 @@ __all__ = [
     "make_head_scorer", "reference_means",
     "ERROR_SCALES", "generalisation_errors", "importance_weights", "make_psi_fns",
     "weight_spread",
-    "CHUNK_SIZES", "TASK_BATCHINGS", "chunk_rows", "chunked_sum", "fitted_meta_step",
-    "make_meta_step",
+    "CHUNK_SIZES", "TASK_BATCHINGS", "check_task_batching", "chunk_rows", "chunked_sum",
+    "fitted_meta_step", "make_meta_step",
     "MetaState", "meta_train",
     "ahl_stage", "run_ahl", "score_unified", "unified_heads_of",
     "CLASS_SHARES", "CLUSTER_ON", "NORMAL", "PSEUDO", "SEEN", "Tasks", "build_tasks",

@@ -21,9 +21,15 @@ from fsad.methods.ahl.heads import HeadModel
 
 # how a device's tasks are computed (`ahl.task_batching`): "vmap", as one batched
 # program (every head's weights then differ per task: its convolutions become grouped
-# ones); "map", one after another (`jax.lax.map`). On a CPU, map was 1.06x faster on
-# ELPV's sets and needed 2.6 GiB more (README "AHL"): vmap is the default
+# ones); "map", one after another (`jax.lax.map`). Why vmap is the default: README "AHL"
 TASK_BATCHINGS = ("vmap", "map")
+
+
+def check_task_batching(task_batching: str) -> None:
+    """Raises UserError unless task_batching is one of TASK_BATCHINGS."""
+    if task_batching not in TASK_BATCHINGS:
+        raise UserError(f"ahl.task_batching={task_batching!r}; use vmap (a device's tasks as "
+                        f"one batched program) or map (one after another)")
 
 
 def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
@@ -58,9 +64,7 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
     """
     if mesh is None:
         mesh = one_device_mesh()
-    if task_batching not in TASK_BATCHINGS:
-        raise UserError(f"ahl.task_batching={task_batching!r} is not a way fsad computes the "
-                        f"tasks; use vmap (as one batched program) or map (one after another)")
+    check_task_batching(task_batching)
     one_by_one = task_batching == "map"
 
     def over_tasks(fn, *xs):
@@ -220,7 +224,7 @@ def fitted_meta_step(hm: HeadModel, tx, a, mesh, args: tuple):
         fix += " or train with first-order MAML (--config.ahl.first_order=True)"
     for n, chunk in enumerate(chunks):
         step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh,
-                                    chunk, a.get("task_batching", "vmap"))
+                                    chunk, a.task_batching)
         what = "AHL's meta-step" + (f" ({chunk} samples of a set at a time)" if chunk else
                                     " (whole task sets)")
         with hint_on_oom(f"compiling {what}", fix):
