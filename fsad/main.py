@@ -83,16 +83,18 @@ def interrupted_line(workdir: str, mode: str) -> str:
     """The one line for a run stopped by Ctrl-C: what was kept, and how to go on."""
     if mode == "score":
         return "fsad: interrupted; nothing of the scoring is kept: run the command again"
-    return f"fsad: interrupted ({kept_checkpoints(workdir)}); run the same command to resume " \
-        f"from there"
+    kept, go_on = kept_checkpoints(workdir)
+    return f"fsad: interrupted ({kept}); run the same command to {go_on}"
 
 
-def kept_checkpoints(workdir: str) -> str:
-    """What a stopped run left to resume from, in words."""
-    from fsad.workdir import newest_checkpoints
+def kept_checkpoints(workdir: str) -> tuple[str, str]:
+    """What a stopped run left to resume from, in words, and what the same command does
+    next: "resume from there", or "start it again" where the run saved nothing."""
+    from fsad.workdir import newest_checkpoints, saved_in
     kept = newest_checkpoints(workdir)
-    return f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else \
-        f"no checkpoint was written yet in {workdir}"
+    go_on = "resume from there" if saved_in(workdir) else "start it again"
+    return (f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else
+            f"no checkpoint was written yet in {workdir}"), go_on
 
 
 def host_lost_line(workdir: str, mode: str, err: Exception) -> str:
@@ -100,8 +102,8 @@ def host_lost_line(workdir: str, mode: str, err: Exception) -> str:
     lost = f"another host of this multi-host run stopped ({' '.join(str(err).split())[:200]})"
     if mode == "score":
         return error_line(f"{lost}; run the same command again on every host")
-    return error_line(f"{lost}; {kept_checkpoints(workdir)}; run the same command on every "
-                      f"host to resume from there")
+    kept, go_on = kept_checkpoints(workdir)
+    return error_line(f"{lost}; {kept}; run the same command on every host to {go_on}")
 
 
 def execute(config, workdir: str, mode: str = "train", input_dir: str | None = None,

@@ -326,12 +326,13 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     saver = PacedCheckpoints(mngr, checkpoint_seconds) if mngr is not None else None
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
-    in_flight = None
+    in_flight = newest = None  # (step, its loss) of the previous and the newest step
     with progress(total=total, initial=start, desc=desc, unit="step",
                   dynamic_ncols=True) as bar:
         try:
             for step in range(start, total):
                 state, metrics = step_fn(state, data, key)
+                newest = (step, metrics["loss"])
                 if in_flight is not None:
                     # One step stays queued behind the running one, so the device never
                     # idles, while the bar (and its ETA) counts finished steps, not
@@ -342,7 +343,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                     if len(finished_at) == 3:  # the first step may hold a compilation
                         per_step = (finished_at[2] - finished_at[0]) / 2
                         warn_if_long_on_cpu(per_step * (total - step), total)
-                in_flight = (step, metrics["loss"])
+                in_flight = newest
                 if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
                     loss = check_finite(float(metrics["loss"]), step + 1)
                     losses.append(loss)
@@ -351,7 +352,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                         saver.epoch_end(step + 1, state, step + 1 == total)
         except KeyboardInterrupt:
             if saver is not None:
-                save_on_ctrl_c(saver, state, in_flight)
+                save_on_ctrl_c(saver, state, [in_flight, newest])
             raise
         if in_flight is not None:
             check_finite(float(in_flight[1]), in_flight[0] + 1)
@@ -370,15 +371,21 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
 
 
 def save_on_ctrl_c(saver: PacedCheckpoints, state: TrainState,
-                   in_flight: tuple | None) -> None:
+                   unchecked: list[tuple | None]) -> None:
     """On Ctrl-C: the newest state saved (`PacedCheckpoints.interrupted`) when it is whole
-    (not given to a step already) and the loss of the step that made it is at hand and
-    finite; the run resumes from that step (its batches and schedule follow from the step
-    alone)."""
-    if in_flight is None or not is_whole(state):  # a state given to a step: gone
+    (not given to a step already), it is the output of the newest step, and the losses
+    the loop has not checked yet are finite; the run resumes from that step (its batches
+    and schedule follow from the step alone).
+
+    unchecked: (step, its loss) of the previous and the newest dispatched step (None
+    before any). A Ctrl-C mostly lands while the loop waits for the previous step's loss,
+    when `state` is already the newest step's output.
+    """
+    pending = [p for p in unchecked if p is not None]
+    if not pending or not is_whole(state):  # a state given to a step: gone
         return
-    step = int(state.step)  # in_flight: (the newest dispatched step, its loss)
-    if in_flight[0] + 1 == step and np.isfinite(float(in_flight[1])):
+    step = int(state.step)
+    if pending[-1][0] + 1 == step and all(np.isfinite(float(loss)) for _, loss in pending):
         saver.interrupted(step, state)
 
 

@@ -125,11 +125,13 @@ def _different_config(workdir: str, diff: list[str]) -> UserError:
 
 
 def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
-    """Compares config with workdir/config.json; True when one is stored.
+    """Compares config with workdir/config.json, before the run there scores images
+    (--mode score); True when one is stored.
 
     Raises:
       UserError: the stored config differs (CHECKPOINT_PACE and BATCHING_ONLY fields
-        aside), or none is stored and must_exist.
+        aside): the error asks for the config the run was trained with, not for another
+        workdir; or none is stored and must_exist.
     """
     diff = stored_config_diff(workdir, config)
     if diff is None:
@@ -138,7 +140,10 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
                             f"first with --mode train, or point --workdir at a trained run")
         return False
     if diff:
-        raise _different_config(workdir, diff)
+        raise UserError(f"{workdir!r} holds a run trained with a different config (fields "
+                        f"{', '.join(diff)}); score with the config it was trained with: the "
+                        f"same --config FILE:VARIANTS and --config.* flags (its config.json "
+                        f"holds every field)")
     return True
 
 

@@ -59,4 +59,4 @@ def test_a_lost_host_is_recognised_and_said_in_one_line(tmp_path):
     line = host_lost_line(str(tmp_path), "train", RuntimeError("Gloo all-reduce failed"))
     assert line == (f"fsad: error: another host of this multi-host run stopped (Gloo "
                     f"all-reduce failed); no checkpoint was written yet in {tmp_path}; run the "
-                    f"same command on every host to resume from there")
+                    f"same command on every host to start it again")

@@ -189,6 +189,38 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
     assert info["resumed_from"] == 4 and info["steps"] == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
 
+    # Ctrl-C where it mostly lands: while the loop waits for the previous step's loss
+    # (here the 3rd step's, read after the 4th was dispatched). The newest state, step
+    # 4's, is saved (before, none was: the loop had matched the state against the step
+    # it waited for)
+    class ReadInterrupted:
+        """A loss whose first read is interrupted by Ctrl-C, as a wait for it would be."""
+
+        def __init__(self, loss):
+            self.loss, self.read = loss, False
+
+        def __float__(self):
+            if not self.read:
+                self.read = True
+                raise KeyboardInterrupt
+            return float(self.loss)
+
+    calls.clear()
+
+    def step_with_an_interrupted_wait(*args):
+        calls.append(1)
+        new, metrics = step(*args)
+        return new, ({**metrics, "loss": ReadInterrupted(metrics["loss"])} if len(calls) == 3
+                     else metrics)
+
+    work = tmp_path / "ctrl_c_waiting"
+    with pytest.raises(KeyboardInterrupt):
+        train(work, 1e6, step_with_an_interrupted_wait)
+    assert len(calls) == 4 and os.listdir(work / "checkpoints") == ["4"]
+    end, info = train(work, 1e6)
+    assert info["resumed_from"] == 4 and info["steps"] == 2
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
+
     # Ctrl-C just after a step took the state in (its arrays donated, the new state not
     # yet kept): still the KeyboardInterrupt, and no checkpoint of a state that is gone
     def step_then_ctrl_c(*args):

@@ -413,7 +413,8 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     (work / "config.json").write_text(json.dumps(old))
     assert check_stored_config(str(work), config)
     config.data.mask_resize = "opencv_linear"
-    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\)"):
+    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\); "
+                                        r"score with the config it was trained with"):
         check_stored_config(str(work), config)
     if method.startswith("ahl_"):  # an older base run serves AHL (ahl.base_workdir)
         from fsad.workdir import base_fields_that_differ
@@ -890,7 +891,7 @@ def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
     work = tmp_path / "w"
     assert interrupted_line(str(work), "train") == (
         f"fsad: interrupted (no checkpoint was written yet in {work}); run the same command "
-        f"to resume from there")
+        f"to start it again")
     for folder, steps in [("seed_10/checkpoints", [40]), ("seed_2/checkpoints", [20, 30]),
                           ("seed_2/ahl_checkpoints", [1, 2]), ("seed_3/checkpoints", [])]:
         for step in steps:
