@@ -135,6 +135,27 @@ def test_file_with_an_image_suffix_that_is_not_an_image(tmp_path, capsys):
     expect_error(folder_config(root), tmp_path / "w", capsys, "cannot decode image", "notes.png")
 
 
+def test_every_unreadable_file_is_named_in_one_error(tmp_path):
+    """Several bad files: one error names the first three and counts the rest, so one
+    rerun follows the fix (before: one file per error, a rerun each)."""
+    from fsad.data.decode import decode_many
+    root = dataset(tmp_path / "d")
+    good = sorted(os.listdir(os.path.join(root, "train", "good")))
+    bad = [os.path.join(root, "train", "good", f"bad{i}.png") for i in range(5)]
+    for path in bad:
+        with open(path, "w") as f:
+            f.write("not a picture")
+    paths = [os.path.join(root, "train", "good", f) for f in good[:4]] + bad
+    with pytest.raises(UserError) as err:
+        decode_many(paths, 32)
+    line = str(err.value)
+    assert line.startswith("5 of 9 files cannot be read: cannot decode image ")
+    assert all(f"bad{i}.png" in line for i in range(3)) and "bad3.png" not in line
+    assert line.endswith("; and 2 more; remove, replace or make readable each of them, "
+                         "then rerun")
+    assert decode_many(paths[:4], 32).shape == (4, 32, 32, 3)
+
+
 def test_unreadable_image(tmp_path, capsys, monkeypatch):
     """chmod 000; as root (who reads it anyway: CI runs as root) PIL's open is made to
     fail with the permission error the file system would give any other user."""

@@ -18,15 +18,33 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".npy")
 
 
 class CorruptImageError(UserError):
-    """An image file that cannot be read or decoded."""
+    """Image files that cannot be read or decoded; `what` names them without the advice."""
+
+    def __init__(self, what: str, fix: str | None = None):
+        super().__init__(what if fix is None else f"{what}; {fix}")
+        self.what = what
 
 
 def _unreadable(kind: str, path: str, err: Exception) -> CorruptImageError:
     if isinstance(err, PermissionError):
-        return CorruptImageError(f"cannot read {kind} {path!r} (permission denied); make it "
-                                 f"readable (chmod a+r) or remove it, then rerun")
-    return CorruptImageError(f"cannot decode {kind} {path!r} ({err}); remove or replace the "
-                             f"file, then rerun")
+        return CorruptImageError(f"cannot read {kind} {path!r} (permission denied)",
+                                 "make it readable (chmod a+r) or remove it, then rerun")
+    return CorruptImageError(f"cannot decode {kind} {path!r} ({err})",
+                             "remove or replace the file, then rerun")
+
+
+NAMED_AT_MOST = 3  # unreadable files an error names; it counts the rest
+
+
+def all_unreadable(errors: list[CorruptImageError], total: int) -> CorruptImageError:
+    """One error for every unreadable file of a decode (so that one rerun, not one per
+    file, follows the fix): the first NAMED_AT_MOST named, the rest counted."""
+    if len(errors) == 1:
+        return errors[0]
+    named = "; ".join(e.what for e in errors[:NAMED_AT_MOST])
+    more = f"; and {len(errors) - NAMED_AT_MOST} more" if len(errors) > NAMED_AT_MOST else ""
+    return CorruptImageError(f"{len(errors)} of {total} files cannot be read: {named}{more}",
+                             "remove, replace or make readable each of them, then rerun")
 
 
 # Pillow's modes of 16-bit (and 32-bit integer) grey, which its convert("RGB") clips at 255
@@ -128,12 +146,26 @@ def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndar
 def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
                 mask: bool = False, mask_resize: str = "nearest") -> np.ndarray:
     """Decodes files in a thread pool, with a progress bar (masks resized by
-    `mask_resize`, see decode_mask). [N, size, size(, 3)] uint8."""
+    `mask_resize`, see decode_mask). [N, size, size(, 3)] uint8.
+
+    Raises:
+      CorruptImageError: naming every file that cannot be read (`all_unreadable`).
+    """
     fn = (lambda p, s: decode_mask(p, s, mask_resize)) if mask else decode_image
+
+    def one(path):
+        try:
+            return fn(path, size)
+        except CorruptImageError as err:  # the others are still decoded, to name them all
+            return err
+
     workers = min(16, (os.cpu_count() or 1) * 2)
     with futures.ThreadPoolExecutor(workers) as pool:
-        out = list(progress(pool.map(lambda p: fn(p, size), paths), total=len(paths),
+        out = list(progress(pool.map(one, paths), total=len(paths),
                             desc=desc, leave=False, disable=len(paths) < 200))
+    bad = [r for r in out if isinstance(r, CorruptImageError)]
+    if bad:
+        raise all_unreadable(bad, len(paths))
     if not out:
         shape = (0, size, size) if mask else (0, size, size, 3)
         return np.zeros(shape, np.uint8)

@@ -139,7 +139,8 @@ def _encode_row(table: SourceTable, i: int) -> dict:
                 with Image.open(path) as im:  # binarised as decode_mask does: any non-zero
                     mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8) * 255
             except OSError as err:
-                raise CorruptImageError(f"cannot decode mask {path!r} ({err}).") from err
+                raise CorruptImageError(f"cannot decode mask {path!r} ({err})",
+                                        "remove or replace the file, then rerun") from err
         ex["mask"] = _png(mask)  # grey PNG; TFDS gives it back as (H, W, 1)
     return ex
 
