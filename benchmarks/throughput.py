@@ -330,11 +330,11 @@ def bench_torch_ahl(args, tasks, maps: list[int], channels: int, bank_rows: int,
 def time_torch_modes(modes: list[str], make, args, on_mode=lambda out: None) -> dict:
     """{torch_<mode>_img_per_s (and on CUDA torch_<mode>_step_mib) or torch_<mode>_error}
     for each mode, make(torch_released, mode, device) -> (step, its args, images per
-    step) timed as fsad's steps are (--steps after --warmup; `tune_for_speed`); a mode
-    PyTorch cannot run is reported, not raised; on_mode(figures so far) after each."""
+    step, made as fast as PyTorch runs it: `tune_for_speed`) timed as fsad's steps are
+    (--steps after --warmup); a mode PyTorch cannot run is reported, not raised;
+    on_mode(figures so far) after each."""
     from benchmarks import torch_released as tr  # --torch: installed (check_torch_args)
     device = tr.default_device()
-    tr.tune_for_speed(device)
     out = {}
     for mode in modes:
         try:

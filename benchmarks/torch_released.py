@@ -706,7 +706,8 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
                                 topk: float = 0.1, residual_stride: int = 1,
                                 residual_padding: int = 1, device=None, seed: int = 0,
                                 vmap_tasks: bool = False):
-    """A random-init AHL meta-step on random bank features, ready to time:
+    """A random-init AHL meta-step on random bank features, ready to time (on CUDA with
+    `tune_for_speed`, as `speed_step`):
 
         step, args, n = ahl_meta_step_for_benchmark(512, (14, 7), 7, 120, 120)
         img_per_s = time_torch_step(step, args, n)
@@ -736,6 +737,7 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
     if base not in ("dra", "devnet"):
         raise ValueError(f"base={base!r}; use dra or devnet")
     device = torch.device(device) if device is not None else default_device()
+    tune_for_speed(device)
     g = torch.Generator().manual_seed(seed)
     m = bank_rows or num_tasks * (support + query)
     bank = [torch.randn(m, channels, h, h, generator=g) for h in map_sizes]

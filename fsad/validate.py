@@ -128,7 +128,8 @@ def check_config(config, n_devices: int = 1) -> None:
 
 
 def check_ahl_config(a) -> None:
-    from fsad.methods.ahl import CLUSTER_ON, ERROR_SCALES, HEAD_INITS, check_task_batching
+    from fsad.methods.ahl import (CLUSTER_ON, HEAD_INITS, check_error_scale,
+                                  check_task_batching)
     _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
     _require(a.clusters >= 2, f"ahl.clusters={a.clusters}: the tasks pair clusters; use at "
              f"least 2 (3 in the paper)")
@@ -138,8 +139,7 @@ def check_ahl_config(a) -> None:
              f"from the trained base heads) or fresh (PyTorch's default init)")
     _require(a.weighting in ("paper", "released"), f"ahl.weighting={a.weighting!r}; use "
              f"paper or released")
-    _require(a.error_scale in ERROR_SCALES, f"ahl.error_scale={a.error_scale!r}; use "
-             f"minmax (psi's scores scaled to [0, 1] before the errors) or raw (Eq. 6)")
+    check_error_scale(a.error_scale)
     check_task_batching(a.task_batching)
     _require(a.epochs >= 1 and a.history >= 1 and a.inner_steps >= 0, "ahl.epochs and "
              "ahl.history must be at least 1 and ahl.inner_steps at least 0")

@@ -50,14 +50,13 @@ def dataset_without_pixels(data_cfg, write: bool = True) -> ImageSet:
     """
     if data_cfg.name == "elpv":
         return elpv_without_pixels()
-    if data_cfg.name == "synthetic" and not write:
-        root = _folder_root(data_cfg, write=False)
-        if not os.path.isdir(root):
+    if data_cfg.name in ("folder", "synthetic"):
+        root = _folder_root(data_cfg, write)
+        if data_cfg.name == "synthetic" and not os.path.isdir(root):  # not written: a copy
             with tempfile.TemporaryDirectory() as tmp:  # named as root: the rows' set name
                 return folder_without_pixels(_write_synthetic(
                     os.path.join(tmp, os.path.basename(os.path.abspath(root))), data_cfg))
-    if data_cfg.name in ("folder", "synthetic"):
-        return folder_without_pixels(_folder_root(data_cfg))
+        return folder_without_pixels(root)
     if data_cfg.name == "tfds":
         from fsad.data import tfds_io  # imports tensorflow_datasets only when asked for
         return tfds_io.tfds_without_pixels(*_tfds_source(data_cfg), data_cfg.img_size,

@@ -11,10 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fsad.errors import UserError
 from fsad.models.sequence import ScoreSequenceModel
 from fsad.quick_compile import quick_jit
 
 ERROR_SCALES = ("minmax", "raw")
+
+
+def check_error_scale(error_scale: str) -> None:
+    """Raises UserError unless error_scale is one of ERROR_SCALES."""
+    if error_scale not in ERROR_SCALES:
+        raise UserError(f"ahl.error_scale={error_scale!r}; use minmax (psi's scores scaled "
+                        f"to [0, 1] before the errors) or raw (Eq. 6)")
 
 
 def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
@@ -30,8 +38,7 @@ def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
     Returns:
       r: [T] float64.
     """
-    if error_scale not in ERROR_SCALES:
-        raise ValueError(f"error_scale={error_scale!r}; use one of {ERROR_SCALES}")
+    check_error_scale(error_scale)
     p = np.asarray(predicted, np.float64)
     if error_scale == "minmax":
         p = (p - p.min()) / max(p.max() - p.min(), 1e-12)

@@ -40,12 +40,18 @@ class MetaState:
     losses: jax.Array
 
 
+def released_reads_psi(epoch: int, history: int) -> bool:
+    """Whether the released code's weighting reads psi's weights at (0-based) meta-epoch
+    `epoch`: from epoch `history` + 2 on (its main.py reads psi only once
+    `epoch > sequence_len + 1`)."""
+    return epoch > history + 1
+
+
 def weights_in_use(w: jax.Array, epoch: int, history: int, weighting: str) -> jax.Array:
     """[T] the importance weights that (0-based) meta-epoch `epoch` uses: psi's w [T]
     as soon as they exist (from epoch `history` + 1 on), or, with the released code's
-    weighting, from epoch `history` + 2 on (its main.py reads psi only once
-    `epoch > sequence_len + 1`); 1/T before."""
-    if weighting == "released" and epoch <= history + 1:
+    weighting, once it reads them (`released_reads_psi`); 1/T before."""
+    if weighting == "released" and not released_reads_psi(epoch, history):
         return jnp.full_like(w, 1.0 / w.shape[0])  # w's placement: the step's inputs
     return w
 
@@ -56,7 +62,9 @@ def query_weights(w: jax.Array, epoch: int, history: int, weighting: str) -> jax
     or the released code's 0.5 + 0.5 w once it reads psi's weights ("released"), the
     plain 1/T before that (its loss_q[-1] / episode_num: they sum to 1)."""
     used = weights_in_use(w, epoch, history, weighting)
-    return 0.5 + 0.5 * used if weighting == "released" and epoch > history + 1 else used
+    if weighting == "released" and released_reads_psi(epoch, history):
+        return 0.5 + 0.5 * used
+    return used
 
 
 def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
