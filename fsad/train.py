@@ -327,6 +327,17 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
     in_flight = newest = None  # (step, its loss) of the previous and the newest step
+    if 0 < start < total:  # said on the bar, which starts at `start`
+        desc = f"{desc} (resumed at step {start})"
+
+    def finish(bar, step_loss) -> None:
+        """Checks a finished step's loss and counts the step on the bar, with that loss
+        (shown at the bar's next refresh)."""
+        step, loss = step_loss
+        loss = check_finite(float(loss), step + 1)
+        bar.set_postfix(loss=f"{loss:.4f}", epoch=step // steps_per_epoch + 1, refresh=False)
+        bar.update(1)
+
     with progress(total=total, initial=start, desc=desc, unit="step",
                   dynamic_ncols=True) as bar:
         try:
@@ -337,8 +348,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                     # One step stays queued behind the running one, so the device never
                     # idles, while the bar (and its ETA) counts finished steps, not
                     # dispatched ones; each finished step's loss is checked.
-                    check_finite(float(in_flight[1]), in_flight[0] + 1)
-                    bar.update(1)
+                    finish(bar, in_flight)
                     finished_at.append(time.time())
                     if len(finished_at) == 3:  # the first step may hold a compilation
                         per_step = (finished_at[2] - finished_at[0]) / 2
@@ -347,7 +357,6 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                 if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
                     loss = check_finite(float(metrics["loss"]), step + 1)
                     losses.append(loss)
-                    bar.set_postfix(loss=f"{loss:.4f}", epoch=(step + 1) // steps_per_epoch)
                     if saver is not None:
                         saver.epoch_end(step + 1, state, step + 1 == total)
         except KeyboardInterrupt:
@@ -355,14 +364,11 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                 save_on_ctrl_c(saver, state, [in_flight, newest])
             raise
         if in_flight is not None:
-            check_finite(float(in_flight[1]), in_flight[0] + 1)
-            bar.update(1)
+            finish(bar, in_flight)
     if mngr is not None:
         mngr.close()
     jax.block_until_ready(state)
     seconds = time.time() - t0
-    if start and start < total:
-        logging.info("resumed from step %d", start)
     gaps = np.diff(finished_at)
     return state, {"train_seconds": seconds, "steps": total - start, "resumed_from": start,
                    "loss": losses[-1] if losses else None,

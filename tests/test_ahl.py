@@ -372,7 +372,7 @@ def test_another_seeds_meta_step_is_served_by_the_compilation_cache():
 
 
 def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program(
-        tmp_path, caplog):
+        tmp_path, caplog, capsys):
     """Every meta-epoch's inputs sit where the step's outputs do (replicated on the mesh),
     so the meta-step and psi's train step are one program each for the whole run. Before,
     epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
@@ -400,7 +400,9 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     assert len(info["loss"]) == 2 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
     assert os.listdir(tmp_path / "ahl_checkpoints") == ["2"]
     # resumed: epochs 2 and 3 from the restored state, psi trained in both
+    capsys.readouterr()
     info, counts = compiles()
+    assert "(resumed at epoch 2)" in capsys.readouterr().err  # said on the bar
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
     assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used

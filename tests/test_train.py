@@ -146,7 +146,7 @@ def test_ctrl_c_during_a_save_leaves_it_to_orbax(tmp_path, monkeypatch):
     assert list(saver.mngr.all_steps()) == [3]
 
 
-def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
+def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
     """checkpoint_seconds 0: a checkpoint after every epoch; a pace longer than the run:
     after the last epoch only (DevNet's 50 short epochs on a GPU spent about half of
     their time saving one after each), and on Ctrl-C. All runs end in the same state."""
@@ -185,9 +185,14 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic):
     with pytest.raises(KeyboardInterrupt):
         train(work, 1e6, step_until_ctrl_c)
     assert os.listdir(work / "checkpoints") == ["4"]
+    capsys.readouterr()
     end, info = train(work, 1e6)
     assert info["resumed_from"] == 4 and info["steps"] == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
+    # the bar says where it resumed, and shows the last finished step's loss and epoch
+    bar = capsys.readouterr().err.strip().split("\r")[-1]
+    assert "(resumed at step 4)" in bar and "6/6" in bar, bar
+    assert "loss=" in bar and "epoch=3" in bar, bar
 
     # Ctrl-C where it mostly lands: while the loop waits for the previous step's loss
     # (here the 3rd step's, read after the 4th was dispatched). The newest state, step

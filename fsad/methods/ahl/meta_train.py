@@ -139,8 +139,10 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     times = []
     saver = PacedCheckpoints(mngr, config.checkpoint_seconds) if mngr is not None else None
     end = min(E, stop_after or E)
-    with progress(total=E, initial=int(state.epoch), desc="AHL meta-training",
-                  unit="epoch") as bar:
+    desc = "AHL meta-training"
+    if 0 < int(state.epoch) < E:  # said on the bar, which starts there
+        desc = f"{desc} (resumed at epoch {int(state.epoch)})"
+    with progress(total=E, initial=int(state.epoch), desc=desc, unit="epoch") as bar:
         try:
             for epoch in range(int(state.epoch), end):
                 t0 = time.time()
