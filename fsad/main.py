@@ -92,7 +92,8 @@ def kept_checkpoints(workdir: str) -> tuple[str, str]:
     next: "resume from there", or "start it again" where the run saved nothing."""
     from fsad.workdir import newest_checkpoints, saved_in
     kept = newest_checkpoints(workdir)
-    go_on = "resume from there" if saved_in(workdir) else "start it again"
+    # saved_in lists the checkpoints too: read the folders again only when there are none
+    go_on = "resume from there" if kept or saved_in(workdir) else "start it again"
     return (f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else
             f"no checkpoint was written yet in {workdir}"), go_on
 
