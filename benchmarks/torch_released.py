@@ -25,7 +25,8 @@ Released code mirrored:
           weighted query losses, one outer Adam step;
           on DevNet's head (`DevNetFeatureHead`, `weighted_devnet_loss`) or on DRA's
           heads (`DRAFeatureHeads`, `weighted_dra_loss`) over bank features.
-          (The released AHL main.py cannot run as published; see spec §7.)
+          (The released AHL main.py cannot run as published; see spec §7.) Its
+          importance model, modeling/aux_net.py, as `ReleasedPsi`.
 
 The trunk is torchvision's ResNet-18 layout written out here (torchvision is not a
 dependency): its state_dict keys are torchvision's, so `fsad.weights` maps it.
@@ -764,6 +765,41 @@ def ahl_meta_step_for_benchmark(channels: int, map_sizes, num_tasks: int, suppor
 
 
 # ------------------------------------------------------------------ timing
+
+class ReleasedPsi(nn.Module):
+    """The released AHL importance model (modeling/aux_net.py `AUX_Model`), with its
+    initial state passed in rather than drawn (the released forward draws
+    `torch.rand(4, N, 6)` for h0 and for c0 on every call): nn.LSTM(T, 6, 2,
+    batch_first, dropout 0.5 between the layers, bidirectional), then
+    Linear(12, T)(relu(out[:, -1])). The released code has T = 6 literally."""
+
+    def __init__(self, num_tasks: int, hidden: int = 6, dropout: float = 0.5):
+        super().__init__()
+        self.lstm = nn.LSTM(num_tasks, hidden, 2, batch_first=True, dropout=dropout,
+                            bidirectional=True)
+        self.fc = nn.Linear(2 * hidden, num_tasks)
+
+    def forward(self, seq: torch.Tensor, state: tuple) -> torch.Tensor:
+        """seq [N, K, T]; state (h0, c0), each [4, N, hidden] -> [N, T]."""
+        out, _ = self.lstm(seq, state)
+        return self.fc(F.relu(out[:, -1]))
+
+
+def psi_to_flax(psi: ReleasedPsi) -> dict:
+    """ReleasedPsi's weights as fsad's `ScoreSequenceModel(fc=0, torch_modules=True)`
+    params: `TorchLSTMCell` keeps PyTorch's parameters, its matrices transposed; layer l's
+    forward direction is cell 2 l, its backward one 2 l + 1."""
+    sd = {k: _np(v) for k, v in psi.state_dict().items()}
+
+    def cell(suffix: str) -> dict:
+        return {name: sd[f"lstm.{name}{suffix}"].T for name in
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+
+    params = {f"TorchLSTMCell_{2 * layer + d}": cell(f"_l{layer}" + ("_reverse" if d else ""))
+              for layer in range(psi.lstm.num_layers) for d in (0, 1)}
+    params["out"] = {"kernel": sd["fc.weight"].T, "bias": sd["fc.bias"]}
+    return params
+
 
 def _sync(device) -> None:
     if torch.device(device).type == "cuda":

@@ -194,9 +194,18 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # runs/dra_elpv): each seed starts from that run's trained base model instead of
     # training it again (benchmarks/reproduce.py sets it when its table has the base)
     c.ahl.base_workdir = ""
+    # psi, the BiLSTM importance model (fsad/models/sequence.py): the paper's (hidden 7,
+    # fc 14), trained online by psi_steps Adam steps on the whole pool ("pool"); `:released`
+    # gives the released psi (`released_psi`)
     c.ahl.psi_hidden = 7
-    c.ahl.psi_fc = 14
+    c.ahl.psi_fc = 14  # 0: no hidden fc layer (ReLU, then the output layer)
+    c.ahl.psi_dropout = 0.0  # between the LSTM layers, in training and prediction
+    # or "torch": PyTorch's nn.LSTM and nn.Linear (two biases per gate, its default init)
+    c.ahl.psi_module = "flax"
+    c.ahl.psi_initial_state = "zeros"  # or "uniform": U[0, 1) drawn on every call
     c.ahl.psi_lr = 0.02
+    c.ahl.psi_weight_decay = 0.0  # PyTorch Adam's (coupled: added to the gradient)
+    c.ahl.psi_fit = "pool"  # or "query_sets": one step on each task's query set, psi_steps unused
     c.ahl.psi_steps = 20
     c.ahl.texture_root = ""  # e.g. DTD images for the Perlin family; default: training normals
     c.ahl.optim = config_dict.ConfigDict()
@@ -250,11 +259,29 @@ def paper_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return c
 
 
+def released_psi(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
+    """The released AHL code's psi (modeling/aux_net.py and its training in main.py):
+    nn.LSTM(T, 6, 2, dropout=0.5, bidirectional=True) from a U[0, 1) initial state drawn on
+    every call, then ReLU and nn.Linear(12, T) on the last step; PyTorch's default init,
+    train mode throughout (dropout in prediction too); Adam at 2e-3 with weight decay 1e-3,
+    one step on each task's query set per epoch."""
+    c.ahl.psi_hidden = 6
+    c.ahl.psi_fc = 0
+    c.ahl.psi_dropout = 0.5
+    c.ahl.psi_module = "torch"
+    c.ahl.psi_initial_state = "uniform"
+    c.ahl.psi_lr = 2e-3
+    c.ahl.psi_weight_decay = 1e-3
+    c.ahl.psi_fit = "query_sets"
+    return c
+
+
 def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
     optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
     weighting with w = softmax(-r) of the raw scores' errors (its get_reward), read from
-    the epoch after psi's first weights on."""
+    the epoch after psi's first weights on; and its psi (`released_psi`)."""
+    c = released_psi(c)
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
     c.ahl.optim.weight_decay = 1e-4

@@ -128,7 +128,7 @@ def check_config(config, n_devices: int = 1) -> None:
 
 
 def check_ahl_config(a) -> None:
-    from fsad.methods.ahl import (CLUSTER_ON, HEAD_INITS, check_error_scale,
+    from fsad.methods.ahl import (CLUSTER_ON, HEAD_INITS, PSI_FITS, check_error_scale,
                                   check_task_batching)
     _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
     _require(a.clusters >= 2, f"ahl.clusters={a.clusters}: the tasks pair clusters; use at "
@@ -149,10 +149,18 @@ def check_ahl_config(a) -> None:
              f"support loss; use 0 (no adaptation) or more (2e-4 in the paper)")
     _require(a.optim.lr > 0 and a.psi_lr > 0, f"ahl.optim.lr={a.optim.lr} and ahl.psi_lr="
              f"{a.psi_lr}; use positive learning rates")
-    _require(a.psi_hidden >= 1 and a.psi_fc >= 1 and a.psi_steps >= 0, f"ahl.psi_hidden="
+    _require(a.psi_hidden >= 1 and a.psi_fc >= 0 and a.psi_steps >= 0, f"ahl.psi_hidden="
              f"{a.psi_hidden}, ahl.psi_fc={a.psi_fc}, ahl.psi_steps={a.psi_steps}: the "
-             f"BiLSTM needs at least one hidden unit and one fc unit (7 and 14 in the paper); "
-             f"psi_steps at least 0")
+             f"BiLSTM needs at least one hidden unit (7 in the paper), psi_fc at least 0 "
+             f"(14 in the paper; 0: no hidden fc layer, as the released psi), psi_steps at "
+             f"least 0")
+    _require(0.0 <= a.psi_dropout < 1.0 and a.psi_weight_decay >= 0,
+             f"ahl.psi_dropout={a.psi_dropout}, ahl.psi_weight_decay={a.psi_weight_decay}; "
+             f"use a dropout in [0, 1) and a weight decay of at least 0 (released: 0.5, 1e-3)")
+    for field, values in (("psi_fit", PSI_FITS), ("psi_module", ("flax", "torch")),
+                          ("psi_initial_state", ("zeros", "uniform"))):
+        _require(a[field] in values, f"ahl.{field}={a[field]!r}; use "
+                 f"{' or '.join(values)}")
     _require(a.chunk_size >= 0, f"ahl.chunk_size={a.chunk_size}; use 0 (the whole set where "
              f"it fits) or a number of samples at a time")
     _require(0.0 <= a.pseudo_frac <= 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "

@@ -330,6 +330,36 @@ def test_score_sequence_model_shapes():
     assert jax.jit(m.apply)(v, jnp.ones((3, 5, 7))).shape == (3, 7)
 
 
+def test_released_psi_init_dropout_and_initial_state():
+    """The released psi's modules (`released_psi`; their outputs and Adam step against
+    PyTorch's are in test_released_parity.py): PyTorch's init bounds; dropout on only
+    with a key, and not after the last LSTM layer (a model whose first layer's output is
+    all 0 is unchanged by it); the initial state matters."""
+    from fsad.models.sequence import released_initial_state
+    m = ScoreSequenceModel(7, hidden=6, fc=0, dropout=0.5, torch_modules=True)
+    p = m.init(jax.random.key(0), jnp.zeros((1, 5, 7)))["params"]
+    bound = 1 / np.sqrt(6)
+    cells = [p[f"TorchLSTMCell_{i}"] for i in range(4)]
+    assert all(float(jnp.abs(w).max()) <= bound for c in cells for w in c.values())
+    assert cells[0]["weight_ih"].shape == (7, 24) and cells[2]["weight_ih"].shape == (12, 24)
+    assert float(jnp.abs(p["out"]["kernel"]).max()) <= 1 / np.sqrt(12)
+    x = jax.random.normal(jax.random.key(1), (8, 5, 7))
+    plain = m.apply({"params": p}, x)
+    k1, k2 = jax.random.key(2), jax.random.key(3)
+    assert np.array_equal(m.apply({"params": p}, x, None, k1), m.apply({"params": p}, x, None, k1))
+    assert not np.allclose(m.apply({"params": p}, x, None, k1), m.apply({"params": p}, x, None, k2))
+    assert np.array_equal(plain, ScoreSequenceModel(7, 6, 0, torch_modules=True).apply(
+        {"params": p}, x))
+    # layer 0 silenced: its outputs are 0, and dropout (between the layers) changes nothing
+    silent = {**p, **{f"TorchLSTMCell_{i}": jax.tree.map(jnp.zeros_like, cells[i])
+                      for i in (0, 1)}}
+    np.testing.assert_array_equal(m.apply({"params": silent}, x, None, k1),
+                                  m.apply({"params": silent}, x))
+    state = released_initial_state(jax.random.key(4), 2, 8, 6)
+    assert state[0].shape == (4, 8, 6) and float(state[0].min()) >= 0
+    assert not np.allclose(m.apply({"params": p}, x, state), plain)
+
+
 def test_another_seeds_meta_step_is_served_by_the_compilation_cache():
     """Two seeds' DRA heads (other BatchNorm statistics and reference means, as two
     trained base models have) give the same compiled meta-step: the second is a hit of
@@ -410,10 +440,13 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
 
 def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeypatch):
     """Between checkpoints (a pace longer than the run), Ctrl-C during meta-epoch 3
-    saves epoch 2's state, and the rerun goes on from there."""
+    saves epoch 2's state, and the rerun goes on from there to the weights of an
+    uninterrupted run: with the released psi, whose dropout masks and initial states
+    come from keys of the epoch, not from a stream a resume would restart."""
     import importlib
+    from fsad.config import released_psi
     mt = importlib.import_module("fsad.methods.ahl.meta_train")  # the module, not the function
-    config = tiny_config("ahl_devnet")
+    config = released_psi(tiny_config("ahl_devnet"))
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
     config.ahl.first_order = True
     config.checkpoint_seconds = 1e6
@@ -439,6 +472,9 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     _, info = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
     assert len(info["loss"]) == 4 and sorted(os.listdir(tmp_path / "ahl_checkpoints")) == [
         "2", "4"]
+    _, whole = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), None)
+    assert info["weights"] == whole["weights"] and info["loss"] == whole["loss"]
+    assert info["weights"][3] != info["weights"][2]  # psi's weights were used
 
 
 def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):

@@ -747,3 +747,58 @@ def test_ahl_dra_meta_step_matches_torch():
     for leaf in ("seen/conv/kernel", "pseudo/conv/kernel", "normality/fc1/kernel",
                  "residual/conv/kernel", "residual/bn/scale", "residual/score/kernel"):
         assert np.abs(g[leaf]).max() > 0, leaf
+
+
+def test_released_psi_matches_the_released_aux_model():
+    """`:released`'s psi against the released AUX_Model (`tr.ReleasedPsi`): the same
+    weights and the initial state fsad draws from its key give the same predictions; one
+    step of fsad's psi on one task's query rows (a mask over the pool) is one released
+    step on those rows (mse_loss, Adam 2e-3 with weight decay 1e-3). Dropout is off on
+    both sides here (torch draws its own masks): `ScoreSequenceModel`'s dropout sits
+    between the two LSTM layers, as nn.LSTM's, which test_ahl.py checks."""
+    from fsad.config import released_psi
+    from fsad.methods.ahl.importance import make_psi_fns
+    from fsad.models.sequence import released_initial_state
+    T, K, P = 7, 5, 12
+    a = released_psi(tiny_config("ahl_dra")).ahl
+    a.psi_dropout = 0.0
+    torch.manual_seed(7)
+    psi = tr.ReleasedPsi(T, a.psi_hidden, dropout=0.0)
+    init, train_step, predict = make_psi_fns(T, a)
+    _, opt_state = init(jax.random.key(0), K)
+    params = tr.psi_to_flax(psi)
+    rng = np.random.default_rng(8)
+    seqs = rng.normal(size=(P, K, T)).astype(np.float32)
+    targets = rng.normal(size=(P, T)).astype(np.float32)
+    rows = np.zeros(P, np.float32)
+    rows[[0, 3, 4, 8, 11]] = 1  # one task's query set among the pool's samples
+    key = jax.random.key(9)
+
+    def torch_state(n):  # the (h0, c0) fsad's apply draws from `key` for n rows
+        return tuple(torch.tensor(np.asarray(s)) for s in released_initial_state(
+            jax.random.split(key)[0], 2, n, a.psi_hidden))
+
+    with torch.no_grad():
+        want = psi(torch.as_tensor(seqs), torch_state(P)).numpy()
+    got = np.asarray(predict(params, jnp.asarray(seqs), key))
+    err = rel_err(got, want)
+    MEASURED["released psi predictions rel err"] = err
+    assert err < 1e-5
+
+    new, _, loss = train_step(params, opt_state, jnp.asarray(seqs), jnp.asarray(targets),
+                              jnp.asarray(rows), key)
+    opt = torch.optim.Adam(psi.parameters(), lr=2e-3, weight_decay=1e-3)
+    keep = torch.as_tensor(rows > 0)
+    h0, c0 = torch_state(P)
+    loss_t = torch.nn.functional.mse_loss(
+        psi(torch.as_tensor(seqs)[keep], (h0[:, keep], c0[:, keep])),
+        torch.as_tensor(targets)[keep])
+    opt.zero_grad()
+    loss_t.backward()
+    opt.step()
+    assert abs(float(loss) - loss_t.item()) < 1e-5 * loss_t.item()
+    want, got = flat(tr.psi_to_flax(psi)), flat(new)
+    assert got.keys() == want.keys()
+    err = max(np.abs(got[k] - want[k]).max() for k in want) / 2e-3
+    MEASURED["released psi params after one Adam step: max|diff| / lr"] = err
+    assert err < 1e-3

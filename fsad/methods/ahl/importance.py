@@ -12,7 +12,7 @@ import numpy as np
 import optax
 
 from fsad.errors import UserError
-from fsad.models.sequence import ScoreSequenceModel
+from fsad.models.sequence import ScoreSequenceModel, released_initial_state
 from fsad.quick_compile import quick_jit
 
 ERROR_SCALES = ("minmax", "raw")
@@ -77,10 +77,35 @@ def weight_spread(w) -> float:
     return float(w.max() / max(w.min(), 1e-30))
 
 
-def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
-    """(init(key, K) -> (params, opt_state), train_step, predict) for psi."""
-    model = ScoreSequenceModel(num_tasks, hidden, fc)
-    tx = optax.adam(lr)
+PSI_FITS = ("pool", "query_sets")
+
+
+def make_psi_fns(num_tasks: int, a):
+    """(init(key, K) -> (params, opt_state), train_step, predict) for psi, from the
+    config's `ahl` fields: psi_hidden, psi_fc, psi_dropout, psi_module, psi_initial_state,
+    psi_lr, psi_weight_decay.
+
+    train_step(params, opt_state, seqs [P, K, T], targets [P, T], rows [P], key) ->
+      (params, opt_state, loss): one Adam step on the mean squared error over the rows
+      where `rows` is 1 (all of them: the pool; one task's query set: the released fit).
+    predict(params, seqs [P, K, T], key) -> [P, T].
+    The key draws the dropout masks and, with psi_initial_state=uniform, the LSTM's
+    initial state: the released psi draws both anew on every call (it never leaves
+    PyTorch's train mode); with neither, the key is unused.
+    """
+    model = ScoreSequenceModel(num_tasks, a.psi_hidden, a.psi_fc, dropout=a.psi_dropout,
+                               torch_modules=a.psi_module == "torch")
+    # PyTorch's Adam(weight_decay=wd) adds wd * param to the gradient before its moments
+    tx = (optax.chain(optax.add_decayed_weights(a.psi_weight_decay), optax.adam(a.psi_lr))
+          if a.psi_weight_decay else optax.adam(a.psi_lr))
+    random_state = a.psi_initial_state == "uniform"
+
+    def apply(params, seqs, key):
+        k_state, k_drop = jax.random.split(key)
+        state = (released_initial_state(k_state, model.layers, seqs.shape[0], model.hidden)
+                 if random_state else None)
+        return model.apply({"params": params}, seqs, state,
+                           k_drop if model.dropout else None)
 
     @functools.partial(quick_jit, static_argnums=1)  # called once
     def init(key, k):
@@ -88,15 +113,16 @@ def make_psi_fns(num_tasks: int, hidden: int, fc: int, lr: float):
         return params, tx.init(params)
 
     @jax.jit
-    def train_step(params, opt_state, seqs, targets):
+    def train_step(params, opt_state, seqs, targets, rows, key):
         def loss_fn(p):
-            return jnp.mean((model.apply({"params": p}, seqs) - targets) ** 2)
+            err = (apply(p, seqs, key) - targets) ** 2 * rows[:, None]
+            return err.sum() / (rows.sum() * num_tasks)
         loss, g = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(g, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     @jax.jit
-    def predict(params, seqs):
-        return model.apply({"params": params}, seqs)
+    def predict(params, seqs, key):
+        return apply(params, seqs, key)
 
     return init, train_step, predict

@@ -87,7 +87,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     tx = optimizer_from_config(a.optim, 1)
     if mesh is None:
         mesh = one_device_mesh()
-    psi_init, psi_train, psi_predict = make_psi_fns(T, a.psi_hidden, a.psi_fc, a.psi_lr)
+    psi_init, psi_train, psi_predict = make_psi_fns(T, a)
     k_psi, k_meta = jax.random.split(key)
     psi_params, psi_opt = psi_init(k_psi, K)
     state = MetaState(jnp.int32(0), params_g, tx.init(params_g), psi_params, psi_opt,
@@ -104,6 +104,10 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     bank_dev = on_mesh(list(bank))
     task_arrays = on_mesh(tasks.device_arrays())
     pool_idx = on_mesh(tasks.pool_idx)
+    # the rows of psi's steps: the whole pool psi_steps times, or (the released fit) each
+    # task's query set once, in task order
+    psi_rows = on_mesh(tasks.pool_in_query_sets() if a.psi_fit == "query_sets" else
+                       np.ones((a.psi_steps, len(tasks.pool_idx)), np.float32))
     step = fitted_meta_step(hm, tx, a, mesh, (
         state.params, state.opt_state, bank_dev, task_arrays, state.weights, pool_idx,
         jax.random.fold_in(k_meta, 0), hm.consts))
@@ -125,9 +129,12 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             # psi learns online: the newest window each epoch (fixed shapes, one compile)
             seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
             targets = history[epoch]  # [P, T]
-            for _ in range(a.psi_steps):
-                psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets)
-            pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
+            k_epoch = jax.random.fold_in(k_psi, epoch)  # dropout, the released initial state
+            for i in range(len(psi_rows)):
+                psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets,
+                                                   psi_rows[i], jax.random.fold_in(k_epoch, i))
+            pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2),
+                               jax.random.fold_in(k_epoch, len(psi_rows)))
             w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
                                                     tasks.pool_coef, a.weight_temperature,
                                                     a.weight_relative, a.error_scale))

@@ -51,6 +51,11 @@ class Tasks:
     def num_tasks(self) -> int:
         return len(self.support_idx)
 
+    def pool_in_query_sets(self) -> np.ndarray:
+        """[T, P] float32: 1 where pool sample p is in task t's query set."""
+        return np.stack([np.isin(self.pool_idx, idx[mask > 0]) for idx, mask in
+                         zip(self.query_idx, self.query_mask)]).astype(np.float32)
+
     def device_arrays(self) -> dict:
         return {k: jnp.asarray(getattr(self, k)) for k in
                 ("support_idx", "support_lab", "support_weight", "query_idx", "query_lab",
