@@ -187,6 +187,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # r from psi's predicted scores min-max scaled jointly to [0, 1] ("minmax"), or as
     # they are ("raw": Eq. 6, the released get_reward), against the {0, 1} labels
     c.ahl.error_scale = "minmax"
+    # r_i as the paper's Eq. 6 ("paper": c_j per sample, a model's own support normals
+    # left out) or as the released get_reward ("released": per-class mean errors over
+    # the query sets, weighted 0.5 normal, 0.5 pseudo, 1.0 seen; `released_errors`)
+    c.ahl.errors = "paper"
     # the unified heads start from the trained base heads ("base"), or fresh from
     # PyTorch's default initialisation ("fresh": the released AHL code)
     c.ahl.head_init = "base"
@@ -279,8 +283,9 @@ def released_psi(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
     optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
-    weighting with w = softmax(-r) of the raw scores' errors (its get_reward), read from
-    the epoch after psi's first weights on; and its psi (`released_psi`)."""
+    weighting with w = softmax(-r) of the raw scores' errors as its get_reward takes them
+    (`released_errors`), read from the epoch after psi's first weights on; and its psi
+    (`released_psi`)."""
     c = released_psi(c)
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
@@ -289,6 +294,7 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.ahl.optim.clip_norm = 1.0
     c.ahl.optim.decay_at_epoch_start = True
     c.ahl.weighting = "released"
+    c.ahl.errors = "released"
     c.ahl.weight_relative = False
     c.ahl.weight_temperature = 1.0
     c.ahl.error_scale = "raw"

@@ -128,8 +128,8 @@ def check_config(config, n_devices: int = 1) -> None:
 
 
 def check_ahl_config(a) -> None:
-    from fsad.methods.ahl import (CLUSTER_ON, HEAD_INITS, PSI_FITS, check_error_scale,
-                                  check_task_batching)
+    from fsad.methods.ahl import (CLUSTER_ON, ERROR_FORMS, HEAD_INITS, PSI_FITS,
+                                  check_error_scale, check_task_batching)
     _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
     _require(a.clusters >= 2, f"ahl.clusters={a.clusters}: the tasks pair clusters; use at "
              f"least 2 (3 in the paper)")
@@ -157,7 +157,8 @@ def check_ahl_config(a) -> None:
     _require(0.0 <= a.psi_dropout < 1.0 and a.psi_weight_decay >= 0,
              f"ahl.psi_dropout={a.psi_dropout}, ahl.psi_weight_decay={a.psi_weight_decay}; "
              f"use a dropout in [0, 1) and a weight decay of at least 0 (released: 0.5, 1e-3)")
-    for field, values in (("psi_fit", PSI_FITS), ("psi_module", ("flax", "torch")),
+    for field, values in (("errors", ERROR_FORMS), ("psi_fit", PSI_FITS),
+                          ("psi_module", ("flax", "torch")),
                           ("psi_initial_state", ("zeros", "uniform"))):
         _require(a[field] in values, f"ahl.{field}={a[field]!r}; use "
                  f"{' or '.join(values)}")

@@ -442,11 +442,12 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     """Between checkpoints (a pace longer than the run), Ctrl-C during meta-epoch 3
     saves epoch 2's state, and the rerun goes on from there to the weights of an
     uninterrupted run: with the released psi, whose dropout masks and initial states
-    come from keys of the epoch, not from a stream a resume would restart."""
+    come from keys of the epoch, not from a stream a resume would restart (and the
+    released errors r_i)."""
     import importlib
     from fsad.config import released_psi
     mt = importlib.import_module("fsad.methods.ahl.meta_train")  # the module, not the function
-    config = released_psi(tiny_config("ahl_devnet"))
+    config = released_psi(tiny_config("ahl_devnet", **{"ahl.errors": "released"}))
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
     config.ahl.first_order = True
     config.checkpoint_seconds = 1e6

@@ -335,6 +335,54 @@ def test_the_papers_errors_take_the_scores_as_they_are():
         ahl.generalisation_errors(pred, labels, coef, "scaled")
 
 
+def test_released_errors_are_the_released_get_reward():
+    """`ahl.errors=released` (`:released`) against a transliteration of the released
+    main.py: for each model k, get_reward on every query set (psi's predictions for that
+    set, its labels 0 normal, 1 seen, 2 pseudo), its class sums and counts added up over
+    the sets, reward = -(0.5 r_n / n_n + 0.5 r_p / n_p + r_a / n_a), w = softmax(reward).
+    The query sets share samples (fsad's pool is their union); one set has no pseudo
+    anomaly, which the released code allows for."""
+    rng = np.random.default_rng(0)
+    P, T = 30, 4
+    classes = np.array([0] * 14 + [1] * 6 + [2] * 10)
+    pred = rng.normal(size=(P, T)) * 2 + (classes > 0)[:, None] * 3  # [P, T]
+    sets = [rng.choice(P, 12, replace=False) for _ in range(T)]
+    sets[1] = np.array([0, 1, 2, 3, 14, 15, 16])  # normals and seen anomalies only
+    in_query = np.zeros((T, P))
+    for q, rows in enumerate(sets):
+        in_query[q, rows] = 1
+
+    def get_reward(pred_score, ground_score, k):  # main.py's, per query set
+        def mse(c, target):
+            kept = [pred_score[i][k] for i in range(len(ground_score)) if ground_score[i] == c]
+            return (np.mean([(v - target) ** 2 for v in kept]) if kept else 0.0), len(kept)
+        (re_n, n_n), (re_a, n_a), (re_p, n_p) = mse(0, 0), mse(1, 1), mse(2, 1)
+        return re_n, re_p, re_a, n_n, n_a, n_p
+
+    reward = []
+    for k in range(T):
+        r_n = r_a = r_p = n_n = n_a = n_p = 0
+        for rows in sets:
+            re_n, re_p, re_a, c_n, c_a, c_p = get_reward(pred[rows], classes[rows], k)
+            r_n, r_a, r_p = r_n + re_n, r_a + re_a, r_p + re_p
+            n_n, n_a, n_p = n_n + c_n, n_a + c_a, n_p + c_p
+        reward.append(-(0.5 * (r_n / n_n) + 0.5 * (r_p / n_p) + 1 * (r_a / n_a)))
+    r = ahl.released_errors(pred, classes, in_query)
+    np.testing.assert_allclose(r, -np.array(reward), rtol=1e-12)
+    e = np.exp(reward)
+    np.testing.assert_allclose(ahl.weights_from_errors(r, 1.0, False), e / e.sum(), rtol=1e-6)
+    # the pool's classes and query sets as `Tasks` gives them to meta_train
+    tasks = ahl.build_tasks([np.arange(0, 6), np.arange(6, 12), np.arange(12, 20)], 20, 4, 0)
+    got = tasks.pool_classes()
+    for q in range(tasks.num_tasks):
+        real = tasks.query_mask[q] > 0
+        for idx, lab in zip(tasks.query_idx[q][real], tasks.query_lab[q][real]):
+            p = int(np.flatnonzero(tasks.pool_idx == idx)[0])
+            assert got[p] == lab and tasks.pool_in_query_sets()[q, p] == 1
+    assert tasks.pool_in_query_sets().sum() == tasks.query_mask.sum()
+    assert set(got.tolist()) == {0, 1, 2}
+
+
 def test_ahl_reference_means_work_with_the_per_batch_reference():
     """AHL on a DRA base trained with test_reference=per_batch raised KeyError."""
     config = tiny_config("ahl_dra", **{"dra.test_reference": "per_batch"})

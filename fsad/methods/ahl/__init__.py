@@ -31,9 +31,10 @@ from fsad.methods.ahl.bank import (FAMILIES, build_bank, load_or_build_bank, mak
 from fsad.methods.ahl.heads import (HEAD_INITS, HeadModel, dra_heads, fresh_batch_stats,
                                     head_model, head_models, make_head_scorer,
                                     reference_means)
-from fsad.methods.ahl.importance import (ERROR_SCALES, PSI_FITS, check_error_scale,
-                                         generalisation_errors, importance_weights,
-                                         make_psi_fns, weight_spread)
+from fsad.methods.ahl.importance import (ERROR_FORMS, ERROR_SCALES, PSI_FITS,
+                                         check_error_scale, generalisation_errors,
+                                         importance_weights, make_psi_fns, released_errors,
+                                         scaled_scores, weight_spread, weights_from_errors)
 from fsad.methods.ahl.meta_step import (CHUNK_SIZES, TASK_BATCHINGS, check_task_batching,
                                         chunk_rows, chunked_sum, fitted_meta_step,
                                         make_meta_step)
@@ -48,8 +49,9 @@ __all__ = [
     "n_scales_of", "other_indices",
     "HEAD_INITS", "HeadModel", "dra_heads", "fresh_batch_stats", "head_model", "head_models",
     "make_head_scorer", "reference_means",
-    "ERROR_SCALES", "PSI_FITS", "check_error_scale", "generalisation_errors", "importance_weights",
-    "make_psi_fns", "weight_spread",
+    "ERROR_FORMS", "ERROR_SCALES", "PSI_FITS", "check_error_scale", "generalisation_errors",
+    "importance_weights", "make_psi_fns", "released_errors", "scaled_scores",
+    "weight_spread", "weights_from_errors",
     "CHUNK_SIZES", "TASK_BATCHINGS", "check_task_batching", "chunk_rows", "chunked_sum",
     "fitted_meta_step", "make_meta_step",
     "MetaState", "meta_train",

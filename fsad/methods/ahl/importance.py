@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from fsad.errors import UserError
+from fsad.methods.ahl.tasks import NORMAL, PSEUDO, SEEN
 from fsad.models.sequence import ScoreSequenceModel, released_initial_state
 from fsad.quick_compile import quick_jit
 
@@ -23,6 +24,16 @@ def check_error_scale(error_scale: str) -> None:
     if error_scale not in ERROR_SCALES:
         raise UserError(f"ahl.error_scale={error_scale!r}; use minmax (psi's scores scaled "
                         f"to [0, 1] before the errors) or raw (Eq. 6)")
+
+
+def scaled_scores(predicted: np.ndarray, error_scale: str) -> np.ndarray:
+    """[P, T] float64: psi's predicted scores as the errors take them, min-max scaled
+    jointly to [0, 1] ("minmax") or as they are ("raw")."""
+    check_error_scale(error_scale)
+    p = np.asarray(predicted, np.float64)
+    if error_scale == "minmax":
+        p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
+    return p
 
 
 def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
@@ -38,12 +49,54 @@ def generalisation_errors(predicted: np.ndarray, labels: np.ndarray,
     Returns:
       r: [T] float64.
     """
-    check_error_scale(error_scale)
-    p = np.asarray(predicted, np.float64)
-    if error_scale == "minmax":
-        p = (p - p.min()) / max(p.max() - p.min(), 1e-12)
+    p = scaled_scores(predicted, error_scale)
     err = (p.T - labels[None].astype(np.float64)) ** 2  # [T, P]
     return (coef * err).sum(1) / np.maximum((coef > 0).sum(1), 1)
+
+
+# the released get_reward's weights of its classes' errors
+RELEASED_CLASS_WEIGHTS = {NORMAL: 0.5, PSEUDO: 0.5, SEEN: 1.0}
+
+
+def released_errors(predicted: np.ndarray, classes: np.ndarray, in_query: np.ndarray,
+                    error_scale: str = "raw") -> np.ndarray:
+    """The released code's r_i (main.py: get_reward, summed over the query sets): for each
+    class c (normals against 0; pseudo and seen anomalies against 1), the sum over the
+    query sets of the mean squared error of model i's scores on that set's class-c
+    samples, divided by the class's count over all the query sets; r_i = 0.5 r_normal +
+    0.5 r_pseudo + 1.0 r_seen. Every model is judged on every query sample, its own
+    support's included (Eq. 6's c_j and exclusions do not appear). A class no query set
+    has adds 0 (the released code guards only the pseudo class).
+
+    Args:
+      predicted: [P, T] predicted scores of the T models on the pool.
+      classes: [P] NORMAL, SEEN or PSEUDO; in_query: [Q, P] 1 where a pool sample is in
+        query set q (`Tasks.pool_in_query_sets`).
+    Returns:
+      r: [T] float64.
+    """
+    p = scaled_scores(predicted, error_scale)
+    err = (p - (classes != NORMAL)[:, None]) ** 2  # [P, T]
+    r = np.zeros(p.shape[1])
+    for c, weight in RELEASED_CLASS_WEIGHTS.items():
+        member = np.asarray(in_query, np.float64) * (classes == c)[None]  # [Q, P]
+        counts = member.sum(1)  # [Q]
+        if not counts.sum():
+            continue
+        means = (member @ err)[counts > 0] / counts[counts > 0, None]  # [Q', T]
+        r += weight * means.sum(0) / counts.sum()
+    return r
+
+
+def weights_from_errors(r: np.ndarray, temperature: float = 0.1,
+                        relative: bool = True) -> np.ndarray:
+    """w = softmax(-(r / mean(r)) / temperature) of the errors r [T]; with relative=False,
+    softmax(-r / temperature). Returns [T] float32, summing to 1."""
+    if relative:
+        r = r / max(float(r.mean()), 1e-12)
+    z = -r / temperature
+    e = np.exp(z - z.max())
+    return (e / e.sum()).astype(np.float32)
 
 
 def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarray,
@@ -63,12 +116,8 @@ def importance_weights(predicted: np.ndarray, labels: np.ndarray, coef: np.ndarr
     Returns:
       w: [T] float32, summing to 1.
     """
-    r = generalisation_errors(predicted, labels, coef, error_scale)
-    if relative:
-        r = r / max(float(r.mean()), 1e-12)
-    z = -r / temperature
-    e = np.exp(z - z.max())
-    return (e / e.sum()).astype(np.float32)
+    return weights_from_errors(generalisation_errors(predicted, labels, coef, error_scale),
+                               temperature, relative)
 
 
 def weight_spread(w) -> float:
@@ -78,6 +127,7 @@ def weight_spread(w) -> float:
 
 
 PSI_FITS = ("pool", "query_sets")
+ERROR_FORMS = ("paper", "released")
 
 
 def make_psi_fns(num_tasks: int, a):

@@ -18,7 +18,9 @@ from fsad.errors import UserError
 from fsad.hosts import progress, put
 from fsad.mesh import one_device_mesh, replicated
 from fsad.methods.ahl.heads import HeadModel
-from fsad.methods.ahl.importance import importance_weights, make_psi_fns, weight_spread
+from fsad.methods.ahl.importance import (generalisation_errors, make_psi_fns,
+                                         released_errors, weight_spread,
+                                         weights_from_errors)
 from fsad.methods.ahl.meta_step import fitted_meta_step
 from fsad.methods.ahl.tasks import Tasks
 from fsad.optim import optimizer_from_config
@@ -104,10 +106,18 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     bank_dev = on_mesh(list(bank))
     task_arrays = on_mesh(tasks.device_arrays())
     pool_idx = on_mesh(tasks.pool_idx)
+    in_query = tasks.pool_in_query_sets()  # [T, P]
     # the rows of psi's steps: the whole pool psi_steps times, or (the released fit) each
     # task's query set once, in task order
-    psi_rows = on_mesh(tasks.pool_in_query_sets() if a.psi_fit == "query_sets" else
+    psi_rows = on_mesh(in_query if a.psi_fit == "query_sets" else
                        np.ones((a.psi_steps, len(tasks.pool_idx)), np.float32))
+    pool_classes = tasks.pool_classes()
+
+    def errors(pred: np.ndarray) -> np.ndarray:
+        """[T] the models' generalisation errors r from psi's predictions [P, T]."""
+        if a.errors == "released":
+            return released_errors(pred, pool_classes, in_query, a.error_scale)
+        return generalisation_errors(pred, tasks.pool_lab, tasks.pool_coef, a.error_scale)
     step = fitted_meta_step(hm, tx, a, mesh, (
         state.params, state.opt_state, bank_dev, task_arrays, state.weights, pool_idx,
         jax.random.fold_in(k_meta, 0), hm.consts))
@@ -135,9 +145,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                                                    psi_rows[i], jax.random.fold_in(k_epoch, i))
             pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2),
                                jax.random.fold_in(k_epoch, len(psi_rows)))
-            w_next = jnp.asarray(importance_weights(np.asarray(pred), tasks.pool_lab,
-                                                    tasks.pool_coef, a.weight_temperature,
-                                                    a.weight_relative, a.error_scale))
+            w_next = jnp.asarray(weights_from_errors(errors(np.asarray(pred)),
+                                                     a.weight_temperature, a.weight_relative))
         return on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
                                  psi_opt, history, w_next,
                                  state.weights_log.at[epoch].set(w),

@@ -56,6 +56,12 @@ class Tasks:
         return np.stack([np.isin(self.pool_idx, idx[mask > 0]) for idx, mask in
                          zip(self.query_idx, self.query_mask)]).astype(np.float32)
 
+    def pool_classes(self) -> np.ndarray:
+        """[P] NORMAL, SEEN or PSEUDO: each pool sample's label in the query sets."""
+        real = self.query_mask > 0
+        label = dict(zip(self.query_idx[real].tolist(), self.query_lab[real].tolist()))
+        return np.array([label[i] for i in self.pool_idx.tolist()], np.int32)
+
     def device_arrays(self) -> dict:
         return {k: jnp.asarray(getattr(self, k)) for k in
                 ("support_idx", "support_lab", "support_weight", "query_idx", "query_lab",
