@@ -161,6 +161,9 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # or the images when fewer than 2 clusters of 3+ normals survive (dead features)
     c.ahl.cluster_on = "auto"
     c.ahl.pseudo_frac = 0.5
+    # a task on all normals split in two at random beside the C(C-1) cluster pairs (the
+    # paper's T = 7; the released loader makes the pairs only: `:released`)
+    c.ahl.split_task = True
     c.ahl.epochs = 30
     c.ahl.inner_steps = 3
     c.ahl.inner_lr = 2e-4
@@ -284,9 +287,10 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
     optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
     weighting with w = softmax(-r) of the raw scores' errors as its get_reward takes them
-    (`released_errors`), read from the epoch after psi's first weights on; and its psi
-    (`released_psi`)."""
+    (`released_errors`), read from the epoch after psi's first weights on; its psi
+    (`released_psi`); and its C(C-1) cluster-pair tasks, without the split task."""
     c = released_psi(c)
+    c.ahl.split_task = False
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
     c.ahl.optim.weight_decay = 1e-4

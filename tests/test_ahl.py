@@ -68,6 +68,14 @@ def test_task_structure():
             if x < NN and x in coef:
                 assert coef[x] == 0.0
     assert pairs == {(a, b) for a in range(3) for b in range(3) if a != b}
+    # the released loader's tasks: the 6 cluster pairs alone, the same as above
+    pairs_only = ahl.build_tasks(CLUSTERS, NN, NA, seed=0, split_task=False)
+    assert pairs_only.num_tasks == 6 and pairs_only.pool_coef.shape[0] == 6
+    for i in range(6):
+        for kind in ("support", "query"):
+            rows = [getattr(x, f"{kind}_idx")[i][getattr(x, f"{kind}_mask")[i] == 1]
+                    for x in (t, pairs_only)]
+            np.testing.assert_array_equal(*rows)
 
 
 def test_one_shot_anomaly_is_in_both_sets():

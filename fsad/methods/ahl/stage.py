@@ -80,7 +80,8 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     n_normal, n_anomaly = len(normals), len(anomalies)
     flat = bank[0][:n_normal].reshape(n_normal, -1)
     clusters, health = normal_clusters(flat, normals, a.clusters, seed, a.cluster_on)
-    tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base)
+    tasks = build_tasks(clusters, n_normal, n_anomaly, seed, a.pseudo_frac, base=a.base,
+                        split_task=a.split_task)
     hm, base_hm, base_params = head_models(config, method, base_variables, seed)
     params_g = base_params if a.head_init == "base" else \
         quick_jit(hm.init)(k_init, [b[:1] for b in bank])
