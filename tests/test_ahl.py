@@ -341,8 +341,9 @@ def test_score_sequence_model_shapes():
 def test_released_psi_init_dropout_and_initial_state():
     """The released psi's modules (`released_psi`; their outputs and Adam step against
     PyTorch's are in test_released_parity.py): PyTorch's init bounds; dropout on only
-    with a key, and not after the last LSTM layer (a model whose first layer's output is
-    all 0 is unchanged by it); the initial state matters."""
+    with a key, between the LSTM layers: not after the last one (a model whose first
+    layer's output is all 0 is unchanged by it), not on the input alone (a zero input
+    is changed by it); the initial state matters."""
     from fsad.models.sequence import released_initial_state
     m = ScoreSequenceModel(7, hidden=6, fc=0, dropout=0.5, torch_modules=True)
     p = m.init(jax.random.key(0), jnp.zeros((1, 5, 7)))["params"]
@@ -363,6 +364,8 @@ def test_released_psi_init_dropout_and_initial_state():
                       for i in (0, 1)}}
     np.testing.assert_array_equal(m.apply({"params": silent}, x, None, k1),
                                   m.apply({"params": silent}, x))
+    zero = jnp.zeros_like(x)  # dropout of the input would change nothing here
+    assert not np.allclose(m.apply({"params": p}, zero, None, k1), m.apply({"params": p}, zero))
     state = released_initial_state(jax.random.key(4), 2, 8, 6)
     assert state[0].shape == (4, 8, 6) and float(state[0].min()) >= 0
     assert not np.allclose(m.apply({"params": p}, x, state), plain)
@@ -456,7 +459,8 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     from fsad.config import released_psi
     mt = importlib.import_module("fsad.methods.ahl.meta_train")  # the module, not the function
     config = released_psi(tiny_config("ahl_devnet", **{"ahl.errors": "released"}))
-    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
+    # K = 1: psi trains from epoch 1 on, before the interruption and after it
+    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 1, 1
     config.ahl.first_order = True
     config.checkpoint_seconds = 1e6
     hm, params, bank = _devnet_head_model()

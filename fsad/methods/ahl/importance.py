@@ -65,8 +65,10 @@ def released_errors(predicted: np.ndarray, classes: np.ndarray, in_query: np.nda
     query sets of the mean squared error of model i's scores on that set's class-c
     samples, divided by the class's count over all the query sets; r_i = 0.5 r_normal +
     0.5 r_pseudo + 1.0 r_seen. Every model is judged on every query sample, its own
-    support's included (Eq. 6's c_j and exclusions do not appear). A class no query set
-    has adds 0 (the released code guards only the pseudo class).
+    support's included (Eq. 6's c_j and exclusions do not appear). A query set without
+    a class adds nothing to that class, and a class no query set has adds 0 (the released
+    code skips a set without pseudo anomalies, takes NaN from a set without normals or
+    seen anomalies, and divides 0 by 0, an error, where no set has pseudo anomalies).
 
     Args:
       predicted: [P, T] predicted scores of the T models on the pool.

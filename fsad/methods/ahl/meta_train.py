@@ -92,6 +92,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     psi_init, psi_train, psi_predict = make_psi_fns(T, a)
     k_psi, k_meta = jax.random.split(key)
     psi_params, psi_opt = psi_init(k_psi, K)
+    # psi's dropout masks and released initial states: a stream of k_meta (whose epoch
+    # keys are fold_in(k_meta, epoch), epoch < E), k_psi being spent on psi's init
+    k_psi_run = jax.random.fold_in(k_meta, 2 ** 32 - 1)
     state = MetaState(jnp.int32(0), params_g, tx.init(params_g), psi_params, psi_opt,
                       jnp.zeros((E, len(tasks.pool_idx), T), jnp.float32),
                       jnp.full((T,), 1.0 / T, jnp.float32), jnp.zeros((E, T), jnp.float32),
@@ -139,7 +142,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             # psi learns online: the newest window each epoch (fixed shapes, one compile)
             seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
             targets = history[epoch]  # [P, T]
-            k_epoch = jax.random.fold_in(k_psi, epoch)  # dropout, the released initial state
+            k_epoch = jax.random.fold_in(k_psi_run, epoch)
             for i in range(len(psi_rows)):
                 psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets,
                                                    psi_rows[i], jax.random.fold_in(k_epoch, i))
