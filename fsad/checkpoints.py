@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from typing import Any, Callable
@@ -69,6 +70,33 @@ def checkpoint_folder(directory: str) -> str:
     except OSError as err:
         raise _folder_error(directory, err) from err
     return os.path.abspath(directory)
+
+
+def adopt_checkpoint(source: str, directory: str) -> int | None:
+    """Puts the newest checkpoint of the folder `source` (another run's) into
+    `directory`, unless that holds one already: hard links where both sit on one file
+    system (no space taken), else a copy; the step's folder appears whole or not at all
+    (a rename). The run of `directory` then holds its own start, whether or not `source`
+    is kept. In a multi-host run the first process does it, and every process waits for
+    it. -> the step adopted, or None.
+    """
+    from fsad.hosts import is_primary, wait_for_every_host
+    steps = [int(d) for d in os.listdir(source) if d.isdigit()] \
+        if os.path.isdir(source) else []
+    adopted = None
+    if steps and is_primary() and not [d for d in os.listdir(checkpoint_folder(directory))
+                                       if d.isdigit()]:
+        adopted = max(steps)
+        part = os.path.join(directory, f"{adopted}.adopting")  # not a step's name
+        shutil.rmtree(part, ignore_errors=True)
+        try:
+            shutil.copytree(os.path.join(source, str(adopted)), part, copy_function=os.link)
+        except OSError:  # another file system (or no hard links there): a copy
+            shutil.rmtree(part, ignore_errors=True)
+            shutil.copytree(os.path.join(source, str(adopted)), part)
+        os.rename(part, os.path.join(directory, str(adopted)))
+    wait_for_every_host("adopt_checkpoint")
+    return adopted
 
 
 def _folder_error(directory: str, err: OSError) -> UserError:

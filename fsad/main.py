@@ -117,6 +117,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     from fsad.workdir import check_stored_config
     from fsad.hosts import is_primary, lost_host
     from fsad.paper_figures import config_protocol_note
+    from fsad.validate import config_warnings
     try:
         if check and mode == "score":
             raise UserError("--check checks a training run and --mode is score; leave "
@@ -138,9 +139,10 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
                             f"score-mode flag{'s' if len(given) > 1 else ''} and --mode is "
                             f"train; add --mode score to score images with the trained run "
                             f"in --workdir, or leave {'it' if len(given) == 1 else 'them'} out")
-        note = config_protocol_note(config)
-        if note and is_primary():
-            logging.warning("%s", note)
+        notes = [config_protocol_note(config), *config_warnings(config)]
+        for note in notes:
+            if note and is_primary():
+                logging.warning("%s", note)
         if check:
             lines = check_run(config, workdir)
             if is_primary():

@@ -25,7 +25,7 @@ from fsad.errors import UserError
 from fsad.hosts import is_primary
 from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
-from fsad.methods import base_method_name, build_method
+from fsad.methods import base_method_name, build_method, method_title
 from fsad.train import make_score_fn, score_images
 from fsad.workdir import seed_dir_of
 
@@ -69,9 +69,11 @@ def load_trained(config, workdir: str, mesh=None):
     from fsad.workdir import base_run_checkpoints
     mesh = mesh or make_mesh()
     method = build_method(config)
-    # AHL on another run's base (ahl.base_workdir) reads that run's trained network
-    ckpt = base_run_checkpoints(config, config.seed) or \
-        os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
+    # the seed's own checkpoints; AHL on another run's base (ahl.base_workdir) keeps its
+    # start there too (adopted), but a run trained before that reads the base run's
+    ckpt = os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
+    if not (os.path.isdir(ckpt) and [d for d in os.listdir(ckpt) if d.isdigit()]):
+        ckpt = base_run_checkpoints(config, config.seed) or ckpt
     if not os.path.isdir(ckpt):
         raise UserError(f"no checkpoints in {ckpt!r}; train this workdir first "
                         f"(--mode train), or point --workdir at a trained run")
@@ -153,9 +155,10 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                                   config.eval_batch_size, key=key)["score"]
     cal = calibrate_run(config, scores)
     if cal is None:
-        logging.warning("%s's scores have no calibrated p-value (only DevNet's follow its "
-                        "N(0, 1) prior): the CSV leaves z, p_value and anomalous empty; "
-                        "rank the images by score", config.method.upper())
+        logging.warning("%s's scores have no calibrated p-value (only DevNet's and "
+                        "AHL(DevNet)'s follow their N(0, 1) prior): the CSV leaves z, "
+                        "p_value and anomalous empty; rank the images by score",
+                        method_title(config))
     if is_primary():  # the other hosts of a multi-host run computed the same
         with open(output, "w", newline="") as f:
             w = csv.writer(f)

@@ -29,7 +29,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, is_whole, restore_latest
+from fsad.checkpoints import (PacedCheckpoints, adopt_checkpoint, checkpoint_manager, is_whole,
+                             restore_latest)
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
@@ -303,12 +304,16 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         compiling it), called only when steps remain (a finished or fully resumed run
         compiles nothing); when None, `make_train_step` (compiled at its first call).
       start_from: another run's checkpoint folder to start from when workdir has no
-        checkpoint (AHL's ahl.base_workdir); it is read, never written.
+        checkpoint (AHL's ahl.base_workdir); it is read, never written. Its newest
+        checkpoint is adopted into workdir's (`adopt_checkpoint`: hard links where it
+        can), so that the run holds its own start.
     Returns:
       the final state and {"train_seconds", "steps", "resumed_from", "loss",
       "step_seconds" (median wall time of a step after the first), "compile_seconds"}.
     """
     total = epochs * steps_per_epoch
+    if workdir and start_from:  # the start kept in workdir too: scoring needs no source
+        adopt_checkpoint(start_from, os.path.join(workdir, "checkpoints"))
     mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints) \
         if workdir else None
     if mngr is not None:

@@ -141,19 +141,22 @@ def check_ahl_config(a) -> None:
              f"paper or released")
     check_error_scale(a.error_scale)
     check_task_batching(a.task_batching)
-    _require(a.epochs >= 1 and a.history >= 1 and a.inner_steps >= 0, "ahl.epochs and "
-             "ahl.history must be at least 1 and ahl.inner_steps at least 0")
+    _require(a.epochs >= 1 and a.history >= 1 and a.inner_steps >= 0, f"ahl.epochs="
+             f"{a.epochs}, ahl.history={a.history}, ahl.inner_steps={a.inner_steps}; "
+             f"epochs and history must be at least 1 (30 and 5 in the paper), inner_steps "
+             f"at least 0 (3)")
     _require(a.weight_temperature > 0, f"ahl.weight_temperature={a.weight_temperature}; use "
              f"a positive temperature (0.1 by default)")
     _require(a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}: a negative inner step climbs the "
              f"support loss; use 0 (no adaptation) or more (2e-4 in the paper)")
     _require(a.optim.lr > 0 and a.psi_lr > 0, f"ahl.optim.lr={a.optim.lr} and ahl.psi_lr="
              f"{a.psi_lr}; use positive learning rates")
-    _require(a.psi_hidden >= 1 and a.psi_fc >= 0 and a.psi_steps >= 0, f"ahl.psi_hidden="
-             f"{a.psi_hidden}, ahl.psi_fc={a.psi_fc}, ahl.psi_steps={a.psi_steps}: the "
-             f"BiLSTM needs at least one hidden unit (7 in the paper), psi_fc at least 0 "
-             f"(14 in the paper; 0: no hidden fc layer, as the released psi), psi_steps at "
-             f"least 0")
+    _require(a.psi_hidden >= 1 and a.psi_fc >= 0, f"ahl.psi_hidden={a.psi_hidden}, "
+             f"ahl.psi_fc={a.psi_fc}: the BiLSTM needs at least one hidden unit (7 in the "
+             f"paper), psi_fc at least 0 (14 in the paper; 0: no hidden fc layer, as the "
+             f"released psi)")
+    _require(a.psi_steps >= 0, f"ahl.psi_steps={a.psi_steps}; use 0 or more Adam steps of "
+             f"psi a meta-epoch (20 by default)")
     _require(0.0 <= a.psi_dropout < 1.0 and a.psi_weight_decay >= 0,
              f"ahl.psi_dropout={a.psi_dropout}, ahl.psi_weight_decay={a.psi_weight_decay}; "
              f"use a dropout in [0, 1) and a weight decay of at least 0 (released: 0.5, 1e-3)")
@@ -166,6 +169,23 @@ def check_ahl_config(a) -> None:
              f"it fits) or a number of samples at a time")
     _require(0.0 <= a.pseudo_frac <= 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "
              f"fraction; use a value in [0, 1] (0.5 in the paper)")
+
+
+def config_warnings(config) -> list[str]:
+    """Settings that run but do not do what their fields suggest, in words: AHL
+    meta-training too short for psi's importance weights to be used."""
+    if config.method != "ahl":
+        return []
+    a = config.ahl
+    # the first 0-based meta-epoch that uses psi's weights (`weights_in_use`)
+    first = a.history + (2 if a.weighting == "released" else 1)
+    if a.epochs > first:
+        return []
+    return [f"ahl.epochs={a.epochs} with ahl.history={a.history}: psi's importance weights "
+            f"are first used in meta-epoch {first + 1}"
+            f"{' (ahl.weighting=released)' if a.weighting == 'released' else ''}, so every "
+            f"meta-epoch of this run weights the tasks equally (1/T); raise ahl.epochs or "
+            f"lower ahl.history to use them"]
 
 
 def check_against_data(config, n_train_normal: int) -> None:

@@ -45,6 +45,10 @@ BATCHING_ONLY = ("eval_batch_size", "explain.batch_size")
 # how often checkpoints are saved: a run may go on with another value (every save holds
 # the same state an uninterrupted run has at that step)
 CHECKPOINT_PACE = ("checkpoint_seconds",)
+# where AHL's base model comes from: a finished run with the same base settings (checked
+# by `base_run_checkpoints`) or training it in place give the same model, and a seed
+# keeps the start it adopted (`fsad.checkpoints.adopt_checkpoint`)
+BASE_SOURCE = ("ahl.base_workdir",)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -68,10 +72,11 @@ def _with_defaults(stored: dict, current: dict, config) -> dict:
 
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
-    stored in workdir/config.json, less CHECKPOINT_PACE and BATCHING_ONLY (unless DRA draws
-    its test reference per batch, where the batch changes the scores); None when none is
-    stored. A field the stored config lacks was added to fsad after that run was saved,
-    which ran as its default does: it differs only where config sets it to another value."""
+    stored in workdir/config.json, less CHECKPOINT_PACE, BASE_SOURCE and BATCHING_ONLY
+    (unless DRA draws its test reference per batch, where the batch changes the scores);
+    None when none is stored. A field the stored config lacks was added to fsad after
+    that run was saved, which ran as its default does: it differs only where config sets
+    it to another value."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
@@ -80,7 +85,8 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
         stored = _with_defaults(_flat(json.load(f)), current, config)
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
-                  and k not in CHECKPOINT_PACE and (per_batch or k not in BATCHING_ONLY))
+                  and k not in CHECKPOINT_PACE + BASE_SOURCE
+                  and (per_batch or k not in BATCHING_ONLY))
 
 
 CHECKPOINT_FOLDERS = ("checkpoints", "ahl_checkpoints")  # base training, AHL's meta-training
@@ -197,15 +203,14 @@ NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batc
 
 
 def base_fields_that_differ(config, base: dict) -> list[str]:
-    """The fields (groups, e.g. "data") that shape the trained base model in which an AHL
-    config and a base run's config (a config.json dict) differ: none when that run
-    trained the same base model (a field the base run's config lacks counts as its
-    default, as in `stored_config_diff`)."""
+    """The fields (dotted, e.g. "data.n_anomaly") that shape the trained base model in
+    which an AHL config and a base run's config (a config.json dict) differ: none when
+    that run trained the same base model (a field the base run's config lacks counts as
+    its default, as in `stored_config_diff`)."""
     mine = _flat(config_json(config))
     theirs = _with_defaults(_flat(base), mine, config)
-    differ = {k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
-              and k not in NOT_BASE_TRAINING and k.split(".")[0] not in NOT_BASE_TRAINING}
-    return sorted({k.split(".")[0] for k in differ})
+    return sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                  and k not in NOT_BASE_TRAINING and k.split(".")[0] not in NOT_BASE_TRAINING)
 
 
 def base_run_checkpoints(config, seed: int) -> str | None:
@@ -213,24 +218,39 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     that the run trained this config's base model and finished that seed; else None."""
     if config.method != "ahl" or not config.ahl.get("base_workdir"):
         return None
+    from fsad.methods import method_title
     root = config.ahl.base_workdir
     path = os.path.join(root, "config.json")
     if not os.path.exists(path):
+        if os.path.isdir(root) and os.listdir(root):  # a folder, but no run's
+            raise UserError(f"ahl.base_workdir={root!r} is not a run's workdir (it has no "
+                            f"config.json); point it at the --workdir of a finished "
+                            f"{config.ahl.base} run, or leave ahl.base_workdir empty to "
+                            f"train the base here")
         raise UserError(f"ahl.base_workdir={root!r} holds no run (no config.json); train "
                         f"the base first (--config configs/{config.ahl.base}.py --workdir "
                         f"{root}), or leave ahl.base_workdir empty to train it here")
     with open(path) as f:
         base = json.load(f)
     differ = base_fields_that_differ(config, base)
-    if base.get("method") != config.ahl.base or differ:
-        raise UserError(f"ahl.base_workdir={root!r} holds a {base.get('method')} run that "
-                        f"differs from this AHL({config.ahl.base}) run's base in "
-                        f"{', '.join(differ) or 'method'}; use a base run with the same "
-                        f"settings, or leave ahl.base_workdir empty")
+    if base.get("method") != config.ahl.base:
+        held = base.get("method", "unknown")
+        if held == "ahl":
+            held = f"AHL({base.get('ahl', {}).get('base', '?')})"
+        raise UserError(f"ahl.base_workdir={root!r} holds a {held} run, and this "
+                        f"{method_title(config)} run needs a {config.ahl.base} run "
+                        f"(--config configs/{config.ahl.base}.py) with the same settings; "
+                        f"or leave ahl.base_workdir empty")
+    if differ:
+        raise UserError(f"ahl.base_workdir={root!r} holds a {config.ahl.base} run that "
+                        f"differs from this {method_title(config)} run's base in "
+                        f"{', '.join(differ)}; use a base run with the same settings, or "
+                        f"leave ahl.base_workdir empty")
     seed_dir = seed_dir_of(root, seed)
     if not seed_finished(seed_dir):
-        raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; run it "
-                        f"with --config.seed={seed} first, or leave ahl.base_workdir empty")
+        raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; rerun "
+                        f"that run's own command (it resumes), with --config.num_seeds "
+                        f"covering seed {seed}, or leave ahl.base_workdir empty")
     checkpoints = os.path.join(seed_dir, "checkpoints")
     if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
         raise UserError(f"ahl.base_workdir={root!r} kept no checkpoint of seed {seed} (its "

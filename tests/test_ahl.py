@@ -577,3 +577,17 @@ def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):
                        r"time\) needs [0-9.]+ GiB of memory and this machine has [0-9.]+ GiB "
                        r"free; lower --config.ahl.chunk_size \(now 4194304\)$"):
         ahl.fitted_meta_step(hm, tx, config.ahl, one_device_mesh(), args)
+
+
+def test_dropped_clusters_are_said(caplog):
+    """k-means clusters of fewer than 3 normals are dropped: a warning names how many
+    clusters, normals and tasks are left (a run otherwise shows fewer tasks unexplained)."""
+    rng = np.random.default_rng(0)
+    feats = np.concatenate([rng.normal(0, 0.1, (10, 4)), rng.normal(5, 0.1, (10, 4)),
+                            rng.normal(-40, 0.1, (2, 4))]).astype(np.float32)
+    images = np.zeros((22, 8, 8, 3), np.uint8)
+    with caplog.at_level("WARNING"):
+        clusters, _ = ahl.normal_clusters(feats, images, 3, seed=0, cluster_on="features")
+    assert sorted(len(c) for c in clusters) == [10, 10]
+    assert ("kept 2 of ahl.clusters=3 clusters" in caplog.text
+            and "their 2 of 22 normals): 2 cluster-pair tasks instead of 6" in caplog.text)

@@ -439,8 +439,9 @@ def test_ahl_killed_during_meta_training_resumes_on_two_hosts_to_the_same_scores
 
 def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     """ahl.base_workdir: AHL(DevNet) takes the trained DevNet run's model instead of
-    training its own (no step is taken, and its base scores are that run's); a base run
-    with other settings, or without the seed, is refused before any work."""
+    training its own (no step is taken, and its base scores are that run's), and keeps
+    that checkpoint (hard links), so that --mode score needs the base run no more; a base
+    run with other settings, or without the seed, is refused before any work."""
     import importlib
     from fsad.config import override
     from fsad.errors import UserError
@@ -458,13 +459,23 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     devnet0 = results(runs["devnet"]["u"])["runs"][0]
     assert run0["steps"] == 0 and run0["resumed_from"] == 30 and run0["compile_seconds"] == 0.0
     assert run0["base_auroc"] == pytest.approx(devnet0["auroc"], abs=1e-6)
-    # --mode score reads the trunk from the base run and the heads from this one
+    # the base run's checkpoint, adopted: the same files (hard links on one file system)
+    adopted = tmp_path / "ahl" / "seed_0" / "checkpoints"
+    assert os.listdir(adopted) == ["30"]
+    base_files = sorted(p.relative_to(runs["devnet"]["u"] / "seed_0" / "checkpoints" / "30")
+                        for p in (runs["devnet"]["u"] / "seed_0" / "checkpoints" / "30")
+                        .rglob("*") if p.is_file())
+    assert base_files == sorted(p.relative_to(adopted / "30")
+                                for p in (adopted / "30").rglob("*") if p.is_file())
+    assert all((adopted / "30" / f).stat().st_nlink > 1 for f in base_files)
+    # --mode score reads the trunk from that checkpoint and the heads from this run; the
+    # base run's folder is not needed (here: another, missing one named)
+    config.ahl.base_workdir = str(tmp_path / "moved_away")
     assert_scored_as_evaluated(config, tmp_path / "ahl", runs["devnet"]["root"],
                                tmp_path, capsys)
-    assert not (tmp_path / "ahl" / "seed_0" / "checkpoints").exists() or not os.listdir(
-        tmp_path / "ahl" / "seed_0" / "checkpoints")
+    config.ahl.base_workdir = str(runs["devnet"]["u"])
     config.epochs = 4
-    with pytest.raises(UserError, match="differs from this AHL.devnet. run's base in epochs"):
+    with pytest.raises(UserError, match="differs from this AHL.DevNet. run's base in epochs"):
         run_experiment(config, str(tmp_path / "other"))
     config.epochs, config.seed = base.epochs, 3
     with pytest.raises(UserError, match="has not finished seed 3"):

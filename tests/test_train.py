@@ -238,3 +238,22 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
         train(work, 1e6, step_then_ctrl_c, given)
     assert jax.tree.leaves(given)[0].is_deleted()  # donated (else this case is not met)
     assert os.listdir(work / "checkpoints") == []
+
+
+def test_adopt_checkpoint_takes_the_newest_step_once(tmp_path):
+    """AHL's ahl.base_workdir: the base run's newest checkpoint is put into the AHL run's
+    folder (hard links), restorable there, and only into a folder that holds none."""
+    import jax.numpy as jnp
+    from fsad.checkpoints import (adopt_checkpoint, checkpoint_manager, restore_latest,
+                                  save_checkpoint)
+    mngr = checkpoint_manager(str(tmp_path / "base"))
+    for step in (5, 7):
+        save_checkpoint(mngr, step, {"step": jnp.int32(step), "w": jnp.arange(4.0) * step})
+    mngr.close()
+    assert adopt_checkpoint(str(tmp_path / "base"), str(tmp_path / "ahl")) == 7
+    assert os.listdir(tmp_path / "ahl") == ["7"]
+    assert adopt_checkpoint(str(tmp_path / "base"), str(tmp_path / "ahl")) is None
+    mngr = checkpoint_manager(str(tmp_path / "ahl"))
+    got = restore_latest(mngr, {"step": jnp.int32(0), "w": jnp.zeros(4)})
+    mngr.close()
+    assert int(got["step"]) == 7 and np.array_equal(got["w"], np.arange(4.0) * 7)

@@ -923,3 +923,27 @@ def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
         f"seed_2/ahl_checkpoints step 2, seed_10/checkpoints step 40); run the same "
         f"command to resume from there")
     assert "run the command again" in interrupted_line(str(work), "score")
+
+
+def test_meta_training_too_short_for_psi_is_said():
+    """ahl.epochs no longer than psi's first use (epoch K + 2 with the paper's weighting,
+    K + 3 with the released one, 1-based) runs with equal task weights throughout: a
+    warning says so (as the README's 3-epoch checks do with K = 5)."""
+    from fsad.validate import config_warnings
+    config = tiny_config("ahl_dra")
+    config.ahl.epochs, config.ahl.history = 3, 5
+    (line,) = config_warnings(config)
+    assert "ahl.epochs=3 with ahl.history=5" in line and "meta-epoch 7" in line
+    config.ahl.epochs = 7
+    assert config_warnings(config) == []
+    config.ahl.weighting = "released"
+    assert "meta-epoch 8 (ahl.weighting=released)" in config_warnings(config)[0]
+    assert config_warnings(tiny_config("dra")) == []
+
+
+@pytest.mark.parametrize("variants", ["released,paper", "paper,quick,released"])
+def test_paper_and_released_together_are_refused(variants):
+    """Both set the same fields, so the later one won field by field, silently."""
+    import importlib
+    with pytest.raises(UserError, match="variants paper and released both given"):
+        importlib.import_module("configs.ahl_dra").get_config(variants)

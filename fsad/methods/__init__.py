@@ -11,6 +11,14 @@ def base_method_name(config) -> str:
     return config.ahl.base if config.method == "ahl" else config.method
 
 
+def method_title(config) -> str:
+    """The method as the papers write it: DevNet, DRA, AHL(DevNet) or AHL(DRA)."""
+    titles = {"devnet": "DevNet", "dra": "DRA"}
+    if config.method == "ahl":
+        return f"AHL({titles.get(config.ahl.base, config.ahl.base)})"
+    return titles.get(config.method, config.method)
+
+
 def method_stages(config) -> list:
     """The method's own stages after base training and evaluation, run in order by
     fsad.experiment.run_seed: AHL's meta-training for config.method == "ahl"."""

@@ -142,6 +142,13 @@ def normal_clusters(normal_flat: np.ndarray, normals: np.ndarray, n_clusters: in
                             "(ahl.cluster_on=auto; recorded as cluster_on=images)", len(clusters))
         clusters = cluster_normals(image_descriptors(normals), n_clusters, seed)
         info["cluster_on"] = "images"
+    if 2 <= len(clusters) < n_clusters:  # fewer than 2 is build_tasks' error
+        kept = sum(len(c) for c in clusters)
+        logging.warning("AHL: k-means kept %d of ahl.clusters=%d clusters (those of fewer "
+                        "than 3 normals are dropped, with their %d of %d normals): %d "
+                        "cluster-pair tasks instead of %d", len(clusters), n_clusters,
+                        len(normal_flat) - kept, len(normal_flat),
+                        len(clusters) * (len(clusters) - 1), n_clusters * (n_clusters - 1))
     return clusters, info
 
 
