@@ -158,19 +158,36 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
 SEED_COUNT = ("num_seeds",)
 
 
+def ahl_fields_only(diff: list[str]) -> bool:
+    """Whether every field of `diff` is one of AHL's own (its meta-training's), which the
+    trained base models do not depend on: ahl.* less ahl.base."""
+    return bool(diff) and all(k.startswith("ahl.") and k != "ahl.base" for k in diff)
+
+
+def meta_training_started(workdir: str) -> bool:
+    """Whether a seed of the run in workdir has an AHL meta-training checkpoint or has
+    finished (AHL included)."""
+    seeds = [os.path.join(workdir, d) for d in os.listdir(workdir) if d.startswith("seed_")] \
+        if os.path.isdir(workdir) else []
+    return any(seed_finished(d) or "ahl_checkpoints" in checkpoint_steps(d) for d in seeds)
+
+
 def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     """A workdir holds one config: a run made with another is refused, unless that run
     saved nothing (it stopped before its first checkpoint: a download that failed, out of
     memory), whose config this one replaces, or the two differ only in `num_seeds`
-    (SEED_COUNT). Reads only. -> (the fields that differ, None when no config is stored;
-    whether the run there saved something).
+    (SEED_COUNT), or only in AHL's own fields before any seed's meta-training started (a
+    fix an AHL error asked for, as ahl.cluster_on: the trained base models serve it).
+    Reads only. -> (the fields that differ, None when no config is stored; whether the
+    run there saved something).
 
     Raises:
       UserError: the workdir holds a run of another config that saved something.
     """
     diff = stored_config_diff(workdir, config)
     saved = bool(diff) and bool(saved_in(workdir))
-    if saved and not set(diff) <= set(SEED_COUNT):
+    if saved and not set(diff) <= set(SEED_COUNT) and not (
+            ahl_fields_only(diff) and not meta_training_started(workdir)):
         raise _different_config(workdir, diff)
     return diff, saved
 
@@ -181,7 +198,16 @@ def check_workdir(workdir: str, config) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         diff, saved = check_workdir_config(workdir, config)
-        if saved:
+        if saved and ahl_fields_only(diff):
+            logging.warning("%s: AHL's fields changed (%s) before any seed's meta-training; "
+                            "the trained base models are kept, their AHL features made "
+                            "again", workdir, ", ".join(diff))
+            if is_primary():  # the pseudo anomalies' features hang on ahl.* fields
+                for seed in os.listdir(workdir):
+                    cache = os.path.join(workdir, seed, "ahl_features.npz")
+                    if seed.startswith("seed_") and os.path.exists(cache):
+                        os.remove(cache)
+        elif saved:
             logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
                          "the others trained", workdir, config.num_seeds)
         elif diff:

@@ -947,3 +947,31 @@ def test_paper_and_released_together_are_refused(variants):
     import importlib
     with pytest.raises(UserError, match="variants paper and released both given"):
         importlib.import_module("configs.ahl_dra").get_config(variants)
+
+
+def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
+    """An AHL error after base training asks for another ahl.* value (ahl.cluster_on=auto
+    after k-means left one cluster): the same workdir takes it while no seed has started
+    meta-training, keeping the trained base and making the AHL features again; once a
+    seed meta-trained, or for a field the base depends on, it is refused as before."""
+    from fsad.workdir import check_workdir, config_json, write_json_atomic
+    work = tmp_path / "w"
+    config = tiny_config("ahl_devnet", **{"ahl.cluster_on": "features"})
+    os.makedirs(work / "seed_0" / "checkpoints" / "30")  # the trained base
+    write_json_atomic(str(work / "config.json"), config_json(config))
+    (work / "seed_0" / "ahl_features.npz").write_bytes(b"features")
+    config.ahl.cluster_on = "auto"
+    with caplog.at_level("WARNING"):
+        check_workdir(str(work), config)
+    assert "AHL's fields changed (ahl.cluster_on)" in caplog.text
+    assert not (work / "seed_0" / "ahl_features.npz").exists()
+    with open(work / "config.json") as f:
+        assert json.load(f)["ahl"]["cluster_on"] == "auto"
+    config.epochs += 1  # the base's own field
+    with pytest.raises(UserError, match=r"different config \(fields epochs\)"):
+        check_workdir(str(work), config)
+    config.epochs -= 1
+    os.makedirs(work / "seed_0" / "ahl_checkpoints" / "2")  # meta-training started
+    config.ahl.clusters = 2
+    with pytest.raises(UserError, match=r"different config \(fields ahl.clusters\)"):
+        check_workdir(str(work), config)
