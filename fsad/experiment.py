@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsad import interrupts
 from fsad.checkpoints import checkpoint_folder
 from fsad.compile_cache import enable_compilation_cache
 from fsad.data import dataset_without_pixels, load_imageset, make_split
@@ -281,6 +282,7 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
         with hint_on_oom("the saliency maps", eval_fix(config)):
             metrics.update(explain_stage(runner, variables, data, split, scores, seed_dir))
     for stage in method_stages(config):
+        interrupts.check()  # a Ctrl-C dropped during the stages before
         with hint_on_oom(f"the {stage.__name__.replace('_stage', '')} stage (its meta-training "
                          f"and scoring)", run_fix(config, n_devices)):
             scores, metrics = stage(runner, data, split, variables, scores, metrics, seed,

@@ -28,6 +28,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from fsad import interrupts
+
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> None:
@@ -120,9 +122,23 @@ def lost_host(err: Exception) -> bool:
             and any(sign in str(err) for sign in _LOST_HOST_SIGNS))
 
 
+class _Progress(tqdm):
+    """tqdm whose every step checks for a Ctrl-C that was dropped (`fsad.interrupts`)."""
+
+    def update(self, n=1):
+        interrupts.check()
+        return super().update(n)
+
+    def __iter__(self):
+        for item in super().__iter__():
+            interrupts.check()
+            yield item
+
+
 def progress(*args, **kwargs) -> tqdm:
     """A tqdm progress bar, shown by the primary process only (one bar per run, not
-    one per host)."""
+    one per host); each of its steps raises a Ctrl-C that was dropped on its way
+    (`fsad.interrupts.check`)."""
     if not is_primary():
         kwargs["disable"] = True
-    return tqdm(*args, **kwargs)
+    return _Progress(*args, **kwargs)

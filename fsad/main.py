@@ -34,6 +34,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fsad import interrupts
 from fsad.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/devnet.py "
@@ -154,6 +155,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
         print(error_line(err), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        interrupts.delivered()
         print(interrupted_line(workdir, mode), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
@@ -200,6 +202,7 @@ def main(argv):
         print(error_line(f"unexpected arguments {' '.join(argv[1:])}; fields are set as "
                          f"--config.FIELD=VALUE"), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    interrupts.install()
     logging.set_verbosity(logging.WARNING)
     # warnings read "fsad: WARNING: ..." rather than absl's file:line prefix
     logging.get_absl_handler().setFormatter(std_logging.Formatter("fsad: %(levelname)s: "

@@ -444,6 +444,7 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     capsys.readouterr()
     info, counts = compiles()
     assert "(resumed at epoch 2)" in capsys.readouterr().err  # said on the bar
+    assert info["resumed_from"] == 2
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
     assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used

@@ -975,3 +975,37 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     config.ahl.clusters = 2
     with pytest.raises(UserError, match=r"different config \(fields ahl.clusters\)"):
         check_workdir(str(work), config)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
+def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
+    """A Ctrl-C that lands in a callback C code calls (JAX's gc callback) is printed as
+    "Exception ignored" and dropped by Python; fsad's handler records it, and the next
+    step of a progress bar raises it (a walkthrough saw an AHL run go on to its end)."""
+    import signal
+    from fsad import interrupts
+    from fsad.hosts import progress
+    previous = signal.getsignal(signal.SIGINT)
+    armed = [True]
+
+    def in_gc(phase, info):
+        if armed and phase == "start":
+            armed.clear()
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # Python runs the handler here, inside the callback
+                pass
+
+    interrupts.install()
+    gc.callbacks.append(in_gc)
+    try:
+        gc.collect()  # the KeyboardInterrupt raised in in_gc is dropped
+        assert not armed
+        with pytest.raises(KeyboardInterrupt):
+            for _ in progress(range(3), disable=True):
+                pass
+        for _ in progress(range(3), disable=True):  # raised once, not again
+            pass
+    finally:
+        gc.callbacks.remove(in_gc)
+        signal.signal(signal.SIGINT, previous)
+        interrupts.delivered()

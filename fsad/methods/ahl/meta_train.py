@@ -82,7 +82,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
 
     Returns:
       (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
-       "weight_spread" [epochs] max/min of those, "loss" [epochs], "epoch_seconds"}).
+       "weight_spread" [epochs] max/min of those, "loss" [epochs], "epoch_seconds",
+       "resumed_from": the meta-epochs restored from a checkpoint}).
     """
     a = config.ahl
     T, K, E = tasks.num_tasks, a.history, a.epochs
@@ -158,9 +159,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     times = []
     saver = PacedCheckpoints(mngr, config.checkpoint_seconds) if mngr is not None else None
     end = min(E, stop_after or E)
-    desc = "AHL meta-training"
-    if 0 < int(state.epoch) < E:  # said on the bar, which starts there
-        desc = f"{desc} (resumed at epoch {int(state.epoch)})"
+    desc, resumed_from = "AHL meta-training", int(state.epoch)
+    if 0 < resumed_from < E:  # said on the bar, which starts there
+        desc = f"{desc} (resumed at epoch {resumed_from})"
     with progress(total=E, initial=int(state.epoch), desc=desc, unit="epoch") as bar:
         try:
             for epoch in range(int(state.epoch), end):
@@ -182,4 +183,5 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     return state.params, {"weights": weights.tolist(),
                           "weight_spread": [weight_spread(w) for w in weights],
                           "loss": np.asarray(state.losses)[:done].tolist(),
-                          "epoch_seconds": float(np.median(times)) if times else None}
+                          "epoch_seconds": float(np.median(times)) if times else None,
+                          "resumed_from": resumed_from}
