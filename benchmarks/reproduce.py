@@ -49,6 +49,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fsad import interrupts  # noqa: E402
 from fsad.config import has_field, nearest_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
@@ -466,6 +467,7 @@ def main(argv=None) -> int:
         print(f"reproduce: error: {in_reproduce_terms(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+        interrupts.delivered()
         kept = os.path.join(args.out, "table.md")
         kept = f"the table of the finished cells is {kept}" if os.path.exists(kept) else \
             "no cell had finished"
@@ -485,6 +487,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    interrupts.install()  # a Ctrl-C that Python drops is raised again (fsad/interrupts.py)
     code = main()
     if code:  # the one line is printed: leave before background threads add their
         # shutdown noise, and (a lost host) before JAX's shutdown barrier waits for it

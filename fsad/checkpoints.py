@@ -93,7 +93,13 @@ def adopt_checkpoint(source: str, directory: str) -> int | None:
             shutil.copytree(os.path.join(source, str(adopted)), part, copy_function=os.link)
         except OSError:  # another file system (or no hard links there): a copy
             shutil.rmtree(part, ignore_errors=True)
-            shutil.copytree(os.path.join(source, str(adopted)), part)
+            try:
+                shutil.copytree(os.path.join(source, str(adopted)), part)
+            except OSError as err:  # shutil.Error too: a full disk, a folder not writable
+                shutil.rmtree(part, ignore_errors=True)
+                raise UserError(f"cannot copy the base run's checkpoint of step {adopted} "
+                                f"from {source} into {directory} ({str(err)[:200]}); free "
+                                f"disk space or choose a writable --workdir") from err
         os.rename(part, os.path.join(directory, str(adopted)))
     wait_for_every_host("adopt_checkpoint")
     return adopted

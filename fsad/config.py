@@ -387,7 +387,7 @@ def apply_variants(c: config_dict.ConfigDict, arg: str | None,
     variants = {"quick": quick, "lite0": use_pretrained_lite0,
                 "localization": released_localization, **(own or {})}
     given = [v for v in (arg or "").split(",") if v]
-    if {"paper", "released"} <= set(given):  # the later one would win field by field
+    if {"paper", "released"} <= set(given) & set(variants):  # the later would win
         raise UserError("variants paper and released both given; they set the same fields "
                         "to the papers' and to the released code's values: choose one")
     for v in (arg or "").split(","):

@@ -42,7 +42,7 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.workdir import (base_run_checkpoints, check_workdir, check_workdir_config,
+from fsad.workdir import (base_source, check_workdir, check_workdir_config,
                           checkpoint_steps, config_json, seed_dir_of, seed_finished,
                           seed_metrics_path, write_json_atomic)
 
@@ -222,7 +222,7 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
                config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
                make_step=lambda s: runner.train_step_for(s, train_data, k_train),
-               start_from=base_run_checkpoints(config, seed),
+               start_from=base_source(config, os.path.dirname(seed_dir), seed),
                checkpoint_seconds=config.checkpoint_seconds)
 
 
@@ -327,8 +327,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
-        if not finished:  # a finished seed needs no base model
-            base_run_checkpoints(config, seed)
+        base_source(config, workdir, seed)  # checks the base run where a seed needs it
         split = split_stage(config, rows, seed)
         kept = checkpoint_steps(seed_dir)
         state = "finished, read back" if finished else \
@@ -365,10 +364,9 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
         data = data if data is not None else load_imageset(config.data)
         check_protocol(config, data, seeds)  # every seed's, before the first trains
         for seed in seeds:  # AHL on another run's base: that run checked, for the seeds
-            # that train (a finished seed is read back and needs no base model: its base
-            # run's checkpoints may be gone, e.g. a table carried to another machine)
-            if not seed_finished(seed_dir_of(workdir, seed)):
-                base_run_checkpoints(config, seed)
+            # that need it (a finished seed is read back, and a started one holds its
+            # base checkpoint: the base run may be gone, e.g. a table carried elsewhere)
+            base_source(config, workdir, seed)
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {
             "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
@@ -416,7 +414,8 @@ def summary_text(results: dict) -> str:
         lines.append(f"  AHL: {a['tasks']} tasks on {a['cluster_on']} clusters "
                      f"{a['cluster_sizes']}, {100 * a['dead_normal_fraction']:.0f}% of normals "
                      f"with all-zero features"
-                     + (f", {epoch_s:.2g} s per meta-epoch" if epoch_s else ""))
+                     + (f", {epoch_s:.1f} s per meta-epoch" if epoch_s and epoch_s >= 10
+                        else f", {epoch_s:.2g} s per meta-epoch" if epoch_s else ""))
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     lines.append(f"  wall time {results['wall_seconds']:.1f} s "

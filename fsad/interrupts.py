@@ -12,30 +12,32 @@ was dropped. The record is the process's own (a signal is), set only by that han
 from __future__ import annotations
 
 import signal
-import threading
 
-_pending = threading.Event()
+# set by the handler only; a plain value, since a handler that took a lock (as
+# threading.Event's set does) could wait forever on one its own thread holds
+_pending = [False]
 
 
 def _on_sigint(signum, frame):
-    _pending.set()
+    _pending[0] = True
     raise KeyboardInterrupt
 
 
 def install() -> None:
     """Handles SIGINT (the command line's main thread only): record, then raise."""
-    _pending.clear()
+    _pending[0] = False
     signal.signal(signal.SIGINT, _on_sigint)
 
 
 def check() -> None:
     """Raises KeyboardInterrupt if a Ctrl-C came and was dropped on its way; the raise
     is taken as its delivery."""
-    if _pending.is_set():
-        _pending.clear()
+    if _pending[0]:
+        _pending[0] = False
         raise KeyboardInterrupt
 
 
 def delivered() -> None:
-    """The interrupt reached fsad's handler of it (`fsad.main.execute`): no raise left."""
-    _pending.clear()
+    """The interrupt reached fsad's handler of it (`fsad.main.execute`, `reproduce.py`):
+    no raise left."""
+    _pending[0] = False

@@ -74,9 +74,12 @@ def load_trained(config, workdir: str, mesh=None):
     ckpt = os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
     if not (os.path.isdir(ckpt) and [d for d in os.listdir(ckpt) if d.isdigit()]):
         ckpt = base_run_checkpoints(config, config.seed) or ckpt
-    if not os.path.isdir(ckpt):
+    if not os.path.isdir(ckpt) or (config.method == "ahl" and not os.listdir(ckpt)):
+        older = (" (an AHL run trained on another run's base before fsad kept a copy of "
+                 "it reads it there: pass that run as --config.ahl.base_workdir)"
+                 if config.method == "ahl" else "")
         raise UserError(f"no checkpoints in {ckpt!r}; train this workdir first "
-                        f"(--mode train), or point --workdir at a trained run")
+                        f"(--mode train), or point --workdir at a trained run{older}")
     mngr = checkpoint_manager(ckpt)
     saved = restore_latest(mngr, sharding=replicated(mesh))
     mngr.close()

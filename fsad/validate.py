@@ -174,8 +174,8 @@ def check_ahl_config(a) -> None:
 def config_warnings(config) -> list[str]:
     """Settings that run but do not do what their fields suggest, in words: AHL
     meta-training too short for psi's importance weights to be used."""
-    if config.method != "ahl":
-        return []
+    if config.method != "ahl" or config.ahl.epochs < 1 or config.ahl.history < 1:
+        return []  # (values out of range are the config check's errors)
     a = config.ahl
     # the first 0-based meta-epoch that uses psi's weights (`weights_in_use`)
     first = a.history + (2 if a.weighting == "released" else 1)

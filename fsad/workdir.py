@@ -186,8 +186,9 @@ def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     """
     diff = stored_config_diff(workdir, config)
     saved = bool(diff) and bool(saved_in(workdir))
-    if saved and not set(diff) <= set(SEED_COUNT) and not (
-            ahl_fields_only(diff) and not meta_training_started(workdir)):
+    beyond_seeds = sorted(set(diff or []) - set(SEED_COUNT))
+    if saved and beyond_seeds and not (
+            ahl_fields_only(beyond_seeds) and not meta_training_started(workdir)):
         raise _different_config(workdir, diff)
     return diff, saved
 
@@ -198,10 +199,11 @@ def check_workdir(workdir: str, config) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         diff, saved = check_workdir_config(workdir, config)
-        if saved and ahl_fields_only(diff):
+        ahl_changed = sorted(set(diff or []) - set(SEED_COUNT))
+        if saved and ahl_fields_only(ahl_changed):
             logging.warning("%s: AHL's fields changed (%s) before any seed's meta-training; "
                             "the trained base models are kept, their AHL features made "
-                            "again", workdir, ", ".join(diff))
+                            "again", workdir, ", ".join(ahl_changed))
             if is_primary():  # the pseudo anomalies' features hang on ahl.* fields
                 for seed in os.listdir(workdir):
                     cache = os.path.join(workdir, seed, "ahl_features.npz")
@@ -283,6 +285,16 @@ def base_run_checkpoints(config, seed: int) -> str | None:
                         f"checkpoints folder is empty or gone); rerun the base with "
                         f"keep_checkpoints of 1 or more, or leave ahl.base_workdir empty")
     return checkpoints
+
+
+def base_source(config, workdir: str, seed: int) -> str | None:
+    """`base_run_checkpoints` for a seed that still needs its base model from another
+    run: None for a finished seed (read back) and for one that holds a checkpoint of its
+    own (its adopted start, or its own training), whose base run may be gone."""
+    seed_dir = seed_dir_of(workdir, seed)
+    if seed_finished(seed_dir) or "checkpoints" in checkpoint_steps(seed_dir):
+        return None
+    return base_run_checkpoints(config, seed)
 
 
 def write_json_atomic(path: str, obj) -> None:

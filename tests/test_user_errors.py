@@ -960,7 +960,7 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     os.makedirs(work / "seed_0" / "checkpoints" / "30")  # the trained base
     write_json_atomic(str(work / "config.json"), config_json(config))
     (work / "seed_0" / "ahl_features.npz").write_bytes(b"features")
-    config.ahl.cluster_on = "auto"
+    config.ahl.cluster_on, config.num_seeds = "auto", 2  # with more seeds too
     with caplog.at_level("WARNING"):
         check_workdir(str(work), config)
     assert "AHL's fields changed (ahl.cluster_on)" in caplog.text
@@ -986,7 +986,7 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
     from fsad import interrupts
     from fsad.hosts import progress
     previous = signal.getsignal(signal.SIGINT)
-    armed = [True]
+    armed = []
 
     def in_gc(phase, info):
         if armed and phase == "start":
@@ -998,14 +998,32 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
     interrupts.install()
     gc.callbacks.append(in_gc)
     try:
-        gc.collect()  # the KeyboardInterrupt raised in in_gc is dropped
-        assert not armed
-        with pytest.raises(KeyboardInterrupt):
-            for _ in progress(range(3), disable=True):
+        for way in ("iterated", "updated"):  # a bar over an iterable; fit's, updated
+            armed.append(True)
+            gc.collect()  # the KeyboardInterrupt raised in in_gc is dropped
+            assert not armed
+            with pytest.raises(KeyboardInterrupt):
+                if way == "iterated":
+                    for _ in progress(range(3), disable=True):
+                        pass
+                else:
+                    with progress(total=3, disable=True) as bar:
+                        bar.update(1)
+            for _ in progress(range(3), disable=True):  # raised once, not again
                 pass
-        for _ in progress(range(3), disable=True):  # raised once, not again
-            pass
     finally:
         gc.callbacks.remove(in_gc)
         signal.signal(signal.SIGINT, previous)
         interrupts.delivered()
+
+
+def test_a_started_seed_needs_its_base_run_no_more(tmp_path):
+    """AHL with ahl.base_workdir: a seed that holds a base checkpoint of its own (the
+    adopted start) resumes without the base run, which may be gone; one that holds none
+    still needs it, and says so."""
+    from fsad.workdir import base_source
+    config = tiny_config("ahl_devnet", **{"ahl.base_workdir": str(tmp_path / "gone")})
+    with pytest.raises(UserError, match="holds no run"):
+        base_source(config, str(tmp_path / "w"), 0)
+    os.makedirs(tmp_path / "w" / "seed_0" / "checkpoints" / "30")
+    assert base_source(config, str(tmp_path / "w"), 0) is None
