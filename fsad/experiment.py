@@ -32,7 +32,7 @@ from fsad.data.decode import load_image_folder
 from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
-from fsad.hosts import is_primary
+from fsad.hosts import is_primary, same_on_every_host
 from fsad.lock import workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.mesh import make_mesh
@@ -222,7 +222,8 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
                config.keep_checkpoints, desc=f"{runner.method.name} seed {seed}",
                make_step=lambda s: runner.train_step_for(s, train_data, k_train),
-               start_from=base_source(config, os.path.dirname(seed_dir), seed),
+               start_from=base_source(config, os.path.dirname(seed_dir), seed,
+                                      agree=same_on_every_host),
                checkpoint_seconds=config.checkpoint_seconds)
 
 

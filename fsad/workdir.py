@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Callable
 
 from fsad.config import method_defaults
 from fsad.errors import UserError
@@ -287,12 +288,18 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     return checkpoints
 
 
-def base_source(config, workdir: str, seed: int) -> str | None:
+def base_source(config, workdir: str, seed: int,
+                agree: Callable[[bool], bool] = lambda holds: holds) -> str | None:
     """`base_run_checkpoints` for a seed that still needs its base model from another
     run: None for a finished seed (read back) and for one that holds a checkpoint of its
-    own (its adopted start, or its own training), whose base run may be gone."""
+    own (its adopted start, or its own training), whose base run may be gone.
+
+    agree: makes that finding every host's (`fsad.hosts.same_on_every_host`) where the
+      answer decides a step all hosts take together (the adoption, which waits for every
+      host): the first host may have adopted the start already when another looks.
+    """
     seed_dir = seed_dir_of(workdir, seed)
-    if seed_finished(seed_dir) or "checkpoints" in checkpoint_steps(seed_dir):
+    if agree(seed_finished(seed_dir) or "checkpoints" in checkpoint_steps(seed_dir)):
         return None
     return base_run_checkpoints(config, seed)
 
