@@ -81,11 +81,10 @@ def adopt_checkpoint(source: str, directory: str) -> int | None:
     it. -> the step adopted, or None.
     """
     from fsad.hosts import is_primary, wait_for_every_host
-    steps = [int(d) for d in os.listdir(source) if d.isdigit()] \
-        if os.path.isdir(source) else []
+    from fsad.workdir import saved_steps
+    steps = saved_steps(source)
     adopted = None
-    if steps and is_primary() and not [d for d in os.listdir(checkpoint_folder(directory))
-                                       if d.isdigit()]:
+    if steps and is_primary() and not saved_steps(checkpoint_folder(directory)):
         adopted = max(steps)
         part = os.path.join(directory, f"{adopted}.adopting")  # not a step's name
         shutil.rmtree(part, ignore_errors=True)

@@ -390,13 +390,12 @@ def apply_variants(c: config_dict.ConfigDict, arg: str | None,
     if {"paper", "released"} <= set(given) & set(variants):  # the later would win
         raise UserError("variants paper and released both given; they set the same fields "
                         "to the papers' and to the released code's values: choose one")
-    for v in (arg or "").split(","):
-        if v not in variants and v:
+    for v in given:
+        if v not in variants:
             near = difflib.get_close_matches(v, list(variants), n=1)
             raise UserError(f"variant {v!r} is not known"
                             f"{f' (did you mean {near[0]}?)' if near else ''}; use any of "
                             f"{', '.join(variants)}, comma-separated after the config file, "
                             f"e.g. configs/devnet.py:quick,lite0")
-        if v:
-            c = variants[v](c)
+        c = variants[v](c)
     return c

@@ -415,8 +415,8 @@ def summary_text(results: dict) -> str:
         lines.append(f"  AHL: {a['tasks']} tasks on {a['cluster_on']} clusters "
                      f"{a['cluster_sizes']}, {100 * a['dead_normal_fraction']:.0f}% of normals "
                      f"with all-zero features"
-                     + (f", {epoch_s:.1f} s per meta-epoch" if epoch_s and epoch_s >= 10
-                        else f", {epoch_s:.2g} s per meta-epoch" if epoch_s else ""))
+                     + (f", {epoch_s:{'.1f' if epoch_s >= 10 else '.2g'}} s per meta-epoch"
+                        if epoch_s else ""))
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     lines.append(f"  wall time {results['wall_seconds']:.1f} s "

@@ -27,7 +27,7 @@ from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
 from fsad.methods import base_method_name, build_method, method_title
 from fsad.train import make_score_fn, score_images
-from fsad.workdir import seed_dir_of
+from fsad.workdir import saved_steps, seed_dir_of
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -72,7 +72,7 @@ def load_trained(config, workdir: str, mesh=None):
     # the seed's own checkpoints; AHL on another run's base (ahl.base_workdir) keeps its
     # start there too (adopted), but a run trained before that reads the base run's
     ckpt = os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
-    if not (os.path.isdir(ckpt) and [d for d in os.listdir(ckpt) if d.isdigit()]):
+    if not saved_steps(ckpt):
         ckpt = base_run_checkpoints(config, config.seed) or ckpt
     if not os.path.isdir(ckpt) or (config.method == "ahl" and not os.listdir(ckpt)):
         older = (" (an AHL run trained on another run's base before fsad kept a copy of "

@@ -93,13 +93,20 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
 CHECKPOINT_FOLDERS = ("checkpoints", "ahl_checkpoints")  # base training, AHL's meta-training
 
 
+def saved_steps(folder: str) -> list[int]:
+    """The complete steps of a checkpoint folder (Orbax names a step's folder by its
+    number once it is whole; a half-written save, or an adoption under way, is no
+    step); [] where the folder is missing."""
+    return [int(d) for d in os.listdir(folder) if d.isdigit()] if os.path.isdir(folder) \
+        else []
+
+
 def checkpoint_steps(seed_dir: str) -> dict[str, int]:
     """{checkpoint folder: its newest complete step} of one seed's folder, for the
     folders of CHECKPOINT_FOLDERS that hold one (a half-written save is no step)."""
     found = {}
     for folder in CHECKPOINT_FOLDERS:
-        path = os.path.join(seed_dir, folder)
-        steps = [int(d) for d in os.listdir(path) if d.isdigit()] if os.path.isdir(path) else []
+        steps = saved_steps(os.path.join(seed_dir, folder))
         if steps:
             found[folder] = max(steps)
     return found
@@ -173,6 +180,11 @@ def meta_training_started(workdir: str) -> bool:
     return any(seed_finished(d) or "ahl_checkpoints" in checkpoint_steps(d) for d in seeds)
 
 
+def beyond_seed_count(diff: list[str] | None) -> list[str]:
+    """The fields of a config difference other than SEED_COUNT's."""
+    return sorted(set(diff or []) - set(SEED_COUNT))
+
+
 def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     """A workdir holds one config: a run made with another is refused, unless that run
     saved nothing (it stopped before its first checkpoint: a download that failed, out of
@@ -187,7 +199,7 @@ def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     """
     diff = stored_config_diff(workdir, config)
     saved = bool(diff) and bool(saved_in(workdir))
-    beyond_seeds = sorted(set(diff or []) - set(SEED_COUNT))
+    beyond_seeds = beyond_seed_count(diff)
     if saved and beyond_seeds and not (
             ahl_fields_only(beyond_seeds) and not meta_training_started(workdir)):
         raise _different_config(workdir, diff)
@@ -200,7 +212,7 @@ def check_workdir(workdir: str, config) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         diff, saved = check_workdir_config(workdir, config)
-        ahl_changed = sorted(set(diff or []) - set(SEED_COUNT))
+        ahl_changed = beyond_seed_count(diff)
         if saved and ahl_fields_only(ahl_changed):
             logging.warning("%s: AHL's fields changed (%s) before any seed's meta-training; "
                             "the trained base models are kept, their AHL features made "

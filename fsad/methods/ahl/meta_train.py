@@ -162,7 +162,7 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     desc, resumed_from = "AHL meta-training", int(state.epoch)
     if 0 < resumed_from < E:  # said on the bar, which starts there
         desc = f"{desc} (resumed at epoch {resumed_from})"
-    with progress(total=E, initial=int(state.epoch), desc=desc, unit="epoch") as bar:
+    with progress(total=E, initial=resumed_from, desc=desc, unit="epoch") as bar:
         try:
             for epoch in range(int(state.epoch), end):
                 t0 = time.time()
