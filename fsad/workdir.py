@@ -16,7 +16,7 @@ from typing import Callable
 
 from fsad.config import method_defaults
 from fsad.errors import UserError
-from fsad.hosts import is_primary
+from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
 
 
 def seed_dir_of(workdir: str, seed: int) -> str:
@@ -213,7 +213,8 @@ def check_workdir(workdir: str, config) -> None:
         os.makedirs(workdir, exist_ok=True)
         diff, saved = check_workdir_config(workdir, config)
         ahl_changed = beyond_seed_count(diff)
-        if saved and ahl_fields_only(ahl_changed):
+        # every host takes the first host's branch, so that their waits match
+        if same_on_every_host(saved and ahl_fields_only(ahl_changed)):
             logging.warning("%s: AHL's fields changed (%s) before any seed's meta-training; "
                             "the trained base models are kept, their AHL features made "
                             "again", workdir, ", ".join(ahl_changed))
@@ -222,6 +223,7 @@ def check_workdir(workdir: str, config) -> None:
                     cache = os.path.join(workdir, seed, "ahl_features.npz")
                     if seed.startswith("seed_") and os.path.exists(cache):
                         os.remove(cache)
+            wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
         elif saved:
             logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
                          "the others trained", workdir, config.num_seeds)

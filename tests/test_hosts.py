@@ -37,6 +37,26 @@ sys.stdout.flush()
 os._exit(0)  # not JAX's shutdown barrier, which would wait for the host that is gone
 """
 
+# Both processes check a workdir whose AHL fields changed after base training; the
+# first removes the stale AHL feature cache, slowly: the other must not go on before it.
+STALE_AHL_FEATURES = """
+import os, sys, time
+from fsad.hosts import initialize
+pid, work = int(sys.argv[2]), sys.argv[3]
+initialize(sys.argv[1], 2, pid)
+import configs.ahl_devnet
+from fsad.workdir import check_workdir
+config = configs.ahl_devnet.get_config()
+config.ahl.cluster_on = "auto"
+if pid == 0:
+    remove = os.remove
+    os.remove = lambda path: (time.sleep(2), remove(path))
+check_workdir(work, config)
+cache = os.path.join(work, "seed_0", "ahl_features.npz")
+print("STALE" if os.path.exists(cache) else "GONE")
+sys.stdout.flush()
+"""
+
 
 def test_host_flags_are_all_or_none():
     join_hosts(False, None, None, None)  # a one-process run: nothing to join
@@ -60,3 +80,25 @@ def test_a_lost_host_is_recognised_and_said_in_one_line(tmp_path):
     assert line == (f"fsad: error: another host of this multi-host run stopped (Gloo "
                     f"all-reduce failed); no checkpoint was written yet in {tmp_path}; run the "
                     f"same command on every host to start it again")
+
+
+def test_no_host_reads_the_ahl_features_the_first_removes(tmp_path):
+    """An AHL field changed after base training (`fsad.workdir.check_workdir`): the first
+    host removes each seed's AHL feature cache (slowly, here), and every host waits for
+    it rather than reading the stale one (it did without the wait)."""
+    import configs.ahl_devnet
+    from fsad.workdir import config_json, write_json_atomic
+    config = configs.ahl_devnet.get_config()
+    config.ahl.cluster_on = "features"
+    (tmp_path / "seed_0" / "checkpoints" / "30").mkdir(parents=True)  # the trained base
+    write_json_atomic(str(tmp_path / "config.json"), config_json(config))
+    (tmp_path / "seed_0" / "ahl_features.npz").write_bytes(b"features")
+    address = coordinator_address()
+    procs = [subprocess.Popen([sys.executable, "-c", STALE_AHL_FEATURES, address, str(i),
+                               str(tmp_path)], cwd=ROOT, env=cpu_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for out, err in outs:
+        assert out.split()[-1:] == ["GONE"], out + err[-3000:]
+
