@@ -165,6 +165,10 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     # paper's T = 7; the released loader makes the pairs only: `:released`)
     c.ahl.split_task = True
     c.ahl.epochs = 30
+    # the last meta-epoch's outer update applied; False: the released code's, whose
+    # optimizer.step() at an epoch's start applies the previous epoch's gradient, so the
+    # last epoch's never reaches the weights (29 updates in 30 epochs: `:released`)
+    c.ahl.update_last_epoch = True
     c.ahl.inner_steps = 3
     c.ahl.inner_lr = 2e-4
     c.ahl.first_order = False  # MAML second order by default
@@ -285,12 +289,14 @@ def released_psi(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 
 def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `released` of configs/ahl_*.py: the released code's fresh heads, its outer
-    optimiser (its scheduler steps at the start of each epoch) and its 0.5 + 0.5 w
-    weighting with w = softmax(-r) of the raw scores' errors as its get_reward takes them
-    (`released_errors`), read from the epoch after psi's first weights on; its psi
-    (`released_psi`); and its C(C-1) cluster-pair tasks, without the split task."""
+    optimiser (its scheduler steps at the start of each epoch, and the last epoch's
+    update never lands) and its 0.5 + 0.5 w weighting with w = softmax(-r) of the raw
+    scores' errors as its get_reward takes them (`released_errors`), read from the epoch
+    after psi's first weights on; its psi (`released_psi`); and its C(C-1) cluster-pair
+    tasks, without the split task."""
     c = released_psi(c)
     c.ahl.split_task = False
+    c.ahl.update_last_epoch = False
     c.ahl.head_init = "fresh"
     c.ahl.optim.lr = 2e-3
     c.ahl.optim.weight_decay = 1e-4

@@ -491,6 +491,29 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
 
 
+def test_the_released_last_meta_epoch_computes_but_updates_nothing():
+    """ahl.update_last_epoch=False (`:released`): the last meta-epoch's losses are as
+    before, and its heads are those the epoch before left (the released optimizer.step()
+    at an epoch's start applies the previous epoch's gradient: the last never lands)."""
+    config = tiny_config("ahl_devnet")
+    config.ahl.epochs, config.ahl.history, config.ahl.first_order = 2, 1, True
+    hm, params, bank = _devnet_head_model()
+    tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
+
+    def run(**kw):
+        return ahl.meta_train(config, hm, params, bank, tasks, jax.random.key(0), None, **kw)
+
+    after_two, every = run()
+    after_one, _ = run(stop_after=1)
+    config.ahl.update_last_epoch = False
+    released, last_dropped = run()
+    assert last_dropped["loss"] == every["loss"]
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(released),
+                                                     jax.tree.leaves(after_one)))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(released),
+                                                         jax.tree.leaves(after_two)))
+
+
 def test_scoring_takes_the_heads_of_a_finished_meta_training_only(tmp_path):
     """--mode score on an AHL run (`ahl.unified_heads_of`): the newest meta-training
     checkpoint's head params, read without a model to restore into, once every

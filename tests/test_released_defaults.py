@@ -62,8 +62,9 @@ def test_ahl_refines_base_heads_at_the_base_lr_and_its_variants_start_fresh():
         assert (r.ahl.head_init, r.ahl.optim.lr, r.ahl.optim.weight_decay,
                 r.ahl.optim.decay_every_epochs, r.ahl.optim.clip_norm,
                 r.ahl.optim.decay_at_epoch_start, r.ahl.weighting, r.ahl.weight_relative,
-                r.ahl.error_scale) == ("fresh", 2e-3, 1e-4, 10, 1.0, True, "released",
-                                       False, "raw")
+                r.ahl.error_scale, r.ahl.update_last_epoch) == (
+                    "fresh", 2e-3, 1e-4, 10, 1.0, True, "released", False, "raw", False)
+        assert d.ahl.update_last_epoch and p.ahl.update_last_epoch
         assert p.optim.lr == d.optim.lr  # the base model keeps its released defaults
 
 

@@ -137,6 +137,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
                             f"{epoch + 1}; lower --config.ahl.optim.lr or "
                             f"--config.ahl.inner_lr")
+        if epoch == E - 1 and not a.update_last_epoch:  # the released code's last
+            params, opt_state = state.params, state.opt_state  # gradient is never applied
         history = state.history.at[epoch].set(out["pool_scores"].T)
         psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, state.weights
         if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
