@@ -341,12 +341,13 @@ def test_released_errors_are_the_released_get_reward():
     main.py: for each model k, get_reward on every query set (psi's predictions for that
     set, its labels 0 normal, 1 seen, 2 pseudo), its class sums and counts added up over
     the sets, reward = -(0.5 r_n / n_n + 0.5 r_p / n_p + r_a / n_a), w = softmax(reward).
-    The query sets share samples (fsad's pool is their union); one set has no pseudo
-    anomaly, which the released code allows for."""
+    The query sets share samples (fsad's pool is their union), each with psi's own
+    predictions (a call per set); one set has no pseudo anomaly, which the released
+    code allows for."""
     rng = np.random.default_rng(0)
     P, T = 30, 4
     classes = np.array([0] * 14 + [1] * 6 + [2] * 10)
-    pred = rng.normal(size=(P, T)) * 2 + (classes > 0)[:, None] * 3  # [P, T]
+    pred = rng.normal(size=(T, P, T)) * 2 + (classes > 0)[:, None] * 3  # [Q, P, T]
     sets = [rng.choice(P, 12, replace=False) for _ in range(T)]
     sets[1] = np.array([0, 1, 2, 3, 14, 15, 16])  # normals and seen anomalies only
     in_query = np.zeros((T, P))
@@ -363,8 +364,8 @@ def test_released_errors_are_the_released_get_reward():
     reward = []
     for k in range(T):
         r_n = r_a = r_p = n_n = n_a = n_p = 0
-        for rows in sets:
-            re_n, re_p, re_a, c_n, c_a, c_p = get_reward(pred[rows], classes[rows], k)
+        for q, rows in enumerate(sets):
+            re_n, re_p, re_a, c_n, c_a, c_p = get_reward(pred[q][rows], classes[rows], k)
             r_n, r_a, r_p = r_n + re_n, r_a + re_a, r_p + re_p
             n_n, n_a, n_p = n_n + c_n, n_a + c_a, n_p + c_p
         reward.append(-(0.5 * (r_n / n_n) + 0.5 * (r_p / n_p) + 1 * (r_a / n_a)))
@@ -372,6 +373,10 @@ def test_released_errors_are_the_released_get_reward():
     np.testing.assert_allclose(r, -np.array(reward), rtol=1e-12)
     e = np.exp(reward)
     np.testing.assert_allclose(ahl.weights_from_errors(r, 1.0, False), e / e.sum(), rtol=1e-6)
+    # one prediction for every set: the same as each set given it
+    np.testing.assert_allclose(ahl.released_errors(pred[0], classes, in_query),
+                               ahl.released_errors(pred[[0] * T], classes, in_query),
+                               rtol=1e-12)
     # the pool's classes and query sets as `Tasks` gives them to meta_train
     tasks = ahl.build_tasks([np.arange(0, 6), np.arange(6, 12), np.arange(12, 20)], 20, 4, 0)
     got = tasks.pool_classes()

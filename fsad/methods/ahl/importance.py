@@ -27,8 +27,8 @@ def check_error_scale(error_scale: str) -> None:
 
 
 def scaled_scores(predicted: np.ndarray, error_scale: str) -> np.ndarray:
-    """[P, T] float64: psi's predicted scores as the errors take them, min-max scaled
-    jointly to [0, 1] ("minmax") or as they are ("raw")."""
+    """[..., P, T] float64: psi's predicted scores as the errors take them, min-max
+    scaled jointly to [0, 1] ("minmax") or as they are ("raw")."""
     check_error_scale(error_scale)
     p = np.asarray(predicted, np.float64)
     if error_scale == "minmax":
@@ -71,21 +71,25 @@ def released_errors(predicted: np.ndarray, classes: np.ndarray, in_query: np.nda
     seen anomalies, and divides 0 by 0, an error, where no set has pseudo anomalies).
 
     Args:
-      predicted: [P, T] predicted scores of the T models on the pool.
+      predicted: [P, T] predicted scores of the T models on the pool, or [Q, P, T] each
+        query set's own (the released code calls psi once per set, each call with its
+        own random initial state and dropout masks).
       classes: [P] NORMAL, SEEN or PSEUDO; in_query: [Q, P] 1 where a pool sample is in
         query set q (`Tasks.pool_in_query_sets`).
     Returns:
       r: [T] float64.
     """
     p = scaled_scores(predicted, error_scale)
-    err = (p - (classes != NORMAL)[:, None]) ** 2  # [P, T]
-    r = np.zeros(p.shape[1])
+    err = (p - (classes != NORMAL)[:, None]) ** 2  # [P, T] or [Q, P, T]
+    err = np.broadcast_to(err, (len(in_query),) + err.shape[-2:])  # [Q, P, T]
+    r = np.zeros(p.shape[-1])
     for c, weight in RELEASED_CLASS_WEIGHTS.items():
         member = np.asarray(in_query, np.float64) * (classes == c)[None]  # [Q, P]
         counts = member.sum(1)  # [Q]
         if not counts.sum():
             continue
-        means = (member @ err)[counts > 0] / counts[counts > 0, None]  # [Q', T]
+        sums = np.einsum("qp,qpt->qt", member, err)  # [Q, T]
+        means = sums[counts > 0] / counts[counts > 0, None]  # [Q', T]
         r += weight * means.sum(0) / counts.sum()
     return r
 

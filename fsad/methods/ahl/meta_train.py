@@ -118,7 +118,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
     pool_classes = tasks.pool_classes()
 
     def errors(pred: np.ndarray) -> np.ndarray:
-        """[T] the models' generalisation errors r from psi's predictions [P, T]."""
+        """[T] the models' generalisation errors r from psi's predictions [P, T] (the
+        released errors: [Q, P, T], each query set's)."""
         if a.errors == "released":
             return released_errors(pred, pool_classes, in_query, a.error_scale)
         return generalisation_errors(pred, tasks.pool_lab, tasks.pool_coef, a.error_scale)
@@ -149,8 +150,14 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
             for i in range(len(psi_rows)):
                 psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets,
                                                    psi_rows[i], jax.random.fold_in(k_epoch, i))
-            pred = psi_predict(psi_params, history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2),
-                               jax.random.fold_in(k_epoch, len(psi_rows)))
+            window = history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2)  # [P, K, T]
+            k_pred = jax.random.fold_in(k_epoch, len(psi_rows))
+            if a.errors == "released":  # a call per query set, as the released code's:
+                # each its own initial state and dropout masks -> [Q, P, T]
+                pred = jnp.stack([psi_predict(psi_params, window, jax.random.fold_in(k_pred, q))
+                                  for q in range(len(in_query))])
+            else:
+                pred = psi_predict(psi_params, window, k_pred)
             w_next = jnp.asarray(weights_from_errors(errors(np.asarray(pred)),
                                                      a.weight_temperature, a.weight_relative))
         return on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
