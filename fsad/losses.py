@@ -31,7 +31,13 @@ def sample_prior(key: jax.Array, num: int = PRIOR_SIZE, mu: float = 0.0,
         (DevNet's Rep ablation, which puts the loss on a d-dim representation).
     Returns:
       r: [num] float32, or [num, dims].
+
+    Raises:
+      ValueError: num < 2 (the deviation takes the samples' std, with ddof=1).
     """
+    if num < 2:
+        raise ValueError(f"sample_prior: num={num}; the deviation divides by the std of "
+                         f"the samples (ddof=1), which needs at least 2 (5000 in the papers)")
     shape = (num,) if dims is None else (num, dims)
     return mu + sigma * jax.random.normal(key, shape, jnp.float32)
 
@@ -51,6 +57,27 @@ def deviation(scores: jax.Array, prior: jax.Array) -> jax.Array:
       dev: scores' shape, float.
     """
     return (scores - jnp.mean(prior, axis=0)) / jnp.std(prior, axis=0, ddof=1)
+
+
+def _labels_per_sample(fn: str, values: jax.Array, labels: jax.Array,
+                       mask: jax.Array | None) -> jax.Array:
+    """labels [B] as values' dtype, shaped [B, 1, ...] to broadcast over values [B, ...].
+
+    Raises:
+      ValueError: labels (or mask) are not [B], one per sample: [B, 1] labels would
+        broadcast against [B] scores to a [B, B] loss, silently.
+    """
+    for name, a in (("labels", labels), ("mask", mask)):
+        if a is not None and a.shape != values.shape[:1]:
+            raise ValueError(f"{fn}: {name} of shape {tuple(a.shape)} for scores of shape "
+                             f"{tuple(values.shape)}; give one per sample, shape "
+                             f"({values.shape[0]},) (e.g. {name}.reshape(-1))")
+    return labels.astype(values.dtype).reshape(labels.shape + (1,) * (values.ndim - 1))
+
+
+def _per_sample_mean(values: jax.Array) -> jax.Array:
+    """[B, ...] -> [B]: each sample's mean over its trailing axes."""
+    return values.reshape(values.shape[0], -1).mean(axis=1)
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -74,41 +101,59 @@ def deviation_loss(scores: jax.Array, labels: jax.Array, prior: jax.Array,
       scores: [B] float anomaly scores; or [B, ...] (DevNet's Patch-DS ablation: every
         patch of an image with the image's label; Rep: a representation against a
         [l, d] prior), each sample's loss the mean over its trailing axes.
-      labels: [B] {0, 1}; 1 marks an anomaly.
+      labels: [B] {0, 1}; 1 marks an anomaly (the values are not checked: other values
+        weigh the two terms, e.g. DRA's pseudo label 2; map them to {0, 1} first).
       prior: [l] (or [l, d]) reference samples from `sample_prior`.
       margin: a, the confidence margin (5 in the papers).
       mask: optional [B] {0, 1}; samples with 0 do not count (padding, routing).
     Returns:
       scalar float32.
+
+    Raises:
+      ValueError: labels or mask not [B].
     """
+    y = _labels_per_sample("deviation_loss", scores, labels, mask)
     dev = deviation(scores, prior)
-    y = labels.astype(scores.dtype).reshape(labels.shape + (1,) * (dev.ndim - 1))
     per_cell = (1.0 - y) * jnp.abs(dev) + y * jnp.maximum(margin - dev, 0.0)
-    per_sample = per_cell.reshape(per_cell.shape[0], -1).mean(axis=1)
-    return _masked_mean(per_sample, mask)
+    return _masked_mean(_per_sample_mean(per_cell), mask)
 
 
 def binary_cross_entropy(logits: jax.Array, labels: jax.Array,
                          mask: jax.Array | None = None) -> jax.Array:
-    """Sigmoid BCE on raw scores (DRA ablation loss). Shapes as `deviation_loss`."""
-    y = labels.astype(logits.dtype)
+    """Sigmoid BCE on raw scores (DRA ablation loss). Shapes as `deviation_loss`:
+    logits [B] or [B, ...], labels and mask [B]."""
+    y = _labels_per_sample("binary_cross_entropy", logits, labels, mask)
     # softplus, not max(x,0)+log1p(exp(-|x|)): the latter has a zero gradient at x = 0
-    per_sample = jax.nn.softplus(logits) - logits * y
-    return _masked_mean(per_sample, mask)
+    per_cell = jax.nn.softplus(logits) - logits * y
+    return _masked_mean(_per_sample_mean(per_cell), mask)
 
 
 def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
                mask: jax.Array | None = None) -> jax.Array:
-    """Sigmoid focal loss (Lin et al.) on raw scores. Shapes as `deviation_loss`."""
-    y = labels.astype(logits.dtype)
+    """Sigmoid focal loss (Lin et al.) on raw scores. Shapes as `binary_cross_entropy`."""
+    y = _labels_per_sample("focal_loss", logits, labels, mask)
     bce = jax.nn.softplus(logits) - logits * y
     p = jax.nn.sigmoid(logits)
     p_t = y * p + (1 - y) * (1 - p)
-    return _masked_mean((1 - p_t) ** gamma * bce, mask)
+    return _masked_mean(_per_sample_mean((1 - p_t) ** gamma * bce), mask)
 
 
 def topk_count(num_cells: int, fraction: float = 0.1) -> int:
-    """K = max(1, floor(fraction * h'w')) (DevNet Eq. 6; released `int(n * topk)`)."""
+    """K = max(1, floor(fraction * h'w')) (DevNet Eq. 6; released `int(n * topk)`).
+
+    fraction: a Python float in (0, 1], fixed when a function is traced (under jax.jit,
+    a static argument: `jax.jit(topk_mean, static_argnums=1)`).
+
+    Raises:
+      TypeError: fraction is a traced value; ValueError: it is not in (0, 1].
+    """
+    if isinstance(fraction, jax.core.Tracer):
+        raise TypeError("topk fraction is traced; K must be known when the function is "
+                        "traced: make it static (jax.jit(topk_mean, static_argnums=1)) or "
+                        "close over it")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"topk fraction={fraction} is not in (0, 1]; e.g. 0.1 takes the "
+                         f"top 10% of the cells")
     return max(1, int(math.floor(num_cells * fraction + 1e-9)))
 
 
@@ -117,7 +162,8 @@ def topk_mean(score_map: jax.Array, fraction: float = 0.1, use_abs: bool = True)
 
     Args:
       score_map: [B, H, W] (or [B, H, W, 1]) per-cell scores s.
-      fraction: K as a fraction of the H*W cells.
+      fraction: K as a fraction of the H*W cells: a Python float in (0, 1]
+        (`topk_count`; static under jax.jit).
       use_abs: rank and average |s| as the released code does (default);
         False uses s as in the paper formula.
     Returns:

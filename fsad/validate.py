@@ -91,6 +91,9 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(config.optim.lr > 0, f"optim.lr={config.optim.lr}; use a positive learning rate")
     _require(config.loss.prior_sigma > 0, f"loss.prior_sigma={config.loss.prior_sigma}: the "
              f"deviation divides by it; use a positive sigma (1.0 in the papers)")
+    _require(config.loss.prior_size >= 2, f"loss.prior_size={config.loss.prior_size}: the "
+             f"deviation divides by the std of the prior's samples, which needs 2 or more; "
+             f"use 5000 (the papers)")
     for field in ("dra.outlier_root", "ahl.texture_root"):
         group, name = field.split(".")
         folder = config[group].get(name, "") if group in config else ""

@@ -86,3 +86,33 @@ def test_bce_and_focal_match_reference():
     assert float(losses.binary_cross_entropy(x, y)) == pytest.approx(bce.mean(), rel=1e-5)
     pt = np.where(np.asarray(y) == 1, p, 1 - p)
     assert float(losses.focal_loss(x, y)) == pytest.approx(((1 - pt) ** 2 * bce).mean(), rel=1e-5)
+
+
+def test_wrong_shapes_and_values_are_refused_not_broadcast():
+    """[B, 1] labels against [B] scores broadcast to a [B, B] loss, silently, before; a
+    [B, 1] score map (a Dense(1) head) takes [B] labels, as [B] scores do. A prior of one
+    sample has no std, and a top-K fraction must be known when tracing, in (0, 1]."""
+    key = jax.random.key(0)
+    scores = jax.random.normal(key, (8,))
+    labels = jnp.array([0, 0, 0, 0, 0, 0, 1, 1])
+    prior = losses.sample_prior(key, 100)
+    loss = losses.deviation_loss(scores, labels, prior)
+    np.testing.assert_allclose(losses.deviation_loss(scores[:, None], labels, prior), loss,
+                               rtol=1e-6)
+    for fn, args in ((losses.deviation_loss, (prior,)), (losses.binary_cross_entropy, ()),
+                     (losses.focal_loss, ())):
+        with pytest.raises(ValueError, match=r"labels of shape \(8, 1\) .* shape \(8,\)"):
+            fn(scores, labels[:, None], *args)
+        with pytest.raises(ValueError, match=r"mask of shape \(4,\)"):
+            fn(scores, labels, *args, mask=jnp.ones(4))
+        np.testing.assert_allclose(fn(scores[:, None], labels, *args),
+                                   fn(scores, labels, *args), rtol=1e-6)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        losses.sample_prior(key, 1)
+    maps = jnp.ones((2, 4, 4))
+    for bad in (0.0, -1.0, 2.0):
+        with pytest.raises(ValueError, match=f"fraction={bad} is not in"):
+            losses.topk_mean(maps, bad)
+    with pytest.raises(TypeError, match="static_argnums=1"):
+        jax.jit(losses.topk_mean)(maps, 0.1)
+    np.testing.assert_allclose(jax.jit(losses.topk_mean, static_argnums=1)(maps, 0.1), 1.0)
