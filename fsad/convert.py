@@ -48,7 +48,7 @@ def main(argv=None) -> int:
                  if k.startswith("test/") and not k.endswith("/good")}
     print(f"wrote {result.root}")
     print(f"  train/good {normals.get('train/good', 0)}, test/good {normals.get('test/good', 0)}, "
-          f"anomalies {sum(anomalies.values())} in {len(anomalies)} classes "
+          f"anomalies {sum(anomalies.values())} in {len(anomalies)} class{'es' if len(anomalies) != 1 else ''} "
           f"(papers: {conv.paper_counts})")
     for cls, n in anomalies.items():
         masks = result.counts.get(f"ground_truth/{cls}")

@@ -13,6 +13,7 @@ from conftest import ROOT, SIZE
 from fsad.data import read_folder
 from fsad.data.convert import CONVERTERS, RawLayoutError, convert
 from fsad.data.convert.brainmri import RELEASED_SUFFIXES
+from fsad.data.decode import CorruptImageError
 from fsad.data.folders import split_normals_3_to_1
 
 TILE = 16  # AITEX tiles of 16 px instead of 256: the same logic on 16x smaller images
@@ -153,10 +154,18 @@ def test_sdd(tmp_path):
     assert mask.shape == (10, w, 3) and mask[2:4].all() and not mask[4:].any()
 
 
-def test_sdd_label_missing(tmp_path):
+def test_sdd_label_missing_or_image_corrupt(tmp_path):
+    """A missing label or a raw image that cannot be decoded (a truncated download) is
+    one error naming the file, and no output appears."""
     raw = tmp_path / "raw"
     _png(f"{raw}/kos01/Part0.jpg", np.zeros((9, 4), np.uint8))
     with pytest.raises(RawLayoutError, match="Part0_label.bmp"):
+        convert("sdd", str(raw), str(tmp_path / "out"))
+    _png(f"{raw}/kos01/Part0_label.bmp", np.zeros((9, 4), np.uint8))
+    with open(f"{raw}/kos01/Part0.jpg", "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(CorruptImageError, match=r"cannot decode raw image .*Part0\.jpg.* "
+                       r"replace it with a good copy from the dataset's download"):
         convert("sdd", str(raw), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / "SDD")
 
@@ -410,7 +419,8 @@ def test_missing_raw_folder_is_named(tmp_path, dataset, missing):
     raw = tmp_path / "raw"
     if dataset != "sdd":
         raw.mkdir()
-    with pytest.raises(RawLayoutError, match=f"{missing}'? is missing; expected the raw layout"):
+    with pytest.raises(RawLayoutError, match=f"{missing}'? (is missing|does not exist); "
+                       f".*expected the raw layout"):
         convert(dataset, str(raw), str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out" / CONVERTERS[dataset].subset)
 
@@ -423,7 +433,7 @@ def test_command_line(tmp_path):
     run = subprocess.run(cmd + ["HeadCT", raw, out], capture_output=True, text=True, env=env,
                          cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    assert "train/good 3, test/good 2, anomalies 3 in 1 classes" in run.stdout
+    assert "train/good 3, test/good 2, anomalies 3 in 1 class " in run.stdout
     assert "--config.data.subset=headct" in run.stdout
     assert _layout(os.path.join(out, "headct"))["test/defect"] == 3
     # an existing output is not overwritten unless asked; a missing raw file is named

@@ -25,12 +25,13 @@ class CorruptImageError(UserError):
         self.what = what
 
 
-def _unreadable(kind: str, path: str, err: Exception) -> CorruptImageError:
+def unreadable(kind: str, path: str, err: Exception,
+               fix: str = "remove or replace the file, then rerun") -> CorruptImageError:
+    """The error for a file `path` that raised `err` when read as `kind` ("image")."""
     if isinstance(err, PermissionError):
         return CorruptImageError(f"cannot read {kind} {path!r} (permission denied)",
                                  "make it readable (chmod a+r) or remove it, then rerun")
-    return CorruptImageError(f"cannot decode {kind} {path!r} ({err})",
-                             "remove or replace the file, then rerun")
+    return CorruptImageError(f"cannot decode {kind} {path!r} ({err})", fix)
 
 
 NAMED_AT_MOST = 3  # unreadable files an error names; it counts the rest
@@ -97,7 +98,7 @@ def load_rgb(path: str) -> np.ndarray:
         with Image.open(path) as im:
             return pil_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise _unreadable("image", path, err) from err
+        raise unreadable("image", path, err) from err
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
@@ -140,7 +141,7 @@ def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndar
                 return resize_mask(np.asarray(im.convert("RGB"))[..., 0], size, resize)
             return resize_mask(np.asarray(im.convert("L")), size, resize)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise _unreadable("mask", path, err) from err
+        raise unreadable("mask", path, err) from err
 
 
 def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",

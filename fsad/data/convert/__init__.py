@@ -19,6 +19,7 @@ warning (AITEX), and BrainMRI's extensions are normalised. MVTec AD and VisA
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable
 
 from fsad.data.convert import aitex, brainmri, elpv, headct, hyperkvasir, mastcam, optical, sdd
@@ -70,8 +71,17 @@ def get_converter(dataset: str) -> Converter:
 
 def convert(dataset: str, raw_dir: str, out_dir: str, overwrite: bool = False,
             **kwargs) -> ConvertResult:
-    """Converts `dataset`'s raw download in `raw_dir` into `out_dir/<subset>`."""
-    return get_converter(dataset).convert(raw_dir, out_dir, overwrite=overwrite, **kwargs)
+    """Converts `dataset`'s raw download in `raw_dir` into `out_dir/<subset>`.
+
+    Raises:
+      RawLayoutError: raw_dir does not exist, or lacks a file or folder of the layout.
+    """
+    converter = get_converter(dataset)
+    if not os.path.isdir(raw_dir):
+        raise RawLayoutError(f"{converter.name}: RAW_DIR {raw_dir!r} does not exist; give "
+                             f"the folder the download was unpacked into (expected the raw "
+                             f"layout {converter.layout})")
+    return converter.convert(raw_dir, out_dir, overwrite=overwrite, **kwargs)
 
 
 __all__ = ["CONVERTERS", "ConvertResult", "Converter", "RawLayoutError", "convert",

@@ -8,6 +8,7 @@ the file lists are saved in ``<subset>/manifest.json``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,10 +17,10 @@ import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from fsad.data.decode import DEEP_GREY_MODES
+from fsad.data.decode import DEEP_GREY_MODES, unreadable
 from fsad.data.folders import split_normals_3_to_1
 from fsad.errors import UserError
 
@@ -161,12 +162,28 @@ class Output:
             self.abort()
 
 
+@contextlib.contextmanager
+def open_raw(path: str):
+    """`Image.open(path)` for the block; a file that cannot be opened or decoded there (a
+    truncated download) raised as CorruptImageError naming it and the fix."""
+    try:
+        with Image.open(path) as im:
+            yield im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise unreadable("raw image", path, err, "replace it with a good copy from the "
+                         "dataset's download, then run the converter again") from err
+
+
 def read_rgb(path: str) -> np.ndarray:
     """A raw image as the released scripts' `cv2.imread(path)` (OpenCV's default colour
     mode) gives it, in RGB order. [H, W, 3] uint8: grey as 3 equal channels, alpha
     dropped, 16-bit samples shifted right by 8 bits (Pillow's convert would clip
-    them), an EXIF orientation applied (Pillow leaves it to the caller)."""
-    with Image.open(path) as im:
+    them), an EXIF orientation applied (Pillow leaves it to the caller).
+
+    Raises:
+      CorruptImageError: the file cannot be decoded (`open_raw`).
+    """
+    with open_raw(path) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in DEEP_GREY_MODES:
             grey = (np.asarray(im, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)

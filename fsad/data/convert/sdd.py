@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 
-from PIL import Image
-
-from fsad.data.convert.common import (Output, RawLayoutError, list_dirs, list_files, progress,
-                                      read_rgb, require_dir, require_file, split_3_to_1, stem)
+from fsad.data.convert.common import (Output, RawLayoutError, list_dirs, list_files, open_raw,
+                                      progress, read_rgb, require_dir, require_file,
+                                      split_3_to_1, stem)
 
 SUBSET = "SDD"
 LAYOUT = "RAW_DIR/<kosNN>/PartK.jpg with its label RAW_DIR/<kosNN>/PartK_label.bmp"
@@ -49,7 +48,7 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     flags = {}
     for d, f in progress(images, "SDD labels"):
         label = label_of(d, f)
-        with Image.open(os.path.join(raw_dir, d, f)) as im:  # reads the header only
+        with open_raw(os.path.join(raw_dir, d, f)) as im:  # reads the header only
             if (im.height, im.width) != label.shape[:2]:
                 raise RawLayoutError(f"SDD: {d}/{f} is {im.height}x{im.width} but its label is "
                                      f"{label.shape[0]}x{label.shape[1]}; the released script "
