@@ -132,6 +132,9 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             path = score_folder(config, workdir, input_dir, output, heatmaps)
             if is_primary():
                 print(f"scores: {path}")
+                if heatmaps:
+                    print(f"heatmaps: {os.path.join(workdir, 'heatmaps')} (one overlay per "
+                          f"image: image | heat map | blend)")
             return 0
         given = [f for f, v in (("--input", input_dir), ("--output", output),
                                 ("--heatmaps", heatmaps)) if v]

@@ -143,9 +143,10 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     (--mode score); True when one is stored.
 
     Raises:
-      UserError: the stored config differs (CHECKPOINT_PACE and BATCHING_ONLY fields
-        aside): the error asks for the config the run was trained with, not for another
-        workdir; or none is stored and must_exist.
+      UserError: the stored config differs (CHECKPOINT_PACE, BATCHING_ONLY and explain.*
+        fields aside: these shape the heat maps and the decision cut-off, not the trained
+        model or its scores): the error asks for the config the run was trained with, not
+        for another workdir; or none is stored and must_exist.
     """
     diff = stored_config_diff(workdir, config)
     if diff is None:
@@ -153,6 +154,7 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
             raise UserError(f"{workdir!r} holds no trained run (no config.json); train it "
                             f"first with --mode train, or point --workdir at a trained run")
         return False
+    diff = [k for k in diff if not k.startswith("explain.")]
     if diff:
         raise UserError(f"{workdir!r} holds a run trained with a different config (fields "
                         f"{', '.join(diff)}); score with the config it was trained with: the "

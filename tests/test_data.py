@@ -115,6 +115,12 @@ def test_general_split_one_shot_inside_ten_shot(synthetic):
     assert set(other.train_anomaly) != set(ten.train_anomaly)
     again = make_split(synthetic, "general", 10, seed=3)
     np.testing.assert_array_equal(again.train_anomaly, ten.train_anomaly)
+    # a test set left without anomalies names what took them: the shot pool, or the shots
+    with pytest.raises(UserError, match=r"0 anomalies \(the 36 anomalies drawn for the "
+                       r"shots, data.shot_pool=40, leave it\); .* lower --config.data.shot_pool"):
+        make_split(synthetic, "general", 1, seed=3, shot_pool=40)
+    with pytest.raises(UserError, match=r"0 anomalies; .* lower --config.data.n_anomaly"):
+        make_split(synthetic, "general", 36, seed=3)
 
 
 def test_hard_split_removes_known_class(synthetic):

@@ -292,7 +292,8 @@ def test_rerun_scoring_and_another_config(runs, capsys):
     csv_path = u / "scores.csv"
     assert execute(config, str(u), "score", os.path.join(root, "test"), str(csv_path),
                    heatmaps=True) == 0
-    assert "scores:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "scores:" in out and f"heatmaps: {u / 'heatmaps'} (one overlay" in out
     with open(csv_path) as f:
         rows = {r["file"]: r for r in csv.DictReader(f)}
     n_test = len(os.listdir(os.path.join(root, "test", "good"))) + 3 * 12

@@ -434,6 +434,10 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     del old["data"]["mask_resize"]
     (work / "config.json").write_text(json.dumps(old))
     assert check_stored_config(str(work), config)
+    # scoring takes the heat maps' and the decision's settings as given: they change no
+    # trained weight and no score (a walkthrough's run trained without explanations)
+    config.explain.enabled, config.explain.sigma = False, 2.0
+    assert check_stored_config(str(work), config)
     config.data.mask_resize = "opencv_linear"
     with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\); "
                                         r"score with the config it was trained with"):

@@ -127,9 +127,12 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
         test = np.setdiff1d(test, contam)
         train_normal = np.concatenate([train_normal, contam])
     if not np.any(data.labels[test] == 0) or not np.any(data.labels[test] == 1):
+        drawn = (f" (the {len(pool)} anomalies drawn for the shots, data.shot_pool="
+                 f"{shot_pool}, leave it)" if len(pool) > n_anomaly else "")
+        lower = "--config.data.shot_pool" if drawn else "--config.data.n_anomaly"
         raise UserError(f"{data.name}: the test set needs normals and anomalies and has "
                         f"{int(np.sum(data.labels[test] == 0))} normals and "
-                        f"{int(np.sum(data.labels[test] == 1))} anomalies; add test images "
-                        f"or lower --config.data.n_anomaly")
+                        f"{int(np.sum(data.labels[test] == 1))} anomalies{drawn}; add test "
+                        f"images or lower {lower}")
     assert NORMAL not in data.classes[train_anomaly]
     return Split(train_normal, train_anomaly, test, contam)
