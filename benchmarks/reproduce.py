@@ -280,7 +280,8 @@ def run_table(args, on_cell=None) -> dict:
         if key not in runners:
             runners[key] = build_runner(config)
         runner = dataclasses.replace(runners[key], config=config)  # shares compiled steps
-        say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}")
+        say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}"
+            + (" (finished: read back)" if finished(workdir, args.seeds) else ""))
         res = run_experiment(config, workdir, runner=runner, data=data)
         # the first host has written the cell's files: every host reads the same ones for
         # the next cells (finished? an AHL cell's base cell)
@@ -332,34 +333,38 @@ def reference_auroc_or_empty(dataset: str, cell: dict, variant: str = "MIL-DS",
 
 
 def rows_of(results: list[dict], dataset: str) -> list[dict]:
-    """One row per cell, and per (method, shots) of the hard setting one more: the mean
-    over known classes of each seed's AUROC, then mean ± std over seeds. AHL rows carry
-    `base_mean`, their base model's mean AUROC in the same runs (None for the others)."""
+    """One row per cell, and per (method, shots) of the hard setting one more, after that
+    pair's last cell: the mean over known classes of each seed's AUROC, then mean ± std
+    over seeds. AHL rows carry `base_mean`, their base model's mean AUROC in the same
+    runs (None for the others)."""
     def base_mean(aurocs):
         return float(np.mean(aurocs)) if len(aurocs) else None
 
-    rows = [{"method": r["method"], "setting": r["setting"] + (
-        f" ({r['known_class']} known)" if r["known_class"] else ""), "shots": r["shots"],
-        "mean": float(np.mean(r["auroc"])), "std": float(np.std(r["auroc"])),
-        "base_mean": base_mean(r["base_auroc"]),
-        "seeds": len(r["auroc"]), "paper": r["paper"], "seconds": r["seconds"]}
-        for r in results]
-    hard: dict = {}
-    for r in results:
-        if r["setting"] == "hard":
-            hard.setdefault((r["method"], r["shots"]), []).append(r)
-    for (m, n), rs in hard.items():
-        if len(rs) < 2:
-            continue
+    def hard_mean(m, n, rs):
         per_seed = np.mean([r["auroc"] for r in rs], axis=0)  # [seeds]
-        rows.append({"method": m, "setting": "hard (mean over known classes)", "shots": n,
-                     "mean": float(per_seed.mean()), "std": float(per_seed.std()),
-                     "base_mean": base_mean([a for r in rs for a in r["base_auroc"]]),
-                     "seeds": len(per_seed),
-                     "paper": reference_auroc_or_empty(
-                         dataset, {"method": m, "setting": "hard", "shots": n, "known_class": ""},
-                         rs[0].get("variant", "MIL-DS"), rs[0].get("backbone", "resnet18")),
-                     "seconds": float(sum(r["seconds"] for r in rs))})
+        return {"method": m, "setting": "hard (mean over known classes)", "shots": n,
+                "mean": float(per_seed.mean()), "std": float(per_seed.std()),
+                "base_mean": base_mean([a for r in rs for a in r["base_auroc"]]),
+                "seeds": len(per_seed),
+                "paper": reference_auroc_or_empty(
+                    dataset, {"method": m, "setting": "hard", "shots": n, "known_class": ""},
+                    rs[0].get("variant", "MIL-DS"), rs[0].get("backbone", "resnet18")),
+                "seconds": float(sum(r["seconds"] for r in rs))}
+
+    hard: dict = {}  # (method, shots) -> the indices of its hard cells
+    for i, r in enumerate(results):
+        if r["setting"] == "hard":
+            hard.setdefault((r["method"], r["shots"]), []).append(i)
+    last_of = {ix[-1]: key for key, ix in hard.items() if len(ix) >= 2}
+    rows = []
+    for i, r in enumerate(results):
+        rows.append({"method": r["method"], "setting": r["setting"] + (
+            f" ({r['known_class']} known)" if r["known_class"] else ""), "shots": r["shots"],
+            "mean": float(np.mean(r["auroc"])), "std": float(np.std(r["auroc"])),
+            "base_mean": base_mean(r["base_auroc"]),
+            "seeds": len(r["auroc"]), "paper": r["paper"], "seconds": r["seconds"]})
+        if i in last_of:
+            rows.append(hard_mean(*last_of[i], [results[j] for j in hard[last_of[i]]]))
     return rows
 
 
@@ -372,9 +377,14 @@ def markdown(table: dict) -> str:
     for r in table["rows"]:
         paper = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["paper"].items()) or "–"
         base = f" (its base {r['base_mean']:.3f})" if r.get("base_mean") is not None else ""
+        spread = f" ± {r['std']:.3f}" if r["seeds"] > 1 else ""  # no std of one seed
         lines.append(f"| {r['method']} | {r['setting']} | {r['shots']} | "
-                     f"{r['mean']:.3f} ± {r['std']:.3f}{base} | {r['seeds']} | {paper} | "
+                     f"{r['mean']:.3f}{spread}{base} | {r['seeds']} | {paper} | "
                      f"{r['seconds']:.0f} s |")
+    lines += ["", "± is the population std over seeds (np.std)"
+              + ("; a hard mean row averages each seed's AUROC over the known classes, and "
+                 "its wall time is its cells' sum" if any(
+                     "mean over" in r["setting"] for r in table["rows"]) else "") + "."]
     if table.get("skipped"):
         lines += ["", "Not run (the time budget was spent): "
                   + "; ".join(cell_name(c) for c in table["skipped"]) + "."]

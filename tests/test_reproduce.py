@@ -4,6 +4,7 @@ second invocation that reads every finished cell back instead of training again.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,7 +23,7 @@ def load_reproduce():
     return module
 
 
-def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
+def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root, capsys):
     """Three DevNet cells in one process, then the same table resumed. (DevNet's DS
     variant on one scale of AlexNet, the trunk that compiles fastest: the check is of the
     table, and with ResNet-18 it took 28 s instead of 6 s. That ablation has a figure in
@@ -64,7 +65,11 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root):
     # interrupted table resumes where it stopped, and no new cell starts
     shots = argv.index("--shots")
     again = argv[:shots + 1] + ["2"] + argv[shots + 1:] + ["--budget_minutes", "0"]
+    capsys.readouterr()
     assert reproduce.main(again) == 0
+    said = capsys.readouterr().out
+    assert re.search(r"^\[2/6\] devnet general 10-shot -> .* \(finished: read back\)$",
+                     said, flags=re.M), said
     cut = json.loads((out / "table.json").read_text())
     assert cut["rows"] == table["rows"]
     assert [(c["setting"], c["known_class"], c["shots"]) for c in cut["skipped"]] == [
@@ -204,14 +209,18 @@ def test_ahl_rows_show_their_base_models_auroc():
                 "base_auroc": [0.6, 0.6]},
                {**cell, "method": "dra", "known_class": "mono", "auroc": [0.5], "base_auroc": []}]
     rows = reproduce.rows_of(results, "elpv")
+    # the mean row right after its cells, not after every method's
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("ahl_dra", "hard (mono known)"), ("ahl_dra", "hard (poly known)"),
+        ("ahl_dra", "hard (mean over known classes)"), ("dra", "hard (mono known)")]
     assert [r["base_mean"] for r in rows[:2]] == pytest.approx([0.6, 0.6])
-    assert rows[2]["base_mean"] is None
-    mean_row = [r for r in rows if r["method"] == "ahl_dra" and "mean" in r["setting"]][0]
-    assert mean_row["mean"] == pytest.approx(0.75) and mean_row["base_mean"] == pytest.approx(0.6)
+    assert rows[3]["base_mean"] is None
+    assert rows[2]["mean"] == pytest.approx(0.75) and rows[2]["base_mean"] == pytest.approx(0.6)
     md = reproduce.markdown({"dataset": "elpv", "init": ["x"], "variants": "", "overrides": [],
                              "rows": rows})
     assert "| ahl_dra | hard (mono known) | 10 | 0.700 ± 0.100 (its base 0.600) |" in md
-    assert "| dra | hard (mono known) | 10 | 0.500 ± 0.000 | 1 |" in md
+    assert "| dra | hard (mono known) | 10 | 0.500 | 1 |" in md  # no std of one seed
+    assert "population std over seeds" in md and "its wall time is its cells' sum" in md
 
 
 def test_devnet_ablations_are_set_beside_table_5_not_devnets_figures():
