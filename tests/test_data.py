@@ -103,6 +103,22 @@ def test_layout_errors(tmp_path, synthetic_root):
         read_folder(bad, SIZE, "")
 
 
+def test_a_synthetic_root_is_written_once_and_says_so(synthetic_root, tmp_path, caplog):
+    """data.name=synthetic writes its set where data.root does not exist, at that run's
+    size: a later run at another size is told that it resizes it, and an empty folder as
+    the root is refused (the set would not be written there)."""
+    from conftest import tiny_config
+    from fsad.data import dataset_without_pixels, load_imageset
+    cfg = tiny_config().data
+    cfg.root, cfg.img_size = synthetic_root, 2 * SIZE
+    with caplog.at_level("WARNING"):
+        assert load_imageset(cfg).images.shape[1] == 2 * SIZE
+    assert f"written at {SIZE} px; data.img_size={2 * SIZE} resizes it" in caplog.text
+    cfg.root = str(tmp_path)
+    with pytest.raises(UserError, match="is an empty folder, and data.name=synthetic writes"):
+        dataset_without_pixels(cfg)
+
+
 def test_general_split_one_shot_inside_ten_shot(synthetic):
     ten = make_split(synthetic, "general", 10, seed=3)
     one = make_split(synthetic, "general", 1, seed=3)

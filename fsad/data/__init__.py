@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+
+from PIL import Image
 
 from fsad.data.cache import DEFAULT_CACHE
 from fsad.data.elpv import elpv_without_pixels, read_elpv
@@ -25,8 +28,10 @@ def load_imageset(data_cfg) -> ImageSet:
     if data_cfg.name == "elpv":
         return read_elpv(data_cfg.img_size, cache_dir)
     if data_cfg.name in ("folder", "synthetic"):
-        return read_folder(_folder_root(data_cfg), data_cfg.img_size, cache_dir,
-                           _mask_resize(data_cfg))
+        root = _folder_root(data_cfg)
+        if data_cfg.name == "synthetic":
+            _warn_if_resized(root, data_cfg.img_size)
+        return read_folder(root, data_cfg.img_size, cache_dir, _mask_resize(data_cfg))
     if data_cfg.name == "tfds":
         return _load_tfds(data_cfg, cache_dir)
     raise _unknown_reader(data_cfg)
@@ -73,12 +78,30 @@ def _folder_root(data_cfg, write: bool = True) -> str:
     root = os.path.join(data_cfg.root, data_cfg.get("subset") or "")
     if write and data_cfg.name == "synthetic" and not os.path.isdir(root):
         _write_synthetic(root, data_cfg)
+    if data_cfg.name == "synthetic" and os.path.isdir(root) and not os.listdir(root):
+        raise UserError(f"data.root={root!r} is an empty folder, and data.name=synthetic "
+                        f"writes its set only where data.root does not exist; remove the "
+                        f"folder, or name a new one")
     return root
 
 
 def _write_synthetic(root: str, data_cfg) -> str:
     """The procedural set a data.name=synthetic config reads, written to root."""
     return write_synthetic_dataset(root, size=data_cfg.img_size, seed=0)
+
+
+def _warn_if_resized(root: str, size: int) -> None:
+    """A warning where the procedural set in root was written at another size than the
+    run's data.img_size (the set is written once, at the first run's size)."""
+    first = os.path.join(root, "train", "good", "000.png")
+    if not os.path.isfile(first):
+        return
+    with Image.open(first) as im:
+        written = im.size[0]
+    if written != size:
+        logging.warning("data.root=%s holds the procedural set written at %d px; "
+                        "data.img_size=%d resizes it (a new data.root writes it at %d px)",
+                        root, written, size, size)
 
 
 def _load_tfds(data_cfg, cache_dir) -> ImageSet:
