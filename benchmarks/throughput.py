@@ -333,9 +333,13 @@ def time_torch_modes(modes: list[str], make, args, on_mode=lambda out: None) -> 
     step, made as fast as PyTorch runs it: `tune_for_speed`) timed as fsad's steps are
     (--steps after --warmup); a mode PyTorch cannot run is reported, not raised;
     on_mode(figures so far) after each."""
+    import torch
+
     from benchmarks import torch_released as tr  # --torch: installed (check_torch_args)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = tr.default_device()
-    out = {}
+    out = {"torch_threads": torch.get_num_threads()}
     for mode in modes:
         try:
             step, step_args, n = make(tr, mode, device)
@@ -371,7 +375,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     defaults of the flags left out (None in the parser, so that "given" can be told)."""
     trains = [m for m in args.methods if m in TRAIN_METHODS]
     given = {f for f in ARG_DEFAULTS if getattr(args, f) is not None}
-    given |= {f for f in ("host_fed", "torch", "torch_modes") if getattr(args, f)}
+    given |= {f for f in ("host_fed", "torch", "torch_modes", "torch_threads")
+              if getattr(args, f)}
     given |= {"seeds"} if args.seeds != 1 else set()
 
     def refuse_unread(flags, needed: bool, why: str) -> None:
@@ -386,8 +391,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     refuse_unread(("ahl_normals", "ahl_chunk", "ahl_task_batching"), "ahl" in args.methods,
                   "read only by the AHL meta-step, and --methods has no ahl: add ahl to "
                   "--methods, or leave them out")
-    refuse_unread(("torch_modes",), args.torch, "read only with --torch: add --torch, or "
-                  "leave it out")
+    refuse_unread(("torch_modes", "torch_threads"), args.torch, "read only with --torch: "
+                  "add --torch, or leave it out")
     refuse_unread(("host_fed", "seeds", "torch"), not args.compile_only, "timings, and "
                   "--compile_only runs no step: leave one or the other out")
     for field, default in ARG_DEFAULTS.items():
@@ -496,6 +501,10 @@ def main(argv=None):
                     help="the PyTorch configurations to time (default all: DevNet's and "
                     "DRA's eager_fp32 amp_bf16_channels_last compile; the AHL meta-step's "
                     "eager_fp32, its tasks looped, and vmap_fp32, vmapped)")
+    ap.add_argument("--torch_threads", type=int, default=0,
+                    help="PyTorch's intra-op threads (0: its default, one per core); on a "
+                    "CPU shared with other jobs its spinning OpenMP threads can slow a step "
+                    "tenfold: 1 there. Recorded in the rows as torch_threads")
     ap.add_argument("--json", default="", help="write the rows here (after every row)")
     ap.add_argument("--check", action="store_true", help="check the flags as a run would "
                     "and list the rows it would time, then stop: nothing compiles")
@@ -555,9 +564,11 @@ def planned_rows(args) -> list[tuple[str, int, str]]:
 
 def table(rows) -> str:
     cols = ["method", "batch", "dtype", "train_compile_s", "train_img_per_s",
-            "train_tflop_per_s", "train_step_mib", "score_compile_s", "score_img_per_s",
-            "fsad_over_best_torch"]
-    cols += ["error"] if any("error" in r for r in rows) else []
+            "train_tflop_per_s", "train_step_mib", "score_compile_s", "score_img_per_s"]
+    # the optional columns where a row has them: --seeds N, --torch, an error
+    cols += [c for c in ("seeds_vmapped_img_per_s", "vmapped_over_sequential",
+                         "fsad_over_best_torch", "torch_threads", "error")
+             if any(c in r for r in rows)]
     cols += sorted({k for r in rows for k in r if k.startswith("torch_") and
                     k.endswith("img_per_s")})
     return markdown_table(rows, cols)

@@ -24,7 +24,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
            "--ahl_normals", "6", "--json", str(out)]
     with_torch = importlib.util.find_spec("torch") is not None
     if with_torch:  # the tasks looped, as the released code, and vmapped, as fsad's
-        cmd += ["--torch", "--torch_modes", "eager_fp32", "vmap_fp32"]
+        cmd += ["--torch", "--torch_modes", "eager_fp32", "vmap_fp32", "--torch_threads", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -36,6 +36,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
         speeds = [row["torch_eager_fp32_img_per_s"], row["torch_vmap_fp32_img_per_s"]]
         assert row["fsad_over_best_torch"] == pytest.approx(row["train_img_per_s"] /
                                                             max(speeds)), row
+        assert row["torch_threads"] == 1  # as asked, and recorded
     assert "| ahl_meta_step |" in done.stdout  # the printed table
 
 
@@ -49,6 +50,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     ("--methods dra --ahl_task_batching map", "--ahl_task_batching: read only by the AHL "
      "meta-step"),
     ("--torch_modes compile", "--torch_modes: read only with --torch"),
+    ("--torch_threads 1", "--torch_threads: read only with --torch"),
     ("--compile_only --seeds 2", "--seeds: timings, and --compile_only runs no step"),
     # values no step can run with (before: a ZeroDivisionError after the compile, or a
     # score img/s counted over images the step never had)
@@ -107,15 +109,17 @@ def test_pytorch_modes_are_reported_as_each_finishes(tmp_path):
     torch = pytest.importorskip("torch")
     from benchmarks import throughput, torch_released as tr
     args = types.SimpleNamespace(torch_modes=["eager_fp32", "amp_bf16_channels_last"],
-                                 img_size=64, steps=1, warmup=1)
+                                 img_size=64, steps=1, warmup=1, torch_threads=0)
     seen = []
     out = throughput.bench_torch("dra", args, 6, seen.append)
     assert [sorted(k for k in s if k.endswith("img_per_s")) for s in seen] == [
         ["torch_eager_fp32_img_per_s"],
         ["torch_amp_bf16_channels_last_img_per_s", "torch_eager_fp32_img_per_s"]], seen
     assert seen[-1] == out and all(v > 0 for v in out.values())
+    assert out["torch_threads"] == torch.get_num_threads()  # 0: torch's own count
     step, (images, labels, ref) = tr.speed_step("dra", 64, 6, "eager_fp32", "cpu")
     assert labels.tolist() == [0, 0, 2, 2, 1, 1] and ref.shape == (5, 3, 64, 64)
     ratio = throughput.torch_ratio(10.0, out)
-    assert ratio["fsad_over_best_torch"] == pytest.approx(10.0 / max(out.values()))
+    assert ratio["fsad_over_best_torch"] == pytest.approx(
+        10.0 / max(v for k, v in out.items() if k.endswith("_img_per_s")))
     assert torch.backends.cudnn.benchmark is False  # set on CUDA only
