@@ -381,10 +381,12 @@ def markdown(table: dict) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {r['shots']} | "
                      f"{r['mean']:.3f}{spread}{base} | {r['seeds']} | {paper} | "
                      f"{r['seconds']:.0f} s |")
-    lines += ["", "± is the population std over seeds (np.std)"
-              + ("; a hard mean row averages each seed's AUROC over the known classes, and "
-                 "its wall time is its cells' sum" if any(
-                     "mean over" in r["setting"] for r in table["rows"]) else "") + "."]
+    legend = (["± is the population std over seeds (np.std)."]
+              if any(r["seeds"] > 1 for r in table["rows"]) else [])
+    if any("mean over" in r["setting"] for r in table["rows"]):
+        legend.append("A hard mean row averages each seed's AUROC over the known classes; "
+                      "its wall time is its cells' sum.")
+    lines += ["", " ".join(legend)] if legend else []
     if table.get("skipped"):
         lines += ["", "Not run (the time budget was spent): "
                   + "; ".join(cell_name(c) for c in table["skipped"]) + "."]

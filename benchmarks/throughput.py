@@ -393,6 +393,9 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
                   "--methods, or leave them out")
     refuse_unread(("torch_modes", "torch_threads"), args.torch, "read only with --torch: "
                   "add --torch, or leave it out")
+    if args.torch_threads < 0:
+        ap.error(f"--torch_threads {args.torch_threads}: use 1 or more (0: PyTorch's own "
+                 f"count)")
     refuse_unread(("host_fed", "seeds", "torch"), not args.compile_only, "timings, and "
                   "--compile_only runs no step: leave one or the other out")
     for field, default in ARG_DEFAULTS.items():

@@ -46,9 +46,10 @@ def main(argv=None) -> int:
     normals = {k: v for k, v in result.counts.items() if k.endswith("/good")}
     anomalies = {k[5:]: v for k, v in result.counts.items()
                  if k.startswith("test/") and not k.endswith("/good")}
+    classes = "class" if len(anomalies) == 1 else "classes"
     print(f"wrote {result.root}")
     print(f"  train/good {normals.get('train/good', 0)}, test/good {normals.get('test/good', 0)}, "
-          f"anomalies {sum(anomalies.values())} in {len(anomalies)} class{'es' if len(anomalies) != 1 else ''} "
+          f"anomalies {sum(anomalies.values())} in {len(anomalies)} {classes} "
           f"(papers: {conv.paper_counts})")
     for cls, n in anomalies.items():
         masks = result.counts.get(f"ground_truth/{cls}")

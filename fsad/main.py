@@ -124,7 +124,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             raise UserError("--check checks a training run and --mode is score; leave "
                             "--check out (scoring checks its run and images before it scores)")
         if mode == "score":
-            from fsad.scoring import score_folder
+            from fsad.scoring import heatmap_dir, score_folder
             if not input_dir:
                 raise UserError("--mode score needs the images to score; pass --input DIR "
                                 "(or --input IMAGE)")
@@ -133,8 +133,8 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             if is_primary():
                 print(f"scores: {path}")
                 if heatmaps:
-                    print(f"heatmaps: {os.path.join(workdir, 'heatmaps')} (one overlay per "
-                          f"image: image | heat map | blend)")
+                    print(f"heatmaps: {heatmap_dir(workdir)} (one overlay per image: "
+                          f"image | heat map | blend)")
             return 0
         given = [f for f, v in (("--input", input_dir), ("--output", output),
                                 ("--heatmaps", heatmaps)) if v]

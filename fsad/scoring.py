@@ -131,6 +131,11 @@ def writable_output(path: str) -> str:
     return path
 
 
+def heatmap_dir(workdir: str) -> str:
+    """Where --mode score --heatmaps writes its overlays."""
+    return os.path.join(workdir, "heatmaps")
+
+
 def score_folder(config, workdir: str, input_dir: str, output: str | None = None,
                  heatmaps: bool = False) -> str:
     """Scores every image under input_dir (or the one image it names); writes a CSV (and
@@ -177,5 +182,5 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
         if is_primary():
             for name, image, heat in zip(files, images, maps):
                 stem = os.path.splitext(name.replace(os.sep, "__"))[0]
-                overlay_png(os.path.join(workdir, "heatmaps", f"{stem}.png"), image, heat)
+                overlay_png(os.path.join(heatmap_dir(workdir), f"{stem}.png"), image, heat)
     return output

@@ -486,9 +486,20 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     _, info = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
     assert len(info["loss"]) == 4 and sorted(os.listdir(tmp_path / "ahl_checkpoints")) == [
         "2", "4"]
+    predictions = []  # psi's, as the released errors take them
+
+    def released_errors(pred, *args):
+        predictions.append(pred)
+        return errors(pred, *args)
+    errors = mt.released_errors
+    monkeypatch.setattr(mt, "released_errors", released_errors)
     _, whole = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), None)
     assert info["weights"] == whole["weights"] and info["loss"] == whole["loss"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
+    # a call of psi per query set, each its own dropout masks and initial state
+    T, P = tasks.num_tasks, len(tasks.pool_idx)
+    assert len(predictions) == 3 and all(p.shape == (T, P, T) for p in predictions)
+    assert not np.allclose(predictions[0][0], predictions[0][1])
 
 
 def test_the_released_last_meta_epoch_computes_but_updates_nothing():

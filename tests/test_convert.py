@@ -155,12 +155,15 @@ def test_sdd(tmp_path):
 
 
 def test_sdd_label_missing_or_image_corrupt(tmp_path):
-    """A missing label or a raw image that cannot be decoded (a truncated download) is
-    one error naming the file, and no output appears."""
+    """A missing label, a label of another size, or a raw image that cannot be decoded (a
+    truncated download) is one error naming the file, and no output appears."""
     raw = tmp_path / "raw"
     _png(f"{raw}/kos01/Part0.jpg", np.zeros((9, 4), np.uint8))
     with pytest.raises(RawLayoutError, match="Part0_label.bmp"):
         convert("sdd", str(raw), str(tmp_path / "out"))
+    _png(f"{raw}/kos01/Part0_label.bmp", np.zeros((8, 4), np.uint8))
+    with pytest.raises(RawLayoutError, match="Part0.jpg is 9x4 but its label is 8x4"):
+        convert("sdd", str(raw), str(tmp_path / "out"))  # the layout's error, not a decode's
     _png(f"{raw}/kos01/Part0_label.bmp", np.zeros((9, 4), np.uint8))
     with open(f"{raw}/kos01/Part0.jpg", "wb") as f:
         f.write(b"not a jpeg")

@@ -137,6 +137,9 @@ def test_general_split_one_shot_inside_ten_shot(synthetic):
         make_split(synthetic, "general", 1, seed=3, shot_pool=40)
     with pytest.raises(UserError, match=r"0 anomalies; .* lower --config.data.n_anomaly"):
         make_split(synthetic, "general", 36, seed=3)
+    with pytest.raises(UserError, match=r"0 anomalies \(data.contamination takes the rest\); "
+                       r"add test images or lower --config.data.contamination"):
+        make_split(synthetic, "general", 1, seed=3, contamination=0.3025)  # 26 of 26
 
 
 def test_hard_split_removes_known_class(synthetic):

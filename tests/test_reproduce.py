@@ -221,6 +221,9 @@ def test_ahl_rows_show_their_base_models_auroc():
     assert "| ahl_dra | hard (mono known) | 10 | 0.700 ± 0.100 (its base 0.600) |" in md
     assert "| dra | hard (mono known) | 10 | 0.500 | 1 |" in md  # no std of one seed
     assert "population std over seeds" in md and "its wall time is its cells' sum" in md
+    one_seed = reproduce.markdown({"dataset": "elpv", "init": ["x"], "variants": "",
+                                   "overrides": [], "rows": rows[3:]})
+    assert "population std" not in one_seed and "mean row" not in one_seed  # nothing absent
 
 
 def test_devnet_ablations_are_set_beside_table_5_not_devnets_figures():

@@ -51,6 +51,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
      "meta-step"),
     ("--torch_modes compile", "--torch_modes: read only with --torch"),
     ("--torch_threads 1", "--torch_threads: read only with --torch"),
+    ("--torch --torch_threads -1", "--torch_threads -1: use 1 or more"),
     ("--compile_only --seeds 2", "--seeds: timings, and --compile_only runs no step"),
     # values no step can run with (before: a ZeroDivisionError after the compile, or a
     # score img/s counted over images the step never had)

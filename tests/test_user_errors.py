@@ -331,7 +331,8 @@ def test_batch_the_devices_cannot_split(tmp_path):
      "one batched program) or map"),
     ("loss.prior_sigma", 0.0, "loss.prior_sigma=0.0: the deviation divides by it"),  # was
     # "training diverged ... lower --config.optim.lr"
-    ("loss.prior_size", 1, "loss.prior_size=1: the deviation divides by the std"),  # as
+    ("loss.prior_size", 1, "loss.prior_size=1: the deviation divides by the std"),  # a
+    # NaN loss blamed on the lr before, as prior_sigma's
     ("dra.outlier_root", "/no/such", "dra.outlier_root='/no/such' is not a folder"),
     ("ahl.texture_root", "/no/such", "ahl.texture_root='/no/such' is not a folder"),
 ])

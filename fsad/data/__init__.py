@@ -79,9 +79,9 @@ def _folder_root(data_cfg, write: bool = True) -> str:
     if write and data_cfg.name == "synthetic" and not os.path.isdir(root):
         _write_synthetic(root, data_cfg)
     if data_cfg.name == "synthetic" and os.path.isdir(root) and not os.listdir(root):
-        raise UserError(f"data.root={root!r} is an empty folder, and data.name=synthetic "
-                        f"writes its set only where data.root does not exist; remove the "
-                        f"folder, or name a new one")
+        raise UserError(f"{root!r} (data.root) is an empty folder, and data.name=synthetic "
+                        f"writes its set only where that folder does not exist; remove it, "
+                        f"or name a new one")
     return root
 
 

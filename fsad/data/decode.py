@@ -25,6 +25,10 @@ class CorruptImageError(UserError):
         self.what = what
 
 
+# what Pillow raises for a file it cannot open or decode (truncated, not an image)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+
+
 def unreadable(kind: str, path: str, err: Exception,
                fix: str = "remove or replace the file, then rerun") -> CorruptImageError:
     """The error for a file `path` that raised `err` when read as `kind` ("image")."""
@@ -97,7 +101,7 @@ def load_rgb(path: str) -> np.ndarray:
             return npy_rgb(path)
         with Image.open(path) as im:
             return pil_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except DECODE_ERRORS as err:
         raise unreadable("image", path, err) from err
 
 

@@ -126,13 +126,17 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
         contam = np.sort(rng.choice(test_anoms, size=n_c, replace=False))
         test = np.setdiff1d(test, contam)
         train_normal = np.concatenate([train_normal, contam])
-    if not np.any(data.labels[test] == 0) or not np.any(data.labels[test] == 1):
-        drawn = (f" (the {len(pool)} anomalies drawn for the shots, data.shot_pool="
-                 f"{shot_pool}, leave it)" if len(pool) > n_anomaly else "")
-        lower = "--config.data.shot_pool" if drawn else "--config.data.n_anomaly"
+    n_normal, n_anomalous = (int(np.sum(data.labels[test] == c)) for c in (0, 1))
+    if not n_normal or not n_anomalous:
+        why, fix = "", "add test images"
+        if not n_anomalous:  # what took them: the contamination, the shot pool, the shots
+            why, lower = ((" (data.contamination takes the rest)", "contamination")
+                          if len(contam) else
+                          (f" (the {len(pool)} anomalies drawn for the shots, data.shot_pool="
+                           f"{shot_pool}, leave it)", "shot_pool") if len(pool) > n_anomaly
+                          else ("", "n_anomaly"))
+            fix += f" or lower --config.data.{lower}"
         raise UserError(f"{data.name}: the test set needs normals and anomalies and has "
-                        f"{int(np.sum(data.labels[test] == 0))} normals and "
-                        f"{int(np.sum(data.labels[test] == 1))} anomalies{drawn}; add test "
-                        f"images or lower {lower}")
+                        f"{n_normal} normals and {n_anomalous} anomalies{why}; {fix}")
     assert NORMAL not in data.classes[train_anomaly]
     return Split(train_normal, train_anomaly, test, contam)

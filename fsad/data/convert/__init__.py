@@ -78,7 +78,8 @@ def convert(dataset: str, raw_dir: str, out_dir: str, overwrite: bool = False,
     """
     converter = get_converter(dataset)
     if not os.path.isdir(raw_dir):
-        raise RawLayoutError(f"{converter.name}: RAW_DIR {raw_dir!r} does not exist; give "
+        state = "is not a folder" if os.path.exists(raw_dir) else "does not exist"
+        raise RawLayoutError(f"{converter.name}: RAW_DIR {raw_dir!r} {state}; give "
                              f"the folder the download was unpacked into (expected the raw "
                              f"layout {converter.layout})")
     return converter.convert(raw_dir, out_dir, overwrite=overwrite, **kwargs)

@@ -17,10 +17,10 @@ import shutil
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from fsad.data.decode import DEEP_GREY_MODES, unreadable
+from fsad.data.decode import DECODE_ERRORS, DEEP_GREY_MODES, unreadable
 from fsad.data.folders import split_normals_3_to_1
 from fsad.errors import UserError
 
@@ -169,7 +169,9 @@ def open_raw(path: str):
     try:
         with Image.open(path) as im:
             yield im
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UserError:  # the block's own finding (a ValueError too), not a decode's
+        raise
+    except DECODE_ERRORS as err:
         raise unreadable("raw image", path, err, "replace it with a good copy from the "
                          "dataset's download, then run the converter again") from err
 
