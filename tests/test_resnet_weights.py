@@ -21,6 +21,21 @@ def test_feature_map_shape(name):
     assert shapes.shape == (2, 2, 2, feature_channels(name))
 
 
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0", "alexnet"])
+def test_a_trunk_refuses_nchw_grey_or_uint8_images(backbone):
+    """What a PyTorch user hands over first (an NCHW batch, uint8 pixels) or a grey batch
+    built a trunk for other inputs, or ran on unnormalised pixels, without a word."""
+    from fsad.models import make_trunk
+    trunk = make_trunk(backbone)
+    for shape, dtype, hint in (((2, 3, 64, 64), jnp.float32, r"x.transpose\(0, 2, 3, 1\)"),
+                               ((2, 64, 64, 1), jnp.float32, "three equal channels"),
+                               ((2, 64, 64, 3), jnp.uint8, r"normalize_uint8\(images\)")):
+        x = jax.ShapeDtypeStruct(shape, dtype)
+        with pytest.raises(ValueError, match=rf"{backbone} takes ImageNet-normalised float "
+                           rf"images \[B, H, W, 3\] \(NHWC\); got shape .*{hint}"):
+            jax.eval_shape(lambda x: trunk.init(jax.random.key(0), x), x)
+
+
 def torchvision_state_dict(name="resnet18", seed=0):
     """A state_dict with torchvision's keys and shapes, written from the architecture."""
     rng = np.random.default_rng(seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import flax.linen as nn
 
 from fsad.models.heads import torch_conv
+from fsad.models.resnet import check_trunk_input
 
 # (torchvision index, out channels, kernel, stride, padding, in channels, pool after)
 LAYERS = ((0, 64, 11, 4, 2, 3, True), (3, 192, 5, 1, 2, 64, True),
@@ -45,6 +46,7 @@ class AlexNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        check_trunk_input(x, "alexnet")
         for index, out, kernel, stride, pad, cin, pool in LAYERS:
             x = nn.relu(torch_conv(out, kernel, cin, f"conv{index}", stride, pad)(x))
             if pool:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import flax.linen as nn
 
 from fsad.models.cpu_conv import DEPTHWISE_CONVS
-from fsad.models.resnet import IMAGENET_MEAN, IMAGENET_STD, conv_init, torch_batch_norm
+from fsad.models.resnet import (IMAGENET_MEAN, IMAGENET_STD, check_trunk_input, conv_init,
+                                torch_batch_norm)
 from fsad.precision import accumulation_dtype
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage.
@@ -112,6 +113,7 @@ class EfficientNetLite0(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        check_trunk_input(x, "efficientnet_lite0")
         x = imagenet_to_lite_input(x)
         x = nn.relu6(_bn(train, "bn0")(_conv(STEM_CHANNELS, 3, 2, "conv_stem")(x)))
         for i, (k, s, e, _, cout) in enumerate(lite0_blocks()):

@@ -98,6 +98,7 @@ class ResNet(nn.Module):
         if self.depth_name not in STAGES:
             raise ValueError(f"unknown backbone {self.depth_name!r}; choose one of "
                              f"{sorted(STAGES)}")
+        check_trunk_input(x, self.depth_name)
         kind, blocks = STAGES[self.depth_name]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
         x = _conv(64, 7, 2, "conv1")(x)
@@ -119,6 +120,21 @@ def feature_channels(depth_name: str) -> int:
 # joins its hosts first, `fsad.hosts.initialize`)
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def check_trunk_input(x, trunk: str) -> None:
+    """Refuses what a trunk would take silently and wrongly: not [B, H, W, 3] (NCHW
+    arrays, as PyTorch's, or grey images), or not float (raw uint8 pixels).
+
+    Raises:
+      ValueError: naming the shape or dtype and the fix.
+    """
+    if x.ndim != 4 or x.shape[-1] != 3 or not jnp.issubdtype(x.dtype, jnp.floating):
+        hint = ("for NCHW arrays, x.transpose(0, 2, 3, 1); for grey images, three equal "
+                "channels" if x.ndim == 4 and x.shape[1] == 3 or x.shape[-1:] == (1,)
+                else "normalize_uint8(images) for uint8 pixels")
+        raise ValueError(f"{trunk} takes ImageNet-normalised float images [B, H, W, 3] "
+                         f"(NHWC); got shape {tuple(x.shape)} {x.dtype}: {hint}")
 
 
 def normalize_uint8(images):
