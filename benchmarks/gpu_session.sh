@@ -140,7 +140,9 @@ with open(out, "w") as f:
     json.dump(rows, f, indent=1)
 EOF
   # the hard rows read by cell type (benchmarks/elpv_cell_types.py; README "Measured on ELPV")
-  if [[ -d $RUNS/elpv ]]; then  # (a call without the ELPV stages has none)
+  # (only where a seed has finished: a call without the ELPV stages, or CHECK=1, has none)
+  if [[ -n $(find "$RUNS/elpv" -path '*/seed_*/test_scores.npz' -print -quit 2>/dev/null) ]]
+  then
     "$PY" benchmarks/elpv_cell_types.py "$RUNS/elpv" > "$OUT/cell_types.md" 2>>"$LOG" \
       || rm -f "$OUT/cell_types.md"
   fi
