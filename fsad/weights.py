@@ -225,12 +225,28 @@ def _nest(flat: dict) -> dict:
 
 def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
     """Overwrites leaves of `variables` with those of `pretrained` (same paths and shapes).
+    Every leaf of a module that `pretrained` fills (its collection and top scope, e.g.
+    params/backbone) must get a value.
 
     Raises:
-      ValueError: a pretrained leaf with no counterpart, or a shape mismatch.
+      ValueError (a UserError): a pretrained leaf with no counterpart, a shape mismatch,
+        no leaf at all (a checkpoint of a classifier only, or an empty one), or leaves of
+        a filled module left without a value (the checkpoint of a smaller trunk).
     """
     flat = traverse_util.flatten_dict(dict(variables))
-    for path, value in traverse_util.flatten_dict(dict(pretrained)).items():
+    given = traverse_util.flatten_dict(dict(pretrained))
+    if not given:
+        raise UserError("the pretrained checkpoint holds no weight of the trunk (it is "
+                        "empty, or holds a classifier only); pass a checkpoint of "
+                        "model.backbone's trunk, or --config.model.pretrained=none")
+    scopes = {path[:2] for path in given}
+    left = sorted("/".join(p) for p in flat if p[:2] in scopes and p not in given)
+    if left:
+        raise UserError(f"the pretrained checkpoint gives no value for {len(left)} of the "
+                        f"trunk's weights (e.g. {', '.join(left[:3])}); it is for a smaller "
+                        f"trunk than model.backbone: set --config.model.backbone to the "
+                        f"checkpoint's")
+    for path, value in given.items():
         if path not in flat:
             raise UserError(f"pretrained weight {'/'.join(path)} has no place in the model; "
                             f"the checkpoint is for another trunk than model.backbone: set "

@@ -148,6 +148,24 @@ def test_merge_rejects_wrong_depth():
         weights.merge_variables(model_vars, var)
 
 
+def test_merge_rejects_a_smaller_trunk_or_no_trunk_at_all():
+    """A ResNet-18 checkpoint into a ResNet-34 trunk left its extra blocks at random init,
+    and an empty or classifier-only checkpoint loaded nothing, each without a word (and
+    results.json said "pretrained")."""
+    def scoped(tree):
+        return {k: {"backbone": v} for k, v in tree.items()}
+    var = scoped(weights.torchvision_resnet_to_flax(torchvision_state_dict("resnet18")))
+    model_vars = scoped(jax.eval_shape(ResNet("resnet34").init, jax.random.key(0),
+                                       jnp.zeros((1, 32, 32, 3))))
+    with pytest.raises(UserError, match=r"gives no value for \d+ of the trunk's weights "
+                       r"\(e.g. batch_stats/backbone/layer1_2/bn1/mean"):
+        weights.merge_variables(model_vars, var)
+    fc_only = {"fc.weight": np.zeros((1000, 512), np.float32), "fc.bias": np.zeros(1000)}
+    for nothing in (scoped(weights.torchvision_resnet_to_flax(fc_only)), {}):
+        with pytest.raises(UserError, match="holds no weight of the trunk"):
+            weights.merge_variables(model_vars, nothing)
+
+
 def test_pth_file_and_url_with_checksum(tmp_path):
     torch = pytest.importorskip("torch")
     sd = torchvision_state_dict()
