@@ -23,12 +23,15 @@ With one process (the usual case) each of these is what a plain run does.
 
 from __future__ import annotations
 
+import hashlib
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fsad import interrupts
+from fsad.errors import UserError
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -74,6 +77,28 @@ def same_on_every_host(value: bool) -> bool:
     if not several_hosts():
         return value
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def same_command_on_every_host(command: str) -> None:
+    """Refuses, on every host, a run whose hosts were given different commands: each
+    process's `command` (its mode and config as text) against the first's. Nothing in a
+    one-process run.
+
+    Raises:
+      UserError: naming the processes whose command differs from the first's.
+    """
+    if not several_hosts():
+        return
+    digest = np.frombuffer(hashlib.sha256(command.encode()).digest(), np.uint32)
+    digests = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 8]
+    differ = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+    if differ:
+        raise UserError(f"the hosts were given different commands: process"
+                        f"{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
+                        f"of {len(digests)} differ{'' if len(differ) > 1 else 's'} from "
+                        f"process 0 in --mode, --check or "
+                        f"the config; run the same command (the same --config and "
+                        f"--config.* flags) on every host")
 
 
 def wait_for_every_host(name: str) -> None:

@@ -116,10 +116,13 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     process of a multi-host run; any other exception keeps its traceback."""
     from fsad.experiment import check_run, print_summary, run_experiment
     from fsad.workdir import check_stored_config
-    from fsad.hosts import is_primary, lost_host
+    from fsad.hosts import is_primary, lost_host, same_command_on_every_host
     from fsad.paper_figures import config_protocol_note
     from fsad.validate import config_warnings
     try:
+        # one program over every host's devices: a host given another config would train
+        # another model into the same files, silently
+        same_command_on_every_host(f"{mode} {check} {config.to_json_best_effort()}")
         if check and mode == "score":
             raise UserError("--check checks a training run and --mode is score; leave "
                             "--check out (scoring checks its run and images before it scores)")

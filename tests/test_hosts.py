@@ -58,6 +58,23 @@ sys.stdout.flush()
 """
 
 
+# The same command on both processes, then process 1 given another learning rate.
+TWO_COMMANDS = """
+import sys
+from fsad.hosts import initialize, same_command_on_every_host
+from fsad.errors import UserError
+pid = int(sys.argv[2])
+initialize(sys.argv[1], 2, pid)
+same_command_on_every_host("train False {'optim': {'lr': 0.0002}}")
+try:
+    same_command_on_every_host("train False {'optim': {'lr': %s}}" % ("0.1" if pid else "0.0002"))
+    print("RAN")
+except UserError as err:
+    print("REFUSED", err)
+sys.stdout.flush()
+"""
+
+
 def test_host_flags_are_all_or_none():
     join_hosts(False, None, None, None)  # a one-process run: nothing to join
     with pytest.raises(UserError, match="needs all of --coordinator_address"):
@@ -101,4 +118,20 @@ def test_no_host_reads_the_ahl_features_the_first_removes(tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for out, err in outs:
         assert out.split()[-1:] == ["GONE"], out + err[-3000:]
+
+
+def test_hosts_given_different_commands_are_refused_on_every_host():
+    """A walkthrough started one host with another --config.optim.lr: the run trained on
+    both, its scores off, and recorded the first host's config. Now every host refuses,
+    in one line naming the process that differs."""
+    address = coordinator_address()
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_COMMANDS, address, str(i)], cwd=ROOT,
+                              env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for out, err in (p.communicate(timeout=300) for p in procs):
+        lines = [ln for ln in out.splitlines() if not ln.startswith("[Gloo]")]
+        assert lines == ["REFUSED the hosts were given different commands: process 1 of 2 "
+                         "differs from process 0 in --mode, --check or the config; run the "
+                         "same command (the same --config and --config.* flags) on every "
+                         "host"], out + err[-3000:]
 
