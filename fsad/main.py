@@ -193,6 +193,9 @@ def join_hosts(distributed: bool, coordinator: str | None, num_processes: int | 
         raise UserError(f"--process_id {process_id} is not in 0 to {num_processes - 1} "
                         f"(--num_processes {num_processes})")
     from fsad.hosts import initialize, is_primary
+    if coordinator:  # JAX says nothing while it waits (minutes, then an abort)
+        print(f"fsad: process {process_id} of {num_processes} joining through {coordinator}; "
+              f"it waits until every process has started", file=sys.stderr, flush=True)
     try:
         initialize(coordinator, num_processes, process_id)
     except Exception as err:  # noqa: BLE001 - JAX's errors here are all the set-up's

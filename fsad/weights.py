@@ -42,6 +42,22 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def is_url(path_or_url: str) -> bool:
+    """Whether model.pretrained names a download (kept in the weights cache)."""
+    return bool(re.match(r"^(https?|file)://", path_or_url))
+
+
+def download_path(url: str, sha256: str | None, cache_dir: str) -> str:
+    """Where a download is kept: cache_dir/<its file name> where a sha256 checks it on
+    every use (torchvision's names; a file copied there by hand is found), else under a
+    folder named by the URL's own digest, so that another URL of the same file name is
+    downloaded, not taken for this one."""
+    name = os.path.basename(url.split("?")[0])
+    if sha256:
+        return os.path.join(cache_dir, name)
+    return os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16], name)
+
+
 def fetch(path_or_url: str, sha256: str | None = None,
           cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> str:
     """A local path for a weights file: a URL is downloaded once into cache_dir.
@@ -50,9 +66,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
       UserError: a local path that does not exist, or a file whose sha256 differs from
         `sha256`.
     """
-    if re.match(r"^(https?|file)://", path_or_url):
-        os.makedirs(cache_dir, exist_ok=True)
-        local = os.path.join(cache_dir, os.path.basename(path_or_url.split("?")[0]))
+    if is_url(path_or_url):
+        local = download_path(path_or_url, sha256, cache_dir)
+        os.makedirs(os.path.dirname(local), exist_ok=True)
         if not os.path.exists(local):
             # one partial file per process: runs (or hosts) that start together each
             # download, and the first complete file is renamed in
@@ -79,9 +95,11 @@ def fetch(path_or_url: str, sha256: str | None = None,
     if sha256:
         actual = sha256_of(local)
         if not actual.startswith(sha256.lower()):
+            fix = (f"delete that copy to download it again" if is_url(path_or_url)
+                   else "pass the right file")
             raise UserError(f"sha256 of {local!r} is {actual}, expected {sha256}...; the file "
-                            f"is corrupt or not the one asked for: delete it to download it "
-                            f"again, or pass the right --config.model.pretrained_sha256")
+                            f"is corrupt or not the one asked for: {fix}, or pass the right "
+                            f"--config.model.pretrained_sha256")
     return local
 
 
@@ -109,9 +127,11 @@ def load_state_dict(path_or_url: str, sha256: str | None = None,
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
             OSError) as err:  # not a checkpoint, or one cut short
+        again = (f"delete that copy of the download to fetch it again" if is_url(path_or_url)
+                 else "copy it again")
         raise UserError(f"cannot read the weights in {local!r} ({type(err).__name__}: "
                         f"{err}); it is not a PyTorch state_dict or .npz, or it is cut short "
-                        f"(a stopped download): fetch it again, or pass another "
+                        f"(a stopped download): {again}, or pass another "
                         f"--config.model.pretrained") from None
 
 

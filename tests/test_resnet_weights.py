@@ -185,6 +185,20 @@ def test_pth_file_and_url_with_checksum(tmp_path):
         weights.load_state_dict(str(tmp_path / "missing.pth"))
 
 
+def test_two_urls_of_one_file_name_are_two_downloads(tmp_path):
+    """Without a sha256 to check it, a cached download was found by its file name alone:
+    another URL's model.pth took the first's weights (and results.json named the
+    second)."""
+    cache = str(tmp_path / "cache")
+    got = []
+    for folder, value in (("a", 1.0), ("b", 2.0)):
+        os.makedirs(tmp_path / folder)
+        np.savez(tmp_path / folder / "model.npz", w=np.full(3, value, np.float32))
+        got.append(weights.load_state_dict(f"file://{tmp_path}/{folder}/model.npz",
+                                           cache_dir=cache)["w"])
+    assert got[0][0] == 1.0 and got[1][0] == 2.0
+
+
 def test_npz_checkpoint_into_devnet_backbone(tmp_path):
     """The config path: model.pretrained -> backbone variables inside a DevNet model."""
     from fsad.methods.devnet import DevNetModel

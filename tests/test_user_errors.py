@@ -506,9 +506,14 @@ def _weights_file(tmp_path, name="resnet18"):
 
 
 def test_weights_whose_sha256_differs(tmp_path, synthetic_root, capsys):
-    cfg = folder_config(synthetic_root, **{"model.pretrained": _weights_file(tmp_path),
+    """The fix names the user's own file, not a deletion of it (that is for a cached
+    download)."""
+    path = _weights_file(tmp_path)
+    cfg = folder_config(synthetic_root, **{"model.pretrained": path,
                                            "model.pretrained_sha256": "ab" * 32})
-    expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "delete it")
+    expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "asked for: pass the right file")
+    cfg.model.pretrained = f"file://{path}"
+    expect_error(cfg, tmp_path / "w2", capsys, "sha256 of", "delete that copy to download it")
 
 
 def test_weights_that_do_not_fit_the_backbone(tmp_path, synthetic_root, capsys):
@@ -517,20 +522,26 @@ def test_weights_that_do_not_fit_the_backbone(tmp_path, synthetic_root, capsys):
     expect_error(cfg, tmp_path / "w", capsys, "another trunk", "--config.model.backbone")
 
 
-@pytest.mark.parametrize("make", ["text", "cut short"])
+@pytest.mark.parametrize("make", ["text", "cut short", "downloaded cut short"])
 def test_weights_file_that_is_not_a_checkpoint(tmp_path, synthetic_root, capsys, make):
     """A text file named .pth, and a real checkpoint cut short (a stopped download): one
-    line naming the file (both were tracebacks from the unpickler)."""
+    line naming the file (both were tracebacks from the unpickler), and the fix: the
+    cached copy of a download is deleted to fetch it again (a rerun reused it)."""
     path = tmp_path / "resnet18.pth"
     if make == "text":
         path.write_text("not a checkpoint\n")
     else:
         whole = open(_weights_file(tmp_path), "rb").read()
-        path = tmp_path / "resnet18.npz"
+        path = tmp_path / f"resnet18_{len(make)}.npz"
         path.write_bytes(whole[: len(whole) // 2])
-    cfg = folder_config(synthetic_root, **{"model.pretrained": str(path)})
+    source, fix = str(path), "copy it again"
+    if make.startswith("downloaded"):
+        from fsad.weights import download_path, weights_cache
+        source, fix = f"file://{path}", "delete that copy of the download to fetch it again"
+        path = download_path(source, None, weights_cache())
+    cfg = folder_config(synthetic_root, **{"model.pretrained": source})
     expect_error(cfg, tmp_path / "w", capsys, f"cannot read the weights in '{path}'",
-                 "fetch it again, or pass another --config.model.pretrained")
+                 f"{fix}, or pass another --config.model.pretrained")
 
 
 def test_weights_download_cut_mid_stream(tmp_path, synthetic_root, capsys):
