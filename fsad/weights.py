@@ -95,7 +95,7 @@ def fetch(path_or_url: str, sha256: str | None = None,
     if sha256:
         actual = sha256_of(local)
         if not actual.startswith(sha256.lower()):
-            fix = (f"delete that copy to download it again" if is_url(path_or_url)
+            fix = ("delete that copy to download it again" if is_url(path_or_url)
                    else "pass the right file")
             raise UserError(f"sha256 of {local!r} is {actual}, expected {sha256}...; the file "
                             f"is corrupt or not the one asked for: {fix}, or pass the right "
@@ -127,7 +127,7 @@ def load_state_dict(path_or_url: str, sha256: str | None = None,
         raise
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
             OSError) as err:  # not a checkpoint, or one cut short
-        again = (f"delete that copy of the download to fetch it again" if is_url(path_or_url)
+        again = ("delete that copy of the download to fetch it again" if is_url(path_or_url)
                  else "copy it again")
         raise UserError(f"cannot read the weights in {local!r} ({type(err).__name__}: "
                         f"{err}); it is not a PyTorch state_dict or .npz, or it is cut short "
