@@ -135,8 +135,10 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
                     mngr.item_metadata(step))
             return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
+            # (the error's first line: TensorStore's run to thousands, its whole spec)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
             logging.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
-                            step, mngr.directory, err)
+                            step, mngr.directory, reason)
     return state
 
 

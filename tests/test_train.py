@@ -257,3 +257,26 @@ def test_adopt_checkpoint_takes_the_newest_step_once(tmp_path):
     got = restore_latest(mngr, {"step": jnp.int32(0), "w": jnp.zeros(4)})
     mngr.close()
     assert int(got["step"]) == 7 and np.array_equal(got["w"], np.arange(4.0) * 7)
+
+
+def test_an_unreadable_newest_checkpoint_gives_the_one_before_in_one_line(tmp_path, caplog):
+    """A damaged newest checkpoint (its data files cut short) restores the one before,
+    with a warning of one short line: it held TensorStore's whole spec, 7,300 lines."""
+    import jax.numpy as jnp
+    from fsad.checkpoints import checkpoint_manager, restore_latest, save_checkpoint
+    mngr = checkpoint_manager(str(tmp_path))
+    for step in (5, 7):  # w large enough to be kept in data files, not inline
+        save_checkpoint(mngr, step, {"step": jnp.int32(step), "w": jnp.arange(1e5) * step})
+    mngr.close()
+    for folder, _, files in os.walk(tmp_path / "7"):
+        for name in files:
+            if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
+                open(os.path.join(folder, name), "wb").close()
+    mngr = checkpoint_manager(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        got = restore_latest(mngr, {"step": jnp.int32(0), "w": jnp.zeros(100_000)})
+    mngr.close()
+    assert int(got["step"]) == 5
+    (line,) = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert line.startswith("checkpoint 7 in ") and line.endswith("trying the one before")
+    assert "\n" not in line and len(line) < 600, line
