@@ -80,8 +80,14 @@ def check_config(config, n_devices: int = 1) -> None:
     compute_dtype(m.get("dtype", "auto"))
     make_trunk(m.backbone, depthwise=depthwise_route(config))  # refuses an unknown route
     b = config.batch_size
-    _require(b >= 2 and b % n_devices == 0, f"batch_size={b} cannot be split over the "
-             f"{n_devices} device(s); use a multiple of {n_devices} of at least 2")
+    _require(b >= 2, f"batch_size={b}: a batch holds normals and seen anomalies; use 2 or "
+             f"more (48 in the papers)")
+    near = sorted({max(n_devices, b // n_devices * n_devices), -(-b // n_devices) * n_devices})
+    _require(b % n_devices == 0, f"batch_size={b} cannot be split over the {n_devices} "
+             f"devices; use a multiple of {n_devices}, e.g. {' or '.join(map(str, near))}")
+    _require(0.0 < config.anomaly_fraction < 1.0, f"anomaly_fraction="
+             f"{config.anomaly_fraction:.3g} is not a share of a batch; use a value in (0, 1), "
+             f"e.g. 0.5 (DevNet) or 1/3 (DRA)")
     n_norm, n_anom = batch_counts(b, config.anomaly_fraction)
     _require(n_anom >= 1 and n_norm >= 1, f"batch_size={b} with anomaly_fraction="
              f"{config.anomaly_fraction:.3g} gives {n_anom} seen anomalies and {n_norm} "

@@ -63,7 +63,7 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
      "of 64 that the score step times"),
     ("--json {tmp}/no/rows.json", "its folder does not exist"),
     # fsad's own rules, said in this script's flags
-    ("--methods devnet --batches 1", "--batches 1 cannot be split over the"),
+    ("--methods devnet --batches 1", "--batches 1: a batch holds normals and seen anomalies"),
     ("--img_size 16", "--img_size 16 is smaller than the trunk's stride of 32 pixels"),
     ("--backbone alexnet --img_size 64", "raise --img_size to at least 126"),
 ])

@@ -310,10 +310,20 @@ def test_image_smaller_than_the_trunk_stride(tmp_path, capsys):
 
 
 def test_batch_the_devices_cannot_split(tmp_path):
+    """The nearest batches that split; a batch too small, or an anomaly share that leaves
+    no normals (or no anomalies), said as such (the advice was a multiple of 1, or to
+    raise the batch, which never helps a share of 1)."""
     from fsad.validate import check_config
-    with pytest.raises(UserError, match=r"batch_size=12 cannot be split over the 8 device\(s\); "
-                                        r"use a multiple of 8"):
+    with pytest.raises(UserError, match=r"batch_size=12 cannot be split over the 8 devices; "
+                                        r"use a multiple of 8, e.g. 8 or 16"):
         check_config(folder_config(tmp_path, batch_size=12), n_devices=8)
+    with pytest.raises(UserError, match=r"batch_size=16 .* 3 devices; .*, e.g. 15 or 18"):
+        check_config(folder_config(tmp_path, batch_size=16), n_devices=3)
+    with pytest.raises(UserError, match=r"batch_size=1: a batch holds normals and seen"):
+        check_config(folder_config(tmp_path, batch_size=1))
+    for share in (1.0, 0.0):
+        with pytest.raises(UserError, match=rf"anomaly_fraction={share:g} is not a share"):
+            check_config(folder_config(tmp_path, anomaly_fraction=share))
 
 
 @pytest.mark.parametrize("field,value,fragment", [
