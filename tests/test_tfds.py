@@ -243,3 +243,17 @@ def test_elpv_roundtrip(tmp_path, monkeypatch):
     assert_same_imageset(back, read_elpv(SIZE, cache_dir=""))
     assert_same_rows(undecoded_rows(monkeypatch, tfds_name="fsad_elpv",
                                     tfds_dir=str(tmp_path)), back)
+
+
+def test_a_dataset_tfds_knows_but_has_not_prepared_says_so(tmp_path):
+    """Offline, a catalogue name with no files (the README's CIFAR-10 example before
+    `tfds build`) read as a wrong class name or an unreadable format; the error now says
+    the dataset is not prepared there and how to prepare it."""
+    for normal_class, first in (("cat", "normal_class 'cat' is not a class of 'mnist'"),
+                                ("3", "TFDS dataset 'mnist' cannot be read as a data source")):
+        cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "mnist",
+                                      "tfds_dir": str(tmp_path), "normal_class": normal_class,
+                                      "img_size": 16, "cache_dir": ""})
+        with pytest.raises(UserError, match=rf"{first}.*; 'mnist' is not prepared in "
+                           rf".*tfds build mnist --file_format=array_record"):
+            load_imageset(cfg)

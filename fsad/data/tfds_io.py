@@ -244,6 +244,21 @@ def _builder(tfds_name: str, tfds_dir: str | None):
                         f"one with python -m fsad.data.tfds_io") from err
 
 
+def _unprepared(builder, tfds_name: str) -> str:
+    """For an error about a builder: what to do where its dataset is not prepared (no
+    files in its data_dir: offline, nothing can be downloaded), else ""."""
+    try:
+        prepared = builder.is_prepared()
+    except Exception:  # noqa: BLE001 - a builder that cannot say: no hint
+        return ""
+    if prepared:
+        return ""
+    return (f"; {tfds_name!r} is not prepared in {builder.data_dir} (TFDS knows its name, "
+            f"not its files): prepare it with tfds build {tfds_name} "
+            f"--file_format=array_record --data_dir DIR where it can be downloaded, and pass "
+            f"--config.data.tfds_dir=DIR")
+
+
 def _sources(builder, tfds_name: str, skip=()) -> dict:
     """{split: data source}; the features named in `skip` (images, masks) come back as
     their encoded bytes, not decoded. A builder that lists no splits (not prepared, or
@@ -254,9 +269,10 @@ def _sources(builder, tfds_name: str, skip=()) -> dict:
         return {s: builder.as_data_source(split=s, decoders=decoders) for s in splits}
     except Exception as err:
         raise UserError(f"TFDS dataset {tfds_name!r} cannot be read as a data source "
-                        f"({type(err).__name__}: {str(err).splitlines()[0]}); it must be "
-                        f"prepared in the array_record format, e.g. tfds build {tfds_name} "
-                        f"--file_format=array_record") from err
+                        f"({type(err).__name__}: {str(err).splitlines()[0]})"
+                        + (_unprepared(builder, tfds_name) or
+                           f"; it must be prepared in the array_record format, e.g. tfds "
+                           f"build {tfds_name} --file_format=array_record")) from err
 
 
 def _read_examples(source, keep, desc: str) -> list:
@@ -440,7 +456,8 @@ def _one_vs_rest_builder(tfds_name: str, tfds_dir: str | None, normal_class: str
         normal = int(normal_class)
     else:
         raise UserError(f"normal_class {normal_class!r} is not a class of {tfds_name!r}; use "
-                        f"one of {names[:20]}{' ...' if len(names) > 20 else ''} or an index")
+                        f"one of {names[:20]}{' ...' if len(names) > 20 else ''} or an index"
+                        + _unprepared(builder, tfds_name))
     return builder, _OneVsRest(image_key, label_key, names, normal)
 
 
