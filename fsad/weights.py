@@ -259,13 +259,6 @@ def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
         raise UserError("the pretrained checkpoint holds no weight of the trunk (it is "
                         "empty, or holds a classifier only); pass a checkpoint of "
                         "model.backbone's trunk, or --config.model.pretrained=none")
-    scopes = {path[:2] for path in given}
-    left = sorted("/".join(p) for p in flat if p[:2] in scopes and p not in given)
-    if left:
-        raise UserError(f"the pretrained checkpoint gives no value for {len(left)} of the "
-                        f"trunk's weights (e.g. {', '.join(left[:3])}); it is for a smaller "
-                        f"trunk than model.backbone: set --config.model.backbone to the "
-                        f"checkpoint's")
     for path, value in given.items():
         if path not in flat:
             raise UserError(f"pretrained weight {'/'.join(path)} has no place in the model; "
@@ -277,6 +270,13 @@ def merge_variables(variables: Mapping, pretrained: Mapping) -> dict:
                             f"is for another trunk: set --config.model.backbone to the "
                             f"checkpoint's")
         flat[path] = np.asarray(value, flat[path].dtype)
+    scopes = {path[:2] for path in given}
+    left = sorted("/".join(p) for p in flat if p[:2] in scopes and p not in given)
+    if left:
+        raise UserError(f"the pretrained checkpoint gives no value for {len(left)} of the "
+                        f"trunk's weights (e.g. {', '.join(left[:3])}); it is for a smaller "
+                        f"trunk than model.backbone: set --config.model.backbone to the "
+                        f"checkpoint's")
     return traverse_util.unflatten_dict(flat)
 
 

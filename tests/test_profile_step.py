@@ -208,7 +208,7 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     ("--ablate rotate", "--ablate 'rotate': write FIELD=VALUE"),
     ("--ablate model.n_scales=two", "model.n_scales='two' is not a int"),
     ("--img_size 16", "as released: --img_size 16 is smaller than the trunk's stride"),
-    ("--batch 1", "as released: --batch 1 cannot be split"),
+    ("--batch 1", "as released: --batch 1: a batch holds normals and seen anomalies"),
     ("--steps 0", "--steps 0: use 1 or more"),
     ("--ablate xla_no_such_option=1", "xla_no_such_option=1: XLA refused the options "
      "{'xla_no_such_option': 1}"),
