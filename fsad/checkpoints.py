@@ -135,10 +135,12 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
                     mngr.item_metadata(step))
             return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
-            # (the error's first line: TensorStore's run to thousands, its whole spec)
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            logging.warning("checkpoint %d in %s is unreadable (%s); trying the one before",
-                            step, mngr.directory, reason)
+            # (the error's first line: TensorStore's run to thousands, its whole spec;
+            # the whole error at the debug level)
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying the one "
+                            "before", step, mngr.directory, type(err).__name__, first)
+            logging.debug("checkpoint %d: %s", step, err)
     return state
 
 

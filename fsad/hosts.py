@@ -96,7 +96,7 @@ def same_command_on_every_host(command: str) -> None:
         raise UserError(f"the hosts were given different commands: process"
                         f"{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
                         f"of {len(digests)} differ{'' if len(differ) > 1 else 's'} from "
-                        f"process 0 in --mode, --check or "
+                        f"process 0 in --mode, --check, the score-mode flags or "
                         f"the config; run the same command (the same --config and "
                         f"--config.* flags) on every host")
 

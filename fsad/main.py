@@ -122,7 +122,9 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     try:
         # one program over every host's devices: a host given another config would train
         # another model into the same files, silently
-        same_command_on_every_host(f"{mode} {check} {config.to_json_best_effort()}")
+        # (the score-mode flags' presence, not their paths: mounts may differ by host)
+        same_command_on_every_host(f"{mode} {check} {bool(input_dir)} {bool(output)} "
+                                   f"{heatmaps} {config.to_json_best_effort()}")
         if check and mode == "score":
             raise UserError("--check checks a training run and --mode is score; leave "
                             "--check out (scoring checks its run and images before it scores)")

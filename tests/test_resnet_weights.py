@@ -29,7 +29,9 @@ def test_a_trunk_refuses_nchw_grey_or_uint8_images(backbone):
     trunk = make_trunk(backbone)
     for shape, dtype, hint in (((2, 3, 64, 64), jnp.float32, r"x.transpose\(0, 2, 3, 1\)"),
                                ((2, 64, 64, 1), jnp.float32, "three equal channels"),
-                               ((2, 64, 64, 3), jnp.uint8, r"normalize_uint8\(images\)")):
+                               ((2, 64, 64, 3), jnp.uint8, r"normalize_uint8\(images\)"),
+                               ((64, 64, 3), jnp.float32, r"x\[None\]"),
+                               ((2, 64, 64, 4), jnp.float32, r"x\[..., :3\] of RGBA")):
         x = jax.ShapeDtypeStruct(shape, dtype)
         with pytest.raises(ValueError, match=rf"{backbone} takes ImageNet-normalised float "
                            rf"images \[B, H, W, 3\] \(NHWC\); got shape .*{hint}"):

@@ -544,7 +544,7 @@ def test_weights_file_that_is_not_a_checkpoint(tmp_path, synthetic_root, capsys,
         whole = open(_weights_file(tmp_path), "rb").read()
         path = tmp_path / f"resnet18_{len(make)}.npz"
         path.write_bytes(whole[: len(whole) // 2])
-    source, fix = str(path), "copy it again"
+    source, fix = str(path), "replace the file"
     if make.startswith("downloaded"):
         from fsad.weights import download_path, weights_cache
         source, fix = f"file://{path}", "delete that copy of the download to fetch it again"

@@ -511,9 +511,11 @@ def read_tfds_one_vs_rest(tfds_name: str, tfds_dir: str | None, normal_class: st
 
     The rule: `normal_class` (a class name, or its integer index) is normal, every
     other class is an anomaly class of its own name. If the dataset has a ``test``
-    split, training normals are the normal class of ``train`` and the test set is
-    the whole ``test`` split (its normals and its anomalies; other splits and the
-    other classes of ``train`` are not used), as the usual one-class protocol.
+    split, training normals are the normal class of ``train`` and the images of the
+    ``test`` split are the rest (its normals and its anomalies, of which a run's
+    protocol draws the shots, `data.shot_pool` of them, leaving the test set; other
+    splits and the other classes of ``train`` are not used), as the usual one-class
+    protocol.
     Otherwise every split is pooled (splits in name order), the normals are split
     3:1 with the authors' ``train_test_split(test_size=0.25, random_state=42)``,
     and every other-class image is an anomaly. Images are read from the feature

@@ -130,9 +130,16 @@ def check_trunk_input(x, trunk: str) -> None:
       ValueError: naming the shape or dtype and the fix.
     """
     if x.ndim != 4 or x.shape[-1] != 3 or not jnp.issubdtype(x.dtype, jnp.floating):
-        hint = ("for NCHW arrays, x.transpose(0, 2, 3, 1); for grey images, three equal "
-                "channels" if x.ndim == 4 and x.shape[1] == 3 or x.shape[-1:] == (1,)
-                else "normalize_uint8(images) for uint8 pixels")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            hint = "normalize_uint8(images) for uint8 pixels"
+        elif x.ndim == 3:
+            hint = "one image is a batch of one, x[None]"
+        elif x.ndim == 4 and x.shape[1] == 3:
+            hint = "for NCHW arrays, x.transpose(0, 2, 3, 1)"
+        elif x.shape[-1:] == (1,):
+            hint = "for grey images, three equal channels"
+        else:
+            hint = "RGB images, e.g. x[..., :3] of RGBA ones"
         raise ValueError(f"{trunk} takes ImageNet-normalised float images [B, H, W, 3] "
                          f"(NHWC); got shape {tuple(x.shape)} {x.dtype}: {hint}")
 
