@@ -267,7 +267,8 @@ def run_table(args, on_cell=None) -> dict:
         # on several hosts, the first one's clock decides for all
         spent = args.budget_minutes is not None and same_on_every_host(
             time.time() - t0 > 60 * args.budget_minutes)
-        if spent and not finished(workdir, args.seeds):
+        done = finished(workdir, args.seeds)
+        if spent and not done:
             say(f"[{i + 1}/{len(grid)}] {cell_name(cell)}: not started, the "
                 f"{args.budget_minutes:g}-minute budget is spent")
             skipped.append(cell)
@@ -281,7 +282,7 @@ def run_table(args, on_cell=None) -> dict:
             runners[key] = build_runner(config)
         runner = dataclasses.replace(runners[key], config=config)  # shares compiled steps
         say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}"
-            + (" (finished: read back)" if finished(workdir, args.seeds) else ""))
+            + (" (finished: read back)" if done else ""))
         res = run_experiment(config, workdir, runner=runner, data=data)
         # the first host has written the cell's files: every host reads the same ones for
         # the next cells (finished? an AHL cell's base cell)

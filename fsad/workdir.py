@@ -112,23 +112,27 @@ def checkpoint_steps(seed_dir: str) -> dict[str, int]:
     return found
 
 
+def seed_folders(workdir: str) -> list[str]:
+    """The names of a workdir's seed folders (seed_<s>), seeds in order; [] where the
+    workdir is missing."""
+    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
+        if os.path.isdir(workdir) else []
+    return sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1)
+
+
 def newest_checkpoints(workdir: str) -> list[str]:
     """The newest checkpoint of each checkpoint folder in a workdir, as
     "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
     (AHL's meta-training), seeds in order."""
-    seeds = [d for d in os.listdir(workdir) if d.startswith("seed_")] \
-        if os.path.isdir(workdir) else []
-    return [f"{seed}/{folder} step {step}"
-            for seed in sorted(seeds, key=lambda d: int(d[5:]) if d[5:].isdigit() else -1)
+    return [f"{seed}/{folder} step {step}" for seed in seed_folders(workdir)
             for folder, step in checkpoint_steps(os.path.join(workdir, seed)).items()]
 
 
 def saved_in(workdir: str) -> list[str]:
     """What runs saved in a workdir: each checkpoint folder's newest checkpoint, each
     finished seed, the results; empty when a run there stopped before saving anything."""
-    finished = [f"{d} finished" for d in sorted(os.listdir(workdir)) if d.startswith("seed_")
-                and seed_finished(os.path.join(workdir, d))] \
-        if os.path.isdir(workdir) else []
+    finished = [f"{d} finished" for d in seed_folders(workdir)
+                if seed_finished(os.path.join(workdir, d))]
     results = ["results.json"] if os.path.exists(os.path.join(workdir, "results.json")) else []
     return newest_checkpoints(workdir) + finished + results
 
@@ -177,8 +181,7 @@ def ahl_fields_only(diff: list[str]) -> bool:
 def meta_training_started(workdir: str) -> bool:
     """Whether a seed of the run in workdir has an AHL meta-training checkpoint or has
     finished (AHL included)."""
-    seeds = [os.path.join(workdir, d) for d in os.listdir(workdir) if d.startswith("seed_")] \
-        if os.path.isdir(workdir) else []
+    seeds = [os.path.join(workdir, d) for d in seed_folders(workdir)]
     return any(seed_finished(d) or "ahl_checkpoints" in checkpoint_steps(d) for d in seeds)
 
 
@@ -221,9 +224,9 @@ def check_workdir(workdir: str, config) -> None:
                             "the trained base models are kept, their AHL features made "
                             "again", workdir, ", ".join(ahl_changed))
             if is_primary():  # the pseudo anomalies' features hang on ahl.* fields
-                for seed in os.listdir(workdir):
+                for seed in seed_folders(workdir):
                     cache = os.path.join(workdir, seed, "ahl_features.npz")
-                    if seed.startswith("seed_") and os.path.exists(cache):
+                    if os.path.exists(cache):
                         os.remove(cache)
             wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
         elif saved:
