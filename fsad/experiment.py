@@ -42,9 +42,9 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.workdir import (base_source, check_workdir, check_workdir_config,
-                          checkpoint_steps, config_json, seed_dir_of, seed_finished,
-                          seed_metrics_path, write_json_atomic)
+from fsad.workdir import (base_source, changed_from_defaults, check_workdir,
+                          check_workdir_config, checkpoint_steps, config_json, seed_dir_of,
+                          seed_finished, seed_metrics_path, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -314,8 +314,9 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     AHL run's base run (ahl.base_workdir). The trunk's weights are not fetched.
 
     Returns:
-      one line per seed: what it trains and tests on, and whether it starts, resumes or
-      is read back.
+      the config's fields that differ from its method's defaults (the variants' and
+      flags' doing), one a line, then one line per seed: what it trains and tests on,
+      and whether it starts, resumes or is read back.
     """
     check_config(config, n_devices if n_devices is not None else len(jax.devices()))
     seeds = seeds_of(config)
@@ -324,7 +325,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     if os.path.isdir(workdir):
         check_workdir_config(workdir, config)
         check_resumed_splits(config, rows, seeds, workdir)
-    lines = []
+    lines = config_lines(config)
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
@@ -340,6 +341,19 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
                      f"{len(split.train_anomaly)} seen anomalies, tests on {len(split.test)} "
                      f"images ({int(rows.labels[split.test].sum())} anomalies); {state}")
     return lines
+
+
+def config_lines(config) -> list[str]:
+    """What --check says of the config: the method, then each field the variants and
+    flags set to another value than the method's config file, with that default."""
+    from fsad.methods import method_title
+    changed = changed_from_defaults(config)
+    head = f"config: {method_title(config)}"
+    if not changed:
+        return [head + ", its config file's defaults"]
+    return [head + f", its config file's defaults but {len(changed)} "
+            f"field{'s' if len(changed) > 1 else ''}:"] + [
+        f"  {k} = {v!r} (default {d!r})" for k, v, d in changed]
 
 
 def run_experiment(config, workdir: str, devices=None, runner: Runner | None = None,

@@ -74,7 +74,7 @@ def load_trained(config, workdir: str, mesh=None):
     ckpt = os.path.join(seed_dir_of(workdir, config.seed), "checkpoints")
     if not saved_steps(ckpt):
         ckpt = base_run_checkpoints(config, config.seed) or ckpt
-    if not os.path.isdir(ckpt) or (config.method == "ahl" and not os.listdir(ckpt)):
+    if not saved_steps(ckpt):  # missing, empty, or a first save cut short
         older = (" (an AHL run trained on another run's base before fsad kept a copy of "
                  "it reads it there: pass that run as --config.ahl.base_workdir)"
                  if config.method == "ahl" else "")

@@ -71,6 +71,15 @@ def _with_defaults(stored: dict, current: dict, config) -> dict:
     return {**{k: defaults[k] for k in current if k in defaults}, **stored}
 
 
+def changed_from_defaults(config) -> list[tuple[str, object, object]]:
+    """(field, value, default) for each field (dotted, sorted) in which config differs
+    from its method's config file without variants (`method_defaults`): what the
+    variants and ``--config.*`` flags changed."""
+    current, defaults = _flat(config_json(config)), _flat(config_json(method_defaults(config)))
+    return [(k, current.get(k), defaults.get(k)) for k in sorted(set(current) | set(defaults))
+            if current.get(k) != defaults.get(k)]
+
+
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
     stored in workdir/config.json, less CHECKPOINT_PACE, BASE_SOURCE and BATCHING_ONLY
@@ -300,7 +309,7 @@ def base_run_checkpoints(config, seed: int) -> str | None:
                         f"that run's own command (it resumes), with --config.num_seeds "
                         f"covering seed {seed}, or leave ahl.base_workdir empty")
     checkpoints = os.path.join(seed_dir, "checkpoints")
-    if not os.path.isdir(checkpoints) or not os.listdir(checkpoints):
+    if not saved_steps(checkpoints):
         raise UserError(f"ahl.base_workdir={root!r} kept no checkpoint of seed {seed} (its "
                         f"checkpoints folder is empty or gone); rerun the base with "
                         f"keep_checkpoints of 1 or more, or leave ahl.base_workdir empty")

@@ -314,9 +314,8 @@ def test_rerun_scoring_and_another_config(runs, capsys):
     mtime = os.path.getmtime(u / "results.json")
     capsys.readouterr()
     assert execute(config, str(u), check=True) == 0
-    assert capsys.readouterr().out.startswith("seed 0: trains on 60 normals and 10 seen "
-                                              "anomalies, tests on 46 images (26 anomalies); "
-                                              "finished, read back\n")
+    assert ("\nseed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
+            "anomalies); finished, read back\n") in capsys.readouterr().out
     assert os.path.getmtime(u / "results.json") == mtime
     config.data.n_anomaly = 2
     for check in (True, False):
@@ -481,3 +480,12 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     config.epochs, config.seed = base.epochs, 3
     with pytest.raises(UserError, match="has not finished seed 3"):
         run_experiment(config, str(tmp_path / "seed3"))
+    # a base run that finished the seed but kept no whole checkpoint of it (a save cut
+    # short is no checkpoint)
+    gone = tmp_path / "no_checkpoint"
+    (gone / "seed_0" / "checkpoints" / "30.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    for f in ("config.json", "seed_0/metrics.json"):
+        shutil.copy(runs["devnet"]["u"] / f, gone / f)
+    config.seed, config.ahl.base_workdir = 0, str(gone)
+    with pytest.raises(UserError, match="kept no checkpoint of seed 0"):
+        run_experiment(config, str(tmp_path / "seed0"))

@@ -498,6 +498,11 @@ def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
     from fsad.workdir import config_json
     (work / "config.json").write_text(json.dumps(config_json(cfg)))
     expect_error(cfg, work, capsys, "no checkpoints", mode="score", input_dir=root)
+    # a first save cut short (Orbax's temporary folder) is no checkpoint either: before,
+    # it read as one that "could not be read"
+    (work / "seed_0" / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    expect_error(cfg, work, capsys, "no checkpoints in", "train this workdir first",
+                 mode="score", input_dir=root)
     empty = tmp_path / "nothing"
     empty.mkdir()
     expect_error(cfg, work, capsys, "no images", mode="score", input_dir=str(empty))
@@ -864,15 +869,23 @@ def test_a_misspelt_field_or_variant_is_named_with_the_one_it_likely_meant(confi
 
 def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys):
     """--check (execute(check=True)) runs the checks a run makes before its first step,
-    prints one line per seed and the way on, and leaves no workdir, cache or decoded
-    image; what a run would refuse it refuses in the same one line, and --mode score
-    takes no --check. (On a trained run: tests/test_end_to_end.py.)"""
+    prints the fields the config changed from its method's defaults, one line per seed
+    and the way on, and leaves no workdir, cache or decoded image; what a run would
+    refuse it refuses in the same one line, and --mode score takes no --check. (On a
+    trained run: tests/test_end_to_end.py.)"""
     root = dataset(tmp_path / "data", n_train=18)  # 18 + 4 normals; 3 classes of 5
     cfg = folder_config(root, **{"num_seeds": 2, "data.cache_dir": str(tmp_path / "cache"),
                                  "data.contamination": 0.1})
     capsys.readouterr()
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
     out = capsys.readouterr().out.splitlines()
+    changed = [line for line in out if line.startswith("  ")]
+    assert out[0] == f"config: DevNet, its config file's defaults but {len(changed)} fields:"
+    assert out[1:len(changed) + 1] == changed == sorted(changed)
+    assert {"  num_seeds = 2 (default 1)", "  data.contamination = 0.1 (default 0.0)",
+            "  data.name = 'folder' (default 'elpv')"} <= set(changed)
+    assert not any(line.startswith(("  optim.", "  model.topk")) for line in changed)
+    out = out[len(changed) + 1:]
     # the 10-image shot pool leaves 5 test anomalies, floor(18 / 0.9 * 0.1) = 2 of them
     # join the training normals unlabelled
     assert out == [f"seed {s}: trains on 20 normals (of them 2 unlabelled anomalies) and 2 "
@@ -889,7 +902,8 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
     cfg = folder_config(str(tmp_path / "synthetic"), **{
         "data.name": "synthetic", "data.img_size": 32, "data.n_anomaly": 10})
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
-    assert capsys.readouterr().out.splitlines()[0] == (
+    assert [line for line in capsys.readouterr().out.splitlines()
+            if not line.startswith(("config:", "  "))][0] == (
         "seed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
         "anomalies); starts")
     assert not (tmp_path / "synthetic").exists() and not (tmp_path / "w").exists()

@@ -9,6 +9,7 @@ import tempfile
 from PIL import Image
 
 from fsad.data.cache import DEFAULT_CACHE
+from fsad.data.decode import list_images
 from fsad.data.elpv import elpv_without_pixels, read_elpv
 from fsad.data.folders import folder_without_pixels, read_folder
 from fsad.data.imageset import ImageSet
@@ -93,9 +94,11 @@ def _write_synthetic(root: str, data_cfg) -> str:
 def _warn_if_resized(root: str, size: int) -> None:
     """A warning where the procedural set in root was written at another size than the
     run's data.img_size (the set is written once, at the first run's size)."""
-    first = os.path.join(root, "train", "good", "000.png")
-    if not os.path.isfile(first):
+    good = os.path.join(root, "train", "good")
+    images = list_images(good) if os.path.isdir(good) else []
+    if not images:
         return
+    first = images[0]
     with Image.open(first) as im:
         written = im.size[0]
     if written != size:
