@@ -18,7 +18,8 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     if not np.all(np.isfinite(scores)):
         from fsad.errors import UserError
         raise UserError("the anomaly scores are not finite: training diverged; lower "
-                        "--config.optim.lr")
+                        "--config.optim.lr in a new --workdir (this one holds the config "
+                        "that diverged)")
     return {"auroc": float(roc_auc_score(labels, scores)),
             "aupr": float(average_precision_score(labels, scores))}
 

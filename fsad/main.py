@@ -44,7 +44,9 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "score"],
                           "train: train and evaluate; score: score --input with the trained run.")
 _INPUT = flags.DEFINE_string("input", None, "score mode: a folder of images (searched "
                              "recursively) or one image.")
-_OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default WORKDIR/scores.csv).")
+_OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default "
+                              "WORKDIR/scores.csv; scores_seed<s>.csv for a run's later "
+                              "seeds, scored with --config.seed=<s>).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
                               "WORKDIR/heatmaps/.")
 _CHECK = flags.DEFINE_bool("check", False, "train mode: check the config, the dataset, "
@@ -138,7 +140,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             if is_primary():
                 print(f"scores: {path}")
                 if heatmaps:
-                    print(f"heatmaps: {heatmap_dir(workdir)} (one overlay per image: "
+                    print(f"heatmaps: {heatmap_dir(workdir, config.seed)} (one overlay per image: "
                           f"image | heat map | blend)")
             return 0
         given = [f for f, v in (("--input", input_dir), ("--output", output),

@@ -27,7 +27,7 @@ from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
 from fsad.methods import base_method_name, build_method, method_title
 from fsad.train import make_score_fn, score_images
-from fsad.workdir import saved_steps, seed_dir_of
+from fsad.workdir import saved_steps, seed_dir_of, stored_seeds
 
 
 def calibrate(scores: np.ndarray, mu: float = 0.0, sigma: float = 1.0,
@@ -131,9 +131,24 @@ def writable_output(path: str) -> str:
     return path
 
 
-def heatmap_dir(workdir: str) -> str:
-    """Where --mode score --heatmaps writes its overlays."""
-    return os.path.join(workdir, "heatmaps")
+def seed_suffix(workdir: str, seed: int) -> str:
+    """"" for the first seed of the run in workdir, "_seed<s>" for its others: what the
+    default names of a scoring's outputs add, so that scoring another seed keeps the
+    first's."""
+    seeds = stored_seeds(workdir)
+    return "" if not seeds or seed == seeds[0] else f"_seed{seed}"
+
+
+def heatmap_dir(workdir: str, seed: int) -> str:
+    """Where --mode score --heatmaps writes its overlays with the model of `seed`:
+    WORKDIR/heatmaps, or WORKDIR/heatmaps_seed<s> for a run's seed after its first."""
+    return os.path.join(workdir, "heatmaps" + seed_suffix(workdir, seed))
+
+
+def default_scores_path(workdir: str, seed: int) -> str:
+    """Where --mode score writes its CSV without --output: WORKDIR/scores.csv, or
+    WORKDIR/scores_seed<s>.csv for a run's seed after its first."""
+    return os.path.join(workdir, f"scores{seed_suffix(workdir, seed)}.csv")
 
 
 def score_folder(config, workdir: str, input_dir: str, output: str | None = None,
@@ -147,7 +162,7 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     like its evaluation's, are the base network's saliency.
     """
     files, input_dir = images_to_score(input_dir)
-    output = writable_output(output or os.path.join(workdir, "scores.csv"))
+    output = writable_output(output or default_scores_path(workdir, config.seed))
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
     method, variables, mesh = load_trained(config, workdir)
@@ -182,5 +197,6 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
         if is_primary():
             for name, image, heat in zip(files, images, maps):
                 stem = os.path.splitext(name.replace(os.sep, "__"))[0]
-                overlay_png(os.path.join(heatmap_dir(workdir), f"{stem}.png"), image, heat)
+                overlay_png(os.path.join(heatmap_dir(workdir, config.seed), f"{stem}.png"),
+                            image, heat)
     return output

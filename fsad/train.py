@@ -402,11 +402,13 @@ def save_on_ctrl_c(saver: PacedCheckpoints, state: TrainState,
 
 def check_finite(loss: float, step: int) -> float:
     """The loss, or a UserError naming the step where training diverged (the last
-    checkpoint, saved before it, stays the latest)."""
+    checkpoint, saved before it, stays the latest) and the fix: another config, which
+    the workdir, holding this one's checkpoints, refuses."""
     if not np.isfinite(loss):
-        raise UserError(f"training diverged: the loss became {loss} at step {step}, and the "
-                        f"last checkpoint before it stays the latest; lower --config.optim.lr "
-                        f"(or raise optim.clip_norm)")
+        raise UserError(f"training diverged: the loss became {loss} at step {step} (the "
+                        f"checkpoints kept are from before it); lower --config.optim.lr (or "
+                        f"raise optim.clip_norm) in a new --workdir: this one holds the "
+                        f"config that diverged")
     return loss
 
 

@@ -50,6 +50,9 @@ CHECKPOINT_PACE = ("checkpoint_seconds",)
 # by `base_run_checkpoints`) or training it in place give the same model, and a seed
 # keeps the start it adopted (`fsad.checkpoints.adopt_checkpoint`)
 BASE_SOURCE = ("ahl.base_workdir",)
+# a run may go on with another count of seeds: each seed is a run of its own (seed_<s>),
+# so more seeds train the new ones beside the finished ones, and fewer report the first
+SEED_COUNT = ("num_seeds",)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -151,15 +154,28 @@ def _different_config(workdir: str, diff: list[str]) -> UserError:
                      f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
 
 
+def stored_seeds(workdir: str) -> list[int]:
+    """The seeds of the run stored in workdir/config.json (its seed and the num_seeds - 1
+    after it); [] where none is stored."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        stored = json.load(f)
+    return [stored.get("seed", 0) + i for i in range(stored.get("num_seeds", 1))]
+
+
 def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     """Compares config with workdir/config.json, before the run there scores images
-    (--mode score); True when one is stored.
+    (--mode score) with the model of seed config.seed; True when one is stored.
 
     Raises:
       UserError: the stored config differs (CHECKPOINT_PACE, BATCHING_ONLY and explain.*
         fields aside: these shape the heat maps and the decision cut-off, not the trained
-        model or its scores): the error asks for the config the run was trained with, not
-        for another workdir; or none is stored and must_exist.
+        model or its scores; and seed and num_seeds, where config.seed is one of the run's
+        seeds): the error asks for the config the run was trained with, not for another
+        workdir; or config.seed is not one of the run's seeds; or none is stored and
+        must_exist.
     """
     diff = stored_config_diff(workdir, config)
     if diff is None:
@@ -167,18 +183,21 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
             raise UserError(f"{workdir!r} holds no trained run (no config.json); train it "
                             f"first with --mode train, or point --workdir at a trained run")
         return False
-    diff = [k for k in diff if not k.startswith("explain.")]
+    seeds = stored_seeds(workdir)
+    if "seed" in diff and config.seed not in seeds:
+        several = len(seeds) > 1
+        raise UserError(f"{workdir!r} holds a run of seed{'s' if several else ''} "
+                        f"{', '.join(map(str, seeds))}, and --config.seed={config.seed} is "
+                        f"{'not one of them' if several else 'another'}; pass "
+                        f"--config.seed={seeds[0]}{' (or another of them)' if several else ''}"
+                        f" to score with that seed's model")
+    diff = [k for k in diff if not k.startswith("explain.") and k not in ("seed",) + SEED_COUNT]
     if diff:
         raise UserError(f"{workdir!r} holds a run trained with a different config (fields "
                         f"{', '.join(diff)}); score with the config it was trained with: the "
                         f"same --config FILE:VARIANTS and --config.* flags (its config.json "
                         f"holds every field)")
     return True
-
-
-# a run may go on with another count of seeds: each seed is a run of its own (seed_<s>),
-# so more seeds train the new ones beside the finished ones, and fewer report the first
-SEED_COUNT = ("num_seeds",)
 
 
 def ahl_fields_only(diff: list[str]) -> bool:

@@ -14,6 +14,7 @@ detection, the CLI's results, rerun, scoring and config checks.
 """
 
 import concurrent.futures
+import copy
 import csv
 import json
 import os
@@ -278,10 +279,11 @@ def config_of(name: str, root):
     return config
 
 
-def test_rerun_scoring_and_another_config(runs, capsys):
+def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
     """The command line's body (`fsad.main.execute`) in-process on the trained DevNet
     run: a rerun reads the finished seed back, --mode score scores a folder as the
-    evaluation did, and another config is refused in one line."""
+    evaluation did, and with --config.seed another seed of the run, and another config is
+    refused in one line."""
     from fsad.main import execute
     root, u = runs["devnet"]["root"], runs["devnet"]["u"]
     config = config_of("devnet", root)
@@ -310,6 +312,29 @@ def test_rerun_scoring_and_another_config(runs, capsys):
     with open(u / "one.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert row == {**rows[os.path.join("spot", "000.png")], "file": "000.png"}
+    # a two-seed run (a copy whose seed 1 holds seed 0's model, and seed 0 none): scoring
+    # with --config.seed=1 reads seed 1's, into scores_seed1.csv and heatmaps_seed1/
+    two = tmp_path / "two_seeds"
+    shutil.copytree(u / "seed_0", two / "seed_1")
+    stored = json.loads((u / "config.json").read_text())
+    (two / "config.json").write_text(json.dumps({**stored, "num_seeds": 2}))
+    one_seed = copy.deepcopy(config)
+    config.seed = 1
+    assert execute(config, str(two), "score", one, heatmaps=True) == 0
+    out = capsys.readouterr().out
+    assert f"scores: {two / 'scores_seed1.csv'}" in out and "heatmaps_seed1 (one" in out
+    with open(two / "scores_seed1.csv") as f:
+        assert list(csv.DictReader(f)) == [row]
+    assert os.listdir(two / "heatmaps_seed1") == ["000.png"]
+    config.seed = 0  # and num_seeds 1, as stored: seed 0 holds no model here
+    assert execute(config, str(two), "score", one) == 2
+    assert "no checkpoints in" in capsys.readouterr().err
+    config.seed = 2
+    assert execute(config, str(two), "score", one) == 2
+    assert ("holds a run of seeds 0, 1, and --config.seed=2 is not one of them; pass "
+            "--config.seed=0 (or another of them) to score with that seed's model"
+            ) in capsys.readouterr().err
+    config = one_seed
     # --check on the trained run: the seed is finished; nothing is written
     mtime = os.path.getmtime(u / "results.json")
     capsys.readouterr()

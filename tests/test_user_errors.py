@@ -511,6 +511,37 @@ def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
                  mode="score", input_dir=str(empty / "notes.txt"))
 
 
+def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):
+    """--mode score reads the model of seed --config.seed: any seed of the stored run,
+    with any num_seeds (before, only the stored first seed and count were taken: another
+    seed of a three-seed run could not be scored); its default outputs are named by the
+    seed after the first, so the first's are kept."""
+    from fsad.scoring import default_scores_path, heatmap_dir
+    from fsad.workdir import check_stored_config, config_json
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    work.mkdir()
+    stored = folder_config(root, **{"seed": 3, "num_seeds": 3})
+    (work / "config.json").write_text(json.dumps(config_json(stored)))
+    cfg = folder_config(root, **{"seed": 5})  # num_seeds 1
+    assert check_stored_config(str(work), cfg)
+    assert default_scores_path(str(work), 5) == str(work / "scores_seed5.csv")
+    assert heatmap_dir(str(work), 5) == str(work / "heatmaps_seed5")
+    assert default_scores_path(str(work), 3) == str(work / "scores.csv")
+    assert heatmap_dir(str(work), 3) == str(work / "heatmaps")
+    cfg.seed = 6
+    expect_error(cfg, work, capsys, "holds a run of seeds 3, 4, 5, and --config.seed=6 is "
+                 "not one of them; pass --config.seed=3 (or another of them)",
+                 mode="score", input_dir=root)
+    cfg.seed, cfg.data.n_anomaly = 4, 3  # another seed does not let other fields through
+    expect_error(cfg, work, capsys, "different config (fields data.n_anomaly)",
+                 mode="score", input_dir=root)
+    (work / "config.json").write_text(json.dumps(config_json(folder_config(root))))
+    cfg.data.n_anomaly = 2
+    expect_error(cfg, work, capsys, "holds a run of seed 0, and --config.seed=4 is another; "
+                 "pass --config.seed=0 to score", mode="score", input_dir=root)
+
+
 # ---- weights ----
 
 def _weights_file(tmp_path, name="resnet18"):
@@ -774,8 +805,8 @@ def test_loss_that_is_not_finite(tmp_path, capsys):
     cfg = folder_config(root, **{"optim.lr": 1e30, "optim.clip_norm": 0.0, "epochs": 2,
                                  "optim.decay_every_epochs": 0, "model.n_scales": 1})
     line = expect_error(cfg, tmp_path / "w", capsys, "training diverged", "at step",
-                        "lower --config.optim.lr")
-    step = int(line.split("at step ")[1].split(",")[0])
+                        "lower --config.optim.lr", "in a new --workdir")
+    step = int(line.split("at step ")[1].split(" ")[0])
     ckpts = [int(d) for d in os.listdir(tmp_path / "w" / "seed_0" / "checkpoints")
              if d.isdigit()]
     assert all(c < step for c in ckpts)  # no checkpoint of the diverged state

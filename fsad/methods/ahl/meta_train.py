@@ -137,7 +137,9 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
         if not np.isfinite(loss):
             raise UserError(f"AHL meta-training diverged: the loss became {loss} at epoch "
                             f"{epoch + 1}; lower --config.ahl.optim.lr or "
-                            f"--config.ahl.inner_lr")
+                            f"--config.ahl.inner_lr (this workdir takes other AHL fields "
+                            f"until a seed keeps a meta-training checkpoint; after that, in "
+                            f"a new --workdir)")
         if epoch == E - 1 and not a.update_last_epoch:  # the released code's last
             params, opt_state = state.params, state.opt_state  # gradient is never applied
         history = state.history.at[epoch].set(out["pool_scores"].T)
