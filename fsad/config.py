@@ -321,6 +321,16 @@ def method_defaults(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     return add_dra(c) if config.method == "dra" else add_devnet(c)
 
 
+def config_files_with_field(dotted: str) -> list[str]:
+    """The config files (configs/<name>.py) whose config has the field `dotted`: where a
+    field of one method's config given to another's belongs."""
+    files = {"devnet": lambda: add_devnet(base_config()),
+             "dra": lambda: add_dra(base_config()),
+             "ahl_devnet": lambda: add_ahl(base_config(), "devnet"),
+             "ahl_dra": lambda: add_ahl(add_dra(base_config()), "dra")}
+    return [f"configs/{name}.py" for name, build in files.items() if has_field(build(), dotted)]
+
+
 def has_field(config: config_dict.ConfigDict, dotted: str) -> bool:
     """Whether config.<dotted> is a field (e.g. "ahl.epochs" is one of AHL configs only)."""
     node = config

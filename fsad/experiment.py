@@ -42,9 +42,10 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.workdir import (base_source, changed_from_defaults, check_workdir,
-                          check_workdir_config, checkpoint_steps, config_json, seed_dir_of,
-                          seed_finished, seed_metrics_path, write_json_atomic)
+from fsad.weights import weights_to_check
+from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
+                          config_json, seed_dir_of, seed_finished, seed_metrics_path,
+                          workdir_change_lines, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -322,24 +323,28 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     seeds = seeds_of(config)
     rows = dataset_without_pixels(config.data, write=False)
     check_protocol(config, rows, seeds)
+    changes = workdir_change_lines(workdir, config)
     if os.path.isdir(workdir):
-        check_workdir_config(workdir, config)
         check_resumed_splits(config, rows, seeds, workdir)
-    lines = config_lines(config)
+    lines = config_lines(config) + [weights_to_check(config.model)] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
-        base_source(config, workdir, seed)  # checks the base run where a seed needs it
+        base = base_source(config, workdir, seed)  # checks the base run where one is used
         split = split_stage(config, rows, seed)
         kept = checkpoint_steps(seed_dir)
         state = "finished, read back" if finished else \
             "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) if kept \
+            else f"starts from the trained base of ahl.base_workdir ({base})" if base \
+            else "starts, training its base model first" if config.method == "ahl" \
             else "starts"
         mixed = f" (of them {len(split.contamination)} unlabelled anomalies)" \
             if len(split.contamination) else ""
+        shots = len(split.train_anomaly)
         lines.append(f"seed {seed}: trains on {len(split.train_normal)} normals{mixed} and "
-                     f"{len(split.train_anomaly)} seen anomalies, tests on {len(split.test)} "
-                     f"images ({int(rows.labels[split.test].sum())} anomalies); {state}")
+                     f"{shots} seen anomal{'y' if shots == 1 else 'ies'}, tests on "
+                     f"{len(split.test)} images ({int(rows.labels[split.test].sum())} "
+                     f"anomalies); {state}")
     return lines
 
 
@@ -402,6 +407,7 @@ def summary_text(results: dict) -> str:
     """A one-screen summary of results.json."""
     s = results["summary"]
     r0 = results["runs"][0]
+    sp = r0["split"]
     cfg = results["config"]
     d = cfg["data"]
     n = len(results["runs"])
@@ -415,10 +421,9 @@ def summary_text(results: dict) -> str:
         f"{d['img_size']} px, {n} seed(s); trunk from {results.get('init', '?')}",
         f"  AUROC  {pm('auroc')}",
         f"  AUPR   {pm('aupr')}",
-        f"  train: {r0['split']['train_normal']} normal + {r0['split']['train_anomaly']} seen "
-        f"anomalies; test: {r0['split']['test_normal']} normal + "
-        f"{r0['split']['test_anomaly']} anomalies "
-        f"({', '.join(r0['split']['test_anomaly_classes'])})",
+        f"  train: {sp['train_normal']} normal + {sp['train_anomaly']} seen "
+        f"anomal{'y' if sp['train_anomaly'] == 1 else 'ies'}; test: {sp['test_normal']} "
+        f"normal + {sp['test_anomaly']} anomalies ({', '.join(sp['test_anomaly_classes'])})",
     ]
     for k in s:
         if k.startswith(("auroc_", "pixel_auroc", "base_auroc")):

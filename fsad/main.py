@@ -294,6 +294,11 @@ def unknown_field_line(err: Exception, argv) -> str:
     name = text.splitlines()[0].strip("\"'") if text.strip() else "?"
     given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
     bad = next((g for g in given if name in g.split(".")[1:]), f"--config.*.{name}")
+    from fsad.config import config_files_with_field
+    elsewhere = config_files_with_field(bad[len("--config."):])
+    if elsewhere:  # spelt right, but another method's field
+        return (f"{bad} is a field of {' and '.join(elsewhere)}, not of this --config; "
+                f"use one of those config files, or leave the flag out")
     hint = re.search(r'Did you mean "([^"]+)"', text)
     near = "" if not hint else " (did you mean " + ".".join(
         hint.group(1) if part == name else part for part in bad.split(".")) + "?)"

@@ -101,6 +101,9 @@ def images_to_score(path: str) -> tuple[list[str], str]:
       UserError: the path does not exist, is a file that is not an image, or a folder
         without images.
     """
+    if not os.path.exists(path):
+        raise UserError(f"--input {path!r} does not exist; pass an image or a folder of "
+                        f"images")
     if os.path.isfile(path):
         if not path.lower().endswith(IMAGE_SUFFIXES):
             raise UserError(f"--input {path!r} is a file but not an image "

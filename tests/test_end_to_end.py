@@ -480,6 +480,12 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     for kv in ("ahl.epochs=2", "ahl.history=2", "ahl.psi_steps=2", "ahl.first_order=True",
                f"ahl.base_workdir={runs['devnet']['u']}", "explain.enabled=False"):
         override(config, *kv.split("="))
+    from fsad.main import execute
+    capsys.readouterr()
+    assert execute(config, str(tmp_path / "ahl"), check=True) == 0  # --check says so
+    assert (f"seed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
+            f"anomalies); starts from the trained base of ahl.base_workdir "
+            f"({runs['devnet']['u'] / 'seed_0' / 'checkpoints'})") in capsys.readouterr().out
     run0 = run_experiment(config, str(tmp_path / "ahl"))["runs"][0]
     devnet0 = results(runs["devnet"]["u"])["runs"][0]
     assert run0["steps"] == 0 and run0["resumed_from"] == 30 and run0["compile_seconds"] == 0.0

@@ -88,6 +88,29 @@ def test_empty_dataset_folder(tmp_path, capsys):
                  "train/good' is missing")
 
 
+def test_a_root_of_several_datasets_without_a_subset_names_them(tmp_path, capsys):
+    """A converter's output root (one folder per dataset) given without data.subset."""
+    dataset(tmp_path / "root" / "headct")
+    expect_error(folder_config(tmp_path / "root"), tmp_path / "w", capsys,
+                 "train/good' is missing, and", "holds datasets in subfolders (headct); "
+                 "pick one with --config.data.subset=headct")
+
+
+def test_a_workdir_or_input_path_that_is_not_what_it_must_be(tmp_path, capsys):
+    """A file given as --workdir; an --input path that does not exist (it may be an image
+    or a folder: the error said 'folder')."""
+    root = dataset(tmp_path / "d")
+    (tmp_path / "run.log").write_text("")
+    expect_error(folder_config(root), tmp_path / "run.log", capsys, "--workdir",
+                 "is a file; pass a folder")
+    from fsad.workdir import config_json
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "config.json").write_text(json.dumps(config_json(folder_config(root))))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "--input",
+                 "missing.png' does not exist; pass an image or a folder of images",
+                 mode="score", input_dir=str(tmp_path / "missing.png"))
+
+
 def test_no_train_good(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     os.rename(os.path.join(root, "train", "good"), os.path.join(root, "train", "normal"))
@@ -401,13 +424,17 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     (work / "config.json").write_text(stored.to_json_best_effort())
     (work / "seed_0" / "checkpoints" / "7.orbax-checkpoint-tmp-1").mkdir(parents=True)
     assert saved_in(str(work)) == []  # a half-written checkpoint is not one
+    from fsad.workdir import workdir_change_lines
+    assert workdir_change_lines(str(work), config) == [  # what --check says of it
+        "workdir: holds the config of a run that saved nothing; this run's replaces it (it "
+        "differs in data.img_size, seed)"]
     check_workdir(str(work), config)
     assert "saved nothing" in caplog.text and "data.img_size, seed" in caplog.text
     assert json.loads((work / "config.json").read_text())["seed"] == config.seed
     (work / "seed_0" / "checkpoints" / "10").mkdir()
     assert saved_in(str(work)) == ["seed_0/checkpoints step 10"]
     expect_error(stored, work, capsys, "holds a run with a different config (fields "
-                 "data.img_size, seed)", "new --workdir")
+                 "data.img_size, seed; in the run: 32, 0)", "new --workdir")
     config.eval_batch_size, config.explain.batch_size = 3, 5
     config.checkpoint_seconds = 600.0  # how often it saves: no other state
     check_workdir(str(work), config)  # no error: the same trained run
@@ -415,11 +442,13 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     check_workdir(str(work), config)
     assert json.loads((work / "config.json").read_text())["num_seeds"] == 3
     config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused
-    expect_error(config, work, capsys, "different config (fields num_seeds, seed)")
+    expect_error(config, work, capsys, "different config (fields num_seeds, seed; in the "
+                 "run: 3, 0)")
     per_batch = folder_config(root, "dra", **{"dra.test_reference": "per_batch"})
     (work / "config.json").write_text(per_batch.to_json_best_effort())
     per_batch.eval_batch_size = 3  # here the batch changes the scores
-    expect_error(per_batch, work, capsys, "different config (fields eval_batch_size)")
+    expect_error(per_batch, work, capsys, "different config (fields eval_batch_size; in the "
+                 "run: 32)")
 
 
 
@@ -450,7 +479,8 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     config.explain.enabled, config.explain.sigma = False, 2.0
     assert check_stored_config(str(work), config)
     config.data.mask_resize = "opencv_linear"
-    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize\); "
+    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize; in "
+                                        r"the run: 'nearest'\); "
                                         r"score with the config it was trained with"):
         check_stored_config(str(work), config)
     if method.startswith("ahl_"):  # an older base run serves AHL (ahl.base_workdir)
@@ -534,7 +564,7 @@ def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):
                  "not one of them; pass --config.seed=3 (or another of them)",
                  mode="score", input_dir=root)
     cfg.seed, cfg.data.n_anomaly = 4, 3  # another seed does not let other fields through
-    expect_error(cfg, work, capsys, "different config (fields data.n_anomaly)",
+    expect_error(cfg, work, capsys, "different config (fields data.n_anomaly; in the run: 2)",
                  mode="score", input_dir=root)
     (work / "config.json").write_text(json.dumps(config_json(folder_config(root))))
     cfg.data.n_anomaly = 2
@@ -625,6 +655,27 @@ def test_weights_download_cut_mid_stream(tmp_path, synthetic_root, capsys):
 def test_unreachable_weights_url(tmp_path, synthetic_root, capsys):
     cfg = folder_config(synthetic_root, **{"model.pretrained": "http://127.0.0.1:9/resnet18.pth"})
     expect_error(cfg, tmp_path / "w", capsys, "cannot download", "lite0", "pretrained=none")
+
+
+def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys):
+    """--check names the weights a run would load, or the download it would need (nothing
+    fetched), and refuses a weights file that does not exist, as the run does (it passed
+    before, and the run failed in its first seconds)."""
+    from fsad.weights import download_path, weights_cache
+    url = "http://127.0.0.1:9/resnet18.pth"  # nothing listens: --check does not fetch
+    cfg = folder_config(synthetic_root, **{"model.pretrained": url})
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    local = download_path(url, None, weights_cache())
+    assert (f"weights: the run downloads them from {url} into {local} (on a machine without "
+            f"network, put the file there first") in capsys.readouterr().out
+    assert not os.path.exists(local)
+    cfg.model.pretrained = path = _weights_file(tmp_path)
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    assert f"\nweights: {path}\n" in capsys.readouterr().out
+    cfg.model.pretrained = str(tmp_path / "nope.pth")
+    expect_error(cfg, tmp_path / "w", capsys, "nope.pth' does not exist; check "
+                 "--config.model.pretrained", check=True)
+    assert not (tmp_path / "w").exists()
 
 
 # ---- writing and training ----
@@ -886,6 +937,11 @@ def test_command_line_answers_in_one_line(tmp_path, args, fragment):
      "its spelling"),
     ("devnet.py:quik", "--config.seed=1", "variant 'quik' is not known (did you mean quick?); "
      "use any of quick, lite0"),
+    # spelt right, but another method's field: where it belongs
+    ("devnet.py", "--config.ahl.base_workdir=runs/x", "--config.ahl.base_workdir is a field "
+     "of configs/ahl_devnet.py and configs/ahl_dra.py, not of this --config; use one of"),
+    ("dra.py", "--config.devnet.variant=DS", "--config.devnet.variant is a field of "
+     "configs/devnet.py and configs/ahl_devnet.py"),
 ])
 def test_a_misspelt_field_or_variant_is_named_with_the_one_it_likely_meant(config, override,
                                                                           line, capsys):
@@ -916,7 +972,8 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
     assert {"  num_seeds = 2 (default 1)", "  data.contamination = 0.1 (default 0.0)",
             "  data.name = 'folder' (default 'elpv')"} <= set(changed)
     assert not any(line.startswith(("  optim.", "  model.topk")) for line in changed)
-    out = out[len(changed) + 1:]
+    assert out[len(changed) + 1] == "weights: random init (resnet18)"
+    out = out[len(changed) + 2:]
     # the 10-image shot pool leaves 5 test anomalies, floor(18 / 0.9 * 0.1) = 2 of them
     # join the training normals unlabelled
     assert out == [f"seed {s}: trains on 20 normals (of them 2 unlabelled anomalies) and 2 "
@@ -934,7 +991,7 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
         "data.name": "synthetic", "data.img_size": 32, "data.n_anomaly": 10})
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
     assert [line for line in capsys.readouterr().out.splitlines()
-            if not line.startswith(("config:", "  "))][0] == (
+            if not line.startswith(("config:", "  ", "weights:"))][0] == (
         "seed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
         "anomalies); starts")
     assert not (tmp_path / "synthetic").exists() and not (tmp_path / "w").exists()
@@ -1033,6 +1090,11 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     write_json_atomic(str(work / "config.json"), config_json(config))
     (work / "seed_0" / "ahl_features.npz").write_bytes(b"features")
     config.ahl.cluster_on, config.num_seeds = "auto", 2  # with more seeds too
+    from fsad.workdir import workdir_change_lines
+    assert workdir_change_lines(str(work), config) == [  # what --check says of it
+        "workdir: AHL's fields changed (ahl.cluster_on) before any seed's meta-training; the "
+        "trained base models are kept, their AHL features made again"]
+    assert (work / "seed_0" / "ahl_features.npz").exists()  # (it reads only)
     with caplog.at_level("WARNING"):
         check_workdir(str(work), config)
     assert "AHL's fields changed (ahl.cluster_on)" in caplog.text
@@ -1040,12 +1102,13 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     with open(work / "config.json") as f:
         assert json.load(f)["ahl"]["cluster_on"] == "auto"
     config.epochs += 1  # the base's own field
-    with pytest.raises(UserError, match=r"different config \(fields epochs\)"):
+    with pytest.raises(UserError, match=r"different config \(fields epochs; in the run"):
         check_workdir(str(work), config)
     config.epochs -= 1
     os.makedirs(work / "seed_0" / "ahl_checkpoints" / "2")  # meta-training started
     config.ahl.clusters = 2
-    with pytest.raises(UserError, match=r"different config \(fields ahl.clusters\)"):
+    with pytest.raises(UserError, match=r"different config \(fields ahl.clusters; in the "
+                                        r"run: 3\)"):
         check_workdir(str(work), config)
 
 

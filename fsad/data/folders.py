@@ -60,6 +60,13 @@ def scan_folder(root: str) -> list[tuple[str, str, str]]:
                         f"and --config.data.subset ({LAYOUT_HELP})")
     train_good = os.path.join(root, "train", NORMAL)
     if not os.path.isdir(train_good):
+        subsets = sorted(d for d in os.listdir(root)
+                         if os.path.isdir(os.path.join(root, d, "train", NORMAL)))
+        if subsets:  # a root of several datasets, as the converters write it
+            raise UserError(f"{train_good!r} is missing, and {root!r} holds datasets in "
+                            f"subfolders ({', '.join(subsets[:5])}"
+                            f"{', ...' if len(subsets) > 5 else ''}); pick one with "
+                            f"--config.data.subset={subsets[0]}")
         raise UserError(f"{train_good!r} is missing; put the normal training images there "
                         f"({LAYOUT_HELP})")
     rows = [(p, NORMAL, "train") for p in list_images(train_good)]
