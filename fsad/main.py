@@ -48,7 +48,8 @@ _OUTPUT = flags.DEFINE_string("output", None, "score mode: CSV path (default "
                               "WORKDIR/scores.csv; scores_seed<s>.csv for a run's later "
                               "seeds, scored with --config.seed=<s>).")
 _HEATMAPS = flags.DEFINE_bool("heatmaps", False, "score mode: also write saliency overlays to "
-                              "WORKDIR/heatmaps/.")
+                              "WORKDIR/heatmaps/ (heatmaps_seed<s>/ for a run's later "
+                              "seeds).")
 _CHECK = flags.DEFINE_bool("check", False, "train mode: check the config, the dataset, "
                            "every seed's protocol and the workdir as a run does before its "
                            "first step, say what each seed would train on, and stop: nothing "

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import urllib.parse
 import urllib.request
 import zipfile
 from typing import Mapping
@@ -383,6 +384,12 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
     local = download_path(source, sha, cache_dir)
     if os.path.exists(local):
         return f"weights: {local} (downloaded before, from {source})"
+    if source.startswith("file://"):  # a copy of a file on this machine: it must exist
+        path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+        if not os.path.exists(path):
+            raise UserError(f"weights file {path!r} (--config.model.pretrained={source}) "
+                            f"does not exist; check --config.model.pretrained")
+        return f"weights: {source} (copied into {local} by the run)"
     return (f"weights: the run downloads them from {source} into {local} (on a machine "
             f"without network, put the file there first, or see --config.model.pretrained)")
 

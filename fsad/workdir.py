@@ -168,14 +168,22 @@ def _different_config(workdir: str, config, diff: list[str]) -> UserError:
 
 
 def stored_seeds(workdir: str) -> list[int]:
-    """The seeds of the run stored in workdir/config.json (its seed and the num_seeds - 1
-    after it); [] where none is stored."""
+    """The seeds of the run in workdir: those of its config.json (its seed and the
+    num_seeds - 1 after it, the first first), then any other seed folder with a checkpoint
+    or its metrics (a run rerun with fewer seeds keeps the others'); [] where no config is
+    stored."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return []
     with open(path) as f:
         stored = json.load(f)
-    return [stored.get("seed", 0) + i for i in range(stored.get("num_seeds", 1))]
+    seeds = [stored.get("seed", 0) + i for i in range(stored.get("num_seeds", 1))]
+    for d in seed_folders(workdir):
+        folder = os.path.join(workdir, d)
+        if d[5:].isdigit() and int(d[5:]) not in seeds and (
+                seed_finished(folder) or checkpoint_steps(folder)):
+            seeds.append(int(d[5:]))
+    return seeds
 
 
 def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
@@ -197,14 +205,17 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
                             f"first with --mode train, or point --workdir at a trained run")
         return False
     seeds = stored_seeds(workdir)
+    other = [k for k in diff if not k.startswith("explain.") and k not in ("seed",) + SEED_COUNT]
     if "seed" in diff and config.seed not in seeds:
         several = len(seeds) > 1
+        also = (f" (and the config differs in "
+                f"{fields_with_run_values(workdir, config, other)})" if other else "")
         raise UserError(f"{workdir!r} holds a run of seed{'s' if several else ''} "
                         f"{', '.join(map(str, seeds))}, and --config.seed={config.seed} is "
-                        f"{'not one of them' if several else 'another'}; pass "
+                        f"{'not one of them' if several else 'another'}{also}; pass "
                         f"--config.seed={seeds[0]}{' (or another of them)' if several else ''}"
                         f" to score with that seed's model")
-    diff = [k for k in diff if not k.startswith("explain.") and k not in ("seed",) + SEED_COUNT]
+    diff = other
     if diff:
         raise UserError(f"{workdir!r} holds a run trained with a different config "
                         f"({fields_with_run_values(workdir, config, diff)}); score with the "
@@ -259,27 +270,47 @@ def check_not_a_file(workdir: str) -> None:
                         f"run)")
 
 
-def workdir_change_lines(workdir: str, config) -> list[str]:
-    """What a run of config would change in the config stored in workdir, in words
-    (``--check``; `check_workdir` warns of the same): a config it replaces, where that
-    run saved nothing, or AHL fields changed before meta-training. Reads only.
+def stored_config_change(workdir: str, config) -> tuple[str, list[str] | None, str]:
+    """What a run of config does with the config stored in workdir (`check_workdir_config`,
+    which reads only): (kind, the fields that differ or None, a sentence for the user or
+    ""). kind: "new" (none stored), "same", "replaces" (the stored run saved nothing),
+    "seed count" (only num_seeds differs) or "ahl fields" (AHL's own fields, before any
+    seed's meta-training).
 
     Raises:
       UserError: as `check_workdir_config`.
     """
+    diff, saved = check_workdir_config(workdir, config)
+    if diff is None:
+        return "new", None, ""
+    if not diff:
+        return "same", diff, ""
+    if not saved:
+        return "replaces", diff, (f"held the config of a run that saved nothing (no "
+                                  f"checkpoint, no finished seed); this run's config "
+                                  f"replaces it (it differed in {', '.join(diff)})")
+    changed = beyond_seed_count(diff)
+    if changed:  # check_workdir_config let only AHL's own fields through
+        return "ahl fields", diff, (f"AHL's fields changed ({', '.join(changed)}) before any "
+                                    f"seed's meta-training; the trained base models are "
+                                    f"kept, their AHL features made again")
+    return "seed count", diff, (f"the run goes on with num_seeds={config.num_seeds}; "
+                                f"finished seeds are kept, the others trained")
+
+
+def workdir_change_lines(workdir: str, config) -> list[str]:
+    """`stored_config_change`'s sentence for ``--check`` (`check_workdir` logs it), where
+    the run would replace the stored config or change AHL's fields (a seed count is said
+    by the seed lines). Reads only.
+
+    Raises:
+      UserError: as `check_workdir_config`, or workdir names a file.
+    """
     check_not_a_file(workdir)
     if not os.path.isdir(workdir):
         return []
-    diff, saved = check_workdir_config(workdir, config)
-    changed = beyond_seed_count(diff)
-    if saved and changed:
-        return [f"workdir: AHL's fields changed ({', '.join(changed)}) before any seed's "
-                f"meta-training; the trained base models are kept, their AHL features made "
-                f"again"]
-    if diff and not saved:
-        return [f"workdir: holds the config of a run that saved nothing; this run's replaces "
-                f"it (it differs in {', '.join(diff)})"]
-    return []
+    kind, _, said = stored_config_change(workdir, config)
+    return [f"workdir: {said}"] if kind in ("replaces", "ahl fields") else []
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -288,27 +319,21 @@ def check_workdir(workdir: str, config) -> None:
     check_not_a_file(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-        diff, saved = check_workdir_config(workdir, config)
-        ahl_changed = beyond_seed_count(diff)
+        kind, _, said = stored_config_change(workdir, config)
         # every host takes the first host's branch, so that their waits match
-        if same_on_every_host(saved and ahl_fields_only(ahl_changed)):
-            logging.warning("%s: AHL's fields changed (%s) before any seed's meta-training; "
-                            "the trained base models are kept, their AHL features made "
-                            "again", workdir, ", ".join(ahl_changed))
+        if same_on_every_host(kind == "ahl fields"):
+            logging.warning("%s: %s", workdir, said)
             if is_primary():  # the pseudo anomalies' features hang on ahl.* fields
                 for seed in seed_folders(workdir):
                     cache = os.path.join(workdir, seed, "ahl_features.npz")
                     if os.path.exists(cache):
                         os.remove(cache)
             wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
-        elif saved:
-            logging.info("%s: the run goes on with num_seeds=%d; finished seeds are kept, "
-                         "the others trained", workdir, config.num_seeds)
-        elif diff:
-            logging.warning("%s held the config of a run that saved nothing (no checkpoint, "
-                            "no finished seed); this run's config replaces it (it differed "
-                            "in %s)", workdir, ", ".join(diff))
-        if diff is None or diff:  # none stored yet, or replaced (unsaved, or the seed count)
+        elif kind == "seed count":
+            logging.info("%s: %s", workdir, said)
+        elif kind == "replaces":
+            logging.warning("%s %s", workdir, said)
+        if kind != "same":  # none stored yet, or replaced (unsaved, seed count, AHL's)
             write_json_atomic(os.path.join(workdir, "config.json"), config_json(config))
     except OSError as err:
         raise UserError(f"cannot write to --workdir {workdir!r} ({err.strerror or err}); "

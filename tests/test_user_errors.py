@@ -93,7 +93,8 @@ def test_a_root_of_several_datasets_without_a_subset_names_them(tmp_path, capsys
     dataset(tmp_path / "root" / "headct")
     expect_error(folder_config(tmp_path / "root"), tmp_path / "w", capsys,
                  "train/good' is missing, and", "holds datasets in subfolders (headct); "
-                 "pick one with --config.data.subset=headct")
+                 f"point at one of them, e.g. '{tmp_path / 'root' / 'headct'}' (data.root, "
+                 "with data.subset")
 
 
 def test_a_workdir_or_input_path_that_is_not_what_it_must_be(tmp_path, capsys):
@@ -426,8 +427,8 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     assert saved_in(str(work)) == []  # a half-written checkpoint is not one
     from fsad.workdir import workdir_change_lines
     assert workdir_change_lines(str(work), config) == [  # what --check says of it
-        "workdir: holds the config of a run that saved nothing; this run's replaces it (it "
-        "differs in data.img_size, seed)"]
+        "workdir: held the config of a run that saved nothing (no checkpoint, no finished "
+        "seed); this run's config replaces it (it differed in data.img_size, seed)"]
     check_workdir(str(work), config)
     assert "saved nothing" in caplog.text and "data.img_size, seed" in caplog.text
     assert json.loads((work / "config.json").read_text())["seed"] == config.seed
@@ -570,6 +571,15 @@ def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):
     cfg.data.n_anomaly = 2
     expect_error(cfg, work, capsys, "holds a run of seed 0, and --config.seed=4 is another; "
                  "pass --config.seed=0 to score", mode="score", input_dir=root)
+    cfg.data.img_size = 64  # a seed not of the run, and another field: both said at once
+    expect_error(cfg, work, capsys, "--config.seed=4 is another (and the config differs in "
+                 "fields data.img_size; in the run: 32); pass --config.seed=0", mode="score",
+                 input_dir=root)
+    cfg.data.img_size = 32
+    # a run rerun with fewer seeds (config.json's num_seeds 1) keeps its other seeds' models
+    (work / "seed_4" / "checkpoints" / "10").mkdir(parents=True)
+    assert check_stored_config(str(work), cfg)
+    assert default_scores_path(str(work), 4) == str(work / "scores_seed4.csv")
 
 
 # ---- weights ----
@@ -675,6 +685,12 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     cfg.model.pretrained = str(tmp_path / "nope.pth")
     expect_error(cfg, tmp_path / "w", capsys, "nope.pth' does not exist; check "
                  "--config.model.pretrained", check=True)
+    cfg.model.pretrained = f"file://{tmp_path / 'nope.pth'}"  # a URL, but no download
+    expect_error(cfg, tmp_path / "w", capsys, f"nope.pth' (--config.model.pretrained=file://"
+                 f"{tmp_path / 'nope.pth'}) does not exist", check=True)
+    cfg.model.pretrained = f"file://{path}"
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    assert f"\nweights: file://{path} (copied into " in capsys.readouterr().out
     assert not (tmp_path / "w").exists()
 
 

@@ -65,8 +65,9 @@ def scan_folder(root: str) -> list[tuple[str, str, str]]:
         if subsets:  # a root of several datasets, as the converters write it
             raise UserError(f"{train_good!r} is missing, and {root!r} holds datasets in "
                             f"subfolders ({', '.join(subsets[:5])}"
-                            f"{', ...' if len(subsets) > 5 else ''}); pick one with "
-                            f"--config.data.subset={subsets[0]}")
+                            f"{', ...' if len(subsets) > 5 else ''}); point at one of them, "
+                            f"e.g. {os.path.join(root, subsets[0])!r} (data.root, with "
+                            f"data.subset the folder under it)")
         raise UserError(f"{train_good!r} is missing; put the normal training images there "
                         f"({LAYOUT_HELP})")
     rows = [(p, NORMAL, "train") for p in list_images(train_good)]
