@@ -998,6 +998,11 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
         "checked: nothing was written or trained; run the same command without --check to "
         "train"]
     assert not (tmp_path / "w").exists() and not (tmp_path / "cache").exists()
+    # an AHL seed without ahl.base_workdir trains its base first (with it: the end-to-end
+    # tests)
+    assert execute(folder_config(root, "ahl_devnet"), str(tmp_path / "w"), check=True) == 0
+    assert capsys.readouterr().out.splitlines()[-2].endswith(
+        "; starts, training its base model first")
     cfg.data.n_anomaly = 20
     expect_error(cfg, tmp_path / "w", capsys, "data.n_anomaly=20", check=True)
     expect_error(cfg, tmp_path / "w", capsys, "--check checks a training run and --mode is "
