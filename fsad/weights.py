@@ -94,14 +94,18 @@ def fetch(path_or_url: str, sha256: str | None = None,
             raise UserError(f"weights file {local!r} does not exist; check "
                             f"--config.model.pretrained")
     if sha256:
-        actual = sha256_of(local)
-        if not actual.startswith(sha256.lower()):
-            fix = ("delete that copy to download it again" if is_url(path_or_url)
-                   else "pass the right file")
-            raise UserError(f"sha256 of {local!r} is {actual}, expected {sha256}...; the file "
-                            f"is corrupt or not the one asked for: {fix}, or pass the right "
-                            f"--config.model.pretrained_sha256")
+        check_sha256(local, sha256, downloaded=is_url(path_or_url))
     return local
+
+
+def check_sha256(local: str, sha256: str, downloaded: bool) -> None:
+    """Raises UserError where the file's sha256 does not start with `sha256`."""
+    actual = sha256_of(local)
+    if not actual.startswith(sha256.lower()):
+        fix = "delete that copy to download it again" if downloaded else "pass the right file"
+        raise UserError(f"sha256 of {local!r} is {actual}, expected {sha256}...; the file "
+                        f"is corrupt or not the one asked for: {fix}, or pass the right "
+                        f"--config.model.pretrained_sha256")
 
 
 def load_state_dict(path_or_url: str, sha256: str | None = None,
@@ -367,11 +371,13 @@ def weights_source(model_cfg, cache_dir: str) -> tuple[str, str | None, str]:
 
 
 def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
-    """Where a run would take its trunk's weights from, in one line, without loading,
-    hashing or downloading them (``--check``).
+    """Where a run would take its trunk's weights from, in one line, without loading or
+    downloading them (``--check``); a file on this machine is checked against the sha256
+    the config gives, as the run checks it.
 
     Raises:
-      UserError: a weights file that does not exist, or the Lite0 package missing.
+      UserError: a weights file that does not exist or whose sha256 differs, or the Lite0
+        package missing.
     """
     cache_dir = cache_dir or weights_cache()
     if model_cfg.pretrained in NO_PRETRAINED:
@@ -379,11 +385,14 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
     source, sha, _ = weights_source(model_cfg, cache_dir)
     if model_cfg.backbone == LITE0 and source == LITE0_PACKAGE:
         return f"weights: {packaged_lite0_weights()} (the {LITE0_PACKAGE} package)"
-    if not is_url(source):
-        return f"weights: {fetch(source)}"  # (a missing file: fetch's error)
+    if not is_url(source):  # (a missing file or another sha256: fetch's error)
+        return f"weights: {fetch(source, sha)}" + (" (its sha256 checked)" if sha else "")
     local = download_path(source, sha, cache_dir)
     if os.path.exists(local):
-        return f"weights: {local} (downloaded before, from {source})"
+        if sha:
+            check_sha256(local, sha, downloaded=True)
+        return (f"weights: {local} (downloaded before, from {source}"
+                + (", its sha256 checked)" if sha else ")"))
     if source.startswith("file://"):  # a copy of a file on this machine: it must exist
         path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
         if not os.path.exists(path):

@@ -691,6 +691,30 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     cfg.model.pretrained = f"file://{path}"
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
     assert f"\nweights: file://{path} (copied into " in capsys.readouterr().out
+    # a sha256 given is checked on the file, as the run checks it (it was not: the run
+    # failed after --check passed)
+    from fsad.weights import sha256_of
+    cfg.model.pretrained, cfg.model.pretrained_sha256 = path, sha256_of(path)[:8]
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    assert f"\nweights: {path} (its sha256 checked)\n" in capsys.readouterr().out
+    cfg.model.pretrained_sha256 = "00000000"
+    expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt or "
+                 "not the one asked for: pass the right file", check=True)
+    # a download kept from before is checked too
+    cfg.model.pretrained = url = "http://127.0.0.1:9/check_sha_resnet18.pth"
+    local = download_path(url, "00000000", weights_cache())
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    shutil.copy(path, local)
+    try:
+        expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt "
+                     "or not the one asked for: delete that copy to download it again",
+                     check=True)
+        cfg.model.pretrained_sha256 = sha256_of(path)[:8]
+        assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+        assert (f"\nweights: {local} (downloaded before, from {url}, its sha256 checked)\n"
+                in capsys.readouterr().out)
+    finally:
+        os.remove(local)
     assert not (tmp_path / "w").exists()
 
 
