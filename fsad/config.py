@@ -172,6 +172,13 @@ def add_ahl(c: config_dict.ConfigDict, base: str) -> config_dict.ConfigDict:
     c.ahl.inner_steps = 3
     c.ahl.inner_lr = 2e-4
     c.ahl.first_order = False  # MAML second order by default
+    # every task loss (the inner steps' and the query's) times loss_scale, each query loss
+    # times query_batches too: the released code's scales (`:released`), whose query loss
+    # sums its steps_per_epoch (20) balanced batch means, where fsad takes one class-
+    # balanced mean over the set (the same in expectation, 20 times smaller), and whose
+    # AHL(DevNet) loss adds a seen and a pseudo deviation loss, class weights summing to 4/3
+    c.ahl.loss_scale = 1.0
+    c.ahl.query_batches = 1
     # samples of a task's support or query set the meta-step takes at a time: 0 (auto) the
     # whole set where that fits the free memory, else the largest of 256, 64, 16 that fits
     # (the same result, up to the order of the sums; `chunked_sum` in
@@ -292,8 +299,9 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     optimiser (its scheduler steps at the start of each epoch, and the last epoch's
     update never lands) and its 0.5 + 0.5 w weighting with w = softmax(-r) of the raw
     scores' errors as its get_reward takes them (`released_errors`), read from the epoch
-    after psi's first weights on; its psi (`released_psi`); and its C(C-1) cluster-pair
-    tasks, without the split task."""
+    after psi's first weights on; its psi (`released_psi`); its C(C-1) cluster-pair
+    tasks, without the split task; and its loss scales (a query loss summed over 20
+    batches; AHL(DevNet)'s class weights summing to 4/3)."""
     c = released_psi(c)
     c.ahl.split_task = False
     c.ahl.update_last_epoch = False
@@ -308,6 +316,9 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     c.ahl.weight_relative = False
     c.ahl.weight_temperature = 1.0
     c.ahl.error_scale = "raw"
+    c.ahl.query_batches = 20
+    if c.ahl.base == "devnet":
+        c.ahl.loss_scale = 4 / 3
     return c
 
 

@@ -158,6 +158,9 @@ def check_ahl_config(a) -> None:
              f"a positive temperature (0.1 by default)")
     _require(a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}: a negative inner step climbs the "
              f"support loss; use 0 (no adaptation) or more (2e-4 in the paper)")
+    _require(a.loss_scale > 0 and a.query_batches >= 1, f"ahl.loss_scale={a.loss_scale}, "
+             f"ahl.query_batches={a.query_batches}; use a positive scale (1; released "
+             f"AHL(DevNet): 4/3) and at least 1 batch (1; released: 20)")
     _require(a.optim.lr > 0 and a.psi_lr > 0, f"ahl.optim.lr={a.optim.lr} and ahl.psi_lr="
              f"{a.psi_lr}; use positive learning rates")
     _require(a.psi_hidden >= 1 and a.psi_fc >= 0, f"ahl.psi_hidden={a.psi_hidden}, "

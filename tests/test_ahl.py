@@ -581,6 +581,52 @@ def test_chunked_or_one_by_one_meta_step_equals_the_whole_vmapped_sets(base):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_released_loss_scales():
+    """ahl.loss_scale and ahl.query_batches (`:released`: 4/3 on AHL(DevNet), 20). The
+    released AHL(DevNet) loss, a seen and a pseudo deviation loss over one balanced batch
+    (each with the other anomaly kind's scores replaced by their label, constants), has
+    4/3 of the gradient of fsad's class-balanced loss; and the meta-step with the scales
+    equals one whose inner lr is times loss_scale, its query losses and outer gradient
+    times loss_scale * query_batches."""
+    from fsad.config import released_ahl
+    from fsad.losses import deviation_loss, sample_prior
+    n = 4
+    labels = jnp.asarray([ahl.NORMAL] * n + [ahl.SEEN] * n + [ahl.PSEUDO] * n)
+    scores = jnp.asarray(np.random.default_rng(0).normal(2.0, 2.0, 3 * n), jnp.float32)
+    prior = sample_prior(jax.random.key(0), 5000)
+
+    def released(s):
+        y = labels > 0
+        aug = jnp.where(labels == ahl.SEEN, 1.0, s)
+        seen = jnp.where(labels == ahl.PSEUDO, 1.0, s)
+        return deviation_loss(aug, y, prior) + deviation_loss(seen, y, prior)
+
+    def balanced(s):
+        return deviation_loss(s, labels > 0, prior,
+                              mask=jnp.asarray(ahl.class_balance(np.asarray(labels), "devnet")))
+    np.testing.assert_allclose(jax.grad(released)(scores), 4 / 3 * jax.grad(balanced)(scores),
+                               rtol=1e-5, atol=1e-7)
+    assert released_ahl(tiny_config("ahl_devnet")).ahl.loss_scale == pytest.approx(4 / 3)
+    assert (released_ahl(tiny_config("ahl_dra")).ahl.loss_scale,
+            released_ahl(tiny_config("ahl_dra")).ahl.query_batches) == (1.0, 20)
+
+    hm, params, bank = _dra_head_model()
+    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+    weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(tasks.num_tasks)),
+                          jnp.float32)
+    tx = optax.sgd(1.0)  # params_new = params - grad
+    args = (params, tx.init(params), bank, tasks.device_arrays(), weights,
+            jnp.asarray(tasks.pool_idx), jax.random.key(3))
+    plain, _, out = ahl.make_meta_step(hm, tx, 2, 0.05 * 1.5, False)[0](*args)
+    scaled, _, out_s = ahl.make_meta_step(hm, tx, 2, 0.05, False, loss_scale=1.5,
+                                          query_batches=4)[0](*args)
+    np.testing.assert_allclose(out_s["task_losses"], 6 * np.asarray(out["task_losses"]),
+                               rtol=1e-5)
+    for a, b, p in zip(*map(jax.tree.leaves, (scaled, plain, params))):
+        np.testing.assert_allclose(np.asarray(a) - p, 6 * (np.asarray(b) - p), rtol=1e-4,
+                                   atol=1e-6)
+
+
 def test_a_meta_step_larger_than_free_memory_takes_its_sets_in_chunks(caplog):
     """ahl.chunk_size=0 (auto): where the whole task sets do not fit the free memory (3
     tasks of 2**22 support and query samples, compiled from shapes alone: no array that

@@ -33,7 +33,8 @@ def check_task_batching(task_batching: str) -> None:
 
 
 def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_order: bool,
-                   mesh=None, chunk: int = 0, task_batching: str = "vmap"):
+                   mesh=None, chunk: int = 0, task_batching: str = "vmap",
+                   loss_scale: float = 1.0, query_batches: int = 1):
     """The jitted CDL epoch step.
 
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
@@ -61,6 +62,11 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
 
     task_batching: how each device computes its tasks (TASK_BATCHINGS): as one vmapped
     program or one after another; the same losses and update up to the order of the sums.
+
+    loss_scale: every task loss, support (the inner steps) and query alike, times this;
+    query_batches: each query loss times this too (`ahl.loss_scale`, `ahl.query_batches`:
+    the released code's scales, whose loss is the sum of that many batch means, README
+    "AHL"). task_losses are the scaled ones.
     """
     if mesh is None:
         mesh = one_device_mesh()
@@ -103,7 +109,7 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
                                   consts, True)
             if first_order:
                 g = jax.lax.stop_gradient(g)
-            params = jax.tree.map(lambda p, gi: p - inner_lr * gi, params, g)
+            params = jax.tree.map(lambda p, gi: p - inner_lr * loss_scale * gi, params, g)
         return params
 
     def per_task(params_g, bank, task, key, consts):
@@ -112,7 +118,7 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
                            task["support_weight"], k_in, consts)
         q = task_loss_with(theta, bank, task["query_idx"], task["query_lab"],
                            task["query_weight"], k_out, consts)
-        return q, theta
+        return q * (loss_scale * query_batches), theta
 
     def outer(params_g, bank, tasks, weights, keys, consts):
         losses, thetas = over_tasks(lambda task, key: per_task(params_g, bank, task, key,
@@ -224,7 +230,7 @@ def fitted_meta_step(hm: HeadModel, tx, a, mesh, args: tuple):
         fix += " or train with first-order MAML (--config.ahl.first_order=True)"
     for n, chunk in enumerate(chunks):
         step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh,
-                                    chunk, a.task_batching)
+                                    chunk, a.task_batching, a.loss_scale, a.query_batches)
         what = "AHL's meta-step" + (f" ({chunk} samples of a set at a time)" if chunk else
                                     " (whole task sets)")
         with hint_on_oom(f"compiling {what}", fix):
