@@ -19,13 +19,25 @@ from jax.sharding import NamedSharding
 
 from fsad.errors import UserError
 from fsad.hosts import same_on_every_host, several_hosts
+from fsad.interrupts import shielded
 from fsad.mesh import one_device_mesh, replicated
 
 
-def checkpoint_manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def checkpoint_manager(directory: str, max_to_keep: int = 3,
+                       clean_tmp: bool = False) -> ocp.CheckpointManager:
     """Orbax checkpoints in `directory`, saved synchronously: every save is waited for
     anyway (a run killed right after an epoch must find that epoch's checkpoint), and a
-    failed write (full disk) then surfaces at once instead of in a background thread."""
+    failed write (full disk) then surfaces at once instead of in a background thread.
+    clean_tmp: remove the half-written saves a killed run left (`*.orbax-checkpoint-tmp`);
+    only for the run that writes there (it holds the workdir's lock), never where
+    another process may be saving."""
+    if clean_tmp and os.path.isdir(directory):
+        # (Orbax's own cleanup_tmp_directories runs in the background, after the manager
+        # is made; every host may remove them: a run's first save comes after collective
+        # steps, which wait for every host to have made its manager)
+        for name in os.listdir(directory):
+            if ".orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=False)
     try:
@@ -205,7 +217,13 @@ class _DropUnretrievedWriteFailures(logging.Filter):
 def save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     """Saves (and waits for) one checkpoint. A disk that is full or not writable is the
     user's to fix: a UserError; the checkpoints saved before stay, the newest of them
-    the latest (Orbax writes into a temporary folder and renames it when complete)."""
+    the latest (Orbax writes into a temporary folder and renames it when complete).
+    Ctrl-C waits for the save to end (`fsad.interrupts.shielded`)."""
+    with shielded(f"saving the checkpoint of step {step} in {mngr.directory}"):
+        _save_checkpoint(mngr, step, state)
+
+
+def _save_checkpoint(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
     quiet = _WithoutOrbaxLogs()
     handlers = logging.getLogger().handlers
     for h in handlers:

@@ -35,9 +35,19 @@ def per_class_auroc(labels, scores, classes) -> dict[str, float]:
 
 
 def mean_std(runs: list[dict], labels: tuple[str, ...] = ("seed",)) -> dict[str, dict[str, float]]:
-    """Mean and (population) std of every numeric key over runs, except the keys in
-    `labels` (numbers that name a run, such as its seed, not measure it) and booleans."""
-    keys = [k for k, v in runs[0].items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in labels]
-    return {k: {"mean": float(np.mean([r[k] for r in runs])),
-                "std": float(np.std([r[k] for r in runs]))} for k in keys}
+    """Mean and (population) std of every numeric key over the runs that give it a number,
+    except the keys in `labels` (numbers that name a run, such as its seed, not measure
+    it) and booleans. A run may give None or nothing for a key (a seed resumed at its
+    last step has no step time or last loss of its own): the key's figures are then
+    those of the other runs, and "n" says how many gave it where that is not every run."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    keys = list(dict.fromkeys(k for r in runs for k, v in r.items()
+                              if number(v) and k not in labels))
+    out = {}
+    for k in keys:
+        values = [r[k] for r in runs if number(r.get(k))]
+        out[k] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+        if len(values) < len(runs):
+            out[k]["n"] = len(values)
+    return out

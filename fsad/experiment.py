@@ -431,15 +431,18 @@ def summary_text(results: dict) -> str:
     if "ahl" in r0:
         a = r0["ahl"]
         epoch_s = a["epoch_seconds"]  # None when a resumed run had no epoch left
-        lines.append(f"  AHL: {a['tasks']} tasks on {a['cluster_on']} clusters "
+        of_seed = f" (seed {r0['seed']})" if n > 1 else ""
+        lines.append(f"  AHL{of_seed}: {a['tasks']} tasks on {a['cluster_on']} clusters "
                      f"{a['cluster_sizes']}, {100 * a['dead_normal_fraction']:.0f}% of normals "
                      f"with all-zero features"
                      + (f", {epoch_s:{'.1f' if epoch_s >= 10 else '.2g'}} s per meta-epoch"
                         if epoch_s else ""))
     lines.append(f"  per class AUROC (seed {r0['seed']}): " + ", ".join(
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
-    lines.append(f"  wall time {results['wall_seconds']:.1f} s "
-                 f"({s['wall_seconds']['mean']:.1f} s per seed) on {jax.default_backend()}")
+    # a seed read back keeps the wall time of the run that trained it
+    lines.append(f"  wall time {results['wall_seconds']:.1f} s on {jax.default_backend()}; "
+                 f"{s['wall_seconds']['mean']:.1f} s per seed, as the runs that trained "
+                 f"them took")
     return "\n".join(lines)
 
 

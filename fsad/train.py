@@ -314,8 +314,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     total = epochs * steps_per_epoch
     if workdir and start_from:  # the start kept in workdir too: scoring needs no source
         adopt_checkpoint(start_from, os.path.join(workdir, "checkpoints"))
-    mngr = checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints) \
-        if workdir else None
+    mngr = (checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints,
+                               clean_tmp=True) if workdir else None)
     if mngr is not None:
         state = restore_latest(mngr, state)
     if start_from and int(state.step) == 0:

@@ -105,6 +105,13 @@ def check_config(config, n_devices: int = 1) -> None:
         folder = config[group].get(name, "") if group in config else ""
         _require(not folder or os.path.isdir(folder), f"{field}={folder!r} is not a folder; "
                  f"pass a folder of images, or leave it empty (--config.{field}=)")
+        if folder:  # images that open, before training (AHL decodes its textures after)
+            from fsad.data.decode import check_image_folder
+            try:
+                check_image_folder(folder, config.data.get("subset", "") if group == "dra"
+                                   else "")
+            except UserError as err:
+                raise UserError(f"--config.{field}: {err}") from err
     _require(config.seed >= 0, f"seed={config.seed}; seeds are non-negative integers (the "
              f"papers' are 0, 1, 2)")
     _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
@@ -134,6 +141,13 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"{config.dra.pseudo_prob} is not a probability; use a value in [0, 1]")
     if config.method == "ahl":
         check_ahl_config(config.ahl)
+        # the base model's fields come with its config file (ahl_devnet.py has no dra.*
+        # fields, ahl_dra.py DRA's data and optimiser defaults)
+        built_on = "dra" if "dra" in config else "devnet"
+        _require(config.ahl.base == built_on, f"ahl.base={config.ahl.base!r} on a config "
+                 f"of AHL on {built_on} (configs/ahl_{built_on}.py): the base model's fields "
+                 f"come with its config file; use --config configs/ahl_{config.ahl.base}.py "
+                 f"instead of --config.ahl.base")
 
 
 def check_ahl_config(a) -> None:
@@ -179,8 +193,9 @@ def check_ahl_config(a) -> None:
                  f"{' or '.join(values)}")
     _require(a.chunk_size >= 0, f"ahl.chunk_size={a.chunk_size}; use 0 (the whole set where "
              f"it fits) or a number of samples at a time")
-    _require(0.0 <= a.pseudo_frac <= 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "
-             f"fraction; use a value in [0, 1] (0.5 in the paper)")
+    _require(0.0 <= a.pseudo_frac < 1.0, f"ahl.pseudo_frac={a.pseudo_frac} is not a "
+             f"fraction below 1 (the share of a task's normals made pseudo anomalies: 1 "
+             f"leaves the tasks no normal); use a value in [0, 1) (0.5 in the paper)")
 
 
 def config_warnings(config) -> list[str]:
@@ -189,15 +204,25 @@ def config_warnings(config) -> list[str]:
     if config.method != "ahl" or config.ahl.epochs < 1 or config.ahl.history < 1:
         return []  # (values out of range are the config check's errors)
     a = config.ahl
+    out = []
+    if a.epochs == 1 and not a.update_last_epoch:
+        out.append("ahl.epochs=1 with ahl.update_last_epoch=False (`:released`): the one "
+                   "meta-epoch's update is dropped, so the unified heads are scored as they "
+                   f"start ({'fresh' if a.head_init == 'fresh' else 'the base heads'}); "
+                   "raise ahl.epochs")
     # the first 0-based meta-epoch that uses psi's weights (`weights_in_use`)
     first = a.history + (2 if a.weighting == "released" else 1)
-    if a.epochs > first:
-        return []
-    return [f"ahl.epochs={a.epochs} with ahl.history={a.history}: psi's importance weights "
-            f"are first used in meta-epoch {first + 1}"
-            f"{' (ahl.weighting=released)' if a.weighting == 'released' else ''}, so every "
-            f"meta-epoch of this run weights the tasks equally (1/T); raise ahl.epochs or "
-            f"lower ahl.history to use them"]
+    if a.epochs <= first:
+        out.append(f"ahl.epochs={a.epochs} with ahl.history={a.history}: psi's importance "
+                   f"weights are first used in meta-epoch {first + 1}"
+                   f"{' (ahl.weighting=released)' if a.weighting == 'released' else ''}, so "
+                   f"every meta-epoch of this run weights the tasks equally (1/T); raise "
+                   f"ahl.epochs or lower ahl.history to use them")
+    elif a.psi_fit == "pool" and a.psi_steps == 0:
+        out.append("ahl.psi_steps=0 (ahl.psi_fit=pool): psi is never trained, and its "
+                   "untrained predictions weight the tasks from meta-epoch "
+                   f"{first + 1}; use psi_steps of 1 or more (20 by default)")
+    return out
 
 
 def check_against_data(config, n_train_normal: int) -> None:

@@ -162,6 +162,21 @@ def fields_with_run_values(workdir: str, config, diff: list[str]) -> str:
 
 
 def _different_config(workdir: str, config, diff: list[str]) -> UserError:
+    """The error for a workdir of another run; diff: the fields that differ, num_seeds
+    aside (it may change)."""
+    with open(os.path.join(workdir, "config.json")) as f:
+        stored = json.load(f)
+    if config.method == "ahl" and stored.get("method") == config.ahl.base:
+        # the base method's run, given as --workdir where ahl.base_workdir was meant
+        return UserError(f"{workdir!r} holds a {stored['method']} run, not an AHL one; to "
+                         f"meta-train on its trained base models, pass it as "
+                         f"--config.ahl.base_workdir={workdir} with a new --workdir")
+    if config.method == "ahl" and ahl_fields_only(diff) and meta_training_started(workdir):
+        return UserError(f"{workdir!r} holds an AHL run whose meta-training has started, and "
+                         f"AHL's fields may change only before that "
+                         f"({fields_with_run_values(workdir, config, diff)}); to meta-train "
+                         f"with the new ones on its trained base models, use a new --workdir "
+                         f"with --config.ahl.base_workdir={workdir}")
     return UserError(f"{workdir!r} holds a run with a different config "
                      f"({fields_with_run_values(workdir, config, diff)}); use a new "
                      f"--workdir, or delete it to start over")
@@ -259,7 +274,7 @@ def check_workdir_config(workdir: str, config) -> tuple[list[str] | None, bool]:
     beyond_seeds = beyond_seed_count(diff)
     if saved and beyond_seeds and not (
             ahl_fields_only(beyond_seeds) and not meta_training_started(workdir)):
-        raise _different_config(workdir, config, diff)
+        raise _different_config(workdir, config, beyond_seeds)
     return diff, saved
 
 
@@ -291,9 +306,12 @@ def stored_config_change(workdir: str, config) -> tuple[str, list[str] | None, s
                                   f"replaces it (it differed in {', '.join(diff)})")
     changed = beyond_seed_count(diff)
     if changed:  # check_workdir_config let only AHL's own fields through
+        features = any(os.path.exists(os.path.join(workdir, d, "ahl_features.npz"))
+                       for d in seed_folders(workdir))
         return "ahl fields", diff, (f"AHL's fields changed ({', '.join(changed)}) before any "
-                                    f"seed's meta-training; the trained base models are "
-                                    f"kept, their AHL features made again")
+                                    f"seed's meta-training; the base models' checkpoints "
+                                    f"are kept"
+                                    + (", their AHL features made again" if features else ""))
     return "seed count", diff, (f"the run goes on with num_seeds={config.num_seeds}; "
                                 f"finished seeds are kept, the others trained")
 
@@ -378,30 +396,45 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     with open(path) as f:
         base = json.load(f)
     differ = base_fields_that_differ(config, base)
-    if base.get("method") != config.ahl.base:
-        held = base.get("method", "unknown")
-        if held == "ahl":
-            held = f"AHL({base.get('ahl', {}).get('base', '?')})"
-        raise UserError(f"ahl.base_workdir={root!r} holds a {held} run, and this "
+    # an AHL run on the same base method serves too: its seeds' checkpoints folders hold
+    # their trained base models
+    of_ahl = base.get("method") == "ahl" and base.get("ahl", {}).get("base") == config.ahl.base
+    held = base.get("method", "unknown")
+    if held == "ahl":
+        held = f"AHL({base.get('ahl', {}).get('base', '?')})"
+    if held != config.ahl.base and not of_ahl:
+        raise UserError(f"ahl.base_workdir={root!r} holds {_a(held)} {held} run, and this "
                         f"{method_title(config)} run needs a {config.ahl.base} run "
-                        f"(--config configs/{config.ahl.base}.py) with the same settings; "
-                        f"or leave ahl.base_workdir empty")
+                        f"(--config configs/{config.ahl.base}.py) or an "
+                        f"{method_title(config)} run with the same settings; or leave "
+                        f"ahl.base_workdir empty")
     if differ:
-        raise UserError(f"ahl.base_workdir={root!r} holds a {config.ahl.base} run that "
-                        f"differs from this {method_title(config)} run's base in "
+        raise UserError(f"ahl.base_workdir={root!r} holds {_a(held)} {held} run whose base "
+                        f"differs from this {method_title(config)} run's in "
                         f"{', '.join(differ)}; use a base run with the same settings, or "
                         f"leave ahl.base_workdir empty")
     seed_dir = seed_dir_of(root, seed)
-    if not seed_finished(seed_dir):
-        raise UserError(f"ahl.base_workdir={root!r} has not finished seed {seed}; rerun "
-                        f"that run's own command (it resumes), with --config.num_seeds "
-                        f"covering seed {seed}, or leave ahl.base_workdir empty")
     checkpoints = os.path.join(seed_dir, "checkpoints")
+    total = config.epochs * config.steps_per_epoch
+    trained = max(saved_steps(checkpoints), default=0) >= total if of_ahl \
+        else seed_finished(seed_dir)
+    if not trained:
+        covered = seed in stored_seeds(root)
+        raise UserError(f"ahl.base_workdir={root!r} has not finished "
+                        f"{'the base training of ' if of_ahl else ''}seed {seed}; rerun that "
+                        f"run's own command (it resumes)"
+                        f"{'' if covered else f', with --config.num_seeds covering seed {seed}'}"
+                        f", or leave ahl.base_workdir empty")
     if not saved_steps(checkpoints):
         raise UserError(f"ahl.base_workdir={root!r} kept no checkpoint of seed {seed} (its "
                         f"checkpoints folder is empty or gone); rerun the base with "
                         f"keep_checkpoints of 1 or more, or leave ahl.base_workdir empty")
     return checkpoints
+
+
+def _a(word: str) -> str:
+    """The indefinite article of a method's name ("an AHL(dra)", "a dra")."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def base_source(config, workdir: str, seed: int,

@@ -18,6 +18,7 @@ import copy
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,26 @@ def test_devnet_detects_and_localises_the_defects(runs):
     assert "seed" not in res["summary"] and res["summary"]["auroc"]["mean"] == run0["auroc"]
 
 
+def test_a_seed_resumed_at_its_last_step_joins_the_summary(runs):
+    """A seed resumed at its last checkpoint has no step time or last loss of its own
+    (None). After a seed that has them, the summary averaged a number and None: every
+    rerun of a multi-seed run stopped in a later seed's AHL stage failed with a TypeError
+    and never wrote results.json (a walkthrough found it). Such a key's figures are the
+    seeds' that have it, and "n" says how many."""
+    from fsad.evaluate import mean_std
+    from fsad.experiment import summary_text
+    res = results(runs["devnet"]["u"])
+    run0 = res["runs"][0]
+    assert isinstance(run0["loss"], float) and isinstance(run0["step_seconds"], float)
+    resumed = {**run0, "seed": 1, "loss": None, "step_seconds": None,
+               "auroc": run0["auroc"] - 0.1}
+    s = mean_std([run0, resumed])
+    assert s["loss"] == {"mean": run0["loss"], "std": 0.0, "n": 1}
+    assert s["auroc"]["mean"] == pytest.approx(run0["auroc"] - 0.05) and "n" not in s["auroc"]
+    text = summary_text({**res, "runs": [run0, resumed], "summary": s})
+    assert "2 seed(s)" in text and f"AUROC  {run0['auroc'] - 0.05:.3f} ± 0.050" in text
+
+
 def config_of(name: str, root):
     """RUNS[name]'s config, built in-process as its command line builds it."""
     import importlib
@@ -471,6 +492,7 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     from fsad.config import override
     from fsad.errors import UserError
     from fsad.experiment import run_experiment
+    from fsad.workdir import base_run_checkpoints
     base = config_of("devnet", runs["devnet"]["root"])
     config = importlib.import_module("configs.ahl_devnet").get_config()
     for field, value in base.items():
@@ -505,8 +527,30 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     assert_scored_as_evaluated(config, tmp_path / "ahl", runs["devnet"]["root"],
                                tmp_path, capsys)
     config.ahl.base_workdir = str(runs["devnet"]["u"])
+    # the base run given as --workdir (ahl.base_workdir meant), and AHL's fields changed
+    # after meta-training: each error names ahl.base_workdir, and a finished AHL run
+    # serves as one (its seeds' checkpoints hold their base models)
+    with pytest.raises(UserError, match=re.escape(
+            f"holds a devnet run, not an AHL one; to meta-train on its trained base models, "
+            f"pass it as --config.ahl.base_workdir={runs['devnet']['u']} with a new")):
+        run_experiment(config, str(runs["devnet"]["u"]))
+    config.ahl.epochs = 3
+    with pytest.raises(UserError, match=re.escape(
+            "holds an AHL run whose meta-training has started, and AHL's fields may change "
+            "only before that (fields ahl.epochs; in the run: 2); to meta-train with the new "
+            f"ones on its trained base models, use a new --workdir with "
+            f"--config.ahl.base_workdir={tmp_path / 'ahl'}")):
+        run_experiment(config, str(tmp_path / "ahl"))
+    config.ahl.base_workdir = str(tmp_path / "ahl")
+    assert base_run_checkpoints(config, 0) == str(adopted)
+    config.ahl.epochs = 2
     config.epochs = 4
-    with pytest.raises(UserError, match="differs from this AHL.DevNet. run's base in epochs"):
+    with pytest.raises(UserError, match="holds an AHL.devnet. run whose base differs from "
+                                        "this AHL.DevNet. run's in epochs"):
+        run_experiment(config, str(tmp_path / "other"))
+    config.ahl.base_workdir = str(runs["devnet"]["u"])
+    with pytest.raises(UserError, match="holds a devnet run whose base differs from this "
+                                        "AHL.DevNet. run's in epochs"):
         run_experiment(config, str(tmp_path / "other"))
     config.epochs, config.seed = base.epochs, 3
     with pytest.raises(UserError, match="has not finished seed 3"):

@@ -360,6 +360,7 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
     ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
+    ("ahl.pseudo_frac", 1.0, "1 leaves the tasks no normal"),  # it ran, weights at 1e14
     ("ahl.chunk_size", -1, "ahl.chunk_size=-1; use 0 (the whole set where it fits)"),
     ("ahl.task_batching", "loop", "ahl.task_batching='loop'; use vmap (a device's tasks as "
      "one batched program) or map"),
@@ -375,6 +376,30 @@ def test_counts_below_their_least(tmp_path, field, value, fragment):
     method = {"ahl": "ahl_dra", "dra": "dra"}.get(field.split(".")[0], "devnet")
     with pytest.raises(UserError, match=re.escape(fragment)):
         check_config(folder_config(tmp_path, method, **{field: value}))
+
+
+@pytest.mark.parametrize("field", ["ahl.texture_root", "dra.outlier_root"])
+def test_an_image_folder_without_images_that_open_is_refused_before_training(
+        tmp_path, capsys, field):
+    """An empty texture folder, or one whose file is no image, passed --check and
+    stopped the run only after base training (a walkthrough saw it): refused in one line
+    by --check and before the run's first step (headers read, nothing decoded)."""
+    from PIL import Image
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    cfg = folder_config(tmp_path, "ahl_dra", **{field: str(folder)})
+    for check in (True, False):
+        expect_error(cfg, tmp_path / "w", capsys, f"--config.{field}: no images (.png",
+                     f"under {str(folder)!r}", check=check)
+    (folder / "sub" / "a.png").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(folder / "b.png")
+    for check in (True, False):
+        expect_error(cfg, tmp_path / "w", capsys, f"--config.{field}: cannot decode image "
+                     f"{str(folder / 'sub' / 'a.png')!r}", check=check)
+    assert not (tmp_path / "w").exists()
+    (folder / "sub" / "a.png").unlink()
+    from fsad.validate import check_config
+    check_config(cfg)
 
 
 def test_batch_the_class_mix_cannot_split(tmp_path, capsys):
@@ -411,6 +436,19 @@ def test_unknown_dataset_reader_dtype_depthwise_route_and_dra_variant(tmp_path, 
                  capsys, "'DRA5' is not a DRA variant")
 
 
+@pytest.mark.parametrize("method,base", [("ahl_devnet", "dra"), ("ahl_dra", "devnet")])
+def test_ahl_base_comes_with_its_config_file(tmp_path, capsys, method, base):
+    """configs/ahl_devnet.py with --config.ahl.base=dra passed --check and failed in the
+    run with a KeyError (it has no dra.* fields); ahl_dra.py with base=devnet trained a
+    hybrid of DRA's data and optimiser defaults. Both refused, the config file named."""
+    cfg = folder_config(tmp_path, method, **{"ahl.base": base})
+    for check in (True, False):
+        expect_error(cfg, tmp_path / "w", capsys, f"ahl.base='{base}' on a config of AHL on "
+                     f"{method[4:]} (configs/{method}.py)", f"use --config "
+                     f"configs/ahl_{base}.py instead of --config.ahl.base", check=check)
+    assert not (tmp_path / "w").exists()
+
+
 def test_workdir_of_another_config(tmp_path, capsys, caplog):
     """A workdir holds one config once a run saved something there (a checkpoint, a
     finished seed); the config of a run that saved nothing (it stopped at a failed
@@ -442,9 +480,9 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     config.num_seeds = 3  # more seeds of the same run: the stored config takes the count
     check_workdir(str(work), config)
     assert json.loads((work / "config.json").read_text())["num_seeds"] == 3
-    config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused
-    expect_error(config, work, capsys, "different config (fields num_seeds, seed; in the "
-                 "run: 3, 0)")
+    config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused (for
+    # the seed: the count may change, and is not named)
+    expect_error(config, work, capsys, "different config (fields seed; in the run: 0)")
     per_batch = folder_config(root, "dra", **{"dra.test_reference": "per_batch"})
     (work / "config.json").write_text(per_batch.to_json_best_effort())
     per_batch.eval_batch_size = 3  # here the batch changes the scores
@@ -766,6 +804,42 @@ def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
         assert not (work / "config.json").exists()  # refused before the workdir check
     with workdir_lock(str(work)):  # released with its block
         pass
+
+
+def test_ctrl_c_twice_during_a_save_waits_for_it(tmp_path, capsys):
+    """A second Ctrl-C a moment after the first cut short the save the first one had
+    started, and the run lost every step since its last checkpoint (a walkthrough lost
+    13 meta-epochs so). A press during a save now waits for it: said once, raised after;
+    and the half-written save a killed run leaves is removed by the next run's manager."""
+    import signal
+    import time
+    from fsad.checkpoints import checkpoint_manager, save_checkpoint
+    folder = tmp_path / "c"
+    for stale in ("13.orbax-checkpoint-tmp", "7.orbax-checkpoint-tmp-1"):
+        (folder / stale).mkdir(parents=True)
+    mngr = checkpoint_manager(str(folder), clean_tmp=True)
+    assert sorted(os.listdir(folder)) == []
+    real_save = mngr.save
+
+    def pressed_twice(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # (both delivered by now)
+        return real_save(*args, **kwargs)
+
+    mngr.save = pressed_twice
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as fsad.main's
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(mngr, 3, {"w": jnp.ones(2)})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert mngr.all_steps() == [3] and os.listdir(folder) == ["3"]
+    assert capsys.readouterr().err.count(
+        f"fsad: Ctrl-C: saving the checkpoint of step 3 in {folder} first; the run stops "
+        f"after it") == 1
+    assert signal.getsignal(signal.SIGINT) is previous
+    mngr.close()
 
 
 # ---- memory ----
@@ -1113,6 +1187,17 @@ def test_meta_training_too_short_for_psi_is_said():
     config.ahl.weighting = "released"
     assert "meta-epoch 8 (ahl.weighting=released)" in config_warnings(config)[0]
     assert config_warnings(tiny_config("dra")) == []
+    # settings a walkthrough ran without a word: psi never trained but used, and a
+    # :released run of one meta-epoch, whose update is dropped
+    config.ahl.epochs, config.ahl.psi_steps = 9, 0
+    (line,) = config_warnings(config)
+    assert line.startswith("ahl.psi_steps=0 (ahl.psi_fit=pool): psi is never trained")
+    config.ahl.psi_fit = "query_sets"  # (psi_steps unused)
+    assert config_warnings(config) == []
+    config.ahl.epochs, config.ahl.update_last_epoch, config.ahl.head_init = 1, False, "fresh"
+    assert config_warnings(config)[0].startswith(
+        "ahl.epochs=1 with ahl.update_last_epoch=False (`:released`): the one meta-epoch's "
+        "update is dropped, so the unified heads are scored as they start (fresh)")
 
 
 @pytest.mark.parametrize("variants", ["released,paper", "paper,quick,released"])
@@ -1138,7 +1223,7 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     from fsad.workdir import workdir_change_lines
     assert workdir_change_lines(str(work), config) == [  # what --check says of it
         "workdir: AHL's fields changed (ahl.cluster_on) before any seed's meta-training; the "
-        "trained base models are kept, their AHL features made again"]
+        "base models' checkpoints are kept, their AHL features made again"]
     assert (work / "seed_0" / "ahl_features.npz").exists()  # (it reads only)
     with caplog.at_level("WARNING"):
         check_workdir(str(work), config)
@@ -1152,9 +1237,15 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     config.epochs -= 1
     os.makedirs(work / "seed_0" / "ahl_checkpoints" / "2")  # meta-training started
     config.ahl.clusters = 2
-    with pytest.raises(UserError, match=r"different config \(fields ahl.clusters; in the "
-                                        r"run: 3\)"):
+    with pytest.raises(UserError, match=re.escape(
+            "holds an AHL run whose meta-training has started, and AHL's fields may change "
+            "only before that (fields ahl.clusters; in the run: 3); to meta-train with the "
+            f"new ones on its trained base models, use a new --workdir with "
+            f"--config.ahl.base_workdir={work}")):
         check_workdir(str(work), config)
+    # no AHL features yet (base training stopped): none said to be made again
+    shutil.rmtree(work / "seed_0" / "ahl_checkpoints")
+    assert workdir_change_lines(str(work), config)[0].endswith("checkpoints are kept")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
@@ -1195,6 +1286,18 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
         gc.callbacks.remove(in_gc)
         signal.signal(signal.SIGINT, previous)
         interrupts.delivered()
+
+
+def test_ctrl_c_after_the_run_stopped_ends_the_process_at_once():
+    """Once the command line has handled a Ctrl-C (its checkpoints saved, its line
+    printed), another one ends the process at once with 130: raised in the teardown, it
+    printed a traceback from a garbage collection (a walkthrough saw it)."""
+    code = ("import os, signal, time; from fsad import interrupts; interrupts.install(); "
+            "interrupts.delivered(); os.kill(os.getpid(), signal.SIGINT); time.sleep(30); "
+            "print('not stopped')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
 
 
 def test_a_started_seed_needs_its_base_run_no_more(tmp_path):

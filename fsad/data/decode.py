@@ -207,21 +207,55 @@ def list_images_recursive(folder: str) -> list[str]:
     return sorted(out)
 
 
-def load_image_folder(root: str, size: int, skip_subset: str = "") -> np.ndarray | None:
-    """Outlier-exposure images under `root`, decoded at size x size; None for no root.
+def image_folder_paths(root: str, skip_subset: str = "") -> list[str]:
+    """The image files of an outlier or texture folder (`load_image_folder`).
 
     A root in the MVTec layout (subsets with a train/good folder) gives, as the released
     DRA loader does, the training normals of every subset but `skip_subset` (the one
     being trained: its images are not outliers); any other folder gives every image
-    under it (recursively). -> [N, size, size, 3] uint8.
+    under it (recursively).
+
+    Raises:
+      UserError: no image there.
     """
-    if not root:
-        return None
     subsets = sorted(d for d in os.listdir(root)
                      if os.path.isdir(os.path.join(root, d, "train", "good")))
-    if subsets:
-        paths = [p for d in subsets if d != skip_subset
-                 for p in list_images(os.path.join(root, d, "train", "good"))]
-    else:
-        paths = [os.path.join(root, f) for f in list_images_recursive(root)]
-    return decode_many(paths, size, desc=f"decoding {root}")
+    if not subsets:
+        return [os.path.join(root, f) for f in list_images_recursive(root)]
+    paths = [p for d in subsets if d != skip_subset
+             for p in list_images(os.path.join(root, d, "train", "good"))]
+    if not paths:
+        raise UserError(f"no images in the train/good folders of {root!r} but those of "
+                        f"{skip_subset!r}, the subset being trained; point it at a folder "
+                        f"that holds other images")
+    return paths
+
+
+def check_image_folder(root: str, skip_subset: str = "") -> None:
+    """That an outlier or texture folder holds images that open, before any training
+    uses it: each file's header is read (Pillow's verify), no pixel decoded.
+
+    Raises:
+      UserError: no image there; CorruptImageError naming the files that do not open.
+    """
+    paths = image_folder_paths(root, skip_subset)
+    bad = []
+    for path in paths:
+        try:
+            if path.lower().endswith(".npy"):
+                np.load(path, mmap_mode="r")
+            else:
+                with Image.open(path) as im:
+                    im.verify()
+        except DECODE_ERRORS as err:
+            bad.append(unreadable("image", path, err))
+    if bad:
+        raise all_unreadable(bad, len(paths))
+
+
+def load_image_folder(root: str, size: int, skip_subset: str = "") -> np.ndarray | None:
+    """Outlier-exposure or texture images under `root` (`image_folder_paths`), decoded at
+    size x size; None for no root. -> [N, size, size, 3] uint8."""
+    if not root:
+        return None
+    return decode_many(image_folder_paths(root, skip_subset), size, desc=f"decoding {root}")

@@ -102,7 +102,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                       jnp.zeros((E,), jnp.float32))
     on_mesh = functools.partial(put, sharding=replicated(mesh))
     state = on_mesh(state)  # restore_latest keeps these shardings
-    mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2) if workdir else None
+    mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2, clean_tmp=True) \
+        if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
     # straight from the host arrays to the mesh (the bank is the largest input), not
