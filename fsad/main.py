@@ -166,8 +166,8 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
         print(error_line(err), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        interrupts.delivered()
         print(interrupted_line(workdir, mode), file=sys.stderr, flush=True)
+        interrupts.delivered()  # (after the line: a press from here ends the process)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
         if not lost_host(err):

@@ -398,7 +398,10 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
         if not os.path.exists(path):
             raise UserError(f"weights file {path!r} (--config.model.pretrained={source}) "
                             f"does not exist; check --config.model.pretrained")
-        return f"weights: {source} (copied into {local} by the run)"
+        if sha:
+            check_sha256(path, sha, downloaded=False)
+        return (f"weights: {source} (copied into {local} by the run"
+                + (", its sha256 checked)" if sha else ")"))
     return (f"weights: the run downloads them from {source} into {local} (on a machine "
             f"without network, put the file there first, or see --config.model.pretrained)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from types import SimpleNamespace
 from typing import Callable
 
 from fsad.config import method_defaults
@@ -399,10 +400,10 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     # an AHL run on the same base method serves too: its seeds' checkpoints folders hold
     # their trained base models
     of_ahl = base.get("method") == "ahl" and base.get("ahl", {}).get("base") == config.ahl.base
-    held = base.get("method", "unknown")
-    if held == "ahl":
-        held = f"AHL({base.get('ahl', {}).get('base', '?')})"
-    if held != config.ahl.base and not of_ahl:
+    held = method_title(SimpleNamespace(  # as the papers write it: DevNet, AHL(DRA)
+        method=base.get("method", "unknown"),
+        ahl=SimpleNamespace(base=base.get("ahl", {}).get("base", "?"))))
+    if base.get("method") != config.ahl.base and not of_ahl:
         raise UserError(f"ahl.base_workdir={root!r} holds {_a(held)} {held} run, and this "
                         f"{method_title(config)} run needs a {config.ahl.base} run "
                         f"(--config configs/{config.ahl.base}.py) or an "
@@ -415,8 +416,11 @@ def base_run_checkpoints(config, seed: int) -> str | None:
                         f"leave ahl.base_workdir empty")
     seed_dir = seed_dir_of(root, seed)
     checkpoints = os.path.join(seed_dir, "checkpoints")
-    total = config.epochs * config.steps_per_epoch
-    trained = max(saved_steps(checkpoints), default=0) >= total if of_ahl \
+    total, steps = config.epochs * config.steps_per_epoch, saved_steps(checkpoints)
+    # an AHL run's seed: its base checkpoint at the last step; or, its checkpoints gone
+    # after the base training ended (meta-training started), the error below
+    trained = (max(steps) >= total if steps else seed_finished(seed_dir)
+               or "ahl_checkpoints" in checkpoint_steps(seed_dir)) if of_ahl \
         else seed_finished(seed_dir)
     if not trained:
         covered = seed in stored_seeds(root)

@@ -545,11 +545,11 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     assert base_run_checkpoints(config, 0) == str(adopted)
     config.ahl.epochs = 2
     config.epochs = 4
-    with pytest.raises(UserError, match="holds an AHL.devnet. run whose base differs from "
+    with pytest.raises(UserError, match="holds an AHL.DevNet. run whose base differs from "
                                         "this AHL.DevNet. run's in epochs"):
         run_experiment(config, str(tmp_path / "other"))
     config.ahl.base_workdir = str(runs["devnet"]["u"])
-    with pytest.raises(UserError, match="holds a devnet run whose base differs from this "
+    with pytest.raises(UserError, match="holds a DevNet run whose base differs from this "
                                         "AHL.DevNet. run's in epochs"):
         run_experiment(config, str(tmp_path / "other"))
     config.epochs, config.seed = base.epochs, 3
@@ -564,3 +564,9 @@ def test_ahl_starts_from_a_finished_base_run(runs, tmp_path, capsys):
     config.seed, config.ahl.base_workdir = 0, str(gone)
     with pytest.raises(UserError, match="kept no checkpoint of seed 0"):
         run_experiment(config, str(tmp_path / "seed0"))
+    # so for an AHL run as the base whose finished seed's checkpoints are gone (not "has
+    # not finished": its rerun would read the seed back, and the error come again)
+    shutil.rmtree(adopted)
+    config.ahl.base_workdir = str(tmp_path / "ahl")
+    with pytest.raises(UserError, match="kept no checkpoint of seed 0"):
+        base_run_checkpoints(config, 0)

@@ -398,6 +398,11 @@ def test_an_image_folder_without_images_that_open_is_refused_before_training(
                      f"{str(folder / 'sub' / 'a.png')!r}", check=check)
     assert not (tmp_path / "w").exists()
     (folder / "sub" / "a.png").unlink()
+    np.save(folder / "c.npy", np.zeros((4, 4, 2), np.uint8))  # no image's channels
+    expect_error(cfg, tmp_path / "w", capsys, f"--config.{field}: cannot decode image "
+                 f"{str(folder / 'c.npy')!r} (expected an [H, W, C] array with C = 1 or "
+                 f"C >= 3, got (4, 4, 2))")
+    np.save(folder / "c.npy", np.zeros((4, 4), np.uint8))
     from fsad.validate import check_config
     check_config(cfg)
 
@@ -736,6 +741,9 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
     assert f"\nweights: {path} (its sha256 checked)\n" in capsys.readouterr().out
     cfg.model.pretrained_sha256 = "00000000"
+    expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt or "
+                 "not the one asked for: pass the right file", check=True)
+    cfg.model.pretrained = f"file://{path}"  # and a file:// source
     expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt or "
                  "not the one asked for: pass the right file", check=True)
     # a download kept from before is checked too

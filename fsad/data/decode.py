@@ -225,15 +225,18 @@ def image_folder_paths(root: str, skip_subset: str = "") -> list[str]:
     paths = [p for d in subsets if d != skip_subset
              for p in list_images(os.path.join(root, d, "train", "good"))]
     if not paths:
-        raise UserError(f"no images in the train/good folders of {root!r} but those of "
-                        f"{skip_subset!r}, the subset being trained; point it at a folder "
-                        f"that holds other images")
+        but = (f" but those of {skip_subset!r}, the subset being trained"
+               if skip_subset in subsets else "")
+        raise UserError(f"no images in the train/good folders of {root!r}{but}; point it at "
+                        f"a folder that holds {'other ' if but else ''}images")
     return paths
 
 
 def check_image_folder(root: str, skip_subset: str = "") -> None:
     """That an outlier or texture folder holds images that open, before any training
-    uses it: each file's header is read (Pillow's verify), no pixel decoded.
+    uses it: each file's header is read (Pillow identifies the image; an .npy's shape),
+    no pixel decoded, so that a folder of gigabytes is checked in a second (a file cut
+    short after its header is found when the run decodes it).
 
     Raises:
       UserError: no image there; CorruptImageError naming the files that do not open.
@@ -243,10 +246,13 @@ def check_image_folder(root: str, skip_subset: str = "") -> None:
     for path in paths:
         try:
             if path.lower().endswith(".npy"):
-                np.load(path, mmap_mode="r")
+                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+                if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] == 2):
+                    raise ValueError(f"expected an [H, W, C] array with C = 1 or C >= 3, "
+                                     f"got {shape}")
             else:
-                with Image.open(path) as im:
-                    im.verify()
+                with Image.open(path):
+                    pass
         except DECODE_ERRORS as err:
             bad.append(unreadable("image", path, err))
     if bad:

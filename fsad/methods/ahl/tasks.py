@@ -237,7 +237,13 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
         normal_sets.append((np.sort(perm[:n_normal // 2]), np.sort(perm[n_normal // 2:])))
 
     def with_pseudo(normals, family):
-        flip = rng.uniform(size=len(normals)) < pseudo_frac
+        """Each normal made a pseudo anomaly with probability pseudo_frac; a set keeps
+        one normal at least (the one whose draw came highest): without one, its task
+        has nothing to tell the anomalies from."""
+        draws = rng.uniform(size=len(normals))
+        flip = draws < pseudo_frac
+        if len(flip) and flip.all():
+            flip[np.argmax(draws)] = False
         idx = np.where(flip, n_normal + n_anomaly + family * n_normal + normals, normals)
         return idx, np.where(flip, PSEUDO, NORMAL)
 
