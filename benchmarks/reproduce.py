@@ -487,7 +487,7 @@ def main(argv=None) -> int:
         print(f"reproduce: interrupted ({kept}); run the same command to resume (finished "
               f"cells are read back, the unfinished one resumes from its checkpoint)",
               file=sys.stderr)
-        return 130
+        return interrupts.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
         if not lost_host(err):
             raise

@@ -333,8 +333,11 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         base = base_source(config, workdir, seed)  # checks the base run where one is used
         split = split_stage(config, rows, seed)
         kept = checkpoint_steps(seed_dir)
+        trained = kept.get("checkpoints", -1) >= config.epochs * config.steps_per_epoch
         state = "finished, read back" if finished else \
-            "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) if kept \
+            "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) \
+            + (" (its training done: the evaluation and the stages after it)"
+               if trained and "ahl_checkpoints" not in kept else "") if kept \
             else f"starts from the trained base of ahl.base_workdir ({base})" if base \
             else "starts, training its base model first" if config.method == "ahl" \
             else "starts"

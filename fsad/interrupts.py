@@ -24,17 +24,27 @@ import threading
 # set by the handler only; a plain value, since a handler that took a lock (as
 # threading.Event's set does) could wait forever on one its own thread holds
 _pending = [False]
+_last = [signal.SIGINT]  # the signal that stopped the run (`exit_status`)
+_shielding = [False]  # a `shielded` block runs
 
 
 def _on_sigint(signum, frame):
     _pending[0] = True
+    _last[0] = signum
     raise KeyboardInterrupt
 
 
 def install() -> None:
-    """Handles SIGINT (the command line's main thread only): record, then raise."""
+    """Handles SIGINT, and SIGTERM as it (a cluster's time limit, `kill`: the newest step
+    saved, as on Ctrl-C), in the command line's main thread only: record, then raise."""
     _pending[0] = False
-    signal.signal(signal.SIGINT, _on_sigint)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _on_sigint)
+
+
+def exit_status() -> int:
+    """128 + the signal that stopped the run: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + int(_last[0])
 
 
 def check() -> None:
@@ -51,39 +61,48 @@ def delivered() -> None:
     ends the process at once (exit status 130), where a KeyboardInterrupt in the teardown
     would print a traceback ("Exception ignored in ..." from a garbage collection)."""
     _pending[0] = False
-    if signal.getsignal(signal.SIGINT) is _on_sigint \
-            and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _exit_at_once)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is _on_sigint:
+                signal.signal(sig, _exit_at_once)
 
 
 def _exit_at_once(signum, frame):
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(130)  # 128 + SIGINT
+    os._exit(128 + signum)
 
 
 @contextlib.contextmanager
 def shielded(what: str):
-    """Ctrl-C waits while the block runs (a checkpoint's save): a press during it is
-    said once on stderr and raised as KeyboardInterrupt when the block has ended. Outside
-    the main thread, or where SIGINT is ignored or left to the system (a background
-    job), the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() \
+    """Ctrl-C (and SIGTERM, where fsad handles it) waits while the block runs (a
+    checkpoint's save, the saving of the newest step on a first Ctrl-C): a press during
+    it is said once on stderr, on a line of its own, and raised as KeyboardInterrupt
+    when the block has ended. A block inside another runs as it is (the outer one
+    waits); so does one outside the main thread, or where SIGINT is ignored or left to
+    the system (a background job)."""
+    if _shielding[0] or threading.current_thread() is not threading.main_thread() \
             or not callable(signal.getsignal(signal.SIGINT)):
         yield
         return
     pressed = []
 
     def wait_for_it(signum, frame):
-        if not pressed:
-            print(f"fsad: Ctrl-C: {what} first; the run stops after it", file=sys.stderr,
-                  flush=True)
+        if not pressed:  # (the newline: a progress bar may hold the line)
+            print(f"\nfsad: Ctrl-C: {what} first; the run stops after it",
+                  file=sys.stderr, flush=True)
         pressed.append(signum)
 
-    before = signal.signal(signal.SIGINT, wait_for_it)
+    sigs = [sig for sig in (signal.SIGINT, signal.SIGTERM)
+            if sig == signal.SIGINT or signal.getsignal(sig) is _on_sigint]
+    before = {sig: signal.signal(sig, wait_for_it) for sig in sigs}
+    _shielding[0] = True
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        _shielding[0] = False
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     if pressed:
+        _last[0] = pressed[0]
         raise KeyboardInterrupt

@@ -168,7 +168,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     except KeyboardInterrupt:
         print(interrupted_line(workdir, mode), file=sys.stderr, flush=True)
         interrupts.delivered()  # (after the line: a press from here ends the process)
-        return EXIT_INTERRUPTED
+        return interrupts.exit_status()  # EXIT_INTERRUPTED, or 143 for SIGTERM
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
         if not lost_host(err):
             raise

@@ -34,6 +34,7 @@ from fsad.checkpoints import (PacedCheckpoints, adopt_checkpoint, checkpoint_man
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
+from fsad.interrupts import shielded
 from fsad.mesh import batch_sharded, check_batch, mesh_batch, replicated
 from fsad.models.resnet import normalize_uint8
 from fsad.quick_compile import quick_jit
@@ -365,8 +366,9 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                     if saver is not None:
                         saver.epoch_end(step + 1, state, step + 1 == total)
         except KeyboardInterrupt:
-            if saver is not None:
-                save_on_ctrl_c(saver, state, [in_flight, newest])
+            if saver is not None:  # a second press waits: it cut the save short
+                with shielded("saving the newest step"):
+                    save_on_ctrl_c(saver, state, [in_flight, newest])
             raise
         if in_flight is not None:
             finish(bar, in_flight)

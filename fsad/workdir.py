@@ -154,7 +154,7 @@ def fields_with_run_values(workdir: str, config, diff: list[str]) -> str:
     """"fields a, b; in the run: 1, 'x'" for a config difference: the fields and, for up
     to 4, the values the run in workdir was made with (a field its config.json lacks at
     its default), which a user scoring or resuming it must give again."""
-    text = f"fields {', '.join(diff)}"
+    text = f"field{'s' if len(diff) > 1 else ''} {', '.join(diff)}"
     if len(diff) > 4:
         return text
     with open(os.path.join(workdir, "config.json")) as f:
@@ -178,9 +178,17 @@ def _different_config(workdir: str, config, diff: list[str]) -> UserError:
                          f"({fields_with_run_values(workdir, config, diff)}); to meta-train "
                          f"with the new ones on its trained base models, use a new --workdir "
                          f"with --config.ahl.base_workdir={workdir}")
+    if diff == ["seed"]:  # another first seed: the run's seeds are seed.. seed+n-1
+        first, last = stored.get("seed", 0), config.seed + config.num_seeds - 1
+        more = (f"keep --config.seed={first} and raise --config.num_seeds (to "
+                f"{last - first + 1}: seeds {first} to {last}), or " if last > first else "")
+        return UserError(f"{workdir!r} holds a run whose seeds start at {first}, and "
+                         f"--config.seed={config.seed} starts another run; to add seeds to it, "
+                         f"{more}use a new --workdir for a run of these")
     return UserError(f"{workdir!r} holds a run with a different config "
-                     f"({fields_with_run_values(workdir, config, diff)}); use a new "
-                     f"--workdir, or delete it to start over")
+                     f"({fields_with_run_values(workdir, config, diff)}); give it those "
+                     f"values to resume or extend that run, or use a new --workdir for "
+                     f"these (deleting this one discards what it trained)")
 
 
 def stored_seeds(workdir: str) -> list[int]:
@@ -313,14 +321,23 @@ def stored_config_change(workdir: str, config) -> tuple[str, list[str] | None, s
                                     f"seed's meta-training; the base models' checkpoints "
                                     f"are kept"
                                     + (", their AHL features made again" if features else ""))
-    return "seed count", diff, (f"the run goes on with num_seeds={config.num_seeds}; "
-                                f"finished seeds are kept, the others trained")
+    said = (f"the run goes on with num_seeds={config.num_seeds}; finished seeds are kept, "
+            f"the others trained")
+    seeds = range(config.seed, config.seed + config.num_seeds)
+    left = [s for s in stored_seeds(workdir) if s not in seeds and (
+        seed_finished(seed_dir_of(workdir, s)) or checkpoint_steps(seed_dir_of(workdir, s)))]
+    if left:
+        said += (f"; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} "
+                 f"keep{'' if len(left) > 1 else 's'} {'their' if len(left) > 1 else 'its'} "
+                 f"work but stay{'' if len(left) > 1 else 's'} out of results.json (raise "
+                 f"--config.num_seeds to take {'them' if len(left) > 1 else 'it'} in)")
+    return "seed count", diff, said
 
 
 def workdir_change_lines(workdir: str, config) -> list[str]:
     """`stored_config_change`'s sentence for ``--check`` (`check_workdir` logs it), where
-    the run would replace the stored config or change AHL's fields (a seed count is said
-    by the seed lines). Reads only.
+    the run would replace the stored config, change AHL's fields, or leave out seeds
+    that hold work (another seed count is otherwise said by the seed lines). Reads only.
 
     Raises:
       UserError: as `check_workdir_config`, or workdir names a file.
@@ -329,7 +346,8 @@ def workdir_change_lines(workdir: str, config) -> list[str]:
     if not os.path.isdir(workdir):
         return []
     kind, _, said = stored_config_change(workdir, config)
-    return [f"workdir: {said}"] if kind in ("replaces", "ahl fields") else []
+    shown = kind in ("replaces", "ahl fields") or (kind == "seed count" and "stay" in said)
+    return [f"workdir: {said}"] if shown else []
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -348,8 +366,8 @@ def check_workdir(workdir: str, config) -> None:
                     if os.path.exists(cache):
                         os.remove(cache)
             wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
-        elif kind == "seed count":
-            logging.info("%s: %s", workdir, said)
+        elif kind == "seed count":  # said aloud where seeds with work are left out
+            (logging.warning if "stay" in said else logging.info)("%s: %s", workdir, said)
         elif kind == "replaces":
             logging.warning("%s %s", workdir, said)
         if kind != "same":  # none stored yet, or replaced (unsaved, seed count, AHL's)

@@ -185,6 +185,31 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
     with pytest.raises(KeyboardInterrupt):
         train(work, 1e6, step_until_ctrl_c)
     assert os.listdir(work / "checkpoints") == ["4"]
+    # a second Ctrl-C while the first is being handled (here as the state is looked at,
+    # before its save starts) waits for the save: it skipped it, and the run lost every
+    # step since its last checkpoint (a walkthrough: 5 of 6 double presses)
+    import signal
+    import fsad.train
+    is_whole = fsad.train.is_whole
+
+    def pressed_again(state):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # (Python runs the handler here)
+            pass
+        return is_whole(state)
+
+    calls.clear()
+    work_twice = tmp_path / "ctrl_c_twice"
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as fsad.main's
+    try:
+        fsad.train.is_whole = pressed_again
+        with pytest.raises(KeyboardInterrupt):
+            train(work_twice, 1e6, step_until_ctrl_c)
+    finally:
+        fsad.train.is_whole = is_whole
+        signal.signal(signal.SIGINT, previous)
+    assert os.listdir(work_twice / "checkpoints") == ["4"]
+    assert "fsad: Ctrl-C: saving the newest step first" in capsys.readouterr().err
     capsys.readouterr()
     end, info = train(work, 1e6)
     assert info["resumed_from"] == 4 and info["steps"] == 2

@@ -478,20 +478,36 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     (work / "seed_0" / "checkpoints" / "10").mkdir()
     assert saved_in(str(work)) == ["seed_0/checkpoints step 10"]
     expect_error(stored, work, capsys, "holds a run with a different config (fields "
-                 "data.img_size, seed; in the run: 32, 0)", "new --workdir")
+                 "data.img_size, seed; in the run: 32, 0); give it those values to resume "
+                 "or extend that run, or use a new --workdir for these (deleting this one "
+                 "discards")
     config.eval_batch_size, config.explain.batch_size = 3, 5
     config.checkpoint_seconds = 600.0  # how often it saves: no other state
     check_workdir(str(work), config)  # no error: the same trained run
     config.num_seeds = 3  # more seeds of the same run: the stored config takes the count
     check_workdir(str(work), config)
     assert json.loads((work / "config.json").read_text())["num_seeds"] == 3
+    # fewer seeds: one that holds work and is left out is said aloud (results.json was
+    # rewritten without it, silently; seed 1, with none, is not named)
+    (work / "seed_2" / "checkpoints" / "5").mkdir(parents=True)
+    config.num_seeds = 1
+    from fsad.workdir import workdir_change_lines
+    assert workdir_change_lines(str(work), config) == [
+        "workdir: the run goes on with num_seeds=1; finished seeds are kept, the others "
+        "trained; seed 2 keeps its work but stays out of results.json (raise "
+        "--config.num_seeds to take it in)"]
+    with caplog.at_level("WARNING"):
+        check_workdir(str(work), config)
+    assert "seed 2 keeps its work but stays out of results.json" in caplog.text
     config.num_seeds, config.seed = 2, 5  # a count, and another first seed: refused (for
     # the seed: the count may change, and is not named)
-    expect_error(config, work, capsys, "different config (fields seed; in the run: 0)")
+    expect_error(config, work, capsys, "holds a run whose seeds start at 0, and --config.seed=5 "
+                 "starts another run; to add seeds to it, keep --config.seed=0 and raise "
+                 "--config.num_seeds (to 7: seeds 0 to 6), or use a new --workdir")
     per_batch = folder_config(root, "dra", **{"dra.test_reference": "per_batch"})
     (work / "config.json").write_text(per_batch.to_json_best_effort())
     per_batch.eval_batch_size = 3  # here the batch changes the scores
-    expect_error(per_batch, work, capsys, "different config (fields eval_batch_size; in the "
+    expect_error(per_batch, work, capsys, "different config (field eval_batch_size; in the "
                  "run: 32)")
 
 
@@ -523,7 +539,7 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     config.explain.enabled, config.explain.sigma = False, 2.0
     assert check_stored_config(str(work), config)
     config.data.mask_resize = "opencv_linear"
-    with pytest.raises(UserError, match=r"different config \(fields data.mask_resize; in "
+    with pytest.raises(UserError, match=r"different config \(field data.mask_resize; in "
                                         r"the run: 'nearest'\); "
                                         r"score with the config it was trained with"):
         check_stored_config(str(work), config)
@@ -608,7 +624,7 @@ def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):
                  "not one of them; pass --config.seed=3 (or another of them)",
                  mode="score", input_dir=root)
     cfg.seed, cfg.data.n_anomaly = 4, 3  # another seed does not let other fields through
-    expect_error(cfg, work, capsys, "different config (fields data.n_anomaly; in the run: 2)",
+    expect_error(cfg, work, capsys, "different config (field data.n_anomaly; in the run: 2)",
                  mode="score", input_dir=root)
     (work / "config.json").write_text(json.dumps(config_json(folder_config(root))))
     cfg.data.n_anomaly = 2
@@ -616,7 +632,7 @@ def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):
                  "pass --config.seed=0 to score", mode="score", input_dir=root)
     cfg.data.img_size = 64  # a seed not of the run, and another field: both said at once
     expect_error(cfg, work, capsys, "--config.seed=4 is another (and the config differs in "
-                 "fields data.img_size; in the run: 32); pass --config.seed=0", mode="score",
+                 "field data.img_size; in the run: 32); pass --config.seed=0", mode="score",
                  input_dir=root)
     cfg.data.img_size = 32
     # a run rerun with fewer seeds (config.json's num_seeds 1) keeps its other seeds' models
@@ -1105,6 +1121,21 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
         "checked: nothing was written or trained; run the same command without --check to "
         "train"]
     assert not (tmp_path / "w").exists() and not (tmp_path / "cache").exists()
+    # seeds stopped after their training (its evaluation left) and within it: the first
+    # read as a training to resume before (a walkthrough)
+    from fsad.workdir import config_json, write_json_atomic
+    os.makedirs(tmp_path / "w")
+    write_json_atomic(str(tmp_path / "w" / "config.json"), config_json(cfg))
+    total = cfg.epochs * cfg.steps_per_epoch
+    for seed, step in ((0, total), (1, total - 1)):
+        os.makedirs(tmp_path / "w" / f"seed_{seed}" / "checkpoints" / str(step))
+    assert execute(cfg, str(tmp_path / "w"), check=True) == 0
+    states = [line.split("; ")[-1] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("seed ")]
+    assert states == [f"resumes from checkpoints step {total} (its training done: the "
+                      f"evaluation and the stages after it)",
+                      f"resumes from checkpoints step {total - 1}"]
+    shutil.rmtree(tmp_path / "w")
     # an AHL seed without ahl.base_workdir trains its base first (with it: the end-to-end
     # tests)
     assert execute(folder_config(root, "ahl_devnet"), str(tmp_path / "w"), check=True) == 0
@@ -1241,14 +1272,14 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     with open(work / "config.json") as f:
         assert json.load(f)["ahl"]["cluster_on"] == "auto"
     config.epochs += 1  # the base's own field
-    with pytest.raises(UserError, match=r"different config \(fields epochs; in the run"):
+    with pytest.raises(UserError, match=r"different config \(field epochs; in the run"):
         check_workdir(str(work), config)
     config.epochs -= 1
     os.makedirs(work / "seed_0" / "ahl_checkpoints" / "2")  # meta-training started
     config.ahl.clusters = 2
     with pytest.raises(UserError, match=re.escape(
             "holds an AHL run whose meta-training has started, and AHL's fields may change "
-            "only before that (fields ahl.clusters; in the run: 3); to meta-train with the "
+            "only before that (field ahl.clusters; in the run: 3); to meta-train with the "
             f"new ones on its trained base models, use a new --workdir with "
             f"--config.ahl.base_workdir={work}")):
         check_workdir(str(work), config)
@@ -1307,6 +1338,20 @@ def test_ctrl_c_after_the_run_stopped_ends_the_process_at_once():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert (done.returncode, done.stdout, done.stderr) == (130, "", "")
+    # SIGTERM (a cluster's time limit) is taken as Ctrl-C, the newest step saved: it
+    # killed the run, losing the steps since the last checkpoint; a second one during a
+    # save waits for it; 143 (128 + SIGTERM)
+    code = ("import os, signal, time; from fsad import interrupts; interrupts.install()\n"
+            "try:\n    os.kill(os.getpid(), signal.SIGTERM); time.sleep(30)\n"
+            "except KeyboardInterrupt:\n    print('stopping', interrupts.exit_status())\n"
+            "try:\n    with interrupts.shielded('saving'):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2); print('saved')\n"
+            "except KeyboardInterrupt:\n    interrupts.delivered()\n"
+            "os.kill(os.getpid(), signal.SIGTERM); time.sleep(30); print('not stopped')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert (done.returncode, done.stdout.split("\n")) == (143, ["stopping 143", "saved", ""])
+    assert done.stderr == "\nfsad: Ctrl-C: saving first; the run stops after it\n"
 
 
 def test_a_started_seed_needs_its_base_run_no_more(tmp_path):

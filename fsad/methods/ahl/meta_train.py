@@ -16,6 +16,7 @@ import numpy as np
 from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, restore_latest
 from fsad.errors import UserError
 from fsad.hosts import progress, put
+from fsad.interrupts import shielded
 from fsad.mesh import one_device_mesh, replicated
 from fsad.methods.ahl.heads import HeadModel
 from fsad.methods.ahl.importance import (generalisation_errors, make_psi_fns,
@@ -186,7 +187,8 @@ def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir
                     saver.epoch_end(epoch + 1, state, epoch + 1 == end)
         except KeyboardInterrupt:  # the newest finished epoch saved
             if saver is not None and int(state.epoch):
-                saver.interrupted(int(state.epoch), state)
+                with shielded("saving the newest meta-epoch"):
+                    saver.interrupted(int(state.epoch), state)
             raise
     if mngr is not None:
         mngr.close()
