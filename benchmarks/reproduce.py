@@ -64,7 +64,7 @@ from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 config_protocol_note, paper_known_classes, reference_auroc)
 from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
-                          write_json_atomic)
+                          seed_finished, write_json_atomic)
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # the fields each cell sets from this script's own flags: they change from cell to cell
@@ -215,6 +215,20 @@ def finished(workdir: str, seeds: int) -> bool:
         return len(json.load(f)["runs"]) == seeds
 
 
+def cell_state(workdir: str, first_seed: int, seeds: int) -> str:
+    """A cell's state for --check: "finished", "to run", or what a run would read back
+    and resume ("1 of 2 seeds finished; seed 1 resumes from checkpoints step 10")."""
+    if finished(workdir, seeds):
+        return "finished"
+    dirs = {s: seed_dir_of(workdir, s) for s in range(first_seed, first_seed + seeds)}
+    done = [s for s, d in dirs.items() if seed_finished(d)]
+    kept = {s: checkpoint_steps(d) for s, d in dirs.items() if s not in done}
+    parts = [f"{len(done)} of {seeds} seeds finished"] if done else []
+    parts += [f"seed {s} resumes from " + ", ".join(f"{f} step {n}" for f, n in k.items())
+              for s, k in kept.items() if k]
+    return "; ".join(parts) or "to run"
+
+
 def run_table(args, on_cell=None) -> dict:
     """Runs (or resumes) every cell and returns {"cells": [...], "rows": [...],
     "skipped": [...]}; on_cell(table) is called after each cell with the table so far.
@@ -251,7 +265,7 @@ def run_table(args, on_cell=None) -> dict:
         for i, cell in enumerate(grid):
             workdir = cell_dir(args.out, cell)
             say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir} "
-                f"({'finished' if finished(workdir, args.seeds) else 'to run'})")
+                f"({cell_state(workdir, args.seed, args.seeds)})")
         say(f"every cell checked ({len(grid)}); nothing trained (--check)")
         return {"cells": [], "rows": [], "skipped": grid}
     data = load_imageset(first.data)

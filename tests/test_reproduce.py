@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -59,6 +60,18 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root, capsy
             assert res["runs"][0]["compile_seconds"] == 0.0
     md = (out / "table.md").read_text()
     assert "| devnet | general | 10 |" in md and "devnet table5 0.705" in md
+    # --check with another seed, one cell's started: what each cell would read back and
+    # resume (partly done cells read "to run" before)
+    (out / "devnet" / "general" / "10shot" / "seed_1" / "checkpoints" / "3").mkdir(
+        parents=True)
+    seeds = argv.index("--seeds")
+    capsys.readouterr()
+    assert reproduce.main(argv[:seeds + 1] + ["2"] + argv[seeds + 2:] + ["--check"]) == 0
+    said = [line.split(" (", 1)[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("[")]
+    assert said == ["1 of 2 seeds finished; seed 1 resumes from checkpoints step 3)",
+                    "1 of 2 seeds finished)", "1 of 2 seeds finished)"], said
+    shutil.rmtree(out / "devnet" / "general" / "10shot" / "seed_1")
 
     # again, with 2-shot cells added and a spent time budget: every finished seed is read
     # back from its metrics.json (a retrained cell would have another wall time), so an
