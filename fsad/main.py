@@ -94,12 +94,16 @@ def interrupted_line(workdir: str, mode: str) -> str:
 def kept_checkpoints(workdir: str) -> tuple[str, str]:
     """What a stopped run left to resume from, in words, and what the same command does
     next: "resume from there", or "start it again" where the run saved nothing."""
-    from fsad.workdir import newest_checkpoints, saved_in
-    kept = newest_checkpoints(workdir)
+    from fsad.workdir import newest_checkpoints, saved_in, seed_finished, seed_folders
+    finished = [d for d in seed_folders(workdir) if seed_finished(os.path.join(workdir, d))]
+    # a finished seed's checkpoints are said as the seed's end: it is read back, not resumed
+    kept = [c for c in newest_checkpoints(workdir) if c.split("/")[0] not in finished]
     # saved_in lists the checkpoints too: read the folders again only when there are none
     go_on = "resume from there" if kept or saved_in(workdir) else "start it again"
-    return (f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else
-            f"no checkpoint was written yet in {workdir}"), go_on
+    done = f"{', '.join(finished)} finished; " if finished else ""
+    return done + (f"checkpoints kept in {workdir}: {', '.join(kept)}" if kept else
+                   f"no checkpoint was written yet in {workdir}" if not finished else
+                   f"no other checkpoint in {workdir}"), go_on
 
 
 def host_lost_line(workdir: str, mode: str, err: Exception) -> str:

@@ -1211,6 +1211,11 @@ def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
         f"seed_2/ahl_checkpoints step 2, seed_10/checkpoints step 40); run the same "
         f"command to resume from there")
     assert "run the command again" in interrupted_line(str(work), "score")
+    # a finished seed is said so, not among the checkpoints to resume from
+    (work / "seed_10" / "metrics.json").write_text("{}")
+    assert interrupted_line(str(work), "train") == (
+        f"fsad: interrupted (seed_10 finished; checkpoints kept in {work}: seed_2/checkpoints "
+        f"step 30, seed_2/ahl_checkpoints step 2); run the same command to resume from there")
 
 
 def test_meta_training_too_short_for_psi_is_said():
