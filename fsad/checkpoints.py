@@ -159,23 +159,31 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
 
 
 def _collect_failed_reads() -> None:
-    """Collects, quietly, the read coroutines a failed restore left: Orbax's other reads
-    of that checkpoint raised too, and Python reported each, when garbage-collected at
-    some later moment, as "Exception ignored in: <coroutine object
+    """Quiets the read coroutines a failed restore left: Orbax's other reads of that
+    checkpoint failed too, and Python reported each, when it was closed at some later
+    garbage collection, as "Exception ignored in: <coroutine object
     _read_array_index_and_device_put>" with TensorStore's whole error (seen in 1 of 3
-    runs of the test of a damaged checkpoint). The warning above says it once."""
-    previous = sys.unraisablehook
+    runs of the test of a damaged checkpoint, and in a fresh clone's suite long after
+    that test). The warning of the fallback says it once: from here on, for the rest of
+    the process, such reports of Orbax's coroutines are dropped (`_DropOrbaxCoroutines`;
+    every other report goes to the hook before), and those already unreachable are
+    collected now."""
+    if not isinstance(sys.unraisablehook, _DropOrbaxCoroutines):
+        sys.unraisablehook = _DropOrbaxCoroutines(sys.unraisablehook)
+    gc.collect()
 
-    def drop_orbax_coroutines(unraisable):
+
+class _DropOrbaxCoroutines:
+    """A `sys.unraisablehook` that drops the reports of Orbax's coroutines (a failed
+    restore's other reads, `_collect_failed_reads`) and passes every other one on."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
         code = getattr(unraisable.object, "cr_code", None)
         if code is None or "/orbax/" not in code.co_filename.replace("\\", "/"):
-            previous(unraisable)
-
-    sys.unraisablehook = drop_orbax_coroutines
-    try:
-        gc.collect()
-    finally:
-        sys.unraisablehook = previous
+            self.previous(unraisable)
 
 
 class _WithoutOrbaxLogs(logging.Filter):
