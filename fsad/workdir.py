@@ -191,6 +191,11 @@ def _different_config(workdir: str, config, diff: list[str]) -> UserError:
                      f"these (deleting this one discards what it trained)")
 
 
+def seed_has_work(seed_dir: str) -> bool:
+    """Whether a seed's folder holds what a run saved: its metrics or a checkpoint."""
+    return seed_finished(seed_dir) or bool(checkpoint_steps(seed_dir))
+
+
 def stored_seeds(workdir: str) -> list[int]:
     """The seeds of the run in workdir: those of its config.json (its seed and the
     num_seeds - 1 after it, the first first), then any other seed folder with a checkpoint
@@ -203,9 +208,8 @@ def stored_seeds(workdir: str) -> list[int]:
         stored = json.load(f)
     seeds = [stored.get("seed", 0) + i for i in range(stored.get("num_seeds", 1))]
     for d in seed_folders(workdir):
-        folder = os.path.join(workdir, d)
-        if d[5:].isdigit() and int(d[5:]) not in seeds and (
-                seed_finished(folder) or checkpoint_steps(folder)):
+        if d[5:].isdigit() and int(d[5:]) not in seeds and seed_has_work(
+                os.path.join(workdir, d)):
             seeds.append(int(d[5:]))
     return seeds
 
@@ -255,10 +259,16 @@ def ahl_fields_only(diff: list[str]) -> bool:
 
 
 def meta_training_started(workdir: str) -> bool:
-    """Whether a seed of the run in workdir has an AHL meta-training checkpoint or has
-    finished (AHL included)."""
-    seeds = [os.path.join(workdir, d) for d in seed_folders(workdir)]
-    return any(seed_finished(d) or "ahl_checkpoints" in checkpoint_steps(d) for d in seeds)
+    """Whether a seed of the run in workdir has started AHL's meta-training
+    (`seed_meta_training_started`)."""
+    return any(seed_meta_training_started(os.path.join(workdir, d))
+               for d in seed_folders(workdir))
+
+
+def seed_meta_training_started(seed_dir: str) -> bool:
+    """Whether a seed has an AHL meta-training checkpoint or has finished (AHL
+    included): its base training is over."""
+    return seed_finished(seed_dir) or "ahl_checkpoints" in checkpoint_steps(seed_dir)
 
 
 def beyond_seed_count(diff: list[str] | None) -> list[str]:
@@ -298,8 +308,8 @@ def stored_config_change(workdir: str, config) -> tuple[str, list[str] | None, s
     """What a run of config does with the config stored in workdir (`check_workdir_config`,
     which reads only): (kind, the fields that differ or None, a sentence for the user or
     ""). kind: "new" (none stored), "same", "replaces" (the stored run saved nothing),
-    "seed count" (only num_seeds differs) or "ahl fields" (AHL's own fields, before any
-    seed's meta-training).
+    "seed count" (only num_seeds differs), "fewer seeds" (so, and seeds that hold work
+    are left out) or "ahl fields" (AHL's own fields, before any seed's meta-training).
 
     Raises:
       UserError: as `check_workdir_config`.
@@ -324,14 +334,15 @@ def stored_config_change(workdir: str, config) -> tuple[str, list[str] | None, s
     said = (f"the run goes on with num_seeds={config.num_seeds}; finished seeds are kept, "
             f"the others trained")
     seeds = range(config.seed, config.seed + config.num_seeds)
-    left = [s for s in stored_seeds(workdir) if s not in seeds and (
-        seed_finished(seed_dir_of(workdir, s)) or checkpoint_steps(seed_dir_of(workdir, s)))]
-    if left:
-        said += (f"; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} "
-                 f"keep{'' if len(left) > 1 else 's'} {'their' if len(left) > 1 else 'its'} "
-                 f"work but stay{'' if len(left) > 1 else 's'} out of results.json (raise "
-                 f"--config.num_seeds to take {'them' if len(left) > 1 else 'it'} in)")
-    return "seed count", diff, said
+    left = [s for s in stored_seeds(workdir)
+            if s not in seeds and seed_has_work(seed_dir_of(workdir, s))]
+    if not left:
+        return "seed count", diff, said
+    return "fewer seeds", diff, (
+        f"{said}; seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} "
+        f"keep{'' if len(left) > 1 else 's'} {'their' if len(left) > 1 else 'its'} work but "
+        f"stay{'' if len(left) > 1 else 's'} out of results.json (raise --config.num_seeds "
+        f"to take {'them' if len(left) > 1 else 'it'} in)")
 
 
 def workdir_change_lines(workdir: str, config) -> list[str]:
@@ -346,8 +357,7 @@ def workdir_change_lines(workdir: str, config) -> list[str]:
     if not os.path.isdir(workdir):
         return []
     kind, _, said = stored_config_change(workdir, config)
-    shown = kind in ("replaces", "ahl fields") or (kind == "seed count" and "stay" in said)
-    return [f"workdir: {said}"] if shown else []
+    return [f"workdir: {said}"] if kind in ("replaces", "ahl fields", "fewer seeds") else []
 
 
 def check_workdir(workdir: str, config) -> None:
@@ -366,8 +376,10 @@ def check_workdir(workdir: str, config) -> None:
                     if os.path.exists(cache):
                         os.remove(cache)
             wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
-        elif kind == "seed count":  # said aloud where seeds with work are left out
-            (logging.warning if "stay" in said else logging.info)("%s: %s", workdir, said)
+        elif kind == "seed count":
+            logging.info("%s: %s", workdir, said)
+        elif kind == "fewer seeds":
+            logging.warning("%s: %s", workdir, said)
         elif kind == "replaces":
             logging.warning("%s %s", workdir, said)
         if kind != "same":  # none stored yet, or replaced (unsaved, seed count, AHL's)
@@ -435,11 +447,12 @@ def base_run_checkpoints(config, seed: int) -> str | None:
     seed_dir = seed_dir_of(root, seed)
     checkpoints = os.path.join(seed_dir, "checkpoints")
     total, steps = config.epochs * config.steps_per_epoch, saved_steps(checkpoints)
-    # an AHL run's seed: its base checkpoint at the last step; or, its checkpoints gone
-    # after the base training ended (meta-training started), the error below
-    trained = (max(steps) >= total if steps else seed_finished(seed_dir)
-               or "ahl_checkpoints" in checkpoint_steps(seed_dir)) if of_ahl \
-        else seed_finished(seed_dir)
+    if not of_ahl:
+        trained = seed_finished(seed_dir)
+    elif steps:  # an AHL run's seed: its base checkpoint at the last step
+        trained = max(steps) >= total
+    else:  # none kept: trained where meta-training started (the error below names it)
+        trained = seed_meta_training_started(seed_dir)
     if not trained:
         covered = seed in stored_seeds(root)
         raise UserError(f"ahl.base_workdir={root!r} has not finished "

@@ -77,13 +77,19 @@ def npy_rgb(path: str) -> np.ndarray:
       [H, W, 3] uint8 (a 2-D or 1-channel array is repeated to 3 channels).
     """
     arr = np.load(path, allow_pickle=False).astype(np.uint8)  # a plain cast, as released
+    check_npy_image_shape(arr.shape)
     if arr.ndim == 2:
         arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[-1] == 2:
-        raise ValueError(f"expected an [H, W, C] array with C = 1 or C >= 3, got {arr.shape}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return np.ascontiguousarray(arr[..., :3])
+
+
+def check_npy_image_shape(shape: tuple) -> None:
+    """Raises ValueError unless an .npy array's shape is an image's: [H, W] or [H, W, C]
+    with C = 1 or C >= 3."""
+    if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] == 2):
+        raise ValueError(f"expected an [H, W, C] array with C = 1 or C >= 3, got {shape}")
 
 
 def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
@@ -246,10 +252,7 @@ def check_image_folder(root: str, skip_subset: str = "") -> None:
     for path in paths:
         try:
             if path.lower().endswith(".npy"):
-                shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
-                if len(shape) not in (2, 3) or (len(shape) == 3 and shape[-1] == 2):
-                    raise ValueError(f"expected an [H, W, C] array with C = 1 or C >= 3, "
-                                     f"got {shape}")
+                check_npy_image_shape(np.load(path, mmap_mode="r", allow_pickle=False).shape)
             else:
                 with Image.open(path):
                     pass
