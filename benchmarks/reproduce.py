@@ -43,13 +43,16 @@ import re
 import sys
 import time
 
-import jax
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fsad import interrupts  # noqa: E402
+
+if __name__ == "__main__":
+    interrupts.defer()  # before JAX's import: a Ctrl-C from here on stops the table
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from fsad.config import has_field, nearest_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
@@ -487,6 +490,7 @@ def main(argv=None) -> int:
             write_table(args.out, table)
 
     try:  # the table so far is on disk after every cell: a run cut short still leaves one
+        interrupts.check()  # a Ctrl-C during the start-up (`interrupts.defer`)
         join_hosts(args.distributed, args.coordinator_address, args.num_processes,
                    args.process_id)
         table = run_table(args, on_cell=on_cell)

@@ -6,7 +6,8 @@ collection), Python prints "Exception ignored in ..." and drops it: the run went
 Ctrl-C had not been pressed (seen 2 times in 20 on an AHL run). The command line's
 handler (`install`) also records the interrupt, and `check`, called by every progress
 bar's step (`fsad.hosts.progress`) and between a seed's stages, raises it again if it
-was dropped. The record is the process's own (a signal is), set only by that handler.
+was dropped. The record is the process's own (a signal is), set only by fsad's handlers
+(`defer`'s too: a press during the command line's start-up is taken when it has started).
 
 A checkpoint being saved is shielded from Ctrl-C (`shielded`): a press then waits for the
 save to end. A second Ctrl-C a moment after the first used to cut short the save the
@@ -34,10 +35,27 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _on_startup(signum, frame):
+    _pending[0] = True
+    _last[0] = signum
+
+
+def defer() -> None:
+    """The command line's first step, before it imports JAX: until `install`, Ctrl-C
+    (and SIGTERM) is recorded only, and the run stops as its first act. Raised during the
+    start-up's imports, the KeyboardInterrupt mostly landed in JAX's garbage-collection
+    callback, where Python drops it: the run went on to its end (3 presses in 3 within a
+    second of the start), or crashed (SIGSEGV) or printed an import's traceback."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _on_startup)
+
+
 def install() -> None:
     """Handles SIGINT, and SIGTERM as it (a cluster's time limit, `kill`: the newest step
-    saved, as on Ctrl-C), in the command line's main thread only: record, then raise."""
-    _pending[0] = False
+    saved, as on Ctrl-C), in the command line's main thread only: record, then raise. A
+    press recorded since `defer` stays, for `check` to raise."""
+    _pending[0] = _pending[0] and signal.getsignal(signal.SIGINT) is _on_startup
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _on_sigint)
 

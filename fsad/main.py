@@ -26,16 +26,22 @@ On several hosts (one process each, the same command and shared files; `fsad.hos
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
-import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
 from fsad import interrupts
-from fsad.errors import UserError
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "fsad":  # the command line
+    interrupts.defer()  # before JAX's import: a Ctrl-C from here on stops the run
+
+import importlib  # noqa: E402
+import logging as std_logging  # noqa: E402
+import re  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fsad.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/devnet.py "
                                           "or configs/devnet.py:quick.", lock_config=True)
@@ -220,17 +226,24 @@ def main(argv):
         print(error_line(f"unexpected arguments {' '.join(argv[1:])}; fields are set as "
                          f"--config.FIELD=VALUE"), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    for module in ("fsad.experiment", "fsad.scoring"):  # the start-up's imports (JAX, Orbax,
+        importlib.import_module(module)  # scikit-learn) while Ctrl-C is only recorded
     interrupts.install()
     logging.set_verbosity(logging.WARNING)
     # warnings read "fsad: WARNING: ..." rather than absl's file:line prefix
     logging.get_absl_handler().setFormatter(std_logging.Formatter("fsad: %(levelname)s: "
                                                                   "%(message)s"))
     try:
+        interrupts.check()  # a Ctrl-C during the start-up (`interrupts.defer`)
         join_hosts(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                    _PROCESS_ID.value)
     except UserError as err:
         print(error_line(err), file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("fsad: interrupted before the run started; nothing was written",
+              file=sys.stderr, flush=True)
+        os._exit(interrupts.exit_status())
     code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
                    _HEATMAPS.value, _CHECK.value)
     if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_HOST_LOST):

@@ -1333,6 +1333,38 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
         interrupts.delivered()
 
 
+def test_ctrl_c_during_the_start_up_stops_the_command(tmp_path):
+    """A Ctrl-C in the command line's first seconds (JAX's import) stops it with one
+    line: raised there, it landed in JAX's garbage-collection callback and Python dropped
+    it, so the run went on to its end (3 presses in 3), or it printed an import's
+    traceback. The press is recorded until the run starts (`interrupts.defer`)."""
+    import signal
+    import time
+    workdir = str(tmp_path / "run")
+    child = subprocess.Popen(
+        [sys.executable, "-m", "fsad.main", "--config", "configs/devnet.py:quick",
+         "--workdir", workdir, "--config.model.pretrained=none"], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    maps, start = f"/proc/{child.pid}/maps", time.monotonic()
+    while time.monotonic() - start < 60:  # until the child loads jaxlib: JAX's import
+        try:
+            with open(maps) as f:
+                if "jaxlib" in f.read():
+                    break
+        except OSError:  # no /proc: a moment into the start-up instead
+            time.sleep(0.5)
+            break
+        time.sleep(0.01)
+    child.send_signal(signal.SIGINT)
+    try:
+        out, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, (out, err)
+    assert err.startswith("fsad: interrupted") and len(err.splitlines()) == 1, err
+    assert "results" not in out
+
+
 def test_ctrl_c_after_the_run_stopped_ends_the_process_at_once():
     """Once the command line has handled a Ctrl-C (its checkpoints saved, its line
     printed), another one ends the process at once with 130: raised in the teardown, it
