@@ -178,9 +178,10 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
       UserError: the training images differ from those of the seed's checkpoints.
     """
     ids = np.concatenate([data.file_ids[split.train_normal], data.file_ids[split.train_anomaly]])
-    record = {"train_files_sha1": hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest(),
+    record = {"train_files_sha1": _ids_sha1(ids),
               "train_normal": int(len(split.train_normal)),
-              "train_anomaly": int(len(split.train_anomaly))}
+              "train_anomaly": int(len(split.train_anomaly)),
+              **dataset_record(data)}
     path = os.path.join(seed_dir, "split.json")
     if os.path.exists(path) and checkpoint_steps(seed_dir):
         with open(path) as f:
@@ -197,15 +198,45 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
         write_json_atomic(path, record)
 
 
+def _ids_sha1(ids) -> str:
+    return hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()
+
+
+def dataset_record(data) -> dict:
+    """The dataset a seed started on, in its split.json: its rows' sha1 and count."""
+    return {"dataset_sha1": _ids_sha1(data.file_ids), "dataset_images": int(len(data.file_ids))}
+
+
 def check_resumed_splits(config, data, seeds, workdir: str) -> None:
     """check_split_unchanged, without writing, for every seed of `workdir` not finished
     (a finished seed is read back, not trained): a dataset changed under a run's
-    checkpoints is refused from its rows, before any weight or decode."""
-    for seed in seeds:
+    checkpoints is refused from its rows, before any weight or decode. So is one changed
+    since a finished seed where another seed would train now: results.json would
+    average seeds of two datasets.
+
+    Raises:
+      UserError: the dataset changed under a seed's checkpoints, or since a finished
+        seed while another has training left.
+    """
+    left = [seed for seed in seeds if not seed_finished(seed_dir_of(workdir, seed))]
+    for seed in left:
         seed_dir = seed_dir_of(workdir, seed)
-        if not seed_finished(seed_dir):
-            check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
-                                  write=False)
+        check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
+                              write=False)
+    now = dataset_record(data)
+    for seed in (s for s in seeds if s not in left) if left else ():
+        path = os.path.join(seed_dir_of(workdir, seed), "split.json")
+        kept = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                kept = json.load(f)
+        if kept.get("dataset_sha1", now["dataset_sha1"]) != now["dataset_sha1"]:
+            raise UserError(
+                f"the dataset changed since seed {seed} of {workdir} finished "
+                f"({kept.get('dataset_images')} images then, {now['dataset_images']} now) "
+                f"and seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} would "
+                f"train on it: results.json would average seeds of two datasets; restore "
+                f"the dataset as it was, or use a new --workdir")
 
 
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
@@ -415,8 +446,10 @@ def summary_text(results: dict) -> str:
     d = cfg["data"]
     n = len(results["runs"])
 
-    def pm(k):
-        return f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if n > 1 else f"{s[k]['mean']:.3f}"
+    def pm(k):  # over the seeds that give the figure (`evaluate.mean_std`'s "n")
+        given = s[k].get("n", n)
+        text = f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" if given > 1 else f"{s[k]['mean']:.3f}"
+        return text + (f" ({given} of {n} seeds)" if given < n else "")
 
     setting = d["setting"] + (f" (known: {d['known_class']})" if d["setting"] == "hard" else "")
     lines = [

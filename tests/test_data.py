@@ -57,6 +57,27 @@ def test_cache_roundtrip(synthetic_root, tmp_path):
     assert list(a.file_ids) == list(b.file_ids) and a.name == b.name
 
 
+def test_the_cache_follows_the_masks(tmp_path):
+    """A mask added, mended or removed is read again: the cache's key held the images'
+    listing only, and served a walkthrough's old masks (no pixel metrics after the masks
+    came) without a word."""
+    from fsad.data.synthetic import write_synthetic_dataset
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=4, n_test_good=2,
+                                   n_per_class=2)
+    cache = str(tmp_path / "c")
+    full = read_folder(root, SIZE, cache)
+    gt = os.path.join(root, "ground_truth")
+    cls = sorted(os.listdir(gt))[0]
+    removed = os.path.join(gt, cls, sorted(os.listdir(os.path.join(gt, cls)))[0])
+    os.rename(removed, str(tmp_path / "kept.png"))
+    fewer = read_folder(root, SIZE, cache)
+    assert fewer.mask_present.sum() == full.mask_present.sum() - 1
+    os.rename(str(tmp_path / "kept.png"), removed)
+    again = read_folder(root, SIZE, cache)
+    np.testing.assert_array_equal(again.mask_present, full.mask_present)
+    np.testing.assert_array_equal(again.masks, full.masks)
+
+
 def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_root, tmp_path,
                                                                    caplog):
     """A cache folder that is a file (or on a full or read-only disk): the decoded images

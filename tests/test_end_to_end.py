@@ -278,13 +278,16 @@ def test_a_seed_resumed_at_its_last_step_joins_the_summary(runs):
     res = results(runs["devnet"]["u"])
     run0 = res["runs"][0]
     assert isinstance(run0["loss"], float) and isinstance(run0["step_seconds"], float)
+    run0 = {**run0, "pixel_auroc_pooled": 0.75}
     resumed = {**run0, "seed": 1, "loss": None, "step_seconds": None,
-               "auroc": run0["auroc"] - 0.1}
+               "auroc": run0["auroc"] - 0.1, "pixel_auroc_pooled": None}
     s = mean_std([run0, resumed])
     assert s["loss"] == {"mean": run0["loss"], "std": 0.0, "n": 1}
     assert s["auroc"]["mean"] == pytest.approx(run0["auroc"] - 0.05) and "n" not in s["auroc"]
     text = summary_text({**res, "runs": [run0, resumed], "summary": s})
     assert "2 seed(s)" in text and f"AUROC  {run0['auroc'] - 0.05:.3f} ± 0.050" in text
+    # a figure of one seed of the two is not a mean ± 0 (a pixel AUROC a walkthrough saw)
+    assert "pixel_auroc_pooled 0.750 (1 of 2 seeds)" in text
 
 
 def config_of(name: str, root):

@@ -114,6 +114,30 @@ def test_pixel_metrics():
     assert explain.per_image_pixel_auroc(maps2, masks2) == pytest.approx(per)
 
 
+def test_masks_that_mark_no_pixel_leave_the_pixel_metrics_out(tmp_path, caplog):
+    """Anomalies whose masks are all empty (defects that vanish at a small img_size) ended
+    a trained run in a ValueError, its evaluation lost, every rerun the same: the pixel
+    metrics are left out with a warning; a mask of every pixel has no per-image AUROC."""
+    from types import SimpleNamespace
+    from fsad.config import base_config
+    config = base_config()
+    config.explain.num_overlays = 2
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 8, 8, 3), dtype=np.uint8)
+    labels = np.array([0, 0, 1, 1])
+
+    def saliency(variables, x):  # [B, H, W]: the red channel
+        return x[..., 0]
+    out = explain.explain_run(SimpleNamespace(random_scores=False), {}, images, labels,
+                              np.zeros((4, 8, 8), np.uint8), np.arange(4.0),
+                              ["a.png", "b.png", "c.png", "d.png"], config, str(tmp_path),
+                              saliency_fn=saliency)
+    assert not [k for k in out if k.startswith("pixel")]
+    assert len(out["overlays"]) == 2
+    assert "no test anomaly's mask marks a pixel at 8 px" in caplog.text
+    assert explain.per_image_pixel_auroc(np.ones((2, 4, 4)), np.ones((2, 4, 4))) is None
+
+
 def test_auroc_f1_curve_on_a_known_case():
     labels = np.array([0] * 6 + [1] * 6)
     scores = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.35, 0.7, 0.8, 0.9, 1.0, 1.1])

@@ -815,6 +815,29 @@ def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys, mon
     assert not (tmp_path / "cache").exists()  # no image decoded
 
 
+def test_more_seeds_on_a_dataset_changed_since_a_finished_seed(tmp_path, capsys):
+    """A run given more seeds after its folder changed trained them on the new images and
+    averaged them with the finished seed's, without a word (a walkthrough's 40 and 41
+    normals): refused, from the listing, while the finished run alone is still read back.
+    The finished seed's split.json records the dataset it started on."""
+    from fsad.data import folder_without_pixels
+    from fsad.experiment import check_resumed_splits, check_split_unchanged, split_stage
+    root = dataset(tmp_path / "d")
+    work = tmp_path / "w"
+    config = folder_config(root, num_seeds=2)
+    rows = folder_without_pixels(root)
+    check_split_unchanged(rows, split_stage(config, rows, 0), 0, str(work / "seed_0"))
+    (work / "seed_0" / "metrics.json").write_text("{}")  # finished
+    check_resumed_splits(config, rows, [0, 1], str(work))  # the same dataset: no word
+    good = os.path.join(root, "train", "good")
+    shutil.copy(os.path.join(good, sorted(os.listdir(good))[0]), os.path.join(good, "new.png"))
+    changed = folder_without_pixels(root)
+    check_resumed_splits(config, changed, [0], str(work))  # read back alone: no mix
+    expect_error(config, work, capsys, "the dataset changed since seed 0 of",
+                 "(27 images then, 28 now) and seed 1 would train on it",
+                 "results.json would average seeds of two datasets", "use a new --workdir")
+
+
 def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
     """The same command started again while the first still trains (a job submitted
     twice) is refused at its start, naming the holder; two runs would write the same

@@ -156,14 +156,16 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
     root = os.path.abspath(root)
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
-    # v 3: 16-bit grey within 0..255 read as it is, no longer scaled (decode.pil_rgb)
+    mask_paths = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
+    # v 3: 16-bit grey within 0..255 read as it is, no longer scaled (decode.pil_rgb);
+    # the masks' own listing: a mask added, mended or removed served the old ones
     key = {"name": _folder_name(root), "root": root, "size": size,
-           "files": listing_fingerprint(paths), "v": 3}
+           "files": listing_fingerprint(paths),
+           "masks": listing_fingerprint(m for m in mask_paths if m), "v": 3}
     if mask_resize != "nearest":  # the key of a nearest read stays what it was
         key["mask_resize"] = mask_resize
 
     def build() -> ImageSet:
-        mask_paths = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
         check_masks(root, rows, mask_paths)
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
         masks = present = None
