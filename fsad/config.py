@@ -325,11 +325,15 @@ def released_ahl(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
 def method_defaults(config: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """The defaults of config's method (config.method, and for AHL config.ahl.base), as
     its config file gives them without variants."""
+    return defaults_of(config.method, config.ahl.base if config.method == "ahl" else None)
+
+
+def defaults_of(method: str, base: str | None = None) -> config_dict.ConfigDict:
+    """The config file's defaults of a method ("devnet", "dra", or "ahl" on `base`)."""
     c = base_config()
-    if config.method == "ahl":
-        base = config.ahl.base
+    if method == "ahl":
         return add_ahl(add_dra(c) if base == "dra" else c, base)
-    return add_dra(c) if config.method == "dra" else add_devnet(c)
+    return add_dra(c) if method == "dra" else add_devnet(c)
 
 
 def config_files_with_field(dotted: str) -> list[str]:

@@ -131,7 +131,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     from fsad.workdir import check_stored_config
     from fsad.hosts import is_primary, lost_host, same_command_on_every_host
     from fsad.paper_figures import config_protocol_note
-    from fsad.validate import config_warnings
+    from fsad.validate import check_scoring_config, config_warnings
     try:
         # one program over every host's devices: a host given another config would train
         # another model into the same files, silently
@@ -146,13 +146,15 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             if not input_dir:
                 raise UserError("--mode score needs the images to score; pass --input DIR "
                                 "(or --input IMAGE)")
+            check_scoring_config(config)  # the fields scoring may change (train checks all)
             check_stored_config(workdir, config, must_exist=True)
             path = score_folder(config, workdir, input_dir, output, heatmaps)
             if is_primary():
                 print(f"scores: {path}")
                 if heatmaps:
-                    print(f"heatmaps: {heatmap_dir(workdir, config.seed)} (one overlay per image: "
-                          f"image | heat map | blend)")
+                    print(f"heatmaps: {heatmap_dir(workdir, config.seed)} (one overlay per "
+                          f"image: image | heat map | blend, each map scaled to its own "
+                          f"range; the CSV's heatmap column names it)")
             return 0
         given = [f for f, v in (("--input", input_dir), ("--output", output),
                                 ("--heatmaps", heatmaps)) if v]
@@ -274,6 +276,10 @@ def config_problem(err: Exception, argv) -> str | None:
     marker = "fsad.errors.UserError: "  # a UserError raised inside the config file
     if isinstance(err, UserError) or marker in message:
         return message.split(marker)[-1]
+    if path.endswith(".json"):  # a run's config.json (it reads as Python, and fails)
+        return (f"{path!r} is a run's record, not a config file; to use the config of the "
+                f"run it belongs to, pass --config configs/run.py:"
+                f"{os.path.dirname(path) or '.'}")
     if isinstance(err, SyntaxError):
         return (f"config file {err.filename or path!r} line {err.lineno}: {err.msg}; fix the "
                 f"file, or start from one of configs/*.py")

@@ -160,7 +160,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     heat maps); returns its path.
 
     CSV columns: file (relative to input_dir), score, z, p_value, anomalous; the last
-    three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`).
+    three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`);
+    with heatmaps, heatmap: the image's overlay (`heatmap_path`).
     An AHL run scores with its unified heads (as its evaluation does); its heat maps,
     like its evaluation's, are the base network's saliency.
     """
@@ -185,21 +186,30 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                         "AHL(DevNet)'s follow their N(0, 1) prior): the CSV leaves z, "
                         "p_value and anomalous empty; rank the images by score",
                         method_title(config))
+    overlays = [heatmap_path(workdir, config.seed, name) for name in files] if heatmaps \
+        else None
     if is_primary():  # the other hosts of a multi-host run computed the same
         with open(output, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["file", "score", "z", "p_value", "anomalous"])
+            w.writerow(["file", "score", "z", "p_value", "anomalous"]
+                       + (["heatmap"] if heatmaps else []))
             for i, name in enumerate(files):
                 decision = ["", "", ""] if cal is None else [
                     f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
-                w.writerow([name, f"{scores[i]:.6g}", *decision])
+                w.writerow([name, f"{scores[i]:.6g}", *decision]
+                           + ([overlays[i]] if heatmaps else []))
     if heatmaps:
         from fsad.explain import explain_images, overlay_png
         with hint_on_oom("the saliency maps", eval_fix(config)):
             maps = explain_images(method, variables, images, config, mesh=mesh)
         if is_primary():
-            for name, image, heat in zip(files, images, maps):
-                stem = os.path.splitext(name.replace(os.sep, "__"))[0]
-                overlay_png(os.path.join(heatmap_dir(workdir, config.seed), f"{stem}.png"),
-                            image, heat)
+            for path, image, heat in zip(overlays, images, maps):
+                overlay_png(path, image, heat)
     return output
+
+
+def heatmap_path(workdir: str, seed: int, name: str) -> str:
+    """The overlay of the image `name` (relative to --input): its path under the heat-map
+    folder, with ".png" added to the whole name (x.png and x.jpg, sub/y.png and
+    sub__y.png each get their own: one overlay took another's place)."""
+    return os.path.join(heatmap_dir(workdir, seed), name + ".png")

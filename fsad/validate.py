@@ -116,16 +116,11 @@ def check_config(config, n_devices: int = 1) -> None:
              f"papers' are 0, 1, 2)")
     _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
              f"seed: set --config.num_seeds to 1 or more (3 in the papers)")
-    for field, value in (("eval_batch_size", config.eval_batch_size),
-                         ("explain.batch_size", config.explain.batch_size)):
-        _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "
-                 f"--config.{field} to 1 or more")
+    check_scoring_config(config)
     _require(config.keep_checkpoints >= 0, f"keep_checkpoints={config.keep_checkpoints}; "
              f"use 0 (keep none) or more (3 by default)")
     _require(config.checkpoint_seconds >= 0, f"checkpoint_seconds={config.checkpoint_seconds}; "
              f"use 0 (a checkpoint every epoch) or more seconds between checkpoints")
-    _require(0.0 < config.explain.confidence < 1.0, f"explain.confidence="
-             f"{config.explain.confidence} is not a confidence; use a value in (0, 1)")
     if "devnet" in config:
         from fsad.methods.devnet import check_devnet_config
         check_devnet_config(config.devnet)
@@ -148,6 +143,27 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"of AHL on {built_on} (configs/ahl_{built_on}.py): the base model's fields "
                  f"come with its config file; use --config configs/ahl_{config.ahl.base}.py "
                  f"instead of --config.ahl.base")
+
+
+def check_scoring_config(config) -> None:
+    """Raises UserError for the fields of scoring and its heat maps that no run (or
+    --mode score, which may change them) could use: the batches, the saliency's blur,
+    the overlays' and the curve's counts, the decision's confidence."""
+    for field, value in (("eval_batch_size", config.eval_batch_size),
+                         ("explain.batch_size", config.explain.batch_size)):
+        _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "
+                 f"--config.{field} to 1 or more")
+    e = config.explain
+    _require(e.kernel_size >= 1, f"explain.kernel_size={e.kernel_size}; the saliency's blur "
+             f"needs a kernel of 1 pixel or more (16, the released code's)")
+    _require(e.sigma > 0, f"explain.sigma={e.sigma}; the blur's Gaussian needs a positive "
+             f"sigma (4, the released code's)")
+    _require(e.num_overlays >= 0, f"explain.num_overlays={e.num_overlays}; use 0 (none) or "
+             f"more top-scored test images to draw")
+    _require(e.curve_points >= 1, f"explain.curve_points={e.curve_points}; the AUROC-F1 curve "
+             f"needs 1 or more cut-offs (50 by default)")
+    _require(0.0 < e.confidence < 1.0, f"explain.confidence={e.confidence} is not a "
+             f"confidence; use a value in (0, 1)")
 
 
 def check_ahl_config(a) -> None:

@@ -15,7 +15,7 @@ import os
 from types import SimpleNamespace
 from typing import Callable
 
-from fsad.config import method_defaults
+from fsad.config import defaults_of, has_field, method_defaults
 from fsad.errors import UserError
 from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
 
@@ -54,6 +54,10 @@ BASE_SOURCE = ("ahl.base_workdir",)
 # a run may go on with another count of seeds: each seed is a run of its own (seed_<s>),
 # so more seeds train the new ones beside the finished ones, and fewer report the first
 SEED_COUNT = ("num_seeds",)
+# where decoded images are kept: the same images from any cache or none
+CACHE_PLACE = ("data.cache_dir",)
+# what scoring new images leaves unread: the test masks (pixel metrics are training's)
+SCORING_UNREAD = ("data.mask_resize",)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -65,6 +69,39 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def run_config(workdir: str):
+    """The config the run in workdir was made with (its config.json's fields over its
+    method's config file; a field the run's fsad lacked keeps its default):
+    ``--config configs/run.py:WORKDIR``, to score or extend a run without giving its
+    config file, variants and flags again.
+
+    Raises:
+      UserError: workdir is empty or holds no run's config.json.
+    """
+    if not workdir:
+        raise UserError("configs/run.py reads a run's config; name the run's folder after "
+                        "a colon, e.g. --config configs/run.py:runs/devnet")
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"configs/run.py:{workdir}: {workdir!r} holds no run (no "
+                        f"config.json); name a trained run's --workdir after the colon")
+    with open(path) as f:
+        stored = json.load(f)
+    if stored.get("method") not in ("devnet", "dra", "ahl"):
+        raise UserError(f"{path} is not an fsad run's config (method "
+                        f"{stored.get('method')!r}); name a trained run's --workdir")
+    config = defaults_of(stored["method"], stored.get("ahl", {}).get("base"))
+    for dotted, value in _flat(stored).items():
+        if isinstance(value, dict) or not has_field(config, dotted):
+            continue  # an empty group; a field this fsad no longer has
+        *groups, leaf = dotted.split(".")
+        node = config
+        for g in groups:
+            node = node[g]
+        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+    return config
 
 
 def _with_defaults(stored: dict, current: dict, config) -> dict:
@@ -86,11 +123,11 @@ def changed_from_defaults(config) -> list[tuple[str, object, object]]:
 
 def stored_config_diff(workdir: str, config) -> list[str] | None:
     """The fields (dotted, e.g. "data.img_size") in which config differs from the one
-    stored in workdir/config.json, less CHECKPOINT_PACE, BASE_SOURCE and BATCHING_ONLY
-    (unless DRA draws its test reference per batch, where the batch changes the scores);
-    None when none is stored. A field the stored config lacks was added to fsad after
-    that run was saved, which ran as its default does: it differs only where config sets
-    it to another value."""
+    stored in workdir/config.json, less CHECKPOINT_PACE, BASE_SOURCE, CACHE_PLACE and
+    BATCHING_ONLY (unless DRA draws its test reference per batch, where the batch changes
+    the scores); None when none is stored. A field the stored config lacks was added to
+    fsad after that run was saved, which ran as its default does: it differs only where
+    config sets it to another value."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return None
@@ -99,7 +136,7 @@ def stored_config_diff(workdir: str, config) -> list[str] | None:
         stored = _with_defaults(_flat(json.load(f)), current, config)
     per_batch = "dra" in config and config.dra.get("test_reference") == "per_batch"
     return sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k)
-                  and k not in CHECKPOINT_PACE + BASE_SOURCE
+                  and k not in CHECKPOINT_PACE + BASE_SOURCE + CACHE_PLACE
                   and (per_batch or k not in BATCHING_ONLY))
 
 
@@ -187,8 +224,9 @@ def _different_config(workdir: str, config, diff: list[str]) -> UserError:
                          f"{more}use a new --workdir for a run of these")
     return UserError(f"{workdir!r} holds a run with a different config "
                      f"({fields_with_run_values(workdir, config, diff)}); give it those "
-                     f"values to resume or extend that run, or use a new --workdir for "
-                     f"these (deleting this one discards what it trained)")
+                     f"values to resume or extend that run (--config configs/run.py:"
+                     f"{workdir} gives them all), or use a new --workdir for these "
+                     f"(deleting this one discards what it trained)")
 
 
 def seed_has_work(seed_dir: str) -> bool:
@@ -219,10 +257,10 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     (--mode score) with the model of seed config.seed; True when one is stored.
 
     Raises:
-      UserError: the stored config differs (CHECKPOINT_PACE, BATCHING_ONLY and explain.*
-        fields aside: these shape the heat maps and the decision cut-off, not the trained
-        model or its scores; and seed and num_seeds, where config.seed is one of the run's
-        seeds): the error asks for the config the run was trained with, not for another
+      UserError: the stored config differs (`stored_config_diff`'s fields, SCORING_UNREAD
+        and explain.* fields aside: these shape the heat maps, the decision cut-off and
+        the test masks, not the trained model or its scores; and seed and num_seeds, where
+        config.seed is one of the run's seeds): the error asks for the config the run was trained with, not for another
         workdir; or config.seed is not one of the run's seeds; or none is stored and
         must_exist.
     """
@@ -233,7 +271,8 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
                             f"first with --mode train, or point --workdir at a trained run")
         return False
     seeds = stored_seeds(workdir)
-    other = [k for k in diff if not k.startswith("explain.") and k not in ("seed",) + SEED_COUNT]
+    other = [k for k in diff if not k.startswith("explain.")
+             and k not in ("seed",) + SEED_COUNT + SCORING_UNREAD]
     if "seed" in diff and config.seed not in seeds:
         several = len(seeds) > 1
         also = (f" (and the config differs in "
@@ -247,8 +286,9 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
     if diff:
         raise UserError(f"{workdir!r} holds a run trained with a different config "
                         f"({fields_with_run_values(workdir, config, diff)}); score with the "
-                        f"config it was trained with: the same --config FILE:VARIANTS and "
-                        f"--config.* flags (its config.json holds every field)")
+                        f"config it was trained with: --config configs/run.py:{workdir} "
+                        f"reads it from the run, or give the same --config FILE:VARIANTS "
+                        f"and --config.* flags")
     return True
 
 
@@ -393,7 +433,8 @@ def check_workdir(workdir: str, config) -> None:
 # or one dotted field): AHL's own, the seeds (each seed is checked apart), and
 # evaluation and bookkeeping
 NOT_BASE_TRAINING = ("method", "ahl", "seed", "num_seeds", "explain", "eval_batch_size",
-                     "keep_checkpoints", "checkpoint_seconds", "data.mask_resize")
+                     "keep_checkpoints", "checkpoint_seconds", "data.mask_resize",
+                     *CACHE_PLACE)
 
 
 def base_fields_that_differ(config, base: dict) -> list[str]:

@@ -323,7 +323,12 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
     with open(csv_path) as f:
         rows = {r["file"]: r for r in csv.DictReader(f)}
     n_test = len(os.listdir(os.path.join(root, "test", "good"))) + 3 * 12
-    assert len(rows) == n_test and len(os.listdir(u / "heatmaps")) == n_test
+    overlays = [os.path.join(d, f) for d, _, fs in os.walk(u / "heatmaps") for f in fs]
+    assert len(rows) == n_test and len(overlays) == n_test
+    # each image's own overlay, named in the CSV (spot/000.png's and good/000.png's:
+    # flattened and without their extension, names clashed and one overwrote another)
+    assert sorted(r.pop("heatmap") for r in rows.values()) == sorted(overlays)
+    assert os.path.isfile(u / "heatmaps" / "spot" / "000.png.png")
     ev = test_scores(u)
     for fid, score, p in zip(ev["file_ids"], ev["score"], ev["p_value"]):
         row = rows[os.path.relpath(str(fid), "test")]
@@ -348,8 +353,9 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
     out = capsys.readouterr().out
     assert f"scores: {two / 'scores_seed1.csv'}" in out and "heatmaps_seed1 (one" in out
     with open(two / "scores_seed1.csv") as f:
-        assert list(csv.DictReader(f)) == [row]
-    assert os.listdir(two / "heatmaps_seed1") == ["000.png"]
+        assert list(csv.DictReader(f)) == [
+            {**row, "heatmap": str(two / "heatmaps_seed1" / "000.png.png")}]
+    assert os.listdir(two / "heatmaps_seed1") == ["000.png.png"]
     config.seed = 0  # and num_seeds 1, as stored: seed 0 holds no model here
     assert execute(config, str(two), "score", one) == 2
     assert "no checkpoints in" in capsys.readouterr().err

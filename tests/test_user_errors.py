@@ -355,6 +355,12 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("seed", -1, "seed=-1; seeds are non-negative"),  # was numpy's ValueError
     ("explain.batch_size", 0, "explain.batch_size=0; a batch holds at least one image"),
     ("eval_batch_size", 0, "eval_batch_size=0; a batch holds at least one image"),
+    # after training, the blur's MLIR error; in scoring, black (NaN) heat maps
+    ("explain.kernel_size", 0, "explain.kernel_size=0; the saliency's blur needs a kernel"),
+    ("explain.sigma", 0.0, "explain.sigma=0.0; the blur's Gaussian needs a positive sigma"),
+    ("explain.num_overlays", -1, "explain.num_overlays=-1; use 0 (none) or more"),  # drew
+    # all but one
+    ("explain.curve_points", 0, "explain.curve_points=0; the AUROC-F1 curve needs 1 or more"),
     ("checkpoint_seconds", -1.0, "checkpoint_seconds=-1.0; use 0 (a checkpoint every epoch)"),
     ("keep_checkpoints", -1, "keep_checkpoints=-1; use 0 (keep none) or more"),
     ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
@@ -376,6 +382,42 @@ def test_counts_below_their_least(tmp_path, field, value, fragment):
     method = {"ahl": "ahl_dra", "dra": "dra"}.get(field.split(".")[0], "devnet")
     with pytest.raises(UserError, match=re.escape(fragment)):
         check_config(folder_config(tmp_path, method, **{field: value}))
+
+
+@pytest.mark.parametrize("file,variants", [("devnet", "paper,quick"), ("dra", "localization"),
+                                            ("ahl_dra", "paper")])
+def test_a_runs_own_config(tmp_path, capsys, file, variants):
+    """--config configs/run.py:WORKDIR is the config a run was made with (its config.json
+    over its method's file), flags on top: a user who forgot the variants (nothing
+    records them) could not score the run, and config.json as --config was a NameError's
+    traceback."""
+    made = parse_command_line([f"--config=configs/{file}.py:{variants}",
+                               "--config.data.n_anomaly=3", "--config.data.cache_dir="])
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "config.json").write_text(made.to_json_best_effort())
+    again = parse_command_line([f"--config=configs/run.py:{work}", "--config.seed=2"])
+    made.seed = 2
+    assert again.to_json_best_effort() == made.to_json_best_effort()
+    for args, fragment in (
+            ([f"--config={work / 'config.json'}"], f"is a run's record, not a config file; "
+             f"to use the config of the run it belongs to, pass --config configs/run.py:{work}"),
+            ([f"--config=configs/run.py:{tmp_path}"], "holds no run (no config.json)"),
+            (["--config=configs/run.py"], "name the run's folder after a colon")):
+        with pytest.raises(SystemExit):
+            parse_command_line(args)
+        assert fragment in capsys.readouterr().err
+
+
+def test_scoring_checks_the_fields_it_may_change(tmp_path, capsys):
+    """--mode score takes explain.* and the batches as given; a value no scoring could
+    use is refused in one line before the run is read (a sigma of 0 wrote black heat maps,
+    an eval_batch_size of 0 went through)."""
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    for field, value in (("explain.sigma", -1.0), ("eval_batch_size", 0)):
+        expect_error(folder_config(tmp_path, **{field: value}), tmp_path / "no_run", capsys,
+                     f"{field}={value}", mode="score", input_dir=str(image))
 
 
 @pytest.mark.parametrize("field", ["ahl.texture_root", "dra.outlier_root"])
@@ -479,8 +521,8 @@ def test_workdir_of_another_config(tmp_path, capsys, caplog):
     assert saved_in(str(work)) == ["seed_0/checkpoints step 10"]
     expect_error(stored, work, capsys, "holds a run with a different config (fields "
                  "data.img_size, seed; in the run: 32, 0); give it those values to resume "
-                 "or extend that run, or use a new --workdir for these (deleting this one "
-                 "discards")
+                 f"or extend that run (--config configs/run.py:{work} gives them all), or use "
+                 "a new --workdir for these (deleting this one discards")
     config.eval_batch_size, config.explain.batch_size = 3, 5
     config.checkpoint_seconds = 600.0  # how often it saves: no other state
     check_workdir(str(work), config)  # no error: the same trained run
@@ -522,7 +564,7 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     import importlib
 
     from fsad.config import method_defaults
-    from fsad.workdir import check_stored_config
+    from fsad.workdir import check_stored_config, stored_config_diff
     root = dataset(tmp_path / "d")
     work = tmp_path / "w"
     work.mkdir()
@@ -538,11 +580,16 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     # trained weight and no score (a walkthrough's run trained without explanations)
     config.explain.enabled, config.explain.sigma = False, 2.0
     assert check_stored_config(str(work), config)
-    config.data.mask_resize = "opencv_linear"
-    with pytest.raises(UserError, match=r"different config \(field data.mask_resize; in "
-                                        r"the run: 'nearest'\); "
+    config.data.cache_dir = str(tmp_path / "elsewhere")  # another cache: the same images
+    config.data.mask_resize = "opencv_linear"  # another config to train, but scoring
+    assert stored_config_diff(str(work), config) == ["data.mask_resize", "explain.sigma"]
+    assert check_stored_config(str(work), config)  # reads no mask (`:localization`)
+    config.data.n_anomaly += 1
+    with pytest.raises(UserError, match=r"different config \(field data.n_anomaly; in "
+                                        r"the run: 2\); "
                                         r"score with the config it was trained with"):
         check_stored_config(str(work), config)
+    config.data.n_anomaly -= 1
     if method.startswith("ahl_"):  # an older base run serves AHL (ahl.base_workdir)
         from fsad.workdir import base_fields_that_differ
         base = folder_config(root, method[4:], **{"data.img_size": 64})
