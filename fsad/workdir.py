@@ -260,9 +260,9 @@ def check_stored_config(workdir: str, config, must_exist: bool = False) -> bool:
       UserError: the stored config differs (`stored_config_diff`'s fields, SCORING_UNREAD
         and explain.* fields aside: these shape the heat maps, the decision cut-off and
         the test masks, not the trained model or its scores; and seed and num_seeds, where
-        config.seed is one of the run's seeds): the error asks for the config the run was trained with, not for another
-        workdir; or config.seed is not one of the run's seeds; or none is stored and
-        must_exist.
+        config.seed is one of the run's seeds): the error asks for the config the run
+        was trained with, not for another workdir; or config.seed is not one of the
+        run's seeds; or none is stored and must_exist.
     """
     diff = stored_config_diff(workdir, config)
     if diff is None:
