@@ -8,7 +8,8 @@ x0.1 after epochs 9, 19 and 29, gradient clipping at 1, 30 x 20 steps,
 deviation loss in every head, ImageNet ResNet-18.
 
 Variants (``--config configs/dra.py:VARIANT``):
-  paper   the paper's optimiser: lr 1e-3, weight decay 1e-2.
+  paper   the paper's text: lr 1e-3, weight decay 1e-2, top-K of the scores s
+          (the released code ranks |s|).
   quick   96 px and 5 x 20 steps (a CPU run in minutes; see configs/devnet.py).
   lite0   ImageNet-pretrained EfficientNet-Lite0 trunk (see configs/devnet.py).
   localization  the released localization.py's maps and masks (see configs/devnet.py).

@@ -298,18 +298,18 @@ def overlay_png(path: str, image: np.ndarray, heat: np.ndarray,
 def curve_png(path: str, curve: dict[str, list[float]], size=(480, 360)) -> None:
     """Plots pixel AUROC (y) against image F1 (x), both on [0, 1], as a PNG."""
     w, h = size
-    m = 50
+    m, top = 50, 30  # the y axis's name above the plot, clear of its 1.0
     im = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(im)
-    d.rectangle([m, 10, w - 10, h - m], outline="black")
-    to_xy = lambda f, a: (m + f * (w - 10 - m), h - m - a * (h - m - 10))  # noqa: E731
+    d.rectangle([m, top, w - 10, h - m], outline="black")
+    to_xy = lambda f, a: (m + f * (w - 10 - m), h - m - a * (h - m - top))  # noqa: E731
     for v in (0.0, 0.5, 1.0):
         x, _ = to_xy(v, 0)
         _, y = to_xy(0, v)
         d.text((x - 8, h - m + 5), f"{v:.1f}", fill="black")
         d.text((m - 30, y - 5), f"{v:.1f}", fill="black")
     d.text((w // 2 - 40, h - 25), "image F1 (detection)", fill="black")
-    d.text((5, 15), "pixel AUROC", fill="black")
+    d.text((m - 30, 8), "pixel AUROC", fill="black")
     xy = [to_xy(f, a) for f, a in zip(curve["f1"], curve["pixel_auroc"])]  # threshold order
     if len(xy) > 1:
         d.line(xy, fill=(200, 0, 0), width=2)

@@ -199,6 +199,18 @@ def test_unreadable_image(tmp_path, capsys, monkeypatch):
                  "003.png", "chmod a+r")
 
 
+def test_float_and_32_bit_grey_images_are_refused(tmp_path, capsys):
+    """A float TIFF (Pillow mode F, 0..1) decoded all black, a 32-bit integer one past
+    65535 all white, each trained on or scored without a word: refused, named."""
+    root = dataset(tmp_path / "d")
+    good = os.path.join(root, "train", "good")
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(ramp, "F").save(os.path.join(good, "float.tif"))
+    Image.fromarray((ramp * 2 ** 20).astype(np.int32), "I").save(os.path.join(good, "i32.tif"))
+    expect_error(folder_config(root), tmp_path / "w", capsys, "2 of ", "float.tif",
+                 "float pixels (Pillow mode F)", "i32.tif", "32-bit integer pixels")
+
+
 # ---- inputs that must work ----
 
 def test_mixed_sizes_and_modes_are_read(tmp_path):
@@ -222,6 +234,30 @@ def test_mixed_sizes_and_modes_are_read(tmp_path):
     grey = data.images[ids.index("train/good/grey.png")].astype(int)
     assert np.abs(deep - grey).max() <= 1  # 16 bits scaled to 8, not clipped to white
     np.testing.assert_array_equal(data.images[ids.index("train/good/shallow.png")], grey)
+
+
+def test_what_the_layout_leaves_out_is_said(tmp_path, caplog):
+    """Files the folder reader and scoring leave out were left out without a word (a
+    walkthrough's test/stray.png, test/good/nested/, and .webp files to score)."""
+    from fsad.scoring import images_to_score
+    root = dataset(tmp_path / "d")
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    image.save(os.path.join(root, "test", "stray.png"))
+    os.makedirs(os.path.join(root, "test", "good", "nested"))
+    image.save(os.path.join(root, "test", "good", "nested", "001.png"))
+    for junk in ("notes.txt", "Thumbs.db", ".DS_Store"):  # only the first is named
+        with open(os.path.join(root, "train", "good", junk), "w") as f:
+            f.write("x")
+    read_folder(root, SIZE, cache_dir="")
+    assert ("3 file(s) and folder(s) under " in caplog.text and "are not in the dataset "
+            "(train/good/notes.txt, test/good/nested/, test/stray.png): images go directly "
+            "into train/good/ and test/<class>/" in caplog.text), caplog.text
+    caplog.clear()
+    image.save(os.path.join(root, "test", "good", "nested", "x.webp"))
+    files, _ = images_to_score(os.path.join(root, "test"))
+    assert "good/nested/001.png" in files
+    assert ("1 file(s) under --input are not images fsad reads and are not scored "
+            "(good/nested/x.webp)" in caplog.text), caplog.text
 
 
 def test_mask_of_another_size_is_resized(tmp_path):

@@ -60,7 +60,15 @@ def pil_rgb(im: Image.Image) -> np.ndarray:
     """A PIL image as [H, W, 3] uint8 RGB, as the released loader's `.convert("RGB")`
     gives it (grey, palette and RGBA converted), except 16-bit (and 32-bit integer) grey
     whose values pass 255: scaled to 8 bits (/257) where that convert would clip them
-    all to white. Values within 0..255 are read as they are, as that convert reads them."""
+    all to white. Values within 0..255 are read as they are, as that convert reads them.
+
+    Raises:
+      ValueError: float pixels (mode F), or integer grey past 16 bits, which no scaling
+        to 8 bits reads right (that convert made them black or white, silently)."""
+    if im.mode == "F" or im.mode in DEEP_GREY_MODES and np.asarray(im).max() > 65535:
+        raise ValueError(f"{'float' if im.mode == 'F' else '32-bit integer'} pixels (Pillow "
+                         f"mode {im.mode}), which have no one reading as 8-bit colour; save "
+                         f"it as an 8- or 16-bit image")
     if im.mode in DEEP_GREY_MODES:
         arr = np.asarray(im, dtype=np.float64)
         if arr.max() > 255:
@@ -181,6 +189,27 @@ def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
         shape = (0, size, size) if mask else (0, size, size, 3)
         return np.zeros(shape, np.uint8)
     return np.stack(out)
+
+
+# files a folder of images may hold that no one means as an image: not worth a word
+NOT_IMAGES = ("Thumbs.db", "desktop.ini")
+
+
+def left_out(folder: str, recursive: bool = False) -> list[str]:
+    """What a listing of `folder`'s images leaves out, relative to it: files that are not
+    images fsad reads (IMAGE_SUFFIXES; hidden files and NOT_IMAGES aside) and, where
+    the listing is not recursive, subfolders (named with a trailing /)."""
+    out = []
+    for dirpath, dirnames, files in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        rel = "" if rel == "." else rel + os.sep
+        if not recursive:
+            out += [rel + d + os.sep for d in dirnames if not d.startswith(".")]
+            dirnames.clear()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [rel + f for f in files if not f.startswith(".") and f not in NOT_IMAGES
+                and not f.lower().endswith(IMAGE_SUFFIXES)]
+    return sorted(out)
 
 
 def list_images(folder: str) -> list[str]:

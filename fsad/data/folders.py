@@ -20,7 +20,7 @@ import numpy as np
 from sklearn.model_selection import train_test_split
 
 from fsad.data.cache import cached_imageset, listing_fingerprint
-from fsad.data.decode import decode_many, list_images
+from fsad.data.decode import IMAGE_SUFFIXES, NOT_IMAGES, decode_many, left_out, list_images
 from fsad.data.imageset import NORMAL, ImageSet
 from fsad.errors import UserError
 
@@ -117,6 +117,25 @@ def check_masks(root: str, rows, mask_paths) -> None:
                         "metrics leave them out", len(missing), missing[0])
 
 
+def check_left_out(root: str) -> None:
+    """Warns about what the layout leaves out: files that are not images fsad reads and
+    folders inside train/good or a class folder, and files directly in test/ (a class
+    is a folder)."""
+    out = [os.path.join("train", NORMAL, f) for f in left_out(os.path.join(root, "train",
+                                                                              NORMAL))]
+    test = os.path.join(root, "test")
+    for name in sorted(os.listdir(test)):
+        if os.path.isdir(os.path.join(test, name)):
+            out += [os.path.join("test", name, f) for f in left_out(os.path.join(test, name))]
+        elif not name.startswith(".") and name not in NOT_IMAGES:
+            out.append(os.path.join("test", name))
+    if out:
+        logging.warning("%d file(s) and folder(s) under %s are not in the dataset (%s%s): "
+                        "images go directly into train/good/ and test/<class>/, as %s",
+                        len(out), root, ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
+                        ", ".join(IMAGE_SUFFIXES))
+
+
 def folder_without_pixels(root: str) -> ImageSet:
     """The rows of an MVTec-layout folder without their pixels (`ImageSet.without_pixels`):
     its files listed and the layout checked (`scan_folder`), none decoded; the rows, their
@@ -167,6 +186,7 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
 
     def build() -> ImageSet:
         check_masks(root, rows, mask_paths)
+        check_left_out(root)
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
         masks = present = None
         if any(m is not None for m in mask_paths):
