@@ -67,7 +67,7 @@ from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 config_protocol_note, paper_known_classes, reference_auroc)
 from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
-                          seed_finished, write_json_atomic)
+                          seed_finished, steps_text, write_json_atomic)
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # the fields each cell sets from this script's own flags: they change from cell to cell
@@ -227,9 +227,24 @@ def cell_state(workdir: str, first_seed: int, seeds: int) -> str:
     done = [s for s, d in dirs.items() if seed_finished(d)]
     kept = {s: checkpoint_steps(d) for s, d in dirs.items() if s not in done}
     parts = [f"{len(done)} of {seeds} seeds finished"] if done else []
-    parts += [f"seed {s} resumes from " + ", ".join(f"{f} step {n}" for f, n in k.items())
-              for s, k in kept.items() if k]
+    parts += [f"seed {s} resumes from " + ", ".join(steps_text(k)) for s, k in kept.items()
+              if k]
     return "; ".join(parts) or "to run"
+
+
+def unfinished_checkpoints(out: str) -> list[str]:
+    """The newest checkpoints of the unfinished seeds of the table's cells under out, as
+    "dra/general/10shot/seed_1/checkpoints step 40": where a rerun resumes."""
+    found = []
+    for folder, dirs, _ in os.walk(out):
+        dirs.sort()
+        seed_dir = os.path.basename(folder)
+        if seed_dir.startswith("seed_") and not seed_finished(folder):
+            found += [f"{os.path.relpath(folder, out)}/{kept}"
+                      for kept in steps_text(checkpoint_steps(folder))]
+        if seed_dir.startswith("seed_"):
+            dirs.clear()
+    return found
 
 
 def run_table(args, on_cell=None) -> dict:
@@ -502,9 +517,11 @@ def main(argv=None) -> int:
         kept = os.path.join(args.out, "table.md")
         kept = f"the table of the finished cells is {kept}" if os.path.exists(kept) else \
             "no cell had finished"
+        resumed = unfinished_checkpoints(args.out)
         print(f"reproduce: interrupted ({kept}); run the same command to resume (finished "
-              f"cells are read back, the unfinished one resumes from its checkpoint)",
-              file=sys.stderr)
+              f"cells are read back; " + (f"{', '.join(resumed)} resume from there)"
+                                          if resumed else "no unfinished cell had saved a "
+                                          "checkpoint yet)"), file=sys.stderr)
         return interrupts.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
         if not lost_host(err):

@@ -45,7 +45,7 @@ from fsad.validate import check_against_data, check_config
 from fsad.weights import weights_to_check
 from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
                           config_json, seed_dir_of, seed_finished, seed_metrics_path,
-                          workdir_change_lines, write_json_atomic)
+                          steps_text, workdir_change_lines, write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -366,7 +366,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         kept = checkpoint_steps(seed_dir)
         trained = kept.get("checkpoints", -1) >= config.epochs * config.steps_per_epoch
         state = "finished, read back" if finished else \
-            "resumes from " + ", ".join(f"{f} step {n}" for f, n in kept.items()) \
+            "resumes from " + ", ".join(steps_text(kept)) \
             + (" (its training done: the evaluation and the stages after it)"
                if trained and "ahl_checkpoints" not in kept else "") if kept \
             else f"starts from the trained base of ahl.base_workdir ({base})" if base \

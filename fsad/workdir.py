@@ -174,8 +174,13 @@ def newest_checkpoints(workdir: str) -> list[str]:
     """The newest checkpoint of each checkpoint folder in a workdir, as
     "seed_0/checkpoints step 60" (base training) or "seed_0/ahl_checkpoints step 2"
     (AHL's meta-training), seeds in order."""
-    return [f"{seed}/{folder} step {step}" for seed in seed_folders(workdir)
-            for folder, step in checkpoint_steps(os.path.join(workdir, seed)).items()]
+    return [f"{seed}/{kept}" for seed in seed_folders(workdir)
+            for kept in steps_text(checkpoint_steps(os.path.join(workdir, seed)))]
+
+
+def steps_text(kept: dict[str, int]) -> list[str]:
+    """`checkpoint_steps`'s folders in words: ["checkpoints step 60", ...]."""
+    return [f"{folder} step {step}" for folder, step in kept.items()]
 
 
 def saved_in(workdir: str) -> list[str]:

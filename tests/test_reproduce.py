@@ -316,11 +316,18 @@ def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
     assert reproduce.main(argv) == 130
     assert capsys.readouterr().err == (
         "reproduce: interrupted (no cell had finished); run the same command to resume "
-        "(finished cells are read back, the unfinished one resumes from its checkpoint)\n")
+        "(finished cells are read back; no unfinished cell had saved a checkpoint yet)\n")
     (tmp_path / "table.md").write_text("| a row |\n")
+    # the checkpoints a rerun resumes from are named (a finished seed's are not)
+    for seed, step in (("seed_0", "40"), ("seed_1", "20")):
+        (tmp_path / "dra" / "general" / "10shot" / seed / "checkpoints" / step).mkdir(
+            parents=True)
+    (tmp_path / "dra" / "general" / "10shot" / "seed_0" / "metrics.json").write_text("{}")
     assert reproduce.main(argv) == 130
-    assert f"(the table of the finished cells is {tmp_path / 'table.md'})" in \
-        capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"(the table of the finished cells is {tmp_path / 'table.md'})" in err
+    assert err.endswith("(finished cells are read back; dra/general/10shot/seed_1/checkpoints "
+                        "step 20 resume from there)\n"), err
 
 
 def test_errors_give_their_advice_in_this_scripts_flags():
