@@ -34,12 +34,14 @@ def per_class_auroc(labels, scores, classes) -> dict[str, float]:
     return out
 
 
-def mean_std(runs: list[dict], labels: tuple[str, ...] = ("seed",)) -> dict[str, dict[str, float]]:
+def mean_std(runs: list[dict], labels: tuple[str, ...] = ("seed", "resumed_from")
+             ) -> dict[str, dict[str, float]]:
     """Mean and (population) std of every numeric key over the runs that give it a number,
-    except the keys in `labels` (numbers that name a run, such as its seed, not measure
-    it) and booleans. A run may give None or nothing for a key (a seed resumed at its
-    last step has no step time or last loss of its own): the key's figures are then
-    those of the other runs, and "n" says how many gave it where that is not every run."""
+    except the keys in `labels` (numbers that name a run, such as its seed or the step
+    it resumed at, not measure it) and booleans. A run may give None or nothing for a key
+    (a seed resumed at its last step has no step time or last loss of its own): the key's
+    figures are then those of the other runs, and "n" says how many gave it where that is
+    not every run."""
     def number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
     keys = list(dict.fromkeys(k for r in runs for k, v in r.items()

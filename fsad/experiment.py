@@ -390,9 +390,11 @@ def config_lines(config) -> list[str]:
     head = f"config: {method_title(config)}"
     if not changed:
         return [head + ", its config file's defaults"]
+    unset = {"data.cache_dir": "None: $FSAD_CACHE, else ~/.cache/fsad"}  # what None reads as
     return [head + f", its config file's defaults but {len(changed)} "
             f"field{'s' if len(changed) > 1 else ''}:"] + [
-        f"  {k} = {v!r} (default {d!r})" for k, v, d in changed]
+        f"  {k} = {v!r} (default {unset.get(k, 'None') if d is None else repr(d)})"
+        for k, v, d in changed]
 
 
 def run_experiment(config, workdir: str, devices=None, runner: Runner | None = None,
