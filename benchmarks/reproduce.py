@@ -60,7 +60,7 @@ from fsad.experiment import (build_runner, check_protocol, check_resumed_splits,
                              run_experiment, seeds_of)
 from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
-from fsad.main import EXIT_HOST_LOST, join_hosts  # noqa: E402
+from fsad.main import EXIT_HOST_LOST, join_hosts, kept_checkpoints  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 devnet_ablation_auroc, is_devnet_ablation,
@@ -189,7 +189,8 @@ def check_grid(grid: list[dict], base: dict, args, data) -> None:
     config (`check_config`), a data.img_size other than the first method's, or a protocol
     the data cannot give for one of its seeds (more shots than a known class has
     anomalies), which would otherwise stop the table after the cells before it had
-    trained, or a resumed seed whose training images changed since its checkpoints
+    trained, or a resumed seed whose training images changed since its checkpoints, or
+    a dataset changed since a finished seed of a cell with seeds left
     (`check_resumed_splits`). `data` may be without pixels
     (`fsad.data.dataset_without_pixels`)."""
     img_size = base[grid[0]["method"]].data.img_size if grid else None
@@ -232,24 +233,10 @@ def cell_state(workdir: str, first_seed: int, seeds: int) -> str:
     return "; ".join(parts) or "to run"
 
 
-def unfinished_checkpoints(out: str) -> list[str]:
-    """The newest checkpoints of the unfinished seeds of the table's cells under out, as
-    "dra/general/10shot/seed_1/checkpoints step 40": where a rerun resumes."""
-    found = []
-    for folder, dirs, _ in os.walk(out):
-        dirs.sort()
-        seed_dir = os.path.basename(folder)
-        if seed_dir.startswith("seed_") and not seed_finished(folder):
-            found += [f"{os.path.relpath(folder, out)}/{kept}"
-                      for kept in steps_text(checkpoint_steps(folder))]
-        if seed_dir.startswith("seed_"):
-            dirs.clear()
-    return found
-
-
-def run_table(args, on_cell=None) -> dict:
+def run_table(args, on_cell=None, on_start=None) -> dict:
     """Runs (or resumes) every cell and returns {"cells": [...], "rows": [...],
-    "skipped": [...]}; on_cell(table) is called after each cell with the table so far.
+    "skipped": [...]}; on_cell(table) is called after each cell with the table so far,
+    on_start(workdir) before each cell runs.
 
     With args.budget_minutes, no cell starts once that many minutes have passed (cells
     already finished are still read back); the cells left out are listed in "skipped".
@@ -315,6 +302,8 @@ def run_table(args, on_cell=None) -> dict:
         runner = dataclasses.replace(runners[key], config=config)  # shares compiled steps
         say(f"[{i + 1}/{len(grid)}] {cell_name(cell)} -> {workdir}"
             + (" (finished: read back)" if done else ""))
+        if on_start is not None:
+            on_start(workdir)
         res = run_experiment(config, workdir, runner=runner, data=data)
         # the first host has written the cell's files: every host reads the same ones for
         # the next cells (finished? an AHL cell's base cell)
@@ -500,6 +489,8 @@ def main(argv=None) -> int:
     another host, each said in one line."""
     args = parse_args(argv)
 
+    started: list[str] = []  # the cells' workdirs, as each starts
+
     def on_cell(table):  # written by the first host alone, as a run's files are
         if is_primary():
             write_table(args.out, table)
@@ -508,7 +499,7 @@ def main(argv=None) -> int:
         interrupts.check()  # a Ctrl-C during the start-up (`interrupts.defer`)
         join_hosts(args.distributed, args.coordinator_address, args.num_processes,
                    args.process_id)
-        table = run_table(args, on_cell=on_cell)
+        table = run_table(args, on_cell=on_cell, on_start=started.append)
     except UserError as err:
         print(f"reproduce: error: {in_reproduce_terms(str(err))}", file=sys.stderr)
         return 2
@@ -517,11 +508,11 @@ def main(argv=None) -> int:
         kept = os.path.join(args.out, "table.md")
         kept = f"the table of the finished cells is {kept}" if os.path.exists(kept) else \
             "no cell had finished"
-        resumed = unfinished_checkpoints(args.out)
+        if started:  # the cell it stopped in: its finished seeds and kept checkpoints
+            kept += f"; the cell it stopped in: {kept_checkpoints(started[-1])[0]}"
         print(f"reproduce: interrupted ({kept}); run the same command to resume (finished "
-              f"cells are read back; " + (f"{', '.join(resumed)} resume from there)"
-                                          if resumed else "no unfinished cell had saved a "
-                                          "checkpoint yet)"), file=sys.stderr)
+              f"cells are read back, the unfinished one resumes from its checkpoints)",
+              file=sys.stderr)
         return interrupts.exit_status()  # 130 for Ctrl-C, 143 for SIGTERM
     except Exception as err:  # noqa: BLE001 - only a lost host is answered here
         if not lost_host(err):

@@ -179,10 +179,13 @@ def explain_run(method, variables, images: np.ndarray, labels: np.ndarray,
     scored = np.asarray(labels) == 1
     if has_mask is not None:
         scored &= np.asarray(has_mask, bool)
-    if masks is not None and scored.any() and not np.asarray(masks)[scored].any():
-        logging.warning("no test anomaly's mask marks a pixel at %d px (the masks are empty, "
-                        "or their defects vanish at this data.img_size); pixel metrics are "
-                        "left out", np.asarray(masks).shape[-1])
+    marked = np.asarray(masks)[scored] > 0 if masks is not None and scored.any() else None
+    if marked is not None and (not marked.any() or marked.all()):
+        logging.warning("the test anomalies' masks mark %s pixel at %d px (%s); pixel "
+                        "metrics are left out", "no" if not marked.any() else "every",
+                        marked.shape[-1], "the masks are empty, or their defects vanish at "
+                        "this data.img_size" if not marked.any() else "no normal pixel to "
+                        "rank against")
         scored[:] = False
     anomalous = np.flatnonzero(scored)
     if not len(anomalous):
@@ -232,8 +235,7 @@ def pooled_pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
 
 def per_image_pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float | None:
     """The released code's "pixel AUROC": mean of per-image AUROCs over images whose
-    mask has both anomalous and normal pixels (None where none has: a mask of every
-    pixel)."""
+    mask has both anomalous and normal pixels (None where none has)."""
     vals = []
     for m, g in zip(maps, masks):
         g = np.asarray(g).reshape(-1) > 0

@@ -36,16 +36,19 @@ def _on_sigint(signum, frame):
 
 
 def _on_startup(signum, frame):
+    if _pending[0]:  # a second press: the start-up hangs (a stale network folder?)
+        _exit_at_once(signum, frame)
     _pending[0] = True
     _last[0] = signum
 
 
 def defer() -> None:
     """The command line's first step, before it imports JAX: until `install`, Ctrl-C
-    (and SIGTERM) is recorded only, and the run stops as its first act. Raised during the
-    start-up's imports, the KeyboardInterrupt mostly landed in JAX's garbage-collection
-    callback, where Python drops it: the run went on to its end (3 presses in 3 within a
-    second of the start), or crashed (SIGSEGV) or printed an import's traceback."""
+    (and SIGTERM) is recorded only, and the run stops as its first act (a second press
+    ends the process at once, 128 + the signal). Raised during the start-up's imports,
+    the KeyboardInterrupt mostly landed in JAX's garbage-collection callback, where
+    Python drops it: the run went on to its end (3 presses in 3 within a second of the
+    start), or crashed (SIGSEGV) or printed an import's traceback."""
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _on_startup)

@@ -26,22 +26,17 @@ On several hosts (one process each, the same command and shared files; `fsad.hos
 
 from __future__ import annotations
 
+import importlib
+import logging as std_logging
 import os
+import re
 import sys
 
+from absl import app, flags, logging
+from ml_collections import config_flags
+
 from fsad import interrupts
-
-if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "fsad":  # the command line
-    interrupts.defer()  # before JAX's import: a Ctrl-C from here on stops the run
-
-import importlib  # noqa: E402
-import logging as std_logging  # noqa: E402
-import re  # noqa: E402
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from fsad.errors import UserError  # noqa: E402
+from fsad.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/devnet.py "
                                           "or configs/devnet.py:quick.", lock_config=True)
@@ -228,14 +223,14 @@ def main(argv):
         print(error_line(f"unexpected arguments {' '.join(argv[1:])}; fields are set as "
                          f"--config.FIELD=VALUE"), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    for module in ("fsad.experiment", "fsad.scoring"):  # the start-up's imports (JAX, Orbax,
-        importlib.import_module(module)  # scikit-learn) while Ctrl-C is only recorded
-    interrupts.install()
     logging.set_verbosity(logging.WARNING)
     # warnings read "fsad: WARNING: ..." rather than absl's file:line prefix
     logging.get_absl_handler().setFormatter(std_logging.Formatter("fsad: %(levelname)s: "
                                                                   "%(message)s"))
     try:
+        for module in ("fsad.experiment", "fsad.scoring"):  # the start-up's imports (JAX,
+            importlib.import_module(module)  # Orbax, scikit-learn): Ctrl-C only recorded
+        interrupts.install()
         interrupts.check()  # a Ctrl-C during the start-up (`interrupts.defer`)
         join_hosts(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                    _PROCESS_ID.value)
@@ -276,7 +271,8 @@ def config_problem(err: Exception, argv) -> str | None:
     marker = "fsad.errors.UserError: "  # a UserError raised inside the config file
     if isinstance(err, UserError) or marker in message:
         return message.split(marker)[-1]
-    if path.endswith(".json"):  # a run's config.json (it reads as Python, and fails)
+    if path.endswith(".json") and os.path.isfile(path):  # a run's config.json (read as
+        # Python, it fails)
         return (f"{path!r} is a run's record, not a config file; to use the config of the "
                 f"run it belongs to, pass --config configs/run.py:"
                 f"{os.path.dirname(path) or '.'}")
@@ -351,6 +347,9 @@ def parse_flags(argv):
 
 
 def run():
+    """The command line (``python -m fsad.main``, the ``fsad`` script): absl's flags, the
+    config file, then `main`."""
+    interrupts.defer()  # first, before JAX's import: a Ctrl-C from here on stops the run
     flags.mark_flags_as_required(list(REQUIRED_FLAGS))
     app.run(main, flags_parser=parse_flags)
 

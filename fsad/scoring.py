@@ -168,7 +168,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
 
     CSV columns: file (relative to input_dir), score, z, p_value, anomalous; the last
     three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`);
-    with heatmaps, heatmap: the image's overlay (`heatmap_path`).
+    with heatmaps, heatmap: the image's overlay (`heatmap_path`), relative to the CSV's
+    folder. The CSV is written last: a scoring stopped before its end leaves none.
     An AHL run scores with its unified heads (as its evaluation does); its heat maps,
     like its evaluation's, are the base network's saliency.
     """
@@ -195,7 +196,15 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                         method_title(config))
     overlays = [heatmap_path(workdir, config.seed, name) for name in files] if heatmaps \
         else None
+    if heatmaps:  # before the CSV, which names them
+        from fsad.explain import explain_images, overlay_png
+        with hint_on_oom("the saliency maps", eval_fix(config)):
+            maps = explain_images(method, variables, images, config, mesh=mesh)
+        if is_primary():
+            for path, image, heat in zip(overlays, images, maps):
+                overlay_png(path, image, heat)
     if is_primary():  # the other hosts of a multi-host run computed the same
+        here = os.path.dirname(os.path.abspath(output))
         with open(output, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["file", "score", "z", "p_value", "anomalous"]
@@ -203,15 +212,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
             for i, name in enumerate(files):
                 decision = ["", "", ""] if cal is None else [
                     f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
-                w.writerow([name, f"{scores[i]:.6g}", *decision]
-                           + ([overlays[i]] if heatmaps else []))
-    if heatmaps:
-        from fsad.explain import explain_images, overlay_png
-        with hint_on_oom("the saliency maps", eval_fix(config)):
-            maps = explain_images(method, variables, images, config, mesh=mesh)
-        if is_primary():
-            for path, image, heat in zip(overlays, images, maps):
-                overlay_png(path, image, heat)
+                w.writerow([name, f"{scores[i]:.6g}", *decision] + (
+                    [os.path.relpath(os.path.abspath(overlays[i]), here)] if heatmaps else []))
     return output
 
 

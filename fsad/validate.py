@@ -146,9 +146,10 @@ def check_config(config, n_devices: int = 1) -> None:
 
 
 def check_scoring_config(config) -> None:
-    """Raises UserError for the fields of scoring and its heat maps that no run (or
-    --mode score, which may change them) could use: the batches, the saliency's blur,
-    the overlays' and the curve's counts, the decision's confidence."""
+    """Raises UserError for the evaluation's fields (which --mode score may change from
+    the run's) that no run or scoring could use: the batches, the saliency's blur, the
+    decision's confidence, and the overlays' and the curve's counts (read by training's
+    evaluation only)."""
     for field, value in (("eval_batch_size", config.eval_batch_size),
                          ("explain.batch_size", config.explain.batch_size)):
         _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "

@@ -3,7 +3,8 @@
 A workdir holds one config (config.json), the checkpoints of each seed (seed_<s>/
 checkpoints, and AHL's seed_<s>/ahl_checkpoints), each finished seed's metrics.json and
 the run's results.json. A run refuses a workdir made with another config (fields that
-only batch the evaluation, or the count of seeds, aside); AHL may start from another
+only batch the evaluation or pace the checkpoints, the cache folder, and the count of
+seeds aside; scoring lets more differ: `check_stored_config`); AHL may start from another
 workdir's base run when that run trained the same base model (`base_run_checkpoints`).
 """
 
@@ -83,15 +84,21 @@ def run_config(workdir: str):
     if not workdir:
         raise UserError("configs/run.py reads a run's config; name the run's folder after "
                         "a colon, e.g. --config configs/run.py:runs/devnet")
+    workdir = os.path.expanduser(workdir)  # a shell leaves ~ after a colon as it is
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         raise UserError(f"configs/run.py:{workdir}: {workdir!r} holds no run (no "
                         f"config.json); name a trained run's --workdir after the colon")
-    with open(path) as f:
-        stored = json.load(f)
-    if stored.get("method") not in ("devnet", "dra", "ahl"):
-        raise UserError(f"{path} is not an fsad run's config (method "
-                        f"{stored.get('method')!r}); name a trained run's --workdir")
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {path} ({' '.join(str(err).split())[:200]}); name a "
+                        f"trained run's --workdir after the colon, or pass its config "
+                        f"file and flags") from None
+    if not isinstance(stored, dict) or stored.get("method") not in ("devnet", "dra", "ahl"):
+        raise UserError(f"{path} is not an fsad run's config (no method of fsad's in it); "
+                        f"name a trained run's --workdir after the colon")
     config = defaults_of(stored["method"], stored.get("ahl", {}).get("base"))
     for dotted, value in _flat(stored).items():
         if isinstance(value, dict) or not has_field(config, dotted):

@@ -327,7 +327,7 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
     assert len(rows) == n_test and len(overlays) == n_test
     # each image's own overlay, named in the CSV (spot/000.png's and good/000.png's:
     # flattened and without their extension, names clashed and one overwrote another)
-    assert sorted(r.pop("heatmap") for r in rows.values()) == sorted(overlays)
+    assert sorted(os.path.join(u, r.pop("heatmap")) for r in rows.values()) == sorted(overlays)
     assert os.path.isfile(u / "heatmaps" / "spot" / "000.png.png")
     ev = test_scores(u)
     for fid, score, p in zip(ev["file_ids"], ev["score"], ev["p_value"]):
@@ -354,7 +354,7 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
     assert f"scores: {two / 'scores_seed1.csv'}" in out and "heatmaps_seed1 (one" in out
     with open(two / "scores_seed1.csv") as f:
         assert list(csv.DictReader(f)) == [
-            {**row, "heatmap": str(two / "heatmaps_seed1" / "000.png.png")}]
+            {**row, "heatmap": os.path.join("heatmaps_seed1", "000.png.png")}]
     assert os.listdir(two / "heatmaps_seed1") == ["000.png.png"]
     config.seed = 0  # and num_seeds 1, as stored: seed 0 holds no model here
     assert execute(config, str(two), "score", one) == 2

@@ -134,7 +134,14 @@ def test_masks_that_mark_no_pixel_leave_the_pixel_metrics_out(tmp_path, caplog):
                               saliency_fn=saliency)
     assert not [k for k in out if k.startswith("pixel")]
     assert len(out["overlays"]) == 2
-    assert "no test anomaly's mask marks a pixel at 8 px" in caplog.text
+    assert "the test anomalies' masks mark no pixel at 8 px" in caplog.text
+    # masks of every pixel leave no normal pixel (scikit-learn's NaN or ValueError)
+    out = explain.explain_run(SimpleNamespace(random_scores=False), {}, images, labels,
+                              np.ones((4, 8, 8), np.uint8), np.arange(4.0),
+                              ["a.png", "b.png", "c.png", "d.png"], config, str(tmp_path),
+                              saliency_fn=saliency)
+    assert not [k for k in out if k.startswith("pixel")]
+    assert "masks mark every pixel at 8 px (no normal pixel" in caplog.text
     assert explain.per_image_pixel_auroc(np.ones((2, 4, 4)), np.ones((2, 4, 4))) is None
 
 

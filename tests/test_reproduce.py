@@ -305,10 +305,14 @@ def test_dra_on_a_medical_dataset_without_outlier_exposure_is_noted_beside_the_t
 
 def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
     """Ctrl-C (KeyboardInterrupt, here raised where the cells run) ends the table with
-    exit status 130 and one line on stderr, not a traceback."""
+    exit status 130 and one line on stderr, not a traceback; it names the checkpoints
+    of the cell it stopped in (not a finished seed's)."""
     reproduce = load_reproduce()
+    cell = tmp_path / "dra" / "general" / "10shot"
 
-    def interrupted(args, on_cell):
+    def interrupted(args, on_cell, on_start):
+        if (tmp_path / "table.md").exists():
+            on_start(str(cell))
         raise KeyboardInterrupt
 
     reproduce.run_table = interrupted
@@ -316,18 +320,17 @@ def test_ctrl_c_says_what_is_kept_in_one_line(tmp_path, capsys):
     assert reproduce.main(argv) == 130
     assert capsys.readouterr().err == (
         "reproduce: interrupted (no cell had finished); run the same command to resume "
-        "(finished cells are read back; no unfinished cell had saved a checkpoint yet)\n")
+        "(finished cells are read back, the unfinished one resumes from its checkpoints)\n")
     (tmp_path / "table.md").write_text("| a row |\n")
-    # the checkpoints a rerun resumes from are named (a finished seed's are not)
     for seed, step in (("seed_0", "40"), ("seed_1", "20")):
-        (tmp_path / "dra" / "general" / "10shot" / seed / "checkpoints" / step).mkdir(
-            parents=True)
-    (tmp_path / "dra" / "general" / "10shot" / "seed_0" / "metrics.json").write_text("{}")
+        (cell / seed / "checkpoints" / step).mkdir(parents=True)
+    (cell / "seed_0" / "metrics.json").write_text("{}")
     assert reproduce.main(argv) == 130
-    err = capsys.readouterr().err
-    assert f"(the table of the finished cells is {tmp_path / 'table.md'})" in err
-    assert err.endswith("(finished cells are read back; dra/general/10shot/seed_1/checkpoints "
-                        "step 20 resume from there)\n"), err
+    assert capsys.readouterr().err == (
+        f"reproduce: interrupted (the table of the finished cells is {tmp_path / 'table.md'}; "
+        f"the cell it stopped in: seed_0 finished; checkpoints kept in {cell}: "
+        f"seed_1/checkpoints step 20); run the same command to resume (finished cells are "
+        f"read back, the unfinished one resumes from its checkpoints)\n")
 
 
 def test_errors_give_their_advice_in_this_scripts_flags():

@@ -239,8 +239,10 @@ def test_mixed_sizes_and_modes_are_read(tmp_path):
 def test_what_the_layout_leaves_out_is_said(tmp_path, caplog):
     """Files the folder reader and scoring leave out were left out without a word (a
     walkthrough's test/stray.png, test/good/nested/, and .webp files to score)."""
+    from fsad.data import folder_without_pixels
     from fsad.scoring import images_to_score
     root = dataset(tmp_path / "d")
+    read_folder(root, SIZE, cache_dir=str(tmp_path / "cache"))  # decoded before the strays
     image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
     image.save(os.path.join(root, "test", "stray.png"))
     os.makedirs(os.path.join(root, "test", "good", "nested"))
@@ -248,7 +250,8 @@ def test_what_the_layout_leaves_out_is_said(tmp_path, caplog):
     for junk in ("notes.txt", "Thumbs.db", ".DS_Store"):  # only the first is named
         with open(os.path.join(root, "train", "good", junk), "w") as f:
             f.write("x")
-    read_folder(root, SIZE, cache_dir="")
+    assert "not in the dataset" not in caplog.text
+    folder_without_pixels(root)  # every run's listing, the decoded set cached or not
     assert ("3 file(s) and folder(s) under " in caplog.text and "are not in the dataset "
             "(train/good/notes.txt, test/good/nested/, test/stray.png): images go directly "
             "into train/good/ and test/<class>/" in caplog.text), caplog.text
@@ -435,7 +438,11 @@ def test_a_runs_own_config(tmp_path, capsys, file, variants):
     again = parse_command_line([f"--config=configs/run.py:{work}", "--config.seed=2"])
     made.seed = 2
     assert again.to_json_best_effort() == made.to_json_best_effort()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{")  # cut short
     for args, fragment in (
+            ([f"--config=configs/run.py:{bad}"], f"cannot read {bad / 'config.json'} ("),
             ([f"--config={work / 'config.json'}"], f"is a run's record, not a config file; "
              f"to use the config of the run it belongs to, pass --config configs/run.py:{work}"),
             ([f"--config=configs/run.py:{tmp_path}"], "holds no run (no config.json)"),
@@ -1439,13 +1446,19 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
         interrupts.delivered()
 
 
-def test_ctrl_c_during_the_start_up_stops_the_command(tmp_path):
-    """A Ctrl-C in the command line's first seconds (JAX's import) stops it with one
-    line: raised there, it landed in JAX's garbage-collection callback and Python dropped
-    it, so the run went on to its end (3 presses in 3), or it printed an import's
-    traceback. The press is recorded until the run starts (`interrupts.defer`)."""
+@pytest.mark.parametrize("signum,status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_during_the_start_up_stops_the_command(tmp_path, signum, status):
+    """A Ctrl-C (or SIGTERM) in the command line's first seconds (JAX's import) stops it
+    with one line: raised there, it landed in JAX's garbage-collection callback and Python
+    dropped it, so the run went on to its end (3 presses in 3), or it crashed (SIGSEGV)
+    or printed an import's traceback. The press is recorded until the run starts
+    (`interrupts.defer`, before any import of JAX: `fsad` and `fsad.main` import none)."""
     import signal
     import time
+    code = ("import sys, fsad, fsad.main; print('jax' in sys.modules); "
+            "print(fsad.losses.__name__, fsad.topk_mean.__name__)")  # on first use
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120).stdout == "False\nfsad.losses topk_mean\n"
     workdir = str(tmp_path / "run")
     child = subprocess.Popen(
         [sys.executable, "-m", "fsad.main", "--config", "configs/devnet.py:quick",
@@ -1461,14 +1474,14 @@ def test_ctrl_c_during_the_start_up_stops_the_command(tmp_path):
             time.sleep(0.5)
             break
         time.sleep(0.01)
-    child.send_signal(signal.SIGINT)
+    child.send_signal(getattr(signal, signum))
     try:
         out, err = child.communicate(timeout=120)
     finally:
         child.kill()
-    assert child.returncode == 130, (out, err)
-    assert err.startswith("fsad: interrupted") and len(err.splitlines()) == 1, err
-    assert "results" not in out
+    assert child.returncode == status, (out, err)
+    assert err == "fsad: interrupted before the run started; nothing was written\n", err
+    assert "results" not in out and not os.path.exists(workdir)
 
 
 def test_ctrl_c_after_the_run_stopped_ends_the_process_at_once():

@@ -198,18 +198,35 @@ NOT_IMAGES = ("Thumbs.db", "desktop.ini")
 def left_out(folder: str, recursive: bool = False) -> list[str]:
     """What a listing of `folder`'s images leaves out, relative to it: files that are not
     images fsad reads (IMAGE_SUFFIXES; hidden files and NOT_IMAGES aside) and, where
-    the listing is not recursive, subfolders (named with a trailing /)."""
+    the listing is not recursive (`list_images`), subfolders (named with a trailing /).
+    Recursive, the files `list_images_recursive`'s walk passes over."""
+    if recursive:
+        return _walk(folder)[1]
     out = []
-    for dirpath, dirnames, files in os.walk(folder):
-        rel = os.path.relpath(dirpath, folder)
-        rel = "" if rel == "." else rel + os.sep
-        if not recursive:
-            out += [rel + d + os.sep for d in dirnames if not d.startswith(".")]
-            dirnames.clear()
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        out += [rel + f for f in files if not f.startswith(".") and f not in NOT_IMAGES
-                and not f.lower().endswith(IMAGE_SUFFIXES)]
+    for name in os.listdir(folder):
+        if os.path.isdir(os.path.join(folder, name)):
+            out += [name + os.sep] if not name.startswith(".") else []
+        elif not name.startswith(".") and name not in NOT_IMAGES \
+                and not name.lower().endswith(IMAGE_SUFFIXES):
+            out.append(name)
     return sorted(out)
+
+
+def _walk(folder: str) -> tuple[list[str], list[str]]:
+    """(the image files under folder, the other files), each sorted and relative to it;
+    hidden files and NOT_IMAGES aside. Symlinked folders are followed (a dataset often
+    links its parts), each real folder once (a link cycle ends there)."""
+    images, others, seen = [], [], set()
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        seen.add(os.path.realpath(dirpath))
+        dirnames[:] = [d for d in dirnames
+                       if os.path.realpath(os.path.join(dirpath, d)) not in seen]
+        for f in files:
+            if f.startswith(".") or f in NOT_IMAGES:
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, f), folder)
+            (images if f.lower().endswith(IMAGE_SUFFIXES) else others).append(rel)
+    return sorted(images), sorted(others)
 
 
 def list_images(folder: str) -> list[str]:
@@ -227,15 +244,7 @@ def list_images_recursive(folder: str) -> list[str]:
     from fsad.errors import UserError
     if not os.path.isdir(folder):
         raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
-    out, seen = [], set()
-    # symlinked folders are followed (a dataset often links its parts), each real folder
-    # once (a link cycle ends there)
-    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = [d for d in dirnames
-                       if os.path.realpath(os.path.join(dirpath, d)) not in seen]
-        out += [os.path.relpath(os.path.join(dirpath, f), folder) for f in files
-                if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    out = _walk(folder)[0]
     if not out:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
                         f"at a folder that holds images")

@@ -141,7 +141,9 @@ def folder_without_pixels(root: str) -> ImageSet:
     its files listed and the layout checked (`scan_folder`), none decoded; the rows, their
     order and split are those `read_folder` decodes."""
     root = os.path.abspath(root)
-    return _rows_without_pixels(root, scan_folder(root))
+    rows = scan_folder(root)
+    check_left_out(root)  # here, not at the decode: a cached set's later strays too
+    return _rows_without_pixels(root, rows)
 
 
 def _rows_without_pixels(root: str, rows) -> ImageSet:
@@ -186,7 +188,6 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
 
     def build() -> ImageSet:
         check_masks(root, rows, mask_paths)
-        check_left_out(root)
         images = decode_many(paths, size, desc=f"decoding {key['name']}")
         masks = present = None
         if any(m is not None for m in mask_paths):
