@@ -528,6 +528,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     interrupts.install()  # a Ctrl-C that Python drops is raised again (fsad/interrupts.py)
     code = main()
+    interrupts.delivered()  # done: a press in the teardown ends it, not with a traceback
     if code:  # the one line is printed: leave before background threads add their
         # shutdown noise, and (a lost host) before JAX's shutdown barrier waits for it
         sys.stdout.flush()

@@ -33,7 +33,7 @@ from fsad.errors import UserError
 from fsad.evaluate import image_metrics, mean_std, per_class_auroc
 from fsad.explain import explain_run, method_saliency_fn
 from fsad.hosts import is_primary, same_on_every_host
-from fsad.lock import workdir_lock
+from fsad.lock import check_not_locked, workdir_lock
 from fsad.memory import check_fits, eval_fix, hint_on_oom, run_fix, train_fix
 from fsad.mesh import make_mesh
 from fsad.methods import build_method, method_stages
@@ -167,12 +167,15 @@ def check_protocol(config, data, seeds) -> None:
         check_against_data(config, len(split_stage(config, data, seed).train_normal))
 
 
-def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = True) -> None:
+def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = True,
+                          base: bool = False) -> None:
     """A seed resumes only on the training images it started with. Their fingerprint
     (and counts) go to seed_<s>/split.json at the seed's start; when that seed has kept a
     checkpoint, a split whose training images differ (the dataset gained, lost or renamed
     images since) is refused: its checkpoints were trained on other data. `data` may be
     without pixels (only file_ids are read); write=False checks without writing.
+    base: seed_dir is another run's (ahl.base_workdir), whose trained base this seed
+    would start from; checked only, never written.
 
     Raises:
       UserError: the training images differ from those of the seed's checkpoints.
@@ -187,13 +190,17 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
         with open(path) as f:
             kept = json.load(f)
         if kept.get("train_files_sha1") != record["train_files_sha1"]:
+            whose = (f"the base model in {seed_dir} (ahl.base_workdir) was" if base else
+                     f"its checkpoints in {seed_dir} were")
+            fix = ("restore the dataset as it was, or leave ahl.base_workdir empty to train "
+                   "the base here" if base else
+                   "use a new --workdir, or restore the dataset as it was")
             raise UserError(
-                f"the training images of seed {seed} differ from those its checkpoints in "
-                f"{seed_dir} were trained on ({kept.get('train_normal')} normals and "
-                f"{kept.get('train_anomaly')} seen anomalies then, {record['train_normal']} "
-                f"and {record['train_anomaly']} now: the dataset changed since); use a new "
-                f"--workdir, or restore the dataset as it was")
-    if write:
+                f"the training images of seed {seed} differ from those {whose} trained on "
+                f"({kept.get('train_normal')} normals and {kept.get('train_anomaly')} seen "
+                f"anomalies then, {record['train_normal']} and {record['train_anomaly']} "
+                f"now: the dataset changed since); {fix}")
+    if write and not base:
         os.makedirs(seed_dir, exist_ok=True)
         write_json_atomic(path, record)
 
@@ -237,6 +244,19 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
                 f"and seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} would "
                 f"train on it: results.json would average seeds of two datasets; restore "
                 f"the dataset as it was, or use a new --workdir")
+
+
+def check_bases(config, data, seeds, workdir: str) -> None:
+    """AHL on another run's base (ahl.base_workdir): that run checked for the seeds that
+    need it (`base_source`: a finished seed is read back, and a started one holds its
+    base checkpoint, so the base run may be gone, e.g. a table carried elsewhere), and
+    trained on this split's images (a changed dataset reused it without a word, its seen
+    anomalies then among the test images). `data` may be without pixels."""
+    for seed in seeds:
+        base = base_source(config, workdir, seed)
+        if base:
+            check_split_unchanged(data, split_stage(config, data, seed), seed,
+                                  os.path.dirname(base), write=False, base=True)
 
 
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
@@ -356,7 +376,9 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     check_protocol(config, rows, seeds)
     changes = workdir_change_lines(workdir, config)
     if os.path.isdir(workdir):
+        check_not_locked(workdir)  # a run training there: this one would be refused
         check_resumed_splits(config, rows, seeds, workdir)
+    check_bases(config, rows, seeds, workdir)
     lines = config_lines(config) + [weights_to_check(config.model)] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
@@ -411,6 +433,8 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
     if data is None:  # a mistyped root or too many shots, before any weight or workdir
         rows = dataset_without_pixels(config.data)
         check_protocol(config, rows, seeds)
+    # AHL's base run, before the workdir is made, any weight loaded or image decoded
+    check_bases(config, rows if rows is not None else data, seeds, workdir)
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
         if rows is not None:  # a dataset changed under kept checkpoints, before the weights
@@ -419,10 +443,6 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
         runner = runner or build_runner(config, devices)
         data = data if data is not None else load_imageset(config.data)
         check_protocol(config, data, seeds)  # every seed's, before the first trains
-        for seed in seeds:  # AHL on another run's base: that run checked, for the seeds
-            # that need it (a finished seed is read back, and a started one holds its
-            # base checkpoint: the base run may be gone, e.g. a table carried elsewhere)
-            base_source(config, workdir, seed)
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {
             "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
@@ -479,8 +499,8 @@ def summary_text(results: dict) -> str:
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     # a seed read back keeps the wall time of the run that trained it
     lines.append(f"  wall time {results['wall_seconds']:.1f} s on {jax.default_backend()}; "
-                 f"{s['wall_seconds']['mean']:.1f} s per seed, as the runs that trained "
-                 f"them took")
+                 f"{s['wall_seconds']['mean']:.1f} s per seed (a seed read back: the time "
+                 f"of the run that trained it)")
     return "\n".join(lines)
 
 

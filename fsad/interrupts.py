@@ -77,10 +77,12 @@ def check() -> None:
 
 
 def delivered() -> None:
-    """The interrupt reached fsad's handler of it (`fsad.main.execute`, `reproduce.py`):
-    no raise left. The run is stopping, its checkpoints saved: another Ctrl-C from here
-    ends the process at once (exit status 130), where a KeyboardInterrupt in the teardown
-    would print a traceback ("Exception ignored in ..." from a garbage collection)."""
+    """The interrupt reached fsad's handler of it (`fsad.main.execute`, `reproduce.py`),
+    or the command has done its work (`fsad.main.main`): no raise left. The process is
+    ending, its checkpoints and results saved: a Ctrl-C from here ends it at once (exit
+    status 128 + the signal), where a KeyboardInterrupt in the teardown would print a
+    traceback ("Exception ignored in ..." from a garbage collection, or from JAX's
+    atexit clean-up after a finished run's last line)."""
     _pending[0] = False
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):

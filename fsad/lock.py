@@ -46,11 +46,7 @@ def workdir_lock(workdir: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "a process that has not written its pid yet"
-            raise UserError(f"another fsad run is training in {workdir!r} ({holder}); wait "
-                            f"for it to end (the same command then resumes or reads it "
-                            f"back), or use another --workdir") from None
+            raise _held(workdir, f) from None
         except OSError:  # a filesystem without locks: run unlocked
             yield
             return
@@ -60,3 +56,35 @@ def workdir_lock(workdir: str):
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}")
         f.flush()
         yield
+
+
+def _held(workdir: str, f) -> UserError:
+    """The error for a workdir whose lock file `f` another process holds."""
+    f.seek(0)
+    holder = f.read().strip() or "a process that has not written its pid yet"
+    return UserError(f"another fsad run is training in {workdir!r} ({holder}); wait for it "
+                     f"to end (the same command then resumes or reads it back), or use "
+                     f"another --workdir")
+
+
+def check_not_locked(workdir: str) -> None:
+    """`workdir_lock`'s refusal without taking the lock or writing anything (--check):
+    the lock file, where there is one, is opened for reading and released at once.
+
+    Raises:
+      UserError: another process holds workdir's lock.
+    """
+    path = os.path.join(workdir, LOCK_FILE)
+    if fcntl is None or not is_primary() or not os.path.isfile(path):
+        return
+    try:
+        f = open(path)
+    except OSError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held(workdir, f) from None
+        except OSError:  # a filesystem without locks
+            pass

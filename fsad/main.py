@@ -243,6 +243,7 @@ def main(argv):
         os._exit(interrupts.exit_status())
     code = execute(_CONFIG.value, _WORKDIR.value, _MODE.value, _INPUT.value, _OUTPUT.value,
                    _HEATMAPS.value, _CHECK.value)
+    interrupts.delivered()  # done: a press in the teardown ends it, not with a traceback
     if code in (EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_HOST_LOST):
         # the one line is printed: leave before background threads (Orbax's writers of a
         # failed or interrupted checkpoint) add their shutdown noise, and (a lost host)

@@ -940,6 +940,11 @@ def test_a_workdir_another_run_is_training_in(tmp_path, capsys):
         expect_error(folder_config(root), work, capsys, "another fsad run is training in",
                      f"pid {os.getpid()} on ", "wait for it to end")
         assert not (work / "config.json").exists()  # refused before the workdir check
+        # --check says so too (it said what the refused run would train)
+        expect_error(folder_config(root), work, capsys, "another fsad run is training in",
+                     check=True)
+    execute(folder_config(root), str(work), check=True)  # released: --check goes on
+    assert "checked: nothing was written" in capsys.readouterr().out
     with workdir_lock(str(work)):  # released with its block
         pass
 
@@ -1508,6 +1513,36 @@ def test_ctrl_c_after_the_run_stopped_ends_the_process_at_once():
                           timeout=120, cwd=ROOT)
     assert (done.returncode, done.stdout.split("\n")) == (143, ["stopping 143", "saved", ""])
     assert done.stderr == "\nfsad: Ctrl-C: saving first; the run stops after it\n"
+
+
+def test_a_base_run_trained_on_other_images_is_refused(tmp_path, capsys):
+    """ahl.base_workdir's run trained its base on its split's images; a dataset changed
+    since reused it without a word (a walkthrough's: its seen anomalies then among the
+    test images). Refused, before the workdir is made, as a resumed seed's own
+    checkpoints are."""
+    from fsad.data import folder_without_pixels
+    from fsad.experiment import check_bases, check_split_unchanged, split_stage
+    root = dataset(tmp_path / "d")
+    base = folder_config(root, "devnet")
+    config = folder_config(root, "ahl_devnet")
+    for field, value in base.items():  # the base model's fields: the base run's
+        if field != "method":
+            config[field] = value
+    config.ahl.base_workdir = str(tmp_path / "base")
+    seed_dir = tmp_path / "base" / "seed_0"
+    rows = folder_without_pixels(root)
+    check_split_unchanged(rows, split_stage(base, rows, 0), 0, str(seed_dir))
+    (seed_dir / "checkpoints" / "2").mkdir(parents=True)
+    (seed_dir / "metrics.json").write_text("{}")
+    (tmp_path / "base" / "config.json").write_text(base.to_json_best_effort())
+    work = tmp_path / "ahl"
+    check_bases(config, rows, [0], str(work))  # the same images
+    good = os.path.join(root, "train", "good")
+    shutil.copy(os.path.join(good, sorted(os.listdir(good))[0]), os.path.join(good, "new.png"))
+    expect_error(config, work, capsys, "the training images of seed 0 differ from those the "
+                 f"base model in {seed_dir} (ahl.base_workdir) was trained on (8 normals and "
+                 "2 seen anomalies then, 9 and 2 now", "leave ahl.base_workdir empty")
+    assert not work.exists()
 
 
 def test_a_started_seed_needs_its_base_run_no_more(tmp_path):
