@@ -68,8 +68,8 @@ def _held(workdir: str, f) -> UserError:
 
 
 def check_not_locked(workdir: str) -> None:
-    """`workdir_lock`'s refusal without taking the lock or writing anything (--check):
-    the lock file, where there is one, is opened for reading and released at once.
+    """`workdir_lock`'s refusal without holding the lock or writing anything (--check):
+    the lock file, where there is one, is opened for reading, locked and let go at once.
 
     Raises:
       UserError: another process holds workdir's lock.
