@@ -57,8 +57,10 @@ BASE_SOURCE = ("ahl.base_workdir",)
 SEED_COUNT = ("num_seeds",)
 # where decoded images are kept: the same images from any cache or none
 CACHE_PLACE = ("data.cache_dir",)
-# what scoring new images leaves unread: the test masks (pixel metrics are training's)
-SCORING_UNREAD = ("data.mask_resize",)
+# what scoring new images leaves unread: the test masks (pixel metrics are training's) and
+# where the training data lie (a dataset moved since: the trained model is the workdir's)
+SCORING_UNREAD = ("data.mask_resize", "data.root", "data.tfds_dir", "dra.outlier_root",
+                  "ahl.texture_root")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

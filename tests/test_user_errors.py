@@ -625,8 +625,11 @@ def test_a_run_saved_before_a_field_existed_goes_on_with_its_default(tmp_path, c
     assert check_stored_config(str(work), config)
     config.data.cache_dir = str(tmp_path / "elsewhere")  # another cache: the same images
     config.data.mask_resize = "opencv_linear"  # another config to train, but scoring
-    assert stored_config_diff(str(work), config) == ["data.mask_resize", "explain.sigma"]
-    assert check_stored_config(str(work), config)  # reads no mask (`:localization`)
+    config.data.root = str(tmp_path / "moved")  # reads no mask (`:localization`), no image
+    assert stored_config_diff(str(work), config) == ["data.mask_resize", "data.root",
+                                                     "explain.sigma"]
+    assert check_stored_config(str(work), config)  # of the training data
+    config.data.root = str(root)
     config.data.n_anomaly += 1
     with pytest.raises(UserError, match=r"different config \(field data.n_anomaly; in "
                                         r"the run: 2\); "
