@@ -185,24 +185,30 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
               "train_normal": int(len(split.train_normal)),
               "train_anomaly": int(len(split.train_anomaly)),
               **dataset_record(data)}
-    path = os.path.join(seed_dir, "split.json")
-    if os.path.exists(path) and checkpoint_steps(seed_dir):
-        with open(path) as f:
-            kept = json.load(f)
-        if kept.get("train_files_sha1") != record["train_files_sha1"]:
-            whose = (f"the base model in {seed_dir} (ahl.base_workdir) was" if base else
-                     f"its checkpoints in {seed_dir} were")
-            fix = ("restore the dataset as it was, or leave ahl.base_workdir empty to train "
-                   "the base here" if base else
-                   "use a new --workdir, or restore the dataset as it was")
-            raise UserError(
-                f"the training images of seed {seed} differ from those {whose} trained on "
-                f"({kept.get('train_normal')} normals and {kept.get('train_anomaly')} seen "
-                f"anomalies then, {record['train_normal']} and {record['train_anomaly']} "
-                f"now: the dataset changed since); {fix}")
+    kept = kept_split(seed_dir) if checkpoint_steps(seed_dir) else {}
+    if kept and kept.get("train_files_sha1") != record["train_files_sha1"]:
+        whose = (f"the base model in {seed_dir} (ahl.base_workdir) was" if base else
+                 f"its checkpoints in {seed_dir} were")
+        fix = ("restore the dataset as it was, or leave ahl.base_workdir empty to train "
+               "the base here" if base else
+               "use a new --workdir, or restore the dataset as it was")
+        raise UserError(
+            f"the training images of seed {seed} differ from those {whose} trained on "
+            f"({kept.get('train_normal')} normals and {kept.get('train_anomaly')} seen "
+            f"anomalies then, {record['train_normal']} and {record['train_anomaly']} "
+            f"now: the dataset changed since); {fix}")
     if write and not base:
         os.makedirs(seed_dir, exist_ok=True)
-        write_json_atomic(path, record)
+        write_json_atomic(os.path.join(seed_dir, "split.json"), record)
+
+
+def kept_split(seed_dir: str) -> dict:
+    """A seed's split.json (`check_split_unchanged`); {} where it has none."""
+    path = os.path.join(seed_dir, "split.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def _ids_sha1(ids) -> str:
@@ -232,11 +238,7 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
                               write=False)
     now = dataset_record(data)
     for seed in (s for s in seeds if s not in left) if left else ():
-        path = os.path.join(seed_dir_of(workdir, seed), "split.json")
-        kept = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                kept = json.load(f)
+        kept = kept_split(seed_dir_of(workdir, seed))
         if kept.get("dataset_sha1", now["dataset_sha1"]) != now["dataset_sha1"]:
             raise UserError(
                 f"the dataset changed since seed {seed} of {workdir} finished "
@@ -246,17 +248,19 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
                 f"the dataset as it was, or use a new --workdir")
 
 
-def check_bases(config, data, seeds, workdir: str) -> None:
+def check_bases(config, data, seeds, workdir: str) -> dict[int, str | None]:
     """AHL on another run's base (ahl.base_workdir): that run checked for the seeds that
     need it (`base_source`: a finished seed is read back, and a started one holds its
     base checkpoint, so the base run may be gone, e.g. a table carried elsewhere), and
     trained on this split's images (a changed dataset reused it without a word, its seen
-    anomalies then among the test images). `data` may be without pixels."""
-    for seed in seeds:
-        base = base_source(config, workdir, seed)
+    anomalies then among the test images). `data` may be without pixels.
+    -> {seed: the base checkpoint folder it starts from, or None}."""
+    bases = {seed: base_source(config, workdir, seed) for seed in seeds}
+    for seed, base in bases.items():
         if base:
             check_split_unchanged(data, split_stage(config, data, seed), seed,
                                   os.path.dirname(base), write=False, base=True)
+    return bases
 
 
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
@@ -378,12 +382,12 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     if os.path.isdir(workdir):
         check_not_locked(workdir)  # a run training there: this one would be refused
         check_resumed_splits(config, rows, seeds, workdir)
-    check_bases(config, rows, seeds, workdir)
+    bases = check_bases(config, rows, seeds, workdir)
     lines = config_lines(config) + [weights_to_check(config.model)] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
-        base = base_source(config, workdir, seed)  # checks the base run where one is used
+        base = bases[seed]
         split = split_stage(config, rows, seed)
         kept = checkpoint_steps(seed_dir)
         trained = kept.get("checkpoints", -1) >= config.epochs * config.steps_per_epoch

@@ -20,8 +20,7 @@ import numpy as np
 from scipy import stats
 
 from fsad.checkpoints import checkpoint_manager, restore_latest
-from fsad.data.decode import (IMAGE_SUFFIXES, decode_many, left_out,
-                              list_images_recursive)
+from fsad.data.decode import IMAGE_SUFFIXES, decode_many, images_and_others
 from fsad.errors import UserError
 from fsad.hosts import is_primary
 from fsad.memory import eval_fix, hint_on_oom
@@ -111,8 +110,7 @@ def images_to_score(path: str) -> tuple[list[str], str]:
                             f"({', '.join(IMAGE_SUFFIXES)}); pass an image or a folder of "
                             f"images")
         return [os.path.basename(path)], os.path.dirname(path) or "."
-    files = list_images_recursive(path)
-    skipped = left_out(path, recursive=True)
+    files, skipped = images_and_others(path)
     if skipped:
         logging.warning("%d file(s) under --input are not images fsad reads and are not "
                         "scored (%s%s); it reads %s", len(skipped), ", ".join(skipped[:3]),

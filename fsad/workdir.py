@@ -102,14 +102,9 @@ def run_config(workdir: str):
         raise UserError(f"{path} is not an fsad run's config (no method of fsad's in it); "
                         f"name a trained run's --workdir after the colon")
     config = defaults_of(stored["method"], stored.get("ahl", {}).get("base"))
-    for dotted, value in _flat(stored).items():
-        if isinstance(value, dict) or not has_field(config, dotted):
-            continue  # an empty group; a field this fsad no longer has
-        *groups, leaf = dotted.split(".")
-        node = config
-        for g in groups:
-            node = node[g]
-        node[leaf] = tuple(value) if isinstance(node[leaf], tuple) else value
+    # (an empty group, and a field this fsad no longer has, left out)
+    config.update_from_flattened_dict({k: v for k, v in _flat(stored).items()
+                                       if not isinstance(v, dict) and has_field(config, k)})
     return config
 
 

@@ -195,13 +195,10 @@ def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
 NOT_IMAGES = ("Thumbs.db", "desktop.ini")
 
 
-def left_out(folder: str, recursive: bool = False) -> list[str]:
-    """What a listing of `folder`'s images leaves out, relative to it: files that are not
-    images fsad reads (IMAGE_SUFFIXES; hidden files and NOT_IMAGES aside) and, where
-    the listing is not recursive (`list_images`), subfolders (named with a trailing /).
-    Recursive, the files `list_images_recursive`'s walk passes over."""
-    if recursive:
-        return _walk(folder)[1]
+def left_out(folder: str) -> list[str]:
+    """What `list_images` of `folder` leaves out, relative to it: files that are not
+    images fsad reads (IMAGE_SUFFIXES; hidden files and NOT_IMAGES aside) and subfolders
+    (named with a trailing /). A recursive listing's: `images_and_others`."""
     out = []
     for name in os.listdir(folder):
         if os.path.isdir(os.path.join(folder, name)):
@@ -212,10 +209,17 @@ def left_out(folder: str, recursive: bool = False) -> list[str]:
     return sorted(out)
 
 
-def _walk(folder: str) -> tuple[list[str], list[str]]:
-    """(the image files under folder, the other files), each sorted and relative to it;
-    hidden files and NOT_IMAGES aside. Symlinked folders are followed (a dataset often
-    links its parts), each real folder once (a link cycle ends there)."""
+def images_and_others(folder: str) -> tuple[list[str], list[str]]:
+    """(the image files under folder, searched recursively; the other files), each sorted
+    and relative to it; hidden files and NOT_IMAGES aside. Symlinked folders are followed
+    (a dataset often links its parts), each real folder once (a link cycle ends there).
+
+    Raises:
+      UserError: the folder does not exist, or holds no images.
+    """
+    from fsad.errors import UserError
+    if not os.path.isdir(folder):
+        raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
     images, others, seen = [], [], set()
     for dirpath, dirnames, files in os.walk(folder, followlinks=True):
         seen.add(os.path.realpath(dirpath))
@@ -226,6 +230,9 @@ def _walk(folder: str) -> tuple[list[str], list[str]]:
                 continue
             rel = os.path.relpath(os.path.join(dirpath, f), folder)
             (images if f.lower().endswith(IMAGE_SUFFIXES) else others).append(rel)
+    if not images:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
+                        f"at a folder that holds images")
     return sorted(images), sorted(others)
 
 
@@ -236,19 +243,13 @@ def list_images(folder: str) -> list[str]:
 
 
 def list_images_recursive(folder: str) -> list[str]:
-    """Image files under a folder (searched recursively), sorted, relative to it.
+    """Image files under a folder (searched recursively), sorted, relative to it
+    (`images_and_others`).
 
     Raises:
       UserError: the folder does not exist, or holds no images.
     """
-    from fsad.errors import UserError
-    if not os.path.isdir(folder):
-        raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
-    out = _walk(folder)[0]
-    if not out:
-        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
-                        f"at a folder that holds images")
-    return sorted(out)
+    return images_and_others(folder)[0]
 
 
 def image_folder_paths(root: str, skip_subset: str = "") -> list[str]:
