@@ -42,7 +42,7 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.weights import weights_to_check
+from fsad.weights import pretrained_description, weights_to_check
 from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
                           config_json, seed_dir_of, seed_finished, seed_metrics_path,
                           steps_text, workdir_change_lines, write_json_atomic)
@@ -70,17 +70,17 @@ def load_outliers(config) -> np.ndarray | None:
     return load_image_folder(root, config.data.img_size, config.data.get("subset", ""))
 
 
-def load_pretrained(config) -> tuple[dict | None, str]:
-    """The trunk initialisation (`fsad.weights.pretrained_variables`), checked against
-    the model's shapes before any data is decoded or any step is taken."""
+def load_pretrained(config) -> dict | None:
+    """The trunk's pretrained variables (`fsad.weights.pretrained_variables`; None for
+    random init), checked against the model's shapes before any step is taken."""
     from fsad.weights import merge_variables, pretrained_variables
-    pretrained, init = pretrained_variables(config.model)
+    pretrained, _ = pretrained_variables(config.model)
     if pretrained is not None:
         size = config.data.img_size
         shapes = jax.eval_shape(build_method(config).init, jax.random.key(0),
                                 jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
         merge_variables(shapes, pretrained)  # raises UserError on keys or shapes that differ
-    return pretrained, init
+    return pretrained
 
 
 # ---------------------------------------------------------------- the runner
@@ -91,22 +91,31 @@ TRAIN_ROWS_BUCKET = 64  # training arrays padded to a multiple: one step shape p
 @dataclasses.dataclass
 class Runner:
     """What every seed (and every setting of the same shapes) of a run shares, built
-    once: the method, its optimiser, the mesh, the trunk initialisation, and the jitted
-    train, score and saliency functions. `train_step_for` compiles the train step once
-    per input signature and times the compilation apart from the steps.
+    once: the method, its optimiser, the mesh, the trunk initialisation (`init`, in
+    words; its weights loaded by `trunk` at the first need), and the jitted train, score
+    and saliency functions. `train_step_for` compiles the train step once per input
+    signature and times the compilation apart from the steps.
     """
 
     config: object
     method: Method
     tx: object
     mesh: object
-    pretrained: dict | None
     init: str
     score_fn: Callable
     prepare_eval: Callable
     train_step: Callable
     compiled: dict = dataclasses.field(default_factory=dict)
     saliency_fns: dict = dataclasses.field(default_factory=dict)
+    loaded: dict = dataclasses.field(default_factory=dict)
+
+    def trunk(self) -> dict | None:
+        """The trunk's pretrained variables (None: random init), loaded and checked on the
+        first call (`load_pretrained`): only a seed that starts from them needs them, not
+        one read back, resumed or started from another run's base."""
+        if "trunk" not in self.loaded:
+            self.loaded["trunk"] = load_pretrained(self.config)
+        return self.loaded["trunk"]
 
     def train_step_for(self, state, data, key) -> tuple[Callable, float]:
         """(the compiled train step for these input shapes, seconds spent compiling it
@@ -132,14 +141,14 @@ class Runner:
         return self.saliency_fns["fn"]
 
 
-def build_runner(config, devices=None, pretrained: tuple | None = None) -> Runner:
-    """The Runner of a config: method, optimiser, mesh, pretrained trunk (loaded unless
-    given as (variables, description)) and jitted functions."""
+def build_runner(config, devices=None) -> Runner:
+    """The Runner of a config: method, optimiser, mesh, the trunk's initialisation (its
+    weights not loaded yet: `Runner.trunk`) and jitted functions."""
     method = build_method(config)
     mesh = make_mesh(devices)
     tx = method.optimizer(config.steps_per_epoch)
-    pretrained, init = pretrained if pretrained is not None else load_pretrained(config)
-    return Runner(config, method, tx, mesh, pretrained, init, make_score_fn(method, mesh),
+    return Runner(config, method, tx, mesh, pretrained_description(config.model),
+                  make_score_fn(method, mesh),
                   method.prepare_eval, make_train_step(method, tx, mesh, config.batch_size))
 
 
@@ -263,6 +272,15 @@ def check_bases(config, data, seeds, workdir: str) -> dict[int, str | None]:
     return bases
 
 
+def seeds_from_the_trunk(workdir: str, bases: dict[int, str | None]) -> list[int]:
+    """The seeds of `check_bases`'s {seed: base} that would start training from the
+    trunk's initialisation: not finished, without a checkpoint of their own, and not
+    started from another run's base. Only they need the pretrained weights."""
+    return [seed for seed, base in bases.items()
+            if base is None and not seed_finished(seed_dir_of(workdir, seed))
+            and "checkpoints" not in checkpoint_steps(seed_dir_of(workdir, seed))]
+
+
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     """Trains (or resumes, or finds finished) the method on one split. -> (state, info)."""
     config = runner.config
@@ -271,8 +289,8 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     checkpoint_folder(os.path.join(seed_dir, "checkpoints"))  # before any compilation
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
                                 runner.mesh, load_outliers(config), bucket=TRAIN_ROWS_BUCKET)
-    state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh,
-                       runner.pretrained)
+    # the trunk's weights go in only where no checkpoint is restored (fit's `trunk`)
+    state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh)
     # compiled only when steps remain (not for a finished base run that AHL starts from)
     return fit(runner.method, state, runner.tx, train_data, runner.mesh, k_train,
                config.batch_size, config.epochs, config.steps_per_epoch, seed_dir,
@@ -280,7 +298,7 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
                make_step=lambda s: runner.train_step_for(s, train_data, k_train),
                start_from=base_source(config, os.path.dirname(seed_dir), seed,
                                       agree=same_on_every_host),
-               checkpoint_seconds=config.checkpoint_seconds)
+               checkpoint_seconds=config.checkpoint_seconds, trunk=runner.trunk)
 
 
 def score_stage(runner: Runner, variables, images: np.ndarray, seed: int) -> dict:
@@ -383,7 +401,10 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         check_not_locked(workdir)  # a run training there: this one would be refused
         check_resumed_splits(config, rows, seeds, workdir)
     bases = check_bases(config, rows, seeds, workdir)
-    lines = config_lines(config) + [weights_to_check(config.model)] + changes
+    weights = weights_to_check(config.model) if seeds_from_the_trunk(workdir, bases) else \
+        (f"weights: none loaded (model.pretrained={config.model.pretrained!r}): every seed is "
+         f"read back, resumes from its checkpoints or starts from its base run")
+    lines = config_lines(config) + [weights] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
@@ -438,13 +459,15 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
         rows = dataset_without_pixels(config.data)
         check_protocol(config, rows, seeds)
     # AHL's base run, before the workdir is made, any weight loaded or image decoded
-    check_bases(config, rows if rows is not None else data, seeds, workdir)
+    bases = check_bases(config, rows if rows is not None else data, seeds, workdir)
     with workdir_lock(workdir):  # before the config check, which may replace config.json
         check_workdir(workdir, config)
         if rows is not None:  # a dataset changed under kept checkpoints, before the weights
             check_resumed_splits(config, rows, seeds, workdir)
         enable_compilation_cache()
         runner = runner or build_runner(config, devices)
+        if seeds_from_the_trunk(workdir, bases):  # the weights, before the images
+            runner.trunk()
         data = data if data is not None else load_imageset(config.data)
         check_protocol(config, data, seeds)  # every seed's, before the first trains
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]

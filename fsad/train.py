@@ -277,14 +277,27 @@ def init_state(method: Method, key: jax.Array, data: TrainData, tx, mesh: Mesh,
     # longer to compile than the program takes to run (fsad.quick_compile)
     variables = quick_jit(method.init)(k_init, jnp.zeros((1, *data.images.shape[1:]),
                                                          jnp.float32))
-    if pretrained is not None:
-        from fsad.weights import merge_variables
-        variables = merge_variables(variables, pretrained)
     params = variables["params"]
-    extras = method.init_extras(k_extras, data)
+    extras = method.init_extras(k_extras, data)  # (drawn from the data, not the weights)
     state = TrainState(jnp.int32(0), params, variables.get("batch_stats", {}), tx.init(params),
                        extras)
+    if pretrained is not None:
+        return with_pretrained(state, pretrained, tx, mesh)
     return put(state, replicated(mesh))
+
+
+def with_pretrained(state: TrainState, pretrained: Mapping, tx, mesh: Mesh) -> TrainState:
+    """A state at its start with the `pretrained` variables (e.g. {"params": {"backbone":
+    ...}, "batch_stats": {...}}) written over its own, and its optimiser state made
+    afresh for those params (`fsad.weights.merge_variables` checks paths and shapes).
+    init_state(..., pretrained) is init_state(...) then this."""
+    from fsad.weights import merge_variables
+    variables = merge_variables({"params": state.params, "batch_stats": state.batch_stats},
+                                pretrained)
+    params = variables["params"]
+    return put(dataclasses.replace(state, params=params,
+                                   batch_stats=variables.get("batch_stats", {}),
+                                   opt_state=tx.init(params)), replicated(mesh))
 
 
 def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key: jax.Array,
@@ -292,7 +305,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         keep_checkpoints: int = 3, desc: str = "train",
         make_step: Callable | None = None,
         start_from: str | None = None,
-        checkpoint_seconds: float = 0.0) -> tuple[TrainState, dict]:
+        checkpoint_seconds: float = 0.0,
+        trunk: Callable[[], Mapping | None] | None = None) -> tuple[TrainState, dict]:
     """Runs (or resumes) training to epochs * steps_per_epoch steps.
 
     Checkpoints go to ``workdir/checkpoints`` at the end of an epoch when one is due
@@ -308,6 +322,10 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         checkpoint (AHL's ahl.base_workdir); it is read, never written. Its newest
         checkpoint is adopted into workdir's (`adopt_checkpoint`: hard links where it
         can), so that the run holds its own start.
+      trunk: -> the pretrained variables to start from (`with_pretrained`; None: the
+        state's own init), called only when no checkpoint was restored: a seed that
+        resumes, or starts from another run's base, loads no weights (their file may be
+        gone since).
     Returns:
       the final state and {"train_seconds", "steps", "resumed_from", "loss",
       "step_seconds" (median wall time of a step after the first), "compile_seconds"}.
@@ -324,6 +342,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         state = restore_latest(source, state)
         source.close()
     start = int(state.step)
+    if start == 0 and trunk is not None and (pretrained := trunk()) is not None:
+        state = with_pretrained(state, pretrained, tx, mesh)
     step_fn, compile_seconds = None, 0.0
     if start < total:  # a finished run (or one resumed at its end) compiles nothing
         step_fn, compile_seconds = (make_step(state) if make_step is not None

@@ -439,6 +439,17 @@ def pretrained_variables(model_cfg, cache_dir: str | None = None
         raise UserError(f"{err}; {ways}") from err
     except ImportError as err:
         raise UserError(f"{err}; or {ways}") from err
+    return variables, pretrained_description(model_cfg)
+
+
+def pretrained_description(model_cfg) -> str:
+    """The trunk initialisation model.pretrained asks for, in words, for summaries and
+    results.json (nothing loaded): "random init (resnet18)", "ImageNet
+    (resnet18-f37072fd.pth), resnet18", "pretrained from PATH, resnet18"."""
+    name, backbone = model_cfg.pretrained, model_cfg.backbone
+    if name in NO_PRETRAINED:
+        return f"random init ({backbone})"
+    source = imagenet_source(backbone)[0] if name == "imagenet" else name
     desc = (f"ImageNet ({os.path.basename(source.split('?')[0])})" if name == "imagenet"
             else f"pretrained from {source}")
-    return variables, f"{desc}, {backbone}"
+    return f"{desc}, {backbone}"

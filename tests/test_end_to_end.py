@@ -379,6 +379,33 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
         assert err.startswith("fsad: error:") and "different config" in err
 
 
+def test_a_finished_run_needs_its_weights_file_no_more(runs, tmp_path, capsys):
+    """The trained DevNet run as if trained from a weights file that is gone since: the
+    finished seed is read back and --check passes (the weights were loaded before any
+    seed looked at its checkpoints: the rerun failed on the missing file); a seed that
+    would train from them still needs them, and --check names the file."""
+    from fsad.main import execute
+    u = tmp_path / "u"
+    shutil.copytree(runs["devnet"]["u"], u, ignore=shutil.ignore_patterns("overlays", "*.png"))
+    gone = str(tmp_path / "resnet18_moved_away.npz")
+    stored = json.loads((u / "config.json").read_text())
+    stored["model"]["pretrained"] = gone
+    (u / "config.json").write_text(json.dumps(stored))
+    config = config_of("devnet", runs["devnet"]["root"])
+    config.model.pretrained = gone
+    capsys.readouterr()
+    assert execute(config, str(u), check=True) == 0
+    assert (f"\nweights: none loaded (model.pretrained={gone!r}): every seed is read back, "
+            f"resumes from its checkpoints or starts from its base run\n"
+            ) in capsys.readouterr().out
+    assert execute(config, str(u)) == 0
+    out = capsys.readouterr().out
+    assert f"trunk from pretrained from {gone}, resnet18" in out and "AUROC" in out
+    config.num_seeds = 2  # seed 1 would start from the weights
+    assert execute(config, str(u), check=True) == 2
+    assert f"{gone!r} does not exist" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- DRA
 
 def test_dra_detects_anomaly_classes_it_never_saw(runs):

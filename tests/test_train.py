@@ -265,6 +265,54 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
     assert os.listdir(work / "checkpoints") == []
 
 
+def test_fit_loads_the_trunks_weights_only_for_a_start(tmp_path, synthetic):
+    """fit's `trunk` is called where no checkpoint is restored, its variables written over
+    the initial state's as init_state(..., pretrained) writes them; a seed that resumes,
+    or starts from another run's checkpoint (AHL's base), loads none: a finished run
+    could not be read back, nor an AHL run start from its base, once the weights file
+    had gone (it was loaded before any seed looked at its checkpoints)."""
+    from fsad.checkpoints import checkpoint_manager, save_checkpoint
+    method, mesh, tx, state, data = _setup(jax.devices()[:1], synthetic, **{
+        "model.n_scales": 1})
+    host = jax.device_get(state)
+    pretrained = {"params": {"backbone": jax.tree.map(lambda a: a + 1, host.params["backbone"])},
+                  "batch_stats": {"backbone": jax.tree.map(lambda a: a + 2,
+                                                           host.batch_stats["backbone"])}}
+    calls = []
+
+    def trunk():
+        calls.append(1)
+        return pretrained
+
+    def no_step(_):
+        pytest.fail("a step was compiled")
+
+    def run(epochs, work=None, start_from=None, load=trunk):
+        return fit(method, state, tx, data, mesh, jax.random.key(1), 16, epochs, 2, work,
+                   make_step=no_step, start_from=start_from, trunk=load)
+
+    started, info = run(0)  # nothing to restore: the weights go in
+    assert calls == [1] and info["resumed_from"] == 0
+    expected = init_state(method, jax.random.key(0), data, tx, mesh, pretrained)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(started),
+                 jax.device_get(expected))
+    assert not np.array_equal(host.params["backbone"]["conv1"]["kernel"],
+                              jax.device_get(started.params["backbone"]["conv1"]["kernel"]))
+    mngr = checkpoint_manager(str(tmp_path / "own" / "checkpoints"))
+    save_checkpoint(mngr, 2, started.replace(step=jax.numpy.int32(2)))
+    mngr.close()
+
+    def gone():
+        pytest.fail("the weights were loaded for a seed that restores a checkpoint")
+
+    for work, start_from in ((tmp_path / "own", None),  # resumed (here: at its end)
+                             (tmp_path / "ahl", str(tmp_path / "own" / "checkpoints"))):
+        ended, info = run(1, str(work), start_from, gone)
+        assert info["resumed_from"] == 2 and info["steps"] == 0
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(ended.params),
+                     jax.device_get(started.params))
+
+
 def test_adopt_checkpoint_takes_the_newest_step_once(tmp_path):
     """AHL's ahl.base_workdir: the base run's newest checkpoint is put into the AHL run's
     folder (hard links), restorable there, and only into a folder that holds none."""
