@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     except UserError as err:
         print(f"fsad.convert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the half-written folder is gone (Output's exit)
+        print("fsad.convert: interrupted; nothing was written (OUT_DIR/<subset> is as it was)",
+              file=sys.stderr)
+        return 130
     normals = {k: v for k, v in result.counts.items() if k.endswith("/good")}
     anomalies = {k[5:]: v for k, v in result.counts.items()
                  if k.startswith("test/") and not k.endswith("/good")}

@@ -246,15 +246,23 @@ def check_resumed_splits(config, data, seeds, workdir: str) -> None:
         check_split_unchanged(data, split_stage(config, data, seed), seed, seed_dir,
                               write=False)
     now = dataset_record(data)
-    for seed in (s for s in seeds if s not in left) if left else ():
+    for seed in (s for s in seeds if s not in left):
         kept = kept_split(seed_dir_of(workdir, seed))
-        if kept.get("dataset_sha1", now["dataset_sha1"]) != now["dataset_sha1"]:
+        if kept.get("dataset_sha1", now["dataset_sha1"]) == now["dataset_sha1"]:
+            continue
+        changed = (f"the dataset changed since seed {seed} of {workdir} finished "
+                   f"({kept.get('dataset_images')} images then, {now['dataset_images']} now)")
+        if left:
             raise UserError(
-                f"the dataset changed since seed {seed} of {workdir} finished "
-                f"({kept.get('dataset_images')} images then, {now['dataset_images']} now) "
-                f"and seed{'s' if len(left) > 1 else ''} {', '.join(map(str, left))} would "
-                f"train on it: results.json would average seeds of two datasets; restore "
-                f"the dataset as it was, or use a new --workdir")
+                f"{changed} and seed{'s' if len(left) > 1 else ''} "
+                f"{', '.join(map(str, left))} would train on it: results.json would average "
+                f"seeds of two datasets; restore the dataset as it was, or use a new "
+                f"--workdir")
+        # every seed read back: its figures are of the dataset it ran on, said once
+        logging.warning("%s: its results are read back as they were, of the dataset then; "
+                        "to evaluate on the dataset as it is now, use a new --workdir",
+                        changed)
+        break
 
 
 def check_bases(config, data, seeds, workdir: str) -> dict[int, str | None]:
@@ -422,10 +430,11 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         mixed = f" (of them {len(split.contamination)} unlabelled anomalies)" \
             if len(split.contamination) else ""
         shots = len(split.train_anomaly)
+        tested = int(rows.labels[split.test].sum())
         lines.append(f"seed {seed}: trains on {len(split.train_normal)} normals{mixed} and "
                      f"{shots} seen anomal{'y' if shots == 1 else 'ies'}, tests on "
-                     f"{len(split.test)} images ({int(rows.labels[split.test].sum())} "
-                     f"anomalies); {state}")
+                     f"{len(split.test)} images ({tested} anomal"
+                     f"{'y' if tested == 1 else 'ies'}); {state}")
     return lines
 
 
@@ -470,6 +479,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
             runner.trunk()
         data = data if data is not None else load_imageset(config.data)
         check_protocol(config, data, seeds)  # every seed's, before the first trains
+        read_back = [seed for seed in seeds if seed_finished(seed_dir_of(workdir, seed))]
         runs = [run_seed(runner, data, seed, workdir) for seed in seeds]
         results = {
             "method": config.method if config.method != "ahl" else f"ahl({config.ahl.base})",
@@ -481,6 +491,7 @@ def run_experiment(config, workdir: str, devices=None, runner: Runner | None = N
             "config": config_json(config),
             "versions": software_versions(),
             "wall_seconds": time.time() - t0,
+            "read_back": read_back,  # seeds finished before this run: their figures read
         }
         write_json_atomic(os.path.join(workdir, "results.json"), results)
         return results
@@ -501,14 +512,21 @@ def summary_text(results: dict) -> str:
         return text + (f" ({given} of {n} seeds)" if given < n else "")
 
     setting = d["setting"] + (f" (known: {d['known_class']})" if d["setting"] == "hard" else "")
+    if d.get("contamination"):
+        setting += f", contamination {d['contamination']:g}"
+    mixed = len(sp.get("contamination", []))
     lines = [
         f"fsad {results['method']} on {results['dataset']}: {setting}, {d['n_anomaly']}-shot, "
         f"{d['img_size']} px, {n} seed(s); trunk from {results.get('init', '?')}",
         f"  AUROC  {pm('auroc')}",
         f"  AUPR   {pm('aupr')}",
-        f"  train: {sp['train_normal']} normal + {sp['train_anomaly']} seen "
+        f"  train: {sp['train_normal']} normal"
+        + (f" (of them {mixed} unlabelled anomal{'y' if mixed == 1 else 'ies'})" if mixed
+           else "")
+        + f" + {sp['train_anomaly']} seen "
         f"anomal{'y' if sp['train_anomaly'] == 1 else 'ies'}; test: {sp['test_normal']} "
-        f"normal + {sp['test_anomaly']} anomalies ({', '.join(sp['test_anomaly_classes'])})",
+        f"normal + {sp['test_anomaly']} anomal{'y' if sp['test_anomaly'] == 1 else 'ies'} "
+        f"({', '.join(sp['test_anomaly_classes'])})",
     ]
     for k in s:
         if k.startswith(("auroc_", "pixel_auroc", "base_auroc")):
@@ -526,8 +544,9 @@ def summary_text(results: dict) -> str:
         f"{c} {v:.3f}" for c, v in r0["per_class_auroc"].items()))
     # a seed read back keeps the wall time of the run that trained it
     lines.append(f"  wall time {results['wall_seconds']:.1f} s on {jax.default_backend()}; "
-                 f"{s['wall_seconds']['mean']:.1f} s per seed (a seed read back: the time "
-                 f"of the run that trained it)")
+                 f"{s['wall_seconds']['mean']:.1f} s per seed"
+                 + (" (a seed read back: the time of the run that trained it)"
+                    if results.get("read_back", True) else ""))
     return "\n".join(lines)
 
 

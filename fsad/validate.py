@@ -244,7 +244,12 @@ def config_warnings(config) -> list[str]:
 
 def check_against_data(config, n_train_normal: int) -> None:
     """Checks that need the split: AHL's k-means needs more normals than clusters, and
-    DRA's reference set is drawn from the training normals without replacement."""
+    DRA's reference set is drawn from the training normals without replacement; every
+    method needs a training normal (a one-vs-rest TFDS set whose normal class is not in
+    its training split trained on none, with no word)."""
+    _require(n_train_normal > 0, "the split leaves no normal image to train on (the "
+             "dataset's training images hold none of the normal class); check "
+             "data.normal_class and the dataset's splits, or add normal training images")
     if "dra" in config:
         n_ref = config.dra.n_ref
         _require(n_ref <= n_train_normal, f"dra.n_ref={n_ref} asks for more reference images "

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -299,6 +300,10 @@ def test_headct(tmp_path):
     train, test = train_test_split(normal, normal, test_size=0.25, random_state=42)[:2]
     assert _files(root, "train/good") == sorted(f"{i:03d}.png" for i in train)
     assert _files(root, "test/good") == sorted(f"{i:03d}.png" for i in test)
+    with open(f"{raw}/labels.csv", "a") as f:  # left out without a word before
+        f.write("8, 2\n")
+    with pytest.raises(RawLayoutError, match="gives the hemorrhage label.s. 2; expected 0 "):
+        convert("headct", raw, str(tmp_path / "out2"))
 
 
 # ---------------------------------------------------------------- Hyper-Kvasir
@@ -354,6 +359,20 @@ def test_elpv(tmp_path):
     assert res.extra == {"dropped_uncertain": 2}
     normal = [f"cell{i:04d}.png" for i, p, _ in rows if p == 0.0]
     assert _files(root, "test/good") == _expected_split(normal)[1]
+    # longer names are read whole (|S19 cut "images/cell00004.png" to "...pn"), and a
+    # cell type neither mono nor poly is refused (|S4 read "polycrystalline" as "poly")
+    long_raw = str(tmp_path / "long")
+    _raw_elpv(long_raw)
+    os.rename(f"{long_raw}/images/cell0002.png", f"{long_raw}/images/cell_number_2.png")
+    text = open(f"{long_raw}/labels.csv").read().replace("cell0002", "cell_number_2")
+    open(f"{long_raw}/labels.csv", "w").write(text)
+    convert("elpv", long_raw, str(tmp_path / "out_long"))
+    assert "cell_number_2.png" in os.listdir(tmp_path / "out_long" / "elpv" / "train" / "good") \
+        + os.listdir(tmp_path / "out_long" / "elpv" / "test" / "good")
+    open(f"{long_raw}/labels.csv", "w").write(text.replace(" poly", " polycrystalline"))
+    with pytest.raises(RawLayoutError, match="the cell type.s. 'polycrystalline'; expected "
+                                             "mono or poly"):
+        convert("elpv", long_raw, str(tmp_path / "out_poly"))
 
 
 # the raw layout writer of each dataset, by the name of its released converter script
@@ -448,7 +467,7 @@ def test_command_line(tmp_path):
     assert _layout(os.path.join(out, "headct"))["test/defect"] == 3  # the old output is intact
 
 
-def test_command_line_in_process(tmp_path, capsys):
+def test_command_line_in_process(tmp_path, capsys, monkeypatch):
     from fsad.convert import main
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     _raw_headct(raw)
@@ -456,6 +475,34 @@ def test_command_line_in_process(tmp_path, capsys):
     assert main(["headct", raw, out]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["headct", raw, out, "--overwrite"]) == 0
+    # the raw download inside OUT_DIR/<subset> (--overwrite deleted it, a walkthrough's
+    # data/headct converted into data/), the output inside RAW_DIR (a second conversion
+    # read the first's output as raw data), a file as OUT_DIR or OUT_DIR/<subset>
+    inside = str(tmp_path / "data" / "headct")
+    shutil.copytree(raw, inside)
+    capsys.readouterr()
+    assert main(["headct", inside, str(tmp_path / "data"), "--overwrite"]) == 2
+    assert (f"RAW_DIR {inside!r} lies inside the output folder {inside!r}, which the "
+            f"conversion writes afresh") in capsys.readouterr().err
+    assert os.path.isfile(os.path.join(inside, "labels.csv"))
+    assert main(["headct", raw, os.path.join(raw, "converted")]) == 2
+    assert "lies inside RAW_DIR" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    for out_dir, file in ((tmp_path / "a_file", tmp_path / "a_file"),
+                          (tmp_path / "o", tmp_path / "o" / "headct")):
+        file.write_text("x")
+        assert main(["headct", raw, str(out_dir)]) == 2
+        assert f"{str(file)!r} is a file, not a folder" in capsys.readouterr().err
+    # Ctrl-C: one line, no traceback
+    import fsad.convert
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fsad.convert, "convert", pressed)
+    assert main(["headct", raw, str(tmp_path / "new")]) == 130
+    assert capsys.readouterr().err == ("fsad.convert: interrupted; nothing was written "
+                                       "(OUT_DIR/<subset> is as it was)\n")
+    monkeypatch.undo()
     assert main(["mvtec", raw, out]) == 2
     assert "no converter for 'mvtec'" in capsys.readouterr().err
     with pytest.raises(SystemExit):

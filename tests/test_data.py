@@ -11,6 +11,7 @@ from conftest import SIZE, assert_same_rows
 from fsad.data import make_split, read_elpv, read_folder
 from fsad.data.elpv import elpv_without_pixels
 from fsad.data.folders import folder_without_pixels
+from fsad.data.imageset import ImageSet
 from fsad.data.decode import CorruptImageError
 from fsad.data.synthetic import DEFECTS, write_synthetic_dataset
 from fsad.errors import UserError
@@ -90,6 +91,25 @@ def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_roo
     assert a.images.shape[1:] == (SIZE, SIZE, 3) and "going on without the cache" in caplog.text
     assert enable_compilation_cache(str(blocker / "jax")) is None
     assert "compiling without the persistent cache" in caplog.text
+
+
+def test_a_cache_write_cut_by_ctrl_c_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C while the decoded images were being written left the half-written temporary
+    file for good (GBs at 448 px); it is removed, and the press goes on up."""
+    from fsad.data import cache
+    data = ImageSet.from_arrays({"images": np.zeros((2, 4, 4, 3), np.uint8),
+                                 "labels": np.array([0, 1]), "classes": np.array(["good", "x"]),
+                                 "split": np.array(["train", "test"]),
+                                 "file_ids": np.array(["a", "b"]), "name": np.array("t")})
+
+    def cut(path, **arrays):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cache.np, "savez", cut)
+    with pytest.raises(KeyboardInterrupt):
+        cache.cached_imageset({"k": 1}, lambda: data, str(tmp_path))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_folder_without_pixels_lists_the_rows_it_decodes(synthetic_root, synthetic):

@@ -288,6 +288,19 @@ def test_a_seed_resumed_at_its_last_step_joins_the_summary(runs):
     assert "2 seed(s)" in text and f"AUROC  {run0['auroc'] - 0.05:.3f} ± 0.050" in text
     # a figure of one seed of the two is not a mean ± 0 (a pixel AUROC a walkthrough saw)
     assert "pixel_auroc_pooled 0.750 (1 of 2 seeds)" in text
+    # the wall time's note on seeds read back, only where one was (it was on every run);
+    # contamination in the head line, and the unlabelled anomalies among the normals
+    note = "s per seed (a seed read back: the time of the run that trained it)"
+    assert res["read_back"] == [] and note not in summary_text(res)
+    assert note in summary_text({**res, "read_back": [0]})
+    sp = run0["split"]
+    mixed = {**res, "config": {**res["config"], "data": {**res["config"]["data"],
+                                                           "contamination": 0.05}},
+             "runs": [{**run0, "split": {**sp, "contamination": ["a.png", "b.png"]}}]}
+    text = summary_text(mixed).splitlines()
+    assert ": general, contamination 0.05, 10-shot, " in text[0]
+    assert text[3].startswith(f"  train: {sp['train_normal']} normal (of them 2 unlabelled "
+                              f"anomalies) + 10 seen anomalies; test: ")
 
 
 def config_of(name: str, root):

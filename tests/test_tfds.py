@@ -26,6 +26,7 @@ def assert_same_imageset(a, b):
     assert (a.masks is None) == (b.masks is None)
     if a.masks is not None:
         np.testing.assert_array_equal(a.masks, b.masks)
+        np.testing.assert_array_equal(a.has_mask(), b.has_mask())
 
 
 def undecoded_rows(monkeypatch, **data_cfg):
@@ -124,6 +125,23 @@ def test_no_test_good_and_no_masks(tmp_path):
         tfds_io.read_tfds("nowhere_xyz", str(tmp_path / "t"), 16, cache_dir="")
 
 
+def test_an_anomaly_without_a_mask_stays_without_one(tmp_path, caplog):
+    """An anomaly without a mask file came back from TFDS with an all-zero mask, which
+    the pixel metrics then scored (the folder reader leaves it out): a walkthrough's
+    pixel AUROC 0.9252 against the folder's 0.9209."""
+    import shutil
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=16, n_train=6, n_test_good=2,
+                                   n_per_class=2, defects=("spot", "scratch"))
+    shutil.rmtree(os.path.join(root, "ground_truth", "scratch"))
+    folder = read_folder(root, 16, cache_dir="")
+    assert folder.has_mask().sum() == 2 and folder.labels.sum() == 4
+    tfds_io.write_tfds(tfds_io.folder_source(root), "half_masked", str(tmp_path / "t"))
+    back = tfds_io.read_tfds("half_masked", str(tmp_path / "t"), 16, cache_dir="")
+    assert_same_imageset(back, folder)
+    assert "2 anomaly image(s) of TFDS dataset 'half_masked' have no mask (e.g. " \
+        "test/scratch/" in caplog.text
+
+
 def _png(a):
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
@@ -202,6 +220,26 @@ def test_one_vs_rest_single_split_is_split_3_to_1(tmp_path, monkeypatch):
                                        + [normals[i] for i in sorted(test)])
     assert_same_rows(undecoded_rows(monkeypatch, tfds_name="pets_all", tfds_dir=d,
                                     normal_class="cat"), data, splits=False)
+    # one bird: no 3:1 split (scikit-learn's ValueError and its traceback, before)
+    with pytest.raises(UserError, match="1 normal image: too few to split 3:1 into training "
+                                        "and test normals"):
+        undecoded_rows(monkeypatch, tfds_name="pets_all", tfds_dir=d, normal_class="bird")
+
+
+def test_a_normal_class_without_training_images_is_refused(tmp_path, monkeypatch):
+    """A one-vs-rest set whose training split holds none of the normal class: DevNet
+    trained on no normal at all and printed an AUROC (a walkthrough's finding)."""
+    from conftest import tiny_config
+    from fsad.experiment import check_protocol
+    d = str(tmp_path)
+    _write_classification(d, "pets_split", {"train": [1, 1, 2, 1], "test": [0, 1, 2, 0]})
+    data_cfg = {"tfds_name": "pets_split", "tfds_dir": d, "normal_class": "cat"}
+    rows = undecoded_rows(monkeypatch, **data_cfg)
+    assert rows.counts()["train_normal"] == 0
+    config = tiny_config(**{"data.name": "tfds", "data.n_anomaly": 1, "data.shot_pool": 1,
+                            **{f"data.{k}": v for k, v in data_cfg.items()}})
+    with pytest.raises(UserError, match="the split leaves no normal image to train on"):
+        check_protocol(config, rows, [0])
 
 
 def test_one_vs_rest_on_mocked_mnist():

@@ -10,6 +10,7 @@ real command line as a subprocess (flag parsing, a config file's variant, a data
 import asyncio
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -908,7 +909,7 @@ def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys, mon
     assert not (tmp_path / "cache").exists()  # no image decoded
 
 
-def test_more_seeds_on_a_dataset_changed_since_a_finished_seed(tmp_path, capsys):
+def test_more_seeds_on_a_dataset_changed_since_a_finished_seed(tmp_path, capsys, caplog):
     """A run given more seeds after its folder changed trained them on the new images and
     averaged them with the finished seed's, without a word (a walkthrough's 40 and 41
     normals): refused, from the listing, while the finished run alone is still read back.
@@ -925,7 +926,11 @@ def test_more_seeds_on_a_dataset_changed_since_a_finished_seed(tmp_path, capsys)
     good = os.path.join(root, "train", "good")
     shutil.copy(os.path.join(good, sorted(os.listdir(good))[0]), os.path.join(good, "new.png"))
     changed = folder_without_pixels(root)
-    check_resumed_splits(config, changed, [0], str(work))  # read back alone: no mix
+    with caplog.at_level(logging.WARNING):  # read back alone: no mix, but said
+        check_resumed_splits(config, changed, [0], str(work))
+    assert ("the dataset changed since seed 0 of " in caplog.text and "(27 images then, 28 "
+            "now): its results are read back as they were, of the dataset then; to evaluate "
+            "on the dataset as it is now, use a new --workdir") in caplog.text
     expect_error(config, work, capsys, "the dataset changed since seed 0 of",
                  "(27 images then, 28 now) and seed 1 would train on it",
                  "results.json would average seeds of two datasets", "use a new --workdir")

@@ -49,6 +49,7 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         logging.warning("cannot keep the decoded images in %s (%s); going on without the "
                         "cache (point --config.data.cache_dir at a writable folder, or set "
                         "it empty to turn the cache off)", cache_dir, err.strerror or err)
+    finally:  # a failed or interrupted write (Ctrl-C) leaves no half file (GBs at 448 px)
         if os.path.exists(tmp):
             os.remove(tmp)
     return data

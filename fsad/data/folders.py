@@ -30,7 +30,15 @@ LAYOUT_HELP = ("expected the MVTec AD layout: ROOT/train/good/*.png, ROOT/test/g
 
 
 def split_normals_3_to_1(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The authors' 3:1 split of normals for sets without a test split: (train idx, test idx)."""
+    """The authors' 3:1 split of normals for sets without a test split: (train idx, test idx).
+
+    Raises:
+      UserError: fewer than 2 normals (scikit-learn's split left one side empty).
+    """
+    if n < 2:
+        raise UserError(f"{n} normal image{'' if n == 1 else 's'}: too few to split 3:1 into "
+                        f"training and test normals (at least 2 are needed); add normal "
+                        f"images")
     idx = np.arange(n)
     train, test = train_test_split(idx, test_size=0.25, random_state=42)
     return np.asarray(train), np.asarray(test)

@@ -17,6 +17,8 @@ An fsad dataset in TFDS has the splits ``train`` and ``test`` of the ImageSet
     file_id     Text   path relative to the dataset root (as the folder/ELPV readers)
     index       int64  row of the ImageSet (the readers' order)
     mask        Image (H, W, 1) uint8 {0, 255}, only when the dataset has masks
+    mask_present  bool  the image has a mask file (an anomaly without one: False, its mask
+                all zero; pixel metrics leave it out), with `mask`
 
 and ``metadata.json`` with ``fsad_format`` and the ImageSet's name. Reading
 resizes exactly as the folder and ELPV readers do, so ``data.name=tfds`` gives
@@ -32,6 +34,7 @@ import argparse
 import concurrent.futures as futures
 import dataclasses
 import io
+import logging
 import os
 import re
 import shutil
@@ -142,6 +145,7 @@ def _encode_row(table: SourceTable, i: int) -> dict:
                 raise CorruptImageError(f"cannot decode mask {path!r} ({err})",
                                         "remove or replace the file, then rerun") from err
         ex["mask"] = _png(mask)  # grey PNG; TFDS gives it back as (H, W, 1)
+        ex["mask_present"] = path is not None
     return ex
 
 
@@ -153,6 +157,7 @@ def _features(tfds, has_masks: bool):
          "index": tfds.features.Scalar(dtype=np.int64)}
     if has_masks:
         f["mask"] = tfds.features.Image(shape=(None, None, 1), encoding_format="png")
+        f["mask_present"] = tfds.features.Scalar(dtype=np.bool_)
     return tfds.features.FeaturesDict(f)
 
 
@@ -337,6 +342,8 @@ def _fsad_imageset(builder, meta, tfds_name: str, size: int | None,
     rows without their pixels (`ImageSet.without_pixels`), the images and masks read as
     bytes and never decoded (encoded=False: decoded by TFDS, not resized)."""
     has_masks = bool(meta.get("has_masks"))
+    # which anomalies have a mask (datasets written before the field: None, every one)
+    flags = has_masks and "mask_present" in builder.info.features
     skip = ("image", "mask") if has_masks else ("image",)
     skip = skip if size is None and encoded else ()
     rows = []
@@ -347,7 +354,7 @@ def _fsad_imageset(builder, meta, tfds_name: str, size: int | None,
             return (int(ex["index"]), split, _text(ex["class_name"]), _text(ex["file_id"]),
                     int(ex["label"]), resize_rgb(_rgb(ex["image"]), size),
                     resize_mask(ex["mask"][..., 0], size, mask_resize) if has_masks
-                    else None)
+                    else None, bool(ex["mask_present"]) if flags else None)
         rows += _read_examples(source, keep, _progress_label(tfds_name, split, size))
     rows.sort(key=lambda r: r[0])
     if [r[0] for r in rows] != list(range(len(rows))):
@@ -357,9 +364,14 @@ def _fsad_imageset(builder, meta, tfds_name: str, size: int | None,
     split, file_ids = np.array([r[1] for r in rows]), np.array([r[3] for r in rows])
     if size is None:
         return ImageSet.without_pixels(name, classes, split, file_ids)
-    return ImageSet(name, np.stack([r[5] for r in rows]), np.array([r[4] for r in rows], np.int8),
-                    classes, split, file_ids,
-                    np.stack([r[6] for r in rows]) if has_masks else None)
+    present = np.array([r[7] for r in rows]) if flags else None
+    labels = np.array([r[4] for r in rows], np.int8)
+    if present is not None and present.any() and not present[labels == 1].all():
+        missing = file_ids[(labels == 1) & ~present]
+        logging.warning("%d anomaly image(s) of TFDS dataset %r have no mask (e.g. %s); "
+                        "pixel metrics leave them out", len(missing), tfds_name, missing[0])
+    return ImageSet(name, np.stack([r[5] for r in rows]), labels, classes, split, file_ids,
+                    np.stack([r[6] for r in rows]) if has_masks else None, present)
 
 
 def read_tfds(tfds_name: str, tfds_dir: str | None, size: int,
@@ -562,9 +574,13 @@ def main(argv=None) -> int:
         table = source_for(args.source)
         name = args.name or "fsad_" + re.sub(r"[^a-z0-9_]", "_", table.name.lower())
         target = write_tfds(table, name, args.tfds_dir, args.overwrite)
-    except (UserError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError, NotADirectoryError) as err:
         print(f"fsad.data.tfds_io: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("fsad.data.tfds_io: interrupted before the dataset was complete; run the "
+              "command again (with --overwrite where it says so)", file=sys.stderr)
+        return 130
     counts = {s: int(np.sum(table.split == s)) for s in ("train", "test")}
     print(f"wrote {target}: {counts['train']} train + {counts['test']} test examples"
           f"{', with masks' if table.mask_paths is not None else ''}")

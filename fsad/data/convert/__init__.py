@@ -82,7 +82,34 @@ def convert(dataset: str, raw_dir: str, out_dir: str, overwrite: bool = False,
         raise RawLayoutError(f"{converter.name}: RAW_DIR {raw_dir!r} {state}; give "
                              f"the folder the download was unpacked into (expected the raw "
                              f"layout {converter.layout})")
+    check_output_place(raw_dir, out_dir, converter.subset)
     return converter.convert(raw_dir, out_dir, overwrite=overwrite, **kwargs)
+
+
+def check_output_place(raw_dir: str, out_dir: str, subset: str) -> None:
+    """Refuses an output folder OUT_DIR/<subset> that holds the raw download (--overwrite
+    replaced it, raw files and all: data/brainmri converted into data/), that lies inside
+    it (a second conversion read its own output as raw data: Mastcam's earlier output
+    became an anomaly class), or that is a file (as is OUT_DIR).
+
+    Raises:
+      UserError: naming the clash and the fix.
+    """
+    final = os.path.join(os.path.realpath(out_dir), subset)
+    raw = os.path.realpath(raw_dir)
+    for folder, what in ((out_dir, "OUT_DIR"), (final, "OUT_DIR/<subset>")):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{what} {folder!r} is a file, not a folder; remove it or choose "
+                            f"another OUT_DIR")
+    if raw == final or raw.startswith(final + os.sep):
+        raise UserError(f"RAW_DIR {raw_dir!r} lies inside the output folder {final!r}, which "
+                        f"the conversion writes afresh (its files would be lost); move the "
+                        f"raw download out of it (e.g. to raw/{subset}), or choose another "
+                        f"OUT_DIR")
+    if final.startswith(raw + os.sep):
+        raise UserError(f"the output folder {final!r} lies inside RAW_DIR {raw_dir!r}: a "
+                        f"later conversion would read it as raw data; choose an OUT_DIR "
+                        f"outside RAW_DIR")
 
 
 __all__ = ["CONVERTERS", "ConvertResult", "Converter", "RawLayoutError", "convert",

@@ -42,13 +42,19 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
       ConvertResult.
     """
     csv = require_file(os.path.join(raw_dir, "labels.csv"), "ELPV", LAYOUT)
-    table = np.genfromtxt(csv, dtype=["|S19", "<f8", "|S4"], names=["path", "probability",
-                                                                     "type"], ndmin=1)
-    paths, probs = np.char.decode(table["path"]).tolist(), table["probability"]
-    types = np.char.decode(table["type"]).tolist()
+    # (the package's own reader takes |S19 and |S4: fields cut short there, e.g. a longer
+    # file name or "polycrystalline", are read whole here and checked)
+    table = np.genfromtxt(csv, dtype=["U4096", "<f8", "U64"], names=["path", "probability",
+                                                                     "type"], ndmin=1,
+                          encoding="utf-8")
+    paths, probs = table["path"].tolist(), table["probability"]
+    types = table["type"].tolist()
+    odd = sorted({t for t in types if t not in ("mono", "poly")})
+    if odd:
+        raise RawLayoutError(f"ELPV: {csv!r} gives the cell type(s) {', '.join(map(repr, odd))}"
+                             f"; expected mono or poly (the raw layout {LAYOUT})")
     normal = [p for p, q in zip(paths, probs) if q == 0.0]
-    anomalies = [(p, f"test/{t}") for p, q, t in zip(paths, probs, types)
-                 if q == 1.0 and t in ("mono", "poly")]
+    anomalies = [(p, f"test/{t}") for p, q, t in zip(paths, probs, types) if q == 1.0]
     if not normal or not anomalies:
         raise RawLayoutError(f"ELPV: {csv!r} lists {len(normal)} normal and {len(anomalies)} "
                              f"defective cells; expected the raw layout {LAYOUT}")

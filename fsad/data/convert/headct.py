@@ -34,6 +34,10 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
         raise RawLayoutError(f"HeadCT: cannot read {csv!r} as integer rows 'id, hemorrhage' "
                              f"({err}); expected the raw layout {LAYOUT}") from err
     ids, labels = table[:, 0], table[:, 1]
+    odd = sorted(set(labels.tolist()) - {0, 1})
+    if odd:  # (the released script leaves such rows out without a word)
+        raise RawLayoutError(f"HeadCT: {csv!r} gives the hemorrhage label(s) "
+                             f"{', '.join(map(str, odd))}; expected 0 (normal) or 1")
     normal, anomaly = ids[labels == 0].tolist(), ids[labels == 1].tolist()
     if not normal or not anomaly:
         raise RawLayoutError(f"HeadCT: {csv!r} lists {len(normal)} normal and {len(anomaly)} "
