@@ -474,7 +474,16 @@ def test_command_line_in_process(tmp_path, capsys, monkeypatch):
     assert main(["headct", raw, out]) == 0
     assert main(["headct", raw, out]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    # the temporary folder of a conversion killed on this host (SIGKILL: no handler ran)
+    # goes at the next; a running one's stays
+    import socket
+    host = socket.gethostname()
+    dead, alive = (os.path.join(out, f"headct.partial-{host}-{pid}")
+                   for pid in (2 ** 40, os.getppid()))
+    for folder in (dead, alive):
+        os.makedirs(os.path.join(folder, "train"))
     assert main(["headct", raw, out, "--overwrite"]) == 0
+    assert not os.path.exists(dead) and os.path.isdir(alive)
     # the raw download inside OUT_DIR/<subset> (--overwrite deleted it, a walkthrough's
     # data/headct converted into data/), the output inside RAW_DIR (a second conversion
     # read the first's output as raw data), a file as OUT_DIR or OUT_DIR/<subset>

@@ -140,6 +140,11 @@ def test_an_anomaly_without_a_mask_stays_without_one(tmp_path, caplog):
     assert_same_imageset(back, folder)
     assert "2 anomaly image(s) of TFDS dataset 'half_masked' have no mask (e.g. " \
         "test/scratch/" in caplog.text
+    # one against the rest on it: its label is normal/anomaly, its classes and masks lost
+    with pytest.raises(UserError, match="was written by fsad, with its normals, anomaly "
+                                        "classes and masks; read it without data.normal_class"):
+        tfds_io.read_tfds_one_vs_rest("half_masked", str(tmp_path / "t"), "normal", 16,
+                                      cache_dir="")
 
 
 def _png(a):

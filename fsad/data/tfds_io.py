@@ -458,6 +458,11 @@ def _one_vs_rest_builder(tfds_name: str, tfds_dir: str | None, normal_class: str
     """The builder of a TFDS classification dataset and its `_OneVsRest`."""
     tfds = _tfds()
     builder = _builder(tfds_name, tfds_dir)
+    if (builder.info.metadata or {}).get("fsad_format") is not None:
+        # its label is normal/anomaly: one against the rest lost its classes and masks
+        raise UserError(f"TFDS dataset {tfds_name!r} was written by fsad, with its normals, "
+                        f"anomaly classes and masks; read it without data.normal_class "
+                        f"(--config.data.normal_class=)")
     features = builder.info.features
     image_key = _feature_key(features, tfds.features.Image, "image", tfds_name)
     label_key = _feature_key(features, tfds.features.ClassLabel, "label", tfds_name)
