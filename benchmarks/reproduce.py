@@ -64,7 +64,8 @@ from fsad.main import EXIT_HOST_LOST, join_hosts, kept_checkpoints  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
 from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
                                 devnet_ablation_auroc, is_devnet_ablation,
-                                config_protocol_note, paper_known_classes, reference_auroc)
+                                config_protocol_note, dataset_of, paper_known_classes,
+                                reference_auroc)
 from fsad.validate import check_config  # noqa: E402
 from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
                           seed_finished, steps_text, write_json_atomic)
@@ -257,7 +258,7 @@ def run_table(args, on_cell=None, on_start=None) -> dict:
     first = base[args.methods[0]]
     # the grid is checked before a decode (--check: nothing written either)
     rows = dataset_without_pixels(first.data, write=not args.check)
-    paper_name = args.paper_dataset or first.data.get("subset") or first.data.name
+    paper_name = args.paper_dataset or dataset_of(first)
     known = hard_known_classes(args.known_classes, rows, paper_name)
     runners: dict = {}
     results, skipped = [], []

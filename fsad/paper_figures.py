@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import os
 import re
 
 from fsad.errors import UserError
@@ -147,12 +148,25 @@ def protocol_note(dataset: str, method: str, outlier_root: str) -> str | None:
 
 
 def config_protocol_note(config, dataset: str | None = None) -> str | None:
-    """`protocol_note` of a run's config on `dataset` (default: its data.subset, else its
-    data.name)."""
+    """`protocol_note` of a run's config on `dataset` (default: `dataset_of(config)`)."""
     method = f"ahl_{config.ahl.base}" if config.method == "ahl" else config.method
     outlier_root = config.dra.outlier_root if "dra" in config else ""
-    return protocol_note(dataset or config.data.get("subset") or config.data.name, method,
-                         outlier_root)
+    return protocol_note(dataset or dataset_of(config), method, outlier_root)
+
+
+def dataset_of(config) -> str:
+    """The dataset a config reads, by the name the papers' figures know it by: its
+    data.subset; else a folder's own name (data.root=.../hyperkvasir) or a TFDS name
+    without fsad's prefix (fsad_brainmri, as `python -m fsad.data.tfds_io` names it);
+    else data.name (elpv)."""
+    d = config.data
+    if d.get("subset"):
+        return d.subset
+    if d.name == "folder" and d.get("root"):
+        return os.path.basename(os.path.normpath(d.root))
+    if d.name == "tfds" and d.get("tfds_name"):
+        return re.sub(r"^fsad_", "", d.tfds_name)
+    return d.name
 
 
 def canonical_method(name: str) -> str:
