@@ -400,7 +400,8 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
       flags' doing), one a line, then one line per seed: what it trains and tests on,
       and whether it starts, resumes or is read back.
     """
-    check_config(config, n_devices if n_devices is not None else len(jax.devices()))
+    n_devices = n_devices if n_devices is not None else len(jax.devices())
+    check_config(config, n_devices)
     seeds = seeds_of(config)
     rows = dataset_without_pixels(config.data, write=False)
     check_protocol(config, rows, seeds)
@@ -412,7 +413,7 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     weights = weights_to_check(config.model) if seeds_from_the_trunk(workdir, bases) else \
         (f"weights: none loaded (model.pretrained={config.model.pretrained!r}): every seed is "
          f"read back, resumes from its checkpoints or starts from its base run")
-    lines = config_lines(config) + [weights] + changes
+    lines = config_lines(config) + [weights, devices_line(config, n_devices)] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
         finished = seed_finished(seed_dir)
@@ -436,6 +437,17 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
                      f"{len(split.test)} images ({tested} anomal"
                      f"{'y' if tested == 1 else 'ies'}); {state}")
     return lines
+
+
+def devices_line(config, n_devices: int) -> str:
+    """What --check says of the devices: how many, of which kind, over how many hosts,
+    and the training batch's share of each."""
+    hosts = jax.process_count()
+    return (f"devices: {n_devices} {jax.default_backend()}"
+            + (f" over {hosts} processes" if hosts > 1 else "")
+            + f"; batch_size {config.batch_size}: {config.batch_size // n_devices} images per "
+            f"device (model.dtype={config.model.dtype}: "
+            f"{jnp.dtype(compute_dtype(config.model.dtype)).name} here)")
 
 
 def config_lines(config) -> list[str]:

@@ -24,6 +24,8 @@ With one process (the usual case) each of these is what a plain run does.
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 
 import jax
 import numpy as np
@@ -99,6 +101,59 @@ def same_command_on_every_host(command: str) -> None:
                         f"process 0 in --mode, --check, the score-mode flags or "
                         f"the config; run the same command (the same --config and "
                         f"--config.* flags) on every host")
+
+
+SEEN_WITHIN_SECONDS = 30.0  # a shared filesystem's caches may hide a new file so long
+
+
+def check_same_folder(path: str, flag: str = "--workdir") -> None:
+    """Refuses, on every host, a multi-host run whose `path` (the workdir) is not one
+    folder that every host sees: a folder on each node's own disk, or another --workdir
+    per host. Only the first process writes a run's files, and the hosts' checkpoint
+    saves waited on each other for good, without a word (a walkthrough's hang). The first
+    process writes a file into `path` (or, where it does not exist yet, its nearest
+    folder that does) and every host looks for it there; the rest of the path below
+    that folder must be the same on every host. Nothing in a one-process run; no check
+    where the first process cannot write there (the run says why when it makes `path`).
+
+    Raises:
+      UserError: naming the processes that see another folder than the first's.
+    """
+    if not several_hosts():
+        return
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    rest = os.path.relpath(os.path.abspath(path), probe)
+    nonce = multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(8), np.uint32))
+    marker = os.path.join(probe, ".fsad-hosts-" + np.asarray(nonce).tobytes().hex())
+    wrote = False
+    if is_primary():
+        try:
+            open(marker, "w").close()
+            wrote = True
+        except OSError:
+            pass
+    if not same_on_every_host(wrote):
+        return
+    deadline = time.time() + SEEN_WITHIN_SECONDS
+    while not os.path.exists(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    seen = np.concatenate([[os.path.exists(marker)], np.frombuffer(
+        hashlib.sha256(rest.encode()).digest(), np.uint32)]).astype(np.uint32)
+    seen = np.asarray(multihost_utils.process_allgather(seen))  # [processes, 9]
+    wait_for_every_host("fsad: the hosts' folder checked")
+    if is_primary():
+        os.remove(marker)
+    blind = [i for i, row in enumerate(seen) if not row[0] or not np.array_equal(row, seen[0])]
+    if blind:
+        raise UserError(f"{flag} is not one folder that every host sees: process"
+                        f"{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of "
+                        f"{len(seen)} {'do' if len(blind) > 1 else 'does'} not see the file "
+                        f"process 0 wrote for {os.path.abspath(path)} (a folder on each "
+                        f"host's own disk, or another {flag} per host); give every host the "
+                        f"same {flag} on storage they all share (the first process writes "
+                        f"the run's files, every host reads them)")
 
 
 def wait_for_every_host(name: str) -> None:

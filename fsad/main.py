@@ -124,7 +124,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     process of a multi-host run; any other exception keeps its traceback."""
     from fsad.experiment import check_run, print_summary, run_experiment
     from fsad.workdir import check_stored_config
-    from fsad.hosts import is_primary, lost_host, same_command_on_every_host
+    from fsad.hosts import check_same_folder, is_primary, lost_host, same_command_on_every_host
     from fsad.paper_figures import config_protocol_note
     from fsad.validate import check_scoring_config, config_warnings
     try:
@@ -133,6 +133,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
         # (the score-mode flags' presence, not their paths: mounts may differ by host)
         same_command_on_every_host(f"{mode} {check} {bool(input_dir)} {bool(output)} "
                                    f"{heatmaps} {config.to_json_best_effort()}")
+        check_same_folder(workdir)  # (the path may differ by host: mounts may)
         if check and mode == "score":
             raise UserError("--check checks a training run and --mode is score; leave "
                             "--check out (scoring checks its run and images before it scores)")
@@ -193,7 +194,9 @@ def join_hosts(distributed: bool, coordinator: str | None, num_processes: int | 
     other than the first then log errors only (their warnings repeat the first's).
 
     Raises:
-      UserError: the host flags are incomplete, or the other hosts cannot be reached.
+      UserError: the host flags are incomplete, or JAX refuses them (a coordinator that
+        cannot be reached, or a host that never joins, ends in JAX's abort after its
+        5-minute timeout instead).
     """
     if not (distributed or coordinator or num_processes is not None or process_id is not None):
         return
@@ -207,7 +210,8 @@ def join_hosts(distributed: bool, coordinator: str | None, num_processes: int | 
     from fsad.hosts import initialize, is_primary
     if coordinator:  # JAX says nothing while it waits (minutes, then an abort)
         print(f"fsad: process {process_id} of {num_processes} joining through {coordinator}; "
-              f"it waits until every process has started", file=sys.stderr, flush=True)
+              f"it waits until every process has started (one that has not within 5 "
+              f"minutes: JAX ends this one with an abort)", file=sys.stderr, flush=True)
     try:
         initialize(coordinator, num_processes, process_id)
     except Exception as err:  # noqa: BLE001 - JAX's errors here are all the set-up's

@@ -83,8 +83,13 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(b >= 2, f"batch_size={b}: a batch holds normals and seen anomalies; use 2 or "
              f"more (48 in the papers)")
     near = sorted({max(n_devices, b // n_devices * n_devices), -(-b // n_devices) * n_devices})
+    fewer = [d for d in range(n_devices - 1, 0, -1) if b % d == 0][:2]  # devices it splits on
     _require(b % n_devices == 0, f"batch_size={b} cannot be split over the {n_devices} "
-             f"devices; use a multiple of {n_devices}, e.g. {' or '.join(map(str, near))}")
+             f"devices; use a multiple of {n_devices}, e.g. {' or '.join(map(str, near))}, "
+             f"or (a run of this batch_size to resume, which another batch would change) "
+             f"run on {' or '.join(map(str, fewer))} device{'s' if fewer != [1] else ''} "
+             f"(CUDA_VISIBLE_DEVICES, or XLA_FLAGS=--xla_force_host_platform_device_count "
+             f"on a CPU)")
     _require(0.0 < config.anomaly_fraction < 1.0, f"anomaly_fraction="
              f"{config.anomaly_fraction:.3g} is not a share of a batch; use a value in (0, 1), "
              f"e.g. 0.5 (DevNet) or 1/3 (DRA)")

@@ -349,6 +349,20 @@ def test_score_sequence_model_shapes():
     assert jax.jit(m.apply)(v, jnp.ones((3, 5, 7))).shape == (3, 7)
 
 
+def test_the_sequence_model_runs_in_float64():
+    """With JAX_ENABLE_X64 and model.dtype=float64 (the README's numerical checks),
+    flax's float32 zero carries broke the LSTM's scan on the float64 features (a
+    walkthrough's AHL traceback); float32 inputs give what they gave."""
+    with jax.enable_x64(True):
+        for torch_modules in (False, True):
+            m = ScoreSequenceModel(7, torch_modules=torch_modules)
+            x = jax.random.normal(jax.random.key(1), (4, 5, 7), jnp.float64)
+            variables = m.init(jax.random.key(0), x)
+            wide, narrow = m.apply(variables, x), m.apply(variables, x.astype(jnp.float32))
+            assert wide.dtype == jnp.float64 and narrow.dtype == jnp.float32
+            np.testing.assert_allclose(wide, narrow, rtol=1e-5, atol=1e-6)
+
+
 def test_released_psi_init_dropout_and_initial_state():
     """The released psi's modules (`released_psi`; their outputs and Adam step against
     PyTorch's are in test_released_parity.py): PyTorch's init bounds; dropout on only

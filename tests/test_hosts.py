@@ -3,6 +3,7 @@ hosts is in test_end_to_end.py (two processes resume a two-device run to its sco
 here, the flags and the loss of a host, on two real processes joined by
 jax.distributed."""
 
+import os
 import subprocess
 import sys
 
@@ -75,6 +76,25 @@ sys.stdout.flush()
 """
 
 
+# Both processes check one shared folder, then each its own (a path on each node's disk).
+TWO_FOLDERS = """
+import os, sys
+import fsad.hosts
+from fsad.hosts import check_same_folder, initialize
+from fsad.errors import UserError
+pid, base = int(sys.argv[2]), sys.argv[3]
+initialize(sys.argv[1], 2, pid)
+fsad.hosts.SEEN_WITHIN_SECONDS = 1.0
+check_same_folder(os.path.join(base, "shared", "run"))  # not made yet: its parent's
+os.makedirs(os.path.join(base, f"own_{pid}", "run"))
+try:
+    check_same_folder(os.path.join(base, f"own_{pid}", "run"))
+    print("RAN")
+except UserError as err:
+    print("REFUSED", err)
+sys.stdout.flush()
+"""
+
 def test_host_flags_are_all_or_none():
     join_hosts(False, None, None, None)  # a one-process run: nothing to join
     with pytest.raises(UserError, match="needs all of --coordinator_address"):
@@ -136,3 +156,26 @@ def test_hosts_given_different_commands_are_refused_on_every_host():
                          "same command (the same --config and --config.* flags) on every "
                          "host"], out + err[-3000:]
 
+
+
+def test_hosts_that_see_other_workdirs_are_refused_on_every_host(tmp_path):
+    """Hosts given other workdirs (or each a folder on its own disk) trained until their
+    first checkpoint save, then waited on each other for good, without a word (a
+    walkthrough's hang): every host refuses, naming the processes, and nothing of the
+    check is left behind."""
+    address = coordinator_address()
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_FOLDERS, address, str(i),
+                               str(tmp_path)], cwd=ROOT, env=cpu_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for pid, (out, err) in enumerate(p.communicate(timeout=300) for p in procs):
+        lines = [ln for ln in out.splitlines() if not ln.startswith("[Gloo]")]
+        assert lines == [f"REFUSED --workdir is not one folder that every host sees: "
+                         f"process 1 of 2 does not see the file process 0 wrote for "
+                         f"{tmp_path}/own_{pid}/run (a "
+                         f"folder on each host's own disk, or another --workdir per host); "
+                         f"give every host the same --workdir on storage they all share (the "
+                         f"first process writes the run's files, every host reads them)"
+                         ], out + err[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["own_0", "own_1"]
+    assert os.listdir(tmp_path / "own_0" / "run") == []  # the check's file removed

@@ -381,7 +381,9 @@ def test_batch_the_devices_cannot_split(tmp_path):
     with pytest.raises(UserError, match=r"batch_size=12 cannot be split over the 8 devices; "
                                         r"use a multiple of 8, e.g. 8 or 16"):
         check_config(folder_config(tmp_path, batch_size=12), n_devices=8)
-    with pytest.raises(UserError, match=r"batch_size=16 .* 3 devices; .*, e.g. 15 or 18"):
+    with pytest.raises(UserError, match=r"batch_size=16 .* 3 devices; .*, e.g. 15 or 18, "
+                       r"or \(a run of this batch_size to resume, which another batch would "
+                       r"change\) run on 2 or 1 devices \(CUDA_VISIBLE_DEVICES, or "):
         check_config(folder_config(tmp_path, batch_size=16), n_devices=3)
     with pytest.raises(UserError, match=r"batch_size=1: a batch holds normals and seen"):
         check_config(folder_config(tmp_path, batch_size=1))
@@ -1238,7 +1240,11 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
             "  data.name = 'folder' (default 'elpv')"} <= set(changed)
     assert not any(line.startswith(("  optim.", "  model.topk")) for line in changed)
     assert out[len(changed) + 1] == "weights: random init (resnet18)"
-    out = out[len(changed) + 2:]
+    # the devices and the batch's share of each (not said before: a walkthrough on 4)
+    assert out[len(changed) + 2] == (f"devices: {jax.device_count()} cpu; batch_size 8: "
+                                     f"{8 // jax.device_count()} images per device "
+                                     f"(model.dtype=auto: float32 here)")
+    out = out[len(changed) + 3:]
     # the 10-image shot pool leaves 5 test anomalies, floor(18 / 0.9 * 0.1) = 2 of them
     # join the training normals unlabelled
     assert out == [f"seed {s}: trains on 20 normals (of them 2 unlabelled anomalies) and 2 "
@@ -1276,7 +1282,7 @@ def test_check_says_what_each_seed_trains_on_and_writes_nothing(tmp_path, capsys
         "data.name": "synthetic", "data.img_size": 32, "data.n_anomaly": 10})
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
     assert [line for line in capsys.readouterr().out.splitlines()
-            if not line.startswith(("config:", "  ", "weights:"))][0] == (
+            if not line.startswith(("config:", "  ", "weights:", "devices:"))][0] == (
         "seed 0: trains on 60 normals and 10 seen anomalies, tests on 46 images (26 "
         "anomalies); starts")
     assert not (tmp_path / "synthetic").exists() and not (tmp_path / "w").exists()

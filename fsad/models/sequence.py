@@ -75,10 +75,17 @@ class ScoreSequenceModel(nn.Module):
             if i and self.dropout and dropout_rng is not None:
                 x = nn.Dropout(self.dropout, deterministic=False)(
                     x, rng=jax.random.fold_in(dropout_rng, i))
-            carries = None
-            if initial_state is not None:
+            # the carries in the dtype the cells compute in (float32 weights, the input's
+            # dtype where wider: float64 for numerical checks, where flax's own float32
+            # zeros broke its scan); zeros, as flax's, where not given
+            dtype = jnp.promote_types(x.dtype, jnp.float32)
+            if initial_state is None:
+                zeros = jnp.zeros((x.shape[0], self.hidden), dtype)
+                carries = ((zeros, zeros), (zeros, zeros))
+            else:
                 h0, c0 = initial_state
-                carries = tuple((c0[2 * i + d], h0[2 * i + d]) for d in (0, 1))  # (c, h)
+                carries = tuple((c0[2 * i + d].astype(dtype), h0[2 * i + d].astype(dtype))
+                                for d in (0, 1))  # (c, h)
             cell = TorchLSTMCell if self.torch_modules else nn.OptimizedLSTMCell
             x = nn.Bidirectional(nn.RNN(cell(self.hidden), name=f"fwd{i}"),
                                  nn.RNN(cell(self.hidden), name=f"bwd{i}"),
