@@ -276,6 +276,34 @@ def test_brainmri(tmp_path):
     assert read_folder(root, SIZE, "").counts()["anomaly_defect"] == 3
 
 
+def test_the_copying_converters_read_what_they_copy(tmp_path):
+    """BrainMRI (and the other converters that copy files unchanged) copied a truncated
+    image and a notes file without a word (a walkthrough: "anomalies 9"); the training
+    run stopped on them later. Each is refused now, named, and no output appears; so is
+    a Mastcam array that does not load."""
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
+    _raw_brainmri(raw)
+    with open(os.path.join(raw, "yes", "notes.txt"), "w") as f:
+        f.write("scanner settings")
+    with pytest.raises(CorruptImageError, match=r"cannot decode raw image .*notes\.txt.*; "
+                       r".*a file that is not one of its images: move it out of the raw "
+                       r"folder"):
+        convert("brainmri", raw, out)
+    os.remove(os.path.join(raw, "yes", "notes.txt"))
+    first = sorted(os.listdir(os.path.join(raw, "yes")))[0]
+    with open(os.path.join(raw, "yes", first), "r+b") as f:
+        f.truncate(40)  # a download cut short
+    with pytest.raises(CorruptImageError, match=rf"cannot decode raw image .*{first}"):
+        convert("brainmri", raw, out)
+    assert not os.path.exists(os.path.join(out, "brainmri"))
+    mastcam = str(tmp_path / "mastcam")
+    _raw_mastcam(mastcam)
+    with open(f"{mastcam}/train_typical/1.npy", "r+b") as f:
+        f.truncate(60)
+    with pytest.raises(CorruptImageError, match=r"cannot decode raw array .*train_typical/1\.npy"):
+        convert("mastcam", mastcam, out)
+
+
 # ---------------------------------------------------------------- HeadCT
 
 def _raw_headct(raw):

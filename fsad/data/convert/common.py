@@ -164,7 +164,10 @@ class Output:
         Image.fromarray(np.ascontiguousarray(array)).save(self._target(rel_dir, name))
 
     def copy(self, src: str, rel_dir: str, name: str | None = None) -> None:
-        """Copies a raw file byte for byte as rel_dir/name (default: its own name)."""
+        """Copies a raw file byte for byte as rel_dir/name (default: its own name), once
+        it reads (`check_readable`): a truncated image, or a file that is none, was
+        copied without a word and stopped the training run later."""
+        check_readable(src)
         shutil.copyfile(src, self._target(rel_dir, name or os.path.basename(src)))
 
     def finish(self, dataset: str, raw_dir: str, settings: dict | None = None,
@@ -192,6 +195,26 @@ class Output:
             self.abort()
 
 
+def check_readable(path: str) -> None:
+    """Reads a raw file as fsad will: an .npy array (Mastcam) loaded, an image decoded.
+
+    Raises:
+      CorruptImageError: naming the file and the fix.
+    """
+    if path.endswith(".npy"):
+        try:
+            np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise unreadable("raw array", path, err, RAW_FIX) from err
+        return
+    with open_raw(path) as im:
+        im.load()
+
+
+RAW_FIX = ("replace it with a good copy from the dataset's download (a file that is not "
+           "one of its images: move it out of the raw folder), then run the converter again")
+
+
 @contextlib.contextmanager
 def open_raw(path: str):
     """`Image.open(path)` for the block; a file that cannot be opened or decoded there (a
@@ -202,8 +225,7 @@ def open_raw(path: str):
     except UserError:  # the block's own finding (a ValueError too), not a decode's
         raise
     except DECODE_ERRORS as err:
-        raise unreadable("raw image", path, err, "replace it with a good copy from the "
-                         "dataset's download, then run the converter again") from err
+        raise unreadable("raw image", path, err, RAW_FIX) from err
 
 
 def read_rgb(path: str) -> np.ndarray:
