@@ -193,7 +193,8 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
     record = {"train_files_sha1": _ids_sha1(ids),
               "train_normal": int(len(split.train_normal)),
               "train_anomaly": int(len(split.train_anomaly)),
-              **dataset_record(data)}
+              **dataset_record(data),
+              "train_files": [str(i) for i in ids]}  # what a refusal names
     kept = kept_split(seed_dir) if checkpoint_steps(seed_dir) else {}
     if kept and kept.get("train_files_sha1") != record["train_files_sha1"]:
         whose = (f"the base model in {seed_dir} (ahl.base_workdir) was" if base else
@@ -205,10 +206,22 @@ def check_split_unchanged(data, split, seed: int, seed_dir: str, write: bool = T
             f"the training images of seed {seed} differ from those {whose} trained on "
             f"({kept.get('train_normal')} normals and {kept.get('train_anomaly')} seen "
             f"anomalies then, {record['train_normal']} and {record['train_anomaly']} "
-            f"now: the dataset changed since); {fix}")
+            f"now: the dataset changed since{files_changed(kept, record)}); {fix}")
     if write and not base:
         os.makedirs(seed_dir, exist_ok=True)
         write_json_atomic(os.path.join(seed_dir, "split.json"), record)
+
+
+def files_changed(kept: dict, now: dict, named: int = 2) -> str:
+    """", e.g. a.png and b.png gone, c.png new" between two split.json records' training
+    files; "" where the older one lists none (written before they were kept)."""
+    if "train_files" not in kept:
+        return ""
+    then, current = set(kept["train_files"]), set(now["train_files"])
+    parts = [f"{' and '.join(sorted(files)[:named])}"
+             f"{f' and {len(files) - named} more' if len(files) > named else ''} {what}"
+             for files, what in ((then - current, "gone"), (current - then, "new")) if files]
+    return f", e.g. {', '.join(parts)}" if parts else ", in their order"
 
 
 def kept_split(seed_dir: str) -> dict:

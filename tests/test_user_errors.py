@@ -907,8 +907,18 @@ def test_a_seed_resumes_only_on_the_images_it_started_with(tmp_path, capsys, mon
     monkeypatch.setattr(experiment, "build_runner",
                         lambda *a: pytest.fail("weights loaded before the split check"))
     expect_error(config, tmp_path / "w", capsys, "the training images of seed 0 differ",
-                 "(8 normals and 2 seen anomalies then, 10 and 2 now", "use a new --workdir")
+                 "(8 normals and 2 seen anomalies then, 10 and 2 now: the dataset changed "
+                 "since, e.g. train/good/added_0.png and train/good/added_1.png new)",
+                 "use a new --workdir")
     assert not (tmp_path / "cache").exists()  # no image decoded
+    # one image swapped for another: the same counts, so the files are named
+    for i in range(2):
+        os.remove(os.path.join(good, f"added_{i}.png"))
+    first = sorted(os.listdir(good))[0]
+    os.rename(os.path.join(good, first), os.path.join(good, "zz_renamed.png"))
+    expect_error(config, tmp_path / "w", capsys, "(8 normals and 2 seen anomalies then, 8 and "
+                 f"2 now: the dataset changed since, e.g. train/good/{first} gone, "
+                 "train/good/zz_renamed.png new)")
 
 
 def test_more_seeds_on_a_dataset_changed_since_a_finished_seed(tmp_path, capsys, caplog):
