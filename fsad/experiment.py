@@ -44,8 +44,9 @@ from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step,
 from fsad.validate import check_against_data, check_config
 from fsad.weights import pretrained_description, weights_to_check
 from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
-                          config_json, seed_dir_of, seed_finished, seed_metrics_path,
-                          steps_text, workdir_change_lines, write_json_atomic)
+                          config_json, has_own_start, seed_dir_of, seed_finished,
+                          seed_metrics_path, steps_text, workdir_change_lines,
+                          write_json_atomic)
 
 
 def software_versions() -> dict[str, str]:
@@ -298,8 +299,7 @@ def seeds_from_the_trunk(workdir: str, bases: dict[int, str | None]) -> list[int
     trunk's initialisation: not finished, without a checkpoint of their own, and not
     started from another run's base. Only they need the pretrained weights."""
     return [seed for seed, base in bases.items()
-            if base is None and not seed_finished(seed_dir_of(workdir, seed))
-            and "checkpoints" not in checkpoint_steps(seed_dir_of(workdir, seed))]
+            if base is None and not has_own_start(seed_dir_of(workdir, seed))]
 
 
 def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):

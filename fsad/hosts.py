@@ -91,16 +91,26 @@ def same_command_on_every_host(command: str) -> None:
     """
     if not several_hosts():
         return
-    digest = np.frombuffer(hashlib.sha256(command.encode()).digest(), np.uint32)
-    digests = np.asarray(multihost_utils.process_allgather(digest))  # [processes, 8]
-    differ = [i for i, d in enumerate(digests) if not np.array_equal(d, digests[0])]
+    differ = _processes_differing(_digest(command))
     if differ:
         raise UserError(f"the hosts were given different commands: process"
                         f"{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} "
-                        f"of {len(digests)} differ{'' if len(differ) > 1 else 's'} from "
+                        f"of {jax.process_count()} differ{'' if len(differ) > 1 else 's'} from "
                         f"process 0 in --mode, --check, the score-mode flags or "
                         f"the config; run the same command (the same --config and "
                         f"--config.* flags) on every host")
+
+
+def _digest(text: str) -> np.ndarray:
+    """[8] uint32: the sha256 of `text`."""
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+
+
+def _processes_differing(values: np.ndarray) -> list[int]:
+    """The processes whose `values` (a small uint32 vector, the same shape on each)
+    differ from process 0's; every process gets the same list."""
+    gathered = np.asarray(multihost_utils.process_allgather(values))  # [processes, ...]
+    return [i for i, v in enumerate(gathered) if not np.array_equal(v, gathered[0])]
 
 
 SEEN_WITHIN_SECONDS = 30.0  # a shared filesystem's caches may hide a new file so long
@@ -139,17 +149,18 @@ def check_same_folder(path: str, flag: str = "--workdir") -> None:
     deadline = time.time() + SEEN_WITHIN_SECONDS
     while not os.path.exists(marker) and time.time() < deadline:
         time.sleep(0.5)
-    seen = np.concatenate([[os.path.exists(marker)], np.frombuffer(
-        hashlib.sha256(rest.encode()).digest(), np.uint32)]).astype(np.uint32)
-    seen = np.asarray(multihost_utils.process_allgather(seen))  # [processes, 9]
+    # process 0 sees its own file: a process differs where it does not, or where the
+    # rest of its path differs
+    blind = _processes_differing(np.concatenate([[os.path.exists(marker)], _digest(rest)])
+                                .astype(np.uint32))
     wait_for_every_host("fsad: the hosts' folder checked")
     if is_primary():
         os.remove(marker)
-    blind = [i for i, row in enumerate(seen) if not row[0] or not np.array_equal(row, seen[0])]
     if blind:
         raise UserError(f"{flag} is not one folder that every host sees: process"
                         f"{'es' if len(blind) > 1 else ''} {', '.join(map(str, blind))} of "
-                        f"{len(seen)} {'do' if len(blind) > 1 else 'does'} not see the file "
+                        f"{jax.process_count()} {'do' if len(blind) > 1 else 'does'} not see "
+                        f"the file "
                         f"process 0 wrote for {os.path.abspath(path)} (a folder on each "
                         f"host's own disk, or another {flag} per host); give every host the "
                         f"same {flag} on storage they all share (the first process writes "

@@ -532,10 +532,16 @@ def base_source(config, workdir: str, seed: int,
       answer decides a step all hosts take together (the adoption, which waits for every
       host): the first host may have adopted the start already when another looks.
     """
-    seed_dir = seed_dir_of(workdir, seed)
-    if agree(seed_finished(seed_dir) or "checkpoints" in checkpoint_steps(seed_dir)):
+    if agree(has_own_start(seed_dir_of(workdir, seed))):
         return None
     return base_run_checkpoints(config, seed)
+
+
+def has_own_start(seed_dir: str) -> bool:
+    """Whether a seed goes on from what its own folder holds: finished (read back), or a
+    checkpoint of its base training (its own, or the start it adopted from a base run).
+    A seed without either starts afresh: from another run's base, or from the trunk."""
+    return seed_finished(seed_dir) or "checkpoints" in checkpoint_steps(seed_dir)
 
 
 def write_json_atomic(path: str, obj) -> None:
