@@ -42,7 +42,7 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.weights import pretrained_description, weights_to_check
+from fsad.weights import pretrained_description, weights_on_this_machine, weights_to_check
 from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
                           config_json, has_own_start, seed_dir_of, seed_finished,
                           seed_metrics_path, steps_text, workdir_change_lines,
@@ -403,10 +403,12 @@ def run_seed(runner: Runner, data, seed: int, workdir: str) -> dict:
 
 def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
     """Every check a run of `config` in `workdir` makes before its first step, with
-    nothing written, loaded or decoded (``python -m fsad.main ... --check``): the config,
-    every seed's protocol on the dataset's rows (`dataset_without_pixels`), the config
-    stored in the workdir and the training images of its seeds that would resume, and an
-    AHL run's base run (ahl.base_workdir). The trunk's weights are not fetched.
+    nothing written or decoded (``python -m fsad.main ... --check``): the config, every
+    seed's protocol on the dataset's rows (`dataset_without_pixels`), the config stored
+    in the workdir and the training images of its seeds that would resume, an AHL run's
+    base run (ahl.base_workdir), and the trunk's weights where a seed starts from them:
+    read where they are on this machine (their keys and shapes against the model's),
+    never fetched.
 
     Returns:
       the config's fields that differ from its method's defaults (the variants' and
@@ -423,9 +425,15 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
         check_not_locked(workdir)  # a run training there: this one would be refused
         check_resumed_splits(config, rows, seeds, workdir)
     bases = check_bases(config, rows, seeds, workdir)
-    weights = weights_to_check(config.model) if seeds_from_the_trunk(workdir, bases) else \
-        (f"weights: none loaded (model.pretrained={config.model.pretrained!r}): every seed is "
-         f"read back, resumes from its checkpoints or starts from its base run")
+    if not seeds_from_the_trunk(workdir, bases):
+        weights = (f"weights: none loaded (model.pretrained={config.model.pretrained!r}): "
+                   f"every seed is read back, resumes from its checkpoints or starts from its "
+                   f"base run")
+    else:
+        weights = weights_to_check(config.model)
+        if weights_on_this_machine(config.model):  # read as the run reads them (it refused
+            load_pretrained(config)  # files that --check passed: another trunk, a model)
+            weights += "; read: its keys and shapes fit the model"
     lines = config_lines(config) + [weights, devices_line(config, n_devices)] + changes
     for seed in seeds:
         seed_dir = seed_dir_of(workdir, seed)
@@ -542,7 +550,7 @@ def summary_text(results: dict) -> str:
     mixed = len(sp.get("contamination", []))
     lines = [
         f"fsad {results['method']} on {results['dataset']}: {setting}, {d['n_anomaly']}-shot, "
-        f"{d['img_size']} px, {n} seed(s); trunk from {results.get('init', '?')}",
+        f"{d['img_size']} px, {n} seed(s); trunk: {results.get('init', '?')}",
         f"  AUROC  {pm('auroc')}",
         f"  AUPR   {pm('aupr')}",
         f"  train: {sp['train_normal']} normal"

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
-from fsad.hosts import is_primary, put, to_host
+from fsad.hosts import is_primary, progress, put, to_host
 from fsad.mesh import batch_sharded, mesh_batch
 from fsad.models.resnet import IMAGENET_STD
 
@@ -91,7 +91,12 @@ def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 
         `scipy.ndimage.gaussian_filter(sigma)` (33 taps at sigma 4, reflected borders).
     Returns:
       fn(variables, images [B, H, W, 3] float) -> maps [B, H, W] float32.
+    Raises:
+      ValueError: kernel_size below 1 or sigma not above 0 (its maps were NaN).
     """
+    if kernel_size < 1 or not sigma > 0:
+        raise ValueError(f"kernel_size {kernel_size}, sigma {sigma}: the blur takes a "
+                         f"kernel of 1 pixel or more and a sigma above 0 (the paper's: 16, 4)")
     kernel = jnp.asarray(gaussian_kernel(kernel_size, sigma))
     to_normalised = jnp.asarray(255.0 * IMAGENET_STD)
 
@@ -106,17 +111,26 @@ def make_saliency_fn(score_one: Callable, kernel_size: int = 16, sigma: float = 
 
 
 def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
-                     batch_size: int = 16, mesh=None) -> np.ndarray:
+                     batch_size: int = 16, mesh=None, desc: str = "saliency maps"
+                     ) -> np.ndarray:
     """Runs a saliency function over uint8 images in fixed-size batches. -> [N, H, W].
 
     mesh: each batch is split over its devices (batch_size rounded up to a multiple of
       them), as test scoring is; None: one batch on the default device (or wherever
       the variables are).
+    desc: the progress bar's (shown from five batches on; each of its steps takes a
+      Ctrl-C that was dropped on its way, `fsad.hosts.progress`).
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size {batch_size}: a batch holds 1 image or more")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images of shape {images.shape}: saliency maps take RGB images "
+                         f"[N, H, W, 3] (a grey image repeated over 3 channels)")
     if mesh is not None:
         batch_size = mesh_batch(batch_size, mesh)
     out = []
-    for start in range(0, len(images), batch_size):
+    for start in progress(range(0, len(images), batch_size), desc=desc, leave=False,
+                          disable=len(images) <= batch_size * 4):
         chunk = images[start:start + batch_size]
         pad = batch_size - len(chunk)
         if pad:

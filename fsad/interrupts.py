@@ -3,11 +3,14 @@
 Python raises KeyboardInterrupt wherever the main thread is when SIGINT arrives. If that
 is inside a callback that C code calls (JAX's `_xla_gc_callback`, run at every garbage
 collection), Python prints "Exception ignored in ..." and drops it: the run went on as if
-Ctrl-C had not been pressed (seen 2 times in 20 on an AHL run). The command line's
-handler (`install`) also records the interrupt, and `check`, called by every progress
-bar's step (`fsad.hosts.progress`) and between a seed's stages, raises it again if it
-was dropped. The record is the process's own (a signal is), set only by fsad's handlers
-(`defer`'s too: a press during the command line's start-up is taken when it has started).
+Ctrl-C had not been pressed (seen 2 times in 20 on an AHL run, and 3 in 6 in a scoring's
+heat maps, where 3 other runs crashed with SIGSEGV as they ended). The command line's
+handler (`install`) records the interrupt and raises it, but not inside a
+garbage-collection callback; `check`, called by every progress bar's step
+(`fsad.hosts.progress`), between a seed's stages and before a scoring writes its CSV,
+raises it where it was not. The record is the process's own (a signal is), set only by
+fsad's handlers (`defer`'s too: a press during the command line's start-up is taken when
+it has started).
 
 A checkpoint being saved is shielded from Ctrl-C (`shielded`): a press then waits for the
 save to end. A second Ctrl-C a moment after the first used to cut short the save the
@@ -17,6 +20,7 @@ first one had started, and the run lost every step since its last checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -32,7 +36,21 @@ _shielding = [False]  # a `shielded` block runs
 def _on_sigint(signum, frame):
     _pending[0] = True
     _last[0] = signum
-    raise KeyboardInterrupt
+    if not _in_gc_callback(frame):  # there Python would drop it: `check` raises it
+        raise KeyboardInterrupt
+
+
+def _in_gc_callback(frame) -> bool:
+    """Whether the interrupted code runs inside a garbage-collection callback (JAX's
+    `_xla_gc_callback`, which frees XLA's buffers), where a raised KeyboardInterrupt is
+    dropped ("Exception ignored") after cutting the callback short; runs stopped there
+    went on to their end, or crashed with SIGSEGV as they exited."""
+    codes = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _on_startup(signum, frame):

@@ -33,11 +33,15 @@ def sample_prior(key: jax.Array, num: int = PRIOR_SIZE, mu: float = 0.0,
       r: [num] float32, or [num, dims].
 
     Raises:
-      ValueError: num < 2 (the deviation takes the samples' std, with ddof=1).
+      ValueError: num < 2 (the deviation takes the samples' std, with ddof=1), or a
+        sigma given as a number that is not above 0 (the loss was NaN).
     """
     if num < 2:
         raise ValueError(f"sample_prior: num={num}; the deviation divides by the std of "
                          f"the samples (ddof=1), which needs at least 2 (5000 in the papers)")
+    if isinstance(sigma, (int, float)) and not sigma > 0:
+        raise ValueError(f"sample_prior: sigma={sigma}; the deviation divides by the std of "
+                         f"the samples, which needs a sigma above 0 (1 in the papers)")
     shape = (num,) if dims is None else (num, dims)
     return mu + sigma * jax.random.normal(key, shape, jnp.float32)
 

@@ -398,12 +398,32 @@ def _read(f: BinaryIO, where: str) -> Any:
 def state_dict_arrays(obj: Any) -> dict[str, np.ndarray]:
     """The {key: ndarray} state_dict in what `read_pth` returned.
 
-    Unwraps a {"state_dict": ...} checkpoint (PyTorch Lightning, many training scripts)
-    and drops non-array entries (e.g. a saved epoch). Key prefixes such as DataParallel's
-    "module." are left to the caller.
+    Unwraps a checkpoint that holds its state_dict under one of `WRAPPER_KEYS`
+    ({"state_dict": ...}: PyTorch Lightning; {"model": ...}, {"model_state_dict": ...},
+    {"net": ...}: many training scripts) and drops non-array entries (e.g. a saved
+    epoch). Key prefixes such as DataParallel's "module." are left to the caller.
+
+    Raises:
+      ValueError: no state_dict in it (another object; or arrays only under other
+        keys, which it names).
     """
-    while isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, np.ndarray)}
+    nested = [repr(k) for k, v in obj.items() if isinstance(v, Mapping) and v]
+    if not arrays and nested:
+        raise ValueError(f"the checkpoint holds no array at its top, only entries "
+                         f"{', '.join(nested[:5])}, none of them one fsad unwraps "
+                         f"({', '.join(map(repr, WRAPPER_KEYS))}); save the model's "
+                         f"state_dict alone (torch.save(ckpt[KEY], path))")
+    return arrays
+
+
+# where training scripts keep the model's state_dict inside a checkpoint, looked for in
+# this order
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net")

@@ -19,10 +19,11 @@ import jax
 import numpy as np
 from scipy import stats
 
+from fsad import interrupts
 from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many, images_and_others
 from fsad.errors import UserError
-from fsad.hosts import is_primary
+from fsad.hosts import is_primary, progress
 from fsad.memory import eval_fix, hint_on_oom
 from fsad.mesh import make_mesh, replicated
 from fsad.methods import base_method_name, build_method, method_title
@@ -127,12 +128,17 @@ def writable_output(path: str) -> str:
     if os.path.isdir(path):
         raise UserError(f"--output {path!r} is a folder; pass a file path, e.g. "
                         f"{os.path.join(path, 'scores.csv')}")
-    probe = f"{path}.tmp{os.getpid()}"
+    real = os.path.realpath(path)
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        if os.path.exists(real) and not os.path.isfile(real):  # /dev/stdout: written as it is
+            with open(real, "a"):
+                pass
+        else:  # a file beside it (`write_csv` writes one, then renames it)
+            os.makedirs(os.path.dirname(real), exist_ok=True)
+            probe = f"{real}.tmp{os.getpid()}"
+            with open(probe, "w"):
+                pass
+            os.remove(probe)
     except OSError as err:
         raise UserError(f"cannot write the scores to {path!r} ({err.strerror or err}); pass "
                         f"a writable --output path") from None
@@ -167,7 +173,8 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     CSV columns: file (relative to input_dir), score, z, p_value, anomalous; the last
     three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`);
     with heatmaps, heatmap: the image's overlay (`heatmap_path`), relative to the CSV's
-    folder. The CSV is written last: a scoring stopped before its end leaves none.
+    folder. The CSV is written last, whole or not at all (`write_csv`): a scoring stopped
+    or failed before its end leaves none, and a CSV there before as it was.
     An AHL run scores with its unified heads (as its evaluation does); its heat maps,
     like its evaluation's, are the base network's saliency.
     """
@@ -199,20 +206,50 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
         with hint_on_oom("the saliency maps", eval_fix(config)):
             maps = explain_images(method, variables, images, config, mesh=mesh)
         if is_primary():
-            for path, image, heat in zip(overlays, images, maps):
+            for path, image, heat in progress(list(zip(overlays, images, maps)),
+                                              desc="writing heat maps", leave=False,
+                                              disable=len(files) < 64):
                 overlay_png(path, image, heat)
+    interrupts.check()  # a Ctrl-C dropped on its way: no CSV
     if is_primary():  # the other hosts of a multi-host run computed the same
         here = os.path.dirname(os.path.abspath(output))
-        with open(output, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "score", "z", "p_value", "anomalous"]
-                       + (["heatmap"] if heatmaps else []))
-            for i, name in enumerate(files):
-                decision = ["", "", ""] if cal is None else [
-                    f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
-                w.writerow([name, f"{scores[i]:.6g}", *decision] + (
-                    [os.path.relpath(os.path.abspath(overlays[i]), here)] if heatmaps else []))
+        rows = [["file", "score", "z", "p_value", "anomalous"]
+                + (["heatmap"] if heatmaps else [])]
+        for i, name in enumerate(files):
+            decision = ["", "", ""] if cal is None else [
+                f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
+            rows.append([name, f"{scores[i]:.6g}", *decision] + (
+                [os.path.relpath(os.path.abspath(overlays[i]), here)] if heatmaps else []))
+        write_csv(output, rows)
     return output
+
+
+def write_csv(path: str, rows: list[list]) -> None:
+    """Writes rows as a CSV whole or not at all: into a file beside `path`, renamed over
+    it once complete (a CSV there before stays as it was if the writing fails). File
+    names that are not UTF-8 (bytes a file system allows) are written as their bytes.
+
+    A path that is not a file, /dev/stdout say, is written to as it is; a link, through.
+
+    Raises:
+      UserError: the file cannot be written (a full disk, a folder made read-only since
+        the start).
+    """
+    path = os.path.realpath(path)
+    direct = os.path.exists(path) and not os.path.isfile(path)
+    tmp = path if direct else f"{path}.part-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            csv.writer(f).writerows(rows)
+        if not direct:
+            os.replace(tmp, path)
+    except OSError as err:
+        kept = "" if direct else "nothing was written there: "
+        raise UserError(f"cannot write the scores to {path!r} ({err.strerror or err}); "
+                        f"{kept}free space or pass another --output, and score again") from None
+    finally:
+        if not direct and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def heatmap_path(workdir: str, seed: int, name: str) -> str:

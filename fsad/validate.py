@@ -11,6 +11,7 @@ weight is loaded or any image decoded.
 from __future__ import annotations
 
 import os
+import re
 
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
@@ -77,6 +78,10 @@ def check_config(config, n_devices: int = 1) -> None:
              f"{smallest_input(m.backbone) * 2 ** (m.n_scales - 1)} or lower model.n_scales")
     _require(0.0 < m.topk <= 1.0, f"model.topk={m.topk} is not a fraction; use a value in "
              f"(0, 1], e.g. 0.1")
+    sha = m.get("pretrained_sha256", "")  # (" " or "a" matched any file, or nearly)
+    _require(not sha or re.fullmatch(r"[0-9a-fA-F]{8,64}", sha) is not None,
+             f"model.pretrained_sha256={sha!r} is not a sha256 or the start of one; give 8 "
+             f"to 64 of its hex digits (sha256sum FILE), or leave it empty")
     compute_dtype(m.get("dtype", "auto"))
     make_trunk(m.backbone, depthwise=depthwise_route(config))  # refuses an unknown route
     b = config.batch_size

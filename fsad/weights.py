@@ -59,6 +59,21 @@ def download_path(url: str, sha256: str | None, cache_dir: str) -> str:
     return os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16], name)
 
 
+def kept_download(url: str, sha256: str | None, cache_dir: str) -> str | None:
+    """The copy of a download kept in cache_dir (`download_path`), or None where there is
+    none, or where the URL is a file:// one without a sha256 and its file has changed
+    since it was copied (newer than the copy: copied again; it was kept for good, and
+    the run trained from the old weights)."""
+    local = download_path(url, sha256, cache_dir)
+    if not os.path.exists(local):
+        return None
+    if url.startswith("file://") and not sha256:
+        source = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
+        if os.path.exists(source) and os.path.getmtime(source) > os.path.getmtime(local):
+            return None
+    return local
+
+
 def fetch(path_or_url: str, sha256: str | None = None,
           cache_dir: str = DEFAULT_WEIGHTS_CACHE) -> str:
     """A local path for a weights file: a URL is downloaded once into cache_dir.
@@ -70,7 +85,7 @@ def fetch(path_or_url: str, sha256: str | None = None,
     if is_url(path_or_url):
         local = download_path(path_or_url, sha256, cache_dir)
         os.makedirs(os.path.dirname(local), exist_ok=True)
-        if not os.path.exists(local):
+        if not kept_download(path_or_url, sha256, cache_dir):
             # one partial file per process: runs (or hosts) that start together each
             # download, and the first complete file is renamed in
             tmp = f"{local}.part-{socket.gethostname()}-{os.getpid()}"
@@ -388,7 +403,7 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
     if not is_url(source):  # (a missing file or another sha256: fetch's error)
         return f"weights: {fetch(source, sha)}" + (" (its sha256 checked)" if sha else "")
     local = download_path(source, sha, cache_dir)
-    if os.path.exists(local):
+    if kept_download(source, sha, cache_dir):
         if sha:
             check_sha256(local, sha, downloaded=True)
         return (f"weights: {local} (downloaded before, from {source}"
@@ -404,6 +419,18 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
                 + (", its sha256 checked)" if sha else ")"))
     return (f"weights: the run downloads them from {source} into {local} (on a machine "
             f"without network, put the file there first, or see --config.model.pretrained)")
+
+
+def weights_on_this_machine(model_cfg, cache_dir: str | None = None) -> bool:
+    """Whether loading model.pretrained reads a file already here, nothing downloaded or
+    copied (``--check`` loads such a file, to check its keys and shapes)."""
+    cache_dir = cache_dir or weights_cache()
+    if model_cfg.pretrained in NO_PRETRAINED:
+        return False
+    source, sha, _ = weights_source(model_cfg, cache_dir)
+    if model_cfg.backbone == LITE0 and source == LITE0_PACKAGE:
+        return True
+    return not is_url(source) or kept_download(source, sha, cache_dir) is not None
 
 
 def pretrained_variables(model_cfg, cache_dir: str | None = None

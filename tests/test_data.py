@@ -234,6 +234,18 @@ def test_image_folders_follow_symlinked_folders_once(tmp_path, synthetic_root):
     os.symlink(tmp_path / "in", tmp_path / "in" / "again")  # a cycle
     files = list_images_recursive(str(tmp_path / "in"))
     assert files == sorted(os.path.join("good", f) for f in os.listdir(good))
+    # a folder and a link to it side by side: the folder's images once, under its name
+    # (they were listed under both); a named pipe is not an image (its reading waited
+    # for good), a broken link stays for the decoding to name
+    from fsad.data.decode import images_and_others
+    (tmp_path / "two" / "real").mkdir(parents=True)
+    shutil.copy(os.path.join(good, sorted(os.listdir(good))[0]), tmp_path / "two" / "real")
+    os.symlink(tmp_path / "two" / "real", tmp_path / "two" / "alias")
+    os.mkfifo(tmp_path / "two" / "pipe.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "two" / "broken.png")
+    images, others = images_and_others(str(tmp_path / "two"))
+    assert images == ["broken.png", os.path.join("real", sorted(os.listdir(good))[0])]
+    assert others == ["pipe.png"]
 
 
 def test_elpv_without_its_package_is_one_line(monkeypatch):

@@ -172,3 +172,25 @@ def test_dra_heads_rank_s_when_topk_abs_is_off():
         want = np.sort(ranked, axis=1)[:, -4:].mean(1)  # K = 0.2 * 20 cells
         got = heads[abs_].apply(params, feats)["seen"]
         np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_heads_name_what_they_cannot_take():
+    """DRAHeads in a user's own code: an unknown head, features not a list over scales,
+    the residual head without its reference maps, or with maps of another shape, are
+    ValueErrors that name the fix (they were a KeyError, an IndexError, a TypeError on
+    None, and a silent broadcast)."""
+    from fsad.methods.dra import DRAHeads
+    feats = [jnp.ones((2, 4, 4, 8)), jnp.ones((2, 2, 2, 8))]
+    means = [jnp.ones((4, 4, 8)), jnp.ones((2, 2, 8))]
+    key = jax.random.key(0)
+    out = jax.eval_shape(lambda: DRAHeads().init_with_output(key, feats, means)[0])
+    assert {h: o.shape for h, o in out.items()} == {h: (2,) for h in HEADS}
+    for heads, f, m, fragment in [
+            (("seen", "bogus"), feats, means, r"heads \['bogus'\] are not DRA's"),
+            (HEADS, feats[0], means, r"feats is a \w+; pass a list over scales"),
+            (HEADS, feats, None, r"mean map at each of the 2 scale\(s\).*not None"),
+            (HEADS, feats, [means[0][:1], means[1]],
+             r"ref_means\[0\] is \(1, 4, 8\), and the features at that scale are \(4, 4, 8\)")]:
+        with pytest.raises(ValueError, match=fragment):
+            DRAHeads(heads=heads).init(key, f, m)
+    DRAHeads(heads=("seen", "normality")).init(key, feats)  # no residual: no maps needed

@@ -413,7 +413,7 @@ def test_a_finished_run_needs_its_weights_file_no_more(runs, tmp_path, capsys):
             ) in capsys.readouterr().out
     assert execute(config, str(u)) == 0
     out = capsys.readouterr().out
-    assert f"trunk from pretrained from {gone}, resnet18" in out and "AUROC" in out
+    assert f"trunk: pretrained from {gone}, resnet18" in out and "AUROC" in out
     config.num_seeds = 2  # seed 1 would start from the weights
     assert execute(config, str(u), check=True) == 2
     assert f"{gone!r} does not exist" in capsys.readouterr().err

@@ -198,3 +198,22 @@ def test_overlay_and_curve_pngs(tmp_path):
     assert heat_panel[12, 12, 0] > 200 and heat_panel[28, 28, 2] > 100  # red inside, blue out
     explain.curve_png(str(tmp_path / "c.png"), {"f1": [0.2, 0.8], "pixel_auroc": [0.9, 0.7]})
     assert os.path.getsize(tmp_path / "c.png") > 500
+
+
+def test_the_saliency_pieces_refuse_what_gave_nan_or_a_crash():
+    """In a user's own code: a blur of kernel 0 (an XLA verifier error) or sigma 0 (NaN
+    maps, silently), batches of 0 images (range's error) and grey [N, H, W] images (a
+    broadcast error) are ValueErrors that say what to pass."""
+    def score_one(v, x):
+        return (x * v).sum()
+    for kernel_size, sigma in ((0, 4.0), (16, 0.0)):
+        with pytest.raises(ValueError, match="a kernel of 1 pixel or more and a sigma above 0"):
+            explain.make_saliency_fn(score_one, kernel_size, sigma)
+    fn = explain.make_saliency_fn(score_one, 3, 1.0)
+    images = np.zeros((2, 8, 8, 3), np.uint8)
+    assert explain.saliency_batches(fn, 1.0, images, 1).shape == (2, 8, 8)
+    with pytest.raises(ValueError, match="batch_size 0: a batch holds 1 image or more"):
+        explain.saliency_batches(fn, 1.0, images, 0)
+    with pytest.raises(ValueError, match=r"images of shape \(2, 8, 8\): saliency maps take "
+                                         r"RGB images \[N, H, W, 3\]"):
+        explain.saliency_batches(fn, 1.0, images[..., 0], 1)

@@ -264,6 +264,20 @@ def test_load_state_dict_reads_pth_without_torch(tmp_path):
     np.testing.assert_array_equal(sd["wt"], expected["wt"])
 
 
+def test_a_state_dict_under_a_scripts_key_is_unwrapped():
+    """{"model": sd} (and "model_state_dict", "net") is unwrapped as {"state_dict": sd}
+    is; it was read as a checkpoint without weights, and the run said the file held
+    only a classifier. Arrays only under other keys are named."""
+    sd = {"conv1.weight": np.ones((2, 3), np.float32)}
+    for key in ("state_dict", "model_state_dict", "model", "net"):
+        assert list(state_dict_arrays({key: sd, "epoch": 3, "optimizer": {"lr": 1.0}})) \
+            == ["conv1.weight"]
+    with pytest.raises(ValueError, match=r"only entries 'ema', 'opt', none of them one fsad "
+                                         r"unwraps \('state_dict'"):
+        state_dict_arrays({"ema": sd, "opt": {"m": sd}, "epoch": 3})
+    assert state_dict_arrays({}) == {}  # empty: "holds no weight" (merge_variables)
+
+
 def test_reading_never_imports_torch(tmp_path):
     """In a fresh interpreter with torch hidden, reading works and nothing asks for torch."""
     code = f"""

@@ -153,6 +153,21 @@ def test_truncated_image(tmp_path, capsys):
                  "001.png", "remove or replace the file")
 
 
+def test_an_image_over_pillows_size_guard_is_named(tmp_path, monkeypatch):
+    """An image over Pillow's guard against decompression bombs (179 Mpx; here the guard
+    lowered to 100 pixels) is an unreadable file named with a fix, in a scoring or a
+    training set alike; it was a traceback (a walkthrough's 14000 x 14000 scan)."""
+    from PIL import Image
+    from fsad.data.decode import decode_image, decode_many
+    path = str(tmp_path / "scan.png")
+    Image.new("L", (32, 32), 128).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for read in (lambda: decode_image(path, 16), lambda: decode_many([path], 16)):
+        with pytest.raises(UserError, match=r"cannot decode image .*scan.png' \(Image size "
+                                            r"\(1024 pixels\) exceeds limit .*downscale it"):
+            read()
+
+
 def test_file_with_an_image_suffix_that_is_not_an_image(tmp_path, capsys):
     root = dataset(tmp_path / "d")
     with open(os.path.join(root, "train", "good", "notes.png"), "w") as f:
@@ -418,6 +433,11 @@ def test_batch_the_devices_cannot_split(tmp_path):
     # NaN loss blamed on the lr before, as prior_sigma's
     ("dra.outlier_root", "/no/such", "dra.outlier_root='/no/such' is not a folder"),
     ("ahl.texture_root", "/no/such", "ahl.texture_root='/no/such' is not a folder"),
+    # " " and "a" checked a file's digest against nothing, or one hex digit
+    ("model.pretrained_sha256", " ", "model.pretrained_sha256=' ' is not a sha256 or the "
+     "start of one; give 8 to 64 of its hex digits"),
+    ("model.pretrained_sha256", "a", "model.pretrained_sha256='a' is not a sha256"),
+    ("model.pretrained_sha256", "xyz12345", "model.pretrained_sha256='xyz12345' is not"),
 ])
 def test_counts_below_their_least(tmp_path, field, value, fragment):
     from fsad.validate import check_config
@@ -825,7 +845,8 @@ def test_unreachable_weights_url(tmp_path, synthetic_root, capsys):
 def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys):
     """--check names the weights a run would load, or the download it would need (nothing
     fetched), and refuses a weights file that does not exist, as the run does (it passed
-    before, and the run failed in its first seconds)."""
+    before, and the run failed in its first seconds); a file here it reads, and refuses
+    one of another trunk, as the run does."""
     from fsad.weights import download_path, weights_cache
     url = "http://127.0.0.1:9/resnet18.pth"  # nothing listens: --check does not fetch
     cfg = folder_config(synthetic_root, **{"model.pretrained": url})
@@ -836,7 +857,12 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     assert not os.path.exists(local)
     cfg.model.pretrained = path = _weights_file(tmp_path)
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
-    assert f"\nweights: {path}\n" in capsys.readouterr().out
+    read = "; read: its keys and shapes fit the model\n"
+    assert f"\nweights: {path}{read}" in capsys.readouterr().out
+    # a file the run would refuse, read (--check passed a ResNet-34 given as a ResNet-18)
+    cfg.model.pretrained = _weights_file(tmp_path, "resnet34")
+    expect_error(cfg, tmp_path / "w", capsys, "has no place in the model", check=True)
+    cfg.model.pretrained = path
     cfg.model.pretrained = str(tmp_path / "nope.pth")
     expect_error(cfg, tmp_path / "w", capsys, "nope.pth' does not exist; check "
                  "--config.model.pretrained", check=True)
@@ -851,7 +877,7 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     from fsad.weights import sha256_of
     cfg.model.pretrained, cfg.model.pretrained_sha256 = path, sha256_of(path)[:8]
     assert execute(cfg, str(tmp_path / "w"), check=True) == 0
-    assert f"\nweights: {path} (its sha256 checked)\n" in capsys.readouterr().out
+    assert f"\nweights: {path} (its sha256 checked){read}" in capsys.readouterr().out
     cfg.model.pretrained_sha256 = "00000000"
     expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt or "
                  "not the one asked for: pass the right file", check=True)
@@ -860,7 +886,7 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
     expect_error(cfg, tmp_path / "w", capsys, "expected 00000000...; the file is corrupt or "
                  "not the one asked for", check=True)
     # a download kept from before is checked too
-    cfg.model.pretrained = url = "http://127.0.0.1:9/check_sha_resnet18.pth"
+    cfg.model.pretrained = url = "http://127.0.0.1:9/check_sha_resnet18.npz"
     local = download_path(url, "00000000", weights_cache())
     os.makedirs(os.path.dirname(local), exist_ok=True)
     shutil.copy(path, local)
@@ -870,8 +896,8 @@ def test_check_says_where_the_weights_come_from(tmp_path, synthetic_root, capsys
                      check=True)
         cfg.model.pretrained_sha256 = sha256_of(path)[:8]
         assert execute(cfg, str(tmp_path / "w"), check=True) == 0
-        assert (f"\nweights: {local} (downloaded before, from {url}, its sha256 checked)\n"
-                in capsys.readouterr().out)
+        assert (f"\nweights: {local} (downloaded before, from {url}, its sha256 checked)"
+                f"{read}" in capsys.readouterr().out)
     finally:
         os.remove(local)
     assert not (tmp_path / "w").exists()
@@ -1336,6 +1362,46 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path):
     assert writable_output(path) == path and os.listdir(tmp_path / "new") == []
 
 
+def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A scoring's CSV replaces one there before only once complete: a walkthrough saw a
+    name that is not UTF-8 fail the writing half-way (a traceback, and the earlier CSV
+    cut to its first rows), and a full disk give a traceback. Such a name is written as
+    its bytes; a failed write is one line, the earlier CSV kept; a non-file path
+    (/dev/stdout) is written to as it is, a link through."""
+    import builtins
+    from fsad.scoring import write_csv, writable_output
+    path = tmp_path / "scores.csv"
+    path.write_text("precious\n")
+    name = os.fsdecode(b"x\xff.png")  # (a surrogate: as os.listdir gives it)
+    write_csv(str(path), [["file", "score"], ["ok.png", "0.5"], [name, "1"]])
+    assert path.read_bytes() == b"file,score\r\nok.png,0.5\r\nx\xff.png,1\r\n"
+    path.write_text("precious\n")
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if "w" in mode and str(file).startswith(str(path)):
+            def write(*_):
+                raise OSError(28, "No space left on device")
+            f.write = write
+        return f
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    with pytest.raises(UserError, match=r"cannot write the scores to .*scores.csv' \(No "
+                                        r"space left on device\); nothing was written"):
+        write_csv(str(path), [["file", "score"], ["ok.png", "0.5"]])
+    monkeypatch.undo()
+    assert path.read_text() == "precious\n" and os.listdir(tmp_path) == ["scores.csv"]
+    link = tmp_path / "link.csv"
+    link.symlink_to(path)
+    write_csv(str(link), [["a"]])
+    assert link.is_symlink() and path.read_bytes() == b"a\r\n"
+    if os.path.exists("/dev/null"):  # a device: written to, not replaced
+        assert writable_output("/dev/null") == "/dev/null"
+        write_csv("/dev/null", [["a"]])
+        assert not os.path.isfile("/dev/null")
+
+
 def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):
     """The line a Ctrl-C prints (tests/test_end_to_end.py stops a real run with it)."""
     from fsad.main import interrupted_line
@@ -1435,16 +1501,18 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     assert workdir_change_lines(str(work), config)[0].endswith("checkpoints are kept")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
-def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
-    """A Ctrl-C that lands in a callback C code calls (JAX's gc callback) is printed as
-    "Exception ignored" and dropped by Python; fsad's handler records it, and the next
-    step of a progress bar raises it (a walkthrough saw an AHL run go on to its end)."""
+def test_a_ctrl_c_in_a_gc_callback_still_stops_the_run(monkeypatch):
+    """A Ctrl-C raised in a callback C code calls (JAX's gc callback) is printed as
+    "Exception ignored" and dropped by Python, after cutting the callback short (a
+    walkthrough saw an AHL run and scorings go on to their end, and scorings crash with
+    SIGSEGV as they ended). fsad's handler records it and raises nothing there; the next
+    step of a progress bar raises it."""
     import signal
     from fsad import interrupts
     from fsad.hosts import progress
     previous = signal.getsignal(signal.SIGINT)
-    armed = []
+    armed, dropped = [], []
+    monkeypatch.setattr(sys, "unraisablehook", dropped.append)
 
     def in_gc(phase, info):
         if armed and phase == "start":
@@ -1458,8 +1526,8 @@ def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_run():
     try:
         for way in ("iterated", "updated"):  # a bar over an iterable; fit's, updated
             armed.append(True)
-            gc.collect()  # the KeyboardInterrupt raised in in_gc is dropped
-            assert not armed
+            gc.collect()  # the handler ran inside in_gc: nothing raised there
+            assert not armed and dropped == []
             with pytest.raises(KeyboardInterrupt):
                 if way == "iterated":
                     for _ in progress(range(3), disable=True):

@@ -25,8 +25,10 @@ class CorruptImageError(UserError):
         self.what = what
 
 
-# what Pillow raises for a file it cannot open or decode (truncated, not an image)
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
+# what Pillow raises for a file it cannot open or decode (truncated, not an image, or
+# over its guard against decompression bombs: 2 x Image.MAX_IMAGE_PIXELS, 179 Mpx)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+                 Image.DecompressionBombError)
 
 
 def unreadable(kind: str, path: str, err: Exception,
@@ -35,6 +37,11 @@ def unreadable(kind: str, path: str, err: Exception,
     if isinstance(err, PermissionError):
         return CorruptImageError(f"cannot read {kind} {path!r} (permission denied)",
                                  "make it readable (chmod a+r) or remove it, then rerun")
+    if isinstance(err, Image.DecompressionBombError):
+        return CorruptImageError(f"cannot decode {kind} {path!r} ({err})",
+                                 "a file this large is refused unread (Pillow's guard); "
+                                 "downscale it below that, e.g. to the run's "
+                                 "data.img_size, then rerun")
     return CorruptImageError(f"cannot decode {kind} {path!r} ({err})", fix)
 
 
@@ -212,7 +219,9 @@ def left_out(folder: str) -> list[str]:
 def images_and_others(folder: str) -> tuple[list[str], list[str]]:
     """(the image files under folder, searched recursively; the other files), each sorted
     and relative to it; hidden files and NOT_IMAGES aside. Symlinked folders are followed
-    (a dataset often links its parts), each real folder once (a link cycle ends there).
+    (a dataset often links its parts), each real folder once (a link cycle ends there; of
+    a folder and a link to it side by side, the folder: its images were listed twice).
+    What is not a file (a named pipe, whose reading waits for good) is among the others.
 
     Raises:
       UserError: the folder does not exist, or holds no images.
@@ -220,16 +229,23 @@ def images_and_others(folder: str) -> tuple[list[str], list[str]]:
     from fsad.errors import UserError
     if not os.path.isdir(folder):
         raise UserError(f"folder {folder!r} does not exist; pass an existing folder of images")
-    images, others, seen = [], [], set()
+    images, others, seen = [], [], {os.path.realpath(folder)}
     for dirpath, dirnames, files in os.walk(folder, followlinks=True):
-        seen.add(os.path.realpath(dirpath))
-        dirnames[:] = [d for d in dirnames
-                       if os.path.realpath(os.path.join(dirpath, d)) not in seen]
+        kept = []
+        for d in sorted(dirnames, key=lambda d: (os.path.islink(os.path.join(dirpath, d)), d)):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
         for f in files:
             if f.startswith(".") or f in NOT_IMAGES:
                 continue
-            rel = os.path.relpath(os.path.join(dirpath, f), folder)
-            (images if f.lower().endswith(IMAGE_SUFFIXES) else others).append(rel)
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, folder)
+            image = f.lower().endswith(IMAGE_SUFFIXES) \
+                and (os.path.isfile(path) or not os.path.exists(path))  # (a broken link: named)
+            (images if image else others).append(rel)
     if not images:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
                         f"at a folder that holds images")

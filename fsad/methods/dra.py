@@ -46,6 +46,30 @@ LOSSES = ("deviation", "bce", "focal")
 TEST_REFERENCES = ("fixed", "per_batch")
 
 
+def check_head_inputs(heads, feats, ref_means) -> None:
+    """Raises ValueError, naming the fix, for what DRAHeads cannot take: an unknown head,
+    feats not a list over scales, or the residual head without reference maps (or with
+    maps of other shapes than the features': they broadcast without a word)."""
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise ValueError(f"heads {unknown} are not DRA's; use some of {HEADS}")
+    if not isinstance(feats, (list, tuple)):
+        raise ValueError(f"feats is a {type(feats).__name__}; pass a list over scales of "
+                         f"[B, h, w, C] maps ([feats] for one scale)")
+    if "residual" not in heads:
+        return
+    if ref_means is None or len(ref_means) != len(feats):
+        raise ValueError(f"the residual head takes the reference set's mean map at each of "
+                         f"the {len(feats)} scale(s) ([h, w, C] each, `reference_means`), "
+                         f"not {None if ref_means is None else len(ref_means)}; or leave "
+                         f"'residual' out of heads")
+    for s, (f, r) in enumerate(zip(feats, ref_means)):
+        if tuple(r.shape) != tuple(f.shape[1:]):
+            raise ValueError(f"ref_means[{s}] is {tuple(r.shape)}, and the features at that "
+                             f"scale are {tuple(f.shape[1:])} per image: each reference map "
+                             f"has its scale's [h, w, C]")
+
+
 class DRAHeads(nn.Module):
     """The heads over trunk features at every pyramid scale; each head's score is the
     mean over scales.
@@ -67,6 +91,7 @@ class DRAHeads(nn.Module):
 
     @nn.compact
     def __call__(self, feats, ref_means=None, train: bool = False):
+        check_head_inputs(self.heads, feats, ref_means)
         modules = {
             "seen": TopKScorer(self.topk, self.topk_abs, name="seen"),
             "pseudo": TopKScorer(self.topk, self.topk_abs, name="pseudo"),
