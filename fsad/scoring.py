@@ -103,15 +103,22 @@ def images_to_score(path: str) -> tuple[list[str], str]:
         without images.
     """
     if not os.path.exists(path):
-        raise UserError(f"--input {path!r} does not exist; pass an image or a folder of "
-                        f"images")
-    if os.path.isfile(path):
-        if not path.lower().endswith(IMAGE_SUFFIXES):
-            raise UserError(f"--input {path!r} is a file but not an image "
-                            f"({', '.join(IMAGE_SUFFIXES)}); pass an image or a folder of "
-                            f"images")
+        what = f"is a link to {os.readlink(path)!r}, which does not exist" \
+            if os.path.islink(path) else "does not exist"
+        raise UserError(f"--input {path!r} {what}; pass an image or a folder of images")
+    if not os.path.isdir(path):
+        if not path.lower().endswith(IMAGE_SUFFIXES) or not os.path.isfile(path):
+            raise UserError(f"--input {path!r} is not an image file fsad reads "
+                            f"({', '.join(IMAGE_SUFFIXES)}); pass one (another format "
+                            f"converted, e.g. to .png) or a folder of images")
         return [os.path.basename(path)], os.path.dirname(path) or "."
-    files, skipped = images_and_others(path)
+    files, skipped = images_and_others(path, require_images=False)
+    if not files:
+        more = ", ..." if len(skipped) > 3 else ""
+        held = (f"; it holds only files fsad does not read as images ("
+                f"{', '.join(skipped[:3])}{more}): convert them, e.g. to .png") if skipped \
+            else "; point it at a folder that holds images"
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under --input {path!r}{held}")
     if skipped:
         logging.warning("%d file(s) under --input are not images fsad reads and are not "
                         "scored (%s%s); it reads %s", len(skipped), ", ".join(skipped[:3]),

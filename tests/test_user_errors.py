@@ -711,10 +711,19 @@ def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
                  mode="score", input_dir=root)
     empty = tmp_path / "nothing"
     empty.mkdir()
-    expect_error(cfg, work, capsys, "no images", mode="score", input_dir=str(empty))
+    expect_error(cfg, work, capsys, "no images", "point it at a folder that holds images",
+                 mode="score", input_dir=str(empty))
     (empty / "notes.txt").write_text("not an image")
-    expect_error(cfg, work, capsys, "is a file but not an image", "pass an image or a folder",
-                 mode="score", input_dir=str(empty / "notes.txt"))
+    expect_error(cfg, work, capsys, "is not an image file fsad reads", "pass one (another "
+                 "format converted, e.g. to .png) or a folder", mode="score",
+                 input_dir=str(empty / "notes.txt"))
+    # a folder of formats fsad does not read says which; a broken link says so
+    (empty / "a.gif").write_bytes(b"GIF89a")
+    expect_error(cfg, work, capsys, "no images", "it holds only files fsad does not read as "
+                 "images (a.gif, notes.txt): convert them", mode="score", input_dir=str(empty))
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    expect_error(cfg, work, capsys, f"link.png' is a link to '{tmp_path / 'gone.png'}', which "
+                 f"does not exist", mode="score", input_dir=str(tmp_path / "link.png"))
 
 
 def test_scoring_takes_any_seed_of_the_run(tmp_path, capsys):

@@ -216,7 +216,8 @@ def left_out(folder: str) -> list[str]:
     return sorted(out)
 
 
-def images_and_others(folder: str) -> tuple[list[str], list[str]]:
+def images_and_others(folder: str, require_images: bool = True
+                      ) -> tuple[list[str], list[str]]:
     """(the image files under folder, searched recursively; the other files), each sorted
     and relative to it; hidden files and NOT_IMAGES aside. Symlinked folders are followed
     (a dataset often links its parts), each real folder once (a link cycle ends there; of
@@ -224,7 +225,7 @@ def images_and_others(folder: str) -> tuple[list[str], list[str]]:
     What is not a file (a named pipe, whose reading waits for good) is among the others.
 
     Raises:
-      UserError: the folder does not exist, or holds no images.
+      UserError: the folder does not exist, or (require_images) holds no images.
     """
     from fsad.errors import UserError
     if not os.path.isdir(folder):
@@ -246,7 +247,7 @@ def images_and_others(folder: str) -> tuple[list[str], list[str]]:
             image = f.lower().endswith(IMAGE_SUFFIXES) \
                 and (os.path.isfile(path) or not os.path.exists(path))  # (a broken link: named)
             (images if image else others).append(rel)
-    if not images:
+    if not images and require_images:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
                         f"at a folder that holds images")
     return sorted(images), sorted(others)
