@@ -127,7 +127,8 @@ def images_to_score(path: str) -> tuple[list[str], str]:
 
 
 def writable_output(path: str) -> str:
-    """path, once a file could be written there (checked before any image is scored).
+    """path, once a file could be written there (checked before any image is scored;
+    a folder it needs is made only when the CSV is written, not for a scoring that fails).
 
     Raises:
       UserError: path is a folder, or a file cannot be created there.
@@ -136,12 +137,20 @@ def writable_output(path: str) -> str:
         raise UserError(f"--output {path!r} is a folder; pass a file path, e.g. "
                         f"{os.path.join(path, 'scores.csv')}")
     real = os.path.realpath(path)
+    folder = os.path.dirname(real)
+    existing = folder  # the folders to make are made by `write_csv`, at the end
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
     try:
         if os.path.exists(real) and not os.path.isfile(real):  # /dev/stdout: written as it is
             with open(real, "a"):
                 pass
+        elif not os.path.isdir(existing):
+            raise NotADirectoryError(20, f"{existing!r} is a file")
+        elif existing != folder:
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, f"{existing!r} cannot be written")
         else:  # a file beside it (`write_csv` writes one, then renames it)
-            os.makedirs(os.path.dirname(real), exist_ok=True)
             probe = f"{real}.tmp{os.getpid()}"
             with open(probe, "w"):
                 pass
@@ -246,6 +255,7 @@ def write_csv(path: str, rows: list[list]) -> None:
     direct = os.path.exists(path) and not os.path.isfile(path)
     tmp = path if direct else f"{path}.part-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             csv.writer(f).writerows(rows)
         if not direct:

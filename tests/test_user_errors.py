@@ -1367,8 +1367,11 @@ def test_an_output_that_cannot_be_written_is_refused_before_scoring(tmp_path):
     (tmp_path / "a_file").write_text("")
     with pytest.raises(UserError, match=r"cannot write the scores to .*a_file/s.csv"):
         writable_output(str(tmp_path / "a_file" / "s.csv"))
-    path = str(tmp_path / "new" / "s.csv")
-    assert writable_output(path) == path and os.listdir(tmp_path / "new") == []
+    path = str(tmp_path / "new" / "sub" / "s.csv")  # made when the CSV is written: a
+    assert writable_output(path) == path and not (tmp_path / "new").exists()  # failed
+    # scoring left them empty
+    with pytest.raises(UserError, match=r"cannot write the scores to .*a_file/x/s.csv"):
+        writable_output(str(tmp_path / "a_file" / "x" / "s.csv"))
 
 
 def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -1379,6 +1382,9 @@ def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     (/dev/stdout) is written to as it is, a link through."""
     import builtins
     from fsad.scoring import write_csv, writable_output
+    write_csv(str(tmp_path / "new" / "s.csv"), [["a"]])  # its folder made
+    assert (tmp_path / "new" / "s.csv").read_bytes() == b"a\r\n"
+    shutil.rmtree(tmp_path / "new")
     path = tmp_path / "scores.csv"
     path.write_text("precious\n")
     name = os.fsdecode(b"x\xff.png")  # (a surrogate: as os.listdir gives it)
