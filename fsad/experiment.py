@@ -42,7 +42,7 @@ from fsad.scoring import calibrate_run
 from fsad.train import (Method, fit, init_state, make_score_fn, make_train_step, put_train_data,
                         score_images, variables_of)
 from fsad.validate import check_against_data, check_config
-from fsad.weights import pretrained_description, weights_on_this_machine, weights_to_check
+from fsad.weights import pretrained_description, weights_to_check
 from fsad.workdir import (base_source, changed_from_defaults, check_workdir, checkpoint_steps,
                           config_json, has_own_start, seed_dir_of, seed_finished,
                           seed_metrics_path, steps_text, workdir_change_lines,
@@ -430,9 +430,9 @@ def check_run(config, workdir: str, n_devices: int | None = None) -> list[str]:
                    f"every seed is read back, resumes from its checkpoints or starts from its "
                    f"base run")
     else:
-        weights = weights_to_check(config.model)
-        if weights_on_this_machine(config.model):  # read as the run reads them (it refused
-            load_pretrained(config)  # files that --check passed: another trunk, a model)
+        weights, here = weights_to_check(config.model)
+        if here:  # read as the run reads them (it refused files that --check passed:
+            load_pretrained(config)  # another trunk's, a whole model, a file cut short)
             weights += "; read: its keys and shapes fit the model"
     lines = config_lines(config) + [weights, devices_line(config, n_devices)] + changes
     for seed in seeds:

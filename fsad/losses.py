@@ -11,6 +11,7 @@ loop without the rest of fsad::
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def sample_prior(key: jax.Array, num: int = PRIOR_SIZE, mu: float = 0.0,
     if num < 2:
         raise ValueError(f"sample_prior: num={num}; the deviation divides by the std of "
                          f"the samples (ddof=1), which needs at least 2 (5000 in the papers)")
-    if isinstance(sigma, (int, float)) and not sigma > 0:
+    if isinstance(sigma, numbers.Real) and not sigma > 0:  # (NumPy's scalars too)
         raise ValueError(f"sample_prior: sigma={sigma}; the deviation divides by the std of "
                          f"the samples, which needs a sigma above 0 (1 in the papers)")
     shape = (num,) if dims is None else (num, dims)

@@ -138,19 +138,20 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
             raise UserError("--check checks a training run and --mode is score; leave "
                             "--check out (scoring checks its run and images before it scores)")
         if mode == "score":
-            from fsad.scoring import heatmap_dir, score_folder
+            from fsad.scoring import heatmap_dir, is_stream, score_folder
             if not input_dir:
                 raise UserError("--mode score needs the images to score; pass --input DIR "
                                 "(or --input IMAGE)")
             check_scoring_config(config)  # the fields scoring may change (train checks all)
             check_stored_config(workdir, config, must_exist=True)
             path = score_folder(config, workdir, input_dir, output, heatmaps)
-            if is_primary():
-                print(f"scores: {path}")
+            if is_primary():  # (beside the CSV where that goes to standard output)
+                where = sys.stderr if is_stream(path) else sys.stdout
+                print(f"scores: {path}", file=where)
                 if heatmaps:
                     print(f"heatmaps: {heatmap_dir(workdir, config.seed)} (one overlay per "
                           f"image: image | heat map | blend, each map scaled to its own "
-                          f"range; the CSV's heatmap column names it)")
+                          f"range; the CSV's heatmap column names it)", file=where)
             return 0
         given = [f for f, v in (("--input", input_dir), ("--output", output),
                                 ("--heatmaps", heatmaps)) if v]

@@ -407,10 +407,10 @@ def state_dict_arrays(obj: Any) -> dict[str, np.ndarray]:
       ValueError: no state_dict in it (another object; or arrays only under other
         keys, which it names).
     """
-    while isinstance(obj, Mapping):
+    while isinstance(obj, Mapping) and not any(isinstance(v, np.ndarray) for v in obj.values()):
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
+        if inner is None:  # (a level that holds arrays is the state_dict: {"model": its
+            break  # name} beside them is no wrapper)
         obj = inner
     if not isinstance(obj, Mapping):
         raise ValueError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -126,6 +127,16 @@ def images_to_score(path: str) -> tuple[list[str], str]:
     return files, path
 
 
+def is_stream(path: str) -> bool:
+    """Whether --output names a stream, written to as it is (appended to), rather than a
+    file to replace: a device, a pipe, or one of the process's own descriptors
+    (/dev/stdout, /dev/fd/N: a shell's `>> all.csv` behind them is appended to, not
+    replaced)."""
+    if any(p.startswith(("/dev/", "/proc/")) for p in (path, os.path.realpath(path))):
+        return True
+    return os.path.exists(path) and not os.path.isfile(path)
+
+
 def writable_output(path: str) -> str:
     """path, once a file could be written there (checked before any image is scored;
     a folder it needs is made only when the CSV is written, not for a scoring that fails).
@@ -142,9 +153,9 @@ def writable_output(path: str) -> str:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     try:
-        if os.path.exists(real) and not os.path.isfile(real):  # /dev/stdout: written as it is
-            with open(real, "a"):
-                pass
+        if is_stream(path):  # not opened here: a pipe's reader would take that as its end
+            if not os.access(path, os.W_OK):
+                raise PermissionError(13, "Permission denied")
         elif not os.path.isdir(existing):
             raise NotADirectoryError(20, f"{existing!r} is a file")
         elif existing != folder:
@@ -242,30 +253,33 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
 
 def write_csv(path: str, rows: list[list]) -> None:
     """Writes rows as a CSV whole or not at all: into a file beside `path`, renamed over
-    it once complete (a CSV there before stays as it was if the writing fails). File
-    names that are not UTF-8 (bytes a file system allows) are written as their bytes.
-
-    A path that is not a file, /dev/stdout say, is written to as it is; a link, through.
+    it once complete (a CSV there before stays as it was if the writing fails; the new
+    one keeps its permissions). A link is written through. File names that are not
+    UTF-8 (bytes a file system allows) are written as their bytes. A stream
+    (`is_stream`: /dev/stdout, a named pipe) is appended to as it is.
 
     Raises:
       UserError: the file cannot be written (a full disk, a folder made read-only since
         the start).
     """
-    path = os.path.realpath(path)
-    direct = os.path.exists(path) and not os.path.isfile(path)
-    tmp = path if direct else f"{path}.part-{os.getpid()}"
+    stream = is_stream(path)
+    real = path if stream else os.path.realpath(path)
+    tmp = real if stream else f"{real}.part-{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        with open(tmp, "a" if stream else "w", newline="", encoding="utf-8",
+                  errors="surrogateescape") as f:
             csv.writer(f).writerows(rows)
-        if not direct:
-            os.replace(tmp, path)
+        if not stream:
+            if os.path.exists(real):
+                shutil.copymode(real, tmp)
+            os.replace(tmp, real)
     except OSError as err:
-        kept = "" if direct else "nothing was written there: "
+        kept = "" if stream else "nothing was written there: "
         raise UserError(f"cannot write the scores to {path!r} ({err.strerror or err}); "
                         f"{kept}free space or pass another --output, and score again") from None
     finally:
-        if not direct and os.path.exists(tmp):
+        if not stream and os.path.exists(tmp):
             os.remove(tmp)
 
 

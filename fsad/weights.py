@@ -62,16 +62,24 @@ def download_path(url: str, sha256: str | None, cache_dir: str) -> str:
 def kept_download(url: str, sha256: str | None, cache_dir: str) -> str | None:
     """The copy of a download kept in cache_dir (`download_path`), or None where there is
     none, or where the URL is a file:// one without a sha256 and its file has changed
-    since it was copied (newer than the copy: copied again; it was kept for good, and
-    the run trained from the old weights)."""
+    since it was copied (its time or size not the copy's, which takes the file's time:
+    copied again; it was kept for good, and the run trained from the old weights)."""
     local = download_path(url, sha256, cache_dir)
     if not os.path.exists(local):
         return None
-    if url.startswith("file://") and not sha256:
-        source = urllib.request.url2pathname(urllib.parse.urlparse(url).path)
-        if os.path.exists(source) and os.path.getmtime(source) > os.path.getmtime(local):
+    source = file_url_source(url) if not sha256 else None
+    if source and os.path.exists(source):
+        was, now = os.stat(local), os.stat(source)
+        if (was.st_mtime_ns, was.st_size) != (now.st_mtime_ns, now.st_size):
             return None
     return local
+
+
+def file_url_source(url: str) -> str | None:
+    """The local path a file:// URL names, or None for another URL."""
+    if not url.startswith("file://"):
+        return None
+    return urllib.request.url2pathname(urllib.parse.urlparse(url).path)
 
 
 def fetch(path_or_url: str, sha256: str | None = None,
@@ -102,6 +110,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
                 if os.path.exists(tmp):
                     os.remove(tmp)
                 raise
+            if file_url_source(path_or_url):  # the file's time, for `kept_download`
+                st = os.stat(file_url_source(path_or_url))
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(tmp, local)
     else:
         local = path_or_url
@@ -385,10 +396,11 @@ def weights_source(model_cfg, cache_dir: str) -> tuple[str, str | None, str]:
     return source, sha, ways
 
 
-def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
-    """Where a run would take its trunk's weights from, in one line, without loading or
-    downloading them (``--check``); a file on this machine is checked against the sha256
-    the config gives, as the run checks it.
+def weights_to_check(model_cfg, cache_dir: str | None = None) -> tuple[str, bool]:
+    """Where a run would take its trunk's weights from, in one line, without downloading
+    or copying them (``--check``); a file on this machine is checked against the sha256
+    the config gives, as the run checks it. -> (the line, whether the weights are a file
+    here that the run reads as it is: nothing downloaded or copied first).
 
     Raises:
       UserError: a weights file that does not exist or whose sha256 differs, or the Lite0
@@ -396,41 +408,30 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> str:
     """
     cache_dir = cache_dir or weights_cache()
     if model_cfg.pretrained in NO_PRETRAINED:
-        return f"weights: random init ({model_cfg.backbone})"
+        return f"weights: random init ({model_cfg.backbone})", False
     source, sha, _ = weights_source(model_cfg, cache_dir)
     if model_cfg.backbone == LITE0 and source == LITE0_PACKAGE:
-        return f"weights: {packaged_lite0_weights()} (the {LITE0_PACKAGE} package)"
+        return f"weights: {packaged_lite0_weights()} (the {LITE0_PACKAGE} package)", True
     if not is_url(source):  # (a missing file or another sha256: fetch's error)
-        return f"weights: {fetch(source, sha)}" + (" (its sha256 checked)" if sha else "")
+        return f"weights: {fetch(source, sha)}" + (" (its sha256 checked)" if sha else ""), True
     local = download_path(source, sha, cache_dir)
     if kept_download(source, sha, cache_dir):
         if sha:
             check_sha256(local, sha, downloaded=True)
         return (f"weights: {local} (downloaded before, from {source}"
-                + (", its sha256 checked)" if sha else ")"))
-    if source.startswith("file://"):  # a copy of a file on this machine: it must exist
-        path = urllib.request.url2pathname(urllib.parse.urlparse(source).path)
+                + (", its sha256 checked)" if sha else ")")), True
+    if file_url_source(source):  # a copy of a file on this machine: it must exist
+        path = file_url_source(source)
         if not os.path.exists(path):
             raise UserError(f"weights file {path!r} (--config.model.pretrained={source}) "
                             f"does not exist; check --config.model.pretrained")
         if sha:
             check_sha256(path, sha, downloaded=False)
         return (f"weights: {source} (copied into {local} by the run"
-                + (", its sha256 checked)" if sha else ")"))
+                + (", its sha256 checked)" if sha else ")")), False
     return (f"weights: the run downloads them from {source} into {local} (on a machine "
-            f"without network, put the file there first, or see --config.model.pretrained)")
-
-
-def weights_on_this_machine(model_cfg, cache_dir: str | None = None) -> bool:
-    """Whether loading model.pretrained reads a file already here, nothing downloaded or
-    copied (``--check`` loads such a file, to check its keys and shapes)."""
-    cache_dir = cache_dir or weights_cache()
-    if model_cfg.pretrained in NO_PRETRAINED:
-        return False
-    source, sha, _ = weights_source(model_cfg, cache_dir)
-    if model_cfg.backbone == LITE0 and source == LITE0_PACKAGE:
-        return True
-    return not is_url(source) or kept_download(source, sha, cache_dir) is not None
+            f"without network, put the file there first, or see --config.model.pretrained)"
+            ), False
 
 
 def pretrained_variables(model_cfg, cache_dir: str | None = None

@@ -246,6 +246,9 @@ def test_image_folders_follow_symlinked_folders_once(tmp_path, synthetic_root):
     images, others = images_and_others(str(tmp_path / "two"))
     assert images == ["broken.png", os.path.join("real", sorted(os.listdir(good))[0])]
     assert others == ["pipe.png"]
+    from fsad.data.decode import left_out, list_images  # a folder's own listing alike
+    assert list_images(str(tmp_path / "two")) == [str(tmp_path / "two" / "broken.png")]
+    assert left_out(str(tmp_path / "two")) == ["alias/", "pipe.png", "real/"]
 
 
 def test_elpv_without_its_package_is_one_line(monkeypatch):

@@ -109,7 +109,7 @@ def test_wrong_shapes_and_values_are_refused_not_broadcast():
                                    fn(scores, labels, *args), rtol=1e-6)
     with pytest.raises(ValueError, match="needs at least 2"):
         losses.sample_prior(key, 1)
-    for sigma in (0.0, -1.0):  # the deviation loss was NaN
+    for sigma in (0.0, -1.0, np.float32(0.0)):  # the deviation loss was NaN
         with pytest.raises(ValueError, match=f"sigma={sigma}; .* needs a sigma above 0"):
             losses.sample_prior(key, 10, sigma=sigma)
     maps = jnp.ones((2, 4, 4))

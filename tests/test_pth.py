@@ -276,6 +276,8 @@ def test_a_state_dict_under_a_scripts_key_is_unwrapped():
                                          r"unwraps \('state_dict'"):
         state_dict_arrays({"ema": sd, "opt": {"m": sd}, "epoch": 3})
     assert state_dict_arrays({}) == {}  # empty: "holds no weight" (merge_variables)
+    # arrays at the top: that is the state_dict, whatever a "model" entry beside it holds
+    assert list(state_dict_arrays({**sd, "model": {"arch": "resnet18"}})) == ["conv1.weight"]
 
 
 def test_reading_never_imports_torch(tmp_path):

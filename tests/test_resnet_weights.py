@@ -204,20 +204,24 @@ def test_two_urls_of_one_file_name_are_two_downloads(tmp_path):
 def test_a_file_url_changed_since_its_copy_is_copied_again(tmp_path):
     """A file:// URL without a sha256 was copied into the cache once and read from there
     for good: weights written over its file later were never seen (a walkthrough's run
-    trained from the old ones). A file newer than its copy is copied again; with a
-    sha256, the copy that matches it is kept."""
+    trained from the old ones). A file whose time or size is not its copy's is copied
+    again (an older-dated one too); with a sha256, the copy that matches it is kept."""
     cache, source = str(tmp_path / "cache"), tmp_path / "model.npz"
     url = f"file://{source}"
     np.savez(source, w=np.full(3, 1.0, np.float32))
     assert weights.load_state_dict(url, cache_dir=cache)["w"][0] == 1.0
     np.savez(source, w=np.full(3, 2.0, np.float32))
-    os.utime(source, (os.path.getmtime(source) + 10,) * 2)  # newer than the copy, surely
     assert weights.load_state_dict(url, cache_dir=cache)["w"][0] == 2.0
+    stamp = os.path.getmtime(source)
+    np.savez(source, w=np.full(3, 4.0, np.float32))  # replaced by an older-dated file of
+    os.utime(source, (stamp - 3600,) * 2)  # the same size (cp -p, tar x)
+    assert weights.load_state_dict(url, cache_dir=cache)["w"][0] == 4.0
+    assert weights.load_state_dict(url, cache_dir=cache)["w"][0] == 4.0  # and kept then
     sha = weights.sha256_of(str(source))
-    assert weights.load_state_dict(url, sha, cache_dir=cache)["w"][0] == 2.0
+    assert weights.load_state_dict(url, sha, cache_dir=cache)["w"][0] == 4.0
     np.savez(source, w=np.full(3, 3.0, np.float32))
     os.utime(source, (os.path.getmtime(source) + 20,) * 2)
-    assert weights.load_state_dict(url, sha, cache_dir=cache)["w"][0] == 2.0
+    assert weights.load_state_dict(url, sha, cache_dir=cache)["w"][0] == 4.0
 
 
 def test_npz_checkpoint_into_devnet_backbone(tmp_path):

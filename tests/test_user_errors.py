@@ -158,12 +158,14 @@ def test_an_image_over_pillows_size_guard_is_named(tmp_path, monkeypatch):
     lowered to 100 pixels) is an unreadable file named with a fix, in a scoring or a
     training set alike; it was a traceback (a walkthrough's 14000 x 14000 scan)."""
     from PIL import Image
-    from fsad.data.decode import decode_image, decode_many
+    from fsad.data.decode import decode_image, decode_many, decode_mask
     path = str(tmp_path / "scan.png")
     Image.new("L", (32, 32), 128).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    for read in (lambda: decode_image(path, 16), lambda: decode_many([path], 16)):
-        with pytest.raises(UserError, match=r"cannot decode image .*scan.png' \(Image size "
+    for kind, read in (("image", lambda: decode_image(path, 16)),
+                       ("image", lambda: decode_many([path], 16)),
+                       ("mask", lambda: decode_mask(path, 16))):
+        with pytest.raises(UserError, match=rf"cannot decode {kind} .*scan.png' \(Image size "
                                             r"\(1024 pixels\) exceeds limit .*downscale it"):
             read()
 
@@ -1411,10 +1413,31 @@ def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     link.symlink_to(path)
     write_csv(str(link), [["a"]])
     assert link.is_symlink() and path.read_bytes() == b"a\r\n"
-    if os.path.exists("/dev/null"):  # a device: written to, not replaced
-        assert writable_output("/dev/null") == "/dev/null"
-        write_csv("/dev/null", [["a"]])
-        assert not os.path.isfile("/dev/null")
+    os.chmod(path, 0o640)  # the replaced file's permissions kept
+    write_csv(str(path), [["b"]])
+    assert path.read_bytes() == b"b\r\n" and os.stat(path).st_mode & 0o777 == 0o640
+    assert writable_output("/dev/null") == "/dev/null"  # a device: written to, not replaced
+    write_csv("/dev/null", [["a"]])
+    assert not os.path.isfile("/dev/null")
+    # standard output: a pipe (its path resolves to pipe:[N], which was refused), and a
+    # shell's `>> all.csv` (renamed over before: its earlier rows lost)
+    code = ("import sys; from fsad.scoring import writable_output, write_csv; "
+            "write_csv(writable_output('/dev/stdout'), [['file', 'score'], ['a.png', '1']])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout == b"file,score\r\na.png,1\r\n", out.stderr
+    (tmp_path / "all.csv").write_bytes(b"earlier\r\n")
+    with open(tmp_path / "all.csv", "ab") as f:
+        subprocess.run([sys.executable, "-c", code], stdout=f, cwd=ROOT, check=True,
+                       timeout=120)
+    assert (tmp_path / "all.csv").read_bytes() == b"earlier\r\nfile,score\r\na.png,1\r\n"
+    # a named pipe: its reader gets the rows (the check before opened and closed it, and
+    # the reader, given its end, left the writing blocked for good)
+    fifo = str(tmp_path / "fifo.csv")
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", fifo], stdout=subprocess.PIPE)
+    write_csv(writable_output(fifo), [["x"]])
+    assert reader.communicate(timeout=30)[0] == b"x\r\n"
 
 
 def test_ctrl_c_line_names_each_folders_newest_checkpoint(tmp_path):

@@ -162,11 +162,11 @@ def decode_mask(path: str | None, size: int, resize: str = "nearest") -> np.ndar
         return resize_mask(np.zeros((size, size), np.uint8), size, resize)
     try:
         with Image.open(path) as im:
-            if resize == "opencv_linear":
-                return resize_mask(np.asarray(im.convert("RGB"))[..., 0], size, resize)
-            return resize_mask(np.asarray(im.convert("L")), size, resize)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            mask = np.asarray(im.convert("RGB"))[..., 0] if resize == "opencv_linear" \
+                else np.asarray(im.convert("L"))
+    except DECODE_ERRORS as err:  # (a mask over Pillow's size guard too)
         raise unreadable("mask", path, err) from err
+    return resize_mask(mask, size, resize)
 
 
 def decode_many(paths: Sequence[str], size: int, desc: str = "decoding",
@@ -208,10 +208,11 @@ def left_out(folder: str) -> list[str]:
     (named with a trailing /). A recursive listing's: `images_and_others`."""
     out = []
     for name in os.listdir(folder):
-        if os.path.isdir(os.path.join(folder, name)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
             out += [name + os.sep] if not name.startswith(".") else []
-        elif not name.startswith(".") and name not in NOT_IMAGES \
-                and not name.lower().endswith(IMAGE_SUFFIXES):
+        elif not name.startswith(".") and name not in NOT_IMAGES and not (
+                name.lower().endswith(IMAGE_SUFFIXES) and is_file_or_broken_link(path)):
             out.append(name)
     return sorted(out)
 
@@ -244,8 +245,7 @@ def images_and_others(folder: str, require_images: bool = True
                 continue
             path = os.path.join(dirpath, f)
             rel = os.path.relpath(path, folder)
-            image = f.lower().endswith(IMAGE_SUFFIXES) \
-                and (os.path.isfile(path) or not os.path.exists(path))  # (a broken link: named)
+            image = f.lower().endswith(IMAGE_SUFFIXES) and is_file_or_broken_link(path)
             (images if image else others).append(rel)
     if not images and require_images:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder!r}; point it "
@@ -254,9 +254,17 @@ def images_and_others(folder: str, require_images: bool = True
 
 
 def list_images(folder: str) -> list[str]:
-    """Sorted image files (by suffix) directly inside a folder."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+    """Sorted image files (by suffix) directly inside a folder; not what is no file (a
+    named pipe: its reading waits for good), but a broken link (the decoding names it)."""
+    return sorted(p for p in (os.path.join(folder, f) for f in os.listdir(folder)
+                              if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith("."))
+                  if is_file_or_broken_link(p))
+
+
+def is_file_or_broken_link(path: str) -> bool:
+    """Whether a listing takes path as an image file: a file, or a link to nothing (kept
+    for the decoding to name); not a named pipe, socket or device."""
+    return os.path.isfile(path) or not os.path.exists(path)
 
 
 def list_images_recursive(folder: str) -> list[str]:
