@@ -1421,16 +1421,25 @@ def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     assert not os.path.isfile("/dev/null")
     # standard output: a pipe (its path resolves to pipe:[N], which was refused), and a
     # shell's `>> all.csv` (renamed over before: its earlier rows lost)
-    code = ("import sys; from fsad.scoring import writable_output, write_csv; "
-            "write_csv(writable_output('/dev/stdout'), [['file', 'score'], ['a.png', '1']])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=ROOT,
-                         timeout=120)
-    assert out.returncode == 0 and out.stdout == b"file,score\r\na.png,1\r\n", out.stderr
+    def to_stdout(target_fd):
+        saved = os.dup(1)
+        os.dup2(target_fd, 1)
+        try:
+            write_csv(writable_output("/dev/stdout"), [["file", "score"], ["a.png", "1"]])
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+    rows = b"file,score\r\na.png,1\r\n"
+    read_end, write_end = os.pipe()
+    to_stdout(write_end)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        assert f.read() == rows
     (tmp_path / "all.csv").write_bytes(b"earlier\r\n")
     with open(tmp_path / "all.csv", "ab") as f:
-        subprocess.run([sys.executable, "-c", code], stdout=f, cwd=ROOT, check=True,
-                       timeout=120)
-    assert (tmp_path / "all.csv").read_bytes() == b"earlier\r\nfile,score\r\na.png,1\r\n"
+        to_stdout(f.fileno())
+    assert (tmp_path / "all.csv").read_bytes() == b"earlier\r\n" + rows
     # a named pipe: its reader gets the rows (the check before opened and closed it, and
     # the reader, given its end, left the writing blocked for good)
     fifo = str(tmp_path / "fifo.csv")
