@@ -130,9 +130,10 @@ def images_to_score(path: str) -> tuple[list[str], str]:
 def is_stream(path: str) -> bool:
     """Whether --output names a stream, written to as it is (appended to), rather than a
     file to replace: a device, a pipe, or one of the process's own descriptors
-    (/dev/stdout, /dev/fd/N: a shell's `>> all.csv` behind them is appended to, not
-    replaced)."""
-    if any(p.startswith(("/dev/", "/proc/")) for p in (path, os.path.realpath(path))):
+    (/dev/stdout, /dev/fd/N, /proc/self/fd/N: a shell's `>> all.csv` behind them is
+    appended to, not replaced). A file in /dev/shm is a file."""
+    if path in ("/dev/stdout", "/dev/stderr") or path.startswith(("/dev/fd/", "/proc/")) \
+            or os.path.realpath(path).startswith("/proc/"):
         return True
     return os.path.exists(path) and not os.path.isfile(path)
 

@@ -1440,6 +1440,9 @@ def test_the_scores_csv_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with open(tmp_path / "all.csv", "ab") as f:
         to_stdout(f.fileno())
     assert (tmp_path / "all.csv").read_bytes() == b"earlier\r\n" + rows
+    from fsad.scoring import is_stream  # streams, and files where streams are
+    assert all(map(is_stream, ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "/dev/null")))
+    assert not is_stream("/dev/shm/scores.csv") and not is_stream(str(path))
     # a named pipe: its reader gets the rows (the check before opened and closed it, and
     # the reader, given its end, left the writing blocked for good)
     fifo = str(tmp_path / "fifo.csv")
