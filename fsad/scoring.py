@@ -114,16 +114,15 @@ def images_to_score(path: str) -> tuple[list[str], str]:
                             f"converted, e.g. to .png) or a folder of images")
         return [os.path.basename(path)], os.path.dirname(path) or "."
     files, skipped = images_and_others(path, require_images=False)
+    named = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
     if not files:
-        more = ", ..." if len(skipped) > 3 else ""
-        held = (f"; it holds only files fsad does not read as images ("
-                f"{', '.join(skipped[:3])}{more}): convert them, e.g. to .png") if skipped \
-            else "; point it at a folder that holds images"
+        held = (f"; it holds only files fsad does not read as images ({named}): convert "
+                f"them, e.g. to .png") if skipped else "; point it at a folder that holds images"
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under --input {path!r}{held}")
     if skipped:
         logging.warning("%d file(s) under --input are not images fsad reads and are not "
-                        "scored (%s%s); it reads %s", len(skipped), ", ".join(skipped[:3]),
-                        ", ..." if len(skipped) > 3 else "", ", ".join(IMAGE_SUFFIXES))
+                        "scored (%s); it reads %s", len(skipped), named,
+                        ", ".join(IMAGE_SUFFIXES))
     return files, path
 
 

@@ -110,8 +110,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
                 if os.path.exists(tmp):
                     os.remove(tmp)
                 raise
-            if file_url_source(path_or_url):  # the file's time, for `kept_download`
-                st = os.stat(file_url_source(path_or_url))
+            source = file_url_source(path_or_url)
+            if source:  # the file's time, for `kept_download`
+                st = os.stat(source)
                 os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(tmp, local)
     else:
@@ -420,8 +421,8 @@ def weights_to_check(model_cfg, cache_dir: str | None = None) -> tuple[str, bool
             check_sha256(local, sha, downloaded=True)
         return (f"weights: {local} (downloaded before, from {source}"
                 + (", its sha256 checked)" if sha else ")")), True
-    if file_url_source(source):  # a copy of a file on this machine: it must exist
-        path = file_url_source(source)
+    path = file_url_source(source)
+    if path:  # a copy of a file on this machine: it must exist
         if not os.path.exists(path):
             raise UserError(f"weights file {path!r} (--config.model.pretrained={source}) "
                             f"does not exist; check --config.model.pretrained")

@@ -38,10 +38,8 @@ def unreadable(kind: str, path: str, err: Exception,
         return CorruptImageError(f"cannot read {kind} {path!r} (permission denied)",
                                  "make it readable (chmod a+r) or remove it, then rerun")
     if isinstance(err, Image.DecompressionBombError):
-        return CorruptImageError(f"cannot decode {kind} {path!r} ({err})",
-                                 "a file this large is refused unread (Pillow's guard); "
-                                 "downscale it below that, e.g. to the run's "
-                                 "data.img_size, then rerun")
+        fix = ("a file this large is refused unread (Pillow's guard); downscale it below "
+               "that, e.g. to the run's data.img_size, then rerun")
     return CorruptImageError(f"cannot decode {kind} {path!r} ({err})", fix)
 
 
