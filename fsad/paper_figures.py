@@ -122,8 +122,10 @@ def canonical_dataset(name: str) -> str:
 
 # The DRA paper made its pseudo anomalies on its three medical datasets from another
 # medical dataset, LAG (outlier exposure; DRA §3.2 and §4.1), not by CutPaste as on every
-# other dataset; its Table 4 gives Hyper-Kvasir's hard setting 0.751 with CutPaste against
-# the published 0.844 with LAG. (The AHL paper does not say what its DRA re-runs used.)
+# other dataset; its Table 4 gives Hyper-Kvasir's hard setting 0.751 with the self-paste
+# (its column "CutMix": the paper's name for what the released code and fsad call
+# CutPaste) against the published 0.844 with LAG. (The AHL paper does not say what its DRA
+# re-runs used.)
 DRA_OUTLIER_EXPOSURE = ("brainmri", "headct", "hyperkvasir")
 
 
@@ -141,7 +143,8 @@ def protocol_note(dataset: str, method: str, outlier_root: str) -> str | None:
         return (f"{method} on {dataset}: the DRA paper took this dataset's pseudo anomalies "
                 f"from another medical dataset, LAG (outlier exposure), not from CutPaste "
                 f"as this run does; its figures are for that protocol (on Hyper-Kvasir, "
-                f"hard setting: 0.844 with LAG, 0.751 with CutPaste, its Table 4). Pass "
+                f"hard setting: 0.844 with LAG, 0.751 with this self-paste, its Table 4's "
+                f"CutMix). Pass "
                 f"--config.dra.outlier_root=<a folder of LAG images> for the papers' "
                 f"protocol")
     return None
