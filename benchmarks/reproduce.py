@@ -55,6 +55,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from fsad.config import has_field, nearest_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
+from fsad.atomic import whole_or_nothing  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.experiment import (build_runner, check_protocol, check_resumed_splits,  # noqa: E402
                              run_experiment, seeds_of)
@@ -423,10 +424,8 @@ def write_table(out: str, table: dict) -> str:
     os.makedirs(out, exist_ok=True)
     write_json_atomic(os.path.join(out, "table.json"), table)
     text = markdown(table)
-    tmp = os.path.join(out, f"table.md.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with whole_or_nothing(os.path.join(out, "table.md")) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, os.path.join(out, "table.md"))
     return text
 
 

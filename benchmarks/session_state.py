@@ -51,6 +51,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from fsad.compile_cache import compilation_cache_dir  # noqa: E402
+from fsad.atomic import whole_or_nothing  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.workdir import seed_finished  # noqa: E402
 
@@ -160,8 +161,7 @@ def pack(runs: str, state: str, cache: str, max_mib: float) -> dict:
                   "left_out": left, "left_out_bytes": left_bytes},
         "versions": versions()}
     os.makedirs(os.path.dirname(os.path.abspath(state)), exist_ok=True)
-    tmp = f"{state}.tmp{os.getpid()}"
-    with tarfile.open(tmp, "w:gz") as tar:
+    with whole_or_nothing(state) as tmp, tarfile.open(tmp, "w:gz") as tar:
         add_bytes(tar, MANIFEST, json.dumps(manifest, indent=1).encode())
         for rel, src in sorted(files.items()):
             if isinstance(src, bytes):
@@ -170,7 +170,6 @@ def pack(runs: str, state: str, cache: str, max_mib: float) -> dict:
                 tar.add(src, f"runs/{rel}", recursive=False)
         for rel, src in cached:
             tar.add(src, f"cache/{rel}", recursive=False)
-    os.replace(tmp, state)
     return manifest
 
 
@@ -224,10 +223,9 @@ def unpack(state: str, runs: str, cache: str) -> dict:
                 counts["kept"] += 1
                 continue
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.tmp{os.getpid()}"
-            with tar.extractfile(member) as src, open(tmp, "wb") as f:
+            with whole_or_nothing(dest) as tmp, tar.extractfile(member) as src, \
+                    open(tmp, "wb") as f:
                 f.write(src.read())
-            os.replace(tmp, dest)
             counts[top] += 1
     return counts
 

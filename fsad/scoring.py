@@ -23,6 +23,7 @@ from scipy import stats
 from fsad import interrupts
 from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many, images_and_others
+from fsad.atomic import whole_or_nothing
 from fsad.errors import UserError
 from fsad.hosts import is_primary, progress
 from fsad.memory import eval_fix, hint_on_oom
@@ -264,23 +265,24 @@ def write_csv(path: str, rows: list[list]) -> None:
     """
     stream = is_stream(path)
     real = path if stream else os.path.realpath(path)
-    tmp = real if stream else f"{real}.part-{os.getpid()}"
+
+    def write(to: str, mode: str) -> None:
+        with open(to, mode, newline="", encoding="utf-8", errors="surrogateescape") as f:
+            csv.writer(f).writerows(rows)
+
     try:
         os.makedirs(os.path.dirname(real), exist_ok=True)
-        with open(tmp, "a" if stream else "w", newline="", encoding="utf-8",
-                  errors="surrogateescape") as f:
-            csv.writer(f).writerows(rows)
-        if not stream:
-            if os.path.exists(real):
-                shutil.copymode(real, tmp)
-            os.replace(tmp, real)
+        if stream:
+            write(real, "a")
+        else:
+            with whole_or_nothing(real) as tmp:
+                write(tmp, "w")
+                if os.path.exists(real):
+                    shutil.copymode(real, tmp)
     except OSError as err:
         kept = "" if stream else "nothing was written there: "
         raise UserError(f"cannot write the scores to {path!r} ({err.strerror or err}); "
                         f"{kept}free space or pass another --output, and score again") from None
-    finally:
-        if not stream and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def heatmap_path(workdir: str, seed: int, name: str) -> str:

@@ -17,7 +17,6 @@ import pickle
 import os
 import re
 import shutil
-import socket
 import urllib.parse
 import urllib.request
 import zipfile
@@ -28,6 +27,7 @@ from flax import traverse_util
 
 from fsad import pth
 from fsad.data.cache import DEFAULT_CACHE, fsad_cache
+from fsad.atomic import whole_or_nothing
 from fsad.errors import UserError
 from fsad.models.alexnet import LAYERS as ALEXNET_LAYERS
 from fsad.models.backbone import ALEXNET, LITE0
@@ -95,9 +95,9 @@ def fetch(path_or_url: str, sha256: str | None = None,
         os.makedirs(os.path.dirname(local), exist_ok=True)
         if not kept_download(path_or_url, sha256, cache_dir):
             # one partial file per process: runs (or hosts) that start together each
-            # download, and the first complete file is renamed in
-            tmp = f"{local}.part-{socket.gethostname()}-{os.getpid()}"
-            try:
+            # download, and each complete file is renamed in; a download cut short
+            # leaves nothing behind
+            with whole_or_nothing(local) as tmp:
                 with urllib.request.urlopen(path_or_url, timeout=60) as src, \
                         open(tmp, "wb") as dst:
                     shutil.copyfileobj(src, dst)
@@ -106,15 +106,10 @@ def fetch(path_or_url: str, sha256: str | None = None,
                         # a connection closed early reads as a short file, not an error
                         raise ConnectionError(f"the download stopped after {dst.tell()} of "
                                               f"{int(expected)} bytes")
-            except BaseException:  # a download cut short leaves nothing behind
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-            source = file_url_source(path_or_url)
-            if source:  # the file's time, for `kept_download`
-                st = os.stat(source)
-                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.replace(tmp, local)
+                source = file_url_source(path_or_url)
+                if source:  # the file's time, for `kept_download`
+                    st = os.stat(source)
+                    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
     else:
         local = path_or_url
         if not os.path.exists(local):

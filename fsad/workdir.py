@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Callable
 
 from fsad.config import defaults_of, has_field, method_defaults
+from fsad.atomic import whole_or_nothing
 from fsad.errors import UserError
 from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
 
@@ -550,7 +551,5 @@ def write_json_atomic(path: str, obj) -> None:
     (the others hold the same object, `fsad.hosts`)."""
     if not is_primary():
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
+    with whole_or_nothing(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

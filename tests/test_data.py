@@ -112,6 +112,28 @@ def test_a_cache_write_cut_by_ctrl_c_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_file_is_written_whole_or_not_at_all(tmp_path):
+    """fsad.atomic.whole_or_nothing, behind every record, table, cache and download fsad
+    writes: the new content replaces the file once written whole; a full disk or a
+    Ctrl-C while writing leaves the old file as it was and no temporary file."""
+    from fsad.atomic import whole_or_nothing
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    for cut in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        with pytest.raises(type(cut)):
+            with whole_or_nothing(str(path)) as tmp, open(tmp, "w") as f:
+                f.write("half")
+                raise cut
+        assert path.read_text() == "old" and os.listdir(tmp_path) == ["r.json"]
+    with whole_or_nothing(str(path), suffix=".npz") as tmp:  # np.savez keeps the name
+        assert os.path.dirname(tmp) == str(tmp_path) and tmp.endswith(".npz")
+        np.savez(tmp, a=np.arange(3))
+        assert path.read_text() == "old"  # not before the block ends
+    with np.load(path) as f:
+        assert f["a"].tolist() == [0, 1, 2]
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
 def test_a_folder_without_pixels_lists_the_rows_it_decodes(synthetic_root, synthetic):
     assert_same_rows(folder_without_pixels(synthetic_root), synthetic)
 

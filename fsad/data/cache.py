@@ -6,11 +6,11 @@ import hashlib
 import json
 import logging
 import os
-import socket
 from typing import Callable
 
 import numpy as np
 
+from fsad.atomic import whole_or_nothing
 from fsad.data.imageset import ImageSet
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad")
@@ -40,18 +40,14 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         except (OSError, ValueError, KeyError) as err:  # a torn write: rebuild it
             logging.warning("ignoring unreadable cache %s (%s)", path, err)
     data = build()
-    tmp = path + f".tmp-{socket.gethostname()}-{os.getpid()}.npz"  # runs or hosts at once
-    try:
+    try:  # a failed or interrupted write (Ctrl-C) leaves no half file (GBs at 448 px)
         os.makedirs(cache_dir, exist_ok=True)
-        np.savez(tmp, **data.to_arrays())
-        os.replace(tmp, path)
+        with whole_or_nothing(path, suffix=".npz") as tmp:
+            np.savez(tmp, **data.to_arrays())
     except OSError as err:  # a cache that cannot be written costs a decode, not the run
         logging.warning("cannot keep the decoded images in %s (%s); going on without the "
                         "cache (point --config.data.cache_dir at a writable folder, or set "
                         "it empty to turn the cache off)", cache_dir, err.strerror or err)
-    finally:  # a failed or interrupted write (Ctrl-C) leaves no half file (GBs at 448 px)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return data
 
 

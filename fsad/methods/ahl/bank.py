@@ -13,6 +13,7 @@ import os
 import jax
 import numpy as np
 
+from fsad.atomic import whole_or_nothing
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.hosts import is_primary
 from fsad.models.backbone import depthwise_route, trunk_features
@@ -107,8 +108,7 @@ def load_or_build_bank(config, base_variables, normals, anomalies, test_images, 
     bank, test = build_bank(config, base_variables, normals, anomalies, test_images, mesh,
                             key, textures)
     if is_primary():
-        tmp = cache + ".tmp.npz"
-        np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
-                 **{f"test{i}": t for i, t in enumerate(test)})
-        os.replace(tmp, cache)
+        with whole_or_nothing(cache, suffix=".npz") as tmp:
+            np.savez(tmp, n_scales=len(bank), **{f"bank{i}": b for i, b in enumerate(bank)},
+                     **{f"test{i}": t for i, t in enumerate(test)})
     return bank, test
