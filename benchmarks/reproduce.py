@@ -53,9 +53,9 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from fsad.atomic import whole_or_nothing  # noqa: E402
 from fsad.config import has_field, nearest_field, override  # noqa: E402
 from fsad.data import dataset_without_pixels, load_imageset  # noqa: E402
-from fsad.atomic import whole_or_nothing  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.experiment import (build_runner, check_protocol, check_resumed_splits,  # noqa: E402
                              run_experiment, seeds_of)

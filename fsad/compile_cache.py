@@ -10,9 +10,7 @@ from __future__ import annotations
 import logging
 import os
 
-import jax
-
-from fsad.data.cache import fsad_cache
+from fsad.cache_folder import fsad_cache
 
 
 def compilation_cache_dir() -> str:
@@ -27,6 +25,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     Every program is cached, however quick its compilation: the suite's and the
     protocols' many small programs add up. Returns the folder used, or None.
     """
+    import jax  # here: the cache's place (`compilation_cache_dir`) imports no JAX
     path = compilation_cache_dir() if path is None else path
     if not path or path == "off":
         return None

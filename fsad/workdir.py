@@ -19,7 +19,6 @@ from typing import Callable
 from fsad.config import defaults_of, has_field, method_defaults
 from fsad.atomic import whole_or_nothing
 from fsad.errors import UserError
-from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
 
 
 def seed_dir_of(workdir: str, seed: int) -> str:
@@ -413,6 +412,7 @@ def workdir_change_lines(workdir: str, config) -> list[str]:
 def check_workdir(workdir: str, config) -> None:
     """`check_workdir_config`, then the config stored where none is or where it replaces
     another; the workdir must be writable (checked now, not at the first checkpoint)."""
+    from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
     check_not_a_file(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
@@ -549,6 +549,7 @@ def write_json_atomic(path: str, obj) -> None:
     """Writes JSON through a temporary file and a rename: a crash leaves the old file or
     the new one, never half of one. In a multi-host run the primary process writes it
     (the others hold the same object, `fsad.hosts`)."""
+    from fsad.hosts import is_primary
     if not is_primary():
         return
     with whole_or_nothing(path) as tmp, open(tmp, "w") as f:

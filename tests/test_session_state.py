@@ -157,6 +157,17 @@ def test_the_cache_carries_autotuning_first_then_the_programs_last_used(tmp_path
     assert state_tool.cache_files(str(tmp_path / "none"), 6000) == ([], 0, 0)
 
 
+def test_the_script_imports_no_jax():
+    """gpu_session.sh packs after every stage: the script imports no JAX and no Flax
+    (their import was 2.5 s of its 3 s, a stage's worth of checks in CHECK=1)."""
+    script = os.path.join(ROOT, "benchmarks", "session_state.py")
+    code = (f"import runpy, sys; runpy.run_path({script!r}); "
+            f"print('jax' in sys.modules, 'flax' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=cpu_env(), timeout=120)
+    assert done.stdout == "False False\n", done.stderr
+
+
 def test_a_state_file_not_of_this_script_is_refused(tmp_path, capsys):
     bad = tmp_path / "bad.tgz"
     with tarfile.open(bad, "w:gz") as tar:

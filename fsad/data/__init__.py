@@ -8,7 +8,7 @@ import tempfile
 
 from PIL import Image
 
-from fsad.data.cache import DEFAULT_CACHE
+from fsad.cache_folder import fsad_cache
 from fsad.data.decode import list_images
 from fsad.data.elpv import elpv_without_pixels, read_elpv
 from fsad.data.folders import folder_without_pixels, read_folder
@@ -137,7 +137,7 @@ def _unknown_reader(data_cfg) -> UserError:
 def _cache_dir(data_cfg) -> str:
     """data.cache_dir; None (unset): $FSAD_CACHE, else ~/.cache/fsad; "": no cache."""
     cache_dir = data_cfg.get("cache_dir")
-    return cache_dir if cache_dir is not None else os.environ.get("FSAD_CACHE", DEFAULT_CACHE)
+    return cache_dir if cache_dir is not None else fsad_cache()
 
 
 def _mask_resize(data_cfg) -> str:

@@ -13,15 +13,6 @@ import numpy as np
 from fsad.atomic import whole_or_nothing
 from fsad.data.imageset import ImageSet
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fsad")
-
-
-def fsad_cache() -> str:
-    """The fsad cache folder: $FSAD_CACHE, else ~/.cache/fsad. Compiled programs
-    (`<cache>/jax`) and downloaded weights (`<cache>/weights`) go under it."""
-    return os.environ.get("FSAD_CACHE") or DEFAULT_CACHE
-
-
 def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | None) -> ImageSet:
     """Returns the cached ImageSet for `key`, building and storing it on a miss.
 
