@@ -205,6 +205,31 @@ def test_general_split_one_shot_inside_ten_shot(synthetic):
         make_split(synthetic, "general", 1, seed=3, contamination=0.3025)  # 26 of 26
 
 
+def test_every_shot_count_takes_a_prefix_of_one_draw(synthetic):
+    """A seed's shots, for every n_anomaly and data.shot_pool, are the first of one draw
+    order, as the released loaders' one shuffle: with shot_pool=1 (the released 1-shot
+    test set) the 1-shot example was another than the default's, not among the seed's 10
+    (an audit's finding), and 10 shots were not among 20. The default draw (10 at once)
+    is the one fsad always made: finished runs keep their splits."""
+    anomalies = np.flatnonzero(synthetic.labels == 1)
+    for seed in range(5):
+        ten = make_split(synthetic, "general", 10, seed=seed)
+        np.testing.assert_array_equal(ten.train_anomaly, np.sort(
+            np.random.default_rng(seed).choice(anomalies, 10, replace=False)))
+        one = make_split(synthetic, "general", 1, seed=seed)
+        released = make_split(synthetic, "general", 1, seed=seed, shot_pool=1)
+        assert released.train_anomaly[0] == one.train_anomaly[0] in ten.train_anomaly
+        assert len(released.test) == len(one.test) + 9  # the other 9 of the 10 tested
+        twenty = make_split(synthetic, "general", 20, seed=seed)
+        assert set(ten.train_anomaly) < set(twenty.train_anomaly)
+        wide = make_split(synthetic, "general", 10, seed=seed, shot_pool=20)
+        np.testing.assert_array_equal(wide.train_anomaly, ten.train_anomaly)
+        np.testing.assert_array_equal(wide.test, twenty.test)
+    hard = [make_split(synthetic, "hard", n, known_class="scratch", seed=1, shot_pool=p)
+            for n, p in ((1, 1), (5, 10))]
+    assert hard[0].train_anomaly[0] in hard[1].train_anomaly
+
+
 def test_hard_split_removes_known_class(synthetic):
     s = make_split(synthetic, "hard", 5, known_class="scratch", seed=0)
     assert set(synthetic.classes[s.train_anomaly]) == {"scratch"}

@@ -59,6 +59,23 @@ class Split:
         }
 
 
+# the papers' largest shot count: a seed draws this many first, whatever it needs
+FIRST_DRAW = 10
+
+
+def shot_order(rng: np.random.Generator, pool_from: np.ndarray, size: int) -> np.ndarray:
+    """[min(size, len(pool_from))] the first anomalies of the seed's draw order: FIRST_DRAW
+    of `pool_from` drawn without replacement, then, only where `size` asks for more, the
+    rest in a random order. Every shot count and data.shot_pool of a seed take a prefix of
+    one order, as the released loaders' one shuffle: a 1-shot example is the first of the
+    seed's 10 shots also with shot_pool=1, and 10 shots are the first of 20. (A draw of
+    `size` at once gives other first elements for each size.)"""
+    order = rng.choice(pool_from, size=min(len(pool_from), FIRST_DRAW), replace=False)
+    if size > len(order) and len(pool_from) > len(order):
+        order = np.concatenate([order, rng.permutation(np.setdiff1d(pool_from, order))])
+    return order[:size]
+
+
 def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
                known_class: str | None = None, contamination: float = 0.0, seed: int = 0,
                shot_pool: int = 10) -> Split:
@@ -73,7 +90,8 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
       contamination: rate r; floor(N / (1 - r) * r) test anomalies join the
         normal training set unlabelled, N the number of training normals.
       seed: fixes the anomaly and contamination draws.
-      shot_pool: size of the draw the shots are taken from.
+      shot_pool: how many anomalies of the seed's draw order (`shot_order`) leave the
+        test set; the shots are its first n_anomaly.
     Raises:
       ValueError: an unknown setting or class, or more shots than anomalies.
     """
@@ -107,8 +125,7 @@ def make_split(data: ImageSet, setting: str = "general", n_anomaly: int = 10,
         where = f"class {known_class!r}" if setting == "hard" else data.name
         raise UserError(f"data.n_anomaly={n_anomaly} but {where} has only {len(pool_from)} "
                         f"anomalies; lower --config.data.n_anomaly")
-    pool = rng.choice(pool_from, size=min(len(pool_from), max(shot_pool, n_anomaly)),
-                      replace=False)
+    pool = shot_order(rng, pool_from, max(shot_pool, n_anomaly))
     train_anomaly = np.sort(pool[:n_anomaly])
     leaving = set(pool.tolist())
     if setting == "hard":
