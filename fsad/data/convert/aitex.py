@@ -68,7 +68,18 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False, tile: int = 256
         raise RawLayoutError(f"AITEX: no images under {normal_root!r}; expected the raw "
                              f"layout {LAYOUT}")
     defects = list_files(defect_root, IMAGE_EXT)
+    # what those listings leave out: files that are no images of the layout (the released
+    # script read every file, and stopped on one that is no image)
+    others = [os.path.join(normal_root, f) for f in list_files(normal_root)]  # no fabric
+    others += [os.path.join(folder, f) for folder in
+               [os.path.join(normal_root, d) for d in list_dirs(normal_root)] + [defect_root]
+               for f in list_files(folder) if not f.endswith(IMAGE_EXT)]
     with Output(out_dir, SUBSET, overwrite) as out:
+        if others:
+            out.warn(f"AITEX: {len(others)} file{'s' * (len(others) > 1)} skipped, not "
+                     f"images of the layout (its images end in {', '.join(IMAGE_EXT[:-1])} "
+                     f"or {IMAGE_EXT[-1]}, the defect-free ones in a fabric's folder): "
+                     f"{', '.join(others[:3])}{', ...' * (len(others) > 3)}")
         # every normal image gives `normal_tiles` tiles: name them, split the names, then cut
         names = [f"{d}_{stem(f)}_{i}" for d, f in normals for i in range(normal_tiles)]
         train, _ = split_3_to_1(names)
