@@ -21,9 +21,9 @@ import numpy as np
 from scipy import stats
 
 from fsad import interrupts
+from fsad.atomic import whole_or_nothing
 from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.data.decode import IMAGE_SUFFIXES, decode_many, images_and_others
-from fsad.atomic import whole_or_nothing
 from fsad.errors import UserError
 from fsad.hosts import is_primary, progress
 from fsad.memory import eval_fix, hint_on_oom

@@ -16,8 +16,8 @@ import os
 from types import SimpleNamespace
 from typing import Callable
 
-from fsad.config import defaults_of, has_field, method_defaults
 from fsad.atomic import whole_or_nothing
+from fsad.config import defaults_of, has_field, method_defaults
 from fsad.errors import UserError
 
 
@@ -412,6 +412,7 @@ def workdir_change_lines(workdir: str, config) -> list[str]:
 def check_workdir(workdir: str, config) -> None:
     """`check_workdir_config`, then the config stored where none is or where it replaces
     another; the workdir must be writable (checked now, not at the first checkpoint)."""
+    # (fsad.hosts imports JAX: here, so that the layout's readers import none)
     from fsad.hosts import is_primary, same_on_every_host, wait_for_every_host
     check_not_a_file(workdir)
     try:
