@@ -8,8 +8,8 @@ every 10 epochs, gradient clipping at 1, batch 48 half normal / half seen
 anomalies, 50 epochs x 20 steps, ImageNet ResNet-18, ELPV at 448 px.
 
 Variants (``--config configs/devnet.py:VARIANT[,VARIANT]``):
-  paper  the paper text: one scale, Adam lr 1e-3, weight decay 1e-2, no step
-         decay, no clipping, no rotation.
+  paper  the paper text: one scale, top-K of the scores s (not |s|), Adam lr 1e-3,
+         weight decay 1e-2, no step decay, no clipping, no rotation.
   quick  96 px images and 5 x 20 steps: a CPU run of the whole protocol in
          minutes. It trades away resolution (ELPV cracks are thin lines that
          96 px blurs) and training length, so its AUROC is lower than the
