@@ -173,7 +173,15 @@ def topk_mean(score_map: jax.Array, fraction: float = 0.1, use_abs: bool = True)
         False uses s as in the paper formula.
     Returns:
       scores: [B] float.
+    Raises:
+      ValueError: a map of another rank, or of several channels (one image's [H, W] map
+        gave H scores, one per row).
     """
+    if not (score_map.ndim == 3 or score_map.ndim == 4 and score_map.shape[-1] == 1):
+        raise ValueError(f"topk_mean takes [B, H, W] (or [B, H, W, 1]) score maps, one score "
+                         f"per cell, not shape {tuple(score_map.shape)}; one image's [H, W] "
+                         f"map is score_map[None], and cells flattened to [B, N] are "
+                         f"score_map[:, :, None]")
     flat = score_map.reshape(score_map.shape[0], -1)
     if use_abs:
         flat = jnp.abs(flat)

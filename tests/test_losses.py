@@ -116,6 +116,10 @@ def test_wrong_shapes_and_values_are_refused_not_broadcast():
     for bad in (0.0, -1.0, 2.0):
         with pytest.raises(ValueError, match=f"fraction={bad} is not in"):
             losses.topk_mean(maps, bad)
+    for shape in ((4, 4), (2, 4, 4, 3), (2, 1, 4, 4, 1)):  # (4, 4) gave 4 row scores
+        with pytest.raises(ValueError, match=rf"not shape \({shape[0]}, .*score_map\[None\]"):
+            losses.topk_mean(jnp.ones(shape))
+    np.testing.assert_allclose(losses.topk_mean(maps[..., None]), losses.topk_mean(maps))
     with pytest.raises(TypeError, match="static_argnums=1"):
         jax.jit(losses.topk_mean)(maps, 0.1)
     np.testing.assert_allclose(jax.jit(losses.topk_mean, static_argnums=1)(maps, 0.1), 1.0)
