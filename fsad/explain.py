@@ -21,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from sklearn.metrics import f1_score, roc_auc_score
 
-from fsad.hosts import is_primary, progress, put, to_host
-from fsad.mesh import batch_sharded, mesh_batch
+from fsad.hosts import is_primary, put, to_host
+from fsad.mesh import batch_sharded, mesh_batch, padded_batches
 from fsad.models.resnet import IMAGENET_STD
 
 
@@ -129,15 +129,10 @@ def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
     if mesh is not None:
         batch_size = mesh_batch(batch_size, mesh)
     out = []
-    for start in progress(range(0, len(images), batch_size), desc=desc, leave=False,
-                          disable=len(images) <= batch_size * 4):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, 0)])
-        x = chunk.astype(np.float32)
+    for _, batch, n in padded_batches(images, batch_size, desc):
+        x = batch.astype(np.float32)
         x = put(x, batch_sharded(mesh)) if mesh is not None else jnp.asarray(x)
-        out.append(to_host(saliency_fn(variables, x))[:len(chunk) - pad])
+        out.append(to_host(saliency_fn(variables, x))[:n])
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 

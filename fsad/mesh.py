@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fsad.errors import UserError
+from fsad.hosts import progress
 
 DATA_AXIS = "data"
 
@@ -48,3 +49,19 @@ def mesh_batch(batch_size: int, mesh: Mesh) -> int:
     """batch_size rounded up to a multiple of the mesh's devices (each gets a share)."""
     n = mesh.devices.size
     return max(n, -(-batch_size // n) * n)
+
+
+def padded_batches(images: np.ndarray, batch_size: int, desc: str):
+    """Yields (i, batch, n) over images [N, ...] in fixed-size batches (one program
+    shape): batch i [batch_size, ...], the last one padded by repeating its last image,
+    and n, how many of its rows are images (the rest is padding). A progress bar `desc`
+    from five batches on (`fsad.hosts.progress`: each step takes a Ctrl-C dropped on its
+    way)."""
+    steps = range(0, len(images), batch_size)
+    for i, start in enumerate(progress(steps, desc=desc, leave=False,
+                                       disable=len(images) <= batch_size * 4)):
+        batch = images[start:start + batch_size]
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])
+        yield i, batch, n

@@ -35,7 +35,7 @@ from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.hosts import progress, put, to_host
 from fsad.interrupts import shielded
-from fsad.mesh import batch_sharded, check_batch, mesh_batch, replicated
+from fsad.mesh import batch_sharded, check_batch, mesh_batch, padded_batches, replicated
 from fsad.models.resnet import normalize_uint8
 from fsad.quick_compile import quick_jit
 
@@ -254,16 +254,10 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
     """
     batch_size = mesh_batch(batch_size, mesh)
     chunks = []
-    for start in progress(range(0, len(images), batch_size), desc=desc, leave=False,
-                          disable=len(images) <= batch_size * 4):
-        chunk = images[start:start + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        v = variables if key is None else {**variables,
-                                           "key": jax.random.fold_in(key, start // batch_size)}
-        out = score_fn(v, put(chunk, batch_sharded(mesh)))
-        chunks.append(jax.tree.map(lambda a, k=len(chunk) - pad: to_host(a)[:k], out))
+    for i, batch, n in padded_batches(images, batch_size, desc):
+        v = variables if key is None else {**variables, "key": jax.random.fold_in(key, i)}
+        out = score_fn(v, put(batch, batch_sharded(mesh)))
+        chunks.append(jax.tree.map(lambda a, n=n: to_host(a)[:n], out))
     return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
 
