@@ -332,6 +332,17 @@ def test_padded_samples_change_nothing():
     assert float(base) == pytest.approx(float(padded), rel=1e-6)
 
 
+def test_head_scores_in_padded_batches_equal_one_batch():
+    """make_head_scorer scores in batches of one size, the last padded (one program, not
+    one more for the remainder): the padding changes no score."""
+    hm, params, bank = _dra_head_model()
+    feats = [np.asarray(f[:11]) for f in bank]
+    whole = ahl.make_head_scorer(hm, 11)(hm, params, feats)
+    np.testing.assert_allclose(ahl.make_head_scorer(hm, 4)(hm, params, feats), whole,
+                               rtol=1e-5, atol=1e-6)
+    assert whole.shape == (11,)
+
+
 def test_importance_weights_favour_the_accurate_model():
     labels = np.array([0, 0, 1, 1, 1, 0])
     pred = np.stack([labels * 5.0, (1 - labels) * 5.0, np.full(6, 2.5)], axis=1)  # [P, T]

@@ -12,6 +12,7 @@ import numpy as np
 
 from fsad.losses import deviation_loss, sample_prior
 from fsad.methods.ahl.bank import make_feature_fn
+from fsad.mesh import padded_batches
 from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, head_weights
 from fsad.models.heads import TopKScorer
 
@@ -147,13 +148,15 @@ def head_models(config, method, base_variables, seed: int) -> tuple[HeadModel, H
 
 def make_head_scorer(base_hm: HeadModel, batch_size: int):
     """-> scores_of(head model, head params, feats [scales] of [N,h,w,C]) -> [N] anomaly
-    scores, in batches. One compiled function serves the base and the unified heads:
-    fresh heads differ from the base heads only in their consts (new BatchNorm
-    statistics), which are its argument."""
+    scores, in batches of one size (the last padded: one program). One compiled function
+    serves the base and the unified heads: fresh heads differ from the base heads only in
+    their consts (new BatchNorm statistics), which are its argument."""
     fn = jax.jit(lambda p, feats, consts: base_hm.score(base_hm.apply_with(p, feats, consts)))
 
     def scores_of(hm: HeadModel, params, feats) -> np.ndarray:
-        return np.concatenate([np.asarray(fn(params, [f[s:s + batch_size] for f in feats],
-                                             hm.consts))
-                               for s in range(0, len(feats[0]), batch_size)])
+        rows = np.arange(len(feats[0]))
+        return np.concatenate([
+            np.asarray(fn(params, [f[batch] for f in feats], hm.consts))[:n]
+            for _, batch, n in padded_batches(rows, max(1, min(batch_size, len(rows))),
+                                             "AHL scores")])
     return scores_of
