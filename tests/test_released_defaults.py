@@ -257,6 +257,9 @@ def test_cutmix_partner_is_another_image_and_textures_span_all():
     levels = set(np.unique(out).tolist())
     assert max(levels) < 64  # patches come from normals (levels 0..49, jittered), no texture
     assert len(levels) > 25  # and from all of them, not only the first len(textures)
+    # in chunks (the last padded), each image's own draw: the same pseudo anomalies
+    np.testing.assert_array_equal(
+        ahl.make_pseudo(jax.random.key(1), normals, "cutmix", textures, chunk=16), out)
 
 
 def test_class_balance_gives_each_class_its_base_share():

@@ -16,6 +16,7 @@ import numpy as np
 from fsad.atomic import whole_or_nothing
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.hosts import is_primary
+from fsad.mesh import padded_batches
 from fsad.models.backbone import depthwise_route, trunk_features
 from fsad.models.resnet import normalize_uint8
 from fsad.precision import compute_dtype
@@ -70,11 +71,10 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
     fn = jax.jit(fn)
     keys = jax.random.split(k_aug, n)
     out = []
-    for s in range(0, n, chunk):
-        # every chunk padded to `chunk` rows (repeats of its last): one compiled program
-        # per family and image size, whatever the number of normals
-        rows = np.minimum(np.arange(s, s + chunk), n - 1)
-        out.append(np.asarray(fn(keys[rows], normals[rows], sources[partner[rows]]))[:n - s])
+    # every chunk padded to `chunk` rows (repeats of its last): one compiled program per
+    # family and image size, whatever the number of normals
+    for _, rows, m in padded_batches(np.arange(n), chunk, f"AHL {family} pseudo anomalies"):
+        out.append(np.asarray(fn(keys[rows], normals[rows], sources[partner[rows]]))[:m])
     return np.concatenate(out)
 
 
