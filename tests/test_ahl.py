@@ -466,7 +466,7 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     def compiles(**kw):
         caplog.clear()
         with jax.log_compiles(True):
-            _, info = ahl.meta_train(config, hm, params, bank, tasks, jax.random.key(0),
+            _, info = ahl.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0),
                                      str(tmp_path), **kw)
         names = [r.getMessage().split()[1] for r in caplog.records
                  if r.getMessage().startswith("Compiling jit(")]
@@ -492,9 +492,8 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
     uninterrupted run: with the released psi, whose dropout masks and initial states
     come from keys of the epoch, not from a stream a resume would restart (and the
     released errors r_i)."""
-    import importlib
     from fsad.config import released_psi
-    mt = importlib.import_module("fsad.methods.ahl.meta_train")  # the module, not the function
+    from fsad.methods.ahl import meta_train as mt
     config = released_psi(tiny_config("ahl_devnet", **{"ahl.errors": "released"}))
     # K = 1: psi trains from epoch 1 on, before the interruption and after it
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 1, 1
@@ -516,10 +515,11 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
 
     monkeypatch.setattr(mt, "fitted_meta_step", ctrl_c_at_the_third_call)
     with pytest.raises(KeyboardInterrupt):
-        mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
+        mt.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
     assert os.listdir(tmp_path / "ahl_checkpoints") == ["2"]
     monkeypatch.undo()
-    _, info = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), str(tmp_path))
+    _, info = mt.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0),
+                                   str(tmp_path))
     assert len(info["loss"]) == 4 and sorted(os.listdir(tmp_path / "ahl_checkpoints")) == [
         "2", "4"]
     predictions = []  # psi's, as the released errors take them
@@ -529,7 +529,7 @@ def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeyp
         return errors(pred, *args)
     errors = mt.released_errors
     monkeypatch.setattr(mt, "released_errors", released_errors)
-    _, whole = mt.meta_train(config, hm, params, bank, tasks, jax.random.key(0), None)
+    _, whole = mt.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0), None)
     assert info["weights"] == whole["weights"] and info["loss"] == whole["loss"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
     # a call of psi per query set, each its own dropout masks and initial state
@@ -548,7 +548,7 @@ def test_the_released_last_meta_epoch_computes_but_updates_nothing():
     tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
 
     def run(**kw):
-        return ahl.meta_train(config, hm, params, bank, tasks, jax.random.key(0), None, **kw)
+        return ahl.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0), None, **kw)
 
     after_two, every = run()
     after_one, _ = run(stop_after=1)

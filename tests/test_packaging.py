@@ -43,3 +43,24 @@ def test_every_floor_is_the_pinned_lowest_version():
     assert {n: pins.get(n) for n in required} == required
     assert floors(project["optional-dependencies"]["cuda12"]) == {"jax": required["jax"]}
     assert pins["jaxlib"] == pins["jax"]  # jax X needs jaxlib X
+
+
+def test_no_module_is_hidden_by_a_name_of_its_package():
+    """Every module of fsad is the attribute of its package's name for it: the README's
+    `fsad.methods.dra.DRAHeads` was an AttributeError, fsad.methods having bound the
+    method's builder function `dra` over the module's name (fsad.methods.devnet and
+    fsad.methods.ahl.meta_train the same; the tests reached them by importlib)."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import fsad
+    hidden = []
+    for info in pkgutil.walk_packages(fsad.__path__, "fsad."):
+        module = importlib.import_module(info.name)
+        parent, _, name = info.name.rpartition(".")
+        if getattr(sys.modules[parent], name) is not module:
+            hidden.append(info.name)
+    assert hidden == []
+    from fsad.methods.dra import DRAHeads
+    assert fsad.methods.dra.DRAHeads is DRAHeads

@@ -65,7 +65,7 @@ from fsad.optim import step_decay  # noqa: E402
 from test_released_parity import (DRA_TRAIN_HEADS_RTOL, N_REF, SIZE, fixed_prior,  # noqa: E402
                                   randomise_batch_norm, rel_err, uint8_batch)
 
-fsad_dra = importlib.import_module("fsad.methods.dra")
+from fsad.methods import dra as fsad_dra  # noqa: E402
 RELEASED_PACKAGES = ("modeling", "dataloaders", "datasets", "utils", "train")
 MEASURED = {}
 

@@ -50,9 +50,9 @@ from fsad.models.resnet import normalize_uint8  # noqa: E402
 from fsad.optim import make_optimizer, step_decay  # noqa: E402
 
 # the modules (fsad.methods exports functions of the same names)
-fsad_devnet = importlib.import_module("fsad.methods.devnet")
-fsad_dra = importlib.import_module("fsad.methods.dra")
-fsad_ahl = importlib.import_module("fsad.methods.ahl")
+from fsad.methods import ahl as fsad_ahl  # noqa: E402
+from fsad.methods import devnet as fsad_devnet  # noqa: E402
+from fsad.methods import dra as fsad_dra  # noqa: E402
 fsad_ahl_heads = importlib.import_module("fsad.methods.ahl.heads")  # its sample_prior
 
 SIZE = 64

@@ -1,9 +1,16 @@
-"""Methods: each builds a `fsad.train.Method` from a config."""
+"""Methods: each builds a `fsad.train.Method` from a config (`build_method`).
 
-from fsad.methods.devnet import DevNetModel, devnet
-from fsad.methods.dra import DRAModel, dra
+The submodules `fsad.methods.devnet`, `fsad.methods.dra` and `fsad.methods.ahl` keep
+their names: each method's builder is reached through METHODS, not bound over its
+module's name (`fsad.methods.dra.DRAHeads` was an AttributeError on the function).
+"""
 
-METHODS = {"devnet": devnet, "dra": dra}
+from fsad.methods import devnet as _devnet
+from fsad.methods import dra as _dra
+from fsad.methods.devnet import DevNetModel
+from fsad.methods.dra import DRAModel
+
+METHODS = {"devnet": _devnet.devnet, "dra": _dra.dra}
 
 
 def base_method_name(config) -> str:
@@ -38,5 +45,5 @@ def build_method(config):
     return METHODS[name](config)
 
 
-__all__ = ["DRAModel", "DevNetModel", "METHODS", "base_method_name", "build_method", "devnet",
-           "dra", "method_stages"]
+__all__ = ["DRAModel", "DevNetModel", "METHODS", "base_method_name", "build_method",
+           "method_stages"]

@@ -38,7 +38,7 @@ from fsad.methods.ahl.importance import (ERROR_FORMS, ERROR_SCALES, PSI_FITS,
 from fsad.methods.ahl.meta_step import (CHUNK_SIZES, TASK_BATCHINGS, check_task_batching,
                                         chunk_rows, chunked_sum, fitted_meta_step,
                                         make_meta_step)
-from fsad.methods.ahl.meta_train import MetaState, meta_train
+from fsad.methods.ahl.meta_train import MetaState, run_meta_training
 from fsad.methods.ahl.stage import ahl_stage, run_ahl, score_unified, unified_heads_of
 from fsad.methods.ahl.tasks import (CLASS_SHARES, CLUSTER_ON, NORMAL, PSEUDO, SEEN, Tasks,
                                     build_tasks, class_balance, cluster_normals,
@@ -54,7 +54,7 @@ __all__ = [
     "weight_spread", "weights_from_errors",
     "CHUNK_SIZES", "TASK_BATCHINGS", "check_task_batching", "chunk_rows", "chunked_sum",
     "fitted_meta_step", "make_meta_step",
-    "MetaState", "meta_train",
+    "MetaState", "run_meta_training",
     "ahl_stage", "run_ahl", "score_unified", "unified_heads_of",
     "CLASS_SHARES", "CLUSTER_ON", "NORMAL", "PSEUDO", "SEEN", "Tasks", "build_tasks",
     "class_balance", "cluster_normals", "feature_health", "image_descriptors",

@@ -70,8 +70,9 @@ def query_weights(w: jax.Array, epoch: int, history: int, weighting: str) -> jax
     return used
 
 
-def meta_train(config, hm: HeadModel, params_g, bank, tasks: Tasks, key, workdir: str | None,
-               stop_after: int | None = None, mesh=None) -> tuple[dict, dict]:
+def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
+                      workdir: str | None, stop_after: int | None = None,
+                      mesh=None) -> tuple[dict, dict]:
     """Runs CDL with importance weights for config.ahl.epochs epochs (resumable).
 
     stop_after: end after this epoch (checkpointed), as an interruption would.

@@ -15,7 +15,7 @@ from fsad.checkpoints import checkpoint_manager, restore_latest
 from fsad.errors import UserError
 from fsad.methods.ahl.bank import FAMILIES, load_or_build_bank, make_feature_fn
 from fsad.methods.ahl.heads import HEAD_INITS, head_models, make_head_scorer
-from fsad.methods.ahl.meta_train import meta_train
+from fsad.methods.ahl.meta_train import run_meta_training
 from fsad.methods.ahl.tasks import build_tasks, normal_clusters
 from fsad.quick_compile import quick_jit
 from fsad.train import score_images
@@ -85,7 +85,8 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
     hm, base_hm, base_params = head_models(config, method, base_variables, seed)
     params_g = base_params if a.head_init == "base" else \
         quick_jit(hm.init)(k_init, [b[:1] for b in bank])
-    params, info = meta_train(config, hm, params_g, bank, tasks, k_meta, workdir, mesh=mesh)
+    params, info = run_meta_training(config, hm, params_g, bank, tasks, k_meta, workdir,
+                                     mesh=mesh)
     scores_of = make_head_scorer(base_hm, config.eval_batch_size)
     logging.info("AHL: %d tasks, features %.1fs", tasks.num_tasks, t_feat)
     return {"scores": scores_of(hm, params, test),
