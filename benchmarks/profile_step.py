@@ -459,7 +459,7 @@ def tables(result: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--method", default="devnet", choices=["devnet", "dra"])
     ap.add_argument("--img_size", type=int, default=448, help="image side in pixels")
     ap.add_argument("--batch", type=int, default=48, help="the train step's batch")

@@ -57,8 +57,9 @@ class SavePace:
     A save waits for the device and writes every array (about 0.4 s for a ResNet-18
     DevNet's state and 0.9 s for EfficientNet-Lite0's many small arrays, on a 2-core
     CPU); on an H200, saving after each of DevNet's 50 epochs of 20 steps took about half
-    of its training time. An interrupted run loses at most `every_seconds` of training
-    (it resumes from the last save and draws the same batches from there on). All
+    of its training time. A killed run loses at most `every_seconds` of training plus
+    the epoch under way (it resumes from the last save and draws the same batches from
+    there on); a Ctrl-C on one host saves the newest step (`interrupted`). All
     processes of a multi-host run save together, so the first process's clock decides.
     """
 
