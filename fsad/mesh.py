@@ -51,16 +51,16 @@ def mesh_batch(batch_size: int, mesh: Mesh) -> int:
     return max(n, -(-batch_size // n) * n)
 
 
-def padded_batches(images: np.ndarray, batch_size: int, desc: str):
-    """Yields (i, batch, n) over images [N, ...] in fixed-size batches (one program
-    shape): batch i [batch_size, ...], the last one padded by repeating its last image,
-    and n, how many of its rows are images (the rest is padding). A progress bar `desc`
-    from five batches on (`fsad.hosts.progress`: each step takes a Ctrl-C dropped on its
-    way)."""
-    steps = range(0, len(images), batch_size)
+def padded_batches(rows: np.ndarray, batch_size: int, desc: str):
+    """Yields (i, batch, n) over rows [N, ...] (images, or indices into them) in
+    fixed-size batches (one program shape): batch i [batch_size, ...], the last one
+    padded by repeating its last row, and n, how many of its rows are real (the rest is
+    padding). A progress bar `desc` from five batches on (`fsad.hosts.progress`: each
+    step takes a Ctrl-C dropped on its way)."""
+    steps = range(0, len(rows), batch_size)
     for i, start in enumerate(progress(steps, desc=desc, leave=False,
-                                       disable=len(images) <= batch_size * 4)):
-        batch = images[start:start + batch_size]
+                                       disable=len(rows) <= batch_size * 4)):
+        batch = rows[start:start + batch_size]
         n = len(batch)
         if n < batch_size:
             batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - n, axis=0)])

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsad.losses import deviation_loss, sample_prior
-from fsad.methods.ahl.bank import make_feature_fn
 from fsad.mesh import padded_batches
+from fsad.methods.ahl.bank import make_feature_fn
 from fsad.methods.dra import DRAHeads, VARIANTS, combine, head_losses, head_weights
 from fsad.models.heads import TopKScorer
 
