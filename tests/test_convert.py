@@ -77,6 +77,10 @@ def _raw_aitex(raw, tile=TILE, released_cases_only=False):
         _png(f"{m}/0044_019_04_mask1.png", _mask(h, w, cols((0, 5))))
         _png(f"{m}/0044_019_04_mask2.png", _mask(h, w, cols((100, 110))))
         _png(f"{d}/0100_025_08.png", _grey(rng, h, w))  # no mask: skipped
+        # narrow, its mask full width: cut to the image's width (the released tiles take
+        # that much of it), a defect past the image's edge left out: tile 3 only
+        _png(f"{d}/0095_030_01.png", _grey(rng, h, 100 * k))
+        _png(f"{m}/0095_030_01_mask.png", _mask(h, w, cols((50, 60), (150, 160))))
     _png(f"{d}/0094_027_05.png", _grey(rng, h, 200 * k))  # narrow: 13 tiles, the last half a tile
     _png(f"{m}/0094_027_05_mask.png", _mask(h, 200 * k, cols((195, 199))))
     _png(f"{d}/0106_010_03.png", _grey(rng, h, w))  # all-black mask: no tile kept
@@ -95,13 +99,16 @@ def test_aitex(tmp_path):
     root = os.path.join(out, "AITEX")
     assert res.root == root
     assert _layout(root) == {"train/good": 24, "test/good": 8, "test/Broken_end": 2,
-                             "test/Fuzzyball": 2, "test/Knots": 1, "ground_truth/Broken_end": 2,
-                             "ground_truth/Fuzzyball": 2, "ground_truth/Knots": 1}
+                             "test/Fuzzyball": 2, "test/Knots": 1, "test/Nep": 1,
+                             "ground_truth/Broken_end": 2, "ground_truth/Fuzzyball": 2,
+                             "ground_truth/Knots": 1, "ground_truth/Nep": 1}
     assert res.counts == _layout(root)
     assert _files(root, "test/Broken_end") == ["0001_002_00_1.png", "0001_002_00_2.png"]
     assert _files(root, "test/Fuzzyball") == ["0044_019_04_0.png", "0044_019_04_6.png"]
     assert _files(root, "ground_truth/Knots") == ["0094_027_05_12_mask.png"]
     assert any("0100_025_08" in w and "no mask" in w for w in res.warnings)
+    assert _files(root, "ground_truth/Nep") == ["0095_030_01_3_mask.png"]
+    assert any("0095_030_01.png is 100 px wide and its mask 256 px" in w for w in res.warnings)
     # files that are no images of the layout: said, not read (an audit's finding: skipped
     # without a word, where the README says such a file is refused by name)
     (skipped,) = [w for w in res.warnings if "skipped, not images" in w]
@@ -122,7 +129,7 @@ def test_aitex(tmp_path):
     # fsad's folder reader takes the output as it is, masks included
     data = read_folder(root, SIZE, "")
     assert data.counts() == {"train_normal": 24, "test_normal": 8, "anomaly_Broken_end": 2,
-                             "anomaly_Fuzzyball": 2, "anomaly_Knots": 1}
+                             "anomaly_Fuzzyball": 2, "anomaly_Knots": 1, "anomaly_Nep": 1}
     assert data.masks is not None and np.all(data.masks[data.labels == 1].sum((1, 2)) > 0)
     manifest = json.load(open(os.path.join(root, "manifest.json")))
     assert sorted(manifest["files"]["train/good"]) == [n + ".png" for n in train]

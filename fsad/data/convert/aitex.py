@@ -108,6 +108,12 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False, tile: int = 256
                 out.warn(f"AITEX: {f} has no mask {name}_mask.png in {mask_root!r}; skipped")
                 continue
             img = read_rgb(os.path.join(defect_root, f))
+            if img.shape[0] == mask.shape[0] and img.shape[1] < mask.shape[1]:
+                # a narrow image (0094_027_05) with a full-width mask: the released
+                # script's tiles take the image's width of it
+                out.warn(f"AITEX: {f} is {img.shape[1]} px wide and its mask "
+                         f"{mask.shape[1]} px; the mask cut to the image's width")
+                mask = mask[:, :img.shape[1]]
             if img.shape != mask.shape:
                 out.warn(f"AITEX: {f} is {img.shape[:2]} but its mask is {mask.shape[:2]}; "
                          f"skipped")
