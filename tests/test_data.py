@@ -33,7 +33,8 @@ def test_synthetic_read(synthetic):
     # the defect changes pixels inside its mask far more than a normal texture varies
     i = np.flatnonzero(synthetic.classes == "spot")[0]
     inside = synthetic.images[i][synthetic.masks[i] == 1].mean()
-    assert inside < 40
+    normal = synthetic.images[~anom][:, synthetic.masks[i] == 1]  # those pixels, normals
+    assert normal.mean() - inside > 2 * normal.std(), (inside, normal.mean(), normal.std())
 
 
 def test_synthetic_pixels_are_the_same_with_any_numpy(synthetic):
@@ -77,6 +78,17 @@ def test_the_cache_follows_the_masks(tmp_path):
     again = read_folder(root, SIZE, cache)
     np.testing.assert_array_equal(again.mask_present, full.mask_present)
     np.testing.assert_array_equal(again.masks, full.masks)
+    # mended: the same name, other pixels (a later time)
+    from PIL import Image
+    size = Image.open(removed).size
+    mended = np.zeros(size[::-1], np.uint8)
+    mended[:2, :2] = 255
+    Image.fromarray(mended).save(removed)
+    st = os.stat(removed)
+    os.utime(removed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = read_folder(root, SIZE, cache)
+    assert not np.array_equal(after.masks, full.masks)
+    assert after.masks.sum() < full.masks.sum()  # a 2x2 corner for the whole defect
 
 
 def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_root, tmp_path,

@@ -11,6 +11,7 @@ from fsad.errors import UserError
 from fsad.losses import sample_prior
 from fsad.methods import build_method
 from fsad.methods.devnet import DevNetModel, devnet_loss
+from fsad.models.resnet import normalize_uint8
 from fsad.validate import check_config
 
 
@@ -101,6 +102,29 @@ def test_the_variants_are_config_fields(variant):
                               batch, jax.random.key(1))
     assert value.shape == ()
     assert ("head" in variables["params"]) == (variant != "Rep")
+
+
+def test_the_config_variant_reaches_the_score_and_the_loss():
+    """DS and Patch-DS add or drop no parameter, so a config that ignored devnet.variant
+    would pass the test above: on one set of weights and one batch, DS scores the map's
+    mean, not MIL-DS's top-K, Patch-DS scores as DS does (the mean at test), and the
+    three losses differ (the image score's, the mean's, every cell's)."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (4, 32, 32, 3)), jnp.uint8)
+    batch = {"images": images, "labels": jnp.array([0, 1, 0, 1])}
+    methods = {v: build_method(tiny_config("devnet", **{"devnet.variant": v}))
+               for v in ("MIL-DS", "DS", "Patch-DS")}
+    variables = jax.jit(methods["MIL-DS"].init)(jax.random.key(0),
+                                                images.astype(jnp.float32))
+    x = normalize_uint8(images)
+    score, loss = {}, {}
+    for v, m in methods.items():
+        score[v] = np.asarray(jax.jit(m.score)(variables, x)["score"])
+        loss[v] = float(jax.jit(m.loss)(variables["params"], variables["batch_stats"], batch,
+                                        jax.random.key(1))[0])
+    np.testing.assert_allclose(score["Patch-DS"], score["DS"], rtol=1e-6)
+    assert np.abs(score["DS"] - score["MIL-DS"]).min() > 1e-4, score
+    assert len({round(v, 5) for v in loss.values()}) == 3, loss
 
 
 def test_unknown_variants_and_ahl_on_an_ablation_are_refused():

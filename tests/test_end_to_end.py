@@ -486,7 +486,9 @@ def test_ahl_devnet_end_to_end(runs):
     assert info["weights"][3] != info["weights"][2] and info["weight_spread"][3] > 1.0
     # the base heads on the cached features reproduce the base model's own test scores
     assert run0["base_auroc_same_features"] == pytest.approx(run0["base_auroc"], abs=1e-6)
-    assert 0.0 <= run0["auroc"] <= 1.0
+    # detection on the unseen classes (scratch, stain) well above chance, and meta-training
+    # keeps its base model's (0.742 and 0.744 at 2026-12-05; it asserted [0, 1] before)
+    assert run0["auroc"] > 0.6 and run0["auroc"] > run0["base_auroc"] - 0.1, run0
     assert (u / "seed_0" / "ahl_features.npz").exists()
     # AHL(DevNet)'s p-values and decisions are its unified heads' (before: the base's)
     from scipy import stats

@@ -167,7 +167,8 @@ def test_calibration():
     assert cal["cutoff"] == pytest.approx(1.959964, rel=1e-5)
     np.testing.assert_allclose(cal["p_value"], [0.5, 0.158655, 0.00621], rtol=1e-3)
     assert cal["anomalous"].tolist() == [False, False, True]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"explain.confidence=1.5 is not a confidence; use "
+                                          r"a value in \(0, 1\)"):
         calibrate(np.zeros(2), confidence=1.5)
 
 

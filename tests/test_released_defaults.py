@@ -245,7 +245,9 @@ def test_prior_mu_and_sigma_reach_dra_losses():
     labels = jnp.array([0, 1])
     a = head_losses(scores, labels, jax.random.key(0), prior_mu=0.0, prior_sigma=1.0)
     b = head_losses(scores, labels, jax.random.key(0), prior_mu=2.0, prior_sigma=1.0)
+    c = head_losses(scores, labels, jax.random.key(0), prior_mu=0.0, prior_sigma=2.0)
     assert float(a["seen"]) != pytest.approx(float(b["seen"]))
+    assert float(a["seen"]) != pytest.approx(float(c["seen"]))  # sigma reaches them too
 
 
 def test_cutmix_partner_is_another_image_and_textures_span_all():
@@ -429,7 +431,9 @@ def test_imagenet_weights_that_cannot_be_had_stop_with_the_three_ways(monkeypatc
     assert weights.pretrained_variables(cfg) == (None, "random init (resnet18)")
 
 
-def test_a_long_cpu_run_says_so_once(caplog):
+def test_a_long_cpu_run_says_so(caplog):
+    """warn_if_long_on_cpu warns past an hour's ETA on a CPU, naming the GPU and :quick
+    (fit calls it once a seed, after its third step)."""
     from fsad.train import warn_if_long_on_cpu
     with caplog.at_level(logging.WARNING):
         assert not warn_if_long_on_cpu(600.0, 100)

@@ -243,7 +243,10 @@ def test_npz_checkpoint_into_devnet_backbone(tmp_path):
 @pytest.mark.parametrize("hw,k,stride", [(2, 3, 1), (2, 1, 1), (1, 3, 1), (2, 3, 2), (2, 1, 2),
                                          (3, 3, 3), (14, 3, 3), (6, 1, 2), (5, 3, 1)])
 def test_matmul_conv_equals_lax(hw, k, stride, route):
-    """Both CPU routes (sizes-limited, and every size for AHL's heads) equal XLA's conv."""
+    """Both CPU routes (sizes-limited, and every size for AHL's heads) equal XLA's conv,
+    and take the slices-and-matmul route where they should: matmul_conv for maps of at
+    most 4 pixels or windows that do not overlap (not the 5x5 map's 3x3 stride-1 conv,
+    which it hands to XLA, the one case here that compared XLA with itself)."""
     from fsad.models import cpu_conv
     matmul_conv = getattr(cpu_conv, route)
     rng = np.random.default_rng(0)
@@ -254,6 +257,9 @@ def test_matmul_conv_equals_lax(hw, k, stride, route):
     kw = {"dimension_numbers": ("NHWC", "HWIO", "NHWC")}
     ref = jax.lax.conv_general_dilated(*args, **kw)
     np.testing.assert_allclose(matmul_conv(*args, **kw), ref, rtol=1e-5, atol=1e-5)
+    routed = route == "cpu_matmul_conv" or hw * hw <= 4 or stride >= k
+    jaxpr = str(jax.make_jaxpr(lambda x, w: matmul_conv(x, w, *args[2:], **kw))(x, w))
+    assert ("conv_general_dilated" not in jaxpr) == routed, (route, hw, k, stride)
     g = jax.grad(lambda w: matmul_conv(x, w, *args[2:], **kw).sum())(w)
     g_ref = jax.grad(lambda w: jax.lax.conv_general_dilated(x, w, *args[2:], **kw).sum())(w)
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4)

@@ -274,6 +274,33 @@ def test_command_line(synthetic_root, tmp_path, capsys):
     assert "neither 'elpv' nor a folder" in capsys.readouterr().err
 
 
+def test_elpv_rows_round_trip_through_tfds(tmp_path):
+    """elpv_source lists ELPV's rows as its reader does, and a few of each kind come
+    back from TFDS with their pixels as the files hold them (the whole round trip below
+    is opt-in: a minute; this ran in no test by default)."""
+    import dataclasses
+
+    from fsad.data.decode import load_rgb
+    from fsad.data.elpv import elpv_without_pixels
+    table = tfds_io.elpv_source()
+    rows = elpv_without_pixels()
+    for field in ("classes", "split", "file_ids"):
+        np.testing.assert_array_equal(getattr(table, field), getattr(rows, field))
+    keep = sorted(i for c in np.unique(table.classes) for s in ("train", "test")
+                  for i in np.flatnonzero((table.classes == c) & (table.split == s))[:2])
+    part = dataclasses.replace(table, paths=[table.paths[i] for i in keep],
+                               classes=table.classes[keep], split=table.split[keep],
+                               file_ids=table.file_ids[keep])
+    tfds_io.write_tfds(part, "fsad_elpv_part", str(tmp_path))
+    back = tfds_io.read_tfds("fsad_elpv_part", str(tmp_path), SIZE, cache_dir="")
+    assert back.counts() == {"train_normal": 2, "test_normal": 2, "anomaly_mono": 2,
+                             "anomaly_poly": 2}
+    ds = tfds.data_source("fsad_elpv_part", data_dir=str(tmp_path))
+    for split in ("train", "test"):
+        for ex in ds[split]:
+            np.testing.assert_array_equal(ex["image"], load_rgb(table.paths[keep[ex["index"]]]))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FSAD_TEST_ELPV_TFDS"),
                     reason="ELPV round trip (2,624 images, about a minute): set "
