@@ -252,6 +252,11 @@ def test_mixed_sizes_and_modes_are_read(tmp_path):
     grey = data.images[ids.index("train/good/grey.png")].astype(int)
     assert np.abs(deep - grey).max() <= 1  # 16 bits scaled to 8, not clipped to white
     np.testing.assert_array_equal(data.images[ids.index("train/good/shallow.png")], grey)
+    # RGBA's alpha dropped (the released convert("RGB")), a palette's levels looked up:
+    # the grey image's pixels; the tall black JPEG black
+    for name in ("rgba.png", "palette.png"):
+        np.testing.assert_array_equal(data.images[ids.index(f"train/good/{name}")], grey)
+    assert data.images[ids.index("train/good/tall.jpg")].max() == 0
 
 
 def test_what_the_layout_leaves_out_is_said(tmp_path, caplog):
