@@ -126,7 +126,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
     from fsad.workdir import check_stored_config
     from fsad.hosts import check_same_folder, is_primary, lost_host, same_command_on_every_host
     from fsad.paper_figures import config_protocol_note
-    from fsad.validate import check_scoring_config, config_warnings
+    from fsad.validate import check_method, check_scoring_config, config_warnings
     try:
         # one program over every host's devices: a host given another config would train
         # another model into the same files, silently
@@ -160,6 +160,7 @@ def execute(config, workdir: str, mode: str = "train", input_dir: str | None = N
                             f"score-mode flag{'s' if len(given) > 1 else ''} and --mode is "
                             f"train; add --mode score to score images with the trained run "
                             f"in --workdir, or leave {'it' if len(given) == 1 else 'them'} out")
+        check_method(config)  # (the notes read the method's own fields)
         notes = [config_protocol_note(config), *config_warnings(config)]
         for note in notes:
             if note and is_primary():

@@ -10,6 +10,7 @@ weight is loaded or any image decoded.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -22,11 +23,53 @@ DATA_NAMES = ("elpv", "folder", "synthetic", "tfds")
 READER_FIELDS = {"root": ("folder", "synthetic"), "subset": ("folder", "synthetic"),
                  "tfds_name": ("tfds",), "tfds_dir": ("tfds",), "normal_class": ("tfds",)}
 MIN_IMG_SIZE = 32  # one cell of the trunks' stride-32 map
+MAX_IMG_SIZE = 8192  # (the papers' 448; MVTec AD's largest images are 1024)
+MAX_SCALES = 8  # pyramid levels (the released code's 2)
+MAX_SEED = 2 ** 31  # seeds and the seeds after them (JAX's keys take 32-bit seeds here)
+MAX_CURVE_POINTS = 10_000  # the AUROC-F1 curve's cut-offs (50 by default)
+METHOD_FILES = {"devnet": "configs/devnet.py", "dra": "configs/dra.py",
+                "ahl": "configs/ahl_dra.py or configs/ahl_devnet.py"}
 
 
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def _finite(x) -> bool:
+    """A number, and not NaN or infinite (NaN fails every comparison, inf passes them)."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def config_method(config) -> str:
+    """The method whose config file `config` came from, by its groups of fields: ahl_*.py
+    has ahl.*, dra.py dra.*, devnet.py neither."""
+    return "ahl" if "ahl" in config else "dra" if "dra" in config else "devnet"
+
+
+def check_method(config) -> None:
+    """config.method is its config file's: each method's fields and defaults come with
+    its file (--config.method=dra on configs/devnet.py had no dra.* fields, and
+    --config.method=ahl ended in a traceback)."""
+    m, own = config.method, config_method(config)
+    _require(m in METHOD_FILES, f"method={m!r} is not a method fsad has; use --config "
+             f"{', '.join(METHOD_FILES.values())}")
+    _require(m == own, f"method={m!r} on a config of {own} ({METHOD_FILES[own]}): each "
+             f"method's fields and defaults come with its config file; use --config "
+             f"{METHOD_FILES[m]} instead of --config.method")
+
+
+def check_optim(o, prefix: str) -> None:
+    """An optimiser group's fields (optim.*, ahl.optim.*): finite, in their ranges."""
+    _require(_finite(o.lr) and o.lr > 0, f"{prefix}.lr={o.lr}; use a positive learning rate")
+    _require(_finite(o.weight_decay) and o.weight_decay >= 0, f"{prefix}.weight_decay="
+             f"{o.weight_decay}; use 0 (none) or a positive weight decay (1e-5 as released)")
+    _require(o.decay_every_epochs >= 0, f"{prefix}.decay_every_epochs={o.decay_every_epochs}; "
+             f"use 0 (no step decay) or a number of epochs (10 as released)")
+    _require(_finite(o.decay_factor) and o.decay_factor > 0, f"{prefix}.decay_factor="
+             f"{o.decay_factor}; use a positive factor (0.1 as released)")
+    _require(_finite(o.clip_norm) and o.clip_norm >= 0, f"{prefix}.clip_norm={o.clip_norm}; "
+             f"use 0 (no clipping) or a positive gradient norm (1 as released)")
 
 
 def check_config(config, n_devices: int = 1) -> None:
@@ -40,6 +83,7 @@ def check_config(config, n_devices: int = 1) -> None:
     from fsad.models.backbone import BACKBONES, depthwise_route, make_trunk, smallest_input
     from fsad.precision import compute_dtype
     d, m = config.data, config.model
+    check_method(config)
     _require(d.name in DATA_NAMES, f"data.name={d.name!r} is not a dataset reader; use one "
              f"of {', '.join(DATA_NAMES)}")
     for field, readers in READER_FIELDS.items():
@@ -67,9 +111,15 @@ def check_config(config, n_devices: int = 1) -> None:
     _require(d.img_size >= MIN_IMG_SIZE, f"data.img_size={d.img_size} is smaller than the "
              f"trunk's stride of {MIN_IMG_SIZE} pixels; use at least {MIN_IMG_SIZE} (96 for "
              f":quick, 448 for the papers' protocol)")
+    _require(d.img_size <= MAX_IMG_SIZE, f"data.img_size={d.img_size}: every image is "
+             f"resized to this side; use at most {MAX_IMG_SIZE} (448 for the papers' protocol)")
+    root = d.get("root", "")
+    _require(not root or not os.path.isfile(root), f"data.root={root!r} is a file; pass the "
+             f"dataset's folder")
     _require(m.backbone in BACKBONES, f"model.backbone={m.backbone!r} is not a trunk fsad "
              f"has; use one of {', '.join(BACKBONES)}")
-    _require(m.n_scales >= 1, f"model.n_scales={m.n_scales}; use 1 (paper) or 2 (released)")
+    _require(1 <= m.n_scales <= MAX_SCALES, f"model.n_scales={m.n_scales}; use 1 (paper) or "
+             f"2 (released), at most {MAX_SCALES}")
     smallest = d.img_size // 2 ** (m.n_scales - 1)
     _require(smallest >= smallest_input(m.backbone), f"data.img_size={d.img_size} with "
              f"model.n_scales={m.n_scales} gives a smallest pyramid level of {smallest} "
@@ -104,9 +154,18 @@ def check_config(config, n_devices: int = 1) -> None:
              f"normals per batch; a batch needs both: raise --config.batch_size")
     _require(config.epochs >= 1 and config.steps_per_epoch >= 1, "epochs and steps_per_epoch "
              "must be at least 1; set --config.epochs and --config.steps_per_epoch")
-    _require(config.optim.lr > 0, f"optim.lr={config.optim.lr}; use a positive learning rate")
-    _require(config.loss.prior_sigma > 0, f"loss.prior_sigma={config.loss.prior_sigma}: the "
-             f"deviation divides by it; use a positive sigma (1.0 in the papers)")
+    check_optim(config.optim, "optim")
+    lc = config.loss
+    _require(_finite(lc.prior_sigma) and lc.prior_sigma > 0, f"loss.prior_sigma="
+             f"{lc.prior_sigma}: the deviation divides by it; use a positive sigma (1.0 in "
+             f"the papers)")
+    _require(_finite(lc.prior_mu), f"loss.prior_mu={lc.prior_mu}; use a finite mean (0.0 in "
+             f"the papers)")
+    _require(_finite(lc.margin) and lc.margin > 0, f"loss.margin={lc.margin}; the anomalies' "
+             f"deviations are pushed past it: use a positive margin (5 in the papers)")
+    rotate = config.augment.rotate_degrees
+    _require(_finite(rotate) and 0 <= rotate <= 180, f"augment.rotate_degrees={rotate}; "
+             f"images are rotated by U(-d, d): use 0 (off) to 180 (as released)")
     _require(config.loss.prior_size >= 2, f"loss.prior_size={config.loss.prior_size}: the "
              f"deviation divides by the std of the prior's samples, which needs 2 or more; "
              f"use 5000 (the papers)")
@@ -124,6 +183,8 @@ def check_config(config, n_devices: int = 1) -> None:
                 raise UserError(f"--config.{field}: {err}") from err
     _require(config.seed >= 0, f"seed={config.seed}; seeds are non-negative integers (the "
              f"papers' are 0, 1, 2)")
+    _require(config.seed + config.num_seeds <= MAX_SEED, f"seed={config.seed} with num_seeds="
+             f"{config.num_seeds}: seeds go up to {MAX_SEED - 1}; use a smaller --config.seed")
     _require(config.num_seeds >= 1, f"num_seeds={config.num_seeds}; a run trains at least one "
              f"seed: set --config.num_seeds to 1 or more (3 in the papers)")
     check_scoring_config(config)
@@ -144,6 +205,10 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"needs at least one reference image")
         _require(0.0 <= config.dra.pseudo_prob <= 1.0, f"dra.pseudo_prob="
                  f"{config.dra.pseudo_prob} is not a probability; use a value in [0, 1]")
+        stride, padding = config.dra.residual_stride, config.dra.residual_padding
+        _require(1 <= stride <= 3 and 0 <= padding <= 1, f"dra.residual_stride={stride}, "
+                 f"dra.residual_padding={padding}: the residual head's 3x3 conv takes stride "
+                 f"1 to 3 and padding 0 or 1 (released: 1 and 1; AHL's: 3 and 0)")
     if config.method == "ahl":
         check_ahl_config(config.ahl)
         # the base model's fields come with its config file (ahl_devnet.py has no dra.*
@@ -165,14 +230,17 @@ def check_scoring_config(config) -> None:
         _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "
                  f"--config.{field} to 1 or more")
     e = config.explain
-    _require(e.kernel_size >= 1, f"explain.kernel_size={e.kernel_size}; the saliency's blur "
-             f"needs a kernel of 1 pixel or more (16, the released code's)")
-    _require(e.sigma > 0, f"explain.sigma={e.sigma}; the blur's Gaussian needs a positive "
-             f"sigma (4, the released code's)")
+    size = config.data.img_size
+    _require(1 <= e.kernel_size <= size, f"explain.kernel_size={e.kernel_size}; the "
+             f"saliency's blur needs a kernel of 1 pixel or more (16, the released code's), "
+             f"at most the image's {size}")
+    _require(_finite(e.sigma) and e.sigma > 0, f"explain.sigma={e.sigma}; the blur's Gaussian "
+             f"needs a positive sigma (4, the released code's)")
     _require(e.num_overlays >= 0, f"explain.num_overlays={e.num_overlays}; use 0 (none) or "
              f"more top-scored test images to draw")
-    _require(e.curve_points >= 1, f"explain.curve_points={e.curve_points}; the AUROC-F1 curve "
-             f"needs 1 or more cut-offs (50 by default)")
+    _require(1 <= e.curve_points <= MAX_CURVE_POINTS, f"explain.curve_points="
+             f"{e.curve_points}; the AUROC-F1 curve needs 1 or more cut-offs (50 by default), "
+             f"at most {MAX_CURVE_POINTS}")
     _require(0.0 < e.confidence < 1.0, f"explain.confidence={e.confidence} is not a "
              f"confidence; use a value in (0, 1)")
 
@@ -195,15 +263,18 @@ def check_ahl_config(a) -> None:
              f"{a.epochs}, ahl.history={a.history}, ahl.inner_steps={a.inner_steps}; "
              f"epochs and history must be at least 1 (30 and 5 in the paper), inner_steps "
              f"at least 0 (3)")
-    _require(a.weight_temperature > 0, f"ahl.weight_temperature={a.weight_temperature}; use "
-             f"a positive temperature (0.1 by default)")
-    _require(a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}: a negative inner step climbs the "
-             f"support loss; use 0 (no adaptation) or more (2e-4 in the paper)")
+    _require(_finite(a.weight_temperature) and a.weight_temperature > 0, f"ahl."
+             f"weight_temperature={a.weight_temperature}; use a positive temperature (0.1 by "
+             f"default)")
+    _require(_finite(a.inner_lr) and a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}; use 0 (no "
+             f"adaptation) or a positive step (2e-4 in the paper; a negative one climbs the "
+             f"support loss)")
     _require(a.loss_scale > 0 and a.query_batches >= 1, f"ahl.loss_scale={a.loss_scale}, "
              f"ahl.query_batches={a.query_batches}; use a positive scale (1; released "
              f"AHL(DevNet): 4/3) and at least 1 batch (1; released: 20)")
-    _require(a.optim.lr > 0 and a.psi_lr > 0, f"ahl.optim.lr={a.optim.lr} and ahl.psi_lr="
-             f"{a.psi_lr}; use positive learning rates")
+    check_optim(a.optim, "ahl.optim")
+    _require(_finite(a.psi_lr) and a.psi_lr > 0, f"ahl.psi_lr={a.psi_lr}; use a positive "
+             f"learning rate (0.02 in the paper)")
     _require(a.psi_hidden >= 1 and a.psi_fc >= 0, f"ahl.psi_hidden={a.psi_hidden}, "
              f"ahl.psi_fc={a.psi_fc}: the BiLSTM needs at least one hidden unit (7 in the "
              f"paper), psi_fc at least 0 (14 in the paper; 0: no hidden fc layer, as the "

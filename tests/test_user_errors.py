@@ -427,7 +427,28 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("explain.curve_points", 0, "explain.curve_points=0; the AUROC-F1 curve needs 1 or more"),
     ("checkpoint_seconds", -1.0, "checkpoint_seconds=-1.0; use 0 (a checkpoint every epoch)"),
     ("keep_checkpoints", -1, "keep_checkpoints=-1; use 0 (keep none) or more"),
-    ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001: a negative inner step climbs"),
+    ("ahl.inner_lr", -1e-4, "ahl.inner_lr=-0.0001; use 0 (no adaptation) or a positive"),
+    # above their ranges, or not finite (a config fuzz's findings): each ended in a
+    # traceback, a hang or a run that went through with the value
+    ("ahl.inner_lr", float("inf"), "ahl.inner_lr=inf; use 0 (no adaptation)"),
+    ("model.n_scales", 10 ** 20, "model.n_scales=100000000000000000000; use 1 (paper) or 2 "
+     "(released), at most 8"),  # hung on 2 ** (n - 1)
+    ("data.img_size", 10 ** 6, "data.img_size=1000000: every image is resized to this "
+     "side; use at most 8192"),  # numpy's MemoryError writing the synthetic set
+    ("seed", 10 ** 20, "seeds go up to 2147483647"),  # an OverflowError in JAX's key
+    ("dra.residual_stride", 0, "dra.residual_stride=0, dra.residual_padding=1: the residual "
+     "head's 3x3 conv takes stride 1 to 3 and padding 0 or 1"),  # a ZeroDivisionError
+    ("dra.residual_padding", -5, "dra.residual_padding=-5: the residual head's 3x3 conv"),
+    ("explain.kernel_size", 100000, "at most the image's 32"),  # a 74.5 GiB kernel
+    ("explain.curve_points", 10 ** 8, "at most 10000"),  # hung after training
+    ("augment.rotate_degrees", float("nan"), "augment.rotate_degrees=nan; images are "
+     "rotated by U(-d, d): use 0 (off) to 180"),  # cast to an integer angle, silently
+    ("optim.clip_norm", -1.0, "optim.clip_norm=-1.0; use 0 (no clipping) or a positive"),
+    ("optim.weight_decay", -1.0, "optim.weight_decay=-1.0; use 0 (none) or a positive"),
+    ("optim.decay_factor", 0.0, "optim.decay_factor=0.0; use a positive factor"),
+    ("ahl.optim.decay_factor", -2.0, "ahl.optim.decay_factor=-2.0; use a positive factor"),
+    ("loss.margin", -5.0, "loss.margin=-5.0; the anomalies' deviations are pushed past it"),
+    ("loss.prior_mu", float("nan"), "loss.prior_mu=nan; use a finite mean"),
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
     ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
     ("ahl.pseudo_frac", 1.0, "1 leaves the tasks no normal"),  # it ran, weights at 1e14
@@ -446,11 +467,35 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("model.pretrained_sha256", "a", "model.pretrained_sha256='a' is not a sha256"),
     ("model.pretrained_sha256", "xyz12345", "model.pretrained_sha256='xyz12345' is not"),
 ])
-def test_counts_below_their_least(tmp_path, field, value, fragment):
+def test_values_out_of_their_range(tmp_path, field, value, fragment):
     from fsad.validate import check_config
     method = {"ahl": "ahl_dra", "dra": "dra"}.get(field.split(".")[0], "devnet")
     with pytest.raises(UserError, match=re.escape(fragment)):
         check_config(folder_config(tmp_path, method, **{field: value}))
+
+
+def test_a_method_is_its_config_files_and_a_root_is_a_folder(tmp_path, capsys):
+    """--config.method=ahl on configs/devnet.py was a KeyError's traceback (--check and
+    the run), =dra ran DRA without its fields, =foo passed --check; a data.root that is a
+    file was a NotADirectoryError's traceback when the synthetic set was written."""
+    from fsad.validate import check_config
+
+    def with_method(file, method):
+        config = folder_config(tmp_path, file)
+        config.method = method
+        return config
+
+    expect_error(with_method("devnet", "ahl"), tmp_path / "w", capsys,
+                 "method='ahl' on a config of devnet (configs/devnet.py)",
+                 "use --config configs/ahl_dra.py or configs/ahl_devnet.py", check=True)
+    for file, method, fragment in (("devnet", "foo", "method='foo' is not a method fsad has"),
+                                   ("devnet", "dra", "use --config configs/dra.py instead"),
+                                   ("ahl_dra", "dra", "on a config of ahl")):
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            check_config(with_method(file, method))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserError, match=r"data.root='.*a_file' is a file; pass the dataset's"):
+        check_config(folder_config(tmp_path / "a_file"))
 
 
 @pytest.mark.parametrize("file,variants", [("devnet", "paper,quick"), ("dra", "localization"),
