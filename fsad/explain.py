@@ -126,7 +126,6 @@ def saliency_batches(saliency_fn: Callable, variables, images: np.ndarray,
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images of shape {images.shape}: saliency maps take RGB images "
                          f"[N, H, W, 3] (a grey image repeated over 3 channels)")
-    batch_size = max(1, min(batch_size, len(images)))  # at most the images there are
     if mesh is not None:
         batch_size = mesh_batch(batch_size, mesh)
     out = []

@@ -250,10 +250,11 @@ def score_images(score_fn: Callable, variables, images: np.ndarray, mesh: Mesh,
     """Scores a uint8 array in fixed-size batches (last one padded). Returns dict of [N].
 
     With `key`, batch i sees variables["key"] = fold_in(key, i): methods whose
-    test scores are random per batch (DRA's released reference draw) use it. A batch
-    holds at most the images there are (an eval_batch_size of 1e8 padded 1e8 copies).
+    test scores are random per batch (DRA's released reference draw) use it. Every
+    batch has the one size, however few the images (one image scored alone gets the
+    numbers it gets among others, bit for bit: one program).
     """
-    batch_size = mesh_batch(max(1, min(batch_size, len(images))), mesh)
+    batch_size = mesh_batch(batch_size, mesh)
     chunks = []
     for i, batch, n in padded_batches(images, batch_size, desc):
         v = variables if key is None else {**variables, "key": jax.random.fold_in(key, i)}

@@ -27,6 +27,7 @@ MAX_IMG_SIZE = 8192  # (the papers' 448; MVTec AD's largest images are 1024)
 MAX_SCALES = 8  # pyramid levels (the released code's 2)
 MAX_SEED = 2 ** 31  # seeds and the seeds after them (JAX's keys take 32-bit seeds here)
 MAX_CURVE_POINTS = 10_000  # the AUROC-F1 curve's cut-offs (50 by default)
+MAX_BATCH = 4096  # images a batch holds (the papers' 48); scoring pads to it
 METHOD_FILES = {"devnet": "configs/devnet.py", "dra": "configs/dra.py",
                 "ahl": "configs/ahl_dra.py or configs/ahl_devnet.py"}
 
@@ -135,8 +136,8 @@ def check_config(config, n_devices: int = 1) -> None:
     compute_dtype(m.get("dtype", "auto"))
     make_trunk(m.backbone, depthwise=depthwise_route(config))  # refuses an unknown route
     b = config.batch_size
-    _require(b >= 2, f"batch_size={b}: a batch holds normals and seen anomalies; use 2 or "
-             f"more (48 in the papers)")
+    _require(2 <= b <= MAX_BATCH, f"batch_size={b}: a batch holds normals and seen "
+             f"anomalies; use 2 or more (48 in the papers), at most {MAX_BATCH}")
     near = sorted({max(n_devices, b // n_devices * n_devices), -(-b // n_devices) * n_devices})
     fewer = [d for d in range(n_devices - 1, 0, -1) if b % d == 0][:2]  # devices it splits on
     _require(b % n_devices == 0, f"batch_size={b} cannot be split over the {n_devices} "
@@ -225,10 +226,11 @@ def check_scoring_config(config) -> None:
     the run's) that no run or scoring could use: the batches, the saliency's blur, the
     decision's confidence, and the overlays' and the curve's counts (read by training's
     evaluation only)."""
-    for field, value in (("eval_batch_size", config.eval_batch_size),
-                         ("explain.batch_size", config.explain.batch_size)):
-        _require(value >= 1, f"{field}={value}; a batch holds at least one image: set "
-                 f"--config.{field} to 1 or more")
+    for field, value, default in (("eval_batch_size", config.eval_batch_size, 48),
+                                  ("explain.batch_size", config.explain.batch_size, 16)):
+        _require(1 <= value <= MAX_BATCH, f"{field}={value}; a batch holds at least one "
+                 f"image, at most {MAX_BATCH} (every batch is padded to it): set "
+                 f"--config.{field} to 1 or more ({default} by default)")
     e = config.explain
     size = config.data.img_size
     _require(1 <= e.kernel_size <= size, f"explain.kernel_size={e.kernel_size}; the "

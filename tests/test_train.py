@@ -12,8 +12,7 @@ from conftest import norm_rel_err, run_with_devices, tiny_config
 from fsad.errors import UserError
 from fsad.mesh import make_mesh
 from fsad.methods import build_method
-from fsad.train import (fit, init_state, make_train_step, put_train_data, sample_balanced,
-                        score_images)
+from fsad.train import fit, init_state, make_train_step, put_train_data, sample_balanced
 
 
 def _setup(devices, synthetic, tx=None, **overrides):
@@ -355,20 +354,3 @@ def test_an_unreadable_newest_checkpoint_gives_the_one_before_in_one_line(tmp_pa
     assert line.startswith("checkpoint 7 in ") and line.endswith("trying the one before")
     assert "\n" not in line and len(line) < 600, line
 
-
-def test_a_scoring_batch_holds_at_most_the_images_there_are():
-    """eval_batch_size=1e8 padded 5 test images to 1e8 copies (numpy's MemoryError after
-    training, a config fuzz's finding): a batch is at most the images there are (rounded
-    up to the devices)."""
-    mesh = make_mesh()
-    seen = []
-
-    def fn(variables, x):
-        seen.append(x.shape[0])
-        return {"score": x.sum(axis=(1, 2, 3))}
-
-    images = np.arange(5 * 48, dtype=np.uint8).reshape(5, 4, 4, 3)
-    out = score_images(fn, {}, images, mesh, batch_size=10 ** 8)
-    n = mesh.devices.size
-    assert seen == [-(-5 // n) * n] and out["score"].shape == (5,)
-    np.testing.assert_allclose(out["score"], images.reshape(5, -1).sum(1))
