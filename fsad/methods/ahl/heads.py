@@ -148,7 +148,8 @@ def head_models(config, method, base_variables, seed: int) -> tuple[HeadModel, H
 
 def make_head_scorer(base_hm: HeadModel, batch_size: int):
     """-> scores_of(head model, head params, feats [scales] of [N,h,w,C]) -> [N] anomaly
-    scores, in batches of one size (the last padded: one program). One compiled function
+    scores, in batches of one size, however few the rows (the last padded: one program,
+    so an image scored alone gets its numbers among others). One compiled function
     serves the base and the unified heads: fresh heads differ from the base heads only in
     their consts (new BatchNorm statistics), which are its argument."""
     fn = jax.jit(lambda p, feats, consts: base_hm.score(base_hm.apply_with(p, feats, consts)))
@@ -157,6 +158,5 @@ def make_head_scorer(base_hm: HeadModel, batch_size: int):
         rows = np.arange(len(feats[0]))
         return np.concatenate([
             np.asarray(fn(params, [f[batch] for f in feats], hm.consts))[:n]
-            for _, batch, n in padded_batches(rows, max(1, min(batch_size, len(rows))),
-                                             "AHL scores")])
+            for _, batch, n in padded_batches(rows, batch_size, "AHL scores")])
     return scores_of
