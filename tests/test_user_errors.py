@@ -451,8 +451,6 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("loss.prior_mu", float("nan"), "loss.prior_mu=nan; use a finite mean"),
     ("eval_batch_size", 10 ** 8, "eval_batch_size=100000000; a batch holds at least one "
      "image, at most 4096 (every batch is padded to it)"),  # 5 images padded to 1e8 copies
-    ("batch_size", 10 ** 8, "batch_size=100000000: a batch holds normals and seen "
-     "anomalies; use 2 or more (48 in the papers), at most 4096"),
     ("ahl.psi_hidden", 0, "ahl.psi_hidden=0, ahl.psi_fc=14"),  # was a traceback in flax
     ("ahl.pseudo_frac", 1.5, "ahl.pseudo_frac=1.5 is not a fraction"),
     ("ahl.pseudo_frac", 1.0, "1 leaves the tasks no normal"),  # it ran, weights at 1e14
