@@ -208,10 +208,6 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"needs at least one reference image")
         _require(0.0 <= config.dra.pseudo_prob <= 1.0, f"dra.pseudo_prob="
                  f"{config.dra.pseudo_prob} is not a probability; use a value in [0, 1]")
-        stride, padding = config.dra.residual_stride, config.dra.residual_padding
-        _require(1 <= stride <= 3 and 0 <= padding <= 1, f"dra.residual_stride={stride}, "
-                 f"dra.residual_padding={padding}: the residual head's 3x3 conv takes stride "
-                 f"1 to 3 and padding 0 or 1 (released: 1 and 1; AHL's: 3 and 0)")
     if config.method == "ahl":
         check_ahl_config(config.ahl)
         # the base model's fields come with its config file (ahl_devnet.py has no dra.*

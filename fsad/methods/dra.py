@@ -226,7 +226,9 @@ def head_losses(head_scores: dict, labels: jax.Array, key: jax.Array, loss: str 
 
 
 def check_dra_config(d) -> None:
-    """Raises UserError for an unknown variant, loss or test-reference mode."""
+    """Raises UserError for an unknown variant, loss or test-reference mode, or a residual
+    conv's stride or padding its 3x3 kernel cannot take (stride 0 was a ZeroDivisionError
+    in the first step)."""
     if d.variant not in VARIANTS:
         raise UserError(f"dra.variant={d.variant!r} is not a DRA variant; use one of "
                         f"{', '.join(VARIANTS)}")
@@ -234,6 +236,10 @@ def check_dra_config(d) -> None:
         raise UserError(f"dra.loss={d.loss!r} is not a loss; use one of {', '.join(LOSSES)}")
     if d.test_reference not in TEST_REFERENCES:
         raise UserError(f"dra.test_reference={d.test_reference!r}; use fixed or per_batch")
+    if not (1 <= d.residual_stride <= 3 and 0 <= d.residual_padding <= 1):
+        raise UserError(f"dra.residual_stride={d.residual_stride}, dra.residual_padding="
+                        f"{d.residual_padding}: the residual head's 3x3 conv takes stride 1 "
+                        f"to 3 and padding 0 or 1 (released: 1 and 1; AHL's: 3 and 0)")
 
 
 def dra(config) -> Method:
