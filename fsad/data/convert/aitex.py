@@ -62,18 +62,19 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False, tile: int = 256
     defect_root = require_dir(os.path.join(raw_dir, "Defect_images", "Defect_images"), "AITEX",
                               LAYOUT)
     mask_root = require_dir(os.path.join(raw_dir, "Mask_images", "Mask_images"), "AITEX", LAYOUT)
-    normals = [(d, f) for d in list_dirs(normal_root)
-               for f in list_files(os.path.join(normal_root, d), IMAGE_EXT)]
+    # each folder listed once: its images, and the files that are no images of the layout
+    # (the released script read every file, and stopped on one that is no image)
+    fabrics = {d: list_files(os.path.join(normal_root, d)) for d in list_dirs(normal_root)}
+    normals = [(d, f) for d, files in fabrics.items() for f in files if f.endswith(IMAGE_EXT)]
     if not normals:
         raise RawLayoutError(f"AITEX: no images under {normal_root!r}; expected the raw "
                              f"layout {LAYOUT}")
-    defects = list_files(defect_root, IMAGE_EXT)
-    # what those listings leave out: files that are no images of the layout (the released
-    # script read every file, and stopped on one that is no image)
+    in_defects = list_files(defect_root)
+    defects = [f for f in in_defects if f.endswith(IMAGE_EXT)]
     others = [os.path.join(normal_root, f) for f in list_files(normal_root)]  # no fabric
-    others += [os.path.join(folder, f) for folder in
-               [os.path.join(normal_root, d) for d in list_dirs(normal_root)] + [defect_root]
-               for f in list_files(folder) if not f.endswith(IMAGE_EXT)]
+    others += [os.path.join(normal_root, d, f) for d, files in fabrics.items() for f in files
+               if not f.endswith(IMAGE_EXT)]
+    others += [os.path.join(defect_root, f) for f in in_defects if not f.endswith(IMAGE_EXT)]
     with Output(out_dir, SUBSET, overwrite) as out:
         if others:
             out.warn(f"AITEX: {len(others)} file{'s' * (len(others) > 1)} skipped, not "
