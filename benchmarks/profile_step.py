@@ -4,9 +4,9 @@ its images/s with parts of the released step switched off (`--ablate`).
 
 Each row (the config as released, then one per `--ablate`) is compiled ahead of time and
 timed over `--steps` calls after `--warmup`, with `block_until_ready` before every clock
-read, as in benchmarks/throughput.py; it also gives XLA's count of the step's
-floating-point operations (`Compiled.cost_analysis`) and the rate that makes. An
-`--ablate` field named xla_... is an option of XLA's compile of that row instead of a
+read, as in benchmarks/throughput.py; it also gives the step's floating-point
+operations (its convolutions and matmuls: benchmarks/flop_count.py) and the rate that
+makes. An `--ablate` field named xla_... is an option of XLA's compile of that row instead of a
 config field (e.g. xla_gpu_autotune_level=0: no timing of candidate GPU kernels), so a
 row's compile_s and img/s show what the option saves and costs. The first
 row is then traced over `--trace_steps` calls and the trace read back
@@ -46,6 +46,7 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.flop_count import step_flops  # noqa: E402
 from benchmarks.throughput import (compile_seconds, config_for, flop_rates,  # noqa: E402
                                    in_flags, markdown_table, mib, row_line, timed,
                                    train_setup)
@@ -407,10 +408,11 @@ def profile(args, configs) -> dict:
 
     for i, (label, config, options) in enumerate(configs):
         _, _, _, data, state, step, key, _ = train_setup(config, args.n_normal)
+        flops = step_flops(step, state, data, key)  # before the state is donated
         t_compile, compiled = compile_seconds(step, state, data, key, options=options)
         run = lambda s: compiled(s, data, key)[0]  # noqa: E731
         per_step, state = timed(run, state, args.steps, args.warmup)
-        gflop_per_img, tflop_per_s = flop_rates(compiled, args.batch, per_step)
+        gflop_per_img, tflop_per_s = flop_rates(flops, args.batch, per_step)
         row = {"variant": label, "compile_s": t_compile, "img_per_s": args.batch / per_step,
                "step_ms": per_step * 1e3, "step_mib": mib(compiled),
                "gflop_per_img": gflop_per_img, "tflop_per_s": tflop_per_s}

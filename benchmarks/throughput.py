@@ -4,8 +4,9 @@ For each method (DevNet, DRA and the AHL meta-step), batch size and compute dtyp
 one run measures:
   * the train step's compile time (ahead of time, apart from the steps) and its
     images/s once warm (device-resident data, batch sampled inside the step), with
-    XLA's count of its floating-point operations per image and the rate that makes
-    (`step_flops`; DevNet and DRA);
+    its floating-point operations per image (its convolutions and matmuls, counted from
+    its jaxpr alike on every backend: benchmarks/flop_count.py) and the rate that makes
+    (DevNet and DRA);
   * the inference (scoring) step's compile time and images/s;
   * each program's working memory per device, as XLA planned it when compiling
     (`fsad.memory.program_bytes`: its temporaries and the outputs that do not reuse a
@@ -49,6 +50,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.flop_count import step_flops  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.mesh import batch_sharded, make_mesh, one_device_mesh, replicated  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
@@ -100,21 +102,10 @@ def mib(compiled) -> float | None:
     return None if n is None else n / 2**20
 
 
-def step_flops(compiled) -> float | None:
-    """XLA's count of one call's floating-point operations (None: not given)."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - a backend without a cost model
-        return None
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
-def flop_rates(compiled, batch: int, seconds: float) -> tuple[float | None, float | None]:
-    """(GFLOP per image, TFLOP/s) of one call of `compiled` on `batch` images that took
-    `seconds`, from XLA's count (`step_flops`); (None, None) where the backend gives none."""
-    flops = step_flops(compiled)
+def flop_rates(flops: float | None, batch: int, seconds: float
+               ) -> tuple[float | None, float | None]:
+    """(GFLOP per image, TFLOP/s) of one call of `flops` operations on `batch` images that
+    took `seconds` (benchmarks/flop_count.py's count); (None, None) without a count."""
     return (flops / batch / 1e9, flops / seconds / 1e12) if flops else (None, None)
 
 
@@ -145,12 +136,13 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     PyTorch compiles keeps them."""
     method, tx, mesh, data, state, step, key, normal = train_setup(
         config_for(method_name, args, batch, dtype), args.n_normal)
+    flops = step_flops(step, state, data, key)  # before the state is donated
     t_compile, compiled = compile_seconds(step, state, data, key)
     per_step = float("nan")  # --compile_only: nothing runs, img/s nan
     if not args.compile_only:
         per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,
                                 args.warmup)
-    gflop_per_img, tflop_per_s = flop_rates(compiled, batch, per_step)
+    gflop_per_img, tflop_per_s = flop_rates(flops, batch, per_step)
     row = {"method": method_name, "batch": batch, "dtype": dtype,
            "train_compile_s": t_compile, "train_img_per_s": batch / per_step,
            "train_step_mib": mib(compiled), "train_gflop_per_img": gflop_per_img,

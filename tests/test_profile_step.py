@@ -1,6 +1,6 @@
 """benchmarks/profile_step.py: the HLO reader and the trace reader on the shapes a GPU
 gives (which no CPU run produces), and the whole script on a CPU at a tiny size. Speeds
-are not asserted; XLA's count of the step's operations is."""
+are not asserted; the count of the step's operations is."""
 
 import json
 import os
@@ -179,7 +179,7 @@ def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     """The released DevNet step and the same without the pyramid, at 64 px: the pyramid's
-    half-size scale adds a quarter of the full scale's operations, which XLA's count of
+    half-size scale adds a quarter of the full scale's operations, which the count of
     the two programs shows; the trace's operations are all found in the program."""
     out = tmp_path / "profile.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"),
