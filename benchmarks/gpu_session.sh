@@ -56,17 +56,19 @@ PY=${PYTHON:-python3}
 # THROUGHPUT_ARGS with --dtypes bfloat16 float32 adds them)
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 --torch}
-# the released step (traced); the released step on the grid's Lite0 trunk, its depthwise
-# convs as slices, then as XLA's grouped convolutions (model.depthwise_conv=auto on a GPU)
-# compiled without autotuning; the one-scale step without rotation that the issue's
-# anchor figures time; last, Lite0's grouped convolutions autotuned, as the runs compile
-# them (243 s to compile in bf16 on an H200, 1,550 img/s in its ELPV run; here its
-# compile may be shorter: XLA keeps autotuning results within a process, and the slices
-# row has autotuned the same pointwise convolutions)
+# the released step (traced as compiled without command buffers, so that the trace names
+# every kernel: 41% of its kernel time ran unnamed in them on an H100); the released step
+# on the grid's Lite0 trunk, its depthwise convs as slices, then as XLA's grouped
+# convolutions (model.depthwise_conv=auto on a GPU) compiled without autotuning; the
+# one-scale step without rotation that the issue's anchor figures time; last, Lite0's
+# grouped convolutions autotuned, as the runs compile them (243 s to compile in bf16 on
+# an H200, 1,550 img/s in its ELPV run; here its compile may be shorter: XLA keeps
+# autotuning results within a process, and the slices row has autotuned the same
+# pointwise convolutions)
 LITE0=model.backbone=efficientnet_lite0
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---ablate $LITE0,model.depthwise_conv=slices $LITE0,xla_gpu_autotune_level=0 \
-model.n_scales=1,augment.rotate_degrees=0 $LITE0}
+--trace_xla xla_gpu_enable_command_buffer= --ablate $LITE0,model.depthwise_conv=slices \
+$LITE0,xla_gpu_autotune_level=0 model.n_scales=1,augment.rotate_degrees=0 $LITE0}
 VMAP_ARGS=${VMAP_ARGS:---methods devnet ahl --img_size 448 --batches 48 --dtypes bfloat16 \
 --seeds 3 --ahl_task_batching vmap map}
 ALL_STAGES=(throughput parity_default parity_fp32 vmapped_seeds profile grid)

@@ -21,7 +21,11 @@ program's HLO, is put under
 On a GPU the times are the device's (its kernels, each naming its instruction; or a
 device plane's "XLA Ops" line where the trace has one); on a CPU they are the threads'
 times of each operation, summed over threads, so they may add up to more than the step's
-wall time. `--trace_dir` keeps the trace for TensorBoard or Perfetto.
+wall time. `--trace_dir` keeps the trace for TensorBoard or Perfetto. On a GPU, XLA runs
+much of a step as command buffers (CUDA graphs), whose kernels a trace does not name (41%
+of the DevNet step's kernel time on an H100, 2026-12-05): `--trace_xla
+xla_gpu_enable_command_buffer=` traces the step compiled again without them (the rows
+keep XLA's defaults), so that every kernel is named, at the cost of their launches.
 
     python benchmarks/profile_step.py --method devnet --img_size 448 --batch 48 \\
         --dtype bfloat16 --ablate model.n_scales=1 augment.rotate_degrees=0 \\
@@ -377,6 +381,20 @@ def row_configs(args) -> list[tuple[str, object, dict]]:
     return out
 
 
+def trace_options(text: str) -> dict:
+    """--trace_xla's options ({} for none), checked as a row's are (UserError)."""
+    if not text:
+        return {}
+    options = {}
+    for field, value in parse_ablation(text):
+        if not field.startswith(XLA_OPTION):
+            raise UserError(f"--trace_xla {text!r}: {field} is not an XLA option (they start "
+                            f"with {XLA_OPTION}); a config field goes in --ablate")
+        options[field] = xla_option_value(value)
+    check_xla_options("--trace_xla", options)
+    return options
+
+
 def traced_breakdown(run, state, compiled, args) -> tuple[dict, object]:
     """(breakdown of `--trace_steps` calls of state = run(state) traced with the JAX
     profiler, the state after them); the trace goes to --trace_dir, or to a temporary
@@ -396,8 +414,9 @@ def traced_breakdown(run, state, compiled, args) -> tuple[dict, object]:
     return ({**out, "trace_dir": trace_dir} if args.trace_dir else out), state
 
 
-def profile(args, configs) -> dict:
-    """The rows of `configs` (row_configs) and the first row's breakdown. A trace that
+def profile(args, configs, trace_xla: dict | None = None) -> dict:
+    """The rows of `configs` (row_configs) and the first row's breakdown, traced as
+    compiled with the XLA options `trace_xla` added (trace_options). A trace that
     fails (a GPU without the CUPTI library the profiler needs) is reported in the
     breakdown's place, and the rows go on."""
     rows, result = [], {}
@@ -424,7 +443,13 @@ def profile(args, configs) -> dict:
         save()
         if i == 0 and args.trace_steps:
             try:
-                result["breakdown"], state = traced_breakdown(run, state, compiled, args)
+                traced = compiled
+                if trace_xla:  # the same step compiled again for the trace alone
+                    traced = compile_seconds(step, state, data, key,
+                                             options={**options, **trace_xla})[1]
+                result["breakdown"], state = traced_breakdown(
+                    lambda s: traced(s, data, key)[0], state, traced, args)
+                result["breakdown"]["xla_options"] = trace_xla or {}
             except Exception as err:  # noqa: BLE001 - the rows are still worth having
                 result["breakdown_error"] = f"{type(err).__name__}: {err}"[:400]
                 print(f"the trace failed: {result['breakdown_error']}", flush=True)
@@ -478,6 +503,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls before the timed")
     ap.add_argument("--trace_steps", type=int, default=5,
                     help="calls of the as-released step to trace (0: no trace)")
+    ap.add_argument("--trace_xla", default="", metavar="FIELD=VALUE[,...]",
+                    help="XLA options of the traced step's own compile, e.g. "
+                    "xla_gpu_enable_command_buffer= (no CUDA graphs: the trace then names "
+                    "every kernel); the rows are timed as XLA compiles them by default")
     ap.add_argument("--trace_dir", default="", help="keep the trace here (default: a "
                     "temporary folder)")
     ap.add_argument("--top", type=int, default=15, help="the slowest operations to list")
@@ -500,16 +529,19 @@ def main(argv=None):
         ap.error(f"--json {args.json}: its folder does not exist; make it first")
     try:
         configs = row_configs(args)
+        trace_xla = trace_options(args.trace_xla)
         if args.check:
             for label, c, options in configs:
                 xla = f" (XLA {options})" if options else ""
                 print(f"{args.method} {label}: batch {c.batch_size}, {c.data.img_size} px, "
                       f"{c.model.dtype}, {c.model.backbone}{xla}")
+            if trace_xla and args.trace_steps:
+                print(f"the trace: {configs[0][0]} compiled again with XLA {trace_xla}")
             print("flags and configs checked; nothing compiled or timed (--check)")
             return
         from fsad.compile_cache import enable_compilation_cache
         enable_compilation_cache("")  # compile times measured, not read from disk
-        result = profile(args, configs)
+        result = profile(args, configs, trace_xla)
     except UserError as err:
         ap.error(str(err))
     print(tables(result))

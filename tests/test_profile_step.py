@@ -185,7 +185,8 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"),
            "--img_size", "64", "--batch", "4", "--dtype", "float32", "--steps", "1",
            "--warmup", "1", "--trace_steps", "1", "--n_normal", "8",
-           "--ablate", "model.n_scales=1", "--json", str(out)]
+           "--ablate", "model.n_scales=1", "--json", str(out),
+           "--trace_xla", "xla_gpu_enable_command_buffer="]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -195,6 +196,7 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     assert 1.15 < released["gflop_per_img"] / one_scale["gflop_per_img"] < 1.35, result["rows"]
     b = result["breakdown"]
     assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b["source"]
+    assert b["xla_options"] == {"xla_gpu_enable_command_buffer": ""}  # traced as compiled
     parts = {(p["part"], p["pass"]) for p in b["by_part"]}
     assert {("sample_batch", ""), ("optimizer", ""), ("backbone/layer1", "forward"),
             ("backbone/layer4", "backward"), ("head/conv", "backward")} <= parts, parts
@@ -213,6 +215,9 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     ("--ablate xla_no_such_option=1", "xla_no_such_option=1: XLA refused the options "
      "{'xla_no_such_option': 1}"),
     ("--json {tmp}/no/p.json", "its folder does not exist"),
+    ("--trace_xla model.n_scales=1", "--trace_xla 'model.n_scales=1': model.n_scales is "
+     "not an XLA option"),
+    ("--trace_xla xla_no_such_option=1", "--trace_xla: XLA refused the options"),
 ])
 def test_bad_flags_are_refused_before_anything_compiles(flags, words, tmp_path, capsys,
                                                         monkeypatch):
