@@ -523,8 +523,10 @@ def main(argv=None):
     rows, torch_rows = [], {}
 
     def described(row: dict) -> dict:
-        return {**row, "backend": jax.default_backend(), "devices": len(jax.local_devices()),
-                "img_size": args.img_size, "backbone": args.backbone}
+        return {**row, "backend": jax.default_backend(),
+                "device": str(jax.devices()[0].device_kind),
+                "devices": len(jax.local_devices()), "img_size": args.img_size,
+                "backbone": args.backbone}
 
     def publish(row: dict) -> None:  # a row not finished yet, beside the finished ones
         if args.json:

@@ -1,8 +1,9 @@
-"""benchmarks/throughput.py's AHL meta-step row at a tiny size, with the PyTorch ratio
-where torch is installed. Speeds are not asserted. The script runs in its own process,
-since it turns the persistent compilation cache off to measure compile times. (The
-DevNet and DRA rows, about 25 s each here, are left to `benchmarks/gpu_session.sh`'s
-CPU check: the suite's time is spent where fsad's own functions are tested.)"""
+"""benchmarks/throughput.py's DevNet and AHL meta-step rows at a tiny size, with the
+PyTorch ratio where torch is installed. Speeds are not asserted; the count of the step's
+operations is. The script runs in its own process, since it turns the persistent
+compilation cache off to measure compile times. (The DRA row, about 25 s here, is left
+to `benchmarks/gpu_session.sh`: the suite's time is spent where fsad's own functions
+are tested.)"""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from conftest import ROOT
@@ -17,10 +19,12 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_the_ahl_row_at_a_tiny_size(tmp_path):
+def test_the_devnet_and_ahl_rows_at_a_tiny_size(tmp_path):
+    """DevNet's train and score steps and the AHL meta-step at 64 px, one process."""
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
-           "--methods", "ahl", "--img_size", "32", "--steps", "1", "--warmup", "1",
+           "--methods", "devnet", "ahl", "--img_size", "64", "--batches", "4", "--dtypes",
+           "float32", "--n_normal", "8", "--steps", "1", "--warmup", "1",
            "--ahl_normals", "6", "--json", str(out)]
     with_torch = importlib.util.find_spec("torch") is not None
     if with_torch:  # the tasks looped, as the released code, and vmapped, as fsad's
@@ -28,8 +32,17 @@ def test_the_ahl_row_at_a_tiny_size(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["ahl_meta_step"]
-    row = rows[0]
+    assert [r["method"] for r in rows] == ["devnet", "ahl_meta_step"]
+    devnet, row = rows
+    assert devnet["device"] == jax.devices()[0].device_kind and devnet["batch"] == 4
+    assert devnet["train_img_per_s"] > 0 and devnet["score_img_per_s"] > 0
+    # the count of benchmarks/flop_count.py (tests/test_flop_count.py), and its rate
+    assert 0.8 < devnet["train_gflop_per_img"] < 1.5, devnet  # 1.09 at 64 px
+    assert devnet["train_tflop_per_s"] == pytest.approx(
+        devnet["train_gflop_per_img"] * devnet["train_img_per_s"] / 1e3)
+    if with_torch:
+        assert devnet["torch_eager_fp32_img_per_s"] > 0 and "torch_compile_img_per_s" \
+            not in devnet  # the modes asked for, where the step has them
     assert row["tasks"] == 7 and row["train_compile_s"] > 0 and row["train_img_per_s"] > 0
     assert row["train_step_mib"] > 0  # XLA's plan of the meta-step's working memory
     if with_torch:
