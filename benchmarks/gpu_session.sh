@@ -57,7 +57,8 @@ PY=${PYTHON:-python3}
 THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --batches 48 \
 --dtypes bfloat16 --torch}
 # the released step (traced as compiled without command buffers, so that the trace names
-# every kernel: 41% of its kernel time ran unnamed in them on an H100); the released step
+# every kernel: 41% of its kernel time ran unnamed in them on an H100); its stem conv as
+# space-to-depth (model.stem: the stem took a fifth of the step there); the released step
 # on the grid's Lite0 trunk, its depthwise convs as slices, then as XLA's grouped
 # convolutions (model.depthwise_conv=auto on a GPU) compiled without autotuning; the
 # one-scale step without rotation that the issue's anchor figures time; last, Lite0's
@@ -67,7 +68,8 @@ THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---methods devnet ahl dra --img_size 448 --bat
 # pointwise convolutions)
 LITE0=model.backbone=efficientnet_lite0
 PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype bfloat16 \
---trace_xla xla_gpu_enable_command_buffer= --ablate $LITE0,model.depthwise_conv=slices \
+--trace_xla xla_gpu_enable_command_buffer= --ablate model.stem=space_to_depth \
+$LITE0,model.depthwise_conv=slices \
 $LITE0,xla_gpu_autotune_level=0 model.n_scales=1,augment.rotate_degrees=0 $LITE0}
 VMAP_ARGS=${VMAP_ARGS:---methods devnet ahl --img_size 448 --batches 48 --dtypes bfloat16 \
 --seeds 3 --ahl_task_batching vmap map}

@@ -49,6 +49,10 @@ def base_config() -> config_dict.ConfigDict:
     # where XLA's grouped convolution is 10x slower; as that convolution elsewhere), slices
     # or grouped on every backend: the same sums (fsad/models/cpu_conv.py)
     c.model.depthwise_conv = "auto"
+    # how a ResNet trunk's 7x7 stride-2 stem conv is computed: conv (as released) or
+    # space_to_depth (a 4x4 conv over 2x2 blocks folded into 12 channels: the same
+    # products, the same parameters; fsad/models/stem.py)
+    c.model.stem = "conv"
     c.model.topk = 0.1
     c.model.topk_abs = True  # rank |s| as the released code; False: s as the paper
     # "imagenet": the ImageNet weights of the chosen trunk (torchvision's published file,

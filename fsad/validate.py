@@ -81,7 +81,8 @@ def check_config(config, n_devices: int = 1) -> None:
     """
     from fsad.data.decode import MASK_RESIZES
     from fsad.data.protocols import SETTINGS
-    from fsad.models.backbone import BACKBONES, depthwise_route, make_trunk, smallest_input
+    from fsad.models.backbone import (BACKBONES, depthwise_route, make_trunk,
+                                      smallest_input, stem_route)
     from fsad.precision import compute_dtype
     d, m = config.data, config.model
     check_method(config)
@@ -134,7 +135,8 @@ def check_config(config, n_devices: int = 1) -> None:
              f"model.pretrained_sha256={sha!r} is not a sha256 or the start of one; give 8 "
              f"to 64 of its hex digits (sha256sum FILE), or leave it empty")
     compute_dtype(m.get("dtype", "auto"))
-    make_trunk(m.backbone, depthwise=depthwise_route(config))  # refuses an unknown route
+    make_trunk(m.backbone, depthwise=depthwise_route(config),  # refuses an unknown route
+               stem=stem_route(config))
     b = config.batch_size
     # (no upper bound here: the device-memory plan refuses a train step that does not
     # fit, naming the batch that does)

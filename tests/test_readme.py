@@ -206,12 +206,16 @@ def test_the_gpu_session_checks_every_stage_on_a_cpu(tmp_path):
     ends = [m.start() for m in re.finditer(r"^## \w+: exit", log, flags=re.M)]
     assert len(packed) == len(stages) + 1, log[-3000:]
     assert all(e < p < e2 for e, p, e2 in zip(ends, packed, ends[1:] + [len(log)])), log
-    # the released DevNet step, then on Lite0 with slices, then with XLA's grouped
-    # convolutions not autotuned, then without the pyramid and rotation, then Lite0 as
-    # the runs compile it (243 s on an H200: last)
+    # the released DevNet step (traced without command buffers), then its stem as
+    # space-to-depth, then on Lite0 with slices, then with XLA's grouped convolutions not
+    # autotuned, then without the pyramid and rotation, then Lite0 as the runs compile it
+    # (243 s on an H200: last)
     lite0 = "model.backbone=efficientnet_lite0"
+    assert "the trace: as released compiled again with XLA {'xla_gpu_enable_command_buffer'" \
+        in log
     assert re.findall(r"^devnet (.+): batch 48, 448 px, bfloat16, (\w+)(.*)$", log,
                       flags=re.M) == [("as released", "resnet18", ""),
+                                      ("model.stem=space_to_depth", "resnet18", ""),
                                       (f"{lite0},model.depthwise_conv=slices",
                                        "efficientnet_lite0", ""),
                                       (f"{lite0},xla_gpu_autotune_level=0",

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from fsad.errors import UserError
 from fsad.losses import deviation_loss, sample_prior
-from fsad.models.backbone import depthwise_route, make_trunk
+from fsad.models.backbone import depthwise_route, make_trunk, stem_route
 from fsad.models.heads import TopKScorer
 from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
@@ -45,10 +45,12 @@ class DevNetModel(nn.Module):
     n_scales: int = 2
     variant: str = "MIL-DS"
     depthwise: str = "auto"  # the trunk's depthwise route (`make_trunk`)
+    stem: str = "conv"  # a ResNet trunk's stem route (`make_trunk`)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        trunk = make_trunk(self.backbone, name="backbone", depthwise=self.depthwise)
+        trunk = make_trunk(self.backbone, name="backbone", depthwise=self.depthwise,
+                           stem=self.stem)
         if self.variant == "Rep":
             reps = [trunk(images, train).astype(jnp.float32).mean(axis=(1, 2))
                     for images in pyramid(x, self.n_scales)]
@@ -110,7 +112,8 @@ def devnet(config) -> Method:
     anomaly_fraction)."""
     variant = devnet_variant(config)
     model = DevNetModel(config.model.backbone, config.model.topk, config.model.topk_abs,
-                        config.model.n_scales, variant, depthwise_route(config))
+                        config.model.n_scales, variant, depthwise_route(config),
+                        stem_route(config))
     dtype = compute_dtype(config.model.get("dtype", "auto"))
     lc = config.loss
 

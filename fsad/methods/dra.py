@@ -25,7 +25,7 @@ from fsad.data.augment import cutpaste
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.losses import binary_cross_entropy, deviation_loss, focal_loss, sample_prior
-from fsad.models.backbone import depthwise_route, make_trunk, trunk_features
+from fsad.models.backbone import depthwise_route, make_trunk, stem_route, trunk_features
 from fsad.models.heads import NormalityScorer, ResidualScorer, TopKScorer
 from fsad.models.pyramid import pyramid
 from fsad.models.resnet import normalize_uint8
@@ -127,12 +127,14 @@ class DRAModel(nn.Module):
     residual_padding: int = 1
     topk_abs: bool = True
     depthwise: str = "auto"  # the trunk's depthwise route (`make_trunk`)
+    stem: str = "conv"  # a ResNet trunk's stem route (`make_trunk`)
 
     @nn.compact
     def __call__(self, x, ref=None, train: bool = False, ref_means=None):
         """ref_means: the reference mean maps per scale, computed beforehand (evaluation
         with a fixed reference set: `reference_means`); then ref is not needed."""
-        trunk = make_trunk(self.backbone, name="backbone", depthwise=self.depthwise)
+        trunk = make_trunk(self.backbone, name="backbone", depthwise=self.depthwise,
+                           stem=self.stem)
         n_ref = 0 if ref is None or ref_means is not None else ref.shape[0]
         both = jnp.concatenate([ref, x]) if n_ref else x
         feats, means = [], []
@@ -250,7 +252,7 @@ def dra(config) -> Method:
     uses_ref = "residual" in heads
     model = DRAModel(config.model.backbone, config.model.topk, heads, config.model.n_scales,
                      d.residual_stride, d.residual_padding, config.model.topk_abs,
-                     depthwise_route(config))
+                     depthwise_route(config), stem_route(config))
     use_outliers = bool(d.outlier_root)
     lc = config.loss
     dtype = compute_dtype(config.model.get("dtype", "auto"))
@@ -338,7 +340,7 @@ def dra(config) -> Method:
             return variables
         ref = normalize_uint8(variables["extras"]["ref_images"])
         feats = trunk_features(config.model.backbone, variables, ref, config.model.n_scales,
-                               dtype, depthwise_route(config))
+                               dtype, depthwise_route(config), stem_route(config))
         return {**variables, "ref_means": [f.mean(0) for f in feats]}
 
     def score(variables, images):

@@ -14,6 +14,7 @@ from fsad.models import alexnet
 from fsad.models.cpu_conv import DEPTHWISE_ROUTES
 from fsad.models.efficientnet import HEAD_CHANNELS, EfficientNetLite0
 from fsad.models.resnet import STAGES, ResNet, feature_channels
+from fsad.models.stem import STEM_ROUTES
 
 LITE0 = "efficientnet_lite0"
 ALEXNET = "alexnet"
@@ -26,18 +27,32 @@ def depthwise_route(config) -> str:
     return config.model.get("depthwise_conv", "auto")
 
 
-def make_trunk(backbone: str, name: str | None = None, depthwise: str = "auto") -> nn.Module:
+def stem_route(config) -> str:
+    """A config's `model.stem` (one of STEM_ROUTES); "conv" for a config made before the
+    field existed."""
+    return config.model.get("stem", "conv")
+
+
+def make_trunk(backbone: str, name: str | None = None, depthwise: str = "auto",
+               stem: str = "conv") -> nn.Module:
     """The trunk called `backbone` (one of `BACKBONES`); `depthwise`: the route of its
-    depthwise convs (DEPTHWISE_ROUTES; only EfficientNet-Lite0 has any)."""
+    depthwise convs (DEPTHWISE_ROUTES; only EfficientNet-Lite0 has any); `stem`: the
+    route of a ResNet's stem conv (STEM_ROUTES)."""
     if depthwise not in DEPTHWISE_ROUTES:
         raise UserError(f"model.depthwise_conv={depthwise!r} is not a route fsad has; use "
                         f"one of {', '.join(DEPTHWISE_ROUTES)}")
+    if stem not in STEM_ROUTES:
+        raise UserError(f"model.stem={stem!r} is not a route fsad has; use one of "
+                        f"{', '.join(STEM_ROUTES)}")
+    if stem != "conv" and backbone not in STAGES:
+        raise UserError(f"model.stem={stem}: only the ResNet trunks have that stem, not "
+                        f"{backbone}; keep model.stem=conv")
     if backbone == LITE0:
         return EfficientNetLite0(depthwise, name=name)
     if backbone == ALEXNET:
         return alexnet.AlexNet(name=name)
     if backbone in STAGES:
-        return ResNet(backbone, name=name)
+        return ResNet(backbone, stem=stem, name=name)
     raise UserError(f"model.backbone={backbone!r} is not a trunk fsad has; use one of "
                      f"{', '.join(BACKBONES)}")
 
@@ -69,7 +84,7 @@ def trunk_map_shape(backbone: str, size: int) -> tuple[int, int, int]:
 
 
 def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None,
-                   depthwise: str = "auto") -> list:
+                   depthwise: str = "auto", stem: str = "conv") -> list:
     """The trunk's eval-mode maps at every pyramid scale.
 
     Args:
@@ -77,7 +92,7 @@ def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None,
         (a trunk without BatchNorm, AlexNet, has no batch_stats entry).
       images: [B, H, W, 3] ImageNet-normalised float.
       dtype: compute dtype (fsad.precision), default float32.
-      depthwise: the route of the trunk's depthwise convs (`make_trunk`).
+      depthwise, stem: the routes of the trunk's depthwise and stem convs (`make_trunk`).
     Returns:
       [scale 0 map [B, h, w, C], scale 1 map, ...] in float32.
     """
@@ -85,7 +100,7 @@ def trunk_features(backbone: str, variables, images, n_scales: int, dtype=None,
 
     from fsad.models.pyramid import pyramid
     from fsad.precision import apply_in
-    trunk = make_trunk(backbone, depthwise=depthwise)
+    trunk = make_trunk(backbone, depthwise=depthwise, stem=stem)
     dtype = dtype or jnp.float32
     params = variables["params"]["backbone"]
     stats = variables.get("batch_stats", {}).get("backbone", {})

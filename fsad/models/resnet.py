@@ -19,6 +19,7 @@ import numpy as np
 
 from fsad.models.cpu_conv import matmul_conv
 from fsad.models.norm import TorchBatchNorm
+from fsad.models.stem import STEM_ROUTES, space_to_depth_conv
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -30,11 +31,11 @@ STAGES = {
 }
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int, name: str, conv=matmul_conv) -> nn.Conv:
     pad = (kernel - 1) // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False,
-                   kernel_init=conv_init, conv_general_dilated=matmul_conv, name=name)
+                   kernel_init=conv_init, conv_general_dilated=conv, name=name)
 
 
 def torch_batch_norm(train: bool, name: str, epsilon: float = 1e-5) -> TorchBatchNorm:
@@ -86,12 +87,15 @@ class ResNet(nn.Module):
 
     Attributes:
       depth_name: "resnet18", "resnet34" or "resnet50".
+      stem: how the 7x7 stride-2 stem conv is computed (STEM_ROUTES): "conv", as
+        released, or "space_to_depth" (`fsad.models.stem`; the same parameters).
     Call:
       x: [B, H, W, 3] float32 -> [B, H/32, W/32, C] float32.
     """
 
     depth_name: str = "resnet18"
     widths: Sequence[int] = (64, 128, 256, 512)
+    stem: str = "conv"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -101,7 +105,8 @@ class ResNet(nn.Module):
         check_trunk_input(x, self.depth_name)
         kind, blocks = STAGES[self.depth_name]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
-        x = _conv(64, 7, 2, "conv1")(x)
+        x = _conv(64, 7, 2, "conv1", space_to_depth_conv if self.stem == STEM_ROUTES[1]
+                  else matmul_conv)(x)
         x = nn.relu(_bn(train, "bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (width, count) in enumerate(zip(self.widths, blocks), start=1):

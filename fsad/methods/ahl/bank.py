@@ -17,7 +17,7 @@ from fsad.atomic import whole_or_nothing
 from fsad.data.augment import cutmix, cutpaste, perlin_blend
 from fsad.hosts import is_primary
 from fsad.mesh import padded_batches
-from fsad.models.backbone import depthwise_route, trunk_features
+from fsad.models.backbone import depthwise_route, stem_route, trunk_features
 from fsad.models.resnet import normalize_uint8
 from fsad.precision import compute_dtype
 from fsad.train import score_images
@@ -37,7 +37,8 @@ def make_feature_fn(config):
 
     def features(variables, images):
         maps = trunk_features(config.model.backbone, variables, normalize_uint8(images),
-                              n_scales_of(config), dtype, depthwise_route(config))
+                              n_scales_of(config), dtype, depthwise_route(config),
+                              stem_route(config))
         return {f"s{i}": m for i, m in enumerate(maps)}
 
     return jax.jit(features)
