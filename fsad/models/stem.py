@@ -3,13 +3,14 @@
 Of the DevNet step's 18.2 ms on an H100 (448 px, batch 48, bf16;
 `benchmarks/profile_step.py`, 2026-12-05), the stem's 7x7 stride-2 convolution on the 3
 input channels took 1.7 ms forward and 1.1 ms for its weight gradient: about 33 TFLOP/s,
-against 140 for the whole step, since 3 channels fill little of a tensor core. Space-to-depth, as MLPerf's ResNet
-on TPUs computes its stem, folds every 2x2 block of the padded input into 12 channels and
-the 7x7 kernel (zero-padded to 8x8) into a 4x4 one over those 12 channels: one stride-1
-convolution at half the resolution with the same products, summed in another order. The
-parameters keep their 7x7x3xC shape, so checkpoints and torchvision weights load as
-before. Its speed on a GPU is not yet measured: `model.stem=space_to_depth` is a row of
-the next GPU session's profile, and the default stays the released convolution.
+against 140 for the whole step, since 3 channels fill little of a tensor core.
+Space-to-depth, as MLPerf's ResNet on TPUs computes its stem, folds every 2x2 block of
+the padded input into 12 channels and the 7x7 kernel (zero-padded to 8x8) into a 4x4 one
+over those 12 channels: one stride-1 convolution at half the resolution with the same
+products, summed in another order. The parameters keep their 7x7x3xC shape, so
+checkpoints and torchvision weights load as before. Its speed on a GPU is not yet
+measured: `model.stem=space_to_depth` is a row of the next GPU session's profile, and the
+default stays the released convolution (on the 2-core CPU it ran at 0.89x).
 """
 
 from __future__ import annotations
