@@ -3,13 +3,17 @@
 XLA's own count (`Compiled.cost_analysis()`) leaves out every operation that a backend
 hands to a library: on a GPU, the convolutions that become cuDNN calls. On an H100 it
 gave fsad's DevNet step 0.69 GFLOP per image at 448 px where the CPU's count of the same
-step is 51.5, so its TFLOP/s were a hundredth of the real rate (2026-12-05). The count
+step is 51.5, so its TFLOP/s were about 1/75 of the real rate (2026-12-05). The count
 here is the convention of model-FLOP utilisation: 2 operations per multiply-add of every
 convolution and matrix product in the traced program (forward, backward and optimizer,
 as the step's jaxpr has them), the same on every backend and before any device splits
 the work; the elementwise rest is left out. Operations inside a `scan` count `length`
 times, a `cond` its costliest branch, a `while` loop's body once (its trip count is
-not in the program), and a `shard_map` body once per device of its mesh.
+not in the program), and a `shard_map` body once per device of its manual mesh axes.
+The count is of what the program computes: a depthwise conv that `model.depthwise_conv`
+routes to shifted slices is elementwise work it does not see, and the space-to-depth
+stem's folded kernel has zero taps it does; `benchmarks/throughput.py`'s `model_flops`
+therefore counts a step with both routes as the plain model has them.
 """
 from __future__ import annotations
 
@@ -53,6 +57,17 @@ def dot_flops(eqn) -> float:
     return 2.0 * math.prod(eqn.outvars[0].aval.shape) * depth
 
 
+def manual_devices(params) -> int:
+    """How many copies of a `shard_map` body run: the product of its manual mesh axes
+    (all of them unless the equation names fewer; jax names them `newly_manual_axes`,
+    older versions `manual_axes` or the complement, `auto`)."""
+    mesh = params["mesh"]
+    manual = params.get("newly_manual_axes", params.get("manual_axes"))
+    if manual is None:
+        manual = set(mesh.axis_names) - set(params.get("auto", ()))
+    return math.prod(mesh.shape[a] for a in manual)
+
+
 def jaxpr_flops(jaxpr) -> float:
     """The convolution and matmul operations of a jaxpr (a `Jaxpr` or `ClosedJaxpr`),
     nested programs included (module docstring)."""
@@ -71,7 +86,7 @@ def jaxpr_flops(jaxpr) -> float:
             if name == "scan":
                 inner *= eqn.params["length"]
             elif name == "shard_map":
-                inner *= eqn.params["mesh"].size
+                inner *= manual_devices(eqn.params)
             total += inner
     return total
 

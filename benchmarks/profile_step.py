@@ -50,10 +50,9 @@ import jax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.flop_count import step_flops  # noqa: E402
 from benchmarks.throughput import (compile_seconds, config_for, flop_rates,  # noqa: E402
-                                   in_flags, markdown_table, mib, row_line, timed,
-                                   train_setup)
+                                   in_flags, markdown_table, mib, model_flops, row_line,
+                                   timed, train_setup)
 from fsad.config import override  # noqa: E402
 from fsad.errors import UserError  # noqa: E402
 from fsad.models.backbone import BACKBONES  # noqa: E402
@@ -426,9 +425,9 @@ def profile(args, configs, trace_xla: dict | None = None) -> dict:
             write_json_atomic(args.json, {"setup": setup_of(args), **result})
 
     for i, (label, config, options) in enumerate(configs):
-        _, _, _, data, state, step, key, _ = train_setup(config, args.n_normal)
-        flops = step_flops(step, state, data, key)  # before the state is donated
+        _, tx, mesh, data, state, step, key, _ = train_setup(config, args.n_normal)
         t_compile, compiled = compile_seconds(step, state, data, key, options=options)
+        flops = model_flops(config, tx, mesh, state, data, key)  # before it is donated
         run = lambda s: compiled(s, data, key)[0]  # noqa: E731
         per_step, state = timed(run, state, args.steps, args.warmup)
         gflop_per_img, tflop_per_s = flop_rates(flops, args.batch, per_step)
@@ -444,9 +443,10 @@ def profile(args, configs, trace_xla: dict | None = None) -> dict:
         if i == 0 and args.trace_steps:
             try:
                 traced = compiled
-                if trace_xla:  # the same step compiled again for the trace alone
-                    traced = compile_seconds(step, state, data, key,
+                if trace_xla:  # the same step compiled again for the trace alone, and
+                    traced = compile_seconds(step, state, data, key,  # run once before it
                                              options={**options, **trace_xla})[1]
+                    state = jax.block_until_ready(traced(state, data, key)[0])
                 result["breakdown"], state = traced_breakdown(
                     lambda s: traced(s, data, key)[0], state, traced, args)
                 result["breakdown"]["xla_options"] = trace_xla or {}
@@ -530,12 +530,15 @@ def main(argv=None):
     try:
         configs = row_configs(args)
         trace_xla = trace_options(args.trace_xla)
+        if trace_xla and not args.trace_steps:
+            raise UserError("--trace_xla with --trace_steps 0: there is no trace to compile "
+                            "for; drop --trace_xla or trace some steps")
         if args.check:
             for label, c, options in configs:
                 xla = f" (XLA {options})" if options else ""
                 print(f"{args.method} {label}: batch {c.batch_size}, {c.data.img_size} px, "
                       f"{c.model.dtype}, {c.model.backbone}{xla}")
-            if trace_xla and args.trace_steps:
+            if trace_xla:
                 print(f"the trace: {configs[0][0]} compiled again with XLA {trace_xla}")
             print("flags and configs checked; nothing compiled or timed (--check)")
             return

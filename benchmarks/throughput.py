@@ -37,6 +37,7 @@ before anything compiles (`check_args`); --check stops there and lists the rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import os
@@ -51,6 +52,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.flop_count import step_flops  # noqa: E402
+from fsad.config import override  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.mesh import batch_sharded, make_mesh, one_device_mesh, replicated  # noqa: E402
 from fsad.methods import ahl, build_method  # noqa: E402
@@ -109,6 +111,18 @@ def flop_rates(flops: float | None, batch: int, seconds: float
     return (flops / batch / 1e9, flops / seconds / 1e12) if flops else (None, None)
 
 
+def model_flops(config, tx, mesh, state, data, key) -> float | None:
+    """`flop_count.step_flops` of the config's train step with its trunk's convs routed as
+    the plain model has them (model.depthwise_conv=grouped, model.stem=conv), so that a
+    route does not change the count (benchmarks/flop_count.py); the parameters, and so
+    `state`, are the same for every route. Traced, not compiled."""
+    plain = copy.deepcopy(config)
+    override(plain, "model.depthwise_conv", "grouped")
+    override(plain, "model.stem", "conv")
+    step = make_train_step(build_method(plain), tx, mesh, config.batch_size)
+    return step_flops(step, state, data, key)
+
+
 def train_setup(config, n_normal: int):
     """What timing a config's train step needs, on random uint8 images of the config's
     size (n_normal normals and 10 anomalies, device-resident): (method, tx, mesh, data,
@@ -134,10 +148,10 @@ def bench_train_and_score(method_name: str, args, batch: int, dtype: str,
     PyTorch's released step). publish(row) is called with the row as it stands once
     fsad's figures are in and after each PyTorch mode, so that a run cut short while
     PyTorch compiles keeps them."""
-    method, tx, mesh, data, state, step, key, normal = train_setup(
-        config_for(method_name, args, batch, dtype), args.n_normal)
-    flops = step_flops(step, state, data, key)  # before the state is donated
+    config = config_for(method_name, args, batch, dtype)
+    method, tx, mesh, data, state, step, key, normal = train_setup(config, args.n_normal)
     t_compile, compiled = compile_seconds(step, state, data, key)
+    flops = model_flops(config, tx, mesh, state, data, key)  # before the state is donated
     per_step = float("nan")  # --compile_only: nothing runs, img/s nan
     if not args.compile_only:
         per_step, state = timed(lambda s: compiled(s, data, key)[0], state, args.steps,

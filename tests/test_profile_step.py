@@ -152,6 +152,7 @@ def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
     state, data = jnp.ones((64, 64)), jnp.eye(64) * 0.5
     monkeypatch.setattr(ps, "train_setup", lambda config, n: (None, None, None, data,
                                                                state, step, None, None))
+    monkeypatch.setattr(ps, "model_flops", lambda *a: None)  # no config to count from
     args = ps.parser().parse_args(["--batch", "8", "--steps", "2", "--warmup", "1",
                                    "--trace_steps", "2", "--json", str(tmp_path / "p.json")])
     temp = tmp_path / "temp"
@@ -218,6 +219,8 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     ("--trace_xla model.n_scales=1", "--trace_xla 'model.n_scales=1': model.n_scales is "
      "not an XLA option"),
     ("--trace_xla xla_no_such_option=1", "--trace_xla: XLA refused the options"),
+    ("--trace_xla xla_gpu_autotune_level=0 --trace_steps 0", "--trace_xla with "
+     "--trace_steps 0: there is no trace"),
 ])
 def test_bad_flags_are_refused_before_anything_compiles(flags, words, tmp_path, capsys,
                                                         monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 
 from fsad.errors import UserError
-from fsad.models.backbone import make_trunk, trunk_features
+from fsad.models.backbone import make_trunk
 from fsad.models.stem import space_to_depth_conv
 
 
@@ -67,11 +67,11 @@ def stem_kernels(fn, *args) -> list[tuple]:
 @pytest.mark.parametrize("method_name", ["devnet", "dra"])
 def test_the_configs_stem_reaches_the_trunks(method_name):
     """The same outputs from the same parameters with either stem, and the folded conv
-    in the method's score and in `trunk_features` (DRA's references, AHL's bank) when the
-    config asks for it. Traced at 64 px, one scale."""
+    in the method's score, DRA's reference maps and AHL's bank of frozen maps when the
+    config asks for it, and only then. Traced at 64 px, one scale."""
     from conftest import tiny_config
     from fsad.methods import build_method
-    from fsad.models.backbone import stem_route
+    from fsad.methods.ahl.bank import make_feature_fn
 
     methods = {stem: build_method(tiny_config(method_name, **{
         "model.n_scales": 1, "model.stem": stem, "model.pretrained": "none"}))
@@ -89,10 +89,8 @@ def test_the_configs_stem_reaches_the_trunks(method_name):
         v = {**v, "key": jax.random.key(2)} if method.random_scores else v
         assert bool(stem_kernels(method.score, v, x)) == folded
         scores[stem] = method.score(v, x)["score"]
-        config = tiny_config(method_name, **{"model.stem": stem})
-        assert stem_route(config) == stem
-        feats = lambda v, x: trunk_features("resnet18", v, x, 1, stem=stem)  # noqa: E731
-        assert bool(stem_kernels(feats, variables, x)) == folded
+        bank = make_feature_fn(tiny_config("ahl_dra", **{"model.stem": stem}))
+        assert bool(stem_kernels(bank, variables, refs)) == folded  # AHL's frozen maps
     np.testing.assert_allclose(scores["space_to_depth"], scores["conv"], rtol=1e-4,
                                atol=1e-4)
 
@@ -102,3 +100,6 @@ def test_a_stem_only_resnets_have_is_refused():
         make_trunk("efficientnet_lite0", stem="space_to_depth")
     with pytest.raises(UserError, match="model.stem='folded' is not a route"):
         make_trunk("resnet18", stem="folded")
+    from fsad.models.resnet import ResNet
+    with pytest.raises(ValueError, match="unknown stem 'folded'"):  # built directly
+        ResNet(stem="folded").init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))

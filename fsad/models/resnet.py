@@ -102,6 +102,8 @@ class ResNet(nn.Module):
         if self.depth_name not in STAGES:
             raise ValueError(f"unknown backbone {self.depth_name!r}; choose one of "
                              f"{sorted(STAGES)}")
+        if self.stem not in STEM_ROUTES:
+            raise ValueError(f"unknown stem {self.stem!r}; choose one of {STEM_ROUTES}")
         check_trunk_input(x, self.depth_name)
         kind, blocks = STAGES[self.depth_name]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
