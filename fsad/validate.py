@@ -271,9 +271,10 @@ def check_ahl_config(a) -> None:
     _require(_finite(a.inner_lr) and a.inner_lr >= 0, f"ahl.inner_lr={a.inner_lr}; use 0 (no "
              f"adaptation) or a positive step (2e-4 in the paper; a negative one climbs the "
              f"support loss)")
-    _require(a.loss_scale > 0 and a.query_batches >= 1, f"ahl.loss_scale={a.loss_scale}, "
-             f"ahl.query_batches={a.query_batches}; use a positive scale (1; released "
-             f"AHL(DevNet): 4/3) and at least 1 batch (1; released: 20)")
+    _require(_finite(a.loss_scale) and a.loss_scale > 0 and a.query_batches >= 1,
+             f"ahl.loss_scale={a.loss_scale}, ahl.query_batches={a.query_batches}; use a "
+             f"finite positive scale (1; released AHL(DevNet): 4/3) and at least 1 batch (1; "
+             f"released: 20)")
     check_optim(a.optim, "ahl.optim")
     _require(_finite(a.psi_lr) and a.psi_lr > 0, f"ahl.psi_lr={a.psi_lr}; use a positive "
              f"learning rate (0.02 in the paper)")

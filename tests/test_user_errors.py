@@ -431,6 +431,8 @@ def test_batch_the_devices_cannot_split(tmp_path):
     # above their ranges, or not finite (a config fuzz's findings): each ended in a
     # traceback, a hang or a run that went through with the value
     ("ahl.inner_lr", float("inf"), "ahl.inner_lr=inf; use 0 (no adaptation)"),
+    ("ahl.loss_scale", float("inf"), "ahl.loss_scale=inf, ahl.query_batches=1; use a finite "
+     "positive scale"),
     ("model.n_scales", 10 ** 20, "model.n_scales=100000000000000000000; use 1 (paper) or 2 "
      "(released), at most 8"),  # hung on 2 ** (n - 1)
     ("data.img_size", 10 ** 6, "data.img_size=1000000: every image is resized to this "
