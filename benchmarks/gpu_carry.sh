@@ -18,8 +18,8 @@
 # e.g. what the H100 session of 2026-12-05 left open (README "Benchmarks"): the DevNet
 # step with its stem as space-to-depth beside the released one, its trace naming every
 # kernel, then the float32 half of the ELPV parity (the AHL meta-step's tasks vmapped
-# against one after another, `STAGES=vmapped_seeds VMAP_ARGS="--methods ahl --img_size
-# 448 --ahl_task_batching vmap map"`, about 4 minutes, wait for a later session):
+# against one after another, `STAGES=vmapped_seeds`, about 4 minutes, wait for a later
+# session):
 #   1. carry [".whl/a"], timeout_s 260, command: . .whl/a/install.sh && STAGES=profile \
 #        PROFILE_ARGS="--method devnet --img_size 448 --batch 48 --dtype bfloat16 \
 #        --trace_xla xla_gpu_enable_command_buffer= --ablate model.stem=space_to_depth" \

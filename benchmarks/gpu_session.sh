@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 11 in fixed-length calls, for a machine lent by the minute.
 # Its stages, in this order (STAGES picks some; the default is every stage but
-# vmapped_seeds, whose seeds half an H200 has answered: README "Benchmarks"):
+# vmapped_seeds):
 #   throughput: fsad's DevNet, AHL and DRA steps in that order, bf16 and fp32, beside
 #      the PyTorch versions of the released steps measured in the same run;
 #   parity_default, parity_fp32: the bf16/fp32 AUROC parity on ELPV (DevNet, general
 #      10-shot, SEEDS seeds in the default dtype, bf16 on a GPU, then in float32);
-#   vmapped_seeds: the DevNet step of 3 seeds as one vmapped program against the 3 one
-#      after another, and the AHL meta-step's 7 tasks the same two ways
-#      (ahl.task_batching, default vmap: on a CPU the tasks one after another gained
-#      too little for their memory); its rows go
+#   vmapped_seeds: the AHL meta-step's 7 tasks as one vmapped program against one after
+#      another (ahl.task_batching, default vmap: on a CPU the tasks one after another
+#      gained too little for their memory); with VMAP_ARGS "--methods devnet ahl
+#      --batches 48 --dtypes bfloat16 --seeds 3 ...", also the DevNet step of 3 seeds
+#      vmapped against one after another (0.037x on an H200: answered); its rows go
 #      to session.log and $RUNS/vmapped_seeds.json (OUT's 8 files are taken);
 #   profile: where the DevNet step's time goes (benchmarks/profile_step.py: a trace of
 #      the released bf16 step at 448 px split by kind and part, then its compile time
@@ -71,8 +72,7 @@ PROFILE_ARGS=${PROFILE_ARGS:---method devnet --img_size 448 --batch 48 --dtype b
 --trace_xla xla_gpu_enable_command_buffer= --ablate model.stem=space_to_depth \
 $LITE0,model.depthwise_conv=slices \
 $LITE0,xla_gpu_autotune_level=0 model.n_scales=1,augment.rotate_degrees=0 $LITE0}
-VMAP_ARGS=${VMAP_ARGS:---methods devnet ahl --img_size 448 --batches 48 --dtypes bfloat16 \
---seeds 3 --ahl_task_batching vmap map}
+VMAP_ARGS=${VMAP_ARGS:---methods ahl --img_size 448 --ahl_task_batching vmap map}
 ALL_STAGES=(throughput parity_default parity_fp32 vmapped_seeds profile grid)
 STAGES=" ${STAGES:-throughput parity_default parity_fp32 profile grid} "
 for name in $STAGES; do

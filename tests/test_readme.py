@@ -254,8 +254,8 @@ def test_the_gpu_session_runs_the_stages_named(tmp_path):
     # with no grid to follow, a stage leaves 15 s of the call, not the grid's minute
     limits = [int(x) for x in re.findall(r"^## \w+ \(at most (\d+) s\)", log, flags=re.M)]
     assert len(limits) == 2 and 3 * 60 - 30 < limits[0] <= 3 * 60 - 15, log
-    assert re.findall(r"^devnet batch 48 bfloat16, 448 px, resnet18; 3 seeds vmapped and "
-                      r"one after another$", log, flags=re.M), log
+    assert re.findall(r"^ahl meta-step, 300 normals, float32 heads, tasks vmap and map, "
+                      r"448 px, resnet18$", log, flags=re.M), log  # the DevNet seeds: answered
     assert log.index(f"1 file into {runs}") < log.index("## parity_fp32")
     assert os.listdir(runs) == ["table.md"]  # the carried file; nothing else written
     with tarfile.open(out / "state.tgz") as tar:
