@@ -398,6 +398,10 @@ def traced_breakdown(run, state, compiled, args) -> tuple[dict, object]:
     """(breakdown of `--trace_steps` calls of state = run(state) traced with the JAX
     profiler, the state after them); the trace goes to --trace_dir, or to a temporary
     folder removed after it is read."""
+    if getattr(jax.profiler, "ProfileData", None) is None:  # jax 0.7.0: a None shim
+        raise UserError(f"jax {jax.__version__} cannot read a trace back (it has no "
+                        f"jax.profiler.ProfileData); the rows are timed, the breakdown "
+                        f"needs a newer jax")
     text = compiled.as_text()
     with contextlib.ExitStack() as stack:
         trace_dir = args.trace_dir or stack.enter_context(

@@ -357,7 +357,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         (shown at the bar's next refresh)."""
         step, loss = step_loss
         loss = check_finite(float(loss), step + 1)
-        bar.set_postfix(loss=f"{loss:.4f}", epoch=step // steps_per_epoch + 1, refresh=False)
+        bar.set_postfix({"loss": f"{loss:.4f}", "epoch": step // steps_per_epoch + 1},
+                        refresh=False)  # the loss first, where a narrow terminal cuts
         bar.update(1)
 
     with progress(total=total, initial=start, desc=desc, unit="step",

@@ -364,7 +364,9 @@ def test_the_sequence_model_runs_in_float64():
     """With JAX_ENABLE_X64 and model.dtype=float64 (the README's numerical checks),
     flax's float32 zero carries broke the LSTM's scan on the float64 features (a
     walkthrough's AHL traceback); float32 inputs give what they gave."""
-    with jax.enable_x64(True):
+    from jax import experimental
+    enable_x64 = jax.enable_x64 if hasattr(jax, "enable_x64") else experimental.enable_x64
+    with enable_x64(True):
         for torch_modules in (False, True):
             m = ScoreSequenceModel(7, torch_modules=torch_modules)
             x = jax.random.normal(jax.random.key(1), (4, 5, 7), jnp.float64)

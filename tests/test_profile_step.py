@@ -16,6 +16,9 @@ from conftest import ROOT
 
 from benchmarks import profile_step as ps
 
+# jax 0.7.0 (.ci/lowest_versions.txt) traces but cannot read a trace back
+READS_TRACES = getattr(jax.profiler, "ProfileData", None) is not None
+
 # the shapes of XLA's GPU output: cuDNN convolutions and cuBLAS gemms as custom calls, a
 # Triton gemm as a fusion, fusions without metadata of their own, tuple-typed results
 FWD = 'metadata={op_name="jit(step)/loss_and_grad/jvp(DevNetModel)/'
@@ -160,14 +163,19 @@ def test_a_failed_trace_keeps_the_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the trace goes
     result = ps.profile(args, [("as released", None, {}),
                                  ("other", None, {"xla_gpu_autotune_level": 0})])
-    b = result["breakdown"]
-    assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b
-    assert {k["kind"] for k in b["by_kind"]} >= {"matmul"}
+    if READS_TRACES:
+        b = result["breakdown"]
+        assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b
+        assert {k["kind"] for k in b["by_kind"]} >= {"matmul"}
+    else:  # said in the breakdown's place, before anything was traced
+        assert "cannot read a trace back" in result["breakdown_error"], result
     assert os.listdir(temp) == []  # the trace was removed
 
     def no_cupti(folder):
         raise RuntimeError("CUPTI could not be loaded")
     monkeypatch.setattr(ps.jax.profiler, "trace", no_cupti)
+    if not READS_TRACES:  # a reader to be found, so that the trace itself is what fails
+        monkeypatch.setattr(ps.jax.profiler, "ProfileData", object())
     result = ps.profile(args, [("as released", None, {}),
                                  ("other", None, {"xla_gpu_autotune_level": 0})])
     assert [r["variant"] for r in result["rows"]] == ["as released", "other"]
@@ -195,6 +203,9 @@ def test_the_devnet_step_profiled_on_a_cpu(tmp_path):
     assert (released["variant"], one_scale["variant"]) == ("as released", "model.n_scales=1")
     assert released["img_per_s"] > 0 and one_scale["over_released"] > 0
     assert 1.15 < released["gflop_per_img"] / one_scale["gflop_per_img"] < 1.35, result["rows"]
+    if not READS_TRACES:
+        assert "cannot read a trace back" in result["breakdown_error"], result
+        return
     b = result["breakdown"]
     assert b["source"] == "the threads' operations" and b["matched"] > 0.99, b["source"]
     assert b["xla_options"] == {"xla_gpu_enable_command_buffer": ""}  # traced as compiled

@@ -146,7 +146,7 @@ def test_ctrl_c_during_a_save_leaves_it_to_orbax(tmp_path, monkeypatch):
     assert list(saver.mngr.all_steps()) == [3]
 
 
-def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
+def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys, monkeypatch):
     """checkpoint_seconds 0: a checkpoint after every epoch; a pace longer than the run:
     after the last epoch only (DevNet's 50 short epochs on a GPU spent about half of
     their time saving one after each), and on Ctrl-C. All runs end in the same state."""
@@ -211,6 +211,9 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys):
     assert os.listdir(work_twice / "checkpoints") == ["4"]
     assert "fsad: Ctrl-C: saving the newest step first" in capsys.readouterr().err
     capsys.readouterr()
+    # room for the whole bar: pytest-xdist's workers have COLUMNS=80, which tqdm 4.66
+    # (.ci/lowest_versions.txt) takes as the width of a captured stream and cuts to
+    monkeypatch.setenv("COLUMNS", "200")
     end, info = train(work, 1e6)
     assert info["resumed_from"] == 4 and info["steps"] == 2
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(end.params), ends[0])
