@@ -19,7 +19,7 @@ import numpy as np
 
 from fsad.models.cpu_conv import matmul_conv
 from fsad.models.norm import TorchBatchNorm
-from fsad.models.stem import STEM_ROUTES, space_to_depth_conv
+from fsad.models.stem import STEM_CONVS, STEM_ROUTES
 
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -107,8 +107,7 @@ class ResNet(nn.Module):
         check_trunk_input(x, self.depth_name)
         kind, blocks = STAGES[self.depth_name]
         block_cls = BasicBlock if kind == "basic" else Bottleneck
-        x = _conv(64, 7, 2, "conv1", space_to_depth_conv if self.stem == STEM_ROUTES[1]
-                  else matmul_conv)(x)
+        x = _conv(64, 7, 2, "conv1", STEM_CONVS[self.stem])(x)
         x = nn.relu(_bn(train, "bn1")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (width, count) in enumerate(zip(self.widths, blocks), start=1):

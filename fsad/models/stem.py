@@ -20,7 +20,6 @@ import jax.numpy as jnp
 
 from fsad.models.cpu_conv import matmul_conv
 
-STEM_ROUTES = ("conv", "space_to_depth")
 
 
 def space_to_depth(x):
@@ -71,3 +70,8 @@ def space_to_depth_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return jax.lax.conv_general_dilated(x, kernel_to_depth(rhs), (1, 1), "VALID",
                                         dimension_numbers=dimension_numbers,
                                         precision=precision, **kw)
+
+
+# the conv function of each route (`model.stem`), as cpu_conv's DEPTHWISE_CONVS
+STEM_CONVS = {"conv": matmul_conv, "space_to_depth": space_to_depth_conv}
+STEM_ROUTES = tuple(STEM_CONVS)
