@@ -52,6 +52,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.flop_count import step_flops  # noqa: E402
+from fsad.buckets import ROWS_BUCKET  # noqa: E402
 from fsad.config import override  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.mesh import batch_sharded, make_mesh, one_device_mesh, replicated  # noqa: E402
@@ -135,7 +136,7 @@ def train_setup(config, n_normal: int):
     shape = (config.data.img_size, config.data.img_size, 3)
     normal = rng.integers(0, 256, (n_normal, *shape), dtype=np.uint8)
     anomaly = rng.integers(0, 256, (10, *shape), dtype=np.uint8)
-    data = put_train_data(normal, anomaly, mesh, bucket=64)
+    data = put_train_data(normal, anomaly, mesh, bucket=ROWS_BUCKET)
     key = jax.random.key(0)
     state = init_state(method, key, data, tx, mesh)
     step = make_train_step(method, tx, mesh, config.batch_size)
@@ -272,8 +273,8 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
                                         config.ahl.inner_lr, False, mesh, args.ahl_chunk,
                                         batching)
         p, o, b, arrays, ww, pool, consts = jax.device_put(
-            (params, tx.init(params), bank, tasks.device_arrays(), w,
-             jnp.asarray(tasks.pool_idx), hm.consts), replicated(mesh))
+            (params, tx.init(params), bank, tasks.device_arrays(ROWS_BUCKET), w,
+             tasks.padded_pool_idx(ROWS_BUCKET), hm.consts), replicated(mesh))
         t_compile, compiled = compile_seconds(step.jitted, p, o, b, arrays, ww, pool, key,
                                               consts)
         if args.compile_only:

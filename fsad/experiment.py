@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsad import interrupts
+from fsad.buckets import ROWS_BUCKET
 from fsad.checkpoints import checkpoint_folder
 from fsad.compile_cache import enable_compilation_cache
 from fsad.data import dataset_without_pixels, load_imageset, make_split
@@ -85,9 +86,6 @@ def load_pretrained(config) -> dict | None:
 
 
 # ---------------------------------------------------------------- the runner
-
-TRAIN_ROWS_BUCKET = 64  # training arrays padded to a multiple: one step shape per protocol
-
 
 @dataclasses.dataclass
 class Runner:
@@ -309,7 +307,7 @@ def train_stage(runner: Runner, data, split, seed: int, seed_dir: str):
     k_init, k_train = jax.random.split(key)
     checkpoint_folder(os.path.join(seed_dir, "checkpoints"))  # before any compilation
     train_data = put_train_data(data.images[split.train_normal], data.images[split.train_anomaly],
-                                runner.mesh, load_outliers(config), bucket=TRAIN_ROWS_BUCKET)
+                                runner.mesh, load_outliers(config), bucket=ROWS_BUCKET)
     # the trunk's weights go in only where no checkpoint is restored (fit's `trunk`)
     state = init_state(runner.method, k_init, train_data, runner.tx, runner.mesh)
     # compiled only when steps remain (not for a finished base run that AHL starts from)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from fsad.buckets import ANOMALY_ROOM, bucketed, pad_to
 from fsad.checkpoints import (PacedCheckpoints, adopt_checkpoint, checkpoint_manager, is_whole,
                              restore_latest)
 from fsad.data.protocols import batch_counts
@@ -112,14 +113,15 @@ def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: 
       images_normal: [Nn, H, W, 3] uint8.
       images_anomaly: [Na, H, W, 3] uint8 (Na >= 1).
       outliers: optional [No, H, W, 3] uint8 outlier-exposure images.
-      bucket: the image rows are padded (with black images no step draws) to a multiple
-        of this, so that the splits of a protocol (1 or 10 shots, every seed) share one
-        array shape and one compiled train step.
+      bucket: above 1, the image rows are padded (with black images no step draws) to a
+        multiple of this that leaves room for `ANOMALY_ROOM` seen anomalies, so that the
+        splits of a protocol (1 to 10 shots, every seed) share one array shape and one
+        compiled train step.
     """
     images = np.concatenate([images_normal, images_anomaly]).astype(np.uint8)
-    pad = -len(images) % bucket
-    if pad:
-        images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), np.uint8)])
+    if bucket > 1:
+        rows = max(len(images), len(images_normal) + ANOMALY_ROOM)
+        images = pad_to(images, bucketed(rows, bucket))
     n_out = 0 if outliers is None else len(outliers)
     if not n_out:
         outliers = np.zeros((1, *images.shape[1:]), np.uint8)

@@ -488,6 +488,57 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
 
 
+def test_tasks_padded_to_the_bucket_give_the_same_meta_step():
+    """The task sets' widths, the pool and the bank padded to ROWS_BUCKET (as
+    run_meta_training passes them): the same losses, update and pool scores as the
+    unpadded arrays."""
+    from fsad.buckets import ROWS_BUCKET, pad_to
+    hm, params, bank = _devnet_head_model()
+    tasks = ahl.build_tasks(TWO_CLUSTERS, NN, NA, seed=0)
+    weights = jnp.asarray(np.random.default_rng(1).dirichlet(np.ones(tasks.num_tasks)),
+                          jnp.float32)
+    tx = optax.sgd(1.0)
+    step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, True)
+    padded_bank = [pad_to(b, tasks.padded_bank_rows(ROWS_BUCKET)) for b in bank]
+    arrays = tasks.device_arrays(ROWS_BUCKET)
+    assert padded_bank[0].shape[0] == 192 and arrays["query_idx"].shape[1] == ROWS_BUCKET
+    outs = [step(params, tx.init(params), b, t, weights, pool, jax.random.key(3))
+            for b, t, pool in [(bank, tasks.device_arrays(), jnp.asarray(tasks.pool_idx)),
+                               (padded_bank, arrays, tasks.padded_pool_idx(ROWS_BUCKET))]]
+    (new, _, out), (new_p, _, out_p) = outs
+    P = len(tasks.pool_idx)
+    np.testing.assert_allclose(out_p["task_losses"], out["task_losses"], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out_p["pool_scores"])[:, :P], out["pool_scores"],
+                               rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(new)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_other_seeds_and_shots_reuse_the_compiled_meta_step_and_psi(tmp_path, caplog):
+    """Another seed's clusters and another shot count (1 seen anomaly, not 10) give other
+    set widths, pool and bank sizes; padded to one bucket, its meta-training's meta-step
+    and psi's steps are the programs the first compiled (persistent cache hits)."""
+    config = tiny_config("ahl_devnet")
+    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 2, 1, 1  # psi at epoch 1
+    config.ahl.first_order = True
+    hm, params, bank = _devnet_head_model()
+    other = [np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)]
+    one_shot = [jnp.concatenate([b[:NN + 1], b[NN + NA:]]) for b in bank]  # 1 seen anomaly
+    runs = [(bank, ahl.build_tasks(CLUSTERS, NN, NA, seed=0)),
+            (one_shot, ahl.build_tasks(other, NN, 1, seed=1))]
+    assert runs[0][1].query_idx.shape != runs[1][1].query_idx.shape
+    assert len(runs[0][1].pool_idx) != len(runs[1][1].pool_idx)
+    for b, tasks in runs:
+        caplog.clear()
+        with jax.log_compiles(True):
+            ahl.run_meta_training(config, hm, params, b, tasks, jax.random.key(0), None)
+    messages = [r.getMessage() for r in caplog.records]
+    for name in ("step_with", "train_step", "predict"):  # the second run's
+        compiled = sum(m.startswith(f"Compiling jit({name})") for m in messages)
+        hits = sum(f"cache hit for 'jit_{name}'" in m for m in messages)
+        assert compiled == hits == 1, (name, compiled, hits)
+
+
 def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeypatch):
     """Between checkpoints (a pace longer than the run), Ctrl-C during meta-epoch 3
     saves epoch 2's state, and the rerun goes on from there to the weights of an

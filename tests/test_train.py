@@ -112,6 +112,29 @@ def test_sample_balanced_draws_from_the_right_rows():
     np.testing.assert_array_equal(np.asarray(images).max(axis=(1, 2, 3)), 255 * labels)
 
 
+def test_one_and_ten_shots_are_one_padded_shape_and_the_same_draws():
+    """Padded to the bucket (as a run's seeds are), 60 normals with 1 or with 10 seen
+    anomalies are one array shape (one compiled step, though 70 rows would cross a
+    multiple of 64 that 61 does not), and the batches drawn are those of the unpadded
+    rows: no black padding image, the same rows."""
+    from fsad.buckets import ROWS_BUCKET
+    mesh = make_mesh(jax.devices()[:1])
+    rng = np.random.default_rng(0)
+    normal = rng.integers(1, 200, (60, 4, 4, 3), dtype=np.uint8)
+    anomaly = rng.integers(200, 256, (10, 4, 4, 3), dtype=np.uint8)
+    draw = jax.jit(lambda d, k, step: sample_balanced(d, k, step, 16, 0.5)[0])
+    shapes = set()
+    for shots in (1, 10):
+        plain = put_train_data(normal, anomaly[:shots], mesh)
+        padded = put_train_data(normal, anomaly[:shots], mesh, bucket=ROWS_BUCKET)
+        shapes.add(padded.images.shape)
+        for step in range(3):  # 1-shot: the anomaly stream cycles
+            batch = np.asarray(draw(padded, jax.random.key(1), step))
+            assert batch.reshape(16, -1).max(axis=1).min() > 0  # no padding row
+            np.testing.assert_array_equal(batch, draw(plain, jax.random.key(1), step))
+    assert shapes == {(128, 4, 4, 3)}
+
+
 def test_save_pace_saves_once_its_seconds_have_passed_and_after_the_last_epoch():
     from fsad.checkpoints import SavePace
     now = [0.0]

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsad.buckets import ROWS_BUCKET, pad_to
 from fsad.checkpoints import PacedCheckpoints, checkpoint_manager, restore_latest
 from fsad.errors import UserError
 from fsad.hosts import progress, put
@@ -109,15 +110,25 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
     if mngr is not None:
         state = restore_latest(mngr, state)
     # straight from the host arrays to the mesh (the bank is the largest input), not
-    # through the default device first
-    bank_dev = on_mesh(list(bank))
-    task_arrays = on_mesh(tasks.device_arrays())
-    pool_idx = on_mesh(tasks.pool_idx)
+    # through the default device first. The bank's rows, the task sets' widths and the
+    # pool are padded to a multiple of ROWS_BUCKET (zeros that weigh 0 or are left out),
+    # so that other seeds and settings, whose lengths differ a little, reuse the
+    # compiled meta-step and psi's steps (from the persistent compilation cache)
+    bank_dev = on_mesh([pad_to(b, tasks.padded_bank_rows(ROWS_BUCKET)) for b in bank])
+    task_arrays = on_mesh(tasks.device_arrays(ROWS_BUCKET))
+    pool_idx = on_mesh(tasks.padded_pool_idx(ROWS_BUCKET))
+    n_pool = len(tasks.pool_idx)  # P; the padded pool_idx holds P' >= P
+
+    def pool_padded(x: jax.Array) -> jax.Array:
+        """[P, ...] -> [P', ...], psi's inputs on the padded pool (zeros after row P)."""
+        return jnp.pad(x, [(0, len(pool_idx) - n_pool)] + [(0, 0)] * (x.ndim - 1))
+
     in_query = tasks.pool_in_query_sets()  # [T, P]
     # the rows of psi's steps: the whole pool psi_steps times, or (the released fit) each
-    # task's query set once, in task order
-    psi_rows = on_mesh(in_query if a.psi_fit == "query_sets" else
-                       np.ones((a.psi_steps, len(tasks.pool_idx)), np.float32))
+    # task's query set once, in task order; 0 on the padding
+    psi_rows = on_mesh(pad_to(in_query if a.psi_fit == "query_sets" else
+                              np.ones((a.psi_steps, n_pool), np.float32),
+                              len(pool_idx), axis=1))
     pool_classes = tasks.pool_classes()
 
     def errors(pred: np.ndarray) -> np.ndarray:
@@ -145,17 +156,17 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
                             f"a new --workdir)")
         if epoch == E - 1 and not a.update_last_epoch:  # the released code's last
             params, opt_state = state.params, state.opt_state  # gradient is never applied
-        history = state.history.at[epoch].set(out["pool_scores"].T)
+        history = state.history.at[epoch].set(out["pool_scores"][:, :n_pool].T)
         psi_params, psi_opt, w_next = state.psi_params, state.psi_opt, state.weights
         if epoch + 1 > K:  # a (K epochs -> next epoch) pair exists: train psi, predict
             # psi learns online: the newest window each epoch (fixed shapes, one compile)
-            seqs = history[epoch - K:epoch].transpose(1, 0, 2)  # [P, K, T]
-            targets = history[epoch]  # [P, T]
+            seqs = pool_padded(history[epoch - K:epoch].transpose(1, 0, 2))  # [P', K, T]
+            targets = pool_padded(history[epoch])  # [P', T]
             k_epoch = jax.random.fold_in(k_psi_run, epoch)
             for i in range(len(psi_rows)):
                 psi_params, psi_opt, _ = psi_train(psi_params, psi_opt, seqs, targets,
                                                    psi_rows[i], jax.random.fold_in(k_epoch, i))
-            window = history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2)  # [P, K, T]
+            window = pool_padded(history[epoch + 1 - K:epoch + 1].transpose(1, 0, 2))
             k_pred = jax.random.fold_in(k_epoch, len(psi_rows))
             if a.errors == "released":  # a call per query set, as the released code's:
                 # each its own initial state and dropout masks -> [Q, P, T]
@@ -163,7 +174,8 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
                                   for q in range(len(in_query))])
             else:
                 pred = psi_predict(psi_params, window, k_pred)
-            w_next = jnp.asarray(weights_from_errors(errors(np.asarray(pred)),
+            pred = np.asarray(pred)[..., :n_pool, :]  # [P, T] or [Q, P, T]
+            w_next = jnp.asarray(weights_from_errors(errors(pred),
                                                      a.weight_temperature, a.weight_relative))
         return on_mesh(MetaState(jnp.int32(epoch + 1), params, opt_state, psi_params,
                                  psi_opt, history, w_next,

@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
+from fsad.buckets import ANOMALY_ROOM, bucketed, coarse_bucketed, pad_to
 from fsad.errors import UserError
 from fsad.methods.ahl.bank import FAMILIES
 
@@ -32,6 +33,7 @@ class Tasks:
     pool_idx: [P] the samples the importance model tracks (every query sample);
     pool_lab: [P] {0, 1}; pool_coef: [T, P] c_j per model (0 where excluded:
     that model's own support normals).
+    n_normal, n_anomaly: the bank's layout (`fsad.methods.ahl.bank`).
     """
 
     support_idx: np.ndarray
@@ -46,6 +48,8 @@ class Tasks:
     pool_idx: np.ndarray
     pool_lab: np.ndarray
     pool_coef: np.ndarray
+    n_normal: int
+    n_anomaly: int
 
     @property
     def num_tasks(self) -> int:
@@ -62,10 +66,33 @@ class Tasks:
         label = dict(zip(self.query_idx[real].tolist(), self.query_lab[real].tolist()))
         return np.array([label[i] for i in self.pool_idx.tolist()], np.int32)
 
-    def device_arrays(self) -> dict:
-        return {k: jnp.asarray(getattr(self, k)) for k in
-                ("support_idx", "support_lab", "support_weight", "query_idx", "query_lab",
-                 "query_weight")}
+    def device_arrays(self, bucket: int = 1) -> dict:
+        """The meta-step's task arrays: support_/query_ idx, lab and weight, [T, S'] and
+        [T, Q'], each set's width padded to a multiple of `bucket` (index 0, label
+        normal, weight 0: a padded sample adds nothing), so that the tasks of other seeds
+        and settings, whose widths differ a little, are one program."""
+        out = {}
+        for k in ("support_idx", "support_lab", "support_weight", "query_idx", "query_lab",
+                  "query_weight"):
+            a = getattr(self, k)
+            out[k] = jnp.asarray(pad_to(a, bucketed(a.shape[1], bucket), axis=1))
+        return out
+
+    def padded_bank_rows(self, bucket: int = 1) -> int:
+        """The bank's rows (normals, seen anomalies, a pseudo anomaly of every normal per
+        family) padded to a multiple of `bucket` that leaves room for `ANOMALY_ROOM` seen
+        anomalies: 1 to 10 shots of the same normals are one bank shape."""
+        rows = (1 + len(FAMILIES)) * self.n_normal
+        return bucketed(rows + max(self.n_anomaly, ANOMALY_ROOM if bucket > 1 else 0), bucket)
+
+    def padded_pool_idx(self, bucket: int = 1) -> jax.Array:
+        """[P'] pool_idx padded with index 0 (the meta-step's pool scores of the padding
+        rows are computed and left out): to `coarse_bucketed` lengths where bucket > 1,
+        the pool's size varying by hundreds from seed to seed (each query set's pseudo
+        anomalies are drawn anew)."""
+        n = len(self.pool_idx)
+        return jnp.asarray(pad_to(self.pool_idx, coarse_bucketed(n, bucket) if bucket > 1
+                                  else n))
 
 
 def _pad(rows: list[np.ndarray], fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -282,4 +309,4 @@ def build_tasks(clusters: list[np.ndarray], n_normal: int, n_anomaly: int, seed:
                            np.where(in_support, 0.0, c_other))
         coef[i, np.isin(pool, list(support_normals[i]))] = 0.0  # X_n,i excluded
     return Tasks(s_idx, s_lab, s_mask, s_w, q_idx, q_lab, q_mask, q_w, np.array(fams), pool,
-                 pool_lab, coef)
+                 pool_lab, coef, n_normal, n_anomaly)

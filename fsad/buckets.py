@@ -1,0 +1,49 @@
+"""Array lengths rounded up to buckets, so that the arrays whose length differs from seed
+to seed and from setting to setting (the training images; AHL's task sets, importance
+pool and feature bank) take one shape per protocol, and one compiled program serves
+every seed and setting of a run (README "Reliability": compilation is paid once). The
+padding rows are zeros that nothing draws, or that weigh 0."""
+
+from __future__ import annotations
+
+import numpy as np
+
+ROWS_BUCKET = 64  # lengths padded to a multiple of this
+
+# the training images leave room for this many seen anomalies in their bucket: 1 to 10
+# shots of the same normals are then one shape, wherever the normals' count falls
+ANOMALY_ROOM = 16
+
+
+def bucketed(n: int, bucket: int = ROWS_BUCKET) -> int:
+    """n rounded up to a multiple of bucket (n itself for bucket 1)."""
+    return -(-n // bucket) * bucket
+
+
+def coarse_bucketed(n: int, bucket: int = ROWS_BUCKET) -> int:
+    """n rounded up to a multiple of a quarter of the power of two at or below it, and
+    of `bucket` at least: four lengths per doubling (2048, 2560, 3072, 3584, 4096, ...),
+    at most 25% more than n. For a length that varies by hundreds from seed to seed
+    (AHL's importance pool: on ELPV's 1,131 normals about 2,000 to 2,300 samples)."""
+    if n <= bucket:
+        return bucket
+    return bucketed(n, max(bucket, 2 ** (n.bit_length() - 1) // 4))
+
+
+def pad_to(a: np.ndarray, length: int, axis: int = 0) -> np.ndarray:
+    """a with zeros appended along `axis` up to `length` (a itself where it is as long).
+
+    Args:
+      a: an array of any shape, a.shape[axis] <= length.
+    Returns:
+      the array with a.shape[axis] replaced by length.
+    """
+    a = np.asarray(a)
+    missing = length - a.shape[axis]
+    if missing < 0:
+        raise ValueError(f"cannot pad {a.shape[axis]} rows to {length}")
+    if not missing:
+        return a
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, missing)
+    return np.pad(a, widths)
