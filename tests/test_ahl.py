@@ -455,7 +455,10 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     """Every meta-epoch's inputs sit where the step's outputs do (replicated on the mesh),
     so the meta-step and psi's train step are one program each for the whole run. Before,
     epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
-    of each. A run resumed from its checkpoint traces each once again, no more."""
+    of each. A run resumed from its checkpoint traces each once again, no more. Another
+    seed's clusters with another shot count (1 seen anomaly, not 10) give other set
+    widths, pool and bank sizes; padded to one bucket (`fsad.buckets`), its meta-step and
+    psi's steps are the programs already compiled (persistent cache hits)."""
     config = tiny_config("ahl_devnet")
     # T = 7 tasks and K = 2, as the end-to-end AHL run: psi's init is one program for both
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
@@ -486,6 +489,20 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
     assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
+    # another seed's tasks on 1 seen anomaly: the programs compiled above, from the cache
+    other = ahl.build_tasks([np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)], NN, 1,
+                            seed=1)
+    assert other.query_idx.shape != tasks.query_idx.shape
+    assert len(other.pool_idx) != len(tasks.pool_idx)
+    one_shot = [jnp.concatenate([b[:NN + 1], b[NN + NA:]]) for b in bank]
+    caplog.clear()
+    with jax.log_compiles(True):
+        ahl.run_meta_training(config, hm, params, one_shot, other, jax.random.key(0), None)
+    messages = [r.getMessage() for r in caplog.records]
+    for name in ("step_with", "train_step", "predict"):
+        compiled = sum(m.startswith(f"Compiling jit({name})") for m in messages)
+        hits = sum(f"cache hit for 'jit_{name}'" in m for m in messages)
+        assert compiled == hits == 1, (name, compiled, hits)
 
 
 def test_tasks_padded_to_the_bucket_give_the_same_meta_step():
@@ -512,31 +529,6 @@ def test_tasks_padded_to_the_bucket_give_the_same_meta_step():
                                rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree.leaves(new_p), jax.tree.leaves(new)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_other_seeds_and_shots_reuse_the_compiled_meta_step_and_psi(tmp_path, caplog):
-    """Another seed's clusters and another shot count (1 seen anomaly, not 10) give other
-    set widths, pool and bank sizes; padded to one bucket, its meta-training's meta-step
-    and psi's steps are the programs the first compiled (persistent cache hits)."""
-    config = tiny_config("ahl_devnet")
-    config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 2, 1, 1  # psi at epoch 1
-    config.ahl.first_order = True
-    hm, params, bank = _devnet_head_model()
-    other = [np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)]
-    one_shot = [jnp.concatenate([b[:NN + 1], b[NN + NA:]]) for b in bank]  # 1 seen anomaly
-    runs = [(bank, ahl.build_tasks(CLUSTERS, NN, NA, seed=0)),
-            (one_shot, ahl.build_tasks(other, NN, 1, seed=1))]
-    assert runs[0][1].query_idx.shape != runs[1][1].query_idx.shape
-    assert len(runs[0][1].pool_idx) != len(runs[1][1].pool_idx)
-    for b, tasks in runs:
-        caplog.clear()
-        with jax.log_compiles(True):
-            ahl.run_meta_training(config, hm, params, b, tasks, jax.random.key(0), None)
-    messages = [r.getMessage() for r in caplog.records]
-    for name in ("step_with", "train_step", "predict"):  # the second run's
-        compiled = sum(m.startswith(f"Compiling jit({name})") for m in messages)
-        hits = sum(f"cache hit for 'jit_{name}'" in m for m in messages)
-        assert compiled == hits == 1, (name, compiled, hits)
 
 
 def test_ctrl_c_in_meta_training_saves_its_last_finished_epoch(tmp_path, monkeypatch):

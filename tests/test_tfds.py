@@ -315,6 +315,25 @@ def test_elpv_roundtrip(tmp_path, monkeypatch):
                                     tfds_dir=str(tmp_path)), back)
 
 
+def test_writing_and_a_dataset_not_prepared_leave_no_temporary_folder(tmp_path, monkeypatch):
+    """TFDS leaves an empty temporary folder behind each time it makes the builder of a
+    dataset not written yet (a conversion; a catalogue name with no files): fsad's calls
+    leave none."""
+    import tempfile
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=16, n_train=4, n_test_good=2,
+                                   n_per_class=1, defects=("spot",))
+    tfds_io.write_tfds(tfds_io.folder_source(root), "tiny", str(tmp_path / "t"))
+    cfg = config_dict.ConfigDict({"name": "tfds", "tfds_name": "mnist", "img_size": 16,
+                                  "tfds_dir": str(tmp_path), "normal_class": "3",
+                                  "cache_dir": ""})
+    with pytest.raises(UserError, match="not prepared"):
+        load_imageset(cfg)
+    assert os.listdir(temp) == []
+
+
 def test_a_dataset_tfds_knows_but_has_not_prepared_says_so(tmp_path):
     """Offline, a catalogue name with no files (the README's CIFAR-10 example before
     `tfds build`) read as a wrong class name or an unreadable format; the error now says

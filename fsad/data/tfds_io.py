@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
+import contextlib
 import dataclasses
 import io
 import logging
@@ -66,6 +67,20 @@ def _tfds():
                         "tensorflow-datasets array_record (TensorFlow itself is not needed)"
                         ) from err
     return tfds
+
+
+@contextlib.contextmanager
+def _temporary_folders_removed():
+    """TFDS (4.9) makes a temporary folder each time it makes a builder whose dataset is
+    not written yet (`DatasetInfo.initialize_from_bucket`, for metadata it never fetches
+    offline) and leaves it behind, empty: /tmp/tmp...tfds, one per conversion. Inside
+    this context Python's temporary folders go into one that is removed at its end."""
+    with tempfile.TemporaryDirectory(prefix="fsad_tfds_") as scratch:
+        before, tempfile.tempdir = tempfile.tempdir, scratch
+        try:
+            yield
+        finally:
+            tempfile.tempdir = before
 
 
 # ------------------------------------------------------------------ sources
@@ -227,8 +242,9 @@ def write_tfds(table: SourceTable, tfds_name: str, tfds_dir: str,
             raise UserError(f"TFDS dataset {target!r} already exists; pass --overwrite to "
                             f"replace it, or choose another name")
         shutil.rmtree(target)
-    builder = _builder_class(tfds)(name=tfds_name, table=table, data_dir=tfds_dir,
-                                   file_format="array_record")
+    with _temporary_folders_removed():
+        builder = _builder_class(tfds)(name=tfds_name, table=table, data_dir=tfds_dir,
+                                       file_format="array_record")
     with tempfile.TemporaryDirectory() as downloads:  # TFDS makes one; nothing is downloaded
         builder.download_and_prepare(download_dir=downloads)
     return target
@@ -241,7 +257,8 @@ def _builder(tfds_name: str, tfds_dir: str | None):
     tfds = _tfds()
     data_dir = os.path.expanduser(tfds_dir) if tfds_dir else None
     try:
-        return tfds.builder(tfds_name, data_dir=data_dir)
+        with _temporary_folders_removed():  # a known dataset not prepared there makes one
+            return tfds.builder(tfds_name, data_dir=data_dir)
     except Exception as err:  # DatasetNotFoundError lists the whole catalogue: keep it short
         where = data_dir or "the default TFDS data_dir (~/tensorflow_datasets, $TFDS_DATA_DIR)"
         raise UserError(f"no TFDS dataset {tfds_name!r} in {where} ({type(err).__name__}); "
