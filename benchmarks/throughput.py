@@ -52,7 +52,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.flop_count import step_flops  # noqa: E402
-from fsad.buckets import ROWS_BUCKET  # noqa: E402
+from fsad.buckets import ROWS_BUCKET, pad_to  # noqa: E402
 from fsad.config import override  # noqa: E402
 from fsad.memory import is_out_of_memory, oom_words, program_bytes  # noqa: E402
 from fsad.mesh import batch_sharded, make_mesh, one_device_mesh, replicated  # noqa: E402
@@ -262,6 +262,8 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
                                 ref_means)
     clusters = np.array_split(np.arange(nn_), 3)
     tasks = ahl.build_tasks(clusters, nn_, na, seed=0, base="dra")
+    # the bank, task sets and pool padded as a run pads them (`run_meta_training`)
+    padded_bank = [pad_to(f, tasks.padded_bank_rows(ROWS_BUCKET)) for f in bank]
     tx = optimizer_from_config(config.ahl.optim, 1)
     w = jnp.full((tasks.num_tasks,), 1 / tasks.num_tasks)
     key = jax.random.key(0)
@@ -273,7 +275,7 @@ def bench_ahl(args, batch: int, dtype: str, publish=lambda row: None) -> dict:
                                         config.ahl.inner_lr, False, mesh, args.ahl_chunk,
                                         batching)
         p, o, b, arrays, ww, pool, consts = jax.device_put(
-            (params, tx.init(params), bank, tasks.device_arrays(ROWS_BUCKET), w,
+            (params, tx.init(params), padded_bank, tasks.device_arrays(ROWS_BUCKET), w,
              tasks.padded_pool_idx(ROWS_BUCKET), hm.consts), replicated(mesh))
         t_compile, compiled = compile_seconds(step.jitted, p, o, b, arrays, ww, pool, key,
                                               consts)

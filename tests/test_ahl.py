@@ -406,6 +406,9 @@ def test_released_psi_init_dropout_and_initial_state():
     assert not np.allclose(m.apply({"params": p}, zero, None, k1), m.apply({"params": p}, zero))
     state = released_initial_state(jax.random.key(4), 2, 8, 6)
     assert state[0].shape == (4, 8, 6) and float(state[0].min()) >= 0
+    # the first 5 sequences' states are the same whatever follows them (a padded pool)
+    for s8, s5 in zip(state, released_initial_state(jax.random.key(4), 2, 5, 6)):
+        np.testing.assert_array_equal(s8[:, :5], s5)
     assert not np.allclose(m.apply({"params": p}, x, state), plain)
 
 
@@ -456,7 +459,7 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     so the meta-step and psi's train step are one program each for the whole run. Before,
     epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
     of each. A run resumed from its checkpoint traces each once again, no more. Another
-    seed's clusters with another shot count (1 seen anomaly, not 10) give other set
+    seed's clusters with another shot count (4 seen anomalies, not 10) give other set
     widths, pool and bank sizes; padded to one bucket (`fsad.buckets`), its meta-step and
     psi's steps are the programs already compiled (persistent cache hits)."""
     config = tiny_config("ahl_devnet")
@@ -489,15 +492,15 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
     assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
-    # another seed's tasks on 1 seen anomaly: the programs compiled above, from the cache
-    other = ahl.build_tasks([np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)], NN, 1,
+    # another seed's tasks on 4 seen anomalies: the programs compiled above, from the cache
+    other = ahl.build_tasks([np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)], NN, 4,
                             seed=1)
     assert other.query_idx.shape != tasks.query_idx.shape
     assert len(other.pool_idx) != len(tasks.pool_idx)
-    one_shot = [jnp.concatenate([b[:NN + 1], b[NN + NA:]]) for b in bank]
+    four_shots = [jnp.concatenate([b[:NN + 4], b[NN + NA:]]) for b in bank]
     caplog.clear()
     with jax.log_compiles(True):
-        ahl.run_meta_training(config, hm, params, one_shot, other, jax.random.key(0), None)
+        ahl.run_meta_training(config, hm, params, four_shots, other, jax.random.key(0), None)
     messages = [r.getMessage() for r in caplog.records]
     for name in ("step_with", "train_step", "predict"):
         compiled = sum(m.startswith(f"Compiling jit({name})") for m in messages)
@@ -517,13 +520,14 @@ def test_tasks_padded_to_the_bucket_give_the_same_meta_step():
     tx = optax.sgd(1.0)
     step, _, _ = ahl.make_meta_step(hm, tx, 2, 0.05, True)
     padded_bank = [pad_to(b, tasks.padded_bank_rows(ROWS_BUCKET)) for b in bank]
+    P = len(tasks.pool_idx)
     arrays = tasks.device_arrays(ROWS_BUCKET)
     assert padded_bank[0].shape[0] == 192 and arrays["query_idx"].shape[1] == ROWS_BUCKET
+    assert len(tasks.padded_pool_idx(ROWS_BUCKET)) == ROWS_BUCKET > P
     outs = [step(params, tx.init(params), b, t, weights, pool, jax.random.key(3))
             for b, t, pool in [(bank, tasks.device_arrays(), jnp.asarray(tasks.pool_idx)),
                                (padded_bank, arrays, tasks.padded_pool_idx(ROWS_BUCKET))]]
     (new, _, out), (new_p, _, out_p) = outs
-    P = len(tasks.pool_idx)
     np.testing.assert_allclose(out_p["task_losses"], out["task_losses"], rtol=1e-5)
     np.testing.assert_allclose(np.asarray(out_p["pool_scores"])[:, :P], out["pool_scores"],
                                rtol=1e-5, atol=1e-6)

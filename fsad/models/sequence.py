@@ -107,8 +107,10 @@ class ScoreSequenceModel(nn.Module):
 
 def released_initial_state(key, layers: int, n: int, hidden: int):
     """(h0, c0), each [layers * 2, n, hidden] drawn from U[0, 1): the released psi's
-    `torch.rand` initial state, new on every call (here from an explicit key)."""
+    `torch.rand` initial state, new on every call (here from an explicit key). Drawn
+    sequence by sequence ([n, layers * 2, hidden], then transposed): the first n rows
+    are the same draws whatever rows follow them (AHL's padded pool, `fsad.buckets`)."""
     kh, kc = jax.random.split(key)
-    shape = (layers * 2, n, hidden)
-    return jax.random.uniform(kh, shape), jax.random.uniform(kc, shape)
+    shape = (n, layers * 2, hidden)
+    return tuple(jax.random.uniform(k, shape).transpose(1, 0, 2) for k in (kh, kc))
 

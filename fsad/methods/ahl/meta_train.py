@@ -109,12 +109,12 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
         if workdir else None
     if mngr is not None:
         state = restore_latest(mngr, state)
-    # straight from the host arrays to the mesh (the bank is the largest input), not
-    # through the default device first. The bank's rows and the task sets' widths are
-    # padded to a multiple of ROWS_BUCKET, the pool to one of four lengths per doubling
-    # (zeros that weigh 0 or are left out; `fsad.buckets`), so that other seeds and
-    # settings, whose lengths differ, reuse the compiled meta-step and psi's steps (from
-    # the persistent compilation cache)
+    # the bank (the largest input) and the pool straight from the host arrays to the
+    # mesh, not through the default device first. The bank's rows and the task sets'
+    # widths are padded to a multiple of ROWS_BUCKET, the pool to one of four lengths per
+    # doubling (zeros that weigh 0 or are left out; `fsad.buckets`), so that other seeds
+    # and settings, whose lengths differ, reuse the compiled meta-step and psi's steps
+    # (from the persistent compilation cache)
     bank_dev = on_mesh([pad_to(b, tasks.padded_bank_rows(ROWS_BUCKET)) for b in bank])
     task_arrays = on_mesh(tasks.device_arrays(ROWS_BUCKET))
     pool_idx = on_mesh(tasks.padded_pool_idx(ROWS_BUCKET))
