@@ -10,14 +10,23 @@ import numpy as np
 
 ROWS_BUCKET = 64  # lengths padded to a multiple of this
 
-# the training images leave room for this many seen anomalies in their bucket: 1 to 10
-# shots of the same normals are then one shape, wherever the normals' count falls
+# the training images and AHL's bank leave room for this many seen anomalies in their
+# bucket: 1 to 10 shots of the same normals are then one shape, wherever their count falls
 ANOMALY_ROOM = 16
 
 
 def bucketed(n: int, bucket: int = ROWS_BUCKET) -> int:
     """n rounded up to a multiple of bucket (n itself for bucket 1)."""
     return -(-n // bucket) * bucket
+
+
+def rows_with_anomaly_room(n_rest: int, n_anomaly: int, bucket: int = ROWS_BUCKET) -> int:
+    """The length of n_rest rows and n_anomaly seen anomalies padded to a multiple of
+    bucket that leaves room for `ANOMALY_ROOM` anomalies (n_rest + n_anomaly for bucket
+    1): 1 to 10 shots with the same other rows are one length."""
+    if bucket == 1:
+        return n_rest + n_anomaly
+    return bucketed(n_rest + max(n_anomaly, ANOMALY_ROOM), bucket)
 
 
 def coarse_bucketed(n: int, bucket: int = ROWS_BUCKET) -> int:

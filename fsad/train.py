@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from fsad.buckets import ANOMALY_ROOM, bucketed, pad_to
+from fsad.buckets import pad_to, rows_with_anomaly_room
 from fsad.checkpoints import (PacedCheckpoints, adopt_checkpoint, checkpoint_manager, is_whole,
                              restore_latest)
 from fsad.data.protocols import batch_counts
@@ -119,9 +119,8 @@ def put_train_data(images_normal: np.ndarray, images_anomaly: np.ndarray, mesh: 
         compiled train step.
     """
     images = np.concatenate([images_normal, images_anomaly]).astype(np.uint8)
-    if bucket > 1:
-        rows = max(len(images), len(images_normal) + ANOMALY_ROOM)
-        images = pad_to(images, bucketed(rows, bucket))
+    images = pad_to(images, rows_with_anomaly_room(len(images_normal), len(images_anomaly),
+                                                   bucket))
     n_out = 0 if outliers is None else len(outliers)
     if not n_out:
         outliers = np.zeros((1, *images.shape[1:]), np.uint8)

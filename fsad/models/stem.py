@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from fsad.models.cpu_conv import matmul_conv
 
 
-
 def space_to_depth(x):
     """[B, H, W, C] (H, W even) -> [B, H/2, W/2, 4C], channel (p, q, c) holding
     x[:, 2i + p, 2j + q, c]."""

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 
-from fsad.buckets import ANOMALY_ROOM, bucketed, coarse_bucketed, pad_to
+from fsad.buckets import bucketed, coarse_bucketed, pad_to, rows_with_anomaly_room
 from fsad.errors import UserError
 from fsad.methods.ahl.bank import FAMILIES
 
@@ -82,8 +82,8 @@ class Tasks:
         """The bank's rows (normals, seen anomalies, a pseudo anomaly of every normal per
         family) padded to a multiple of `bucket` that leaves room for `ANOMALY_ROOM` seen
         anomalies: 1 to 10 shots of the same normals are one bank shape."""
-        rows = (1 + len(FAMILIES)) * self.n_normal
-        return bucketed(rows + max(self.n_anomaly, ANOMALY_ROOM if bucket > 1 else 0), bucket)
+        return rows_with_anomaly_room((1 + len(FAMILIES)) * self.n_normal, self.n_anomaly,
+                                      bucket)
 
     def padded_pool_idx(self, bucket: int = 1) -> np.ndarray:
         """[P'] pool_idx padded with index 0 (the meta-step's pool scores of the padding
