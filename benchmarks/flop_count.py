@@ -23,14 +23,14 @@ import jax
 from jax.extend import core as jex_core
 
 
-def _sub_jaxprs(value):
+def sub_jaxprs(value):
     """The jaxprs in one equation parameter (a jaxpr, a closed one, or a tuple of them)."""
     if isinstance(value, jex_core.ClosedJaxpr):
         return [value.jaxpr]
     if isinstance(value, jex_core.Jaxpr):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [j for v in value for j in _sub_jaxprs(v)]
+        return [j for v in value for j in sub_jaxprs(v)]
     return []
 
 
@@ -82,7 +82,7 @@ def jaxpr_flops(jaxpr) -> float:
         elif name == "cond":
             total += max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0.0)
         else:
-            inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in _sub_jaxprs(v))
+            inner = sum(jaxpr_flops(j) for v in eqn.params.values() for j in sub_jaxprs(v))
             if name == "scan":
                 inner *= eqn.params["length"]
             elif name == "shard_map":

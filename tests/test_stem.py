@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from benchmarks.flop_count import sub_jaxprs
 from fsad.errors import UserError
 from fsad.models.backbone import make_trunk
 from fsad.models.stem import space_to_depth_conv
@@ -56,9 +57,8 @@ def stem_kernels(fn, *args) -> list[tuple]:
                 if 12 in shape[:3]:
                     found.append(shape)
             for v in eqn.params.values():
-                for sub in (v if isinstance(v, (tuple, list)) else [v]):
-                    if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
-                        walk(getattr(sub, "jaxpr", sub))
+                for sub in sub_jaxprs(v):
+                    walk(sub)
 
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
     return found
