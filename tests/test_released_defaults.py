@@ -250,7 +250,7 @@ def test_prior_mu_and_sigma_reach_dra_losses():
     assert float(a["seen"]) != pytest.approx(float(c["seen"]))  # sigma reaches them too
 
 
-def test_cutmix_partner_is_another_image_and_textures_span_all():
+def test_cutmix_partner_is_another_image_and_textures_span_all(caplog):
     idx = ahl.other_indices(jax.random.key(0), 50)
     assert (idx != np.arange(50)).all() and len(set(idx.tolist())) > 25
     normals = np.stack([np.full((16, 16, 3), i, np.uint8) for i in range(50)])
@@ -262,6 +262,11 @@ def test_cutmix_partner_is_another_image_and_textures_span_all():
     # in chunks (the last padded), each image's own draw: the same pseudo anomalies
     np.testing.assert_array_equal(
         ahl.make_pseudo(jax.random.key(1), normals, "cutmix", textures, chunk=16), out)
+    # another seed's draws on other normals: the program already made (before, each call
+    # made its own jitted function, traced and looked up anew for every seed)
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        ahl.make_pseudo(jax.random.key(2), normals[::-1].copy(), "cutmix", chunk=16)
+    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
 
 
 def test_class_balance_gives_each_class_its_base_share():

@@ -8,9 +8,11 @@ pseudo anomaly of normal k at Nn + Na + f * Nn + k.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from fsad.atomic import whole_or_nothing
@@ -32,13 +34,19 @@ def n_scales_of(config) -> int:
 
 def make_feature_fn(config):
     """Jitted (variables, images uint8 [B,H,W,3]) -> {"s0": [B,h,w,C], "s1": ...}: the
-    frozen trunk's float32 maps at every pyramid scale."""
-    dtype = compute_dtype(config.model.get("dtype", "auto"))
+    frozen trunk's float32 maps at every pyramid scale. The same function for every config
+    of the same trunk, scales, dtype and routes, so that the seeds and cells of a run
+    trace and compile it once, not once per seed."""
+    return _feature_fn(config.model.backbone, n_scales_of(config),
+                       jnp.dtype(compute_dtype(config.model.get("dtype", "auto"))).name,
+                       depthwise_route(config), stem_route(config))
 
+
+@functools.lru_cache(maxsize=None)
+def _feature_fn(backbone: str, n_scales: int, dtype: str, depthwise: str, stem: str):
     def features(variables, images):
-        maps = trunk_features(config.model.backbone, variables, normalize_uint8(images),
-                              n_scales_of(config), dtype, depthwise_route(config),
-                              stem_route(config))
+        maps = trunk_features(backbone, variables, normalize_uint8(images), n_scales,
+                              jnp.dtype(dtype), depthwise, stem)
         return {f"s{i}": m for i, m in enumerate(maps)}
 
     return jax.jit(features)
@@ -48,6 +56,24 @@ def other_indices(key: jax.Array, n: int) -> np.ndarray:
     """For each of n images a uniformly drawn other one: i + U{1, n - 1} (mod n), the
     image itself only when it is alone. -> [n] int."""
     return (np.arange(n) + np.asarray(jax.random.randint(key, (n,), 1, max(n, 2)))) % n
+
+
+def _cutmix(key, image, source):
+    return cutmix(key, image, source)[0]
+
+
+def _cutpaste(key, image, source):
+    return cutpaste(key, image)[0]
+
+
+def _perlin(key, image, source):
+    return perlin_blend(key, image, source)[0]
+
+
+# family -> jitted (keys [B], images [B,H,W,3] uint8, sources [B,H,W,3] uint8) -> [B,H,W,3]
+# uint8 pseudo anomalies: made once (made per call, they were traced anew for every seed)
+PSEUDO_FNS = {family: jax.jit(jax.vmap(fn)) for family, fn in
+              (("cutmix", _cutmix), ("cutpaste", _cutpaste), ("perlin", _perlin))}
 
 
 def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
@@ -66,10 +92,7 @@ def make_pseudo(key: jax.Array, normals: np.ndarray, family: str,
         partner = np.asarray(jax.random.randint(k_tex, (n,), 0, len(textures)))
     else:
         sources, partner = normals, other
-    fn = {"cutmix": jax.vmap(lambda k, a, b: cutmix(k, a, b)[0]),
-          "cutpaste": jax.vmap(lambda k, a, b: cutpaste(k, a)[0]),
-          "perlin": jax.vmap(lambda k, a, b: perlin_blend(k, a, b)[0])}[family]
-    fn = jax.jit(fn)
+    fn = PSEUDO_FNS[family]
     keys = jax.random.split(k_aug, n)
     out = []
     # every chunk padded to `chunk` rows (repeats of its last): one compiled program per
