@@ -263,7 +263,8 @@ def test_cutmix_partner_is_another_image_and_textures_span_all(caplog):
     np.testing.assert_array_equal(
         ahl.make_pseudo(jax.random.key(1), normals, "cutmix", textures, chunk=16), out)
     # another seed's draws on other normals: the program already made (before, each call
-    # made its own jitted function, traced and looked up anew for every seed)
+    # made its own jitted function, traced and lowered anew for every seed)
+    caplog.clear()
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
         ahl.make_pseudo(jax.random.key(2), normals[::-1].copy(), "cutmix", chunk=16)
     assert not [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
