@@ -34,7 +34,10 @@ def coarse_bucketed(n: int, bucket: int = ROWS_BUCKET) -> int:
     of `bucket` at least: four lengths per doubling (2048, 2560, 3072, 3584, 4096, ...),
     at most 25% more than n where n > 4 * bucket (below, a multiple of bucket). For a
     length that varies by hundreds from seed to seed (AHL's importance pool: 1,987 to
-    2,275 samples in the 18 AHL seeds of the ELPV grid, 1,131 normals; README)."""
+    2,275 samples in the 18 AHL seeds of the ELPV grid, 1,131 normals; README). n itself
+    for bucket 1, as `bucketed`."""
+    if bucket == 1:
+        return n
     if n <= bucket:
         return bucket
     return bucketed(n, max(bucket, 2 ** (n.bit_length() - 1) // 4))

@@ -87,11 +87,10 @@ class Tasks:
 
     def padded_pool_idx(self, bucket: int = 1) -> np.ndarray:
         """[P'] pool_idx padded with index 0 (the meta-step's pool scores of the padding
-        rows are computed and left out): to `coarse_bucketed` lengths where bucket > 1,
-        the pool's size varying by hundreds from seed to seed (each query set's pseudo
-        anomalies are drawn anew)."""
-        n = len(self.pool_idx)
-        return pad_to(self.pool_idx, coarse_bucketed(n, bucket) if bucket > 1 else n)
+        rows are computed and left out): to `coarse_bucketed` lengths, the pool's size
+        varying by hundreds from seed to seed (each query set's pseudo anomalies are
+        drawn anew)."""
+        return pad_to(self.pool_idx, coarse_bucketed(len(self.pool_idx), bucket))
 
 
 def _pad(rows: list[np.ndarray], fill: int = 0) -> tuple[np.ndarray, np.ndarray]:
