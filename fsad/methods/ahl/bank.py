@@ -12,7 +12,6 @@ import functools
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fsad.atomic import whole_or_nothing
@@ -38,15 +37,15 @@ def make_feature_fn(config):
     of the same trunk, scales, dtype and routes, so that the seeds and cells of a run
     trace and compile it once, not once per seed."""
     return _feature_fn(config.model.backbone, n_scales_of(config),
-                       jnp.dtype(compute_dtype(config.model.get("dtype", "auto"))).name,
+                       compute_dtype(config.model.get("dtype", "auto")),
                        depthwise_route(config), stem_route(config))
 
 
 @functools.lru_cache(maxsize=None)
-def _feature_fn(backbone: str, n_scales: int, dtype: str, depthwise: str, stem: str):
+def _feature_fn(backbone: str, n_scales: int, dtype, depthwise: str, stem: str):
     def features(variables, images):
-        maps = trunk_features(backbone, variables, normalize_uint8(images), n_scales,
-                              jnp.dtype(dtype), depthwise, stem)
+        maps = trunk_features(backbone, variables, normalize_uint8(images), n_scales, dtype,
+                              depthwise, stem)
         return {f"s{i}": m for i, m in enumerate(maps)}
 
     return jax.jit(features)
