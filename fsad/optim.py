@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import optax
 
@@ -24,6 +26,7 @@ def step_decay(lr: float, steps_per_epoch: int, every_epochs: int, factor: float
     return schedule
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 1,
                    decay_every_epochs: int = 0, decay_factor: float = 0.1,
                    clip_norm: float = 0.0,
@@ -40,6 +43,10 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 
       decay_every_epochs: multiply lr by `decay_factor` every this many epochs (0: never).
       clip_norm: global-norm clipping threshold (0: none).
       decay_at_epoch_start: see `step_decay`.
+
+    Made once per process for the same arguments (an optax transformation is a pair of
+    pure functions): a jitted step that closes over it is the same function for every
+    seed of a run (`fsad.methods.ahl.meta_step.meta_step_program`).
     """
     schedule = lr
     if decay_every_epochs:

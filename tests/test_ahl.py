@@ -358,6 +358,33 @@ def test_head_scores_in_padded_batches_equal_one_batch():
     assert whole.shape == (11,)
 
 
+def test_head_functions_and_their_scorer_are_made_once_per_settings(caplog):
+    """Another seed's head model (its own consts: other BatchNorm statistics and
+    reference means) holds the same functions, so the programs built on them (the
+    meta-step, the head scorer) are traced once per process, not per seed; other settings
+    make other functions."""
+    hm, params, bank = _dra_head_model()
+    stats = jax.tree.map(lambda a: a + 1.0, hm.consts["batch_stats"])
+    other_seed, _ = ahl.head_model(tiny_config("ahl_dra"), {
+        "params": {"heads": params}, "batch_stats": {"heads": stats}},
+        [f[5:10].mean(0) for f in bank])
+    assert other_seed.fns == hm.fns and other_seed.init_with is hm.init_with
+    feats = [np.asarray(f[:6]) for f in bank]
+    first = ahl.make_head_scorer(hm, 6)(hm, params, feats)
+    caplog.clear()
+    with jax.log_compiles(True):
+        second = ahl.make_head_scorer(other_seed, 6)(other_seed, params, feats)
+    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    assert not np.allclose(first, second)  # its own consts, as an argument
+    config = tiny_config("ahl_dra")
+    config.loss.margin = 4.0
+    other_margin, _ = ahl.head_model(config, {"params": {"heads": params},
+                                              "batch_stats": {"heads": stats}}, None)
+    assert other_margin.losses is not hm.losses
+    devnet, _, _ = _devnet_head_model()
+    assert devnet.apply_with is not hm.apply_with
+
+
 def test_importance_weights_favour_the_accurate_model():
     labels = np.array([0, 0, 1, 1, 1, 0])
     pred = np.stack([labels * 5.0, (1 - labels) * 5.0, np.full(6, 2.5)], axis=1)  # [P, T]
@@ -473,10 +500,13 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     """Every meta-epoch's inputs sit where the step's outputs do (replicated on the mesh),
     so the meta-step and psi's train step are one program each for the whole run. Before,
     epoch 0's fresh arrays and epoch 1's step outputs were two placements: two compiles
-    of each. A run resumed from its checkpoint traces each once again, no more. Another
-    seed's clusters with another shot count (4 seen anomalies, not 10) give other set
-    widths, pool and bank sizes; padded to one bucket (`fsad.buckets`), its meta-step and
-    psi's steps are the programs already compiled (persistent cache hits)."""
+    of each. The jitted meta-step and psi's functions are made once per process for their
+    settings (`meta_step_program`, `make_psi_fns`), so a run resumed from its checkpoint
+    traces neither again (made per run, each was traced anew). Another seed's clusters
+    with another shot count (4 seen anomalies, not 10) give other set widths, pool and
+    bank sizes; padded to one bucket (`fsad.buckets`), its meta-step and psi's steps are
+    the programs of the first run: nothing is traced or compiled."""
+    from fsad.methods.ahl import importance, meta_step
     config = tiny_config("ahl_devnet")
     # T = 7 tasks and K = 2, as the end-to-end AHL run: psi's init is one program for both
     config.ahl.epochs, config.ahl.history, config.ahl.psi_steps = 4, 2, 1
@@ -485,42 +515,42 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     hm, params, bank = _devnet_head_model()
     tasks = ahl.build_tasks(CLUSTERS, NN, NA, seed=0)
     assert tasks.num_tasks == 7
+    # the programs made anew: another test of this worker may have made them already
+    meta_step.meta_step_program.cache_clear()
+    importance._psi_fns.cache_clear()
+    names = ("step_with", "train_step", "predict")
 
-    def compiles(**kw):
+    def compiles(bank, tasks, workdir, **kw):
         caplog.clear()
         with jax.log_compiles(True):
-            _, info = ahl.run_meta_training(config, hm, params, bank, tasks, jax.random.key(0),
-                                     str(tmp_path), **kw)
-        names = [r.getMessage().split()[1] for r in caplog.records
-                 if r.getMessage().startswith("Compiling jit(")]
-        return info, {n: names.count(n) for n in ("jit(step_with)", "jit(train_step)")}
+            _, info = ahl.run_meta_training(config, hm, params, bank, tasks,
+                                            jax.random.key(0), workdir, **kw)
+        messages = [r.getMessage() for r in caplog.records]
+        return info, {n: sum(m.startswith(f"Compiling jit({n})") for m in messages)
+                      for n in names}
 
     # epochs 0 and 1; psi trains from epoch index K = 2 on (a window and its next epoch)
-    info, counts = compiles(stop_after=2)
-    assert len(info["loss"]) == 2 and counts == {"jit(step_with)": 1, "jit(train_step)": 0}
+    info, counts = compiles(bank, tasks, str(tmp_path), stop_after=2)
+    assert len(info["loss"]) == 2
+    assert counts == {"step_with": 1, "train_step": 0, "predict": 0}
     assert os.listdir(tmp_path / "ahl_checkpoints") == ["2"]
     # resumed: epochs 2 and 3 from the restored state, psi trained in both
     capsys.readouterr()
-    info, counts = compiles()
+    info, counts = compiles(bank, tasks, str(tmp_path))
     assert "(resumed at epoch 2)" in capsys.readouterr().err  # said on the bar
     assert info["resumed_from"] == 2
-    assert len(info["loss"]) == 4 and counts == {"jit(step_with)": 1, "jit(train_step)": 1}
+    assert len(info["loss"]) == 4
+    assert counts == {"step_with": 0, "train_step": 1, "predict": 1}
     assert sorted(os.listdir(tmp_path / "ahl_checkpoints")) == ["2", "4"]
     assert info["weights"][3] != info["weights"][2]  # psi's weights were used
-    # another seed's tasks on 4 seen anomalies: the programs compiled above, from the cache
+    # another seed's tasks on 4 seen anomalies: the programs above, nothing traced anew
     other = ahl.build_tasks([np.arange(0, 12), np.arange(12, 21), np.arange(21, 30)], NN, 4,
                             seed=1)
     assert other.query_idx.shape != tasks.query_idx.shape
     assert len(other.pool_idx) != len(tasks.pool_idx)
     four_shots = [jnp.concatenate([b[:NN + 4], b[NN + NA:]]) for b in bank]
-    caplog.clear()
-    with jax.log_compiles(True):
-        ahl.run_meta_training(config, hm, params, four_shots, other, jax.random.key(0), None)
-    messages = [r.getMessage() for r in caplog.records]
-    for name in ("step_with", "train_step", "predict"):
-        compiled = sum(m.startswith(f"Compiling jit({name})") for m in messages)
-        hits = sum(f"cache hit for 'jit_{name}'" in m for m in messages)
-        assert compiled == hits == 1, (name, compiled, hits)
+    info, counts = compiles(four_shots, other, None)
+    assert len(info["loss"]) == 4 and counts == {n: 0 for n in names}
 
 
 def test_tasks_padded_to_the_bucket_give_the_same_meta_step():

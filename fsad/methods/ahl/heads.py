@@ -4,6 +4,7 @@ meta-step adapts and its unified model scores with, for a DRA or a DevNet base."
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -26,24 +27,40 @@ class HeadModel:
     weights(labels [B], weight [B]) -> {head: [B]} each sample's weight in that head's
       loss (its routing to the head times weight)
     score(head_scores) -> [B] anomaly score
-    init(key, feats) -> fresh head params (PyTorch's default initialisation)
+    init_with(key, feats, consts) -> fresh head params (PyTorch's default
+      initialisation); `init(key, feats)` reads this seed's consts
     consts: this seed's arrays that the heads read and do not learn (DRA: the residual
       head's BatchNorm statistics and the reference mean maps; None for DevNet). The
       compiled steps take them as arguments: closed over, they would be constants of
       the program, which would then differ from seed to seed and be compiled anew for
       each (the persistent compilation cache could not serve it).
+
+    The functions are made once per process for the config values they read
+    (`head_model`): every seed's and setting's head model holds the same function
+    objects, so the jitted programs built on them (`fsad.methods.ahl.meta_step`'s
+    `meta_step_program`, `make_head_scorer`) are traced once per process, not per seed.
     """
 
     apply_with: callable
     losses: callable
     weights: callable
     score: callable
-    init: callable
+    init_with: callable
     consts: object = None
 
     def apply(self, params, feats):
         """apply_with this seed's consts."""
         return self.apply_with(params, feats, self.consts)
+
+    def init(self, key, feats):
+        """init_with this seed's consts."""
+        return self.init_with(key, feats, self.consts)
+
+    @property
+    def fns(self) -> tuple:
+        """(apply_with, losses, weights, score): what a compiled program of these heads
+        reads besides its arguments; hashable, a key of the programs made once."""
+        return self.apply_with, self.losses, self.weights, self.score
 
     def loss(self, head_scores, labels, weight, key):
         """The sum of the heads' losses: scalar."""
@@ -80,46 +97,64 @@ def head_model(config, base_variables, ref_means=None,
     Both bases score every pyramid scale and average, as their base models do.
     """
     lc = config.loss
+    prior = (lc.prior_size, lc.margin, lc.prior_mu, lc.prior_sigma)
     if config.ahl.base == "dra":
-        heads = dra_heads(config)
         bstats = base_variables.get("batch_stats", {}).get("heads", {})
         if fresh:
             bstats = fresh_batch_stats(bstats)
-
-        def apply_with(params, feats, consts):
-            # BN in the residual head in eval mode: the base model's statistics, or new
-            # ones for fresh heads
-            stats = consts["batch_stats"]
-            v = {"params": params, "batch_stats": stats} if stats else {"params": params}
-            return heads.apply(v, feats, consts["ref_means"], train=False)
-
-        def losses(scores, labels, weight, key):
-            return head_losses(scores, labels, key, config.dra.loss, lc.prior_size, lc.margin,
-                               sample_weight=weight, prior_mu=lc.prior_mu,
-                               prior_sigma=lc.prior_sigma)
-
-        def init(key, feats):
-            return heads.init(key, feats, ref_means)["params"]
-
-        return (HeadModel(apply_with, losses, head_weights, combine, init,
-                          {"batch_stats": bstats, "ref_means": ref_means}),
+        fns = _dra_head_fns(dra_heads(config), config.dra.loss, *prior)
+        return (HeadModel(*fns, {"batch_stats": bstats, "ref_means": ref_means}),
                 base_variables["params"]["heads"])
-    scorer = TopKScorer(config.model.topk, config.model.topk_abs)
+    fns = _devnet_head_fns(TopKScorer(config.model.topk, config.model.topk_abs), *prior)
+    return HeadModel(*fns), base_variables["params"]["head"]
 
-    def apply_devnet(params, feats, consts):
+
+@functools.lru_cache(maxsize=None)
+def _dra_head_fns(heads: DRAHeads, loss: str, prior_size: int, margin: float,
+                  prior_mu: float, prior_sigma: float) -> tuple:
+    """HeadModel's functions for a DRA base, made once per settings (a Flax module is
+    a hashable dataclass of its fields)."""
+
+    def apply_with(params, feats, consts):
+        # BN in the residual head in eval mode: the base model's statistics, or new ones
+        # for fresh heads
+        stats = consts["batch_stats"]
+        v = {"params": params, "batch_stats": stats} if stats else {"params": params}
+        return heads.apply(v, feats, consts["ref_means"], train=False)
+
+    def losses(scores, labels, weight, key):
+        return head_losses(scores, labels, key, loss, prior_size, margin,
+                           sample_weight=weight, prior_mu=prior_mu, prior_sigma=prior_sigma)
+
+    def init_with(key, feats, consts):
+        return heads.init(key, feats, consts["ref_means"])["params"]
+
+    return apply_with, losses, head_weights, combine, init_with
+
+
+@functools.lru_cache(maxsize=None)
+def _devnet_head_fns(scorer: TopKScorer, prior_size: int, margin: float, prior_mu: float,
+                     prior_sigma: float) -> tuple:
+    """HeadModel's functions for a DevNet base, made once per settings."""
+
+    def apply_with(params, feats, consts):
         per_scale = [scorer.apply({"params": params}, f)[0] for f in feats]
         return {"score": jnp.mean(jnp.stack(per_scale), axis=0)}
 
-    def losses_devnet(scores, labels, weight, key):
-        prior = sample_prior(key, lc.prior_size, lc.prior_mu, lc.prior_sigma)
-        return {"score": deviation_loss(scores["score"], labels > 0, prior, lc.margin, weight)}
+    def losses(scores, labels, weight, key):
+        prior = sample_prior(key, prior_size, prior_mu, prior_sigma)
+        return {"score": deviation_loss(scores["score"], labels > 0, prior, margin, weight)}
 
-    def init_devnet(key, feats):
+    def weights(labels, weight):
+        return {"score": weight}
+
+    def score(head_scores):
+        return head_scores["score"]
+
+    def init_with(key, feats, consts):
         return scorer.init(key, feats[0])["params"]
 
-    return (HeadModel(apply_devnet, losses_devnet, lambda labels, w: {"score": w},
-                      lambda s: s["score"], init_devnet),
-            base_variables["params"]["head"])
+    return apply_with, losses, weights, score, init_with
 
 
 def reference_means(config, method, base_variables, seed: int):
@@ -152,7 +187,7 @@ def make_head_scorer(base_hm: HeadModel, batch_size: int):
     so an image scored alone gets its numbers among others). One compiled function
     serves the base and the unified heads: fresh heads differ from the base heads only in
     their consts (new BatchNorm statistics), which are its argument."""
-    fn = jax.jit(lambda p, feats, consts: base_hm.score(base_hm.apply_with(p, feats, consts)))
+    fn = _head_score_program(base_hm.apply_with, base_hm.score)
 
     def scores_of(hm: HeadModel, params, feats) -> np.ndarray:
         rows = np.arange(len(feats[0]))
@@ -160,3 +195,10 @@ def make_head_scorer(base_hm: HeadModel, batch_size: int):
             np.asarray(fn(params, [f[batch] for f in feats], hm.consts))[:n]
             for _, batch, n in padded_batches(rows, batch_size, "AHL scores")])
     return scores_of
+
+
+@functools.lru_cache(maxsize=None)
+def _head_score_program(apply_with, score):
+    """jit of (params, feats, consts) -> [N] scores, made once per head functions (so
+    traced once per process: `HeadModel`)."""
+    return jax.jit(lambda p, feats, consts: score(apply_with(p, feats, consts)))

@@ -148,13 +148,24 @@ def make_psi_fns(num_tasks: int, a):
     The key draws the dropout masks and, with psi_initial_state=uniform, the LSTM's
     initial state: the released psi draws both anew on every call (it never leaves
     PyTorch's train mode); with neither, the key is unused.
+
+    Made once per process for the same T and fields, so that the seeds of a run with as
+    many tasks trace psi's functions once, not once each.
     """
-    model = ScoreSequenceModel(num_tasks, a.psi_hidden, a.psi_fc, dropout=a.psi_dropout,
-                               torch_modules=a.psi_module == "torch")
+    return _psi_fns(num_tasks, a.psi_hidden, a.psi_fc, a.psi_dropout, a.psi_module,
+                    a.psi_initial_state, a.psi_lr, a.psi_weight_decay)
+
+
+@functools.lru_cache(maxsize=32)
+def _psi_fns(num_tasks: int, hidden: int, fc: int, dropout: float, module: str,
+             initial_state: str, lr: float, weight_decay: float) -> tuple:
+    """`make_psi_fns` for these field values."""
+    model = ScoreSequenceModel(num_tasks, hidden, fc, dropout=dropout,
+                               torch_modules=module == "torch")
     # PyTorch's Adam(weight_decay=wd) adds wd * param to the gradient before its moments
-    tx = (optax.chain(optax.add_decayed_weights(a.psi_weight_decay), optax.adam(a.psi_lr))
-          if a.psi_weight_decay else optax.adam(a.psi_lr))
-    random_state = a.psi_initial_state == "uniform"
+    tx = (optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+          if weight_decay else optax.adam(lr))
+    random_state = initial_state == "uniform"
 
     def apply(params, seqs, key):
         k_state, k_drop = jax.random.split(key)
@@ -163,7 +174,7 @@ def make_psi_fns(num_tasks: int, a):
         return model.apply({"params": params}, seqs, state,
                            k_drop if model.dropout else None)
 
-    @functools.partial(quick_jit, static_argnums=1)  # called once
+    @functools.partial(quick_jit, static_argnums=1)  # called once a seed
     def init(key, k):
         params = model.init(key, jnp.zeros((1, k, num_tasks)))["params"]
         return params, tx.init(params)

@@ -6,6 +6,7 @@ whole or in chunks of bounded memory."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -207,6 +208,21 @@ def chunked_sum(fn, params, samples: tuple, chunk: int):
     return jax.lax.scan(add, zero, rows)[0]
 
 
+@functools.lru_cache(maxsize=16)
+def meta_step_program(fns: tuple, tx, inner_steps: int, inner_lr: float, first_order: bool,
+                      mesh, chunk: int, task_batching: str, loss_scale: float,
+                      query_batches: int):
+    """`make_meta_step`'s step.jitted, made once per process for these head functions
+    (`HeadModel.fns`), optimiser and settings: the seeds and settings of a run that
+    share them share one jitted function, so it is traced, lowered and compiled once per
+    input shapes (made per seed, every seed traced and lowered it anew before the
+    persistent compilation cache could serve it: about 1.3 s a seed for AHL(DRA) at 64 px
+    on a 2-core CPU). tx: one object per optimiser settings (`fsad.optim.make_optimizer`)."""
+    hm = HeadModel(*fns, init_with=None)
+    return make_meta_step(hm, tx, inner_steps, inner_lr, first_order, mesh, chunk,
+                          task_batching, loss_scale, query_batches)[0].jitted
+
+
 CHUNK_SIZES = (256, 64, 16)  # what ahl.chunk_size=0 tries where the whole sets do not fit
 
 
@@ -229,12 +245,13 @@ def fitted_meta_step(hm: HeadModel, tx, a, mesh, args: tuple):
     if not a.first_order:
         fix += " or train with first-order MAML (--config.ahl.first_order=True)"
     for n, chunk in enumerate(chunks):
-        step, _, _ = make_meta_step(hm, tx, a.inner_steps, a.inner_lr, a.first_order, mesh,
-                                    chunk, a.task_batching, a.loss_scale, a.query_batches)
+        jitted = meta_step_program(hm.fns, tx, a.inner_steps, a.inner_lr, a.first_order,
+                                   mesh, chunk, a.task_batching, a.loss_scale,
+                                   a.query_batches)
         what = "AHL's meta-step" + (f" ({chunk} samples of a set at a time)" if chunk else
                                     " (whole task sets)")
         with hint_on_oom(f"compiling {what}", fix):
-            compiled = step.jitted.lower(*args).compile()
+            compiled = jitted.lower(*args).compile()  # JAX keeps it: once per shapes
         need, free = program_bytes(compiled), free_bytes(devices)
         if need is None or free is None or need <= free or n == len(chunks) - 1:
             check_fits(compiled, devices, what, fix)

@@ -84,7 +84,7 @@ def run_ahl(config, method, base_variables, normals, anomalies, test_images, mes
                         split_task=a.split_task)
     hm, base_hm, base_params = head_models(config, method, base_variables, seed)
     params_g = base_params if a.head_init == "base" else \
-        quick_jit(hm.init)(k_init, [b[:1] for b in bank])
+        quick_jit(hm.init_with)(k_init, [b[:1] for b in bank], hm.consts)
     params, info = run_meta_training(config, hm, params_g, bank, tasks, k_meta, workdir,
                                      mesh=mesh)
     scores_of = make_head_scorer(base_hm, config.eval_batch_size)
