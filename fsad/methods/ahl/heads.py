@@ -36,9 +36,10 @@ class HeadModel:
       each (the persistent compilation cache could not serve it).
 
     The functions are made once per process for the config values they read
-    (`head_model`): every seed's and setting's head model holds the same function
-    objects, so the jitted programs built on them (`fsad.methods.ahl.meta_step`'s
-    `meta_step_program`, `make_head_scorer`) are traced once per process, not per seed.
+    (`head_model`): the head models of every seed, and of settings that agree on those
+    values, hold the same function objects, so the jitted programs built on them
+    (`fsad.methods.ahl.meta_step`'s `meta_step_program`, `make_head_scorer`) are traced
+    once per process and input shapes, not per seed.
     """
 
     apply_with: callable

@@ -217,7 +217,8 @@ def meta_step_program(fns: tuple, tx, inner_steps: int, inner_lr: float, first_o
     share them share one jitted function, so it is traced, lowered and compiled once per
     input shapes (made per seed, every seed traced and lowered it anew before the
     persistent compilation cache could serve it: about 1.3 s a seed for AHL(DRA) at 64 px
-    on a 2-core CPU). tx: one object per optimiser settings (`fsad.optim.make_optimizer`)."""
+    on a 2-core CPU, its trace and lowering). tx: one object per optimiser settings
+    from `fsad.optim.optimizer_from_config` (`make_optimizer`'s cache)."""
     hm = HeadModel(*fns, init_with=None)
     return make_meta_step(hm, tx, inner_steps, inner_lr, first_order, mesh, chunk,
                           task_batching, loss_scale, query_batches)[0].jitted
