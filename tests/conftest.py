@@ -5,7 +5,9 @@ step several times slower. The checks that are about sharding run in a subproces
 with 8 forced CPU devices (`run_with_devices`).
 """
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -137,6 +139,21 @@ def norm_rel_err(a, b) -> float:
     reductions and bfloat16 rounding, where single elements can be far apart."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+
+
+@contextlib.contextmanager
+def compiled_programs(caplog):
+    """Collects into the yielded list the names of the programs JAX compiles inside the
+    block (e.g. "step_with"; one that the persistent compilation cache serves counts too:
+    JAX logs it as compiled before it looks there). A program already compiled in this
+    process is not named."""
+    import jax
+    names = []
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        yield names
+    names.extend(m[len("Compiling jit("):m.index(")")] for m in
+                 (r.getMessage() for r in caplog.records) if m.startswith("Compiling jit("))
 
 
 def cpu_env(devices: int = 1, optimize: bool = False) -> dict:

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import run_with_devices, tiny_config
+from conftest import compiled_programs, run_with_devices, tiny_config
 from fsad.errors import UserError
 from fsad.methods import ahl
 from fsad.methods.dra import DRAHeads
@@ -371,10 +371,9 @@ def test_head_functions_and_their_scorer_are_made_once_per_settings(caplog):
     assert other_seed.fns == hm.fns and other_seed.init_with is hm.init_with
     feats = [np.asarray(f[:6]) for f in bank]
     first = ahl.make_head_scorer(hm, 6)(hm, params, feats)
-    caplog.clear()
-    with jax.log_compiles(True):
+    with compiled_programs(caplog) as compiled:
         second = ahl.make_head_scorer(other_seed, 6)(other_seed, params, feats)
-    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    assert compiled == []
     assert not np.allclose(first, second)  # its own consts, as an argument
     config = tiny_config("ahl_dra")
     config.loss.margin = 4.0
@@ -521,13 +520,10 @@ def test_meta_training_compiles_each_step_once_and_resumes_without_a_new_program
     names = ("step_with", "train_step", "predict")
 
     def compiles(bank, tasks, workdir, **kw):
-        caplog.clear()
-        with jax.log_compiles(True):
+        with compiled_programs(caplog) as compiled:
             _, info = ahl.run_meta_training(config, hm, params, bank, tasks,
                                             jax.random.key(0), workdir, **kw)
-        messages = [r.getMessage() for r in caplog.records]
-        return info, {n: sum(m.startswith(f"Compiling jit({n})") for m in messages)
-                      for n in names}
+        return info, {n: compiled.count(n) for n in names}
 
     # epochs 0 and 1; psi trains from epoch index K = 2 on (a window and its next epoch)
     info, counts = compiles(bank, tasks, str(tmp_path), stop_after=2)

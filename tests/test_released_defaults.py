@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SIZE, tiny_config
+from conftest import SIZE, compiled_programs, tiny_config
 from fsad.data.protocols import batch_counts
 from fsad.errors import UserError
 from fsad.mesh import make_mesh
@@ -264,10 +264,9 @@ def test_cutmix_partner_is_another_image_and_textures_span_all(caplog):
         ahl.make_pseudo(jax.random.key(1), normals, "cutmix", textures, chunk=16), out)
     # another seed's draws on other normals: the program already made (before, each call
     # made its own jitted function, traced and lowered anew for every seed)
-    caplog.clear()
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+    with compiled_programs(caplog) as compiled:
         ahl.make_pseudo(jax.random.key(2), normals[::-1].copy(), "cutmix", chunk=16)
-    assert not [r for r in caplog.records if r.getMessage().startswith("Compiling jit(")]
+    assert compiled == []
 
 
 def test_class_balance_gives_each_class_its_base_share():
