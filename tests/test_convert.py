@@ -113,6 +113,9 @@ def test_aitex(tmp_path):
     # without a word, where the README says such a file is refused by name)
     (skipped,) = [w for w in res.warnings if "skipped, not images" in w]
     assert skipped.startswith("AITEX: 3 files skipped") and "notes.txt" in skipped, skipped
+    # an image whose mask marks no tile was left out without a word (a review's finding)
+    assert "AITEX: 0106_010_03.png's mask marks no defect pixel in any tile; no tile kept" \
+        in res.warnings
     # the 3:1 split works on tiles, in (fabric, image, tile) order
     names = [f"{f}_{n}_{i}" for f, n in (("2306894-2040n7u", "0002_000_01"),
                                           ("2311694-2040n7u", "0001_000_05")) for i in range(16)]
@@ -154,8 +157,12 @@ def test_sdd(tmp_path):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "out")
     _raw_sdd(raw)
     w = SDD_W
+    open(f"{raw}/readme.txt", "w").close()
     res = convert("sdd", raw, out)
     root = os.path.join(out, "SDD")
+    # files neither an image nor its label are said, not skipped without a word
+    assert res.warnings == ["SDD: 2 files skipped, neither a part's image (<kosNN>/*.jpg) nor "
+                            "its label (<kosNN>/*_label.bmp): readme.txt, kos01/Thumbs.db"]
     assert _layout(root) == {"train/good": 5, "test/good": 2, "test/defect": 2,
                              "ground_truth/defect": 2}
     assert _files(root, "test/defect") == ["kos01_Part0_1.png", "kos02_Part0_2.png"]
@@ -229,6 +236,13 @@ def test_optical(tmp_path):
     data = read_folder(root, SIZE, "")  # finds the _label.PNG masks
     assert data.masks is not None and np.all(data.masks[data.labels == 1].sum((1, 2)) > 0)
     assert len(data.anomaly_classes) == 10
+    # a flag neither 0 nor 1 (the released script takes any but 0 as a defect) is refused
+    labels = f"{raw}/Class3/Class3/Test/Label/Labels.txt"
+    text = open(labels).read()
+    open(labels, "w").write(text.replace("1\t1\t0001.PNG", "1\t2\t0001.PNG"))
+    with pytest.raises(RawLayoutError, match=r"Class3/Test/Label/Labels.txt' has the flag '2'; "
+                                             r"expected 0 \(no defect\) or 1"):
+        convert("optical", raw, str(tmp_path / "out2"))
 
 
 # ---------------------------------------------------------------- Mastcam
@@ -348,6 +362,12 @@ def test_headct(tmp_path):
         f.write("8, 2\n")
     with pytest.raises(RawLayoutError, match="gives the hemorrhage label.s. 2; expected 0 "):
         convert("headct", raw, str(tmp_path / "out2"))
+    # one column (an IndexError's traceback before) or three: the layout's error
+    for rows in ("id\n0\n1\n", "id, hemorrhage, x\n0, 1, 5\n1, 0, 5\n"):
+        open(f"{raw}/labels.csv", "w").write(rows)
+        with pytest.raises(RawLayoutError, match=r"labels.csv' has [13] column.s. per row; "
+                                                 r"expected 2, 'id, hemorrhage'"):
+            convert("headct", raw, str(tmp_path / "out2"))
 
 
 # ---------------------------------------------------------------- Hyper-Kvasir
@@ -371,10 +391,16 @@ def test_hyperkvasir(tmp_path):
     base = _raw_hyperkvasir(raw)
     with pytest.raises(RawLayoutError, match="labeled-images"):
         convert("hyper-kvasir", raw, out)  # the download's root instead of labeled-images
-    convert("hyper-kvasir", base, out)
+    loose = f"{base}/upper-gi-tract/pathological-findings/notes.txt"
+    open(loose, "w").close()  # the released script stops on it; fsad says it skips it
+    res = convert("hyper-kvasir", base, out)
     root = os.path.join(out, "hyperkvasir")
     assert _layout(root) == {"train/good": 3, "test/good": 1, "test/barretts": 1,
                              "test/esophagitis-a": 2}
+    assert res.warnings == [f"Hyper-Kvasir: 1 file skipped, outside a class folder: {loose}"]
+    # the 3:1 split of the landmarks in (class, file) order
+    landmarks = [f"{c}-{j}.jpg" for c in ("pylorus", "z-line") for j in range(2)]
+    assert (_files(root, "train/good"), _files(root, "test/good")) == _expected_split(landmarks)
 
 
 # ---------------------------------------------------------------- ELPV
@@ -416,6 +442,16 @@ def test_elpv(tmp_path):
     open(f"{long_raw}/labels.csv", "w").write(text.replace(" poly", " polycrystalline"))
     with pytest.raises(RawLayoutError, match="the cell type.s. 'polycrystalline'; expected "
                                              "mono or poly"):
+        convert("elpv", long_raw, str(tmp_path / "out_poly"))
+    # a row without its cell type (numpy's ValueError before) and a probability that is no
+    # number (a cell that vanished before: neither kept nor counted as dropped)
+    open(f"{long_raw}/labels.csv", "w").write(text.replace("  0.0 ", "  ", 1))
+    with pytest.raises(RawLayoutError, match=r"cannot read .*labels.csv': Line #2 \(got 2 "
+                                             r"columns instead of 3\); expected the raw layout"):
+        convert("elpv", long_raw, str(tmp_path / "out_poly"))
+    open(f"{long_raw}/labels.csv", "w").write(text.replace("  1.0 ", "  one ", 1))
+    with pytest.raises(RawLayoutError, match=r"no defect probability in \[0, 1\] for 1 "
+                                             r"cell.s.: images/cell0001.png \(nan\); expected"):
         convert("elpv", long_raw, str(tmp_path / "out_poly"))
 
 

@@ -76,11 +76,9 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False, tile: int = 256
                if not f.endswith(IMAGE_EXT)]
     others += [os.path.join(defect_root, f) for f in in_defects if not f.endswith(IMAGE_EXT)]
     with Output(out_dir, SUBSET, overwrite) as out:
-        if others:
-            out.warn(f"AITEX: {len(others)} file{'s' * (len(others) > 1)} skipped, not "
-                     f"images of the layout (its images end in {', '.join(IMAGE_EXT[:-1])} "
-                     f"or {IMAGE_EXT[-1]}, the defect-free ones in a fabric's folder): "
-                     f"{', '.join(others[:3])}{', ...' * (len(others) > 3)}")
+        out.warn_skipped("AITEX", others, f"not images of the layout (its images end in "
+                         f"{', '.join(IMAGE_EXT[:-1])} or {IMAGE_EXT[-1]}, the defect-free "
+                         f"ones in a fabric's folder)")
         # every normal image gives `normal_tiles` tiles: name them, split the names, then cut
         names = [f"{d}_{stem(f)}_{i}" for d, f in normals for i in range(normal_tiles)]
         train, _ = split_3_to_1(names)
@@ -120,10 +118,14 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False, tile: int = 256
                          f"skipped")
                 continue
             h, w = img.shape[:2]
+            kept = 0
             for i in range(math.ceil(w / h)):  # the count uses the height, the tiles `tile`
                 m = mask[:, i * tile:(i + 1) * tile]
                 if m.size and m.max() != 0:
                     out.save_png(f"test/{cls}", f"{name}_{i}.png", img[:, i * tile:(i + 1) * tile])
                     out.save_png(f"ground_truth/{cls}", f"{name}_{i}_mask.png", m)
+                    kept += 1
+            if not kept:  # (0106_010_03's mask is all black: the released script too keeps none)
+                out.warn(f"AITEX: {f}'s mask marks no defect pixel in any tile; no tile kept")
         return out.finish("AITEX", raw_dir, {"tile": tile, "normal_tiles": normal_tiles},
                           {"normal_images": len(normals), "defect_images": len(defects)})

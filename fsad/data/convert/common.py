@@ -149,6 +149,13 @@ class Output:
         logging.warning(message)
         self.warnings.append(message)
 
+    def warn_skipped(self, dataset: str, files: Sequence[str], why: str) -> None:
+        """One warning (naming the first three of `files`) that `files` were skipped, and
+        `why`; none where `files` is empty."""
+        if files:
+            self.warn(f"{dataset}: {len(files)} file{'s' * (len(files) > 1)} skipped, {why}: "
+                      f"{', '.join(files[:3])}{', ...' * (len(files) > 3)}")
+
     def _target(self, rel_dir: str, name: str) -> str:
         folder = os.path.join(self.root, rel_dir)
         os.makedirs(folder, exist_ok=True)

@@ -44,10 +44,20 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     csv = require_file(os.path.join(raw_dir, "labels.csv"), "ELPV", LAYOUT)
     # (the package's own reader takes |S19 and |S4: fields cut short there, e.g. a longer
     # file name or "polycrystalline", are read whole here and checked)
-    table = np.genfromtxt(csv, dtype=["U4096", "<f8", "U64"], names=["path", "probability",
-                                                                     "type"], ndmin=1,
-                          encoding="utf-8")
+    try:
+        table = np.genfromtxt(csv, dtype=["U4096", "<f8", "U64"],
+                              names=["path", "probability", "type"], ndmin=1, encoding="utf-8")
+    except ValueError as err:  # rows of another number of fields, each named by numpy
+        rows = " ".join(str(err).replace("Some errors were detected !", "").split())
+        raise RawLayoutError(f"ELPV: cannot read {csv!r}: {rows}; expected the raw layout "
+                             f"{LAYOUT}") from err
     paths, probs = table["path"].tolist(), table["probability"]
+    # (an unreadable probability is NaN, neither kept nor counted as dropped: refused)
+    odd = [f"{p} ({q})" for p, q in zip(paths, probs) if not 0.0 <= q <= 1.0]
+    if odd:
+        raise RawLayoutError(f"ELPV: {csv!r} gives no defect probability in [0, 1] for "
+                             f"{len(odd)} cell(s): {', '.join(odd[:3])}{', ...' * (len(odd) > 3)}"
+                             f"; expected the raw layout {LAYOUT}")
     types = table["type"].tolist()
     odd = sorted({t for t in types if t not in ("mono", "poly")})
     if odd:

@@ -33,6 +33,9 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     except ValueError as err:
         raise RawLayoutError(f"HeadCT: cannot read {csv!r} as integer rows 'id, hemorrhage' "
                              f"({err}); expected the raw layout {LAYOUT}") from err
+    if table.shape[1] != 2:
+        raise RawLayoutError(f"HeadCT: {csv!r} has {table.shape[1]} column(s) per row; expected "
+                             f"2, 'id, hemorrhage' (the raw layout {LAYOUT})")
     ids, labels = table[:, 0], table[:, 1]
     odd = sorted(set(labels.tolist()) - {0, 1})
     if odd:  # (the released script leaves such rows out without a word)

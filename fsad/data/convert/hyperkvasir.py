@@ -46,9 +46,12 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     if not normals or not anomalies:
         raise RawLayoutError(f"Hyper-Kvasir: found {len(normals)} landmark and {len(anomalies)} "
                              f"finding images; expected the raw layout {LAYOUT}")
+    loose = [os.path.join(root, f) for root in (landmarks, findings) for f in list_files(root)]
     train, test = split_3_to_1(normals)
     jobs = [(s, "train/good") for s in train] + [(s, "test/good") for s in test] + anomalies
     with Output(out_dir, SUBSET, overwrite) as out:
+        # (the released script stops on these)
+        out.warn_skipped("Hyper-Kvasir", loose, "outside a class folder")
         for src, rel in progress(jobs, "Hyper-Kvasir"):
             out.copy(src, rel)
         return out.finish("Hyper-Kvasir", raw_dir)

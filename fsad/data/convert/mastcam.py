@@ -41,8 +41,8 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
         src = os.path.join(novel, cls)
         jobs += [(os.path.join(src, f), f"test/{cls}") for f in list_files(src)]
     with Output(out_dir, SUBSET, overwrite) as out:
-        for f in list_files(novel):  # the released script crashes on these
-            out.warn(f"Mastcam: {os.path.join(novel, f)} is a file, not a class folder; skipped")
+        out.warn_skipped("Mastcam", [os.path.join(novel, f) for f in list_files(novel)],
+                         "not a class folder of test_novel")  # the released script stops
         for src, rel in progress(jobs, "Mastcam"):
             out.copy(src, rel)
         return out.finish("Mastcam", raw_dir)

@@ -39,6 +39,9 @@ def _read_labels(path: str) -> list[tuple[str, str, str]]:
                 raise RawLayoutError(f"Optical: line {line!r} of {path!r} has {len(fields)} "
                                      f"tab-separated fields, expected 5 (index, flag, image, 0, "
                                      f"label); use DAGM 2007's own Labels.txt")
+            if fields[1].strip() not in ("0", "1"):  # (the released script: any but 0 a defect)
+                raise RawLayoutError(f"Optical: line {line!r} of {path!r} has the flag "
+                                     f"{fields[1].strip()!r}; expected 0 (no defect) or 1")
             rows.append((fields[1].strip(), fields[2].strip(), fields[4].strip()))
     return rows
 

@@ -34,8 +34,12 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     """
     require_dir(raw_dir, "SDD", LAYOUT)
     # the released script takes the files whose names end in "jpg" as the images
-    images = [(d, f) for d in list_dirs(raw_dir)
-              for f in list_files(os.path.join(raw_dir, d)) if f.endswith("jpg")]
+    series = {d: list_files(os.path.join(raw_dir, d)) for d in list_dirs(raw_dir)}
+    images = [(d, f) for d, files in series.items() for f in files if f.endswith("jpg")]
+    labels = {(d, stem(f) + "_label.bmp") for d, f in images}
+    others = list_files(raw_dir) + [os.path.join(d, f) for d, files in series.items()
+                                    for f in files
+                                    if not f.endswith("jpg") and (d, f) not in labels]
     if not images:
         raise RawLayoutError(f"SDD: no <kosNN>/*.jpg images under {raw_dir!r}; expected the "
                              f"raw layout {LAYOUT}")
@@ -60,6 +64,8 @@ def convert(raw_dir: str, out_dir: str, overwrite: bool = False):
     train, _ = split_3_to_1(normal_names)
     train = set(train)
     with Output(out_dir, SUBSET, overwrite) as out:
+        out.warn_skipped("SDD", others, "neither a part's image (<kosNN>/*.jpg) nor its "
+                         "label (<kosNN>/*_label.bmp)")
         for d, f in progress(images, "SDD images"):
             img, label = read_rgb(os.path.join(raw_dir, d, f)), label_of(d, f)
             for i, rows in enumerate(_bands(img.shape[0])):
