@@ -149,41 +149,55 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
                     mngr.item_metadata(step))
             return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
+            _quiet_failed_reads()  # at once: the failed reads' reports may come any time
             # (the error's first line: TensorStore's run to thousands, its whole spec;
             # the whole error at the debug level)
             first = (str(err).strip().splitlines() or [""])[0][:300]
             logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying the one "
                             "before", step, mngr.directory, type(err).__name__, first)
             logging.debug("checkpoint %d: %s", step, err)
-        _collect_failed_reads()
+            gc.collect()  # the failed reads already unreachable: reported (and dropped) now
     return state
 
 
-def _collect_failed_reads() -> None:
-    """Quiets the read coroutines a failed restore left: Orbax's other reads of that
-    checkpoint failed too, and Python reported each, when it was closed at some later
-    garbage collection, as "Exception ignored in: <coroutine object
-    _read_array_index_and_device_put>" with TensorStore's whole error (seen in 1 of 3
-    runs of the test of a damaged checkpoint, and in a fresh clone's suite long after
-    that test). The warning of the fallback says it once: from here on, for the rest of
-    the process, such reports of Orbax's coroutines are dropped (`_DropOrbaxCoroutines`;
-    every other report goes to the hook before), and those already unreachable are
-    collected now."""
-    if not isinstance(sys.unraisablehook, _DropOrbaxCoroutines):
-        sys.unraisablehook = _DropOrbaxCoroutines(sys.unraisablehook)
-    gc.collect()
+def _quiet_failed_reads() -> None:
+    """Quiets what the other reads of a failed restore leave: they failed too, or end
+    later in TensorStore's threads after Orbax closed its event loop, and Python
+    reported each as an unraisable exception, "Exception ignored in: <coroutine object
+    _read_array_index_and_device_put>" with TensorStore's whole error when the coroutine
+    was collected, or "Exception ignored in: None ... RuntimeError: Event loop is closed"
+    (each seen in a fresh clone's suite, long after the test of a damaged checkpoint).
+    The warning of the fallback says it once: from here on, for the rest of the process,
+    such reports are dropped (`_DropFailedReadReports`; every other report goes to the
+    hook before)."""
+    if not isinstance(sys.unraisablehook, _DropFailedReadReports):
+        sys.unraisablehook = _DropFailedReadReports(sys.unraisablehook)
 
 
-class _DropOrbaxCoroutines:
-    """A `sys.unraisablehook` that drops the reports of Orbax's coroutines (a failed
-    restore's other reads, `_collect_failed_reads`) and passes every other one on."""
+def _closed_loop_wakeup(unraisable) -> bool:
+    """Whether `unraisable` (sys.UnraisableHookArgs) is asyncio's RuntimeError "Event
+    loop is closed" raised in `call_soon_threadsafe`: a TensorStore read or write that
+    ended after Orbax had given up on it and closed its loop."""
+    exc, tb, names = unraisable.exc_value, unraisable.exc_traceback, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and "call_soon_threadsafe" in names)
+
+
+class _DropFailedReadReports:
+    """A `sys.unraisablehook` that drops the reports of a failed restore's other reads
+    (`_quiet_failed_reads`): Orbax's coroutines, and wakeups of its closed loop. Every
+    other report goes on to the hook it replaced."""
 
     def __init__(self, previous):
         self.previous = previous
 
     def __call__(self, unraisable):
         code = getattr(unraisable.object, "cr_code", None)
-        if code is None or "/orbax/" not in code.co_filename.replace("\\", "/"):
+        orbax = code is not None and "/orbax/" in code.co_filename.replace("\\", "/")
+        if not (orbax or _closed_loop_wakeup(unraisable)):
             self.previous(unraisable)
 
 
@@ -221,12 +235,7 @@ class _DropClosedLoopWakeups:
         self.previous = previous
 
     def __call__(self, unraisable):
-        exc, tb, names = unraisable.exc_value, unraisable.exc_traceback, []
-        while tb is not None:
-            names.append(tb.tb_frame.f_code.co_name)
-            tb = tb.tb_next
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                and "call_soon_threadsafe" in names):
+        if not _closed_loop_wakeup(unraisable):
             self.previous(unraisable)
 
 
