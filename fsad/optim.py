@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -24,6 +25,21 @@ def step_decay(lr: float, steps_per_epoch: int, every_epochs: int, factor: float
         return lr * jnp.power(factor, (epoch + shift) // every_epochs)
 
     return schedule
+
+
+def clip_grad_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransformation:
+    """PyTorch's `torch.nn.utils.clip_grad_norm_(params, max_norm)` as an optax
+    transformation: every gradient times min(1, max_norm / (‖g‖ + eps)), ‖g‖ the global
+    L2 norm. optax.clip_by_global_norm divides by ‖g‖ itself, 1e-6 / ‖g‖ apart (relative)
+    on the steps that clip."""
+
+    def update(updates, state, params=None):
+        del params
+        norm = optax.global_norm(updates)
+        coef = jnp.minimum(max_norm / (norm + eps), 1.0)
+        return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,7 +70,7 @@ def make_optimizer(lr: float, weight_decay: float = 0.0, steps_per_epoch: int = 
                               decay_at_epoch_start)
     parts = []
     if clip_norm:
-        parts.append(optax.clip_by_global_norm(clip_norm))
+        parts.append(clip_grad_norm(clip_norm))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.adam(schedule))

@@ -47,7 +47,7 @@ from fsad.methods import build_method  # noqa: E402
 from fsad.methods.devnet import DevNetModel  # noqa: E402
 from fsad.methods.dra import DRAModel  # noqa: E402
 from fsad.models.resnet import normalize_uint8  # noqa: E402
-from fsad.optim import make_optimizer, step_decay  # noqa: E402
+from fsad.optim import clip_grad_norm, make_optimizer, step_decay  # noqa: E402
 
 # the modules (fsad.methods exports functions of the same names)
 from fsad.methods import ahl as fsad_ahl  # noqa: E402
@@ -511,6 +511,32 @@ def test_step_decay_equals_released_steplr(at_epoch_start):
     decays = [i // steps_per_epoch for i in range(1, len(torch_lr))
               if torch_lr[i] < torch_lr[i - 1]]
     assert decays == ([9, 19, 29] if at_epoch_start else [10, 20])
+
+
+def test_clipping_equals_clip_grad_norm():
+    """fsad's clipping scales as torch.nn.utils.clip_grad_norm_ does, by max_norm / (‖g‖ +
+    1e-6), to float rounding (3 ulp); optax.clip_by_global_norm, which fsad used before,
+    scales by max_norm / ‖g‖: 1e-6 / ‖g‖ apart (relative), 8e-7 at ‖g‖ = 1.3, more than
+    the rounding. Norms below max_norm, at it and above."""
+    rng = np.random.default_rng(0)
+    shapes = {"conv": (3, 3, 4, 8), "bias": (8,), "fc": (8, 1)}
+    for norm in (0.4, 1.0, 1.0 + 1e-6, 1.3, 5.0):
+        g = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+        scale = norm / np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in g.values()))
+        g = {k: (v * scale).astype(np.float32) for k, v in g.items()}
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes.values()]
+        for p, v in zip(params, g.values()):
+            p.grad = torch.from_numpy(v.copy())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        want = {k: p.grad.numpy() for k, p in zip(shapes, params)}
+
+        def rel_err(clip):
+            got, _ = clip.update(jax.tree.map(jnp.asarray, g), optax.EmptyState())
+            return max(float(np.abs(np.asarray(got[k]) / want[k] - 1).max()) for k in shapes)
+
+        assert rel_err(clip_grad_norm(1.0)) < 3.6e-7, norm
+        if norm == 1.3:
+            assert rel_err(optax.clip_by_global_norm(1.0)) > 5e-7
 
 
 # ---------------------------------------------------------------- AHL
