@@ -10,7 +10,6 @@ loop without the rest of fsad::
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import jax
@@ -144,7 +143,10 @@ def focal_loss(logits: jax.Array, labels: jax.Array, gamma: float = 2.0,
 
 
 def topk_count(num_cells: int, fraction: float = 0.1) -> int:
-    """K = max(1, floor(fraction * h'w')) (DevNet Eq. 6; released `int(n * topk)`).
+    """K = max(1, floor(fraction * h'w')) (DevNet Eq. 6), as the released code computes
+    it, `int(n * topk)` on Python floats: one short of the exact product where its float
+    rounds below an integer (0.29 of 100 cells: 28.999999999999996, so 28), never at the
+    defaults (0.1, or any fraction of whole per cent on 7x7 or 14x14 maps).
 
     fraction: a Python float in (0, 1], fixed when a function is traced (under jax.jit,
     a static argument: `jax.jit(topk_mean, static_argnums=1)`).
@@ -159,7 +161,7 @@ def topk_count(num_cells: int, fraction: float = 0.1) -> int:
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"topk fraction={fraction} is not in (0, 1]; e.g. 0.1 takes the "
                          f"top 10% of the cells")
-    return max(1, int(math.floor(num_cells * fraction + 1e-9)))
+    return max(1, int(num_cells * fraction))
 
 
 def topk_mean(score_map: jax.Array, fraction: float = 0.1, use_abs: bool = True) -> jax.Array:

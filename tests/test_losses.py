@@ -70,6 +70,9 @@ def test_topk_gradient_flows_only_to_top_cells():
 
 def test_topk_count_small_maps():
     assert losses.topk_count(1) == 1 and losses.topk_count(9) == 1 and losses.topk_count(196) == 19
+    # the released int(n * topk) where the float product falls just below an integer
+    # (fsad took floor(n * topk + 1e-9) = 29 before: a review's finding)
+    assert 100 * 0.29 < 29 and losses.topk_count(100, 0.29) == 28
 
 
 def test_p_value_matches_scipy():
