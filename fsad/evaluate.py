@@ -6,20 +6,25 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 
-def image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+BASE_DIVERGED = ("training diverged; lower --config.optim.lr in a new --workdir (this one "
+                 "holds the config that diverged)")
+
+
+def image_metrics(labels: np.ndarray, scores: np.ndarray,
+                  diverged: str = BASE_DIVERGED) -> dict[str, float]:
     """AUROC and AUPR (average precision) of anomaly scores.
 
     Args:
       labels: [N] {0, 1}, 1 anomalous.
       scores: [N] float, higher is more anomalous.
+      diverged: what the error says where a score is not finite (what diverged, and the
+        setting to change).
     """
     labels = np.asarray(labels)
     scores = np.asarray(scores, np.float64)
     if not np.all(np.isfinite(scores)):
         from fsad.errors import UserError
-        raise UserError("the anomaly scores are not finite: training diverged; lower "
-                        "--config.optim.lr in a new --workdir (this one holds the config "
-                        "that diverged)")
+        raise UserError(f"the anomaly scores are not finite: {diverged}")
     return {"auroc": float(roc_auc_score(labels, scores)),
             "aupr": float(average_precision_score(labels, scores))}
 

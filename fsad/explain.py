@@ -1,7 +1,7 @@
 """Explanations (DevNet Eq. 9): jax.grad saliency, Gaussian blur, localisation metrics.
 
-    saliency = make_saliency_fn(score_one)         # score_one: [H, W, 3] -> []
-    maps = saliency(images)                        # [B, H, W], jitted and vmapped
+    saliency = make_saliency_fn(score_one)   # score_one: (variables, x [H, W, 3]) -> []
+    maps = saliency(variables, images)       # images [B, H, W, 3] -> [B, H, W], jitted
 
 M = G_sigma(|d phi(x) / d x|): the gradient of the image score with respect to
 the input pixels, absolute value summed over colour channels, blurred with a
@@ -262,7 +262,8 @@ def auroc_f1_curve(image_scores: np.ndarray, labels: np.ndarray, maps: np.ndarra
       image_scores: [N]; labels: [N] {0, 1}; maps, masks: [N, H, W].
     Returns:
       {"threshold", "f1", "pixel_auroc"} lists of equal length (cut-offs where no
-      true anomaly with a non-empty mask is detected are left out).
+      true anomaly with a non-empty mask is detected, or where the detected ones' masks
+      mark every pixel, leaving none normal to rank against, are left out).
     """
     image_scores, labels = np.asarray(image_scores), np.asarray(labels)
     has_mask = np.asarray(masks).reshape(len(masks), -1).max(1) > 0
@@ -270,7 +271,9 @@ def auroc_f1_curve(image_scores: np.ndarray, labels: np.ndarray, maps: np.ndarra
     for t in np.quantile(image_scores, np.linspace(0.0, 0.98, num_thresholds)):
         pred = image_scores > t
         detected = pred & (labels == 1) & has_mask
-        if not detected.any():
+        # (where every pixel is marked, roc_auc_score raised "Only one class present" in
+        # scikit-learn 1.3, the lowest allowed, and gives NaN in 1.9)
+        if not detected.any() or (np.asarray(masks)[detected] > 0).all():
             continue
         out["threshold"].append(float(t))
         out["f1"].append(float(f1_score(labels, pred)))

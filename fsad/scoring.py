@@ -201,16 +201,18 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
     CSV columns: file (relative to input_dir), score, z, p_value, anomalous; the last
     three empty for a run whose scores have no calibration (DRA's: `prior_calibrated`);
     with heatmaps, heatmap: the image's overlay (`heatmap_path`), relative to the CSV's
-    folder. The CSV is written last, whole or not at all (`write_csv`): a scoring stopped
-    or failed before its end leaves none, and a CSV there before as it was.
+    folder (absolute where output is a stream, which has no folder). The CSV is written
+    last, whole or not at all (`write_csv`): a scoring stopped or failed before its end
+    leaves none, and a CSV there before as it was.
     An AHL run scores with its unified heads (as its evaluation does); its heat maps,
     like its evaluation's, are the base network's saliency.
     """
     files, input_dir = images_to_score(input_dir)
     output = writable_output(output or default_scores_path(workdir, config.seed))
+    # the run first: one without a checkpoint is said before a folder is decoded
+    method, variables, mesh = load_trained(config, workdir)
     images = decode_many([os.path.join(input_dir, f) for f in files], config.data.img_size,
                          desc="decoding")
-    method, variables, mesh = load_trained(config, workdir)
     variables = method.prepare_eval(variables)
     with hint_on_oom("scoring", eval_fix(config)):
         if config.method == "ahl":  # the unified heads on the base trunk's features
@@ -240,14 +242,16 @@ def score_folder(config, workdir: str, input_dir: str, output: str | None = None
                 overlay_png(path, image, heat)
     interrupts.check()  # a Ctrl-C dropped on its way: no CSV
     if is_primary():  # the other hosts of a multi-host run computed the same
-        here = os.path.dirname(os.path.abspath(output))
+        # (a stream's folder, /dev for /dev/stdout, is not where its text ends up)
+        here = None if is_stream(output) else os.path.dirname(os.path.abspath(output))
         rows = [["file", "score", "z", "p_value", "anomalous"]
                 + (["heatmap"] if heatmaps else [])]
         for i, name in enumerate(files):
             decision = ["", "", ""] if cal is None else [
                 f"{cal['z'][i]:.6g}", f"{cal['p_value'][i]:.6g}", int(cal["anomalous"][i])]
             rows.append([name, f"{scores[i]:.6g}", *decision] + (
-                [os.path.relpath(os.path.abspath(overlays[i]), here)] if heatmaps else []))
+                [os.path.abspath(overlays[i]) if here is None
+                 else os.path.relpath(os.path.abspath(overlays[i]), here)] if heatmaps else []))
         write_csv(output, rows)
     return output
 

@@ -234,10 +234,10 @@ def check_scoring_config(config) -> None:
     e = config.explain
     size = config.data.img_size
     _require(1 <= e.kernel_size <= size, f"explain.kernel_size={e.kernel_size}; the "
-             f"saliency's blur needs a kernel of 1 pixel or more (16, the released code's), "
-             f"at most the image's {size}")
+             f"saliency's blur needs a kernel of 1 pixel or more (16, the paper's), at most the "
+             f"image's {size}")
     _require(_finite(e.sigma) and e.sigma > 0, f"explain.sigma={e.sigma}; the blur's Gaussian "
-             f"needs a positive sigma (4, the released code's)")
+             f"needs a positive sigma (4, the paper's and the released code's)")
     _require(e.num_overlays >= 0, f"explain.num_overlays={e.num_overlays}; use 0 (none) or "
              f"more top-scored test images to draw")
     _require(1 <= e.curve_points <= MAX_CURVE_POINTS, f"explain.curve_points="

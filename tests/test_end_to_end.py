@@ -16,6 +16,7 @@ detection, the CLI's results, rerun, scoring and config checks.
 import concurrent.futures
 import copy
 import csv
+import io
 import json
 import os
 import re
@@ -369,6 +370,17 @@ def test_rerun_scoring_and_another_config(runs, capsys, tmp_path):
         assert list(csv.DictReader(f)) == [
             {**row, "heatmap": os.path.join("heatmaps_seed1", "000.png.png")}]
     assert os.listdir(two / "heatmaps_seed1") == ["000.png.png"]
+    # to a stream (a named pipe; /dev/stdout alike), which has no folder of its own: the
+    # overlay's absolute path (for /dev/stdout, one relative to /dev before)
+    fifo = str(tmp_path / "scores.fifo")
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", fifo], stdout=subprocess.PIPE, text=True)
+    try:
+        assert execute(config, str(two), "score", one, fifo, heatmaps=True) == 0
+        (streamed,) = csv.DictReader(io.StringIO(reader.communicate(timeout=60)[0]))
+    finally:
+        reader.kill()
+    assert streamed["heatmap"] == str(two / "heatmaps_seed1" / "000.png.png")
     config.seed = 0  # and num_seeds 1, as stored: seed 0 holds no model here
     assert execute(config, str(two), "score", one) == 2
     assert "no checkpoints in" in capsys.readouterr().err

@@ -750,16 +750,19 @@ def test_score_flags_without_score_mode(tmp_path, capsys):
     assert not (tmp_path / "w").exists()
 
 
-def test_scoring_without_a_trained_run_or_images(tmp_path, capsys):
+def test_scoring_without_a_trained_run_or_images(tmp_path, capsys, monkeypatch):
     root = dataset(tmp_path / "d")
     cfg = folder_config(root)
     expect_error(cfg, tmp_path / "w", capsys, "holds no trained run", mode="score",
                  input_dir=root)
     work = tmp_path / "w2"
     work.mkdir()
+    from fsad import scoring
     from fsad.workdir import config_json
     (work / "config.json").write_text(json.dumps(config_json(cfg)))
-    expect_error(cfg, work, capsys, "no checkpoints", mode="score", input_dir=root)
+    with monkeypatch.context() as m:  # said before the folder is decoded (it was after)
+        m.setattr(scoring, "decode_many", lambda *a, **k: pytest.fail("decoded first"))
+        expect_error(cfg, work, capsys, "no checkpoints", mode="score", input_dir=root)
     # a first save cut short (Orbax's temporary folder) is no checkpoint either: before,
     # it read as one that "could not be read"
     (work / "seed_0" / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir(parents=True)
@@ -1229,6 +1232,31 @@ def test_loss_that_is_not_finite(tmp_path, capsys):
     ckpts = [int(d) for d in os.listdir(tmp_path / "w" / "seed_0" / "checkpoints")
              if d.isdigit()]
     assert all(c < step for c in ckpts)  # no checkpoint of the diverged state
+
+
+def test_ahl_scores_that_are_not_finite_name_ahls_settings(tmp_path, monkeypatch):
+    """AHL's scores not finite after a meta-training whose losses were (its last update
+    diverged) is AHL's to fix, on the base models it keeps: the error said "training
+    diverged; lower --config.optim.lr", the base's setting (a review's finding)."""
+    from types import SimpleNamespace
+    from fsad.methods.ahl import stage
+    monkeypatch.setattr(stage, "run_ahl", lambda *a: {"scores": np.array([0.0, np.nan]),
+                                                      "base_scores": np.array([0.0, 1.0])})
+    config = tiny_config("ahl_dra")
+    data = SimpleNamespace(images=np.zeros((4, 1, 1, 3), np.uint8),
+                           labels=np.array([0, 1, 0, 1]))
+    split = SimpleNamespace(train_normal=[0], train_anomaly=[1], test=[2, 3])
+    runner = SimpleNamespace(config=config, method=None, mesh=None)
+    work = tmp_path / "w"
+    for base, named in (("", work), (str(tmp_path / "base"), tmp_path / "base")):
+        config.ahl.base_workdir = base
+        with pytest.raises(UserError) as err:
+            stage.ahl_stage(runner, data, split, {}, {"score": np.zeros(2)}, {}, 0,
+                            str(work / "seed_0"))
+        assert str(err.value) == (
+            f"the anomaly scores are not finite: AHL's meta-training diverged; lower "
+            f"--config.ahl.optim.lr or --config.ahl.inner_lr in a new --workdir with "
+            f"--config.ahl.base_workdir={named}, which keeps the trained base models")
 
 
 def test_scoring_a_run_stopped_by_ctrl_c_says_it_is_unfinished(tmp_path, capsys, caplog,

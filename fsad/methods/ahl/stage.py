@@ -118,7 +118,12 @@ def ahl_stage(runner, data, split, variables, scores: dict, metrics: dict, seed:
     labels = data.labels[split.test]
     same = image_metrics(labels, info.pop("base_scores"))
     new_scores = {"score": info.pop("scores"), "base_score": scores["score"]}
-    new_metrics = {**image_metrics(labels, new_scores["score"]),
+    base = config.ahl.base_workdir or os.path.dirname(os.path.abspath(seed_dir))
+    # (the loss of every meta-epoch was finite, meta_train.py: the last update diverged)
+    diverged = (f"AHL's meta-training diverged; lower --config.ahl.optim.lr or "
+                f"--config.ahl.inner_lr in a new --workdir with --config.ahl.base_workdir="
+                f"{base}, which keeps the trained base models")
+    new_metrics = {**image_metrics(labels, new_scores["score"], diverged),
                    **{f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")},
                    "base_auroc_same_features": same["auroc"],
                    **{k: v for k, v in metrics.items() if k.startswith("pixel_")},
