@@ -2,10 +2,11 @@
 to compare a run with.
 
 Sources:
-  dra_paper           Ding et al., CVPR 2022, Table 1. Its DevNet numbers are DevNet-TPAMI
-                      Table 2's (identical 10-shot figures).
-  ahl_paper           Zhu et al., CVPR 2024, Tables 1/7. DevNet and DRA were re-run there
-                      with the official code, so these baselines differ from dra_paper's.
+  dra_paper           Ding et al., CVPR 2022, Tables 1 (general) and 2 (hard). Its DevNet
+                      numbers are DevNet-TPAMI Tables 2 and 3's (identical 10-shot figures).
+  ahl_paper           Zhu et al., CVPR 2024, Tables 1/7 (general) and 2/8 (hard). DevNet and
+                      DRA were re-run there with the official code, so these baselines differ
+                      from dra_paper's.
   ahl_paper_appendix  the AHL appendix (Table 7) where it disagrees with its Table 1
                       (HeadCT, DRA, 10-shot: 0.988 against 0.978).
   devnet_table5       DevNet-TPAMI Table 5, its ablations (general setting, 10 shots):
@@ -13,6 +14,8 @@ Sources:
 
     >>> reference_auroc("elpv", "dra", "general", 10)
     {'dra_paper': 0.845, 'ahl_paper': 0.843}
+    >>> reference_auroc("elpv", "ahl(dra)", "hard", 10, known_class="mono")
+    {'ahl_paper': 0.745}
 """
 
 from __future__ import annotations
@@ -42,6 +45,24 @@ headct       .742/.982 .796/.972 .755/.997 .804/.978 .781/.999 .825/.993
 hyperkvasir  .653/.829 .690/.834 .734/.822 .712/.844 .768/.873 .742/.880
 mvtecad      .794/.945 .883/.959 .832/.948 .889/.966 .843/.954 .901/.970
 """
+# MVTec AD's subsets, whose mean is the mvtecad row (DRA paper Table 1, AHL paper Table 7)
+_MVTEC_GENERAL = """
+carpet       .746/.867 .859/.940 .778/.864 .873/.945 .802/.867 .877/.953
+grid         .891/.967 .972/.987 .868/.901 .972/.990 .872/.914 .975/.992
+leather      .873/.999 .989/1.000 .874/.986 .988/1.000 .880/.996 .988/1.000
+tile         .752/.987 .965/.994 .872/1.000 .966/1.000 .909/1.000 .968/1.000
+wood         .900/.999 .985/.998 .917/.999 .987/.998 .947/1.000 .987/.998
+bottle       .976/.993 1.000/1.000 .986/.996 1.000/1.000 .994/.998 1.000/1.000
+capsule      .564/.865 .631/.935 .567/.872 .646/.928 .581/.885 .665/.930
+pill         .769/.866 .832/.904 .779/.882 .831/.918 .781/.900 .840/.918
+transistor   .722/.924 .668/.915 .732/.907 .727/.919 .737/.912 .796/.926
+zipper       .922/.990 .984/1.000 .914/.992 .983/1.000 .928/.995 .986/1.000
+cable        .783/.892 .876/.909 .790/.901 .855/.914 .793/.907 .858/.921
+hazelnut     .979/1.000 .977/1.000 .970/1.000 .982/1.000 .978/1.000 .989/1.000
+metal_nut    .876/.991 .948/.997 .874/.992 .950/.997 .880/.997 .952/.998
+screw        .399/.970 .903/.977 .766/.981 .902/.978 .769/.984 .927/.985
+toothbrush   .753/.860 .650/.826 .790/.950 .675/.908 .794/.959 .710/.921
+"""
 # Hard setting: mean over the known-class runs (AITEX's six hard classes, Mastcam's nine,
 # Hyper-Kvasir's four, ELPV mono/poly). SDD, Optical, BrainMRI and HeadCT have one class.
 _HARD = """
@@ -49,6 +70,43 @@ aitex        .646/.683 .684/.733 .646/.685 .696/.733 .660/.709 .707/.747
 elpv         .648/.702 .703/.766 .663/.722 .722/.771 .678/.752 .740/.788
 mastcam      .511/.588 .667/.695 .519/.588 .658/.704 .535/.602 .673/.721
 hyperkvasir  .595/.822 .700/.844 .598/.827 .699/.822 .619/.845 .706/.854
+carpet       .767/.847 .901/.935 .774/.853 .905/.940 .785/.860 .932/.949
+metal_nut    .855/.965 .932/.945 .861/.970 .936/.968 .869/.972 .939/.971
+"""
+# Hard setting, each known class: dataset, known class (fsad's folder name), the columns
+# (DRA paper Table 2; AHL paper Table 8, whose means are _HARD's). Carpet and Metal_nut are
+# MVTec AD's two subsets of the hard setting.
+_HARD_CLASSES = """
+carpet       color                   .716/.767 .879/.886 .701/.774 .890/.899 .718/.778 .894/.929
+carpet       cut                     .666/.819 .902/.922 .679/.817 .890/.942 .684/.825 .934/.943
+carpet       hole                    .721/.814 .901/.947 .729/.808 .915/.958 .736/.815 .935/.960
+carpet       metal_contamination     .819/.863 .871/.933 .822/.885 .877/.916 .846/.899 .931/.921
+carpet       thread                  .912/.972 .950/.989 .937/.981 .954/.985 .941/.984 .966/.991
+metal_nut    bent                    .797/.904 .952/.990 .817/.907 .952/.987 .831/.909 .954/.989
+metal_nut    color                   .909/.978 .946/.967 .903/.992 .930/.956 .910/.995 .933/.958
+metal_nut    flip                    .764/.987 .921/.913 .751/.982 .931/.931 .755/.987 .931/.937
+metal_nut    scratch                 .952/.991 .909/.911 .974/.998 .929/.998 .981/.998 .934/.999
+aitex        Broken_end              .712/.658 .708/.693 .702/.658 .696/.708 .716/.688 .704/.735
+aitex        Broken_pick             .552/.585 .731/.760 .567/.595 .719/.671 .575/.612 .727/.683
+aitex        Cut_selvage             .689/.709 .739/.777 .674/.703 .751/.777 .680/.737 .753/.781
+aitex        Fuzzyball               .617/.734 .538/.701 .629/.736 .631/.749 .644/.755 .647/.775
+aitex        Nep                     .722/.810 .717/.750 .741/.806 .685/.784 .754/.836 .703/.792
+aitex        Weft_crack              .586/.599 .669/.717 .561/.614 .693/.710 .588/.624 .706/.713
+elpv         mono                    .634/.599 .735/.731 .620/.639 .762/.735 .638/.663 .774/.745
+elpv         poly                    .662/.804 .671/.800 .705/.806 .681/.806 .717/.842 .705/.831
+mastcam      bedrock                 .495/.550 .668/.658 .508/.586 .653/.654 .533/.589 .679/.673
+mastcam      broken-rock             .533/.547 .645/.649 .558/.562 .640/.704 .572/.572 .661/.722
+mastcam      drill-hole              .555/.583 .657/.725 .555/.590 .642/.757 .563/.610 .654/.760
+mastcam      drt                     .529/.621 .713/.760 .570/.620 .733/.757 .581/.629 .724/.772
+mastcam      dump-pile               .521/.705 .767/.748 .510/.689 .741/.757 .519/.695 .756/.802
+mastcam      float                   .502/.615 .670/.744 .507/.640 .688/.749 .524/.647 .702/.765
+mastcam      meteorite               .467/.554 .637/.716 .436/.561 .604/.689 .463/.572 .616/.691
+mastcam      scuff                   .472/.528 .549/.636 .496/.447 .573/.626 .515/.506 .581/.656
+mastcam      veins                   .527/.589 .699/.620 .530/.577 .650/.644 .548/.598 .687/.650
+hyperkvasir  barretts                .672/.834 .772/.824 .682/.837 .788/.820 .701/.850 .792/.829
+hyperkvasir  barretts-short-segment  .604/.799 .674/.835 .608/.790 .643/.829 .629/.812 .651/.895
+hyperkvasir  esophagitis-a           .569/.844 .778/.881 .567/.867 .759/.854 .583/.876 .760/.878
+hyperkvasir  esophagitis-b-d         .536/.810 .577/.837 .535/.812 .604/.785 .562/.842 .622/.815
 """
 # The known classes the hard-setting means are over (DRA paper Table 2, AHL paper Tables
 # 2/8): AITEX and Mastcam leave out their classes of only a few images.
@@ -58,10 +116,9 @@ HARD_KNOWN_CLASSES = {
                 "meteorite", "scuff", "veins"),
     "hyperkvasir": ("barretts", "barretts-short-segment", "esophagitis-a", "esophagitis-b-d"),
     "elpv": ("mono", "poly"),
+    "carpet": ("color", "cut", "hole", "metal_contamination", "thread"),
+    "metalnut": ("bent", "color", "flip", "scratch"),
 }
-# Single known classes quoted in spec §8: ELPV, hard, 10-shot, DRA paper's DRA.
-_HARD_PER_CLASS = {("elpv", "dra", "mono", 10): {"dra_paper": 0.731},
-                   ("elpv", "dra", "poly", 10): {"dra_paper": 0.800}}
 # MVTec AD's general row is the mean over its 15 subsets (DRA paper Table 1, AHL paper
 # Table 1); spec §8 quotes its 10-shot DevNet .945, DRA .959 and AHL(DRA) .970.
 _EXTRA = {("headct", "general", 10): {("ahl_paper_appendix", "dra"): 0.988}}
@@ -90,18 +147,29 @@ ABLATION = {(dataset, *column): float(v)
 _STAND_INS = ("resnet18", "resnet34", "efficientnet_lite0")
 
 
-def _parse(text: str, setting: str) -> dict:
+def _table_key(name: str) -> str:
+    """A dataset's name as the tables key it: lower case, letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _parse(text: str, *kind: str) -> dict:
+    """{(dataset, *kind, shots) (with the row's known class after kind where `text` names
+    one): {(source, method): AUROC}} of the rows of `text`."""
     out = {}
     for line in text.strip().splitlines():
         dataset, *cells = line.split()
+        known = (cells.pop(0),) if len(cells) == len(_COLUMNS) + 1 else ()
         for (source, method), cell in zip(_COLUMNS, cells, strict=True):
             one, ten = (float(v) for v in cell.split("/"))
-            out.setdefault((dataset, setting, 1), {})[source, method] = one
-            out.setdefault((dataset, setting, 10), {})[source, method] = ten
+            for shots, v in ((1, one), (10, ten)):
+                out.setdefault((_table_key(dataset), *kind, *known, shots), {})[source, method] = v
     return out
 
 
-FIGURES = {**_parse(_GENERAL, "general"), **_parse(_HARD, "hard")}
+FIGURES = {**_parse(_GENERAL, "general"), **_parse(_MVTEC_GENERAL, "general"),
+           **_parse(_HARD, "hard")}
+# {(dataset, known class, shots): {(source, method): AUROC}}, the hard setting's
+HARD_PER_CLASS = _parse(_HARD_CLASSES)
 for _key, _cells in _EXTRA.items():
     FIGURES.setdefault(_key, {}).update(_cells)
 DATASETS = tuple(sorted({k[0] for k in FIGURES}))
@@ -113,7 +181,7 @@ _DATASET_ALIASES = {"kolektorsdd": "sdd", "opticalclass": "optical", "dagm": "op
 
 def canonical_dataset(name: str) -> str:
     """"AITEX", "optical_class", "Hyper-Kvasir", "MVTec AD" ... -> the tables' key."""
-    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    key = _table_key(name)
     key = _DATASET_ALIASES.get(key, key)
     if key not in DATASETS:
         raise UserError(f"no paper figures for dataset {name!r}; known: {', '.join(DATASETS)}")
@@ -200,8 +268,8 @@ def reference_auroc(dataset: str, method: str, setting: str = "general", shots: 
       method: "devnet", "dra", "ahl(devnet)" / "ahl_devnet", "ahl(dra)" / "ahl_dra".
       setting: "general" or "hard".
       shots: 1 or 10 labelled anomalies.
-      known_class: hard setting only: that one known class's figure, where spec §8 quotes
-        one (ELPV mono/poly, DRA, 10-shot); None: the mean over known classes.
+      known_class: hard setting only: that one known class's figure (DRA paper Table 2,
+        AHL paper Table 8); None: the mean over known classes.
     Returns:
       {source: AUROC}, empty where the papers report nothing (e.g. SDD's hard setting).
     Raises:
@@ -213,8 +281,9 @@ def reference_auroc(dataset: str, method: str, setting: str = "general", shots: 
     if shots not in SHOTS:
         raise UserError(f"the papers report 1 and 10 shots, not {shots}")
     if known_class and setting == "hard":
-        return dict(_HARD_PER_CLASS.get((ds, m, known_class, shots), {}))
-    cells = FIGURES.get((ds, setting, shots), {})
+        cells = HARD_PER_CLASS.get((ds, known_class, shots), {})
+    else:
+        cells = FIGURES.get((ds, setting, shots), {})
     return {source: v for (source, method_), v in cells.items() if method_ == m}
 
 

@@ -91,6 +91,74 @@ def test_the_cache_follows_the_masks(tmp_path):
     assert after.masks.sum() < full.masks.sum()  # a 2x2 corner for the whole defect
 
 
+def test_the_cache_follows_a_rewrite_within_the_second_and_mends_a_cut_file(tmp_path,
+                                                                          caplog):
+    """A file rewritten at the same size within the same second (a Mastcam .npy of the
+    same shape; a test rewriting an image) is read again: the key held whole seconds. A
+    cache file cut short or emptied (a partial copy) is rebuilt with a warning: np.load's
+    BadZipFile and EOFError were tracebacks. (A review's findings.)"""
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=4, n_test_good=2,
+                                   n_per_class=2)
+    cache = str(tmp_path / "c")
+    path = os.path.join(root, "train", "good", "zz.npy")  # an array: the same bytes' count
+    pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    np.save(path, pixels)
+    second = os.stat(path).st_mtime_ns // 10**9 * 10**9
+    os.utime(path, ns=(second, second + 100))
+    first = read_folder(root, SIZE, cache)
+    i = list(first.file_ids).index(os.path.relpath(path, root))
+    np.testing.assert_array_equal(first.images[i], pixels)
+    np.save(path, 255 - pixels)
+    os.utime(path, ns=(second, second + 200))  # the same second
+    again = read_folder(root, SIZE, cache)
+    np.testing.assert_array_equal(again.images[i], 255 - pixels)
+    cached = max((os.path.join(cache, f) for f in os.listdir(cache)), key=os.path.getmtime)
+    whole = open(cached, "rb").read()
+    for torn in (whole[:len(whole) // 2], b""):  # BadZipFile, EOFError
+        open(cached, "wb").write(torn)
+        caplog.clear()
+        np.testing.assert_array_equal(read_folder(root, SIZE, cache).images, again.images)
+        assert "ignoring unreadable cache" in caplog.text
+
+
+def test_strays_beside_the_layout_are_ignored_and_masks_found_in_any_case(tmp_path, caplog):
+    """A .DS_Store or a notes file directly in ground_truth/ (a NotADirectoryError
+    traceback), a hidden folder in test/ (.ipynb_checkpoints: an anomaly class, or "holds
+    no images"), masks named X_mask.JPG (said to have no mask), and a link to nothing among
+    the images (a FileNotFoundError traceback from the cache's key): what the reader does
+    with each. (A review's findings.)"""
+    from PIL import Image
+    root = write_synthetic_dataset(str(tmp_path / "d"), size=SIZE, n_train=4, n_test_good=2,
+                                   n_per_class=2)
+    plain = read_folder(root, SIZE, "")
+    gt = os.path.join(root, "ground_truth")
+    open(os.path.join(gt, ".DS_Store"), "w").close()
+    open(os.path.join(gt, "notes.txt"), "w").close()
+    os.makedirs(os.path.join(root, "test", ".ipynb_checkpoints"))
+    shutil.copy(os.path.join(root, "train", "good", os.listdir(
+        os.path.join(root, "train", "good"))[0]), os.path.join(root, "test",
+                                                               ".ipynb_checkpoints"))
+    cls = sorted(d for d in os.listdir(gt) if os.path.isdir(os.path.join(gt, d)))[0]
+    renamed = 0
+    for f in sorted(os.listdir(os.path.join(gt, cls))):
+        if f.endswith(".png"):  # the same pixels in a lossless format of another case
+            src = os.path.join(gt, cls, f)
+            Image.open(src).save(src[:-4] + ".TIFF")
+            os.remove(src)
+            renamed += 1
+    caplog.clear()
+    data = read_folder(root, SIZE, "")
+    assert renamed and data.counts() == plain.counts()
+    np.testing.assert_array_equal(data.mask_present, plain.mask_present)
+    np.testing.assert_array_equal(data.masks, plain.masks)
+    assert "notes.txt is a file directly in ground_truth/; it is ignored" in caplog.text
+    assert "DS_Store" not in caplog.text and "has no mask" not in caplog.text
+    assert "ipynb" not in caplog.text
+    os.symlink(str(tmp_path / "gone.png"), os.path.join(root, "train", "good", "zz.png"))
+    with pytest.raises(CorruptImageError, match="zz.png"):
+        read_folder(root, SIZE, "")
+
+
 def test_a_cache_that_cannot_be_written_costs_a_decode_not_the_run(synthetic_root, tmp_path,
                                                                    caplog):
     """A cache folder that is a file (or on a full or read-only disk): the decoded images

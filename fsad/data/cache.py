@@ -6,12 +6,16 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from typing import Callable
 
 import numpy as np
 
 from fsad.atomic import whole_or_nothing
 from fsad.data.imageset import ImageSet
+
+# what np.load of a cut or emptied .npz raises (a torn write, a partial copy): rebuilt
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | None) -> ImageSet:
     """Returns the cached ImageSet for `key`, building and storing it on a miss.
@@ -28,7 +32,7 @@ def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | N
         try:
             with np.load(path, allow_pickle=False) as f:
                 return ImageSet.from_arrays(dict(f))
-        except (OSError, ValueError, KeyError) as err:  # a torn write: rebuild it
+        except UNREADABLE as err:  # a torn write: rebuild it
             logging.warning("ignoring unreadable cache %s (%s)", path, err)
     data = build()
     try:  # a failed or interrupted write (Ctrl-C) leaves no half file (GBs at 448 px)
@@ -53,7 +57,7 @@ def cached_rows(key: dict, cache_dir: str | None) -> ImageSet | None:
         with np.load(path, allow_pickle=False) as f:
             return ImageSet.without_pixels(str(f["name"]), f["classes"], f["split"],
                                            f["file_ids"])
-    except (OSError, ValueError, KeyError):  # a torn write: cached_imageset rebuilds it
+    except UNREADABLE:  # a torn write: cached_imageset rebuilds it
         return None
 
 
@@ -63,9 +67,16 @@ def _cache_path(key: dict, cache_dir: str) -> str:
 
 
 def listing_fingerprint(paths) -> str:
-    """Hash of file names, sizes and mtimes: changes when the folder changes."""
+    """Hash of file names, sizes and mtimes (in nanoseconds: a file rewritten within the
+    second at the same size, a Mastcam .npy of the same shape, served the old pixels when
+    they were seconds): changes when the folder changes. A path that cannot be read (a
+    link to nothing) goes in as such, for the decoding to name it."""
     h = hashlib.sha1()
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{int(st.st_mtime)}".encode())
+        try:
+            st = os.stat(p)
+        except OSError:
+            h.update(f"{p}|unreadable".encode())
+            continue
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
     return h.hexdigest()

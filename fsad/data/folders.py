@@ -44,16 +44,37 @@ def split_normals_3_to_1(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(train), np.asarray(test)
 
 
-def _mask_path(root: str, cls: str, path: str) -> str | None:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    folder = os.path.join(root, "ground_truth", cls)
-    # "_label.PNG": Optical (DAGM) masks as the released converter copies them (spec §9.3)
-    for suffix in (".png", ".bmp", ".tif", ".jpg", ".PNG"):
-        for name in (f"{stem}_mask{suffix}", f"{stem}{suffix}", f"{stem}_label{suffix}"):
-            cand = os.path.join(folder, name)
-            if os.path.exists(cand):
-                return cand
-    return None
+MASK_FORMATS = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")  # in this order
+
+
+def mask_paths_of(root: str, rows) -> list[str | None]:
+    """Each anomaly row's mask in ground_truth/<class>/, None for a normal row or where
+    there is none: <stem>_mask, <stem> or <stem>_label ("_label.PNG": Optical (DAGM) masks
+    as the released converter copies them, spec §9.3), in any of MASK_FORMATS, whose
+    case is not compared (X_mask.JPG was not found before, and its image was said to
+    have no mask). rows: `scan_folder`'s (path, class, split)."""
+    found: dict[str, dict] = {}  # class -> {(name without suffix, lower-case suffix): file}
+    out = []
+    for path, cls, _ in rows:
+        if cls == NORMAL:
+            out.append(None)
+            continue
+        folder = os.path.join(root, "ground_truth", cls)
+        if cls not in found:
+            names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+            index = {}
+            for f in names:
+                base, suffix = os.path.splitext(f)
+                if suffix.lower() in MASK_FORMATS and (suffix.islower()
+                                                       or (base, suffix.lower()) not in index):
+                    index[base, suffix.lower()] = f
+            found[cls] = index
+        stem = os.path.splitext(os.path.basename(path))[0]
+        hits = (found[cls].get((stem + end, suffix)) for suffix in MASK_FORMATS
+                for end in ("_mask", "", "_label"))
+        name = next((h for h in hits if h is not None), None)
+        out.append(None if name is None else os.path.join(folder, name))
+    return out
 
 
 def scan_folder(root: str) -> list[tuple[str, str, str]]:
@@ -88,7 +109,7 @@ def scan_folder(root: str) -> list[tuple[str, str, str]]:
                         f"test/<anomaly_class>/ ({LAYOUT_HELP})")
     for cls in sorted(os.listdir(test_dir)):
         folder = os.path.join(test_dir, cls)
-        if not os.path.isdir(folder):
+        if not os.path.isdir(folder) or cls.startswith("."):  # .ipynb_checkpoints: no class
             continue
         files = list_images(folder)
         if not files:
@@ -101,9 +122,6 @@ def scan_folder(root: str) -> list[tuple[str, str, str]]:
     return rows
 
 
-MASK_SUFFIXES = ("_mask", "_label", "")
-
-
 def check_masks(root: str, rows, mask_paths) -> None:
     """Warns about masks without an image and, where a class has masks, images without
     one (pixel metrics leave those out)."""
@@ -114,6 +132,12 @@ def check_masks(root: str, rows, mask_paths) -> None:
     gt = os.path.join(root, "ground_truth")
     used = {os.path.abspath(m) for m in mask_paths if m is not None}
     for cls in sorted(os.listdir(gt)) if os.path.isdir(gt) else []:
+        if cls.startswith("."):  # .DS_Store, which Finder leaves: a traceback before
+            continue
+        if not os.path.isdir(os.path.join(gt, cls)):
+            logging.warning("%s is a file directly in ground_truth/; it is ignored (masks go "
+                            "in ground_truth/<class>/)", os.path.join(gt, cls))
+            continue
         for f in sorted(os.listdir(os.path.join(gt, cls))):
             path = os.path.abspath(os.path.join(gt, cls, f))
             if path not in used and not f.startswith("."):
@@ -133,6 +157,8 @@ def check_left_out(root: str) -> None:
                                                                               NORMAL))]
     test = os.path.join(root, "test")
     for name in sorted(os.listdir(test)):
+        if name.startswith("."):  # hidden: no class (scan_folder), not said either
+            continue
         if os.path.isdir(os.path.join(test, name)):
             out += [os.path.join("test", name, f) for f in left_out(os.path.join(test, name))]
         elif not name.startswith(".") and name not in NOT_IMAGES:
@@ -185,7 +211,7 @@ def read_folder(root: str, size: int, cache_dir: str | None = None,
     root = os.path.abspath(root)
     rows = scan_folder(root)
     paths = [r[0] for r in rows]
-    mask_paths = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
+    mask_paths = mask_paths_of(root, rows)
     # v 3: 16-bit grey within 0..255 read as it is, no longer scaled (decode.pil_rgb);
     # the masks' own listing: a mask added, mended or removed served the old ones
     key = {"name": _folder_name(root), "root": root, "size": size,

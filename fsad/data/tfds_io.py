@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from fsad.data.cache import cached_imageset, cached_rows, listing_fingerprint
 from fsad.data.decode import CorruptImageError, load_rgb, resize_mask, resize_rgb
-from fsad.data.folders import _mask_path, scan_folder, split_normals_3_to_1
+from fsad.data.folders import mask_paths_of, scan_folder, split_normals_3_to_1
 from fsad.data.imageset import NORMAL, ImageSet
 from fsad.errors import UserError
 
@@ -116,7 +116,7 @@ def folder_source(root: str) -> SourceTable:
         _, test = split_normals_3_to_1(len(normals))
         split[normals[test]] = "test"
     paths = [r[0] for r in rows]
-    masks = [_mask_path(root, c, p) if c != NORMAL else None for p, c, _ in rows]
+    masks = mask_paths_of(root, rows)
     return SourceTable(os.path.basename(root.rstrip("/")), paths, classes, split,
                        np.array([os.path.relpath(p, root) for p in paths]),
                        masks if any(m is not None for m in masks) else None)
