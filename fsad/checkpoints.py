@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from fsad.errors import UserError
-from fsad.hosts import same_on_every_host, several_hosts
+from fsad.hosts import is_primary, same_on_every_host, several_hosts, wait_for_every_host
 from fsad.interrupts import shielded
 from fsad.mesh import one_device_mesh, replicated
 
@@ -124,7 +124,7 @@ def _folder_error(directory: str, err: OSError) -> UserError:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
-                   sharding: NamedSharding | None = None) -> Any:
+                   sharding: NamedSharding | None = None, resume: bool = False) -> Any:
     """The newest readable checkpoint restored into `state`'s structure and shardings (or
     state when there is none).
 
@@ -136,18 +136,27 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
     crash during a save leaves no half checkpoint among the steps; should the newest one
     still fail to restore (a damaged disk, a file removed by hand), the one before it is
     used, with a warning.
+
+    resume: the caller trains on in this folder (every host calls this together). The
+    unreadable checkpoints newer than the one restored are set aside (`_set_aside`):
+    Orbax saves no step at or below its newest, so the resumed run's saves were skipped
+    without a word up to the unreadable step. And where checkpoints are there but none
+    restores (all damaged, or of another structure after a change of fsad), a UserError:
+    training from the start would have gone on with a warning only.
     """
     if state is not None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     elif sharding is None:
         sharding = replicated(one_device_mesh())
+    failed, restored = [], state
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             if state is None:
                 abstract = jax.tree.map(
                     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                     mngr.item_metadata(step))
-            return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            break
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
             _quiet_failed_reads()  # at once: the failed reads' reports may come any time
             # (the error's first line: TensorStore's run to thousands, its whole spec;
@@ -157,7 +166,35 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
                             "before", step, mngr.directory, type(err).__name__, first)
             logging.debug("checkpoint %d: %s", step, err)
             gc.collect()  # the failed reads already unreachable: reported (and dropped) now
-    return state
+            failed.append(step)
+    else:
+        if resume and failed:
+            raise UserError(f"no checkpoint in {mngr.directory} can be restored (steps "
+                            f"{', '.join(map(str, failed))}; the warnings above say why); "
+                            f"move that folder away to train from the start")
+    if resume and same_on_every_host(bool(failed)):
+        _set_aside(mngr, failed)
+    return restored
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames the unreadable checkpoints `steps` (those newer than the one restored) to
+    unreadable-<step>-<time> in their folder, by the first host, and has Orbax list the
+    folder again; a warning names them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    if is_primary():
+        for step in steps:
+            src = os.path.join(str(mngr.directory), str(step))
+            dst = os.path.join(str(mngr.directory), f"unreadable-{step}-{stamp}")
+            os.replace(src, dst)
+            moved.append(dst)
+    wait_for_every_host("unreadable checkpoints set aside")
+    mngr.reload()
+    if moved:
+        logging.warning("the unreadable checkpoint(s) set aside as %s, so that this run's "
+                        "checkpoints are saved; remove them once you no longer need them",
+                        ", ".join(moved))
 
 
 def _quiet_failed_reads() -> None:

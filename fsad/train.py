@@ -333,7 +333,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     mngr = (checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints,
                                clean_tmp=True) if workdir else None)
     if mngr is not None:
-        state = restore_latest(mngr, state)
+        state = restore_latest(mngr, state, resume=True)
     if start_from and int(state.step) == 0:
         source = checkpoint_manager(start_from, keep_checkpoints)
         state = restore_latest(source, state)
@@ -349,15 +349,16 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     saver = PacedCheckpoints(mngr, checkpoint_seconds) if mngr is not None else None
     losses = []
     finished_at = []  # wall times of the first finished steps, for the CPU ETA check
-    in_flight = newest = None  # (step, its loss) of the previous and the newest step
+    # (step, its loss, its gradients' norm) of the previous and the newest step
+    in_flight = newest = None
     if 0 < start < total:  # said on the bar, which starts at `start`
         desc = f"{desc} (resumed at step {start})"
 
     def finish(bar, step_loss) -> None:
-        """Checks a finished step's loss and counts the step on the bar, with that loss
-        (shown at the bar's next refresh)."""
-        step, loss = step_loss
-        loss = check_finite(float(loss), step + 1)
+        """Checks a finished step's loss and gradients and counts the step on the bar,
+        with that loss (shown at the bar's next refresh)."""
+        step, loss, grad_norm = step_loss
+        loss = check_finite(float(loss), step + 1, float(grad_norm))
         bar.set_postfix({"loss": f"{loss:.4f}", "epoch": step // steps_per_epoch + 1},
                         refresh=False)  # the loss first, where a narrow terminal cuts
         bar.update(1)
@@ -367,7 +368,7 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
         try:
             for step in range(start, total):
                 state, metrics = step_fn(state, data, key)
-                newest = (step, metrics["loss"])
+                newest = (step, metrics["loss"], metrics["grad_norm"])
                 if in_flight is not None:
                     # One step stays queued behind the running one, so the device never
                     # idles, while the bar (and its ETA) counts finished steps, not
@@ -379,7 +380,8 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
                         warn_if_long_on_cpu(per_step * (total - step), total)
                 in_flight = newest
                 if (step + 1) % steps_per_epoch == 0 or step + 1 == total:
-                    loss = check_finite(float(metrics["loss"]), step + 1)
+                    loss = check_finite(float(metrics["loss"]), step + 1,
+                                        float(metrics["grad_norm"]))
                     losses.append(loss)
                     if saver is not None:
                         saver.epoch_end(step + 1, state, step + 1 == total)
@@ -408,24 +410,29 @@ def save_on_ctrl_c(saver: PacedCheckpoints, state: TrainState,
     the loop has not checked yet are finite; the run resumes from that step (its batches
     and schedule follow from the step alone).
 
-    unchecked: (step, its loss) of the previous and the newest dispatched step (None
-    before any). A Ctrl-C mostly lands while the loop waits for the previous step's loss,
-    when `state` is already the newest step's output.
+    unchecked: (step, its loss, its gradients' norm) of the previous and the newest
+    dispatched step (None before any). A Ctrl-C mostly lands while the loop waits for
+    the previous step's loss, when `state` is already the newest step's output.
     """
     pending = [p for p in unchecked if p is not None]
     if not pending or not is_whole(state):  # a state given to a step: gone
         return
     step = int(state.step)
-    if pending[-1][0] + 1 == step and all(np.isfinite(float(loss)) for _, loss in pending):
+    if pending[-1][0] + 1 == step and all(np.isfinite(float(loss)) and np.isfinite(float(g))
+                                          for _, loss, g in pending):
         saver.interrupted(step, state)
 
 
-def check_finite(loss: float, step: int) -> float:
+def check_finite(loss: float, step: int, grad_norm: float = 0.0) -> float:
     """The loss, or a UserError naming the step where training diverged (the last
     checkpoint, saved before it, stays the latest) and the fix: another config, which
-    the workdir, holding this one's checkpoints, refuses."""
-    if not np.isfinite(loss):
-        raise UserError(f"training diverged: the loss became {loss} at step {step} (the "
+    the workdir, holding this one's checkpoints, refuses. Gradients that are not finite
+    under a finite loss diverge too: the step's parameters are (a checkpoint of them
+    was saved, and a resumed run diverged at once, "from before it")."""
+    what = (f"the loss became {loss}" if not np.isfinite(loss) else
+            f"the gradients' norm became {grad_norm}" if not np.isfinite(grad_norm) else None)
+    if what is not None:
+        raise UserError(f"training diverged: {what} at step {step} (the "
                         f"checkpoints kept are from before it); lower --config.optim.lr (or "
                         f"raise optim.clip_norm) in a new --workdir: this one holds the "
                         f"config that diverged")

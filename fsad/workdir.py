@@ -418,21 +418,26 @@ def check_workdir(workdir: str, config) -> None:
     try:
         os.makedirs(workdir, exist_ok=True)
         kind, _, said = stored_config_change(workdir, config)
-        # every host takes the first host's branch, so that their waits match
-        if same_on_every_host(kind == "ahl fields"):
+        if kind == "ahl fields":
             logging.warning("%s: %s", workdir, said)
-            if is_primary():  # the pseudo anomalies' features hang on ahl.* fields
-                for seed in seed_folders(workdir):
-                    cache = os.path.join(workdir, seed, "ahl_features.npz")
-                    if os.path.exists(cache):
-                        os.remove(cache)
-            wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
         elif kind == "seed count":
             logging.info("%s: %s", workdir, said)
         elif kind == "fewer seeds":
             logging.warning("%s: %s", workdir, said)
         elif kind == "replaces":
             logging.warning("%s %s", workdir, said)
+        # every host takes the first host's branch, so that their waits match
+        if same_on_every_host(kind in ("ahl fields", "replaces")):
+            # AHL's features hang on the ahl.* fields (its pseudo anomalies) and on the
+            # base model, which a replaced config trains again: a run killed before its
+            # first checkpoint (keep_checkpoints=0 keeps none) left features that the new
+            # config's AHL stage read as its own
+            if is_primary():
+                for seed in seed_folders(workdir):
+                    cache = os.path.join(workdir, seed, "ahl_features.npz")
+                    if os.path.exists(cache):
+                        os.remove(cache)
+            wait_for_every_host("ahl_feature_caches")  # none reads a stale one after
         if kind != "same":  # none stored yet, or replaced (unsaved, seed count, AHL's)
             write_json_atomic(os.path.join(workdir, "config.json"), config_json(config))
     except OSError as err:

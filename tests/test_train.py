@@ -372,13 +372,32 @@ def test_an_unreadable_newest_checkpoint_gives_the_one_before_in_one_line(tmp_pa
             if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
                 open(os.path.join(folder, name), "wb").close()
     mngr = checkpoint_manager(str(tmp_path))
+    fresh = {"step": jnp.int32(0), "w": jnp.zeros(100_000)}
     with caplog.at_level("WARNING"):
-        got = restore_latest(mngr, {"step": jnp.int32(0), "w": jnp.zeros(100_000)})
-    mngr.close()
-    assert int(got["step"]) == 5
+        got = restore_latest(mngr, fresh)
+    assert int(got["step"]) == 5 and sorted(mngr.all_steps()) == [5, 7]  # a reader's: kept
     (line,) = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
     assert line.startswith("checkpoint 7 in ") and line.endswith("trying the one before")
     assert "\n" not in line and len(line) < 600, line
+    # a run that trains on from step 5 (resume) sets 7 aside: Orbax saved no step at or
+    # below 7, its newest, so the resumed run's next checkpoints (6, 7) were skipped
+    # without a word (a review's finding)
+    got = restore_latest(mngr, fresh, resume=True)
+    assert int(got["step"]) == 5 and mngr.all_steps() == [5]
+    (aside,) = [d for d in os.listdir(tmp_path) if d.startswith("unreadable-7-")]
+    assert aside in caplog.text
+    for step in (6, 7):
+        save_checkpoint(mngr, step, {"step": jnp.int32(step), "w": jnp.arange(1e5) * step})
+    assert sorted(mngr.all_steps()) == [5, 6, 7]
+    assert int(restore_latest(mngr, fresh, resume=True)["step"]) == 7
+    # none restorable (another structure, after a change of fsad): a reader gets its state
+    # back, a run that would train from the start without a word is stopped
+    other = {"step": jnp.int32(0), "v": jnp.zeros(3)}
+    assert restore_latest(mngr, other) is other
+    with pytest.raises(UserError, match=r"no checkpoint in .* can be restored \(steps 7, 6, "
+                                         r"5; .*\); move that folder away"):
+        restore_latest(mngr, other, resume=True)
+    mngr.close()
     # the other reads of the failed restore, which end later, stay quiet: a closed loop's
     # wakeup (a PytestUnraisableExceptionWarning of a fresh clone's suite, "Exception
     # ignored in: None ... Event loop is closed") is dropped, any other report passes

@@ -1259,6 +1259,17 @@ def test_ahl_scores_that_are_not_finite_name_ahls_settings(tmp_path, monkeypatch
             f"--config.ahl.base_workdir={named}, which keeps the trained base models")
 
 
+def test_gradients_that_are_not_finite_under_a_finite_loss_are_a_divergence():
+    """The step's parameters are then not finite: only the loss was checked before a
+    checkpoint, so one of them was saved, and its resumed run diverged at once, "from
+    before it" (a review's finding)."""
+    from fsad.train import check_finite
+    assert check_finite(0.5, 3, 1e3) == 0.5
+    with pytest.raises(UserError, match=r"training diverged: the gradients' norm became "
+                                        r"inf at step 3 \(the checkpoints kept are from "):
+        check_finite(0.5, 3, float("inf"))
+
+
 def test_scoring_a_run_stopped_by_ctrl_c_says_it_is_unfinished(tmp_path, capsys, caplog,
                                                                monkeypatch):
     """Ctrl-C (a KeyboardInterrupt, raised here right after the first checkpoint; the
@@ -1631,6 +1642,17 @@ def test_ahl_fields_may_change_before_meta_training_starts(tmp_path, caplog):
     # no AHL features yet (base training stopped): none said to be made again
     shutil.rmtree(work / "seed_0" / "ahl_checkpoints")
     assert workdir_change_lines(str(work), config)[0].endswith("checkpoints are kept")
+    # a run that saved nothing (keep_checkpoints=0 keeps no checkpoint), killed after its
+    # AHL features were made: another config replaces it, and its features, made by the
+    # old base model, go too (they were read as the new run's; a review's finding)
+    shutil.rmtree(work / "seed_0" / "checkpoints")
+    (work / "seed_0" / "ahl_features.npz").write_bytes(b"features")
+    config.epochs += 1
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_workdir(str(work), config)
+    assert "replac" in caplog.text
+    assert not (work / "seed_0" / "ahl_features.npz").exists()
 
 
 def test_a_ctrl_c_in_a_gc_callback_still_stops_the_run(monkeypatch):

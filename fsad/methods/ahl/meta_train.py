@@ -108,7 +108,7 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
     mngr = checkpoint_manager(os.path.join(workdir, "ahl_checkpoints"), 2, clean_tmp=True) \
         if workdir else None
     if mngr is not None:
-        state = restore_latest(mngr, state)
+        state = restore_latest(mngr, state, resume=True)
     # the bank (the largest input) and the pool straight from the host arrays to the
     # mesh, not through the default device first. The bank's rows and the task sets'
     # widths are padded to a multiple of ROWS_BUCKET, the pool to one of four lengths per
