@@ -63,7 +63,7 @@ from fsad.hosts import (is_primary, lost_host, same_on_every_host,  # noqa: E402
                         wait_for_every_host)
 from fsad.main import EXIT_HOST_LOST, join_hosts, kept_checkpoints  # noqa: E402
 from fsad.methods.devnet import devnet_variant  # noqa: E402
-from fsad.paper_figures import (DATASETS, canonical_dataset,  # noqa: E402
+from fsad.paper_figures import (KNOWN_NAMES, canonical_dataset,  # noqa: E402
                                 devnet_ablation_auroc, is_devnet_ablation,
                                 config_protocol_note, dataset_of, paper_known_classes,
                                 reference_auroc)
@@ -253,8 +253,8 @@ def run_table(args, on_cell=None, on_start=None) -> dict:
             canonical_dataset(args.paper_dataset)
         except UserError:
             raise UserError(f"--paper_dataset {args.paper_dataset!r} is not a dataset of the "
-                            f"papers' tables; use one of {', '.join(DATASETS)}, or leave it "
-                            f"out") from None
+                            f"papers' tables; use one of {KNOWN_NAMES}, or leave it out"
+                            ) from None
     base = method_configs(args.methods, args.variants, args.set, args.dataset)
     first = base[args.methods[0]]
     # the grid is checked before a decode (--check: nothing written either)
