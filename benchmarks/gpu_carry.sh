@@ -75,8 +75,10 @@ INSTALL="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-
   echo "cat /tmp/carry/$name.part00 .whl/b/$name.part01 > /tmp/carry/$name &&"
   echo "  echo '$sum  /tmp/carry/$name' | sha256sum -c - &&"
   echo "  $INSTALL /tmp/carry/$name &&"
+  # the chain's last link: a sourced file returns its last command's status, and an
+  # export after the chain made a failed install return 0 (the call then ran on)
+  if [[ -n $CARRIED ]]; then echo "  export STATE=\$PWD/.whl/b/state.tgz &&"; fi
   echo "  export PYTHONPATH=/tmp/site:\$PWD"
-  if [[ -n $CARRIED ]]; then echo "export STATE=\$PWD/.whl/b/state.tgz"; fi
 } > .whl/b/install.sh
 if [[ -n $CARRIED ]]; then cp "$CARRIED" .whl/b/state.tgz; fi
 du -sh .whl/a .whl/b

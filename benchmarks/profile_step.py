@@ -525,7 +525,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    for flag, least in (("steps", 1), ("warmup", 0), ("trace_steps", 0), ("top", 1),
+    for flag, least in (("steps", 1), ("warmup", 1), ("trace_steps", 0), ("top", 1),
                         ("n_normal", 1)):
         if getattr(args, flag) < least:
             ap.error(f"--{flag} {getattr(args, flag)}: use {least} or more")
@@ -546,8 +546,8 @@ def main(argv=None):
                 print(f"the trace: {configs[0][0]} compiled again with XLA {trace_xla}")
             print("flags and configs checked; nothing compiled or timed (--check)")
             return
-        from fsad.compile_cache import enable_compilation_cache
-        enable_compilation_cache("")  # compile times measured, not read from disk
+        from fsad.compile_cache import disable_compilation_cache
+        disable_compilation_cache()  # compile times measured, not read from disk
         result = profile(args, configs, trace_xla)
     except UserError as err:
         ap.error(str(err))

@@ -535,8 +535,8 @@ def main(argv=None):
                   flush=True)
         print("flags checked; nothing compiled or timed (--check)")
         return
-    from fsad.compile_cache import enable_compilation_cache
-    enable_compilation_cache("")  # compile times measured, not read from disk
+    from fsad.compile_cache import disable_compilation_cache
+    disable_compilation_cache()  # compile times measured, not read from disk
     rows, torch_rows = [], {}
 
     def described(row: dict) -> dict:

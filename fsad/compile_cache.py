@@ -40,3 +40,11 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def disable_compilation_cache() -> None:
+    """Turns JAX's persistent compilation cache off for this process, wherever it was
+    turned on (fsad, or JAX_COMPILATION_CACHE_DIR in the environment): for benchmarks,
+    whose compile times are measured, not read from disk."""
+    import jax
+    jax.config.update("jax_enable_compilation_cache", False)

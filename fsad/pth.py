@@ -78,7 +78,7 @@ _STORAGE_TYPES = {
 _UNTYPED = _DType("untyped", "u1")
 
 
-@dataclass(frozen=True, slots=True)  # slots: a pickle's BUILD cannot rewrite fields
+@dataclass(frozen=True, slots=True)
 class _StorageRef:
     """A storage named by a persistent id: its record key and, for legacy views, a slice.
 
@@ -147,8 +147,13 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
-    """An Unpickler that resolves only `_ALLOWED` globals and torch's storage ids.
+class _Unpickler(pickle._Unpickler):  # Python's: its BUILD can be checked (below)
+    """An Unpickler that resolves only `_ALLOWED` globals and torch's storage ids, and
+    sets state (BUILD) on OrderedDicts only (a state_dict's `_metadata`): on anything
+    else, BUILD wrote into the objects this module shares between loads (a dtype's
+    numpy type, a function's defaults; frozen dataclasses too, through their
+    `__setstate__`), so a crafted file made every later load read float32 weights as
+    float16.
 
     Args:
       file: the binary stream positioned at a pickle.
@@ -164,6 +169,18 @@ class _Unpickler(pickle.Unpickler):
         self.where = where
         self.legacy = legacy
         self.roots: dict[str, _StorageRef] = {}
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def load_build(self) -> None:
+        target = self.stack[-2]  # (the state is on top)
+        if not isinstance(target, collections.OrderedDict):
+            raise UnsafeCheckpointError(
+                f"{self.where}: refusing to set the state of a {type(target).__name__}: a "
+                f"plain state_dict sets none but its OrderedDict's; save model.state_dict()")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module: str, name: str) -> Any:
         try:

@@ -53,7 +53,10 @@ def download_path(url: str, sha256: str | None, cache_dir: str) -> str:
     every use (torchvision's names; a file copied there by hand is found), else under a
     folder named by the URL's own digest, so that another URL of the same file name is
     downloaded, not taken for this one."""
-    name = os.path.basename(url.split("?")[0])
+    name = os.path.basename(url.split("?")[0].split("#")[0])
+    if not name:
+        raise UserError(f"the URL {url!r} names no file (it ends in /); give the weights "
+                        f"file's own URL in --config.model.pretrained")
     if sha256:
         return os.path.join(cache_dir, name)
     return os.path.join(cache_dir, hashlib.sha256(url.encode()).hexdigest()[:16], name)
@@ -110,11 +113,20 @@ def fetch(path_or_url: str, sha256: str | None = None,
                 if source:  # the file's time, for `kept_download`
                     st = os.stat(source)
                     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+                if sha256 and not sha256_of(tmp).startswith(sha256.lower()):
+                    # checked before it is kept: a wrong file (a proxy's page) was kept,
+                    # and every later run failed on it until it was deleted by hand
+                    raise UserError(f"the download from {path_or_url} has sha256 "
+                                    f"{sha256_of(tmp)}, expected {sha256}...; nothing was "
+                                    f"kept: check the URL and --config.model.pretrained_sha256")
     else:
         local = path_or_url
         if not os.path.exists(local):
             raise UserError(f"weights file {local!r} does not exist; check "
                             f"--config.model.pretrained")
+    if os.path.isdir(local):
+        raise UserError(f"--config.model.pretrained names {local!r}, a folder; give the "
+                        f"weights file in it")
     if sha256:
         check_sha256(local, sha256, downloaded=is_url(path_or_url))
     return local
@@ -211,7 +223,7 @@ def _alexnet_path(modules: list[str]) -> list[str] | None:
 def _resnet_path(modules: list[str]) -> list[str] | None:
     """layerN.i.rest -> layerN_i/rest; downsample.0/1 -> downsample_conv/bn."""
     path = list(modules)
-    if path and path[0].startswith("layer"):
+    if len(path) > 1 and re.fullmatch(r"layer\d+", path[0]):  # (layer_norm: another trunk)
         path = [f"{path[0]}_{path[1]}"] + path[2:]
     if path[-2:-1] == ["downsample"]:
         path = path[:-2] + ["downsample_conv" if path[-1] == "0" else "downsample_bn"]
@@ -222,7 +234,7 @@ def _resnet_path(modules: list[str]) -> list[str] | None:
 def _lite_path(modules: list[str]) -> list[str] | None:
     """_blocks.i._name -> blocks_i/name; _conv_stem -> conv_stem."""
     path = [p.removeprefix("_") for p in modules]
-    if path and path[0] == "blocks":
+    if len(path) > 1 and path[0] == "blocks":
         path = [f"blocks_{path[1]}"] + path[2:]
     ok = path and ("conv" in path[-1] or path[-1].startswith("bn"))
     return path if ok else None

@@ -336,6 +336,26 @@ def test_malicious_pickle_refused_and_not_run(tmp_path, fmt, func):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("target", [b"ctorch\nFloatStorage\n", b"ctorch\nSize\n"])
+def test_a_pickle_that_sets_the_readers_own_objects_is_refused(tmp_path, target):
+    """BUILD (set an object's state) on what the reader shares between loads: a dtype's
+    numpy type rewritten made every later load read float32 weights as float16, a
+    function's defaults likewise (a review's finding, reproduced). Only a state_dict's
+    OrderedDict takes a state (its _metadata, test_module_state_dict_keeps_...)."""
+    state = (b"}X\x07\x00\x00\x00np_typeX\x02\x00\x00\x00f2s" if b"Storage" in target
+             else b"N}X\x0c\x00\x00\x00__defaults__K\x05\x85s\x86")  # (None, slots)
+    path = tmp_path / "build.pth"
+    with zipfile.ZipFile(path, "w") as zf:  # {"x": <target>} with its state set
+        zf.writestr("build/data.pkl", b"\x80\x02}X\x01\x00\x00\x00x" + target + state
+                    + b"bs.")
+    with pytest.raises(UnsafeCheckpointError, match="refusing to set the state of a "):
+        read_pth(path)
+    storage = Storage("0", "FloatStorage", np.arange(4, dtype=np.float32))
+    write_handmade(tmp_path / "w.pth", {"w": Tensor(storage, 0, (4,), (1,))})
+    np.testing.assert_array_equal(state_dict_arrays(read_pth(tmp_path / "w.pth"))["w"],
+                                  np.arange(4, dtype=np.float32))
+
+
 def test_tensor_outside_its_storage_refused(tmp_path):
     """A crafted size/stride must not make as_strided read beyond the storage."""
     storage = Storage("0", "FloatStorage", np.zeros(6, np.float32))

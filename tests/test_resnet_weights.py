@@ -187,6 +187,33 @@ def test_pth_file_and_url_with_checksum(tmp_path):
         weights.load_state_dict(str(tmp_path / "missing.pth"))
 
 
+def test_a_download_that_fails_its_sha256_is_not_kept_and_odd_sources_are_named(tmp_path):
+    """A download whose sha256 is not the one asked for (a proxy's page) was renamed into
+    the cache before the check, and every later run failed on that copy until it was
+    deleted by hand; a URL ending in / and a folder given as the weights were tracebacks
+    (IsADirectoryError); a checkpoint whose first key is layer_norm.* an IndexError.
+    (A review's findings.)"""
+    src = tmp_path / "model.npz"
+    np.savez(src, w=np.zeros(3, np.float32))
+    cache = str(tmp_path / "cache")
+    with pytest.raises(UserError, match=r"the download from file://.*model.npz has sha256 "
+                                        r"\w+, expected 00000000...; nothing was kept"):
+        weights.load_state_dict(f"file://{src}", "0" * 8, cache_dir=cache)
+    assert not os.path.exists(os.path.join(cache, "model.npz"))
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert weights.load_state_dict(f"file://{src}", digest, cache_dir=cache)["w"].shape == (3,)
+    assert os.path.exists(os.path.join(cache, "model.npz"))  # the right one is kept
+    with pytest.raises(UserError, match="names no file .it ends in /."):
+        weights.load_state_dict(f"file://{tmp_path}/", digest, cache_dir=cache)
+    with pytest.raises(UserError, match="a folder; give the weights file in it"):
+        weights.load_state_dict(str(tmp_path), digest)
+    for convert, key in ((weights.torchvision_resnet_to_flax, "layer_norm.weight"),
+                         (weights.efficientnet_lite_to_flax, "_blocks.weight")):
+        with pytest.raises(UserError, match=f"'{key}' is not a .* key; the checkpoint is "
+                                            f"for another trunk"):
+            convert({key: np.zeros(3, np.float32)})
+
+
 def test_two_urls_of_one_file_name_are_two_downloads(tmp_path):
     """Without a sha256 to check it, a cached download was found by its file name alone:
     another URL's model.pth took the first's weights (and results.json named the
