@@ -58,6 +58,15 @@ def check_method(config) -> None:
     _require(m == own, f"method={m!r} on a config of {own} ({METHOD_FILES[own]}): each "
              f"method's fields and defaults come with its config file; use --config "
              f"{METHOD_FILES[m]} instead of --config.method")
+    if m == "ahl":  # (here, before the notes that name the method: ahl_<base>)
+        a = config.ahl
+        _require(a.base in ("dra", "devnet"), f"ahl.base={a.base!r}; use dra or devnet")
+        # the base model's fields come with its config file (ahl_devnet.py has no dra.*
+        # fields, ahl_dra.py DRA's data and optimiser defaults)
+        built_on = "dra" if "dra" in config else "devnet"
+        _require(a.base == built_on, f"ahl.base={a.base!r} on a config of AHL on {built_on} "
+                 f"(configs/ahl_{built_on}.py): the base model's fields come with its config "
+                 f"file; use --config configs/ahl_{a.base}.py instead of --config.ahl.base")
 
 
 def check_optim(o, prefix: str) -> None:
@@ -210,15 +219,9 @@ def check_config(config, n_devices: int = 1) -> None:
                  f"needs at least one reference image")
         _require(0.0 <= config.dra.pseudo_prob <= 1.0, f"dra.pseudo_prob="
                  f"{config.dra.pseudo_prob} is not a probability; use a value in [0, 1]")
+        check_residual_map(config)
     if config.method == "ahl":
         check_ahl_config(config.ahl)
-        # the base model's fields come with its config file (ahl_devnet.py has no dra.*
-        # fields, ahl_dra.py DRA's data and optimiser defaults)
-        built_on = "dra" if "dra" in config else "devnet"
-        _require(config.ahl.base == built_on, f"ahl.base={config.ahl.base!r} on a config "
-                 f"of AHL on {built_on} (configs/ahl_{built_on}.py): the base model's fields "
-                 f"come with its config file; use --config configs/ahl_{config.ahl.base}.py "
-                 f"instead of --config.ahl.base")
 
 
 def check_scoring_config(config) -> None:
@@ -245,6 +248,25 @@ def check_scoring_config(config) -> None:
              f"at most {MAX_CURVE_POINTS}")
     _require(0.0 < e.confidence < 1.0, f"explain.confidence={e.confidence} is not a "
              f"confidence; use a value in (0, 1)")
+
+
+def check_residual_map(config) -> None:
+    """DRA's residual head, a 3x3 conv without padding (dra.residual_padding=0, AHL's), on
+    the smallest pyramid level's trunk map: a map under 3 cells gave the conv no output,
+    and the run failed in its first trace, after the decode, with a traceback."""
+    from fsad.methods.dra import VARIANTS
+    d, m = config.dra, config.model
+    if d.residual_padding or "residual" not in VARIANTS.get(d.variant, ()):
+        return
+    from fsad.models.backbone import trunk_map_shape
+    smallest = config.data.img_size // 2 ** (m.n_scales - 1)
+    side = min(trunk_map_shape(m.backbone, smallest)[:2])
+    _require(side >= 3, f"dra.residual_padding=0 with data.img_size={config.data.img_size} "
+             f"and model.n_scales={m.n_scales}: the smallest level's {smallest} px give a "
+             f"{side}x{side} trunk map, and the residual head's 3x3 conv needs 3x3 or more "
+             f"without padding (a level of 65 px or more for the ResNets and Lite0); raise "
+             f"--config.data.img_size, lower model.n_scales, or use "
+             f"--config.dra.residual_padding=1")
 
 
 def check_ahl_config(a) -> None:
@@ -284,7 +306,8 @@ def check_ahl_config(a) -> None:
              f"released psi)")
     _require(a.psi_steps >= 0, f"ahl.psi_steps={a.psi_steps}; use 0 or more Adam steps of "
              f"psi a meta-epoch (20 by default)")
-    _require(0.0 <= a.psi_dropout < 1.0 and a.psi_weight_decay >= 0,
+    _require(0.0 <= a.psi_dropout < 1.0 and _finite(a.psi_weight_decay)
+             and a.psi_weight_decay >= 0,
              f"ahl.psi_dropout={a.psi_dropout}, ahl.psi_weight_decay={a.psi_weight_decay}; "
              f"use a dropout in [0, 1) and a weight decay of at least 0 (released: 0.5, 1e-3)")
     for field, values in (("errors", ERROR_FORMS), ("psi_fit", PSI_FITS),

@@ -441,6 +441,11 @@ def test_batch_the_devices_cannot_split(tmp_path):
     ("dra.residual_stride", 0, "dra.residual_stride=0, dra.residual_padding=1: the residual "
      "head's 3x3 conv takes stride 1 to 3 and padding 0 or 1"),  # a ZeroDivisionError
     ("dra.residual_padding", -5, "dra.residual_padding=-5: the residual head's 3x3 conv"),
+    # (AHL's residual head) a traceback in the first trace, after the decode
+    ("dra.residual_padding", 0, "dra.residual_padding=0 with data.img_size=32 and "
+     "model.n_scales=2: the smallest level's 16 px give a 1x1 trunk map, and the residual "
+     "head's 3x3 conv needs 3x3 or more without padding"),
+    ("ahl.psi_weight_decay", float("inf"), "ahl.psi_weight_decay=inf; use a dropout"),
     ("explain.kernel_size", 100000, "at most the image's 32"),  # a 74.5 GiB kernel
     ("explain.curve_points", 10 ** 8, "at most 10000"),  # hung after training
     ("augment.rotate_degrees", float("nan"), "augment.rotate_degrees=nan; images are "
@@ -616,6 +621,12 @@ def test_ahl_base_comes_with_its_config_file(tmp_path, capsys, method, base):
                      f"{method[4:]} (configs/{method}.py)", f"use --config "
                      f"configs/ahl_{base}.py instead of --config.ahl.base", check=check)
     assert not (tmp_path / "w").exists()
+    # a base that is none, on a dataset of the papers' protocol notes (headct): the note
+    # looked the method up first and said "no paper figures for method 'ahl_foo'"
+    headct = tmp_path / "headct"
+    shutil.copytree(dataset(tmp_path / "d"), headct)
+    cfg = folder_config(headct, method, **{"ahl.base": "foo"})
+    expect_error(cfg, tmp_path / "w", capsys, "ahl.base='foo'; use dra or devnet", check=True)
 
 
 def test_workdir_of_another_config(tmp_path, capsys, caplog):
