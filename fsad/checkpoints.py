@@ -148,14 +148,14 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     elif sharding is None:
         sharding = replicated(one_device_mesh())
-    failed, restored = [], state
+    failed, restored, found = [], state, False
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
             if state is None:
                 abstract = jax.tree.map(
                     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                     mngr.item_metadata(step))
-            restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+            restored, found = mngr.restore(step, args=ocp.args.StandardRestore(abstract)), True
             break
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: try the older
             _quiet_failed_reads()  # at once: the failed reads' reports may come any time
@@ -165,14 +165,17 @@ def restore_latest(mngr: ocp.CheckpointManager, state: Any = None,
             logging.warning("checkpoint %d in %s is unreadable (%s: %s); trying the one "
                             "before", step, mngr.directory, type(err).__name__, first)
             logging.debug("checkpoint %d: %s", step, err)
-            gc.collect()  # the failed reads already unreachable: reported (and dropped) now
             failed.append(step)
-    else:
-        if resume and failed:
-            raise UserError(f"no checkpoint in {mngr.directory} can be restored (steps "
-                            f"{', '.join(map(str, failed))}; the warnings above say why); "
-                            f"move that folder away to train from the start")
-    if resume and same_on_every_host(bool(failed)):
+        gc.collect()  # the failed reads, unreachable now (err is gone): reported, dropped
+    if not resume:
+        return restored
+    # every host decides as the first does (each broadcast is one for all of them), so
+    # that none waits for another that raised
+    if same_on_every_host(bool(failed) and not found):
+        raise UserError(f"no checkpoint in {mngr.directory} can be restored (steps "
+                        f"{', '.join(map(str, failed))}; the warnings above say why); "
+                        f"move that folder away to train from the start")
+    if same_on_every_host(bool(failed)):
         _set_aside(mngr, failed)
     return restored
 
@@ -182,14 +185,22 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     unreadable-<step>-<time> in their folder, by the first host, and has Orbax list the
     folder again; a warning names them."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
+    moved, problem = [], ""
     if is_primary():
-        for step in steps:
-            src = os.path.join(str(mngr.directory), str(step))
-            dst = os.path.join(str(mngr.directory), f"unreadable-{step}-{stamp}")
-            os.replace(src, dst)
-            moved.append(dst)
+        try:
+            for step in steps:
+                src = os.path.join(str(mngr.directory), str(step))
+                dst = os.path.join(str(mngr.directory), f"unreadable-{step}-{stamp}")
+                os.replace(src, dst)
+                moved.append(dst)
+        except OSError as err:  # said on every host, after the wait (none left waiting)
+            problem = f"{src} ({err.strerror or err})"
     wait_for_every_host("unreadable checkpoints set aside")
+    if same_on_every_host(bool(problem)):
+        where = problem or "on the first host"
+        raise UserError(f"cannot set an unreadable checkpoint aside ({where}), and this "
+                        f"run's checkpoints would not be saved past it; move it out of "
+                        f"{mngr.directory} by hand")
     mngr.reload()
     if moved:
         logging.warning("the unreadable checkpoint(s) set aside as %s, so that this run's "

@@ -35,8 +35,7 @@ def clip_grad_norm(max_norm: float, eps: float = 1e-6) -> optax.GradientTransfor
 
     def update(updates, state, params=None):
         del params
-        # (optax.global_norm is deprecated, optax.tree.norm newer than the lowest optax)
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(updates)))
+        norm = optax.tree.norm(updates)  # (optax.global_norm is deprecated)
         coef = jnp.minimum(max_norm / (norm + eps), 1.0)
         return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
 

@@ -333,7 +333,15 @@ def fit(method: Method, state: TrainState, tx, data: TrainData, mesh: Mesh, key:
     mngr = (checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints,
                                clean_tmp=True) if workdir else None)
     if mngr is not None:
-        state = restore_latest(mngr, state, resume=True)
+        try:
+            state = restore_latest(mngr, state, resume=True)
+        except UserError as err:
+            if not start_from:
+                raise
+            raise UserError(f"{err}. Its checkpoint was copied from the base run's "
+                            f"{start_from}, whose newest checkpoint is then unreadable too: "
+                            f"resume that run (its own command sets the damaged one aside), "
+                            f"then start this one again in a new --workdir") from err
     if start_from and int(state.step) == 0:
         source = checkpoint_manager(start_from, keep_checkpoints)
         state = restore_latest(source, state)
@@ -429,12 +437,15 @@ def check_finite(loss: float, step: int, grad_norm: float = 0.0) -> float:
     the workdir, holding this one's checkpoints, refuses. Gradients that are not finite
     under a finite loss diverge too: the step's parameters are (a checkpoint of them
     was saved, and a resumed run diverged at once, "from before it")."""
-    what = (f"the loss became {loss}" if not np.isfinite(loss) else
-            f"the gradients' norm became {grad_norm}" if not np.isfinite(grad_norm) else None)
-    if what is not None:
-        raise UserError(f"training diverged: {what} at step {step} (the "
+    if not np.isfinite(loss):
+        raise UserError(f"training diverged: the loss became {loss} at step {step} (the "
                         f"checkpoints kept are from before it); lower --config.optim.lr (or "
                         f"raise optim.clip_norm) in a new --workdir: this one holds the "
+                        f"config that diverged")
+    if not np.isfinite(grad_norm):  # (clipping makes an infinite gradient NaN: no help)
+        raise UserError(f"training diverged: the gradients' norm became {grad_norm} at step "
+                        f"{step}, its loss {loss:.4g} (the checkpoints kept are from before "
+                        f"it); lower --config.optim.lr in a new --workdir: this one holds the "
                         f"config that diverged")
     return loss
 

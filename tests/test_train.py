@@ -204,6 +204,22 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys, monkeypa
             raise KeyboardInterrupt
         return step(*args)
 
+    # gradients that are not finite under a finite loss (step 3's here): the run stops
+    # there, before the checkpoint of the epoch, which held NaN parameters before
+    seen = []
+
+    def step_with_inf_gradients(*args):
+        seen.append(1)
+        new_state, metrics = step(*args)
+        if len(seen) == 3:
+            metrics = {**metrics, "grad_norm": jax.numpy.float32(np.inf)}
+        return new_state, metrics
+
+    work = tmp_path / "inf_gradients"
+    with pytest.raises(UserError, match="the gradients' norm became inf at step 3"):
+        train(work, 0.0, step_with_inf_gradients)
+    assert os.listdir(work / "checkpoints") == ["2"]
+
     work = tmp_path / "ctrl_c"
     with pytest.raises(KeyboardInterrupt):
         train(work, 1e6, step_until_ctrl_c)
@@ -337,6 +353,16 @@ def test_fit_loads_the_trunks_weights_only_for_a_start(tmp_path, synthetic):
         assert info["resumed_from"] == 2 and info["steps"] == 0
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(ended.params),
                      jax.device_get(started.params))
+    # the base run's newest checkpoint damaged: its copy cannot be read either, and the
+    # error names the base run to mend (the advice was to move this run's folder away,
+    # after which the same damaged step was copied in again)
+    for folder, _, files in os.walk(tmp_path / "own" / "checkpoints" / "2"):
+        for name in files:
+            if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
+                open(os.path.join(folder, name), "wb").close()
+    with pytest.raises(UserError, match=r"copied from the base run's .*own/checkpoints, whose "
+                                        r"newest checkpoint is then unreadable too"):
+        run(1, str(tmp_path / "on_a_damaged_base"), str(tmp_path / "own" / "checkpoints"), gone)
 
 
 def test_adopt_checkpoint_takes_the_newest_step_once(tmp_path):

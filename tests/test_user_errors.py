@@ -852,8 +852,14 @@ def test_weights_whose_sha256_differs(tmp_path, synthetic_root, capsys):
     cfg = folder_config(synthetic_root, **{"model.pretrained": path,
                                            "model.pretrained_sha256": "ab" * 32})
     expect_error(cfg, tmp_path / "w", capsys, "sha256 of", "asked for: pass the right file")
-    cfg.model.pretrained = f"file://{path}"
-    expect_error(cfg, tmp_path / "w2", capsys, "sha256 of", "delete that copy to download it")
+    cfg.model.pretrained = f"file://{path}"  # a download: checked before it is kept
+    expect_error(cfg, tmp_path / "w2", capsys, f"the download from file://{path} has sha256",
+                 "nothing was kept: check the URL and --config.model.pretrained_sha256")
+    from fsad.weights import download_path, weights_cache
+    kept = download_path(cfg.model.pretrained, "ab" * 32, weights_cache())
+    assert not os.path.exists(kept)
+    shutil.copy(path, kept)  # a copy kept before (or put there by hand) that differs
+    expect_error(cfg, tmp_path / "w3", capsys, "sha256 of", "delete that copy to download it")
 
 
 def test_weights_that_do_not_fit_the_backbone(tmp_path, synthetic_root, capsys):
@@ -1277,7 +1283,8 @@ def test_gradients_that_are_not_finite_under_a_finite_loss_are_a_divergence():
     from fsad.train import check_finite
     assert check_finite(0.5, 3, 1e3) == 0.5
     with pytest.raises(UserError, match=r"training diverged: the gradients' norm became "
-                                        r"inf at step 3 \(the checkpoints kept are from "):
+                                        r"inf at step 3, its loss 0.5 \(the checkpoints "
+                                        r"kept are from before it\); lower --config.optim.lr"):
         check_finite(0.5, 3, float("inf"))
 
 

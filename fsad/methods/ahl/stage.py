@@ -122,7 +122,11 @@ def ahl_stage(runner, data, split, variables, scores: dict, metrics: dict, seed:
     # (the loss of every meta-epoch was finite, meta_train.py: the last update diverged)
     diverged = (f"AHL's meta-training diverged; lower --config.ahl.optim.lr or "
                 f"--config.ahl.inner_lr in a new --workdir with --config.ahl.base_workdir="
-                f"{base}, which keeps the trained base models")
+                f"{base}, which keeps the trained base models"
+                if config.keep_checkpoints or config.ahl.base_workdir else
+                "AHL's meta-training diverged; lower --config.ahl.optim.lr or "
+                "--config.ahl.inner_lr in a new --workdir (this run kept no checkpoint of "
+                "its base models: keep_checkpoints=0)")
     new_metrics = {**image_metrics(labels, new_scores["score"], diverged),
                    **{f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")},
                    "base_auroc_same_features": same["auroc"],
