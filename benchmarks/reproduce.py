@@ -68,8 +68,10 @@ from fsad.paper_figures import (KNOWN_NAMES, canonical_dataset,  # noqa: E402
                                 config_protocol_note, dataset_of, paper_known_classes,
                                 reference_auroc)
 from fsad.validate import check_config  # noqa: E402
-from fsad.workdir import (base_fields_that_differ, checkpoint_steps, seed_dir_of,  # noqa: E402
-                          seed_finished, steps_text, write_json_atomic)
+from fsad.workdir import (base_fields_that_differ, beyond_seed_count,  # noqa: E402
+                          check_workdir_config, checkpoint_steps, fields_with_run_values,
+                          seed_dir_of, seed_finished, steps_text, stored_config_diff,
+                          write_json_atomic)
 
 METHODS = ("devnet", "dra", "ahl_devnet", "ahl_dra")
 # the fields each cell sets from this script's own flags: they change from cell to cell
@@ -98,6 +100,11 @@ def method_configs(methods, variants: str, overrides: list[str], dataset: str) -
         if field in GRID_FLAGS:
             raise UserError(f"--set {item}: every cell of a table sets {field}; pass it as "
                             f"{GRID_FLAGS[field]}")
+        if field == "ahl.base_workdir":  # (each AHL cell's was set over it, silently)
+            raise UserError(f"--set {item}: every AHL cell sets its own, the base method's "
+                            f"cell of the same protocol where the table has one (--methods "
+                            f"dra ahl_dra); a base run elsewhere serves one protocol only: "
+                            f"run fsad.main with --config.ahl.base_workdir for it")
         # with no taker, the override raises "not a config field" for the first config
         # that has a field of a name close to it (which the error names), else the first
         takers = [c for c in configs.values() if has_field(c, field)] or sorted(
@@ -167,6 +174,9 @@ def cells(methods, settings, shots, known_classes, order: str = "method") -> lis
     every method on a (setting, known class, shots) before the next, so that a table cut
     short (--budget_minutes) has all methods side by side on the cells it reached.
     """
+    # (a value given twice: once; it made a row twice, and weighed a class twice in a mean)
+    methods, settings, shots, known_classes = (list(dict.fromkeys(v)) for v in (
+        methods, settings, shots, known_classes))
     protocols = [(s, k, n) for s in settings for k in (known_classes if s == "hard" else [""])
                  for n in shots]
     pairs = ([(m, p) for m in methods for p in protocols] if order == "method"
@@ -188,7 +198,8 @@ def cell_config(base: dict, cell: dict, args):
 
 def check_grid(grid: list[dict], base: dict, args, data) -> None:
     """Raises the UserError of the first cell that cannot run, before any cell does: its
-    config (`check_config`), a data.img_size other than the first method's, or a protocol
+    config (`check_config`), a run of another config in its folder
+    (`check_workdir_config`), a data.img_size other than the first method's, or a protocol
     the data cannot give for one of its seeds (more shots than a known class has
     anomalies), which would otherwise stop the table after the cells before it had
     trained, or a resumed seed whose training images changed since its checkpoints, or
@@ -204,7 +215,19 @@ def check_grid(grid: list[dict], base: dict, args, data) -> None:
                             "pass the same variants and --set data.img_size for all")
         seeds = seeds_of(config)
         check_protocol(config, data, seeds)
-        check_resumed_splits(config, data, seeds, cell_dir(args.out, cell))
+        workdir = cell_dir(args.out, cell)
+        check_resumed_splits(config, data, seeds, workdir)
+        # a cell run before with another config (a --set changed since): refused now, not
+        # when its turn comes after the cells before it trained (or read as finished; its
+        # ahl.base_workdir, set per cell, is not compared: fsad.workdir.BASE_SOURCE)
+        try:
+            check_workdir_config(workdir, config)
+        except UserError:  # said in this script's terms (--set, --out)
+            diff = beyond_seed_count(stored_config_diff(workdir, config))
+            raise UserError(f"{cell_name(cell)}: {workdir} holds a run of another config "
+                            f"({fields_with_run_values(workdir, config, diff)}); pass those "
+                            f"values with --set to resume or extend this table, or use a "
+                            f"new --out") from None
 
 
 def cell_dir(out: str, cell: dict) -> str:
@@ -366,13 +389,19 @@ def rows_of(results: list[dict], dataset: str) -> list[dict]:
 
     def hard_mean(m, n, rs):
         per_seed = np.mean([r["auroc"] for r in rs], axis=0)  # [seeds]
-        return {"method": m, "setting": "hard (mean over known classes)", "shots": n,
+        classes, theirs = {r["known_class"] for r in rs}, set(paper_known_classes(dataset))
+        # the papers' mean is over their known classes: beside a mean over some of them
+        # (a time budget spent, --known_classes) or others, none
+        partial = classes < theirs
+        label = (f"hard (mean over {len(classes)} of the papers' {len(theirs)} known "
+                 f"classes)" if partial else "hard (mean over known classes)")
+        paper = {} if theirs and classes != theirs else reference_auroc_or_empty(
+            dataset, {"method": m, "setting": "hard", "shots": n, "known_class": ""},
+            rs[0].get("variant", "MIL-DS"), rs[0].get("backbone", "resnet18"))
+        return {"method": m, "setting": label, "shots": n,
                 "mean": float(per_seed.mean()), "std": float(per_seed.std()),
                 "base_mean": base_mean([a for r in rs for a in r["base_auroc"]]),
-                "seeds": len(per_seed),
-                "paper": reference_auroc_or_empty(
-                    dataset, {"method": m, "setting": "hard", "shots": n, "known_class": ""},
-                    rs[0].get("variant", "MIL-DS"), rs[0].get("backbone", "resnet18")),
+                "seeds": len(per_seed), "paper": paper,
                 "seconds": float(sum(r["seconds"] for r in rs))}
 
     hard: dict = {}  # (method, shots) -> the indices of its hard cells
@@ -402,7 +431,7 @@ def markdown(table: dict) -> str:
         paper = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["paper"].items()) or "–"
         base = f" (its base {r['base_mean']:.3f})" if r.get("base_mean") is not None else ""
         spread = f" ± {r['std']:.3f}" if r["seeds"] > 1 else ""  # no std of one seed
-        lines.append(f"| {r['method']} | {r['setting']} | {r['shots']} | "
+        lines.append(f"| {r['method']} | {md(r['setting'])} | {r['shots']} | "
                      f"{r['mean']:.3f}{spread}{base} | {r['seeds']} | {paper} | "
                      f"{r['seconds']:.0f} s |")
     legend = (["± is the population std over seeds (np.std)."]
@@ -414,8 +443,14 @@ def markdown(table: dict) -> str:
     if table.get("skipped"):
         lines += ["", "Not run (the time budget was spent): "
                   + "; ".join(cell_name(c) for c in table["skipped"]) + "."]
-    lines += [f"\nNote: {n}." for n in table.get("notes", [])]
+    lines += [f"\nNote: {md(n)}." for n in table.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def md(text: str) -> str:
+    """Text as markdown shows it: <a folder> was read as an HTML tag and hidden, a | as a
+    column's end."""
+    return text.replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
 
 
 def write_table(out: str, table: dict) -> str:

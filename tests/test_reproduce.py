@@ -90,6 +90,17 @@ def test_a_table_of_cells_resumes_and_reads_back(tmp_path, synthetic_root, capsy
     assert not (out / "devnet" / "general" / "2shot").exists()
     assert "Not run (the time budget was spent): devnet general 2-shot; " in (
         out / "table.md").read_text()
+    # a --set changed since the cells ran: refused before any cell, --check too (it
+    # said "finished" for them, and the run stopped at the first one after the new cells
+    # before it had trained; a review's finding)
+    changed = [a.replace("steps_per_epoch=5", "steps_per_epoch=6") for a in argv]
+    for check in ([], ["--check"]):
+        capsys.readouterr()
+        assert reproduce.main(changed + check) == 2
+        err = capsys.readouterr().err
+        assert "devnet general 10-shot: " in err and (
+            "holds a run of another config (field steps_per_epoch; in the run: 5); pass those "
+            "values with --set to resume or extend this table, or use a new --out") in err
 
 
 def test_a_table_on_two_hosts(tmp_path, synthetic_root):
@@ -238,6 +249,19 @@ def test_ahl_rows_show_their_base_models_auroc():
     one_seed = reproduce.markdown({"dataset": "elpv", "init": ["x"], "variants": "",
                                    "overrides": [], "rows": rows[3:]})
     assert "population std" not in one_seed and "mean row" not in one_seed  # nothing absent
+    # ELPV's mean over mono and poly sits beside the papers' mean; one over some of the
+    # papers' known classes (a budget spent after 2 of AITEX's 6) beside none, and says so
+    assert rows[2]["paper"] == {"ahl_paper": 0.788}
+    aitex = [{**r, "method": "ahl_dra", "known_class": k} for r, k in zip(
+        results, ("Nep", "Fuzzyball"))]
+    (mean,) = [r for r in reproduce.rows_of(aitex, "aitex") if "mean" in r["setting"]]
+    assert mean["setting"] == "hard (mean over 2 of the papers' 6 known classes)"
+    assert mean["paper"] == {}
+    # a note's <placeholder> and a | in a class name, as markdown shows them
+    shown = reproduce.markdown({"dataset": "x", "init": ["x"], "variants": "", "overrides": [],
+                                "rows": [{**rows[3], "setting": "hard (a|b known)"}],
+                                "notes": ["pass --set dra.outlier_root=<a folder>"]})
+    assert "hard (a\\|b known)" in shown and "=&lt;a folder&gt;." in shown
 
 
 def test_devnet_ablations_are_set_beside_table_5_not_devnets_figures():
@@ -301,7 +325,7 @@ def test_dra_on_a_medical_dataset_without_outlier_exposure_is_noted_beside_the_t
     assert reproduce.protocol_notes(base, "brainmri") == []
     md = reproduce.markdown({"dataset": "hyperkvasir", "init": ["x"], "variants": "",
                              "overrides": [], "rows": [], "notes": notes[:1]})
-    assert md.endswith(f"\nNote: {notes[0]}.\n")
+    assert md.endswith(f"\nNote: {reproduce.md(notes[0])}.\n") and "=&lt;a folder" in md
     # the dataset of a config without data.subset: a folder's own name, a TFDS name
     # without fsad's prefix (the note was missed on both, a walkthrough's finding)
     from fsad.paper_figures import config_protocol_note, dataset_of
@@ -366,6 +390,13 @@ def test_errors_give_their_advice_in_this_scripts_flags():
     with pytest.raises(UserError, match="every cell of a table sets data.n_anomaly; pass it "
                                         "as --shots"):
         reproduce.method_configs(["devnet"], "", ["data.n_anomaly=1"], "synthetic")
+    # each AHL cell set its own over it, silently (a review's finding)
+    with pytest.raises(UserError, match="--set ahl.base_workdir=runs/dra: every AHL cell sets "
+                                        "its own"):
+        reproduce.method_configs(["ahl_dra"], "", ["ahl.base_workdir=runs/dra"], "synthetic")
+    # a value given twice is one cell (it made two rows, and weighed a class twice)
+    assert reproduce.cells(["dra", "dra"], ["hard", "hard"], [10, 1, 10], ["a", "b", "a"]) \
+        == reproduce.cells(["dra"], ["hard"], [10, 1], ["a", "b"])
 
 
 def test_the_hard_setting_runs_the_known_classes_the_papers_average_over(capsys):

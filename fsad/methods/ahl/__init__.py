@@ -17,7 +17,9 @@ Pipeline (spec §7), after the base model is trained and its trunk frozen:
    program over padded, masked index arrays, spread over the run's devices.
 4. Importance: a BiLSTM psi predicts each sample's next-epoch scores under the T
    models from the previous K epochs; r_i weighs the squared error of the
-   predicted (min-max scaled) scores against the labels, and w = softmax(-r).
+   predicted (min-max scaled) scores against the labels, and w = softmax(-(r / mean r)
+   / 0.1) by default (ahl.weight_relative, ahl.weight_temperature; the paper's
+   softmax(-r) is `:paper`'s).
 
 Modules, in the pipeline's order: `bank` (1), `tasks` (2), `heads` (the base method's
 heads as functions of bank features), `meta_step` (3's step), `importance` (4),

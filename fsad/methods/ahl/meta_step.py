@@ -40,7 +40,8 @@ def make_meta_step(hm: HeadModel, tx, inner_steps: int, inner_lr: float, first_o
 
     step(params, opt_state, bank [scales] of [M,h,w,C], tasks dict of [T, .],
          weights [T], pool_idx [P], key) ->
-      (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P]})
+      (params, opt_state, {"loss", "task_losses" [T], "pool_scores" [T, P'] (P' the
+       pool's padded length: the first P are the pool's)})
     tasks holds support_/query_ idx, lab and weight (class-balanced, 0 on padding).
     The compiled program takes hm.consts as an argument (see HeadModel): every seed's
     step is the same program. `step.jitted` is that program, step's arguments then

@@ -30,8 +30,9 @@ from fsad.optim import optimizer_from_config
 @flax.struct.dataclass
 class MetaState:
     """What a meta-training checkpoint keeps. history: [epochs, P, T] pool scores;
-    weights: [T] for the next epoch; weights_log: [epochs, T] the weights each epoch
-    used; losses: [epochs] its L_cdl."""
+    weights: [T] for the next epoch; weights_log: [epochs, T] the importance weights w
+    each epoch used (`weighting=released` weighs its query losses by 0.5 + 0.5 w);
+    losses: [epochs] its L_cdl."""
 
     epoch: jax.Array
     params: dict
@@ -84,7 +85,8 @@ def run_meta_training(config, hm: HeadModel, params_g, bank, tasks: Tasks, key,
       two programs.
 
     Returns:
-      (unified head params, info: {"weights" [epochs, T] the weights each epoch used,
+      (unified head params, info: {"weights" [epochs, T] the importance weights each
+       epoch used (`MetaState.weights_log`),
        "weight_spread" [epochs] max/min of those, "loss" [epochs], "epoch_seconds",
        "resumed_from": the meta-epochs restored from a checkpoint}).
     """
