@@ -113,12 +113,14 @@ def fetch(path_or_url: str, sha256: str | None = None,
                 if source:  # the file's time, for `kept_download`
                     st = os.stat(source)
                     os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-                if sha256 and not sha256_of(tmp).startswith(sha256.lower()):
-                    # checked before it is kept: a wrong file (a proxy's page) was kept,
-                    # and every later run failed on it until it was deleted by hand
-                    raise UserError(f"the download from {path_or_url} has sha256 "
-                                    f"{sha256_of(tmp)}, expected {sha256}...; nothing was "
-                                    f"kept: check the URL and --config.model.pretrained_sha256")
+                # checked before it is kept: a wrong file (a proxy's page) was kept, and
+                # every later run failed on it until it was deleted by hand
+                actual = sha256_of(tmp) if sha256 else None
+                if actual is not None and not actual.startswith(sha256.lower()):
+                    raise UserError(f"the download from {path_or_url} has sha256 {actual}, "
+                                    f"expected {sha256}...; nothing was kept: check the URL "
+                                    f"and --config.model.pretrained_sha256")
+            return local  # (its sha256 checked above, once)
     else:
         local = path_or_url
         if not os.path.exists(local):

@@ -17,6 +17,7 @@ from fsad.data.imageset import ImageSet
 # what np.load of a cut or emptied .npz raises (a torn write, a partial copy): rebuilt
 UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
+
 def cached_imageset(key: dict, build: Callable[[], ImageSet], cache_dir: str | None) -> ImageSet:
     """Returns the cached ImageSet for `key`, building and storing it on a miss.
 

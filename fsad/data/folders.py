@@ -161,7 +161,7 @@ def check_left_out(root: str) -> None:
             continue
         if os.path.isdir(os.path.join(test, name)):
             out += [os.path.join("test", name, f) for f in left_out(os.path.join(test, name))]
-        elif not name.startswith(".") and name not in NOT_IMAGES:
+        elif name not in NOT_IMAGES:
             out.append(os.path.join("test", name))
     if out:
         logging.warning("%d file(s) and folder(s) under %s are not in the dataset (%s%s): "

@@ -120,13 +120,11 @@ def ahl_stage(runner, data, split, variables, scores: dict, metrics: dict, seed:
     new_scores = {"score": info.pop("scores"), "base_score": scores["score"]}
     base = config.ahl.base_workdir or os.path.dirname(os.path.abspath(seed_dir))
     # (the loss of every meta-epoch was finite, meta_train.py: the last update diverged)
+    kept = (f" with --config.ahl.base_workdir={base}, which keeps the trained base models"
+            if config.keep_checkpoints or config.ahl.base_workdir else
+            " (this run kept no checkpoint of its base models: keep_checkpoints=0)")
     diverged = (f"AHL's meta-training diverged; lower --config.ahl.optim.lr or "
-                f"--config.ahl.inner_lr in a new --workdir with --config.ahl.base_workdir="
-                f"{base}, which keeps the trained base models"
-                if config.keep_checkpoints or config.ahl.base_workdir else
-                "AHL's meta-training diverged; lower --config.ahl.optim.lr or "
-                "--config.ahl.inner_lr in a new --workdir (this run kept no checkpoint of "
-                "its base models: keep_checkpoints=0)")
+                f"--config.ahl.inner_lr in a new --workdir{kept}")
     new_metrics = {**image_metrics(labels, new_scores["score"], diverged),
                    **{f"base_{k}": v for k, v in metrics.items() if k in ("auroc", "aupr")},
                    "base_auroc_same_features": same["auroc"],
