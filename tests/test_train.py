@@ -307,6 +307,15 @@ def test_fit_saves_checkpoints_at_its_pace(tmp_path, synthetic, capsys, monkeypa
     assert os.listdir(work / "checkpoints") == []
 
 
+def damage_checkpoint(step_folder) -> None:
+    """Empties the data files of an Orbax checkpoint's arrays (a damaged disk): its
+    metadata still lists it, its restore fails."""
+    for folder, _, files in os.walk(step_folder):
+        for name in files:
+            if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
+                open(os.path.join(folder, name), "wb").close()
+
+
 def test_fit_loads_the_trunks_weights_only_for_a_start(tmp_path, synthetic):
     """fit's `trunk` is called where no checkpoint is restored, its variables written over
     the initial state's as init_state(..., pretrained) writes them; a seed that resumes,
@@ -356,10 +365,7 @@ def test_fit_loads_the_trunks_weights_only_for_a_start(tmp_path, synthetic):
     # the base run's newest checkpoint damaged: its copy cannot be read either, and the
     # error names the base run to mend (the advice was to move this run's folder away,
     # after which the same damaged step was copied in again)
-    for folder, _, files in os.walk(tmp_path / "own" / "checkpoints" / "2"):
-        for name in files:
-            if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
-                open(os.path.join(folder, name), "wb").close()
+    damage_checkpoint(tmp_path / "own" / "checkpoints" / "2")
     with pytest.raises(UserError, match=r"copied from the base run's .*own/checkpoints, whose "
                                         r"newest checkpoint is then unreadable too"):
         run(1, str(tmp_path / "on_a_damaged_base"), str(tmp_path / "own" / "checkpoints"), gone)
@@ -393,10 +399,7 @@ def test_an_unreadable_newest_checkpoint_gives_the_one_before_in_one_line(tmp_pa
     for step in (5, 7):  # w large enough to be kept in data files, not inline
         save_checkpoint(mngr, step, {"step": jnp.int32(step), "w": jnp.arange(1e5) * step})
     mngr.close()
-    for folder, _, files in os.walk(tmp_path / "7"):
-        for name in files:
-            if folder.replace(os.sep, "/").endswith("ocdbt.process_0/d"):  # the arrays' data
-                open(os.path.join(folder, name), "wb").close()
+    damage_checkpoint(tmp_path / "7")
     mngr = checkpoint_manager(str(tmp_path))
     fresh = {"step": jnp.int32(0), "w": jnp.zeros(100_000)}
     with caplog.at_level("WARNING"):
